@@ -1,0 +1,59 @@
+//! The `agentd` binary: subcommands over the library. Errors print as one line and map to
+//! exit status 125, so they never look like the sandboxed command's own status.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// agentd: a self-hostable sandbox runtime for AI coding agents.
+#[derive(Parser)]
+#[command(name = "agentd", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one command in a sandbox made from a rootfs directory (no daemon needed).
+    Run(agentd::run::RunArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            if !e.use_stderr() {
+                // --help and --version.
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line, as every other agentd error: clap's first line names the problem.
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("agentd: {first} (see agentd --help)");
+            return ExitCode::from(agentd::run::EXIT_AGENTD_ERROR);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => agentd::run::run(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("agentd: {e:#}");
+            ExitCode::from(agentd::run::EXIT_AGENTD_ERROR)
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! `agentd run`: run one command in a sandbox made from a rootfs directory, pass stdio through,
+//! exit with the command's status, and leave nothing behind (not on Ctrl-C, not on an OOM kill).
+//!
+//! The sandbox is supervised by a foreground `agentd-shim` (libcontainer never runs in this
+//! process). This process blocks SIGINT, SIGTERM and SIGHUP and forwards them to the shim,
+//! which stops the sandbox (SIGTERM, then SIGKILL after the stop timeout) and removes it.
+
+use std::path::{Path, PathBuf};
+
+use agentd_runtime::spec::{IdMap, DEFAULT_HOST_ID_BASE, DEFAULT_PATH};
+use agentd_runtime::{parse_size, BindMount, Limits, Runtime, SandboxSpec};
+use anyhow::{bail, Context};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+
+/// Exit status of `agentd run` when agentd itself fails (bad input, sandbox not created), as
+/// docker and podman do, so that it differs from the command's own statuses.
+pub const EXIT_AGENTD_ERROR: u8 = 125;
+
+/// Options of `agentd run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Root filesystem directory of the sandbox (mounted read-only; /tmp is a tmpfs).
+    #[arg(long)]
+    pub rootfs: PathBuf,
+    /// Memory limit, like 256m or 2g; the command is OOM-killed above it (exit 137).
+    #[arg(long, value_parser = parse_size_arg)]
+    pub memory: Option<u64>,
+    /// CPU quota in cores, like 0.5 or 2.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Maximum number of processes and threads.
+    #[arg(long)]
+    pub pids: Option<u64>,
+    /// Environment variable for the command, KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory inside the sandbox.
+    #[arg(long, short = 'w', default_value = "/")]
+    pub workdir: PathBuf,
+    /// Bind a host path into the sandbox, HOST:SANDBOX[:ro] (repeatable; the target must exist
+    /// in the rootfs).
+    #[arg(long = "bind", short = 'b', value_name = "HOST:SANDBOX[:ro]", value_parser = parse_bind)]
+    pub binds: Vec<BindMount>,
+    /// Hostname inside the sandbox.
+    #[arg(long, default_value = "sandbox")]
+    pub hostname: String,
+    /// First host uid/gid that the sandbox's ids map to (root inside is this uid outside).
+    #[arg(long, default_value_t = DEFAULT_HOST_ID_BASE)]
+    pub host_id_base: u32,
+    /// Directory for the sandbox's runtime state (removed when the command exits).
+    #[arg(long, env = "AGENTD_RUN_STATE", default_value = agentd_runtime::client::DEFAULT_STATE_ROOT)]
+    pub state_dir: PathBuf,
+    /// Seconds between SIGTERM and SIGKILL when agentd run is interrupted.
+    #[arg(long, default_value_t = agentd_runtime::client::DEFAULT_STOP_TIMEOUT_SECS)]
+    pub stop_timeout: u64,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s)
+}
+
+fn parse_bind(s: &str) -> Result<BindMount, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (source, target, readonly) = match parts.as_slice() {
+        [h, c] => (h, c, false),
+        [h, c, "ro"] => (h, c, true),
+        [h, c, "rw"] => (h, c, false),
+        _ => {
+            return Err(format!(
+                "invalid bind {s:?}: expected HOST:SANDBOX or HOST:SANDBOX:ro"
+            ))
+        }
+    };
+    let source = PathBuf::from(source);
+    if !source.exists() {
+        return Err(format!("bind source {} does not exist", source.display()));
+    }
+    let target = PathBuf::from(target);
+    if !target.is_absolute() {
+        return Err(format!(
+            "bind target {} must be an absolute path",
+            target.display()
+        ));
+    }
+    Ok(BindMount {
+        source,
+        target,
+        readonly,
+    })
+}
+
+/// Looks `cmd` up the way the sandbox's execvp will, but in the rootfs from the host, so that a
+/// missing command is a clear error before any sandbox exists.
+fn find_command(rootfs: &Path, cmd: &str, env: &[String]) -> bool {
+    let exists = |p: &Path| {
+        let rel = p.strip_prefix("/").unwrap_or(p);
+        rootfs.join(rel).symlink_metadata().is_ok()
+    };
+    if cmd.contains('/') {
+        return exists(Path::new(cmd));
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH);
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .any(|d| exists(&Path::new(d).join(cmd)))
+}
+
+/// Runs `agentd run`; returns the process exit status.
+pub fn run(args: RunArgs) -> anyhow::Result<u8> {
+    if !args.rootfs.is_dir() {
+        bail!(
+            "rootfs {} does not exist or is not a directory",
+            args.rootfs.display()
+        );
+    }
+    let mut spec = SandboxSpec::new(args.command.clone());
+    spec.env = args.env.clone();
+    spec.cwd = args.workdir.clone();
+    spec.hostname = args.hostname.clone();
+    spec.uid_map = IdMap::unprivileged(args.host_id_base);
+    spec.gid_map = IdMap::unprivileged(args.host_id_base);
+    spec.limits = Limits {
+        memory_bytes: args.memory,
+        swap_bytes: None,
+        cpus: args.cpus,
+        pids: args.pids,
+    };
+    spec.mounts = args.binds.clone();
+    spec.validate()?;
+    if !find_command(&args.rootfs, &args.command[0], &spec.effective_env()) {
+        bail!(
+            "command {:?} not found in the rootfs {} (PATH inside is searched)",
+            args.command[0],
+            args.rootfs.display()
+        );
+    }
+
+    // Block the stop signals before the shim exists, so that none is lost; a thread takes them
+    // with sigwait and forwards them to the shim.
+    let mut stop = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        stop.add(s);
+    }
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&stop), None)
+        .context("cannot block signals")?;
+
+    let id = format!("run-{}-{:x}", std::process::id(), nanos());
+    let runtime = Runtime::new(&args.state_dir).with_stop_timeout(args.stop_timeout);
+    let sandbox = runtime
+        .run_foreground(&id, &args.rootfs, &spec)
+        .context("cannot start the sandbox")?;
+    let shim = nix::unistd::Pid::from_raw(i32::try_from(sandbox.shim_pid()).unwrap_or(i32::MAX));
+    std::thread::spawn(move || loop {
+        if let Ok(sig) = stop.wait() {
+            // SIGHUP (terminal gone) and SIGINT (Ctrl-C) both mean: stop the sandbox.
+            let _ = sig;
+            let _ = nix::sys::signal::kill(shim, Signal::SIGTERM);
+        }
+    });
+    let status = sandbox.wait().context("lost the sandbox's shim")?;
+    if status.oom_killed {
+        let limit = args
+            .memory
+            .map(|m| format!(" (memory limit {m} bytes)"))
+            .unwrap_or_default();
+        eprintln!("agentd: the sandbox ran out of memory and a process was OOM-killed{limit}");
+    }
+    Ok(u8::try_from(status.code.clamp(0, 255)).unwrap_or(EXIT_AGENTD_ERROR))
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+        & 0xffff_ffff
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_bind() {
+        let b = parse_bind("/tmp:/w:ro").unwrap();
+        assert_eq!(
+            (b.source.as_path(), b.target.as_path(), b.readonly),
+            (Path::new("/tmp"), Path::new("/w"), true)
+        );
+        assert!(!parse_bind("/tmp:/w").unwrap().readonly);
+        assert!(parse_bind("/tmp").is_err());
+        assert!(parse_bind("/tmp:rel").is_err());
+        assert!(parse_bind("/does/not/exist:/w").is_err());
+        assert!(parse_bind("/tmp:/w:xx").is_err());
+    }
+
+    #[test]
+    fn test_find_command() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("bin")).unwrap();
+        std::os::unix::fs::symlink("/bin/busybox", dir.path().join("bin/sh")).unwrap();
+        assert!(find_command(dir.path(), "sh", &[]));
+        assert!(find_command(dir.path(), "/bin/sh", &[]));
+        assert!(!find_command(dir.path(), "nope", &[]));
+        assert!(!find_command(dir.path(), "sh", &["PATH=/usr/bin".into()]));
+    }
+}

@@ -1,0 +1,322 @@
+//! Where a sandbox's cgroups live, what they report, and how to remove them when their owner is
+//! gone.
+//!
+//! libcontainer creates the cgroups and writes the limits (its v1 manager on hybrid hosts like
+//! ours, its v2 manager on a pure unified host). This module only reads them back (stats, OOM
+//! kills) and removes leftovers of sandboxes whose shim died. It only ever touches directories
+//! under our project parent (`<root>/<controller>/<parent>/<id>` on v1, `<root>/<parent>/<id>`
+//! on v2), never a cgroup someone else created.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// The cgroup parent every sandbox cgroup is created under.
+pub const DEFAULT_CGROUP_PARENT: &str = "agentd";
+
+/// Where cgroup hierarchies are mounted.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// How long [`remove`] waits for a cgroup's processes to die before giving up.
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors from reading or removing cgroups.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// A cgroup file could not be read or written.
+    #[error("cgroup file {path} failed")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Processes stayed in the cgroup after being killed.
+    #[error("processes remain in cgroup {0} after SIGKILL")]
+    Busy(PathBuf),
+}
+
+type Result<T> = std::result::Result<T, CgroupError>;
+
+/// Which cgroup interface the host offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CgroupVersion {
+    /// Legacy or hybrid: one hierarchy per controller.
+    V1,
+    /// Pure unified hierarchy.
+    V2,
+}
+
+/// Detects the host's cgroup setup the way libcontainer does: unified only when the root itself
+/// is a cgroup2 mount.
+pub fn detect() -> CgroupVersion {
+    if Path::new(CGROUP_ROOT).join("cgroup.controllers").exists() {
+        CgroupVersion::V2
+    } else {
+        CgroupVersion::V1
+    }
+}
+
+/// The v1 controllers a sandbox's limits and stats use.
+const V1_CONTROLLERS: [&str; 8] = [
+    "memory", "cpu", "cpuacct", "pids", "cpuset", "devices", "freezer", "blkio",
+];
+
+/// The cgroups of one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxCgroup {
+    version: CgroupVersion,
+    /// `<parent>/<id>`, relative to a hierarchy root.
+    rel: PathBuf,
+}
+
+/// Resource usage read back from a sandbox's cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Memory in use now, bytes (page cache included, as the limit counts it).
+    pub memory_bytes: u64,
+    /// Highest memory use seen, bytes, where the kernel reports it.
+    pub memory_peak_bytes: Option<u64>,
+    /// CPU time used by all processes, microseconds.
+    pub cpu_usec: u64,
+    /// Number of tasks now.
+    pub pids: u64,
+    /// Times the kernel throttled the sandbox for exceeding its cpu quota.
+    pub cpu_throttled_periods: u64,
+}
+
+fn read(path: &Path) -> Result<String> {
+    fs::read_to_string(path).map_err(|source| CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_u64(path: &Path) -> Result<u64> {
+    let s = read(path)?;
+    s.trim().parse().map_err(|_| CgroupError::Io {
+        path: path.to_path_buf(),
+        source: io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a number: {:?}", s.trim()),
+        ),
+    })
+}
+
+/// The value of `key` in a flat keyed file such as `memory.events` or `cpu.stat`.
+fn keyed(path: &Path, key: &str) -> Result<Option<u64>> {
+    Ok(read(path)?.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        if k == key {
+            v.trim().parse().ok()
+        } else {
+            None
+        }
+    }))
+}
+
+impl SandboxCgroup {
+    /// The cgroups of sandbox `id` under `parent`, on this host's cgroup version.
+    pub fn new(parent: &str, id: &str) -> Self {
+        SandboxCgroup {
+            version: detect(),
+            rel: Path::new(parent).join(id),
+        }
+    }
+
+    /// The cgroup version in use.
+    pub fn version(&self) -> CgroupVersion {
+        self.version
+    }
+
+    fn v1(&self, controller: &str) -> PathBuf {
+        Path::new(CGROUP_ROOT).join(controller).join(&self.rel)
+    }
+
+    fn v2(&self) -> PathBuf {
+        Path::new(CGROUP_ROOT).join(&self.rel)
+    }
+
+    /// Every cgroup directory of this sandbox that exists now.
+    pub fn existing_dirs(&self) -> Vec<PathBuf> {
+        let candidates = match self.version {
+            CgroupVersion::V2 => vec![self.v2()],
+            CgroupVersion::V1 => {
+                let mut dirs: Vec<PathBuf> = V1_CONTROLLERS.iter().map(|c| self.v1(c)).collect();
+                // A v2 mount next to v1 (hybrid) may hold a cgroup too.
+                dirs.push(Path::new(CGROUP_ROOT).join("unified").join(&self.rel));
+                dirs
+            }
+        };
+        let mut out: Vec<PathBuf> = Vec::new();
+        for d in candidates {
+            // cpu and cpuacct are often one hierarchy behind two symlinks; count it once.
+            let real = fs::canonicalize(&d).unwrap_or(d.clone());
+            if d.is_dir()
+                && !out
+                    .iter()
+                    .any(|o| fs::canonicalize(o).ok().as_ref() == Some(&real))
+            {
+                out.push(d);
+            }
+        }
+        out
+    }
+
+    /// Reads current usage.
+    pub fn stats(&self) -> Result<Stats> {
+        match self.version {
+            CgroupVersion::V1 => {
+                let mem = self.v1("memory");
+                let throttled =
+                    keyed(&self.v1("cpu").join("cpu.stat"), "nr_throttled").unwrap_or(None);
+                Ok(Stats {
+                    memory_bytes: read_u64(&mem.join("memory.usage_in_bytes"))?,
+                    memory_peak_bytes: read_u64(&mem.join("memory.max_usage_in_bytes")).ok(),
+                    cpu_usec: read_u64(&self.v1("cpuacct").join("cpuacct.usage"))? / 1000,
+                    pids: read_u64(&self.v1("pids").join("pids.current"))?,
+                    cpu_throttled_periods: throttled.unwrap_or(0),
+                })
+            }
+            CgroupVersion::V2 => {
+                let dir = self.v2();
+                let cpu_stat = dir.join("cpu.stat");
+                Ok(Stats {
+                    memory_bytes: read_u64(&dir.join("memory.current"))?,
+                    memory_peak_bytes: read_u64(&dir.join("memory.peak")).ok(),
+                    cpu_usec: keyed(&cpu_stat, "usage_usec")?.unwrap_or(0),
+                    pids: read_u64(&dir.join("pids.current"))?,
+                    cpu_throttled_periods: keyed(&cpu_stat, "nr_throttled")?.unwrap_or(0),
+                })
+            }
+        }
+    }
+
+    /// How many times the kernel's OOM killer killed a process of this sandbox.
+    pub fn oom_kills(&self) -> Result<u64> {
+        let (path, key) = match self.version {
+            CgroupVersion::V1 => (self.v1("memory").join("memory.oom_control"), "oom_kill"),
+            CgroupVersion::V2 => (self.v2().join("memory.events"), "oom_kill"),
+        };
+        Ok(keyed(&path, key)?.unwrap_or(0))
+    }
+
+    /// Kills every process left in the sandbox's cgroups and removes the directories. Used when
+    /// the shim that owned the sandbox died; the normal path is libcontainer's delete.
+    pub fn remove(&self) -> Result<()> {
+        let dirs = self.existing_dirs();
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        self.kill_all()?;
+        for d in &dirs {
+            tracing::debug!(path = %d.display(), "rmdir cgroup");
+            match fs::remove_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(CgroupError::Io {
+                        path: d.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn procs_file(&self) -> PathBuf {
+        match self.version {
+            CgroupVersion::V1 => self.v1("pids").join("cgroup.procs"),
+            CgroupVersion::V2 => self.v2().join("cgroup.procs"),
+        }
+    }
+
+    fn kill_all(&self) -> Result<()> {
+        if self.version == CgroupVersion::V2 {
+            let kill = self.v2().join("cgroup.kill");
+            if kill.exists() {
+                // cgroup.kill (5.14+) kills every process atomically, new forks included.
+                fs::write(&kill, "1").map_err(|source| CgroupError::Io {
+                    path: kill.clone(),
+                    source,
+                })?;
+            }
+        }
+        // On v1, freeze first so that nothing forks or exits (freeing its pid for reuse by a
+        // host process) between reading the list and signalling it.
+        let freezer = self.v1("freezer").join("freezer.state");
+        let frozen = self.version == CgroupVersion::V1 && fs::write(&freezer, "FROZEN").is_ok();
+        let procs = self.procs_file();
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        loop {
+            let list = match fs::read_to_string(&procs) {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(source) => {
+                    return Err(CgroupError::Io {
+                        path: procs,
+                        source,
+                    })
+                }
+            };
+            let pids: Vec<i32> = list.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            if pids.is_empty() {
+                return Ok(());
+            }
+            for pid in pids {
+                // These pids are members of our sandbox's cgroup (frozen on v1), so they are
+                // sandbox processes, never a host process.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if frozen {
+                // Killed tasks only die once thawed.
+                let _ = fs::write(&freezer, "THAWED");
+            }
+            if Instant::now() > deadline {
+                return Err(CgroupError::Busy(procs));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_keyed_reads_the_right_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("memory.events");
+        fs::write(&f, "low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n").unwrap();
+        assert_eq!(keyed(&f, "oom_kill").unwrap(), Some(2));
+        assert_eq!(keyed(&f, "oom").unwrap(), Some(1));
+        assert_eq!(keyed(&f, "absent").unwrap(), None);
+    }
+
+    #[test]
+    fn test_paths_stay_under_the_parent() {
+        let cg = SandboxCgroup {
+            version: CgroupVersion::V1,
+            rel: Path::new("agentd").join("x1"),
+        };
+        assert_eq!(
+            cg.v1("memory"),
+            Path::new("/sys/fs/cgroup/memory/agentd/x1")
+        );
+        let cg = SandboxCgroup {
+            version: CgroupVersion::V2,
+            rel: Path::new("agentd").join("x1"),
+        };
+        assert_eq!(cg.v2(), Path::new("/sys/fs/cgroup/agentd/x1"));
+    }
+}

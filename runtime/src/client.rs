@@ -1,0 +1,562 @@
+//! The caller's side: start a shim for a sandbox and talk to it.
+//!
+//! [`Runtime`] owns a state root (one directory per sandbox, see [`crate::layout`]). Starting a
+//! sandbox writes its `sandbox.json`, fork+execs `agentd-shim`, and reads the shim's first event
+//! from a pipe: either the sandbox runs, or it failed and the shim removed everything. After that
+//! a [`ShimClient`] talks to the shim over its socket; it works from any process, also after the
+//! process that started the shim is gone.
+
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+
+use crate::cgroups::{SandboxCgroup, Stats, DEFAULT_CGROUP_PARENT};
+use crate::layout;
+use crate::proto::{
+    ExecRequest, ExitStatus, Request, Response, SandboxStatus, ShimConfig, ShimEvent, StdioConfig,
+};
+use crate::spec::{validate_id, SandboxSpec};
+
+/// Default state root for sandboxes: on tmpfs, so a host reboot (which kills every sandbox)
+/// also forgets them.
+pub const DEFAULT_STATE_ROOT: &str = "/run/agentd/sandboxes";
+
+/// Seconds a sandbox gets between SIGTERM and SIGKILL when it is stopped.
+pub const DEFAULT_STOP_TIMEOUT_SECS: u64 = 10;
+
+/// The fd number the shim finds its event pipe on.
+const EVENTS_FD: RawFd = 3;
+
+/// Errors of the caller's side.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The spec is invalid.
+    #[error(transparent)]
+    Spec(#[from] crate::spec::SpecError),
+    /// The rootfs is unusable.
+    #[error("{0}")]
+    Rootfs(String),
+    /// A sandbox with this id exists already.
+    #[error("a sandbox with id {0:?} already exists")]
+    Exists(String),
+    /// The `agentd-shim` binary was not found.
+    #[error(
+        "cannot find the agentd-shim binary at {0}: install it next to agentd or set AGENTD_SHIM"
+    )]
+    NoShim(PathBuf),
+    /// The shim reported that the sandbox could not be created.
+    #[error("{0}")]
+    CreateFailed(String),
+    /// The shim answered with an error.
+    #[error("{0}")]
+    Shim(String),
+    /// The shim did not behave as the protocol says.
+    #[error("unexpected answer from the shim: {0}")]
+    Protocol(String),
+    /// File or socket I/O failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Removing a dead sandbox's cgroups failed.
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroups::CgroupError),
+}
+
+type Result<T> = std::result::Result<T, ClientError>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ClientError {
+    let what = what.into();
+    move |source| ClientError::Io { what, source }
+}
+
+/// Starts sandboxes under one state root and finds them again.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// One directory per sandbox lives here.
+    state_root: PathBuf,
+    /// The `agentd-shim` executable.
+    shim: PathBuf,
+    /// Cgroup parent for every sandbox of this runtime.
+    cgroup_parent: String,
+    /// Seconds between SIGTERM and SIGKILL on stop.
+    stop_timeout_secs: u64,
+}
+
+/// A sandbox whose shim runs in the foreground of the caller (`agentd run`).
+pub struct ForegroundSandbox {
+    child: Child,
+    events: BufReader<File>,
+    /// Host pid of the sandbox's init.
+    pub init_pid: i32,
+}
+
+impl Runtime {
+    /// A runtime with its state under `state_root`, finding `agentd-shim` next to the current
+    /// executable (or at `$AGENTD_SHIM`).
+    pub fn new(state_root: impl Into<PathBuf>) -> Self {
+        let shim = std::env::var_os("AGENTD_SHIM")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.parent().map(|d| d.join("agentd-shim")))
+                    .unwrap_or_else(|| PathBuf::from("agentd-shim"))
+            });
+        Runtime {
+            state_root: state_root.into(),
+            shim,
+            cgroup_parent: DEFAULT_CGROUP_PARENT.into(),
+            stop_timeout_secs: DEFAULT_STOP_TIMEOUT_SECS,
+        }
+    }
+
+    /// Uses this `agentd-shim` executable.
+    pub fn with_shim(mut self, shim: impl Into<PathBuf>) -> Self {
+        self.shim = shim.into();
+        self
+    }
+
+    /// Puts sandbox cgroups under this parent instead of [`DEFAULT_CGROUP_PARENT`].
+    pub fn with_cgroup_parent(mut self, parent: impl Into<String>) -> Self {
+        self.cgroup_parent = parent.into();
+        self
+    }
+
+    /// Gives sandboxes this many seconds between SIGTERM and SIGKILL on stop.
+    pub fn with_stop_timeout(mut self, secs: u64) -> Self {
+        self.stop_timeout_secs = secs;
+        self
+    }
+
+    /// The cgroup parent in use.
+    pub fn cgroup_parent(&self) -> &str {
+        &self.cgroup_parent
+    }
+
+    /// The state dir of sandbox `id`.
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.state_root.join(id)
+    }
+
+    /// The cgroups of sandbox `id`.
+    pub fn cgroup(&self, id: &str) -> SandboxCgroup {
+        SandboxCgroup::new(&self.cgroup_parent, id)
+    }
+
+    /// Starts sandbox `id` in the background: its shim detaches and outlives the caller. Stdout
+    /// and stderr go to `stdout.log` and `stderr.log` in the sandbox's state dir unless given.
+    pub fn create(
+        &self,
+        id: &str,
+        rootfs: &Path,
+        spec: &SandboxSpec,
+        stdio: Option<StdioConfig>,
+    ) -> Result<ShimClient> {
+        let dir = self.sandbox_dir(id);
+        let stdio = stdio.unwrap_or_else(|| StdioConfig::Files {
+            stdout: dir.join(layout::STDOUT),
+            stderr: dir.join(layout::STDERR),
+        });
+        let (mut child, mut events) = self.spawn(id, rootfs, spec, stdio, false)?;
+        let first = read_event(&mut events);
+        // The background shim has set up its own session and closed the pipe; reap the
+        // short-lived fork we started (the shim double-forks so that it is not our child).
+        let _ = child.wait();
+        match first {
+            Some(ShimEvent::Started { .. }) => Ok(self.client(id)),
+            Some(ShimEvent::Failed { error }) => {
+                let _ = fs::remove_dir_all(&dir);
+                Err(ClientError::CreateFailed(error))
+            }
+            other => {
+                let _ = self.cleanup(id);
+                Err(ClientError::CreateFailed(format!(
+                    "the shim exited without reporting ({other:?}); see its log in {}",
+                    dir.join(layout::SHIM_LOG).display()
+                )))
+            }
+        }
+    }
+
+    /// Starts sandbox `id` with the caller's stdio, for a one-shot run. Everything is removed when
+    /// the command exits; [`ForegroundSandbox::wait`] returns its status.
+    pub fn run_foreground(
+        &self,
+        id: &str,
+        rootfs: &Path,
+        spec: &SandboxSpec,
+    ) -> Result<ForegroundSandbox> {
+        let (mut child, mut events) = self.spawn(id, rootfs, spec, StdioConfig::Inherit, true)?;
+        match read_event(&mut events) {
+            Some(ShimEvent::Started { pid }) => Ok(ForegroundSandbox {
+                child,
+                events,
+                init_pid: pid,
+            }),
+            Some(ShimEvent::Failed { error }) => {
+                let _ = child.wait();
+                let _ = fs::remove_dir_all(self.sandbox_dir(id));
+                Err(ClientError::CreateFailed(error))
+            }
+            other => {
+                let _ = child.wait();
+                let _ = self.cleanup(id);
+                Err(ClientError::CreateFailed(format!(
+                    "the shim exited without reporting ({other:?})"
+                )))
+            }
+        }
+    }
+
+    fn spawn(
+        &self,
+        id: &str,
+        rootfs: &Path,
+        spec: &SandboxSpec,
+        stdio: StdioConfig,
+        foreground: bool,
+    ) -> Result<(Child, BufReader<File>)> {
+        validate_id(id)?;
+        spec.validate()?;
+        check_rootfs(rootfs)?;
+        if !self.shim.is_file() {
+            return Err(ClientError::NoShim(self.shim.clone()));
+        }
+        let rootfs = fs::canonicalize(rootfs).map_err(io_err(format!(
+            "cannot resolve rootfs {}",
+            rootfs.display()
+        )))?;
+        fs::create_dir_all(&self.state_root).map_err(io_err(format!(
+            "cannot create the state root {}",
+            self.state_root.display()
+        )))?;
+        let dir = self.sandbox_dir(id);
+        match fs::DirBuilder::new().mode(0o711).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(ClientError::Exists(id.to_string()))
+            }
+            Err(e) => return Err(io_err(format!("cannot create {}", dir.display()))(e)),
+        }
+        let config = ShimConfig {
+            id: id.to_string(),
+            rootfs,
+            spec: spec.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
+            stdio,
+            foreground,
+            stop_timeout_secs: self.stop_timeout_secs,
+        };
+        let config_path = dir.join(layout::CONFIG);
+        let write = serde_json::to_vec_pretty(&config)
+            .map_err(io::Error::other)
+            .and_then(|json| fs::write(&config_path, json));
+        if let Err(e) = write {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(io_err("cannot write sandbox.json")(e));
+        }
+        let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| io_err("cannot create a pipe")(e.into()))?;
+        let mut cmd = Command::new(&self.shim);
+        cmd.arg("--config").arg(&config_path);
+        if foreground {
+            cmd.arg("--foreground");
+        } else {
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+        }
+        let raw = write_end.as_raw_fd();
+        // SAFETY: the closure runs in the forked child before exec and only calls dup2, which
+        // is async-signal-safe, so it is sound even when the caller is multi-threaded (agentd).
+        unsafe {
+            cmd.pre_exec(move || {
+                // dup2 clears CLOEXEC on the new fd, so the shim inherits exactly this one.
+                if libc::dup2(raw, EVENTS_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(io_err(format!("cannot start {}", self.shim.display()))(e));
+            }
+        };
+        drop(write_end);
+        Ok((child, BufReader::new(File::from(read_end))))
+    }
+
+    /// A client for the shim of sandbox `id`.
+    pub fn client(&self, id: &str) -> ShimClient {
+        ShimClient {
+            socket: self.sandbox_dir(id).join(layout::SOCKET),
+        }
+    }
+
+    /// Ids of every sandbox with a state dir under the state root.
+    pub fn list(&self) -> Result<Vec<String>> {
+        let mut ids = Vec::new();
+        let entries = match fs::read_dir(&self.state_root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ids),
+            Err(e) => return Err(io_err("cannot list the state root")(e)),
+        };
+        for e in entries.flatten() {
+            if let Some(name) = e.file_name().to_str() {
+                if validate_id(name).is_ok() {
+                    ids.push(name.to_string());
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Removes what is left of sandbox `id` after its shim died: kills its processes through
+    /// its cgroups, removes the cgroups and the state dir. Refuses while the shim still answers
+    /// (use [`ShimClient::delete`] then).
+    pub fn cleanup(&self, id: &str) -> Result<()> {
+        validate_id(id)?;
+        if self.client(id).state().is_ok() {
+            return Err(ClientError::Shim(format!(
+                "the shim of {id} is alive: delete the sandbox through it"
+            )));
+        }
+        self.cgroup(id).remove()?;
+        match fs::remove_dir_all(self.sandbox_dir(id)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("cannot remove the sandbox's state dir")(e)),
+        }
+    }
+}
+
+impl ForegroundSandbox {
+    /// Host pid of the shim (signal it to stop the sandbox: SIGTERM, then SIGKILL after the
+    /// stop timeout).
+    pub fn shim_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the command exited and the shim removed everything.
+    pub fn wait(mut self) -> Result<ExitStatus> {
+        let event = read_event(&mut self.events);
+        let shim = self
+            .child
+            .wait()
+            .map_err(io_err("cannot wait for the shim"))?;
+        match event {
+            Some(ShimEvent::Exited(status)) => Ok(status),
+            other => Err(ClientError::Protocol(format!(
+                "shim ended ({shim}) with {other:?}"
+            ))),
+        }
+    }
+}
+
+fn read_event(events: &mut BufReader<File>) -> Option<ShimEvent> {
+    let mut line = String::new();
+    match events.read_line(&mut line) {
+        Ok(0) | Err(_) => None,
+        Ok(_) => serde_json::from_str(&line).ok(),
+    }
+}
+
+/// Checks that `rootfs` is a directory the sandbox's unprivileged root can reach. Every
+/// ancestor must be searchable by "others": inside the user namespace, root is an ordinary uid
+/// on the host.
+fn check_rootfs(rootfs: &Path) -> Result<()> {
+    let meta = fs::metadata(rootfs).map_err(|e| {
+        ClientError::Rootfs(format!("rootfs {} is not usable: {e}", rootfs.display()))
+    })?;
+    if !meta.is_dir() {
+        return Err(ClientError::Rootfs(format!(
+            "rootfs {} is not a directory",
+            rootfs.display()
+        )));
+    }
+    let abs = fs::canonicalize(rootfs)
+        .map_err(|e| ClientError::Rootfs(format!("rootfs {}: {e}", rootfs.display())))?;
+    for dir in abs.ancestors() {
+        let mode = fs::metadata(dir)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
+        if mode & 0o001 == 0 {
+            return Err(ClientError::Rootfs(format!(
+                "{} (mode {:o}) is not searchable by the sandbox's unprivileged user: run `chmod o+x {}`",
+                dir.display(),
+                mode & 0o7777,
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Talks to one sandbox's shim.
+#[derive(Debug, Clone)]
+pub struct ShimClient {
+    socket: PathBuf,
+}
+
+impl ShimClient {
+    /// A client for the shim listening on `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        ShimClient {
+            socket: socket.into(),
+        }
+    }
+
+    fn call(&self, request: &Request, fds: &[BorrowedFd<'_>]) -> Result<Response> {
+        let mut stream = UnixStream::connect(&self.socket).map_err(io_err(format!(
+            "cannot reach the shim at {}",
+            self.socket.display()
+        )))?;
+        let json = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let cmsgs = if raw.is_empty() {
+            vec![]
+        } else {
+            vec![ControlMessage::ScmRights(&raw)]
+        };
+        let sent = sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[IoSlice::new(&json)],
+            &cmsgs,
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(|e| io_err("cannot send to the shim")(e.into()))?;
+        if sent < json.len() {
+            stream
+                .write_all(&json[sent..])
+                .map_err(io_err("cannot send to the shim"))?;
+        }
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .map_err(io_err("cannot send to the shim"))?;
+        let mut buf = Vec::new();
+        stream
+            .read_to_end(&mut buf)
+            .map_err(io_err("cannot read the shim's answer"))?;
+        match serde_json::from_slice(&buf) {
+            Ok(Response::Error(e)) => Err(ClientError::Shim(e)),
+            Ok(r) => Ok(r),
+            Err(_) if buf.is_empty() => Err(ClientError::Protocol(
+                "the shim closed the connection".into(),
+            )),
+            Err(e) => Err(ClientError::Protocol(e.to_string())),
+        }
+    }
+
+    /// The init's host pid and whether the sandbox runs.
+    pub fn state(&self) -> Result<(i32, SandboxStatus)> {
+        match self.call(&Request::State, &[])? {
+            Response::State { pid, status } => Ok((pid, status)),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Blocks until the sandbox's command exits.
+    pub fn wait(&self) -> Result<ExitStatus> {
+        match self.call(&Request::Wait, &[])? {
+            Response::Exited(s) => Ok(s),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends signal `signal` to the sandbox's init.
+    pub fn kill(&self, signal: i32) -> Result<()> {
+        match self.call(&Request::Kill { signal }, &[])? {
+            Response::Ok => Ok(()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Starts a process in the running sandbox with the given stdio; returns its exec id.
+    pub fn exec(
+        &self,
+        req: ExecRequest,
+        stdin: BorrowedFd<'_>,
+        stdout: BorrowedFd<'_>,
+        stderr: BorrowedFd<'_>,
+    ) -> Result<u64> {
+        match self.call(&Request::Exec(req), &[stdin, stdout, stderr])? {
+            Response::ExecStarted { exec_id, .. } => Ok(exec_id),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Blocks until exec `exec_id` exits.
+    pub fn wait_exec(&self, exec_id: u64) -> Result<ExitStatus> {
+        match self.call(&Request::WaitExec { exec_id }, &[])? {
+            Response::Exited(s) => Ok(s),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Runs a command in the sandbox to completion, capturing its stdout and stderr.
+    pub fn exec_output(&self, req: ExecRequest) -> Result<(ExitStatus, Vec<u8>, Vec<u8>)> {
+        let null = File::open("/dev/null").map_err(io_err("cannot open /dev/null"))?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let id = {
+            let r = self.exec(
+                req,
+                std::os::fd::AsFd::as_fd(&null),
+                std::os::fd::AsFd::as_fd(&out_w),
+                std::os::fd::AsFd::as_fd(&err_w),
+            );
+            drop(out_w);
+            drop(err_w);
+            r?
+        };
+        // Read both pipes on two threads so neither can fill up and stall the process.
+        let t = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = File::from(err_r).read_to_end(&mut v);
+            v
+        });
+        let mut out = Vec::new();
+        let _ = File::from(out_r).read_to_end(&mut out);
+        let err = t.join().unwrap_or_default();
+        let status = self.wait_exec(id)?;
+        Ok((status, out, err))
+    }
+
+    /// Current resource usage of the sandbox.
+    pub fn stats(&self) -> Result<Stats> {
+        match self.call(&Request::Stats, &[])? {
+            Response::Stats(s) => Ok(s),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Kills the sandbox if it runs and removes all of it; the shim exits.
+    pub fn delete(&self) -> Result<()> {
+        match self.call(&Request::Delete, &[])? {
+            Response::Ok => Ok(()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| io_err("cannot create a pipe")(e.into()))
+}
