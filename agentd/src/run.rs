@@ -50,6 +50,9 @@ pub struct RunArgs {
     /// Directory for the sandbox's runtime state (removed when the command exits).
     #[arg(long, env = "AGENTD_RUN_STATE", default_value = agentd_runtime::client::DEFAULT_STATE_ROOT)]
     pub state_dir: PathBuf,
+    /// Cgroup parent under every controller; the sandbox's cgroup is <parent>/<id>.
+    #[arg(long, env = "AGENTD_CGROUP_PARENT", default_value = agentd_runtime::cgroups::DEFAULT_CGROUP_PARENT)]
+    pub cgroup_parent: String,
     /// Seconds between SIGTERM and SIGKILL when agentd run is interrupted.
     #[arg(long, default_value_t = agentd_runtime::client::DEFAULT_STOP_TIMEOUT_SECS)]
     pub stop_timeout: u64,
@@ -152,7 +155,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         .context("cannot block signals")?;
 
     let id = format!("run-{}-{:x}", std::process::id(), nanos());
-    let runtime = Runtime::new(&args.state_dir).with_stop_timeout(args.stop_timeout);
+    let runtime = Runtime::new(&args.state_dir)
+        .with_stop_timeout(args.stop_timeout)
+        .with_cgroup_parent(&args.cgroup_parent);
     let sandbox = runtime
         .run_foreground(&id, &args.rootfs, &spec)
         .context("cannot start the sandbox")?;

@@ -31,6 +31,10 @@ pub const DEFAULT_STATE_ROOT: &str = "/run/agentd/sandboxes";
 /// Seconds a sandbox gets between SIGTERM and SIGKILL when it is stopped.
 pub const DEFAULT_STOP_TIMEOUT_SECS: u64 = 10;
 
+/// How long a request other than a wait may take before the shim counts as stuck. Delete
+/// includes killing the sandbox and removing its cgroups.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The fd number the shim finds its event pipe on.
 const EVENTS_FD: RawFd = 3;
 
@@ -427,6 +431,12 @@ impl ShimClient {
             "cannot reach the shim at {}",
             self.socket.display()
         )))?;
+        // Only the waits may take long; anything else answers at once or the shim is stuck.
+        let waits = matches!(request, Request::Wait | Request::WaitExec { .. });
+        let timeout = if waits { None } else { Some(CALL_TIMEOUT) };
+        stream
+            .set_read_timeout(timeout)
+            .map_err(io_err("cannot configure the shim socket"))?;
         let json = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let cmsgs = if raw.is_empty() {

@@ -100,6 +100,16 @@ fn exec_or_exit(args: &[CString]) -> ! {
     process::exit(code)
 }
 
+/// Closes every fd but stdin, stdout and stderr.
+fn close_inherited_fds() {
+    // SAFETY: close_range only closes descriptors; fds 0-2 stay, and no Rust object of this
+    // process refers to a higher fd afterwards (libcontainer is done with its channels once it
+    // calls the executor, and this process never returns to it).
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+    }
+}
+
 /// The shim blocks signals it handles through a signalfd, and the mask is inherited through
 /// clone and exec: the command must start with nothing blocked.
 fn unblock_all_signals() {
@@ -174,6 +184,15 @@ impl Executor for SandboxExecutor {
                 // the child unblocks everything before exec.
                 nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&set), None)
                     .map_err(|e| ExecutorError::Other(format!("failed to block signals: {e}")))?;
+                // PID 1 runs the shim's code and never execs, so it still holds every fd the shim
+                // had (its socket, the event pipe). Close them, and make PID 1 non-dumpable, so
+                // that no process in the sandbox can reach them through /proc/1/fd or read PID
+                // 1's memory.
+                close_inherited_fds();
+                // SAFETY: prctl(PR_SET_DUMPABLE, 0) only clears a flag of this process.
+                unsafe {
+                    libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+                }
                 // The filter goes on PID 1 too: it runs our code, but every process in the
                 // sandbox can signal it, so it gets the same restrictions.
                 self.seccomp

@@ -132,6 +132,8 @@ struct Shim {
     kill_deadline: Option<Instant>,
     /// The cgroups, for stats and OOM detection.
     cgroup: SandboxCgroup,
+    /// The socket agentd talks to; removed with the state dir.
+    listener: UnixListener,
 }
 
 /// Runs the shim for the sandbox whose `sandbox.json` is at `config_path`, reporting progress as
@@ -253,6 +255,12 @@ impl Shim {
                 what: "failed to write config.json".into(),
                 source: io::Error::other(e.to_string()),
             })?;
+        // The socket exists before the starter hears that we started, so it can connect at once.
+        let listener = UnixListener::bind(dir.join(layout::SOCKET))
+            .map_err(io_err("failed to bind the shim socket"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err("failed to configure the shim socket"))?;
         let (stdin, stdout, stderr) = open_stdio(&config.stdio)?;
         let lc_root = dir.join(layout::LIBCONTAINER);
         tracing::debug!(id = %config.id, rootfs = %config.rootfs.display(), "creating container");
@@ -305,6 +313,7 @@ impl Shim {
             next_exec: 1,
             kill_deadline: None,
             cgroup,
+            listener,
         })
     }
 
@@ -322,13 +331,10 @@ impl Shim {
         }
         let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
             .map_err(sys_err("failed to create a signalfd"))?;
-        let sock_path = self.dir.join(layout::SOCKET);
-        let _ = fs::remove_file(&sock_path);
-        let listener =
-            UnixListener::bind(&sock_path).map_err(io_err("failed to bind the shim socket"))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(io_err("failed to configure the shim socket"))?;
+        let listener = self
+            .listener
+            .try_clone()
+            .map_err(io_err("failed to use the shim socket"))?;
         // A SIGCHLD may have arrived before the signalfd existed (a command that exits at once).
         self.reap();
         loop {
@@ -641,7 +647,7 @@ fn read_request(stream: &UnixStream) -> io::Result<(Request, Option<Fds>)> {
     };
     buf.truncate(n);
     let mut rest = Vec::new();
-    (&*stream)
+    stream
         .take((MAX_REQUEST - n) as u64)
         .read_to_end(&mut rest)?;
     buf.extend_from_slice(&rest);

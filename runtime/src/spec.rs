@@ -123,7 +123,7 @@ impl Limits {
             ));
         }
         if let Some(cpus) = self.cpus {
-            if !(cpus.is_finite() && cpus >= 0.01 && cpus <= 1024.0) {
+            if !(cpus.is_finite() && (0.01..=1024.0).contains(&cpus)) {
                 return Err(SpecError::InvalidLimit(format!(
                     "cpus must be between 0.01 and 1024, got {cpus}"
                 )));

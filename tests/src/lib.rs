@@ -1,1 +1,282 @@
-//! x
+//! The end-to-end test harness: finds the real binaries, builds the static probe once, makes
+//! busybox rootfs fixtures, and checks that nothing of ours is left behind after a test.
+//!
+//! Tests that need root and the kernel features skip with a printed reason when they are not
+//! available (they are in CI, which runs as root).
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use agentd_runtime::Runtime;
+
+/// The target dir the test binaries were built into (`target/debug`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/<test binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Path of a binary of the workspace, built by `cargo test --workspace`.
+pub fn bin(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace` so that every binary is built",
+        p.display()
+    );
+    p
+}
+
+/// Returns a reason to skip privileged tests, or None when they can run.
+pub fn skip_reason() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("needs root (namespaces, cgroups)".into());
+    }
+    if !Path::new("/proc/self/ns/user").exists() {
+        return Some("needs user namespaces".into());
+    }
+    if which("busybox").is_none() {
+        return Some("needs busybox-static (apt-get install busybox-static)".into());
+    }
+    None
+}
+
+/// Skips the calling test with a printed reason when privileged tests cannot run here.
+#[macro_export]
+macro_rules! require_sandbox_support {
+    () => {
+        if let Some(reason) = $crate::skip_reason() {
+            eprintln!("SKIPPED: {reason}");
+            return;
+        }
+    };
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// Builds the probe once per test process, statically linked so it runs in any rootfs.
+pub fn probe() -> PathBuf {
+    static PROBE: OnceLock<PathBuf> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let target = workspace_root().join("target").join("probe");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let out = Command::new(cargo)
+                .args([
+                    "build",
+                    "--quiet",
+                    "--release",
+                    "-p",
+                    "agentd-probe",
+                    "--target-dir",
+                ])
+                .arg(&target)
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .current_dir(workspace_root())
+                .output()
+                .expect("run cargo to build the probe");
+            assert!(
+                out.status.success(),
+                "building the probe failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            target.join("release").join("agentd-probe")
+        })
+        .clone()
+}
+
+/// A busybox rootfs with the probe at `/probe`, in a temp dir that the sandbox's unprivileged
+/// root can reach.
+pub struct Rootfs {
+    /// Keeps the directory alive.
+    _dir: tempfile::TempDir,
+    /// The rootfs.
+    pub path: PathBuf,
+}
+
+/// Makes a fresh busybox rootfs.
+pub fn busybox_rootfs() -> Rootfs {
+    let dir = tempfile::Builder::new()
+        .prefix("agentd-rootfs-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let root = dir.path().join("root");
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "w", "data"] {
+        fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    let busybox = which("busybox").expect("busybox");
+    fs::copy(&busybox, root.join("bin/busybox")).expect("copy busybox");
+    let list = Command::new(&busybox)
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && !applet.is_empty() {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+        }
+    }
+    fs::copy(probe(), root.join("probe")).expect("copy probe");
+    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").expect("passwd");
+    Rootfs {
+        _dir: dir,
+        path: root,
+    }
+}
+
+/// A private state dir and cgroup parent for one test, checked for leftovers when dropped.
+pub struct Scope {
+    /// The sandboxes' state root.
+    pub state: tempfile::TempDir,
+    /// The cgroup parent (unique per test).
+    pub cgroup_parent: String,
+}
+
+impl Scope {
+    /// A new scope named after the test.
+    pub fn new(name: &str) -> Scope {
+        let state = tempfile::Builder::new()
+            .prefix("agentd-state-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        fs::set_permissions(state.path(), fs::Permissions::from_mode(0o711)).expect("chmod");
+        Scope {
+            state,
+            cgroup_parent: format!("agentd-test-{}-{name}", std::process::id()),
+        }
+    }
+
+    /// A runtime on this scope.
+    pub fn runtime(&self) -> Runtime {
+        Runtime::new(self.state.path())
+            .with_shim(bin("agentd-shim"))
+            .with_cgroup_parent(&self.cgroup_parent)
+    }
+
+    /// `agentd run` on this scope with `args` before `--` and `cmd` after it.
+    pub fn agentd_run(&self, rootfs: &Path, args: &[&str], cmd: &[&str]) -> Output {
+        self.agentd_run_command(rootfs, args, cmd)
+            .output()
+            .expect("run agentd")
+    }
+
+    /// The `agentd run` command, not started.
+    pub fn agentd_run_command(&self, rootfs: &Path, args: &[&str], cmd: &[&str]) -> Command {
+        let mut c = Command::new(bin("agentd"));
+        c.arg("run")
+            .arg("--rootfs")
+            .arg(rootfs)
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent)
+            .env("AGENTD_SHIM", bin("agentd-shim"))
+            .args(args)
+            .arg("--")
+            .args(cmd);
+        c
+    }
+
+    /// Everything of ours that still exists: state dirs, cgroup dirs, mounts.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        if let Ok(entries) = fs::read_dir(self.state.path()) {
+            for e in entries.flatten() {
+                left.push(format!("state dir {}", e.path().display()));
+            }
+        }
+        for c in cgroup_parents(&self.cgroup_parent) {
+            if let Ok(entries) = fs::read_dir(&c) {
+                for e in entries.flatten() {
+                    if e.path().is_dir() {
+                        left.push(format!("cgroup {}", e.path().display()));
+                    }
+                }
+            }
+        }
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for l in mounts.lines() {
+            if l.contains(self.state.path().to_str().unwrap_or("\0")) {
+                left.push(format!("mount {l}"));
+            }
+        }
+        left
+    }
+
+    /// Asserts that nothing of ours is left.
+    #[track_caller]
+    pub fn assert_clean(&self) {
+        let left = self.leftovers();
+        assert!(left.is_empty(), "leftovers after the test: {left:#?}");
+    }
+}
+
+fn cgroup_parents(parent: &str) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut out = vec![root.join(parent)];
+    if let Ok(entries) = fs::read_dir(root) {
+        for e in entries.flatten() {
+            out.push(e.path().join(parent));
+        }
+    }
+    out.into_iter().filter(|p| p.is_dir()).collect()
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        // A failed test may have left sandboxes running: delete them through their shims, or
+        // clean up after dead shims, so one failure does not leak into the next test.
+        let runtime = self.runtime();
+        for id in runtime.list().unwrap_or_default() {
+            if runtime.client(&id).delete().is_err() {
+                let _ = runtime.cleanup(&id);
+            }
+        }
+        // The parent dirs are ours (named for this test process); remove them once empty.
+        for c in cgroup_parents(&self.cgroup_parent) {
+            let _ = fs::remove_dir(c);
+        }
+    }
+}
+
+/// Parses the probe's `key=value` lines.
+pub fn parse_report(stdout: &[u8]) -> HashMap<String, String> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Formats an output for assertion messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

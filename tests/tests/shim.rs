@@ -1,0 +1,225 @@
+//! The shim: background sandboxes with a socket, exec, kill, wait, delete, survival of the
+//! starter's death, and cleanup after the shim itself died badly.
+
+use std::time::Duration;
+
+use agentd_runtime::{ExecRequest, SandboxSpec, SandboxStatus};
+use agentd_tests::{busybox_rootfs, require_sandbox_support, Scope};
+
+#[test]
+fn test_exec_kill_wait_delete() {
+    require_sandbox_support!();
+    let scope = Scope::new("exec");
+    let rootfs = busybox_rootfs();
+    let runtime = scope.runtime();
+    let spec = SandboxSpec::new(vec!["sleep".into(), "60".into()]);
+    let client = runtime.create("exec1", &rootfs.path, &spec, None).unwrap();
+    assert!(matches!(client.state().unwrap().1, SandboxStatus::Running));
+
+    let req = ExecRequest {
+        args: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo out-$FOO; echo err >&2; grep Seccomp: /proc/self/status; exit 7".into(),
+        ],
+        env: vec!["FOO=bar".into()],
+        ..Default::default()
+    };
+    let (status, out, err) = client.exec_output(req).unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(status.code, 7);
+    assert!(out.contains("out-bar"), "{out}");
+    assert!(
+        out.contains("Seccomp:\t2"),
+        "exec'd processes get the filter too: {out}"
+    );
+    assert_eq!(String::from_utf8_lossy(&err).trim(), "err");
+
+    // An exec of a missing command is an error status, not a hang.
+    let (status, _, err) = client
+        .exec_output(ExecRequest {
+            args: vec!["nope".into()],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(status.code, 127, "{}", String::from_utf8_lossy(&err));
+
+    // SIGTERM reaches the command through PID 1: 128 + 15.
+    client.kill(15).unwrap();
+    let exit = client.wait().unwrap();
+    assert_eq!(exit.code, 143);
+    assert!(!exit.oom_killed);
+    assert!(matches!(
+        client.state().unwrap().1,
+        SandboxStatus::Exited(_)
+    ));
+    assert!(client
+        .exec_output(ExecRequest {
+            args: vec!["true".into()],
+            ..Default::default()
+        })
+        .is_err());
+    client.delete().unwrap();
+    scope.assert_clean();
+}
+
+#[test]
+fn test_sandbox_output_goes_to_log_files() {
+    require_sandbox_support!();
+    let scope = Scope::new("logs");
+    let rootfs = busybox_rootfs();
+    let runtime = scope.runtime();
+    let spec = SandboxSpec::new(vec![
+        "sh".into(),
+        "-c".into(),
+        "echo to-stdout; echo to-stderr >&2; sleep 30".into(),
+    ]);
+    let client = runtime.create("logs", &rootfs.path, &spec, None).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let dir = runtime.sandbox_dir("logs");
+    let out = std::fs::read_to_string(dir.join(agentd_runtime::layout::STDOUT)).unwrap();
+    let err = std::fs::read_to_string(dir.join("stderr.log")).unwrap();
+    client.delete().unwrap();
+    assert_eq!(out, "to-stdout\n");
+    assert_eq!(err, "to-stderr\n");
+    scope.assert_clean();
+}
+
+#[test]
+fn test_sandbox_survives_its_starter() {
+    require_sandbox_support!();
+    let scope = Scope::new("survive");
+    let rootfs = busybox_rootfs();
+    // A separate process starts the sandbox and is then SIGKILLed.
+    let mut starter = std::process::Command::new(agentd_tests::bin("start-sandbox"))
+        .arg(scope.state.path())
+        .arg(&scope.cgroup_parent)
+        .arg(&rootfs.path)
+        .arg("survivor")
+        .env("AGENTD_SHIM", agentd_tests::bin("agentd-shim"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(starter.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "started");
+    starter.kill().unwrap();
+    starter.wait().unwrap();
+    let client = scope.runtime().client("survivor");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        matches!(client.state().unwrap().1, SandboxStatus::Running),
+        "the sandbox must outlive its starter"
+    );
+    let (status, out, _) = client
+        .exec_output(ExecRequest {
+            args: vec!["echo".into(), "alive".into()],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        (status.code, String::from_utf8_lossy(&out).trim()),
+        (0, "alive")
+    );
+    client.delete().unwrap();
+    scope.assert_clean();
+}
+
+#[test]
+fn test_cleanup_after_the_shim_died() {
+    require_sandbox_support!();
+    let scope = Scope::new("deadshim");
+    let rootfs = busybox_rootfs();
+    let runtime = scope.runtime();
+    let spec = SandboxSpec::new(vec!["sleep".into(), "60".into()]);
+    let client = runtime
+        .create("deadshim", &rootfs.path, &spec, None)
+        .unwrap();
+    let (init_pid, _) = client.state().unwrap();
+    // Find the shim: the parent of the sandbox's init.
+    let stat = std::fs::read_to_string(format!("/proc/{init_pid}/stat")).unwrap();
+    let ppid: i32 = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(ppid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(client.state().is_err(), "the shim is dead");
+    assert!(
+        !scope.leftovers().is_empty(),
+        "the dead shim left its sandbox behind"
+    );
+    runtime.cleanup("deadshim").unwrap();
+    // Gone, or a zombie waiting for the host's init (its new parent) to reap it.
+    let stat = std::fs::read_to_string(format!("/proc/{init_pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .map(|r| r.1.trim_start().chars().next().unwrap_or('?'));
+    assert!(
+        matches!(state, None | Some('Z') | Some('X')),
+        "the sandbox's processes must be dead: {stat}"
+    );
+    scope.assert_clean();
+}
+
+#[test]
+fn test_create_failures_leave_nothing() {
+    require_sandbox_support!();
+    let scope = Scope::new("fail");
+    let rootfs = busybox_rootfs();
+    let runtime = scope.runtime();
+    // A bind target missing from the read-only rootfs makes libcontainer fail mid-way.
+    let mut spec = SandboxSpec::new(vec!["true".into()]);
+    spec.mounts.push(agentd_runtime::BindMount {
+        source: "/tmp".into(),
+        target: "/no/such/dir".into(),
+        readonly: true,
+    });
+    let err = runtime
+        .create("fail1", &rootfs.path, &spec, None)
+        .unwrap_err();
+    assert!(!err.to_string().is_empty());
+    // An id that is not path-safe is refused up front.
+    assert!(runtime
+        .create(
+            "../x",
+            &rootfs.path,
+            &SandboxSpec::new(vec!["true".into()]),
+            None
+        )
+        .is_err());
+    // A duplicate id is refused and the first sandbox is untouched.
+    let c = runtime
+        .create(
+            "dup",
+            &rootfs.path,
+            &SandboxSpec::new(vec!["sleep".into(), "30".into()]),
+            None,
+        )
+        .unwrap();
+    let err = runtime
+        .create(
+            "dup",
+            &rootfs.path,
+            &SandboxSpec::new(vec!["true".into()]),
+            None,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    assert!(matches!(c.state().unwrap().1, SandboxStatus::Running));
+    c.delete().unwrap();
+    scope.assert_clean();
+}
