@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// Seconds between SIGTERM and SIGKILL when agentd run is interrupted.
     #[arg(long, default_value_t = agentd_runtime::client::DEFAULT_STOP_TIMEOUT_SECS)]
     pub stop_timeout: u64,
+    /// Print the OCI runtime spec (config.json) the sandbox would get, and exit. For debugging
+    /// and for running the same sandbox under other runtimes (`cargo xtask bench start`).
+    #[arg(long, hide = true)]
+    pub print_oci_spec: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -137,6 +141,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     };
     spec.mounts = args.binds.clone();
     spec.validate()?;
+    if args.print_oci_spec {
+        let rootfs = std::fs::canonicalize(&args.rootfs).context("cannot resolve the rootfs")?;
+        let oci = spec.to_oci("print", &rootfs, &args.cgroup_parent)?;
+        let json = serde_json::to_string_pretty(&oci).context("cannot serialize the spec")?;
+        println!("{json}");
+        return Ok(0);
+    }
     if !find_command(&args.rootfs, &args.command[0], &spec.effective_env()) {
         bail!(
             "command {:?} not found in the rootfs {} (PATH inside is searched)",

@@ -80,6 +80,10 @@ pub fn probe() -> PathBuf {
     static PROBE: OnceLock<PathBuf> = OnceLock::new();
     PROBE
         .get_or_init(|| {
+            // `cargo xtask vm-test` builds it on the host and passes it in.
+            if let Some(p) = std::env::var_os("AGENTD_PROBE") {
+                return PathBuf::from(p);
+            }
             let target = workspace_root().join("target").join("probe");
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let out = Command::new(cargo)

@@ -7,6 +7,18 @@ use std::time::{Duration, Instant};
 use agentd_tests::{busybox_rootfs, describe, parse_report, require_sandbox_support, Scope};
 
 #[test]
+fn test_cgroup_version_is_the_expected_one() {
+    // vm-test sets AGENTD_EXPECT_CGROUP=v2, so a guest that silently fell back to v1 fails here.
+    let version = agentd_runtime::cgroups::detect();
+    eprintln!("cgroup version: {version:?}");
+    match std::env::var("AGENTD_EXPECT_CGROUP").as_deref() {
+        Ok("v2") => assert_eq!(version, agentd_runtime::CgroupVersion::V2),
+        Ok("v1") => assert_eq!(version, agentd_runtime::CgroupVersion::V1),
+        _ => {}
+    }
+}
+
+#[test]
 fn test_memory_limit_oom_kill_is_reported() {
     require_sandbox_support!();
     let scope = Scope::new("oom");

@@ -152,26 +152,59 @@ fn test_bad_input_gets_one_line_errors() {
     scope.assert_clean();
 }
 
+/// A host dir the sandbox can write a "ready" marker into, bound at /w.
+fn ready_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    dir
+}
+
+/// Waits until the sandbox wrote /w/ready (slow under the emulated VM of vm-test).
+#[track_caller]
+fn wait_ready(dir: &std::path::Path, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dir.join("ready").exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "agentd run exited before the command was ready"
+        );
+        assert!(Instant::now() < deadline, "the command never became ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, sig).unwrap();
+}
+
 #[test]
 fn test_interrupt_stops_and_cleans_up() {
     require_sandbox_support!();
     let scope = Scope::new("sigint");
     let rootfs = busybox_rootfs();
+    let ready = ready_dir();
+    let bind = format!("{}:/w", ready.path().display());
     let mut child = scope
-        .agentd_run_command(&rootfs.path, &[], &["sleep", "60"])
+        .agentd_run_command(
+            &rootfs.path,
+            &["--bind", &bind],
+            &["sh", "-c", "touch /w/ready; exec sleep 60"],
+        )
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    wait_ready(ready.path(), &mut child);
     assert!(!scope.leftovers().is_empty(), "the sandbox runs");
     let started = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    signal(&child, nix::sys::signal::Signal::SIGINT);
     let status = child.wait().unwrap();
+    // Well under the 10 s stop timeout: the SIGTERM path stopped it, not the SIGKILL fallback.
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(8),
         "Ctrl-C must stop the sandbox promptly"
     );
     // sleep died of the SIGTERM that PID 1 forwarded.
@@ -184,25 +217,27 @@ fn test_sigterm_ignoring_command_is_killed_after_the_stop_timeout() {
     require_sandbox_support!();
     let scope = Scope::new("stubborn");
     let rootfs = busybox_rootfs();
+    let ready = ready_dir();
+    let bind = format!("{}:/w", ready.path().display());
     let mut child = scope
         .agentd_run_command(
             &rootfs.path,
-            &["--stop-timeout", "1"],
-            &["sh", "-c", "trap '' TERM INT; while :; do sleep 1; done"],
+            &["--stop-timeout", "1", "--bind", &bind],
+            &[
+                "sh",
+                "-c",
+                "trap '' TERM INT; touch /w/ready; while :; do sleep 1; done",
+            ],
         )
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    wait_ready(ready.path(), &mut child);
     let started = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
     let status = child.wait().unwrap();
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        took >= Duration::from_millis(900) && took < Duration::from_secs(9),
         "SIGKILL after the 1 s stop timeout, took {took:?}"
     );
     assert_eq!(status.code(), Some(137));

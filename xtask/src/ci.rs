@@ -1,0 +1,19 @@
+//! `cargo xtask ci`: the full check, as CI runs it.
+
+use crate::cargo;
+
+/// rustfmt, clippy, every test on the host, then the cgroup v2 tests in a VM.
+pub fn run() -> anyhow::Result<()> {
+    crate::run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    crate::run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // One test at a time: the sandbox tests measure cpu and memory, and the machine has 2 cores.
+    crate::run(cargo().args(["test", "--workspace", "--", "--test-threads=1"]))?;
+    crate::vm::run()
+}

@@ -1,0 +1,1 @@
+//! Tidy checks, run by plain `cargo test`.
