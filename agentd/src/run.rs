@@ -121,6 +121,9 @@ fn find_command(rootfs: &Path, cmd: &str, env: &[String]) -> bool {
 
 /// Runs `agentd run`; returns the process exit status.
 pub fn run(args: RunArgs) -> anyhow::Result<u8> {
+    if !nix::unistd::geteuid().is_root() && !args.print_oci_spec {
+        bail!("agentd run needs root to create namespaces and cgroups (the sandbox itself runs unprivileged): run it with sudo");
+    }
     if !args.rootfs.is_dir() {
         bail!(
             "rootfs {} does not exist or is not a directory",
