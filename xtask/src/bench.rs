@@ -168,8 +168,8 @@ pub fn start() -> anyhow::Result<()> {
     println!();
     println!("create+start+wait+delete of /bin/true, same rootfs and limits, {RUNS} runs each");
     println!(
-        "{:<24} {:>10} {:>10} {:>10} {:>16}  {}",
-        "runtime", "median ms", "p10 ms", "p90 ms", "ratio to agentd", "notes"
+        "{:<24} {:>10} {:>10} {:>10} {:>16}  notes",
+        "runtime", "median ms", "p10 ms", "p90 ms", "ratio to agentd"
     );
     for r in &mut runners {
         let mut t = r.times.clone();
