@@ -85,6 +85,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ClientError {
     move |source| ClientError::Io { what, source }
 }
 
+/// The caller's stdin, stdout and stderr for a sandbox.
+type StdioFds = (OwnedFd, OwnedFd, OwnedFd);
+
 /// Starts sandboxes under one state root and finds them again.
 #[derive(Debug, Clone)]
 pub struct Runtime {
@@ -173,8 +176,35 @@ impl Runtime {
             stdout: dir.join(layout::STDOUT),
             stderr: dir.join(layout::STDERR),
         });
-        let (mut child, mut events) = self.spawn(id, rootfs, spec, stdio, false)?;
-        let first = read_event(&mut events);
+        let (mut child, mut events) = self.spawn(id, rootfs, spec, stdio, false, None)?;
+        self.await_background_start(id, &mut child, &mut events)
+    }
+
+    /// Starts sandbox `id` in the background with the caller's fds as its stdin, stdout and
+    /// stderr (a pipe, a pty, a socket): like [`Runtime::create`] otherwise.
+    pub fn create_with_fds(
+        &self,
+        id: &str,
+        rootfs: &Path,
+        spec: &SandboxSpec,
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> Result<ShimClient> {
+        let fds = Some((stdin, stdout, stderr));
+        let (mut child, mut events) =
+            self.spawn(id, rootfs, spec, StdioConfig::Inherit, false, fds)?;
+        self.await_background_start(id, &mut child, &mut events)
+    }
+
+    fn await_background_start(
+        &self,
+        id: &str,
+        child: &mut Child,
+        events: &mut BufReader<File>,
+    ) -> Result<ShimClient> {
+        let dir = self.sandbox_dir(id);
+        let first = read_event(events);
         // The background shim has set up its own session and closed the pipe; reap the
         // short-lived fork we started (the shim double-forks so that it is not our child).
         let _ = child.wait();
@@ -202,7 +232,8 @@ impl Runtime {
         rootfs: &Path,
         spec: &SandboxSpec,
     ) -> Result<ForegroundSandbox> {
-        let (mut child, mut events) = self.spawn(id, rootfs, spec, StdioConfig::Inherit, true)?;
+        let (mut child, mut events) =
+            self.spawn(id, rootfs, spec, StdioConfig::Inherit, true, None)?;
         match read_event(&mut events) {
             Some(ShimEvent::Started { pid }) => Ok(ForegroundSandbox {
                 child,
@@ -231,6 +262,7 @@ impl Runtime {
         spec: &SandboxSpec,
         stdio: StdioConfig,
         foreground: bool,
+        fds: Option<StdioFds>,
     ) -> Result<(Child, BufReader<File>)> {
         validate_id(id)?;
         spec.validate()?;
@@ -277,7 +309,13 @@ impl Runtime {
         cmd.arg("--config").arg(&config_path);
         if foreground {
             cmd.arg("--foreground");
-        } else {
+        }
+        if let Some((stdin, stdout, stderr)) = fds {
+            // The shim's own stdio becomes the sandbox's (StdioConfig::Inherit).
+            cmd.stdin(Stdio::from(stdin))
+                .stdout(Stdio::from(stdout))
+                .stderr(Stdio::from(stderr));
+        } else if !foreground {
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());

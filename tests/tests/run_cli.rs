@@ -243,3 +243,34 @@ fn test_sigterm_ignoring_command_is_killed_after_the_stop_timeout() {
     assert_eq!(status.code(), Some(137));
     scope.assert_clean();
 }
+
+#[test]
+fn test_killed_agentd_run_still_cleans_up() {
+    // SIGKILL cannot be forwarded: the foreground shim notices its parent died (PDEATHSIG),
+    // stops the sandbox and removes it.
+    require_sandbox_support!();
+    let scope = Scope::new("sigkill");
+    let rootfs = busybox_rootfs();
+    let ready = ready_dir();
+    let bind = format!("{}:/w", ready.path().display());
+    let mut child = scope
+        .agentd_run_command(
+            &rootfs.path,
+            &["--bind", &bind],
+            &["sh", "-c", "touch /w/ready; exec sleep 60"],
+        )
+        .spawn()
+        .unwrap();
+    wait_ready(ready.path(), &mut child);
+    signal(&child, nix::sys::signal::Signal::SIGKILL);
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !scope.leftovers().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "leftovers after agentd run was killed: {:?}",
+            scope.leftovers()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

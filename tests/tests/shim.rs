@@ -223,3 +223,25 @@ fn test_create_failures_leave_nothing() {
     c.delete().unwrap();
     scope.assert_clean();
 }
+
+#[test]
+fn test_output_goes_to_caller_fds() {
+    require_sandbox_support!();
+    let scope = Scope::new("fds");
+    let rootfs = busybox_rootfs();
+    let runtime = scope.runtime();
+    let (out_r, out_w) = nix::unistd::pipe().unwrap();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let err = null.try_clone().unwrap();
+    let spec = SandboxSpec::new(vec!["echo".into(), "via-fd".into()]);
+    let client = runtime
+        .create_with_fds("fds", &rootfs.path, &spec, null.into(), out_w, err.into())
+        .unwrap();
+    let status = client.wait().unwrap();
+    client.delete().unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut std::fs::File::from(out_r), &mut out).unwrap();
+    assert_eq!(status.code, 0);
+    assert_eq!(out, "via-fd\n");
+    scope.assert_clean();
+}

@@ -39,6 +39,19 @@ fn main() -> ExitCode {
     // SAFETY: fd 3 was checked open just above, and nothing else in this process owns it.
     let events = unsafe { File::from_raw_fd(3) };
 
+    if foreground {
+        // If the starter (`agentd run`) is killed outright, stop the sandbox as on Ctrl-C
+        // rather than let it run on unattended. SIGTERM is taken through the signalfd.
+        let parent = nix::unistd::getppid();
+        // SAFETY: prctl(PR_SET_PDEATHSIG, SIGTERM) only sets a flag of this process.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
+        }
+        if nix::unistd::getppid() != parent {
+            // The starter died before the flag was set.
+            let _ = nix::sys::signal::raise(Signal::SIGTERM);
+        }
+    }
     if !foreground {
         // Leave the starter's process and session: the fork's parent exits at once (the starter
         // reaps it), the child becomes a session leader re-parented to init, so the sandbox
