@@ -50,9 +50,6 @@ pub fn start() -> anyhow::Result<()> {
     let agentd = release.join("agentd");
     let bench = root.join("target").join("bench");
     let rootfs = make_rootfs(&bench)?;
-    let state = bench.join("state");
-    fs::create_dir_all(&state)?;
-    fs::set_permissions(&state, fs::Permissions::from_mode(0o711))?;
     let rootfs_s = rootfs.to_string_lossy().into_owned();
     let limits = ["--memory", "256m", "--cpus", "1", "--pids", "256"];
 
@@ -63,12 +60,8 @@ pub fn start() -> anyhow::Result<()> {
         rootfs_s.clone(),
     ];
     agentd_cmd.extend(limits.iter().map(|s| s.to_string()));
-    agentd_cmd.extend([
-        "--state-dir".into(),
-        state.to_string_lossy().into(),
-        "--cgroup-parent".into(),
-        CGROUP_PARENT.into(),
-    ]);
+    // The default state root, as crun and runc use their defaults (/run/crun, /run/runc).
+    agentd_cmd.extend(["--cgroup-parent".into(), CGROUP_PARENT.into()]);
     let mut spec_cmd = agentd_cmd.clone();
     spec_cmd.extend(["--print-oci-spec".into(), "--".into(), "/bin/true".into()]);
     agentd_cmd.extend(["--".into(), "/bin/true".into()]);
