@@ -298,7 +298,7 @@ impl Runtime {
         let config_path = dir.join(layout::CONFIG);
         let write = serde_json::to_vec_pretty(&config)
             .map_err(io::Error::other)
-            .and_then(|json| fs::write(&config_path, json));
+            .and_then(|json| write_private(&config_path, &json));
         if let Err(e) = write {
             let _ = fs::remove_dir_all(&dir);
             return Err(io_err("cannot write sandbox.json")(e));
@@ -409,6 +409,17 @@ impl ForegroundSandbox {
             ))),
         }
     }
+}
+
+/// Writes a file only root can read: sandbox configs carry environment values (API keys).
+fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)
 }
 
 fn read_event(events: &mut BufReader<File>) -> Option<ShimEvent> {

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -223,9 +224,11 @@ fn open_stdio(stdio: &StdioConfig) -> Result<(OwnedFd, OwnedFd, OwnedFd)> {
         }
         StdioConfig::Files { stdout, stderr } => {
             let open = |p: &Path| -> Result<OwnedFd> {
+                // Logs may carry whatever the sandbox prints, secrets included: root only.
                 Ok(OpenOptions::new()
                     .create(true)
                     .append(true)
+                    .mode(0o600)
                     .open(p)
                     .map_err(io_err(format!("failed to open log file {}", p.display())))?
                     .into())
@@ -249,7 +252,11 @@ impl Shim {
             .spec
             .to_oci(&config.id, &config.rootfs, &config.cgroup_parent)?;
         let bundle = dir.join(layout::BUNDLE);
-        fs::create_dir_all(&bundle).map_err(io_err("failed to create the bundle dir"))?;
+        // The OCI config holds the environment (secrets): root only.
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&bundle)
+            .map_err(io_err("failed to create the bundle dir"))?;
         oci.save(bundle.join("config.json"))
             .map_err(|e| ShimError::Io {
                 what: "failed to write config.json".into(),
@@ -320,17 +327,11 @@ impl Shim {
     /// The event loop: signals (SIGCHLD, stop requests) and socket requests, one at a time.
     /// Returns when the sandbox exited in foreground mode, or after `Delete`.
     fn serve(&mut self) -> Result<()> {
-        let mut mask = SigSet::empty();
-        for s in [
-            Signal::SIGCHLD,
-            Signal::SIGTERM,
-            Signal::SIGINT,
-            Signal::SIGHUP,
-        ] {
-            mask.add(s);
-        }
-        let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-            .map_err(sys_err("failed to create a signalfd"))?;
+        let sfd = SignalFd::with_flags(
+            &handled_signals(),
+            SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+        )
+        .map_err(sys_err("failed to create a signalfd"))?;
         let listener = self
             .listener
             .try_clone()
@@ -678,6 +679,11 @@ fn reply(mut stream: UnixStream, response: &Response) {
 /// Blocks the signals the shim handles through its signalfd. Must run before the container is
 /// created so that no SIGCHLD or SIGTERM is delivered the default way in between.
 pub fn block_signals() -> nix::Result<()> {
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&handled_signals()), None)
+}
+
+/// The signals the shim takes through its signalfd: child exits and stop requests.
+fn handled_signals() -> SigSet {
     let mut mask = SigSet::empty();
     for s in [
         Signal::SIGCHLD,
@@ -687,5 +693,5 @@ pub fn block_signals() -> nix::Result<()> {
     ] {
         mask.add(s);
     }
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
+    mask
 }

@@ -31,12 +31,42 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path of a binary of the workspace, built by `cargo test --workspace`.
+/// Path of a binary of the workspace (`agentd`, `agentd-shim`, `start-sandbox`).
+///
+/// `cargo test` builds only the binaries of the package whose tests run, so the first call
+/// builds agentd's and the runtime's binaries, which makes them current even when only this
+/// package's tests were asked for (a no-op when they are up to date).
 pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        // `cargo xtask vm-test` builds them on the host; the guest has no business compiling.
+        if std::env::var_os("AGENTD_PREBUILT").is_some() {
+            return;
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "--bins",
+                "-p",
+                "agentd",
+                "-p",
+                "agentd-runtime",
+            ])
+            .current_dir(workspace_root())
+            .output()
+            .expect("run cargo to build the binaries");
+        assert!(
+            out.status.success(),
+            "building the binaries failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
     let p = target_dir().join(name);
     assert!(
         p.is_file(),
-        "{} is missing: run the tests with `cargo test --workspace` so that every binary is built",
+        "{} is missing after building the workspace's binaries",
         p.display()
     );
     p

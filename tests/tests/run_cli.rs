@@ -152,6 +152,31 @@ fn test_bad_input_gets_one_line_errors() {
     scope.assert_clean();
 }
 
+/// Starts `agentd run ARGS -- sh -c SCRIPT` with a host dir bound at /w, and waits until the
+/// script wrote /w/ready (a script that does not write it itself gets `touch /w/ready; ` first).
+fn start_ready(
+    scope: &Scope,
+    rootfs: &std::path::Path,
+    args: &[&str],
+    script: &str,
+) -> (std::process::Child, tempfile::TempDir) {
+    let ready = ready_dir();
+    let bind = format!("{}:/w", ready.path().display());
+    let mut all_args = args.to_vec();
+    all_args.extend(["--bind", &bind]);
+    let script = if script.contains("/w/ready") {
+        script.to_string()
+    } else {
+        format!("touch /w/ready; {script}")
+    };
+    let mut child = scope
+        .agentd_run_command(rootfs, &all_args, &["sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    wait_ready(ready.path(), &mut child);
+    (child, ready)
+}
+
 /// A host dir the sandbox can write a "ready" marker into, bound at /w.
 fn ready_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -187,17 +212,7 @@ fn test_interrupt_stops_and_cleans_up() {
     require_sandbox_support!();
     let scope = Scope::new("sigint");
     let rootfs = busybox_rootfs();
-    let ready = ready_dir();
-    let bind = format!("{}:/w", ready.path().display());
-    let mut child = scope
-        .agentd_run_command(
-            &rootfs.path,
-            &["--bind", &bind],
-            &["sh", "-c", "touch /w/ready; exec sleep 60"],
-        )
-        .spawn()
-        .unwrap();
-    wait_ready(ready.path(), &mut child);
+    let (mut child, _ready) = start_ready(&scope, &rootfs.path, &[], "exec sleep 60");
     assert!(!scope.leftovers().is_empty(), "the sandbox runs");
     let started = Instant::now();
     signal(&child, nix::sys::signal::Signal::SIGINT);
@@ -217,21 +232,12 @@ fn test_sigterm_ignoring_command_is_killed_after_the_stop_timeout() {
     require_sandbox_support!();
     let scope = Scope::new("stubborn");
     let rootfs = busybox_rootfs();
-    let ready = ready_dir();
-    let bind = format!("{}:/w", ready.path().display());
-    let mut child = scope
-        .agentd_run_command(
-            &rootfs.path,
-            &["--stop-timeout", "1", "--bind", &bind],
-            &[
-                "sh",
-                "-c",
-                "trap '' TERM INT; touch /w/ready; while :; do sleep 1; done",
-            ],
-        )
-        .spawn()
-        .unwrap();
-    wait_ready(ready.path(), &mut child);
+    let (mut child, _ready) = start_ready(
+        &scope,
+        &rootfs.path,
+        &["--stop-timeout", "1"],
+        "trap '' TERM INT; touch /w/ready; while :; do sleep 1; done",
+    );
     let started = Instant::now();
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     let status = child.wait().unwrap();
@@ -251,17 +257,7 @@ fn test_killed_agentd_run_still_cleans_up() {
     require_sandbox_support!();
     let scope = Scope::new("sigkill");
     let rootfs = busybox_rootfs();
-    let ready = ready_dir();
-    let bind = format!("{}:/w", ready.path().display());
-    let mut child = scope
-        .agentd_run_command(
-            &rootfs.path,
-            &["--bind", &bind],
-            &["sh", "-c", "touch /w/ready; exec sleep 60"],
-        )
-        .spawn()
-        .unwrap();
-    wait_ready(ready.path(), &mut child);
+    let (mut child, _ready) = start_ready(&scope, &rootfs.path, &[], "exec sleep 60");
     signal(&child, nix::sys::signal::Signal::SIGKILL);
     child.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -64,7 +64,7 @@ pub fn run() -> anyhow::Result<()> {
         "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n",
     );
     script.push_str(&format!(
-        "export AGENTD_PROBE={} AGENTD_EXPECT_CGROUP=v2\n",
+        "export AGENTD_PROBE={} AGENTD_EXPECT_CGROUP=v2 AGENTD_PREBUILT=1\n",
         probe.display()
     ));
     script.push_str("echo \"guest: kernel $(uname -r), cgroup controllers: $(cat /sys/fs/cgroup/cgroup.controllers)\"\n");
