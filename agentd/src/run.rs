@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use agentd_runtime::spec::{IdMap, DEFAULT_HOST_ID_BASE, DEFAULT_PATH};
-use agentd_runtime::{parse_size, BindMount, Limits, Runtime, SandboxSpec};
+use agentd_runtime::{parse_size, BindMount, Limits, NetworkMode, Runtime, SandboxSpec};
 use anyhow::{bail, Context};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
@@ -41,6 +41,10 @@ pub struct RunArgs {
     /// in the rootfs).
     #[arg(long = "bind", short = 'b', value_name = "HOST:SANDBOX[:ro]", value_parser = parse_bind)]
     pub binds: Vec<BindMount>,
+    /// Join this network namespace (e.g. /run/netns/ci from `ip netns add ci`) instead of a new
+    /// one with only loopback. Root inside cannot reconfigure it.
+    #[arg(long, value_name = "PATH")]
+    pub netns: Option<PathBuf>,
     /// Hostname inside the sandbox.
     #[arg(long, default_value = "sandbox")]
     pub hostname: String,
@@ -143,6 +147,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         pids: args.pids,
     };
     spec.mounts = args.binds.clone();
+    if let Some(netns) = &args.netns {
+        spec.network = NetworkMode::Join(netns.clone());
+    }
     spec.validate()?;
     if args.print_oci_spec {
         let rootfs = std::fs::canonicalize(&args.rootfs).context("cannot resolve the rootfs")?;

@@ -36,7 +36,7 @@ use crate::proto::{
     ExecRequest, ExitStatus, Request, Response, SandboxStatus, ShimConfig, ShimEvent, StdioConfig,
 };
 use crate::seccomp::{CompiledProfile, Profile};
-use crate::spec::SeccompProfile;
+use crate::spec::{NetworkMode, SeccompProfile};
 use crate::{error_chain, layout};
 
 /// Largest request the shim reads.
@@ -248,6 +248,9 @@ impl Shim {
         let seccomp = profile.compile()?;
         let cgroup = SandboxCgroup::new(&config.cgroup_parent, &config.id);
 
+        if let NetworkMode::Join(path) = &config.spec.network {
+            join_netns(path)?;
+        }
         let oci = config
             .spec
             .to_oci(&config.id, &config.rootfs, &config.cgroup_parent)?;
@@ -694,4 +697,16 @@ fn handled_signals() -> SigSet {
         mask.add(s);
     }
     mask
+}
+
+/// Moves the shim into the network namespace at `path`, so that the sandbox it creates inherits
+/// it. The shim only talks over Unix sockets in the filesystem, which work from any netns.
+fn join_netns(path: &Path) -> Result<()> {
+    let what = format!("cannot join the network namespace {}", path.display());
+    let file = File::open(path).map_err(io_err(what.clone()))?;
+    tracing::debug!(path = %path.display(), "setns(CLONE_NEWNET)");
+    // setns checks that the fd is a network namespace (EINVAL otherwise).
+    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(sys_err(format!(
+        "{what}: is it a network namespace (ip netns add)?"
+    )))
 }

@@ -189,8 +189,9 @@ pub enum NetworkMode {
     /// mode that works; agentd moves a veth in between create and start.
     #[default]
     New,
-    /// Join an existing network namespace by path (e.g. `/run/netns/x`). The kernel refuses this
-    /// together with a user namespace unless the netns belongs to that user namespace.
+    /// Join an existing network namespace by path (e.g. `/run/netns/x`, made by `ip netns add`).
+    /// The shim enters it before creating the sandbox, which inherits it; it stays owned by the
+    /// host, so root inside cannot reconfigure it, and /sys is a read-only bind of the host's.
     Join(PathBuf),
 }
 
@@ -336,11 +337,17 @@ impl SandboxSpec {
         ] {
             namespaces.push(LinuxNamespaceBuilder::default().typ(typ).build()?);
         }
-        let mut net = LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network);
-        if let NetworkMode::Join(path) = &self.network {
-            net = net.path(path.clone());
+        // A joined netns is entered by the shim before it creates the container, so the
+        // sandbox inherits it: the kernel refuses a user-namespaced process setns into a netns
+        // of the host's user namespace, and it stays owned by the host, so root inside has no
+        // CAP_NET_ADMIN over it.
+        if self.network == NetworkMode::New {
+            namespaces.push(
+                LinuxNamespaceBuilder::default()
+                    .typ(LinuxNamespaceType::Network)
+                    .build()?,
+            );
         }
-        namespaces.push(net.build()?);
 
         let mut resources = LinuxResourcesBuilder::default().devices(vec![
             // Deny every device; libcontainer then allows exactly its default set
@@ -387,12 +394,7 @@ impl SandboxSpec {
             .gid_mappings(vec![map(&self.gid_map)?])
             .cgroups_path(PathBuf::from(format!("/{cgroup_parent}/{id}")))
             .resources(resources.build()?)
-            .masked_paths(
-                MASKED_PATHS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>(),
-            )
+            .masked_paths(masked_paths(&self.network))
             .readonly_paths(
                 READONLY_PATHS
                     .iter()
@@ -402,7 +404,7 @@ impl SandboxSpec {
             .rootfs_propagation("private")
             .build()?;
 
-        let mut mounts = default_mounts()?;
+        let mut mounts = default_mounts(&self.network)?;
         for m in &self.mounts {
             let mut options = vec!["rbind".to_string(), "nosuid".into(), "nodev".into()];
             if m.readonly {
@@ -485,6 +487,16 @@ pub const MASKED_PATHS: &[&str] = &[
     "/sys/firmware",
 ];
 
+/// The masked paths for a sandbox: [`MASKED_PATHS`], plus the host's cgroup tree that a joined
+/// netns's bind of /sys brings along.
+fn masked_paths(network: &NetworkMode) -> Vec<String> {
+    let mut paths: Vec<String> = MASKED_PATHS.iter().map(|s| s.to_string()).collect();
+    if matches!(network, NetworkMode::Join(_)) {
+        paths.push("/sys/fs/cgroup".into());
+    }
+    paths
+}
+
 /// /proc paths made read-only inside the sandbox.
 pub const READONLY_PATHS: &[&str] = &[
     "/proc/bus",
@@ -505,7 +517,24 @@ fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<Mount>
 
 /// The fixed mounts of every sandbox: its own /proc, a read-only /sys, a private /dev with
 /// devpts and shm, and a tmpfs /tmp.
-fn default_mounts() -> Result<Vec<Mount>> {
+fn default_mounts(network: &NetworkMode) -> Result<Vec<Mount>> {
+    // sysfs can only be mounted from a user namespace that owns the netns; in a joined (host
+    // owned) netns, bind the host's /sys read-only instead. It must be a recursive bind (the
+    // kernel refuses to split off locked submounts); /sys/fs/cgroup is then masked.
+    let sys = match network {
+        NetworkMode::New => mount(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        )?,
+        NetworkMode::Join(_) => mount(
+            "/sys",
+            "bind",
+            "/sys",
+            &["rbind", "nosuid", "noexec", "nodev", "ro"],
+        )?,
+    };
     Ok(vec![
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
         mount(
@@ -533,12 +562,7 @@ fn default_mounts() -> Result<Vec<Mount>> {
             "shm",
             &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
         )?,
-        mount(
-            "/sys",
-            "sysfs",
-            "sysfs",
-            &["nosuid", "noexec", "nodev", "ro"],
-        )?,
+        sys,
         mount("/tmp", "tmpfs", "tmpfs", &["nosuid", "nodev", "mode=1777"])?,
     ])
 }

@@ -163,3 +163,95 @@ fn test_sandbox_root_is_unprivileged_on_host() {
     );
     scope.assert_clean();
 }
+
+/// A network namespace made with `ip netns add`, with a dummy interface, deleted on drop.
+struct TestNetns {
+    name: String,
+}
+
+impl TestNetns {
+    fn new() -> Option<TestNetns> {
+        let name = format!("agentd-test-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if !ip(&["netns", "add", &name]) {
+            return None;
+        }
+        let ns = TestNetns { name };
+        let n = ns.name.as_str();
+        assert!(ip(&[
+            "-n", n, "link", "add", "agentd0", "type", "veth", "peer", "name", "agentd1"
+        ]));
+        assert!(ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            "10.213.0.1/24",
+            "dev",
+            "agentd0"
+        ]));
+        assert!(ip(&["-n", n, "link", "set", "agentd0", "up"]));
+        Some(ns)
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn test_network_namespace_new_or_joined() {
+    require_sandbox_support!();
+    let Some(netns) = TestNetns::new() else {
+        eprintln!("SKIPPED: needs `ip netns add` (iproute2)");
+        return;
+    };
+    let scope = Scope::new("netns");
+    let rootfs = busybox_rootfs();
+    // Default: a new netns with only loopback.
+    let out = scope.agentd_run(&rootfs.path, &[], &["cat", "/proc/net/dev"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let devs = String::from_utf8_lossy(&out.stdout);
+    assert!(devs.contains("lo:") && !devs.contains("agentd0"), "{devs}");
+    // Joined: the namespace's interfaces, which root inside cannot reconfigure.
+    let path = netns.path();
+    let out = scope.agentd_run(
+        &rootfs.path,
+        &["--netns", &path],
+        &[
+            "sh",
+            "-c",
+            "ip addr show agentd0; ls /sys/class/net; ip link set agentd0 down && echo CHANGED",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("10.213.0.1"), "{}", describe(&out));
+    assert!(
+        !text.contains("CHANGED"),
+        "root inside must not reconfigure a host-owned netns: {}",
+        describe(&out)
+    );
+    // A path that is not a netns is a clear error and leaves nothing behind.
+    let out = scope.agentd_run(&rootfs.path, &["--netns", "/etc/hostname"], &["true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("network namespace"),
+        "{}",
+        describe(&out)
+    );
+    scope.assert_clean();
+}

@@ -118,12 +118,12 @@ pub fn run() -> anyhow::Result<()> {
         .arg(&append)
         .args([
             "-fsdev",
-            "local,id=hostroot,path=/,security_model=passthrough,readonly=on",
+            "local,id=hostroot,path=/,security_model=passthrough,readonly=on,multidevs=remap",
         ])
         .args(["-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"])
         .arg("-fsdev")
         .arg(format!(
-            "local,id=work,path={workspace},security_model=passthrough"
+            "local,id=work,path={workspace},security_model=passthrough,multidevs=remap"
         ))
         .args(["-device", "virtio-9p-pci,fsdev=work,mount_tag=work"])
         // A pipe we never write: with stdin at /dev/null the guest's console writes hang.
@@ -316,6 +316,8 @@ mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t tmpfs -o size=1g tmpfs /newroot/tmp
 mount -t tmpfs tmpfs /newroot/run
+# The workspace may lie under /tmp, which the tmpfs above hides: make its mount point.
+mkdir -p "/newroot$WORKSPACE"
 mount -t 9p -o trans=virtio,version=9p2000.L,multidevs=remap,msize=262144 work "/newroot$WORKSPACE" || echo "init: cannot mount the workspace"
 # switch_root, not chroot: the kernel refuses new user namespaces to a chrooted process.
 exec switch_root /newroot /bin/busybox sh -c "cd '$WORKSPACE' && '$SCRIPT'; echo \$? > '$EXIT'; sync; umount '$WORKSPACE'; /bin/busybox reboot -f"
