@@ -21,7 +21,7 @@ use anyhow::{bail, Context};
 use crate::{build_probe, cargo, output, project_root, run as run_cmd};
 
 /// The kernel modules the guest needs, in load order (dependencies first): virtio PCI for the
-/// 9p transport, 9p itself, and overlayfs for the writable root.
+/// 9p transport, 9p itself, overlayfs for the writable root, veth for the netns test.
 const MODULES: &[&str] = &[
     "virtio",
     "virtio_ring",
@@ -34,6 +34,7 @@ const MODULES: &[&str] = &[
     "9pnet_virtio",
     "9p",
     "overlay",
+    "veth",
 ];
 
 /// The test binaries (of `tests/`) that run in the guest.
@@ -194,9 +195,15 @@ fn ensure_kernel(vm_dir: &Path) -> anyhow::Result<PathBuf> {
         .trim()
         .to_string();
     let dir = vm_dir.join(&package);
-    if dir.join("vmlinuz").is_file() {
+    let complete = dir.join("vmlinuz").is_file()
+        && MODULES
+            .iter()
+            .all(|m| dir.join("modules").join(format!("{m}.ko")).is_file());
+    if complete {
         return Ok(dir);
     }
+    // An older cache without a module added since: unpack again.
+    let _ = fs::remove_dir_all(&dir);
     eprintln!("vm-test: downloading {package}");
     let dl = vm_dir.join("download");
     let _ = fs::remove_dir_all(&dl);
