@@ -441,8 +441,12 @@ impl Shim {
         tracing::info!(code, oom_killed, "sandbox exited");
         self.exit = Some(status);
         self.kill_deadline = None;
-        if let Ok(json) = serde_json::to_vec(&status) {
-            let _ = fs::write(self.dir.join(layout::EXIT), json);
+        // Kept for whoever inspects a background sandbox's state dir; a foreground one is
+        // removed right away.
+        if !self.config.foreground {
+            if let Ok(json) = serde_json::to_vec(&status) {
+                let _ = fs::write(self.dir.join(layout::EXIT), json);
+            }
         }
         for w in self.waiters.drain(..) {
             reply(w, &Response::Exited(status));

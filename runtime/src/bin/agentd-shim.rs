@@ -68,19 +68,30 @@ fn main() -> ExitCode {
         let _ = setsid();
     }
 
-    let dir = config.parent().map(PathBuf::from).unwrap_or_default();
-    if let Ok(log) = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(layout::SHIM_LOG))
-    {
-        let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTD_SHIM_LOG")
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = |default: &str| {
+        tracing_subscriber::EnvFilter::try_from_env("AGENTD_SHIM_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+    };
+    if foreground {
+        // The state dir (and a log file in it) is gone when `agentd run` returns, and failures
+        // reach the user through the event pipe: only errors go to the user's stderr.
         tracing_subscriber::fmt()
-            .with_writer(std::sync::Mutex::new(log))
-            .with_env_filter(filter)
-            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter("error"))
             .init();
+    } else {
+        let dir = config.parent().map(PathBuf::from).unwrap_or_default();
+        if let Ok(log) = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(layout::SHIM_LOG))
+        {
+            tracing_subscriber::fmt()
+                .with_writer(std::sync::Mutex::new(log))
+                .with_env_filter(filter("info"))
+                .with_ansi(false)
+                .init();
+        }
     }
 
     // Dispositions survive exec: a starter that ignored SIGINT would make the sandbox ignore it
