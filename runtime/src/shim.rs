@@ -187,15 +187,15 @@ pub fn main(config_path: &Path, mut events: File) -> i32 {
             }
         }
     } else {
-        let result = shim.serve();
+        if let Err(e) = shim.serve() {
+            tracing::error!(error = %error_chain(&e), "shim failed");
+        }
+        // After destroy: when the loop failed, destroy kills the sandbox and records that exit.
+        shim.destroy();
         let status = shim.exit.unwrap_or(ExitStatus {
             code: 1,
             oom_killed: false,
         });
-        if let Err(e) = result {
-            tracing::error!(error = %error_chain(&e), "shim failed");
-        }
-        shim.destroy();
         send_event(&mut events, &ShimEvent::Exited(status));
         status.code
     }
