@@ -62,16 +62,25 @@ fn test_pids_limit_contains_a_fork_bomb() {
     let rootfs = busybox_rootfs();
     let runtime = scope.runtime();
     let mut spec =
-        agentd_runtime::SandboxSpec::new(vec!["/probe".into(), "forkbomb".into(), "2".into()]);
+        agentd_runtime::SandboxSpec::new(vec!["/probe".into(), "forkbomb".into(), "60".into()]);
     spec.limits.pids = Some(64);
     let client = runtime
         .create("forkbomb", &rootfs.path, &spec, None)
         .unwrap();
+    // Sample until the bomb has pressed against the limit for a while (slow to get there under
+    // the emulated VM of vm-test), or a generous deadline passes.
     let mut max_seen = 0;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
+    let started = Instant::now();
+    let mut at_limit_since: Option<Instant> = None;
+    while started.elapsed() < Duration::from_secs(60) {
         if let Ok(stats) = client.stats() {
             max_seen = max_seen.max(stats.pids);
+        }
+        if max_seen >= 48 {
+            let since = *at_limit_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(1) {
+                break;
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -123,8 +132,15 @@ fn test_stats_read_back() {
     spec.limits.cpus = Some(0.5);
     spec.limits.memory_bytes = Some(128 << 20);
     let client = runtime.create("stats", &rootfs.path, &spec, None).unwrap();
-    std::thread::sleep(Duration::from_millis(700));
-    let stats = client.stats().unwrap();
+    // Wait for a throttled period and some cpu time (slow to come under vm-test's emulation).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut stats = client.stats().unwrap();
+    while (stats.cpu_usec <= 50_000 || stats.cpu_throttled_periods == 0)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        stats = client.stats().unwrap();
+    }
     client.delete().unwrap();
     assert!(stats.memory_bytes > 0, "{stats:?}");
     assert!(stats.cpu_usec > 50_000, "{stats:?}");
