@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use agentd_runtime::spec::{IdMap, DEFAULT_HOST_ID_BASE, DEFAULT_PATH};
+use agentd_runtime::spec::{IdMap, DEFAULT_PATH};
 use agentd_runtime::{parse_size, BindMount, Limits, NetworkMode, Runtime, SandboxSpec};
 use anyhow::{bail, Context};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
@@ -49,8 +49,9 @@ pub struct RunArgs {
     #[arg(long, default_value = "sandbox")]
     pub hostname: String,
     /// First host uid/gid that the sandbox's ids map to (root inside is this uid outside).
-    #[arg(long, default_value_t = DEFAULT_HOST_ID_BASE)]
-    pub host_id_base: u32,
+    /// Default: the first range of 65536 ids from 100000 up that no other sandbox uses.
+    #[arg(long)]
+    pub host_id_base: Option<u32>,
     /// Directory for the sandbox's runtime state (removed when the command exits).
     #[arg(long, env = "AGENTD_RUN_STATE", default_value = agentd_runtime::client::DEFAULT_STATE_ROOT)]
     pub state_dir: PathBuf,
@@ -138,8 +139,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     spec.env = args.env.clone();
     spec.cwd = args.workdir.clone();
     spec.hostname = args.hostname.clone();
-    spec.uid_map = IdMap::unprivileged(args.host_id_base);
-    spec.gid_map = IdMap::unprivileged(args.host_id_base);
+    spec.uid_map = args.host_id_base.map(IdMap::unprivileged);
+    spec.gid_map = spec.uid_map;
     spec.limits = Limits {
         memory_bytes: args.memory,
         swap_bytes: None,

@@ -22,7 +22,9 @@ use crate::layout;
 use crate::proto::{
     ExecRequest, ExitStatus, Request, Response, SandboxStatus, ShimConfig, ShimEvent, StdioConfig,
 };
-use crate::spec::{validate_id, SandboxSpec};
+use crate::spec::{
+    validate_id, IdMap, SandboxSpec, DEFAULT_HOST_ID_BASE, DEFAULT_ID_RANGE, MAX_ID_RANGES,
+};
 
 /// Default state root for sandboxes: on tmpfs, so a host reboot (which kills every sandbox)
 /// also forgets them.
@@ -278,6 +280,15 @@ impl Runtime {
             "cannot create the state root {}",
             self.state_root.display()
         )))?;
+        // Choosing a free host id range and claiming it (by writing sandbox.json, which records
+        // it) happen under one lock, so that concurrent creates never share a range.
+        let lock = self.lock_state_root()?;
+        let mut spec = spec.clone();
+        if spec.uid_map.is_none() || spec.gid_map.is_none() {
+            let free = self.free_id_range()?;
+            spec.uid_map.get_or_insert(free);
+            spec.gid_map.get_or_insert(free);
+        }
         let dir = self.sandbox_dir(id);
         match fs::DirBuilder::new().mode(0o711).create(&dir) {
             Ok(()) => {}
@@ -289,7 +300,7 @@ impl Runtime {
         let config = ShimConfig {
             id: id.to_string(),
             rootfs,
-            spec: spec.clone(),
+            spec,
             cgroup_parent: self.cgroup_parent.clone(),
             stdio,
             foreground,
@@ -299,6 +310,7 @@ impl Runtime {
         let write = serde_json::to_vec_pretty(&config)
             .map_err(io::Error::other)
             .and_then(|json| write_private(&config_path, &json));
+        drop(lock);
         if let Err(e) = write {
             let _ = fs::remove_dir_all(&dir);
             return Err(io_err("cannot write sandbox.json")(e));
@@ -341,6 +353,44 @@ impl Runtime {
         };
         drop(write_end);
         Ok((child, BufReader::new(File::from(read_end))))
+    }
+
+    /// Takes the state root's lock (released when the returned file is dropped).
+    fn lock_state_root(&self) -> Result<nix::fcntl::Flock<File>> {
+        let path = self.state_root.join(".lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(format!("cannot open {}", path.display())))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| io_err(format!("cannot lock {}", path.display()))(e.into()))
+    }
+
+    /// The first host id range, from [`DEFAULT_HOST_ID_BASE`] up in steps of
+    /// [`DEFAULT_ID_RANGE`], that no sandbox of this state root maps. Sandboxes record their
+    /// ranges in their `sandbox.json`; a range is free again once its sandbox's dir is gone.
+    /// Call with the state root locked.
+    fn free_id_range(&self) -> Result<IdMap> {
+        let mut used: Vec<IdMap> = Vec::new();
+        for id in self.list()? {
+            let Ok(bytes) = fs::read(self.sandbox_dir(&id).join(layout::CONFIG)) else {
+                continue;
+            };
+            if let Ok(config) = serde_json::from_slice::<ShimConfig>(&bytes) {
+                used.extend(config.spec.uid_map);
+                used.extend(config.spec.gid_map);
+            }
+        }
+        (0..MAX_ID_RANGES)
+            .map(|k| IdMap::unprivileged(DEFAULT_HOST_ID_BASE + k * DEFAULT_ID_RANGE))
+            .find(|candidate| !used.iter().any(|u| u.overlaps(candidate)))
+            .ok_or_else(|| {
+                ClientError::Shim(format!(
+                    "all {MAX_ID_RANGES} host id ranges are in use: delete sandboxes first"
+                ))
+            })
     }
 
     /// A client for the shim of sandbox `id`.

@@ -55,6 +55,9 @@ impl From<libcontainer::oci_spec::OciSpecError> for SpecError {
 /// at 100000 by convention).
 pub const DEFAULT_HOST_ID_BASE: u32 = 100_000;
 
+/// How many host id ranges the runtime hands out (sandboxes of one state root at once).
+pub const MAX_ID_RANGES: u32 = 1024;
+
 /// How many ids a sandbox's user namespace maps: 0..65535 inside, like a normal system.
 pub const DEFAULT_ID_RANGE: u32 = 65_536;
 
@@ -76,6 +79,12 @@ pub struct IdMap {
 }
 
 impl IdMap {
+    /// Whether the host ids of `self` and `other` overlap.
+    pub fn overlaps(&self, other: &IdMap) -> bool {
+        let end = |m: &IdMap| u64::from(m.host) + u64::from(m.size);
+        u64::from(self.host) < end(other) && u64::from(other.host) < end(self)
+    }
+
     /// The default mapping: root inside is `host_base` on the host, for [`DEFAULT_ID_RANGE`] ids.
     pub fn unprivileged(host_base: u32) -> Self {
         IdMap {
@@ -220,10 +229,11 @@ pub struct SandboxSpec {
     pub gid: u32,
     /// Hostname inside the sandbox's UTS namespace.
     pub hostname: String,
-    /// User namespace uid mapping; root inside must map to an unprivileged host uid.
-    pub uid_map: IdMap,
-    /// User namespace gid mapping.
-    pub gid_map: IdMap,
+    /// User namespace uid mapping; root inside must map to an unprivileged host uid. `None`:
+    /// [`crate::Runtime`] gives the sandbox a host range no other sandbox of its state root uses.
+    pub uid_map: Option<IdMap>,
+    /// User namespace gid mapping; `None` as for `uid_map`.
+    pub gid_map: Option<IdMap>,
     /// Cgroup limits.
     pub limits: Limits,
     /// Extra bind mounts.
@@ -246,8 +256,8 @@ impl SandboxSpec {
             uid: 0,
             gid: 0,
             hostname: "sandbox".into(),
-            uid_map: IdMap::unprivileged(DEFAULT_HOST_ID_BASE),
-            gid_map: IdMap::unprivileged(DEFAULT_HOST_ID_BASE),
+            uid_map: None,
+            gid_map: None,
             limits: Limits::default(),
             mounts: Vec::new(),
             network: NetworkMode::New,
@@ -281,7 +291,8 @@ impl SandboxSpec {
                 });
             }
         }
-        if self.uid_map.host == 0 || self.gid_map.host == 0 {
+        let maps_root = |m: &Option<IdMap>| m.is_some_and(|m| m.host == 0 || m.size == 0);
+        if maps_root(&self.uid_map) || maps_root(&self.gid_map) {
             return Err(SpecError::InvalidLimit(
                 "root inside the sandbox must not map to root on the host".into(),
             ));
@@ -388,10 +399,13 @@ impl SandboxSpec {
                 .size(m.size)
                 .build()
         };
+        // The runtime resolves unset maps before the spec reaches the shim; a spec built
+        // directly falls back to the first range.
+        let default_map = IdMap::unprivileged(DEFAULT_HOST_ID_BASE);
         let linux = LinuxBuilder::default()
             .namespaces(namespaces)
-            .uid_mappings(vec![map(&self.uid_map)?])
-            .gid_mappings(vec![map(&self.gid_map)?])
+            .uid_mappings(vec![map(&self.uid_map.unwrap_or(default_map))?])
+            .gid_mappings(vec![map(&self.gid_map.unwrap_or(default_map))?])
             .cgroups_path(PathBuf::from(format!("/{cgroup_parent}/{id}")))
             .resources(resources.build()?)
             .masked_paths(masked_paths(&self.network))
@@ -611,7 +625,11 @@ mod tests {
         s.limits.cpus = Some(0.0);
         assert!(s.validate().is_err());
         let mut s = SandboxSpec::new(vec!["sh".into()]);
-        s.uid_map.host = 0;
+        s.uid_map = Some(IdMap {
+            inside: 0,
+            host: 0,
+            size: 65536,
+        });
         assert!(s.validate().is_err());
         assert!(validate_id("../x").is_err());
         assert!(validate_id("ok-id_1").is_ok());

@@ -236,7 +236,8 @@ impl Scope {
     pub fn leftovers(&self) -> Vec<String> {
         let mut left = Vec::new();
         if let Ok(entries) = fs::read_dir(self.state.path()) {
-            for e in entries.flatten() {
+            // `.lock` is the state root's own lock file, not a sandbox's.
+            for e in entries.flatten().filter(|e| e.file_name() != ".lock") {
                 left.push(format!("state dir {}", e.path().display()));
             }
         }

@@ -245,3 +245,41 @@ fn test_output_goes_to_caller_fds() {
     assert_eq!(out, "via-fd\n");
     scope.assert_clean();
 }
+
+/// The host uid range the sandbox's root maps to, read from the host.
+fn host_uid_base(client: &agentd_runtime::ShimClient) -> u32 {
+    let (pid, _) = client.state().unwrap();
+    let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap();
+    map.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn test_sandboxes_get_distinct_host_id_ranges() {
+    require_sandbox_support!();
+    let scope = Scope::new("idranges");
+    let rootfs = busybox_rootfs();
+    let runtime = scope.runtime();
+    let spec = SandboxSpec::new(vec!["sleep".into(), "60".into()]);
+    let a = runtime.create("ida", &rootfs.path, &spec, None).unwrap();
+    let b = runtime.create("idb", &rootfs.path, &spec, None).unwrap();
+    let (base_a, base_b) = (host_uid_base(&a), host_uid_base(&b));
+    assert_eq!(base_a, 100_000);
+    assert_eq!(
+        base_b, 165_536,
+        "the second sandbox must not share the first's host ids"
+    );
+    // A freed range is handed out again.
+    a.delete().unwrap();
+    let c = runtime.create("idc", &rootfs.path, &spec, None).unwrap();
+    assert_eq!(host_uid_base(&c), 100_000);
+    // An explicit mapping is kept as given.
+    let mut fixed = spec.clone();
+    fixed.uid_map = Some(agentd_runtime::IdMap::unprivileged(300_000));
+    fixed.gid_map = fixed.uid_map;
+    let d = runtime.create("idd", &rootfs.path, &fixed, None).unwrap();
+    assert_eq!(host_uid_base(&d), 300_000);
+    for s in [b, c, d] {
+        s.delete().unwrap();
+    }
+    scope.assert_clean();
+}
