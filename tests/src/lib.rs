@@ -43,25 +43,7 @@ pub fn bin(name: &str) -> PathBuf {
         if std::env::var_os("AGENTD_PREBUILT").is_some() {
             return;
         }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "--bins",
-                "-p",
-                "agentd",
-                "-p",
-                "agentd-runtime",
-            ])
-            .current_dir(workspace_root())
-            .output()
-            .expect("run cargo to build the binaries");
-        assert!(
-            out.status.success(),
-            "building the binaries failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        cargo_build(&["--bins", "-p", "agentd", "-p", "agentd-runtime"], None);
     });
     let p = target_dir().join(name);
     assert!(
@@ -70,6 +52,25 @@ pub fn bin(name: &str) -> PathBuf {
         p.display()
     );
     p
+}
+
+/// Runs `cargo build --quiet ARGS` in the workspace (with RUSTFLAGS when given), failing the
+/// test with cargo's output when the build fails.
+fn cargo_build(args: &[&str], rustflags: Option<&str>) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet"])
+        .args(args)
+        .current_dir(workspace_root());
+    if let Some(flags) = rustflags {
+        cmd.env("RUSTFLAGS", flags);
+    }
+    let out = cmd.output().expect("run cargo");
+    assert!(
+        out.status.success(),
+        "cargo build {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Returns a reason to skip privileged tests, or None when they can run.
@@ -115,25 +116,16 @@ pub fn probe() -> PathBuf {
                 return PathBuf::from(p);
             }
             let target = workspace_root().join("target").join("probe");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let out = Command::new(cargo)
-                .args([
-                    "build",
-                    "--quiet",
+            let target_arg = target.to_string_lossy().into_owned();
+            cargo_build(
+                &[
                     "--release",
                     "-p",
                     "agentd-probe",
                     "--target-dir",
-                ])
-                .arg(&target)
-                .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                .current_dir(workspace_root())
-                .output()
-                .expect("run cargo to build the probe");
-            assert!(
-                out.status.success(),
-                "building the probe failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
+                    &target_arg,
+                ],
+                Some("-C target-feature=+crt-static"),
             );
             target.join("release").join("agentd-probe")
         })
