@@ -212,16 +212,27 @@ impl Runtime {
         let _ = child.wait();
         match first {
             Some(ShimEvent::Started { .. }) => Ok(self.client(id)),
+            other => {
+                let hint = format!("; see its log in {}", dir.join(layout::SHIM_LOG).display());
+                Err(self.start_failed(id, other, &hint))
+            }
+        }
+    }
+
+    /// Removes what a shim that did not start left, and says why it did not. A shim that
+    /// reported its failure has already removed the sandbox (only the state dir is left); one
+    /// that died without a word may have left anything, so it gets the full cleanup.
+    fn start_failed(&self, id: &str, event: Option<ShimEvent>, hint: &str) -> ClientError {
+        match event {
             Some(ShimEvent::Failed { error }) => {
-                let _ = fs::remove_dir_all(&dir);
-                Err(ClientError::CreateFailed(error))
+                let _ = fs::remove_dir_all(self.sandbox_dir(id));
+                ClientError::CreateFailed(error)
             }
             other => {
                 let _ = self.cleanup(id);
-                Err(ClientError::CreateFailed(format!(
-                    "the shim exited without reporting ({other:?}); see its log in {}",
-                    dir.join(layout::SHIM_LOG).display()
-                )))
+                ClientError::CreateFailed(format!(
+                    "the shim exited without reporting ({other:?}){hint}"
+                ))
             }
         }
     }
@@ -242,17 +253,10 @@ impl Runtime {
                 events,
                 init_pid: pid,
             }),
-            Some(ShimEvent::Failed { error }) => {
-                let _ = child.wait();
-                let _ = fs::remove_dir_all(self.sandbox_dir(id));
-                Err(ClientError::CreateFailed(error))
-            }
+            // A foreground shim logs to the caller's stderr: no log file to point at.
             other => {
                 let _ = child.wait();
-                let _ = self.cleanup(id);
-                Err(ClientError::CreateFailed(format!(
-                    "the shim exited without reporting ({other:?})"
-                )))
+                Err(self.start_failed(id, other, ""))
             }
         }
     }

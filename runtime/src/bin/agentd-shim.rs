@@ -101,7 +101,6 @@ fn main() -> ExitCode {
         Signal::SIGTERM,
         Signal::SIGINT,
         Signal::SIGHUP,
-        Signal::SIGPIPE,
     ] {
         // SAFETY: installing SIG_DFL runs no handler code, so no async-signal-safety concern.
         let _ = unsafe { signal(s, SigHandler::SigDfl) };
