@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Run one command in a sandbox made from a rootfs directory (no daemon needed).
     Run(agentd::run::RunArgs),
+    /// Manage OCI images: pull, import, export, ls, inspect, rm, prune, verify.
+    Image(agentd::image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run(args) => agentd::run::run(args),
+        Command::Image(args) => agentd::image::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
