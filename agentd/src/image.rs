@@ -58,6 +58,14 @@ pub enum ImageCommand {
         /// Platform to pick from a multi-platform image.
         #[arg(long, default_value = "linux/amd64")]
         platform: String,
+        /// Only store the blobs; unpack the layers at first use (or with `agentd image unpack`).
+        #[arg(long)]
+        no_unpack: bool,
+    },
+    /// Unpack the layers of an image that are not unpacked yet (pull and import do this).
+    Unpack {
+        /// Image name or manifest digest.
+        image: String,
     },
     /// Export an image as an OCI image layout directory.
     Export {
@@ -138,13 +146,14 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
             path,
             name,
             platform,
+            no_unpack,
         } => {
             let platform: Platform = platform.parse()?;
             let started = Instant::now();
             let records = agentd_images::layout::import(&store, &path, name.as_deref(), &platform)
                 .with_context(|| format!("cannot import {}", path.display()))?;
             for record in &records {
-                for layer in &record.layers {
+                for layer in record.layers.iter().filter(|_| !no_unpack) {
                     store
                         .unpack_layer(layer, &UnpackOptions::default())
                         .with_context(|| format!("cannot unpack {}", record.name))?;
@@ -160,6 +169,18 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
                     println!("{}", record.manifest);
                 }
             }
+        }
+        ImageCommand::Unpack { image } => {
+            let started = Instant::now();
+            let rootfs = store
+                .rootfs(&image, &UnpackOptions::default())
+                .with_context(|| format!("cannot unpack {image}"))?;
+            eprintln!(
+                "{}: {} layers unpacked in {:.2}s",
+                rootfs.image.name,
+                rootfs.lower_dirs.len(),
+                started.elapsed().as_secs_f64()
+            );
         }
         ImageCommand::Export { image, dir } => {
             let record = agentd_images::layout::export(&store, &image, &dir)

@@ -11,14 +11,14 @@
 //! size is capped. The target dir must be new and private to the caller (the store unpacks into
 //! its own `tmp/`), so nothing but this code writes in it meanwhile.
 
-use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, Read};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 
 use nix::sys::stat::{Mode, SFlag};
 use nix::sys::time::TimeSpec;
@@ -124,14 +124,14 @@ fn refused(path: &Path, why: impl Into<String>) -> UnpackError {
 struct LimitedReader<R> {
     inner: R,
     left: u64,
-    tripped: Rc<Cell<bool>>,
+    tripped: Arc<AtomicBool>,
 }
 
 impl<R: Read> Read for LimitedReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         if n as u64 > self.left {
-            self.tripped.set(true);
+            self.tripped.store(true, Ordering::Relaxed);
             return Err(io::Error::other("uncompressed size limit exceeded"));
         }
         self.left -= n as u64;
@@ -141,7 +141,7 @@ impl<R: Read> Read for LimitedReader<R> {
 
 /// Opens the decompressor that the blob's magic bytes call for (the media type is not trusted
 /// to be right: some registries serve gzip under the plain tar type).
-fn decompress<'a, R: BufRead + 'a>(mut reader: R) -> Result<Box<dyn Read + 'a>> {
+fn decompress<'a, R: BufRead + Send + 'a>(mut reader: R) -> Result<Box<dyn Read + Send + 'a>> {
     let head = reader.fill_buf().map_err(UnpackError::Read)?;
     if head.starts_with(&[0x1f, 0x8b]) {
         Ok(Box::new(flate2::bufread::MultiGzDecoder::new(reader)))
@@ -179,7 +179,14 @@ struct Unpacker<'a> {
 
 /// Unpacks a layer blob (compressed or not) from `reader` into the new dir `target`.
 /// On error the caller removes `target`.
-pub fn unpack(reader: impl BufRead, target: &Path, options: &UnpackOptions) -> Result<UnpackStats> {
+///
+/// Two threads: one decompresses and hashes (the diff-id), the calling one parses the tar and
+/// writes the files, so that CPU work and file creation (the slow part on disk) overlap.
+pub fn unpack(
+    reader: impl BufRead + Send,
+    target: &Path,
+    options: &UnpackOptions,
+) -> Result<UnpackStats> {
     fs::DirBuilder::new()
         .mode(0o755)
         .create(target)
@@ -194,14 +201,108 @@ pub fn unpack(reader: impl BufRead, target: &Path, options: &UnpackOptions) -> R
                 }
             }
         })?;
-    let tripped = Rc::new(Cell::new(false));
-    let limited = LimitedReader {
-        inner: decompress(reader)?,
-        left: options.max_size,
-        tripped: tripped.clone(),
+    let tripped = Arc::new(AtomicBool::new(false));
+    let read_err = |e: io::Error| {
+        if tripped.load(Ordering::Relaxed) {
+            UnpackError::TooLarge {
+                limit: options.max_size,
+            }
+        } else {
+            UnpackError::Read(e)
+        }
     };
-    let hashing = HashingReader::new(limited);
-    let mut archive = tar::Archive::new(hashing);
+    let (chunks_tx, chunks_rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(8);
+    std::thread::scope(|scope| {
+        let producer = scope.spawn(|| -> Result<(Digest, u64)> {
+            let limited = LimitedReader {
+                inner: decompress(reader)?,
+                left: options.max_size,
+                tripped: tripped.clone(),
+            };
+            let mut hashing = HashingReader::new(limited);
+            loop {
+                let mut chunk = vec![0u8; CHUNK_SIZE];
+                let mut filled = 0;
+                while filled < CHUNK_SIZE {
+                    match hashing.read(&mut chunk[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            let msg = io::Error::new(e.kind(), e.to_string());
+                            let _ = chunks_tx.send(Err(msg));
+                            return Err(read_err(e));
+                        }
+                    }
+                }
+                if filled == 0 {
+                    break;
+                }
+                chunk.truncate(filled);
+                if chunks_tx.send(Ok(chunk)).is_err() {
+                    // The tar side stopped (it failed): its error is the one to report.
+                    return Err(UnpackError::Read(io::Error::other("unpack stopped")));
+                }
+            }
+            drop(chunks_tx);
+            hashing.finish().map_err(read_err)
+        });
+        let consumed = unpack_entries(
+            ChannelReader {
+                rx: chunks_rx,
+                current: Vec::new(),
+                pos: 0,
+            },
+            target,
+            options,
+            &read_err,
+        );
+        let produced = producer
+            .join()
+            .expect("the decompression thread does not panic");
+        let mut stats = consumed?;
+        let (diff_id, size) = produced?;
+        stats.diff_id = diff_id;
+        stats.tar_bytes = size;
+        Ok(stats)
+    })
+}
+
+/// Size of the decompressed chunks handed from the decompression thread to the tar parser.
+const CHUNK_SIZE: usize = 1 << 20;
+
+/// Reads the chunks the decompression thread sends.
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.current = chunk?;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0), // the sender finished: end of stream
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn unpack_entries(
+    reader: ChannelReader,
+    target: &Path,
+    options: &UnpackOptions,
+    read_err: &dyn Fn(io::Error) -> UnpackError,
+) -> Result<UnpackStats> {
+    let mut archive = tar::Archive::new(reader);
     let mut unpacker = Unpacker {
         root: target,
         options,
@@ -210,15 +311,6 @@ pub fn unpack(reader: impl BufRead, target: &Path, options: &UnpackOptions) -> R
         dir_mtimes: HashMap::new(),
         umask: process_umask(),
         stats: UnpackStats::default(),
-    };
-    let read_err = |e: io::Error| {
-        if tripped.get() {
-            UnpackError::TooLarge {
-                limit: options.max_size,
-            }
-        } else {
-            UnpackError::Read(e)
-        }
     };
     let mut count = 0u64;
     for entry in archive.entries().map_err(read_err)? {
@@ -235,13 +327,7 @@ pub fn unpack(reader: impl BufRead, target: &Path, options: &UnpackOptions) -> R
         })?;
     }
     unpacker.finish()?;
-    let mut stats = unpacker.stats;
-    // The diff-id covers the whole stream, including the end-of-archive blocks after the last
-    // entry, so read what tar left.
-    let (diff_id, size) = archive.into_inner().finish().map_err(read_err)?;
-    stats.diff_id = diff_id;
-    stats.tar_bytes = size;
-    Ok(stats)
+    Ok(unpacker.stats)
 }
 
 fn process_umask() -> u32 {
