@@ -13,6 +13,8 @@ use std::sync::OnceLock;
 
 use agentd_runtime::Runtime;
 
+pub mod registry;
+
 /// The target dir the test binaries were built into (`target/debug`).
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
