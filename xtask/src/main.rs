@@ -5,10 +5,12 @@
 //! - `vm-test`: the cgroup and isolation tests again inside a throw-away pure cgroup v2 VM
 //!   (QEMU with software emulation, a Debian kernel, a busybox initramfs).
 //! - `bench start`: create+start+wait+delete of `/bin/true`, agentd against crun, runc, bwrap.
+//! - `bench unpack`: unpacking a multi-layer Debian image, agentd against `umoci unpack`.
 //!
 //! xtask uses no product crate: it shells out to cargo, qemu and the peers.
 
 mod bench;
+mod bench_unpack;
 mod ci;
 mod vm;
 
@@ -20,7 +22,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-const USAGE: &str = "usage: cargo xtask <ci | vm-test | bench start>";
+const USAGE: &str = "usage: cargo xtask <ci | vm-test | bench start | bench unpack>";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -29,6 +31,7 @@ fn main() -> anyhow::Result<()> {
         ["ci"] => ci::run(),
         ["vm-test"] => vm::run(),
         ["bench", "start"] => bench::start(),
+        ["bench", "unpack"] => bench_unpack::unpack(),
         ["bench", ..] => bail!("unknown benchmark; {USAGE}"),
         _ => bail!("{USAGE}"),
     }
