@@ -7,8 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
+use agentd_images::{ImageRootfs, Store, UnpackOptions};
 use agentd_runtime::spec::{IdMap, DEFAULT_PATH};
-use agentd_runtime::{parse_size, BindMount, Limits, NetworkMode, Runtime, SandboxSpec};
+use agentd_runtime::{parse_size, BindMount, Limits, NetworkMode, Rootfs, Runtime, SandboxSpec};
 use anyhow::{bail, Context};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
@@ -20,8 +21,16 @@ pub const EXIT_AGENTD_ERROR: u8 = 125;
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Root filesystem directory of the sandbox (mounted read-only; /tmp is a tmpfs).
-    #[arg(long)]
-    pub rootfs: PathBuf,
+    #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+    pub rootfs: Option<PathBuf>,
+    /// Run an image from agentd's image store instead of a rootfs dir (`agentd image pull` or
+    /// `import` it first): its layers are stacked with overlayfs, and its entrypoint, command,
+    /// environment, working dir and user are the defaults.
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
+    /// agentd's state dir, whose image store (<dir>/images) --image reads.
+    #[arg(long, env = "AGENTD_STATE_DIR", default_value = crate::image::DEFAULT_STATE_DIR)]
+    pub store_dir: PathBuf,
     /// Memory limit, like 256m or 2g; the command is OOM-killed above it (exit 137).
     #[arg(long, value_parser = parse_size_arg)]
     pub memory: Option<u64>,
@@ -34,9 +43,9 @@ pub struct RunArgs {
     /// Environment variable for the command, KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     pub env: Vec<String>,
-    /// Working directory inside the sandbox.
-    #[arg(long, short = 'w', default_value = "/")]
-    pub workdir: PathBuf,
+    /// Working directory inside the sandbox (default: the image's, else /).
+    #[arg(long, short = 'w')]
+    pub workdir: Option<PathBuf>,
     /// Bind a host path into the sandbox, HOST:SANDBOX[:ro] (repeatable; the target must exist
     /// in the rootfs).
     #[arg(long = "bind", short = 'b', value_name = "HOST:SANDBOX[:ro]", value_parser = parse_bind)]
@@ -65,8 +74,9 @@ pub struct RunArgs {
     /// and for running the same sandbox under other runtimes (`cargo xtask bench start`).
     #[arg(long, hide = true)]
     pub print_oci_spec: bool,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The command and its arguments (with --image: the image's command by default, and
+    /// arguments to its entrypoint if it has one, as docker does).
+    #[arg(last = true, required_unless_present = "image", value_name = "CMD")]
     pub command: Vec<String>,
 }
 
@@ -104,12 +114,75 @@ fn parse_bind(s: &str) -> Result<BindMount, String> {
     })
 }
 
-/// Looks `cmd` up the way the sandbox's execvp will, but in the rootfs from the host, so that a
-/// missing command is a clear error before any sandbox exists.
-fn find_command(rootfs: &Path, cmd: &str, env: &[String]) -> bool {
+/// Where the sandbox's root filesystem comes from.
+enum Source {
+    Dir(PathBuf),
+    Image(ImageRootfs),
+}
+
+/// Finds an image in the store and unpacks what is not unpacked yet.
+fn load_image(state_dir: &Path, name: &str) -> anyhow::Result<ImageRootfs> {
+    // Absolute: the layer paths become overlayfs mount options.
+    let root =
+        std::path::absolute(state_dir.join("images")).context("cannot resolve the state dir")?;
+    let store = Store::open(&root)
+        .with_context(|| format!("cannot open the image store in {}", root.display()))?;
+    store
+        .rootfs(name, &UnpackOptions::default())
+        .with_context(|| {
+            format!("cannot use image {name} (pull or import it first: agentd image pull {name})")
+        })
+}
+
+/// Reads `name` from `etc/<file>` of the topmost layer that has it (passwd or group format).
+fn lookup_id(layers: &[PathBuf], file: &str, name: &str) -> Option<(u32, u32)> {
+    let text = layers
+        .iter()
+        .find_map(|l| std::fs::read_to_string(l.join("etc").join(file)).ok())?;
+    text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        (f.len() >= 4 && f[0] == name)
+            .then(|| Some((f[2].parse().ok()?, f[3].parse().unwrap_or(0))))?
+    })
+}
+
+/// The image config's `user` (`uid`, `uid:gid`, `name` or `name:group`) as ids.
+fn resolve_user(layers: &[PathBuf], user: &str) -> anyhow::Result<(u32, u32)> {
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let (uid, primary_gid) = match u.parse::<u32>() {
+        Ok(uid) => (uid, uid),
+        Err(_) => lookup_id(layers, "passwd", u)
+            .with_context(|| format!("the image's user {u:?} is not in its /etc/passwd"))?,
+    };
+    let gid = match g {
+        None => primary_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => lookup_id(layers, "group", g)
+                .map(|(gid, _)| gid)
+                .with_context(|| format!("the image's group {g:?} is not in its /etc/group"))?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// Looks `cmd` up the way the sandbox's execvp will, but from the host in the rootfs (or the
+/// image's layers, topmost first, where a whiteout hides what is below), so that a missing
+/// command is a clear error before any sandbox exists.
+fn find_command(layers: &[PathBuf], cmd: &str, env: &[String]) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let exists = |p: &Path| {
         let rel = p.strip_prefix("/").unwrap_or(p);
-        rootfs.join(rel).symlink_metadata().is_ok()
+        for layer in layers {
+            if let Ok(meta) = layer.join(rel).symlink_metadata() {
+                // A 0/0 character device is an overlay whiteout: deleted by this layer.
+                return !(meta.file_type().is_char_device() && meta.rdev() == 0);
+            }
+        }
+        false
     };
     if cmd.contains('/') {
         return exists(Path::new(cmd));
@@ -129,15 +202,59 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     if !nix::unistd::geteuid().is_root() && !args.print_oci_spec {
         bail!("agentd run needs root to create namespaces and cgroups (the sandbox itself runs unprivileged): run it with sudo");
     }
-    if !args.rootfs.is_dir() {
-        bail!(
-            "rootfs {} does not exist or is not a directory",
-            args.rootfs.display()
-        );
+    let source = match (&args.rootfs, &args.image) {
+        (Some(rootfs), _) => {
+            if !rootfs.is_dir() {
+                bail!(
+                    "rootfs {} does not exist or is not a directory",
+                    rootfs.display()
+                );
+            }
+            Source::Dir(rootfs.clone())
+        }
+        (None, Some(image)) => Source::Image(load_image(&args.store_dir, image)?),
+        (None, None) => bail!("give --rootfs DIR or --image IMAGE"),
+    };
+    let (command, mut env, workdir, user) = match &source {
+        Source::Dir(_) => (args.command.clone(), Vec::new(), None, None),
+        Source::Image(image) => {
+            let config = &image.config;
+            let command = if args.command.is_empty() {
+                config
+                    .entrypoint
+                    .iter()
+                    .chain(&config.cmd)
+                    .cloned()
+                    .collect()
+            } else {
+                config
+                    .entrypoint
+                    .iter()
+                    .chain(&args.command)
+                    .cloned()
+                    .collect()
+            };
+            let workdir = (!config.workdir.is_empty()).then(|| PathBuf::from(&config.workdir));
+            let user = (!config.user.is_empty()).then(|| config.user.clone());
+            (command, config.env.clone(), workdir, user)
+        }
+    };
+    if command.is_empty() {
+        bail!("the image has no entrypoint or command: give one after --");
     }
-    let mut spec = SandboxSpec::new(args.command.clone());
-    spec.env = args.env.clone();
-    spec.cwd = args.workdir.clone();
+    env.extend(args.env.iter().cloned());
+    let mut spec = SandboxSpec::new(command);
+    spec.env = env;
+    spec.cwd = args
+        .workdir
+        .clone()
+        .or(workdir)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    if let (Some(user), Source::Image(image)) = (&user, &source) {
+        let (uid, gid) = resolve_user(&image.lower_dirs, user)?;
+        spec.uid = uid;
+        spec.gid = gid;
+    }
     spec.hostname = args.hostname.clone();
     spec.uid_map = args.host_id_base.map(IdMap::unprivileged);
     spec.gid_map = spec.uid_map;
@@ -153,17 +270,30 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     }
     spec.validate()?;
     if args.print_oci_spec {
-        let rootfs = std::fs::canonicalize(&args.rootfs).context("cannot resolve the rootfs")?;
+        let rootfs = match &source {
+            Source::Dir(dir) => std::fs::canonicalize(dir).context("cannot resolve the rootfs")?,
+            Source::Image(_) => args
+                .state_dir
+                .join("print")
+                .join(agentd_runtime::layout::ROOTFS),
+        };
         let oci = spec.to_oci("print", &rootfs, &args.cgroup_parent)?;
         let json = serde_json::to_string_pretty(&oci).context("cannot serialize the spec")?;
         println!("{json}");
         return Ok(0);
     }
-    if !find_command(&args.rootfs, &args.command[0], &spec.effective_env()) {
+    let (rootfs, layers): (Rootfs, &[PathBuf]) = match &source {
+        Source::Dir(dir) => (Rootfs::Dir(dir.clone()), std::slice::from_ref(dir)),
+        Source::Image(image) => (Rootfs::Layers(image.lower_dirs.clone()), &image.lower_dirs),
+    };
+    if !find_command(layers, &spec.args[0], &spec.effective_env()) {
         bail!(
-            "command {:?} not found in the rootfs {} (PATH inside is searched)",
-            args.command[0],
-            args.rootfs.display()
+            "command {:?} not found in the {} (PATH inside is searched)",
+            spec.args[0],
+            match &source {
+                Source::Dir(dir) => format!("rootfs {}", dir.display()),
+                Source::Image(image) => format!("image {}", image.image.name),
+            }
         );
     }
 
@@ -181,7 +311,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         .with_stop_timeout(args.stop_timeout)
         .with_cgroup_parent(&args.cgroup_parent);
     let sandbox = runtime
-        .run_foreground(&id, &args.rootfs, &spec)
+        .run_foreground(&id, rootfs, &spec)
         .context("cannot start the sandbox")?;
     let shim = nix::unistd::Pid::from_raw(i32::try_from(sandbox.shim_pid()).unwrap_or(i32::MAX));
     std::thread::spawn(move || loop {
@@ -233,9 +363,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("bin")).unwrap();
         std::os::unix::fs::symlink("/bin/busybox", dir.path().join("bin/sh")).unwrap();
-        assert!(find_command(dir.path(), "sh", &[]));
-        assert!(find_command(dir.path(), "/bin/sh", &[]));
-        assert!(!find_command(dir.path(), "nope", &[]));
-        assert!(!find_command(dir.path(), "sh", &["PATH=/usr/bin".into()]));
+        let layers = [dir.path().to_path_buf()];
+        assert!(find_command(&layers, "sh", &[]));
+        assert!(find_command(&layers, "/bin/sh", &[]));
+        assert!(!find_command(&layers, "nope", &[]));
+        assert!(!find_command(&layers, "sh", &["PATH=/usr/bin".into()]));
     }
 }

@@ -22,6 +22,7 @@ use crate::layout;
 use crate::proto::{
     ExecRequest, ExitStatus, Request, Response, SandboxStatus, ShimConfig, ShimEvent, StdioConfig,
 };
+use crate::rootfs::Rootfs;
 use crate::spec::{
     validate_id, IdMap, SandboxSpec, DEFAULT_HOST_ID_BASE, DEFAULT_ID_RANGE, MAX_ID_RANGES,
 };
@@ -169,7 +170,7 @@ impl Runtime {
     pub fn create(
         &self,
         id: &str,
-        rootfs: &Path,
+        rootfs: impl Into<Rootfs>,
         spec: &SandboxSpec,
         stdio: Option<StdioConfig>,
     ) -> Result<ShimClient> {
@@ -178,7 +179,7 @@ impl Runtime {
             stdout: dir.join(layout::STDOUT),
             stderr: dir.join(layout::STDERR),
         });
-        let (mut child, mut events) = self.spawn(id, rootfs, spec, stdio, false, None)?;
+        let (mut child, mut events) = self.spawn(id, rootfs.into(), spec, stdio, false, None)?;
         self.await_background_start(id, &mut child, &mut events)
     }
 
@@ -187,7 +188,7 @@ impl Runtime {
     pub fn create_with_fds(
         &self,
         id: &str,
-        rootfs: &Path,
+        rootfs: impl Into<Rootfs>,
         spec: &SandboxSpec,
         stdin: OwnedFd,
         stdout: OwnedFd,
@@ -195,7 +196,7 @@ impl Runtime {
     ) -> Result<ShimClient> {
         let fds = Some((stdin, stdout, stderr));
         let (mut child, mut events) =
-            self.spawn(id, rootfs, spec, StdioConfig::Inherit, false, fds)?;
+            self.spawn(id, rootfs.into(), spec, StdioConfig::Inherit, false, fds)?;
         self.await_background_start(id, &mut child, &mut events)
     }
 
@@ -242,11 +243,11 @@ impl Runtime {
     pub fn run_foreground(
         &self,
         id: &str,
-        rootfs: &Path,
+        rootfs: impl Into<Rootfs>,
         spec: &SandboxSpec,
     ) -> Result<ForegroundSandbox> {
         let (mut child, mut events) =
-            self.spawn(id, rootfs, spec, StdioConfig::Inherit, true, None)?;
+            self.spawn(id, rootfs.into(), spec, StdioConfig::Inherit, true, None)?;
         match read_event(&mut events) {
             Some(ShimEvent::Started { pid }) => Ok(ForegroundSandbox {
                 child,
@@ -264,7 +265,7 @@ impl Runtime {
     fn spawn(
         &self,
         id: &str,
-        rootfs: &Path,
+        rootfs: Rootfs,
         spec: &SandboxSpec,
         stdio: StdioConfig,
         foreground: bool,
@@ -272,14 +273,23 @@ impl Runtime {
     ) -> Result<(Child, BufReader<File>)> {
         validate_id(id)?;
         spec.validate()?;
-        check_rootfs(rootfs)?;
+        let (rootfs, layers) = match rootfs {
+            Rootfs::Dir(rootfs) => {
+                check_rootfs(&rootfs)?;
+                let rootfs = fs::canonicalize(&rootfs).map_err(io_err(format!(
+                    "cannot resolve rootfs {}",
+                    rootfs.display()
+                )))?;
+                (rootfs, Vec::new())
+            }
+            Rootfs::Layers(layers) => {
+                crate::rootfs::validate_layers(&layers).map_err(ClientError::Rootfs)?;
+                (self.sandbox_dir(id).join(layout::ROOTFS), layers)
+            }
+        };
         if !self.shim.is_file() {
             return Err(ClientError::NoShim(self.shim.clone()));
         }
-        let rootfs = fs::canonicalize(rootfs).map_err(io_err(format!(
-            "cannot resolve rootfs {}",
-            rootfs.display()
-        )))?;
         fs::create_dir_all(&self.state_root).map_err(io_err(format!(
             "cannot create the state root {}",
             self.state_root.display()
@@ -304,6 +314,7 @@ impl Runtime {
         let config = ShimConfig {
             id: id.to_string(),
             rootfs,
+            layers,
             spec,
             cgroup_parent: self.cgroup_parent.clone(),
             stdio,
@@ -434,6 +445,9 @@ impl Runtime {
             )));
         }
         self.cgroup(id).remove()?;
+        // Before removing the state dir: an overlay rootfs is mounted inside it.
+        crate::rootfs::unmount_overlay(&self.sandbox_dir(id))
+            .map_err(io_err("cannot unmount the sandbox's rootfs"))?;
         match fs::remove_dir_all(self.sandbox_dir(id)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

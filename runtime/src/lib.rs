@@ -18,6 +18,7 @@ pub mod cgroups;
 pub mod client;
 pub mod init;
 pub mod proto;
+pub mod rootfs;
 pub mod seccomp;
 pub mod shim;
 pub mod spec;
@@ -25,6 +26,7 @@ pub mod spec;
 pub use cgroups::{CgroupVersion, SandboxCgroup, Stats};
 pub use client::{ClientError, ForegroundSandbox, Runtime, ShimClient};
 pub use proto::{ExecRequest, ExitStatus, SandboxStatus, StdioConfig};
+pub use rootfs::Rootfs;
 pub use spec::{parse_size, BindMount, IdMap, Limits, NetworkMode, SandboxSpec, SeccompProfile};
 
 /// Names of the files in a sandbox's state dir, all owned by its shim.
@@ -45,6 +47,10 @@ pub mod layout {
     pub const STDOUT: &str = "stdout.log";
     /// Default stderr file of a background sandbox.
     pub const STDERR: &str = "stderr.log";
+    /// Mount point of an overlay rootfs made from image layers.
+    pub const ROOTFS: &str = "rootfs";
+    /// Upper and work dirs of an overlay rootfs.
+    pub const OVERLAY: &str = "overlay";
 }
 
 /// Formats an error with all its causes: `outer: cause: root cause`.

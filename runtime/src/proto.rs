@@ -33,8 +33,12 @@ pub enum StdioConfig {
 pub struct ShimConfig {
     /// Sandbox id (also the container id and the cgroup name).
     pub id: String,
-    /// Root filesystem of the sandbox.
+    /// Root filesystem of the sandbox (for `layers`, the overlay mount point).
     pub rootfs: PathBuf,
+    /// Image layer dirs, topmost first: the shim mounts them as an overlay at `rootfs` and
+    /// unmounts it when the sandbox is deleted. Empty: `rootfs` is a plain directory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<PathBuf>,
     /// The sandbox.
     pub spec: SandboxSpec,
     /// Cgroup parent under every controller.

@@ -240,7 +240,29 @@ fn open_stdio(stdio: &StdioConfig) -> Result<(OwnedFd, OwnedFd, OwnedFd)> {
 }
 
 impl Shim {
+    /// Mounts the overlay rootfs (for image layers), then creates and starts the container;
+    /// unmounts again if that fails.
     fn start(config: ShimConfig, dir: PathBuf) -> Result<Shim> {
+        if config.layers.is_empty() {
+            return Self::start_container(config, dir);
+        }
+        // The runtime allocated the maps before it wrote the config; 0 only if it did not.
+        let root = (
+            config.spec.uid_map.map_or(0, |m| m.host),
+            config.spec.gid_map.map_or(0, |m| m.host),
+        );
+        crate::rootfs::mount_overlay(&dir, &config.layers, root)
+            .map_err(io_err("failed to mount the image's layers as the rootfs"))?;
+        let started = Self::start_container(config, dir.clone());
+        if started.is_err() {
+            if let Err(e) = crate::rootfs::unmount_overlay(&dir) {
+                tracing::error!(error = %e, "failed to unmount the rootfs");
+            }
+        }
+        started
+    }
+
+    fn start_container(config: ShimConfig, dir: PathBuf) -> Result<Shim> {
         let profile = match &config.spec.seccomp {
             SeccompProfile::Default => Profile::default_profile()?,
             SeccompProfile::File(p) => Profile::load(p)?,
@@ -619,6 +641,11 @@ impl Shim {
         }
         for w in self.waiters.drain(..) {
             reply(w, &Response::Error("the sandbox was deleted".into()));
+        }
+        if !self.config.layers.is_empty() {
+            if let Err(e) = crate::rootfs::unmount_overlay(&self.dir) {
+                tracing::error!(error = %e, "failed to unmount the rootfs");
+            }
         }
         if let Err(e) = fs::remove_dir_all(&self.dir) {
             tracing::error!(error = %e, dir = %self.dir.display(), "failed to remove the state dir");

@@ -690,3 +690,101 @@ fn test_bad_references_and_missing_images_fail_clearly() {
         );
     }
 }
+
+#[test]
+fn test_agentd_run_image_stacks_the_layers_and_cleans_up() {
+    if skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = parity_layout(tmp.path());
+    let state = tmp.path().join("state");
+    // Without an entrypoint (before the config change below).
+    ok(agentd(
+        &state,
+        &[
+            "import",
+            "--name",
+            "parity:plain",
+            layout.dir.to_str().unwrap(),
+        ],
+    ));
+    run_tool(
+        Command::new("umoci")
+            .args([
+                "config",
+                "--config.entrypoint",
+                "/bin/busybox",
+                "--config.cmd",
+                "echo",
+                "--config.cmd",
+                "default-cmd",
+            ])
+            .args([
+                "--config.env",
+                "FROM_IMAGE=yes",
+                "--config.workingdir",
+                "/etc",
+                "--image",
+            ])
+            .arg(layout.image()),
+    );
+    ok(agentd(
+        &state,
+        &[
+            "import",
+            "--name",
+            "parity:run",
+            layout.dir.to_str().unwrap(),
+        ],
+    ));
+    let scope = agentd_tests::Scope::new("run-image");
+    let run_image = |image: &str, args: &[&str]| {
+        Command::new(agentd_tests::bin("agentd"))
+            .arg("run")
+            .arg("--image")
+            .arg(image)
+            .arg("--store-dir")
+            .arg(&state)
+            .arg("--state-dir")
+            .arg(scope.state.path())
+            .arg("--cgroup-parent")
+            .arg(&scope.cgroup_parent)
+            .env("AGENTD_SHIM", agentd_tests::bin("agentd-shim"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let run = |args: &[&str]| run_image("parity:run", args);
+    // No command: the image's entrypoint and cmd.
+    assert_eq!(ok(run(&[])), "default-cmd\n");
+    // A command is the entrypoint's arguments; env and workdir come from the image; the
+    // layers' deletions and opaque dir show through the overlay.
+    let script = "echo $FROM_IMAGE $(pwd) $(cat keep); ls /usr/share/doc; ls /var/cache/old; cat /etc/gone 2>&1 || true";
+    let out = ok(run(&["--", "sh", "-c", script]));
+    assert_eq!(
+        out,
+        "yes /etc changed\nnew\ncat: can't open '/etc/gone': No such file or directory\n"
+    );
+    scope.assert_clean();
+    // A command missing from the image (here: deleted by a later layer) is a clear error
+    // before any sandbox exists.
+    let missing = run_image("parity:plain", &["--", "/etc/gone"]);
+    assert_eq!(missing.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("not found in the image"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    let unknown = Command::new(agentd_tests::bin("agentd"))
+        .args(["run", "--image", "nope:1", "--store-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("pull or import it first"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+    scope.assert_clean();
+}
