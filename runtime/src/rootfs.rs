@@ -134,7 +134,7 @@ mod tests {
     fn test_validate_layers() {
         let dir = tempfile::tempdir().unwrap();
         let ok = dir.path().to_path_buf();
-        assert!(validate_layers(&[ok.clone()]).is_ok());
+        assert!(validate_layers(std::slice::from_ref(&ok)).is_ok());
         assert!(validate_layers(&[]).is_err());
         assert!(validate_layers(&[PathBuf::from("relative")]).is_err());
         assert!(validate_layers(&[PathBuf::from("/a:b")]).is_err());
