@@ -117,7 +117,7 @@ fn parse_bind(s: &str) -> Result<BindMount, String> {
 /// Where the sandbox's root filesystem comes from.
 enum Source {
     Dir(PathBuf),
-    Image(ImageRootfs),
+    Image(Box<ImageRootfs>),
 }
 
 /// Finds an image in the store and unpacks what is not unpacked yet.
@@ -212,7 +212,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
             }
             Source::Dir(rootfs.clone())
         }
-        (None, Some(image)) => Source::Image(load_image(&args.store_dir, image)?),
+        (None, Some(image)) => Source::Image(Box::new(load_image(&args.store_dir, image)?)),
         (None, None) => bail!("give --rootfs DIR or --image IMAGE"),
     };
     let (command, mut env, workdir, user) = match &source {
