@@ -15,8 +15,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run one command in a sandbox made from a rootfs directory (no daemon needed).
-    Run(agentd::run::RunArgs),
+    /// Run one command in a sandbox made from a rootfs dir or an image (no daemon needed).
+    Run(Box<agentd::run::RunArgs>),
     /// Manage OCI images: pull, import, export, ls, inspect, rm, prune, verify.
     Image(agentd::image::ImageArgs),
 }
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Run(args) => agentd::run::run(args),
+        Command::Run(args) => agentd::run::run(*args),
         Command::Image(args) => agentd::image::run(args),
     };
     match result {
