@@ -788,3 +788,130 @@ fn test_agentd_run_image_stacks_the_layers_and_cleans_up() {
     );
     scope.assert_clean();
 }
+
+/// A network namespace made by the test (so that a registry can have an address that is not
+/// loopback without touching the host's network); deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: &str) -> Netns {
+        run_tool(Command::new("ip").args(["netns", "add", name]));
+        let ns = Netns(name.to_string());
+        run_tool(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]));
+        run_tool(Command::new("ip").args([
+            "-n",
+            name,
+            "addr",
+            "add",
+            "10.231.0.1/32",
+            "dev",
+            "lo",
+        ]));
+        ns
+    }
+
+    fn exec(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A CA and a server certificate for 10.231.0.1 signed by it (openssl).
+fn make_certs(dir: &Path) {
+    let sh = |script: &str| run_tool(Command::new("sh").arg("-ec").arg(script).current_dir(dir));
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=agentd-test-ca 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=10.231.0.1 2>/dev/null
+        printf 'subjectAltName=IP:10.231.0.1\\nbasicConstraints=CA:FALSE\\n' > ext.cnf
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext.cnf 2>/dev/null");
+}
+
+#[test]
+fn test_pull_over_https_verifies_the_certificate() {
+    if skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path());
+    let layout = small_image(tmp.path(), "tls");
+    let ns = Netns::new(&format!("agentd-tls-{}", std::process::id()));
+    let config = tmp.path().join("registry.yml");
+    fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 10.231.0.1:5443\n  tls:\n    certificate: {}\n    key: {}\n",
+            tmp.path().join("data").display(),
+            tmp.path().join("server.pem").display(),
+            tmp.path().join("server.key").display()
+        ),
+    )
+    .unwrap();
+    let mut registry = ns
+        .exec(Path::new("/usr/bin/docker-registry"))
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _registry = Kill(&mut registry);
+    let ca = tmp.path().join("ca.pem");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut copy = ns.exec(Path::new("/usr/bin/skopeo"));
+        copy.args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            &layout.skopeo_ref(),
+            "docker://10.231.0.1:5443/test/tls:1",
+        ]);
+        if copy.output().unwrap().status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the TLS registry in the netns did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let state = tmp.path().join("state");
+    let pull = |extra_env: Option<&Path>| {
+        let mut c = ns.exec(&agentd_tests::bin("agentd"));
+        c.arg("image")
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["pull", "10.231.0.1:5443/test/tls:1"]);
+        c.env("HOME", &state)
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR");
+        if let Some(ca) = extra_env {
+            c.env("SSL_CERT_FILE", ca);
+        }
+        c.output().unwrap()
+    };
+    // The system's roots do not know the test CA: refused.
+    let untrusted = pull(None);
+    assert!(
+        !untrusted.status.success(),
+        "a certificate from an unknown CA was accepted"
+    );
+    let err = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(err.contains("cannot pull") && err.contains("certificate"), "{err}");
+    // With the CA trusted (SSL_CERT_FILE replaces the system's roots), the pull works.
+    ok(pull(Some(&ca)));
+    ok(agentd(&state, &["verify"]));
+}
