@@ -250,6 +250,12 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
                 report.layers,
                 report.tmp
             );
+            if report.layers_in_use > 0 {
+                eprintln!(
+                    "kept {} unused layers that running sandboxes still mount",
+                    report.layers_in_use
+                );
+            }
         }
         ImageCommand::Verify => {
             let problems = store.verify()?;

@@ -158,6 +158,8 @@ pub struct PruneReport {
     pub layers: usize,
     /// Leftover work files or dirs of crashed writers deleted.
     pub tmp: usize,
+    /// Unreferenced layer dirs kept because a mounted overlay still uses them.
+    pub layers_in_use: usize,
     /// Bytes freed by deleted blobs.
     pub bytes: u64,
 }
@@ -585,11 +587,17 @@ impl Store {
             }
         }
         let dir = self.root.join("layers/sha256");
+        let in_use = mounted_lower_dirs();
         for entry in fs::read_dir(&dir).map_err(io_err("failed to read", &dir))? {
             let entry = entry.map_err(io_err("failed to read", &dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let hex = name.split('-').next().unwrap_or_default();
             if !diff_ids.contains(hex) {
+                // A sandbox of a removed image may still run on this layer.
+                if in_use.contains(&entry.path()) {
+                    report.layers_in_use += 1;
+                    continue;
+                }
                 remove_any(&entry.path())?;
                 report.layers += 1;
             }
@@ -748,6 +756,32 @@ pub fn copy_blob(
     writer.commit(expected, size)
 }
 
+/// Every lower dir of the overlay mounts this process can see (in /proc/self/mountinfo).
+fn mounted_lower_dirs() -> BTreeSet<PathBuf> {
+    lower_dirs_in(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+}
+
+fn lower_dirs_in(mountinfo: &str) -> BTreeSet<PathBuf> {
+    let mut dirs = BTreeSet::new();
+    for line in mountinfo.lines() {
+        // `... - overlay overlay rw,lowerdir=/a:/b,upperdir=...`
+        let Some((_, fs_part)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut fields = fs_part.split(' ');
+        if fields.next() != Some("overlay") {
+            continue;
+        }
+        let options = fields.nth(1).unwrap_or_default();
+        for option in options.split(',') {
+            if let Some(lowers) = option.strip_prefix("lowerdir=") {
+                dirs.extend(lowers.split(':').map(PathBuf::from));
+            }
+        }
+    }
+    dirs
+}
+
 /// Writes a small file atomically: temp file in the same dir, fsync, rename, fsync the dir.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().expect("atomic writes target a file in a dir");
@@ -828,6 +862,14 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1);
         let _lock = store.lock_digest(&d).unwrap();
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn test_lower_dirs_from_mountinfo() {
+        let info = "71 48 0:39 / /run/x/rootfs rw,nosuid - overlay overlay rw,lowerdir=/s/l/a:/s/l/b,upperdir=/u,workdir=/w\n\
+                    72 71 0:43 / /proc rw - proc proc rw\n";
+        let dirs: Vec<_> = lower_dirs_in(info).into_iter().collect();
+        assert_eq!(dirs, [PathBuf::from("/s/l/a"), PathBuf::from("/s/l/b")]);
     }
 
     #[test]

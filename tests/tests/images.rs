@@ -776,6 +776,57 @@ fn test_agentd_run_image_stacks_the_layers_and_cleans_up() {
         "{}",
         String::from_utf8_lossy(&missing.stderr)
     );
+    // A layer that a running sandbox mounts survives prune even after its image is removed.
+    let mut sleeper = Command::new(agentd_tests::bin("agentd"))
+        .args(["run", "--image", "parity:plain", "--store-dir"])
+        .arg(&state)
+        .arg("--state-dir")
+        .arg(scope.state.path())
+        .arg("--cgroup-parent")
+        .arg(&scope.cgroup_parent)
+        .env("AGENTD_SHIM", agentd_tests::bin("agentd-shim"))
+        .args(["--", "/bin/busybox", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(scope.state.path().to_str().unwrap())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sandbox's overlay never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for name in ["parity:plain", "parity:run"] {
+        ok(agentd(&state, &["rm", name]));
+    }
+    let pruned = agentd(&state, &["prune"]);
+    assert!(
+        String::from_utf8_lossy(&pruned.stderr).contains("kept 3 unused layers"),
+        "{}",
+        String::from_utf8_lossy(&pruned.stderr)
+    );
+    assert_eq!(
+        fs::read_dir(state.join("images/layers/sha256"))
+            .unwrap()
+            .count(),
+        3
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(sleeper.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    sleeper.wait().unwrap();
+    ok(agentd(&state, &["prune"]));
+    assert_eq!(
+        fs::read_dir(state.join("images/layers/sha256"))
+            .unwrap()
+            .count(),
+        0
+    );
     let unknown = Command::new(agentd_tests::bin("agentd"))
         .args(["run", "--image", "nope:1", "--store-dir"])
         .arg(&state)
@@ -910,7 +961,10 @@ fn test_pull_over_https_verifies_the_certificate() {
         "a certificate from an unknown CA was accepted"
     );
     let err = String::from_utf8_lossy(&untrusted.stderr);
-    assert!(err.contains("cannot pull") && err.contains("certificate"), "{err}");
+    assert!(
+        err.contains("cannot pull") && err.contains("certificate"),
+        "{err}"
+    );
     // With the CA trusted (SSL_CERT_FILE replaces the system's roots), the pull works.
     ok(pull(Some(&ca)));
     ok(agentd(&state, &["verify"]));
