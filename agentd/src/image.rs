@@ -95,6 +95,20 @@ pub enum ImageCommand {
 
 /// Runs an image subcommand. Returns the process exit code.
 pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
+    let unpacks = matches!(
+        args.command,
+        ImageCommand::Pull { .. }
+            | ImageCommand::Import {
+                no_unpack: false,
+                ..
+            }
+            | ImageCommand::Unpack { .. }
+    );
+    if unpacks && !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "unpacking layers needs root (files keep their owners, whiteouts are device nodes): run it with sudo"
+        );
+    }
     let root = args.state_dir.join("images");
     let store = Store::open(&root)
         .with_context(|| format!("cannot open the image store in {}", root.display()))?;
