@@ -758,19 +758,7 @@ impl Unpacker<'_> {
         if is_dir {
             return Ok(()); // applied in finish()
         }
-        let ts = TimeSpec::new(mtime, 0);
-        nix::sys::stat::utimensat(
-            None,
-            path,
-            &ts,
-            &ts,
-            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-        )
-        .map_err(|e| UnpackError::Io {
-            op: "failed to set mtime of",
-            path: path.into(),
-            source: e.into(),
-        })
+        set_mtime_nofollow(path, mtime)
     }
 
     /// Applies directory mtimes, deepest first, once nothing more is created inside them.
@@ -778,23 +766,27 @@ impl Unpacker<'_> {
         let mut dirs: Vec<(&PathBuf, &i64)> = self.dir_mtimes.iter().collect();
         dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
         for (rel, mtime) in dirs {
-            let path = self.root.join(rel);
-            let ts = TimeSpec::new(*mtime, 0);
-            nix::sys::stat::utimensat(
-                None,
-                &path,
-                &ts,
-                &ts,
-                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-            )
-            .map_err(|e| UnpackError::Io {
-                op: "failed to set mtime of",
-                path: path.clone(),
-                source: e.into(),
-            })?;
+            set_mtime_nofollow(&self.root.join(rel), *mtime)?;
         }
         Ok(())
     }
+}
+
+/// Sets atime and mtime of `path` itself (a symlink's own times, not its target's).
+fn set_mtime_nofollow(path: &Path, mtime: i64) -> Result<()> {
+    let ts = TimeSpec::new(mtime, 0);
+    nix::sys::stat::utimensat(
+        None,
+        path,
+        &ts,
+        &ts,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| UnpackError::Io {
+        op: "failed to set mtime of",
+        path: path.into(),
+        source: e.into(),
+    })
 }
 
 fn system_time(secs: i64) -> std::time::SystemTime {

@@ -48,6 +48,14 @@ fn ok(out: Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `agentd image import --name NAME DIR`.
+fn import_as(state: &Path, name: &str, dir: &Path) {
+    ok(agentd(
+        state,
+        &["import", "--name", name, dir.to_str().unwrap()],
+    ));
+}
+
 fn inspect(state: &Path, image: &str) -> serde_json::Value {
     serde_json::from_str(&ok(agentd(state, &["inspect", image]))).unwrap()
 }
@@ -448,15 +456,7 @@ fn test_import_docker_archive_and_oci_tar_and_export() {
     let state = tmp.path().join("state");
 
     // The OCI layout dir itself.
-    ok(agentd(
-        &state,
-        &[
-            "import",
-            "--name",
-            "parity:dir",
-            layout.dir.to_str().unwrap(),
-        ],
-    ));
+    import_as(&state, "parity:dir", &layout.dir);
     let from_dir = inspect(&state, "parity:dir");
     let diff_ids = |json: &serde_json::Value| -> Vec<String> {
         json["layers"]
@@ -700,15 +700,7 @@ fn test_agentd_run_image_stacks_the_layers_and_cleans_up() {
     let layout = parity_layout(tmp.path());
     let state = tmp.path().join("state");
     // Without an entrypoint (before the config change below).
-    ok(agentd(
-        &state,
-        &[
-            "import",
-            "--name",
-            "parity:plain",
-            layout.dir.to_str().unwrap(),
-        ],
-    ));
+    import_as(&state, "parity:plain", &layout.dir);
     run_tool(
         Command::new("umoci")
             .args([
@@ -729,15 +721,7 @@ fn test_agentd_run_image_stacks_the_layers_and_cleans_up() {
             ])
             .arg(layout.image()),
     );
-    ok(agentd(
-        &state,
-        &[
-            "import",
-            "--name",
-            "parity:run",
-            layout.dir.to_str().unwrap(),
-        ],
-    ));
+    import_as(&state, "parity:run", &layout.dir);
     let scope = agentd_tests::Scope::new("run-image");
     let run_image = |image: &str, args: &[&str]| {
         Command::new(agentd_tests::bin("agentd"))
