@@ -1,0 +1,474 @@
+//! Building: each step becomes a layer (or comes from the cache when it and everything below
+//! it are unchanged), then the config, manifest and index are written as an OCI image layout,
+//! a tar of one, or straight into agentd's image store.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use agentd_images::config::{self as oci, Descriptor, Index, Manifest};
+use agentd_images::Digest;
+use serde::{Deserialize, Serialize};
+
+use crate::layer::{Entry, Kind, Layer};
+use crate::recipe::{parse_mode, parse_owner, Recipe, Step};
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("step {step}: {message}")]
+    Step { step: String, message: String },
+    #[error("cannot add the image to the store")]
+    Store(#[from] agentd_images::LayoutError),
+    #[error("cannot unpack the image in the store")]
+    Unpack(#[from] agentd_images::StoreError),
+}
+
+type Result<T> = std::result::Result<T, BuildError>;
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BuildError + 'a {
+    move |source| BuildError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How to build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Layer and package cache.
+    pub cache_dir: PathBuf,
+    /// Every mtime in the image, and the config's `created` (from `SOURCE_DATE_EPOCH`).
+    pub epoch: u64,
+}
+
+/// One built (or cached) layer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuiltLayer {
+    /// Step name.
+    pub step: String,
+    /// Blob digest.
+    pub digest: Digest,
+    /// Uncompressed digest.
+    pub diff_id: Digest,
+    /// Blob size.
+    pub size: u64,
+    /// Came from the cache.
+    #[serde(skip)]
+    pub cached: bool,
+}
+
+/// A built image: its blobs are in the cache.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    /// Layers, bottom first.
+    pub layers: Vec<BuiltLayer>,
+    /// Config blob digest and size.
+    pub config: (Digest, u64),
+    /// Manifest bytes (its digest names the image).
+    pub manifest: Vec<u8>,
+}
+
+impl BuiltImage {
+    /// The manifest digest.
+    pub fn digest(&self) -> Digest {
+        Digest::of(&self.manifest)
+    }
+}
+
+struct Cache {
+    dir: PathBuf,
+}
+
+impl Cache {
+    fn open(dir: &Path) -> Result<Cache> {
+        for sub in ["blobs/sha256", "steps", "debs"] {
+            let p = dir.join(sub);
+            fs::create_dir_all(&p).map_err(io_err("cannot create", &p))?;
+        }
+        Ok(Cache {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn blob(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("blobs/sha256").join(digest.hex())
+    }
+
+    fn put(&self, bytes: &[u8]) -> Result<Digest> {
+        let digest = Digest::of(bytes);
+        let path = self.blob(&digest);
+        if !path.exists() {
+            write_atomic(&path, bytes)?;
+        }
+        Ok(digest)
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut f = fs::File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
+    f.write_all(bytes).map_err(io_err("cannot write", &tmp))?;
+    f.sync_all().map_err(io_err("cannot sync", &tmp))?;
+    fs::rename(&tmp, path).map_err(io_err("cannot rename", &tmp))
+}
+
+/// Progress of a build, one event per step.
+pub enum BuildEvent<'a> {
+    /// A step's layer was taken from the cache.
+    Cached { step: &'a str, digest: &'a Digest },
+    /// A step's layer was built.
+    Built {
+        step: &'a str,
+        digest: &'a Digest,
+        entries: usize,
+        size: u64,
+        seconds: f64,
+    },
+}
+
+/// Builds the recipe's layers and its config and manifest (all into the cache).
+pub fn build(
+    recipe: &Recipe,
+    options: &BuildOptions,
+    progress: &mut dyn FnMut(BuildEvent<'_>),
+) -> Result<BuiltImage> {
+    let cache = Cache::open(&options.cache_dir)?;
+    let mut layers: Vec<BuiltLayer> = Vec::new();
+    // Each step's cache key covers the step, its inputs and every step below it.
+    let mut key_chain = format!("epoch={}", options.epoch);
+    for step in &recipe.steps {
+        let step_err = |message: String| BuildError::Step {
+            step: step.name.clone(),
+            message,
+        };
+        key_chain.push('\n');
+        key_chain.push_str(&serde_json::to_string(step).expect("steps serialise"));
+        for f in &step.files {
+            let src = recipe.dir.join(&f.src);
+            let bytes = fs::read(&src)
+                .map_err(|e| step_err(format!("cannot read {}: {e}", src.display())))?;
+            key_chain.push_str(&format!("\n{}={}", f.src, Digest::of(&bytes)));
+        }
+        let key = Digest::of(key_chain.as_bytes());
+        let record = cache.dir.join("steps").join(format!("{}.json", key.hex()));
+        if let Ok(bytes) = fs::read(&record) {
+            if let Ok(mut layer) = serde_json::from_slice::<BuiltLayer>(&bytes) {
+                if cache.blob(&layer.digest).exists() {
+                    layer.cached = true;
+                    progress(BuildEvent::Cached {
+                        step: &step.name,
+                        digest: &layer.digest,
+                    });
+                    layers.push(layer);
+                    continue;
+                }
+            }
+        }
+        let started = Instant::now();
+        let layer = build_step(recipe, step, &cache)?;
+        let blob = layer
+            .finish(options.epoch)
+            .map_err(|e| step_err(format!("cannot write the layer: {e}")))?;
+        cache.put(&blob.bytes)?;
+        let built = BuiltLayer {
+            step: step.name.clone(),
+            digest: blob.digest,
+            diff_id: blob.diff_id,
+            size: blob.bytes.len() as u64,
+            cached: false,
+        };
+        write_atomic(&record, &serde_json::to_vec(&built).expect("serialises"))?;
+        progress(BuildEvent::Built {
+            step: &step.name,
+            digest: &built.digest,
+            entries: layer.len(),
+            size: built.size,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+        layers.push(built);
+    }
+    let config = config_json(recipe, options.epoch, &layers);
+    let config_digest = cache.put(&config)?;
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: Some(oci::OCI_MANIFEST.into()),
+        config: descriptor(oci::OCI_CONFIG, config_digest.clone(), config.len() as u64),
+        layers: layers
+            .iter()
+            .map(|l| descriptor(oci::OCI_LAYER_GZIP, l.digest.clone(), l.size))
+            .collect(),
+    };
+    let manifest = serde_json::to_vec(&manifest).expect("manifests serialise");
+    cache.put(&manifest)?;
+    Ok(BuiltImage {
+        layers,
+        config: (config_digest, config.len() as u64),
+        manifest,
+    })
+}
+
+fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
+    Descriptor {
+        media_type: media_type.into(),
+        digest,
+        size,
+        platform: None,
+        annotations: Default::default(),
+    }
+}
+
+fn build_step(recipe: &Recipe, step: &Step, cache: &Cache) -> Result<Layer> {
+    let step_err = |message: String| BuildError::Step {
+        step: step.name.clone(),
+        message,
+    };
+    let mut layer = Layer::default();
+    for deb in &step.debs {
+        let bytes = fetch_deb(cache, deb).map_err(step_err)?;
+        layer
+            .add_deb(&bytes)
+            .map_err(|e| step_err(format!("cannot unpack {}: {e}", deb.package)))?;
+    }
+    for d in &step.dirs {
+        let (uid, gid) = parse_owner(&d.owner).map_err(step_err)?;
+        layer.add(
+            &d.path,
+            Entry {
+                kind: Kind::Dir,
+                mode: parse_mode(&d.mode).map_err(step_err)?,
+                uid,
+                gid,
+            },
+        );
+    }
+    for f in &step.files {
+        let src = recipe.dir.join(&f.src);
+        let bytes =
+            fs::read(&src).map_err(|e| step_err(format!("cannot read {}: {e}", src.display())))?;
+        let (uid, gid) = parse_owner(&f.owner).map_err(step_err)?;
+        layer.add(
+            &f.dest,
+            Entry {
+                kind: Kind::File(bytes),
+                mode: parse_mode(&f.mode).map_err(step_err)?,
+                uid,
+                gid,
+            },
+        );
+    }
+    for l in &step.symlinks {
+        layer.add(
+            &l.path,
+            Entry {
+                kind: Kind::Symlink(l.target.clone()),
+                mode: 0o777,
+                uid: 0,
+                gid: 0,
+            },
+        );
+    }
+    Ok(layer)
+}
+
+/// The .deb of a pinned package: from the cache (by sha256), else downloaded with the host's
+/// `apt-get download` (which checks it against the signed archive index) and checked again
+/// against the recipe's sha256.
+fn fetch_deb(cache: &Cache, deb: &crate::recipe::Deb) -> std::result::Result<Vec<u8>, String> {
+    let cached = cache.dir.join("debs").join(format!("{}.deb", deb.sha256));
+    if let Ok(bytes) = fs::read(&cached) {
+        if Digest::of(&bytes).hex() == deb.sha256 {
+            return Ok(bytes);
+        }
+    }
+    let work = cache
+        .dir
+        .join("debs")
+        .join(format!("download-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let spec = format!("{}={}", deb.package, deb.version);
+    let out = Command::new("apt-get")
+        .args(["download", "-q", &spec])
+        .current_dir(&work)
+        .output()
+        .map_err(|e| format!("cannot run apt-get (is this a Debian host?): {e}"))?;
+    if !out.status.success() {
+        let _ = fs::remove_dir_all(&work);
+        return Err(format!(
+            "apt-get download {spec} failed (run apt-get update, or pin a version this host's archive has: apt-cache policy {}): {}",
+            deb.package,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let file = fs::read_dir(&work)
+        .ok()
+        .and_then(|mut d| {
+            d.find_map(|e| {
+                e.ok()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+            })
+        })
+        .ok_or_else(|| format!("apt-get download {spec} wrote no .deb"))?;
+    let bytes = fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let _ = fs::remove_dir_all(&work);
+    let actual = Digest::of(&bytes);
+    if actual.hex() != deb.sha256 {
+        return Err(format!(
+            "{spec}: downloaded .deb has sha256 {} but the recipe pins {}",
+            actual.hex(),
+            deb.sha256
+        ));
+    }
+    write_atomic(&cached, &bytes).map_err(|e| e.to_string())?;
+    Ok(bytes)
+}
+
+/// The image config, with keys in a fixed order and `created` from the epoch.
+fn config_json(recipe: &Recipe, epoch: u64, layers: &[BuiltLayer]) -> Vec<u8> {
+    let img = &recipe.image;
+    let created = rfc3339(epoch);
+    let config = serde_json::json!({
+        "created": created,
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": img.env,
+            "Entrypoint": img.entrypoint,
+            "Cmd": img.cmd,
+            "User": img.user,
+            "WorkingDir": img.workdir,
+            "Labels": img.labels,
+        },
+        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.diff_id.to_string()).collect::<Vec<_>>()},
+        "history": layers.iter().map(|l| serde_json::json!({"created": created, "created_by": format!("rootfs-builder step {}", l.step)})).collect::<Vec<_>>(),
+    });
+    serde_json::to_vec(&config).expect("configs serialise")
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for a Unix time (days to civil date, proleptic Gregorian).
+fn rfc3339(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Writes the image as an OCI layout directory at `dest` (tagged `tag`), or as a tar of one if
+/// `dest` ends in `.tar`.
+pub fn write_layout(image: &BuiltImage, cache_dir: &Path, dest: &Path, tag: &str) -> Result<()> {
+    let as_tar = dest.extension().is_some_and(|e| e == "tar");
+    let dir = if as_tar {
+        dest.with_extension("tar.d")
+    } else {
+        dest.to_path_buf()
+    };
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).map_err(io_err("cannot create", &blobs))?;
+    let mut digests = vec![image.digest(), image.config.0.clone()];
+    digests.extend(image.layers.iter().map(|l| l.digest.clone()));
+    for digest in &digests {
+        let target = blobs.join(digest.hex());
+        if !target.exists() {
+            let source = cache_dir.join("blobs/sha256").join(digest.hex());
+            fs::copy(&source, &target).map_err(io_err("cannot copy", &source))?;
+        }
+    }
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .map_err(io_err("cannot write", &dir))?;
+    let mut annotations = std::collections::BTreeMap::new();
+    annotations.insert(
+        agentd_images::layout::REF_NAME_ANNOTATION.to_string(),
+        tag.to_string(),
+    );
+    let index = Index {
+        schema_version: 2,
+        media_type: Some(oci::OCI_INDEX.into()),
+        manifests: vec![Descriptor {
+            media_type: oci::OCI_MANIFEST.into(),
+            digest: image.digest(),
+            size: image.manifest.len() as u64,
+            platform: Some(oci::PlatformJson {
+                architecture: "amd64".into(),
+                os: "linux".into(),
+                variant: None,
+            }),
+            annotations,
+        }],
+    };
+    fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&index).expect("serialises"),
+    )
+    .map_err(io_err("cannot write", &dir))?;
+    if as_tar {
+        let file = fs::File::create(dest).map_err(io_err("cannot create", dest))?;
+        let mut builder = tar::Builder::new(file);
+        builder.mode(tar::HeaderMode::Deterministic);
+        builder
+            .append_dir_all(".", &dir)
+            .map_err(io_err("cannot write", dest))?;
+        builder.into_inner().map_err(io_err("cannot write", dest))?;
+        fs::remove_dir_all(&dir).map_err(io_err("cannot remove", &dir))?;
+    }
+    Ok(())
+}
+
+/// Adds the image to agentd's image store under `name` and unpacks it.
+pub fn write_store(
+    image: &BuiltImage,
+    cache_dir: &Path,
+    state_dir: &Path,
+    name: &str,
+) -> Result<agentd_images::ImageRecord> {
+    let tmp = cache_dir.join(format!("layout-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    write_layout(image, cache_dir, &tmp, "latest")?;
+    let store = agentd_images::Store::open(state_dir.join("images"))?;
+    let imported = agentd_images::layout::import(
+        &store,
+        &tmp,
+        Some(name),
+        &agentd_images::Platform::default(),
+    );
+    let _ = fs::remove_dir_all(&tmp);
+    let record = imported?.remove(0);
+    store.rootfs(&record.name, &agentd_images::UnpackOptions::default())?;
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+}

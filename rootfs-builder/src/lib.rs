@@ -1,0 +1,18 @@
+//! rootfs-builder: builds the OCI images agentd runs, from TOML recipes, without Docker or any
+//! daemon, reproducibly (sorted entries, fixed mtimes from `SOURCE_DATE_EPOCH`, normalised
+//! owners, fixed gzip headers), writing through `agentd-images`' types.
+//!
+//! Layout:
+//! - [`recipe`]: the recipe format, parsing and validation (errors name the line).
+//! - [`layer`]: reproducible layer tars, and unpacking Debian packages into them.
+//! - [`build`]: steps to layers (cached), config, manifest; output as an OCI layout, a tar of
+//!   one, or into agentd's image store.
+
+pub mod build;
+pub mod layer;
+pub mod recipe;
+
+pub use build::{
+    build, write_layout, write_store, BuildError, BuildEvent, BuildOptions, BuiltImage,
+};
+pub use recipe::{Recipe, RecipeError};
