@@ -33,7 +33,7 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path of a binary of the workspace (`agentd`, `agentd-shim`, `start-sandbox`).
+/// Path of a binary of the workspace (`agentd`, `agentd-shim`, `rootfs-builder`, `start-sandbox`).
 ///
 /// `cargo test` builds only the binaries of the package whose tests run, so the first call
 /// builds agentd's and the runtime's binaries, which makes them current even when only this
@@ -45,7 +45,18 @@ pub fn bin(name: &str) -> PathBuf {
         if std::env::var_os("AGENTD_PREBUILT").is_some() {
             return;
         }
-        cargo_build(&["--bins", "-p", "agentd", "-p", "agentd-runtime"], None);
+        cargo_build(
+            &[
+                "--bins",
+                "-p",
+                "agentd",
+                "-p",
+                "agentd-runtime",
+                "-p",
+                "rootfs-builder",
+            ],
+            None,
+        );
     });
     let p = target_dir().join(name);
     assert!(
