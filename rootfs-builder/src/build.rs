@@ -278,7 +278,113 @@ fn build_step(recipe: &Recipe, step: &Step, cache: &Cache) -> Result<Layer> {
             },
         );
     }
+    for pkg in &step.npm {
+        let tgz = fetch_npm(cache, pkg).map_err(step_err)?;
+        let mut wanted: std::collections::BTreeMap<String, &crate::recipe::NpmFile> = pkg
+            .files
+            .iter()
+            .map(|f| (format!("package/{}", f.src.trim_start_matches('/')), f))
+            .collect();
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(tgz.as_slice()));
+        let read_err =
+            |e: io::Error| step_err(format!("cannot read the {} tarball: {e}", pkg.package));
+        for entry in archive.entries().map_err(read_err)? {
+            let mut entry = entry.map_err(read_err)?;
+            let path = entry
+                .path()
+                .map_err(read_err)?
+                .to_string_lossy()
+                .into_owned();
+            if let Some(file) = wanted.remove(&path) {
+                let mut bytes = Vec::new();
+                io::Read::read_to_end(&mut entry, &mut bytes).map_err(read_err)?;
+                let mode = parse_mode(&file.mode).map_err(step_err)?;
+                layer.add(
+                    &file.dest,
+                    Entry {
+                        kind: Kind::File(bytes),
+                        mode,
+                        uid: 0,
+                        gid: 0,
+                    },
+                );
+            }
+        }
+        if let Some(missing) = wanted.keys().next() {
+            return Err(step_err(format!(
+                "{}@{} has no {missing}",
+                pkg.package, pkg.version
+            )));
+        }
+    }
     Ok(layer)
+}
+
+/// The tarball of a pinned npm package: from the cache, else fetched with `npm pack` (from the
+/// registry npm is configured with), checked against the recipe's sha512 integrity.
+fn fetch_npm(
+    cache: &Cache,
+    pkg: &crate::recipe::NpmPackage,
+) -> std::result::Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let expected = pkg.integrity.strip_prefix("sha512-").unwrap_or_default();
+    let expected = base64::engine::general_purpose::STANDARD
+        .decode(expected)
+        .map_err(|_| format!("npm {}: integrity is not base64", pkg.package))?;
+    let name: String = expected.iter().map(|b| format!("{b:02x}")).collect();
+    let dir = cache.dir.join("npm");
+    fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let cached = dir.join(format!("{name}.tgz"));
+    let check = |bytes: &[u8]| sha2::Sha512::digest(bytes).as_slice() == expected.as_slice();
+    if let Ok(bytes) = fs::read(&cached) {
+        if check(&bytes) {
+            return Ok(bytes);
+        }
+    }
+    let work = dir.join(format!("pack-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let spec = format!("{}@{}", pkg.package, pkg.version);
+    let out = Command::new("npm")
+        .args([
+            "pack",
+            "--silent",
+            "--ignore-scripts",
+            &spec,
+            "--pack-destination",
+        ])
+        .arg(&work)
+        .current_dir(&work)
+        .output()
+        .map_err(|e| format!("cannot run npm (install it: apt-get install npm): {e}"))?;
+    let file = fs::read_dir(&work).ok().and_then(|mut d| {
+        d.find_map(|e| {
+            e.ok()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "tgz"))
+        })
+    });
+    let result = match (out.status.success(), file) {
+        (true, Some(file)) => {
+            fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))
+        }
+        (true, None) => Err(format!("npm pack {spec} wrote no tarball")),
+        (false, _) => Err(format!(
+            "npm pack {spec} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    };
+    let _ = fs::remove_dir_all(&work);
+    let bytes = result?;
+    if !check(&bytes) {
+        return Err(format!(
+            "{spec}: the tarball does not match the recipe's integrity {}",
+            pkg.integrity
+        ));
+    }
+    write_atomic(&cached, &bytes).map_err(|e| e.to_string())?;
+    Ok(bytes)
 }
 
 /// The .deb of a pinned package: from the cache (by sha256), else downloaded with the host's

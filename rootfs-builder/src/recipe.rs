@@ -19,6 +19,13 @@
 //! dirs = [{ path = "/tmp", mode = "1777" }]
 //! files = [{ src = "motd", dest = "/etc/motd", mode = "0644", owner = "0:0" }]
 //! symlinks = [{ path = "/bin/sh", target = "busybox" }]
+//!
+//! # Files taken from a pinned npm package (fetched with `npm pack`, checked against the
+//! # integrity hash that `npm view PKG@VERSION dist.integrity` prints).
+//! [[step]]
+//! name = "opencode"
+//! npm = [{ package = "opencode-linux-x64", version = "1.18.33", integrity = "sha512-...",
+//!          files = [{ src = "bin/opencode", dest = "/usr/local/bin/opencode", mode = "0755" }] }]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -107,6 +114,36 @@ pub struct Step {
     /// Symlinks.
     #[serde(default)]
     pub symlinks: Vec<SymlinkEntry>,
+    /// Files from npm packages.
+    #[serde(default)]
+    pub npm: Vec<NpmPackage>,
+}
+
+/// A pinned npm package and the files to take from it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NpmPackage {
+    /// Package name.
+    pub package: String,
+    /// Exact version.
+    pub version: String,
+    /// Subresource integrity of the tarball (`sha512-<base64>`).
+    pub integrity: String,
+    /// Files to take, by path inside the package (without the tarball's `package/` prefix).
+    pub files: Vec<NpmFile>,
+}
+
+/// One file taken from an npm package.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NpmFile {
+    /// Path inside the package.
+    pub src: String,
+    /// Absolute path in the image.
+    pub dest: String,
+    /// Octal mode, default 0644.
+    #[serde(default = "file_mode")]
+    pub mode: String,
 }
 
 /// A pinned Debian package.
@@ -248,10 +285,37 @@ impl Recipe {
                     "every step needs a unique, non-empty name".into(),
                 ));
             }
+            for pkg in &step.npm {
+                let spec = format!("{}@{}", pkg.package, pkg.version);
+                if pkg.package.is_empty() || pkg.version.is_empty() || pkg.package.contains(' ') {
+                    return Err(invalid(
+                        name,
+                        format!("npm {spec:?}: give a package name and an exact version"),
+                    ));
+                }
+                if !pkg.integrity.starts_with("sha512-") {
+                    return Err(invalid(
+                        name,
+                        format!("npm {spec}: integrity must be sha512-<base64> (npm view {spec} dist.integrity)"),
+                    ));
+                }
+                if pkg.files.is_empty() {
+                    return Err(invalid(
+                        name,
+                        format!("npm {spec}: say which files to take"),
+                    ));
+                }
+                for f in &pkg.files {
+                    check_image_path(&f.dest)
+                        .and(parse_mode(&f.mode).map(drop))
+                        .map_err(|m| invalid(name, m))?;
+                }
+            }
             if step.debs.is_empty()
                 && step.dirs.is_empty()
                 && step.files.is_empty()
                 && step.symlinks.is_empty()
+                && step.npm.is_empty()
             {
                 return Err(invalid(name, "the step adds nothing".into()));
             }

@@ -232,3 +232,61 @@ fn nix_root() -> bool {
             .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
     })
 }
+
+#[test]
+fn test_npm_files_are_taken_from_the_pinned_tarball() {
+    if !have("npm") {
+        eprintln!("SKIPPED: needs npm (.ci/run installs it)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("npm.toml");
+    let write = |integrity: &str, src: &str| {
+        fs::write(
+            &recipe,
+            format!(
+                "[image]\n[[step]]\nname = \"js\"\nnpm = [{{ package = \"is-number\", version = \"7.0.0\", integrity = \"{integrity}\", files = [{{ src = \"{src}\", dest = \"/lib/is-number.js\" }}] }}]\n"
+            ),
+        )
+        .unwrap();
+    };
+    const GOOD: &str = "sha512-41Cifkg6e8TylSpdtTpeLVMqvSBEVzTttHvERD741+pnZ8ANv0004MRL43QKPDlK9cGvNp6NZWZUBlbGXYxxng==";
+    let cache = tmp.path().join("cache");
+    let out_dir = tmp.path().join("npm.tar");
+    write(GOOD, "index.js");
+    let (digest, log) = build(recipe.to_str().unwrap(), &out_dir, &cache);
+    // Two entries: /lib and /lib/is-number.js.
+    assert!(log.contains("js: built") && log.contains("(2 entries"), "{log}");
+    // The layer holds the file (read back from the layout tar: blobs are gzip'd tars).
+    let layout = fs::read(&out_dir).unwrap();
+    assert!(digest.starts_with("sha256:") && layout.len() > 1000);
+    // A tampered integrity is refused; a file the package does not have too.
+    write(&GOOD.replace("41C", "41D"), "index.js");
+    let out = builder(&[
+        "build",
+        recipe.to_str().unwrap(),
+        "--output",
+        tmp.path().join("x").to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not match the recipe's integrity"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    write(GOOD, "missing.js");
+    let out = builder(&[
+        "build",
+        recipe.to_str().unwrap(),
+        "--output",
+        tmp.path().join("y").to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has no package/missing.js"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
