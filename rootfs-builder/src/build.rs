@@ -237,7 +237,7 @@ fn build_step(recipe: &Recipe, step: &Step, cache: &Cache) -> Result<Layer> {
     for deb in &step.debs {
         let bytes = fetch_deb(cache, deb).map_err(step_err)?;
         layer
-            .add_deb(&bytes)
+            .add_deb(&bytes, &step.exclude)
             .map_err(|e| step_err(format!("cannot unpack {}: {e}", deb.package)))?;
     }
     for d in &step.dirs {

@@ -139,7 +139,7 @@ impl Layer {
 
     /// Adds the files of a Debian package's `data.tar.*` (the .deb is an `ar` archive).
     /// Owners and modes come from the package; mtimes are normalised when the layer is written.
-    pub fn add_deb(&mut self, deb: &[u8]) -> io::Result<usize> {
+    pub fn add_deb(&mut self, deb: &[u8], exclude: &[String]) -> io::Result<usize> {
         let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
         if !deb.starts_with(b"!<arch>\n") {
             return Err(invalid("not a .deb (ar archive)"));
@@ -173,14 +173,23 @@ impl Layer {
                         )))
                     }
                 };
-                return self.add_tar(reader);
+                return self.add_tar(reader, exclude);
             }
             pos = end + (size % 2);
         }
         Err(invalid(".deb has no data.tar member"))
     }
 
-    fn add_tar(&mut self, reader: impl Read) -> io::Result<usize> {
+    fn add_tar(&mut self, reader: impl Read, exclude: &[String]) -> io::Result<usize> {
+        let excluded = |path: &str| {
+            exclude.iter().any(|e| {
+                let e = e.trim_matches('/');
+                path == e
+                    || path
+                        .strip_prefix(e)
+                        .is_some_and(|rest| rest.starts_with('/'))
+            })
+        };
         let mut archive = tar::Archive::new(reader);
         let mut count = 0;
         for entry in archive.entries()? {
@@ -219,7 +228,7 @@ impl Layer {
                 ),
                 _ => continue,
             };
-            if path.is_empty() {
+            if path.is_empty() || excluded(path.trim_end_matches('/')) {
                 continue;
             }
             self.add(

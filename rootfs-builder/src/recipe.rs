@@ -117,6 +117,10 @@ pub struct Step {
     /// Files from npm packages.
     #[serde(default)]
     pub npm: Vec<NpmPackage>,
+    /// Paths left out of this step's Debian packages (with everything below them), e.g.
+    /// `/usr/share/doc`.
+    #[serde(default)]
+    pub exclude: Vec<String>,
 }
 
 /// A pinned npm package and the files to take from it.
@@ -318,6 +322,9 @@ impl Recipe {
                 && step.npm.is_empty()
             {
                 return Err(invalid(name, "the step adds nothing".into()));
+            }
+            for p in &step.exclude {
+                check_image_path(p).map_err(|m| invalid(name, m))?;
             }
             for deb in &step.debs {
                 let ok =

@@ -256,7 +256,10 @@ fn test_npm_files_are_taken_from_the_pinned_tarball() {
     write(GOOD, "index.js");
     let (digest, log) = build(recipe.to_str().unwrap(), &out_dir, &cache);
     // Two entries: /lib and /lib/is-number.js.
-    assert!(log.contains("js: built") && log.contains("(2 entries"), "{log}");
+    assert!(
+        log.contains("js: built") && log.contains("(2 entries"),
+        "{log}"
+    );
     // The layer holds the file (read back from the layout tar: blobs are gzip'd tars).
     let layout = fs::read(&out_dir).unwrap();
     assert!(digest.starts_with("sha256:") && layout.len() > 1000);

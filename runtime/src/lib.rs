@@ -17,6 +17,7 @@
 pub mod cgroups;
 pub mod client;
 pub mod init;
+pub mod netns;
 pub mod proto;
 pub mod rootfs;
 pub mod seccomp;

@@ -320,6 +320,20 @@ impl Shim {
                 });
             }
         };
+        if matches!(config.spec.network, NetworkMode::New) {
+            let up = container
+                .pid()
+                .ok_or_else(|| io::Error::other("no pid after create"))
+                .and_then(crate::netns::loopback_up);
+            if let Err(e) = up {
+                let _ = container.delete(true);
+                let _ = cgroup.remove();
+                return Err(ShimError::Io {
+                    what: "failed to bring up lo in the sandbox".into(),
+                    source: e,
+                });
+            }
+        }
         if let Err(e) = container.start() {
             let _ = container.delete(true);
             let _ = cgroup.remove();

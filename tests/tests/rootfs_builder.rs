@@ -74,3 +74,134 @@ fn test_minimal_image_runs_under_agentd() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "from-default-cmd\n");
     scope.assert_clean();
 }
+
+/// The opencode image, built once per test process into a store shared by its tests (with a
+/// package cache under target/ that later runs reuse).
+fn opencode_store() -> Option<std::path::PathBuf> {
+    static STORE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    STORE
+        .get_or_init(|| {
+            for tool in ["npm", "apt-get"] {
+                if !Command::new("sh")
+                    .args(["-c", &format!("command -v {tool}")])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+                {
+                    eprintln!("SKIPPED: the opencode image needs {tool} (.ci/run installs it)");
+                    return None;
+                }
+            }
+            let state = agentd_tests::target_dir().join("opencode-fixture");
+            let _ = std::fs::remove_dir_all(&state);
+            let recipe =
+                agentd_tests::workspace_root().join("rootfs-builder/recipes/opencode.toml");
+            let started = std::time::Instant::now();
+            let build = Command::new(agentd_tests::bin("rootfs-builder"))
+                .arg("build")
+                .arg(&recipe)
+                .arg("--store")
+                .arg(&state)
+                .args(["--tag", "opencode", "--cache"])
+                .arg(agentd_tests::target_dir().join("rootfs-builder-cache"))
+                .output()
+                .unwrap();
+            assert!(build.status.success(), "{}", describe(&build));
+            eprintln!(
+                "built the opencode image in {:.1}s: {}",
+                started.elapsed().as_secs_f64(),
+                String::from_utf8_lossy(&build.stderr)
+            );
+            Some(state)
+        })
+        .clone()
+}
+
+/// `agentd run --image opencode` with HOME and the XDG dirs on the sandbox's /tmp (the image's
+/// rootfs is read-only under agentd run) and the working dir there too.
+fn run_opencode(scope: &Scope, store: &std::path::Path, script: &str) -> std::process::Output {
+    Command::new(agentd_tests::bin("agentd"))
+        .args([
+            "run",
+            "--image",
+            "opencode",
+            "--memory",
+            "1g",
+            "-w",
+            "/tmp",
+            "--store-dir",
+        ])
+        .arg(store)
+        .arg("--state-dir")
+        .arg(scope.state.path())
+        .arg("--cgroup-parent")
+        .arg(&scope.cgroup_parent)
+        .env("AGENTD_SHIM", agentd_tests::bin("agentd-shim"))
+        .args([
+            "-e",
+            "HOME=/tmp/h",
+            "-e",
+            "XDG_CONFIG_HOME=/tmp/h/.config",
+            "-e",
+            "XDG_DATA_HOME=/tmp/h/data",
+        ])
+        .args([
+            "-e",
+            "XDG_STATE_HOME=/tmp/h/state",
+            "-e",
+            "XDG_CACHE_HOME=/tmp/h/cache",
+            "-e",
+            "TMPDIR=/tmp",
+        ])
+        .args(["--", "bash", "-c"])
+        .arg(format!(
+            "mkdir -p /tmp/h && cp -r /home/agent/.config /tmp/h/ && {script}"
+        ))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn test_opencode_image_serves_health_without_network() {
+    require_sandbox_support!();
+    let Some(store) = opencode_store() else {
+        return;
+    };
+    let scope = Scope::new("rootfs-builder-opencode");
+    let out = run_opencode(
+        &scope,
+        &store,
+        "opencode --version; id -un; git --version; rg --version | head -1; readlink /bin/sh",
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "1.18.33", "{stdout}");
+    assert_eq!(lines[1], "agent");
+    assert!(
+        lines[2].starts_with("git version 2.") && lines[3].starts_with("ripgrep "),
+        "{stdout}"
+    );
+    assert_eq!(lines[4], "dash");
+    // `opencode serve` in a sandbox whose only network is its own loopback: it must come up
+    // and answer without reaching anything outside (which would fail: there is no route).
+    let serve = r#"(timeout 60 opencode serve --hostname 127.0.0.1 --port 4096 > /tmp/log 2>&1 &)
+        (exec 3<>/dev/tcp/10.0.0.1/80) 2>&1 | head -1
+        for i in $(seq 1 120); do
+          reply=$(timeout 2 bash -c 'exec 3<>/dev/tcp/127.0.0.1/4096 && printf "GET /global/health HTTP/1.0\r\n\r\n" >&3 && cat <&3' 2>/dev/null)
+          case "$reply" in *'"healthy":true'*) echo "$reply" | tail -1; exit 0;; esac
+          sleep 0.5
+        done
+        cat /tmp/log; exit 1"#;
+    let out = run_opencode(&scope, &store, serve);
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("Network is unreachable"),
+        "the sandbox reached outside: {stdout}"
+    );
+    assert!(
+        stdout.contains(r#"{"healthy":true,"version":"1.18.33"}"#),
+        "{stdout}"
+    );
+    scope.assert_clean();
+}

@@ -1,0 +1,65 @@
+//! A sandbox with its own network namespace starts with `lo` down, so even 127.0.0.1 is
+//! unreachable inside. The shim brings it up between create and start, from a forked child
+//! that joins the namespace: the sandbox's root has no CAP_NET_ADMIN to do it itself, and the
+//! shim must stay in the host's namespace.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use nix::sched::CloneFlags;
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+
+/// Brings up `lo` in the network namespace of process `pid`.
+pub fn loopback_up(pid: Pid) -> io::Result<()> {
+    let ns = File::open(format!("/proc/{pid}/ns/net"))?;
+    tracing::debug!(pid = pid.as_raw(), "bringing up lo in the sandbox's netns");
+    // SAFETY: the shim is single-threaded (it never starts threads: see agentd-shim.rs), so
+    // the child is a full copy with no lock held by another thread; the child only calls
+    // setns, socket, ioctl and _exit.
+    match unsafe { fork() }.map_err(io::Error::from)? {
+        ForkResult::Child => {
+            let code = i32::from(set_lo_up(&ns).is_err());
+            // SAFETY: _exit ends the child without running the parent's atexit handlers or
+            // destructors twice.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => match waitpid(child, None).map_err(io::Error::from)? {
+            WaitStatus::Exited(_, 0) => Ok(()),
+            other => Err(io::Error::other(format!(
+                "bringing up lo failed ({other:?})"
+            ))),
+        },
+    }
+}
+
+fn set_lo_up(ns: &File) -> io::Result<()> {
+    nix::sched::setns(ns, CloneFlags::CLONE_NEWNET)?;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value (empty name, no flags).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = libc::c_char::from_ne_bytes([*src]);
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags into `req`, a valid,
+    // exclusively borrowed ifreq; `sock` is an open socket.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: after SIOCGIFFLAGS the flags member of the union is the initialised one.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
+    }
+    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
