@@ -63,6 +63,9 @@ pub struct BuiltLayer {
     pub diff_id: Digest,
     /// Blob size.
     pub size: u64,
+    /// Media type (gzip for built layers; a base's layers keep theirs).
+    #[serde(default = "gzip_layer")]
+    pub media_type: String,
     /// Came from the cache.
     #[serde(skip)]
     pub cached: bool,
@@ -147,6 +150,23 @@ pub fn build(
     let mut layers: Vec<BuiltLayer> = Vec::new();
     // Each step's cache key covers the step, its inputs and every step below it.
     let mut key_chain = format!("epoch={}", options.epoch);
+    let base = match recipe.image.base.strip_prefix("oci-layout:") {
+        Some(dir) => Some(load_base(&cache, &recipe.dir.join(dir))?),
+        None => None,
+    };
+    if let Some((record, _)) = &base {
+        key_chain.push_str(&format!("\nbase={}", record.manifest));
+        for l in &record.layers {
+            layers.push(BuiltLayer {
+                step: "base".into(),
+                digest: l.digest.clone(),
+                diff_id: l.diff_id.clone(),
+                size: l.size,
+                media_type: l.media_type.clone(),
+                cached: true,
+            });
+        }
+    }
     for step in &recipe.steps {
         let step_err = |message: String| BuildError::Step {
             step: step.name.clone(),
@@ -183,6 +203,7 @@ pub fn build(
         cache.put(&blob.bytes)?;
         let built = BuiltLayer {
             step: step.name.clone(),
+            media_type: gzip_layer(),
             digest: blob.digest,
             diff_id: blob.diff_id,
             size: blob.bytes.len() as u64,
@@ -198,7 +219,7 @@ pub fn build(
         });
         layers.push(built);
     }
-    let config = config_json(recipe, options.epoch, &layers);
+    let config = config_json(recipe, base.as_ref().map(|b| &b.1), options.epoch, &layers);
     let config_digest = cache.put(&config)?;
     let manifest = Manifest {
         schema_version: 2,
@@ -206,7 +227,7 @@ pub fn build(
         config: descriptor(oci::OCI_CONFIG, config_digest.clone(), config.len() as u64),
         layers: layers
             .iter()
-            .map(|l| descriptor(oci::OCI_LAYER_GZIP, l.digest.clone(), l.size))
+            .map(|l| descriptor(&l.media_type, l.digest.clone(), l.size))
             .collect(),
     };
     let manifest = serde_json::to_vec(&manifest).expect("manifests serialise");
@@ -216,6 +237,44 @@ pub fn build(
         config: (config_digest, config.len() as u64),
         manifest,
     })
+}
+
+fn gzip_layer() -> String {
+    oci::OCI_LAYER_GZIP.into()
+}
+
+/// Imports the single image of an OCI layout into a store in the cache and copies its blobs
+/// into the cache's blob dir (verified on import).
+fn load_base(
+    cache: &Cache,
+    dir: &Path,
+) -> Result<(agentd_images::ImageRecord, agentd_images::ImageConfig)> {
+    let base_err = |message: String| BuildError::Step {
+        step: "base".into(),
+        message,
+    };
+    let store = agentd_images::Store::open(cache.dir.join("base-store"))?;
+    let mut records =
+        agentd_images::layout::import(&store, dir, None, &agentd_images::Platform::default())?;
+    if records.len() != 1 {
+        return Err(base_err(format!(
+            "{} holds {} images; a base layout must hold one",
+            dir.display(),
+            records.len()
+        )));
+    }
+    let record = records.remove(0);
+    let mut blobs = vec![record.config.clone()];
+    blobs.extend(record.layers.iter().map(|l| l.digest.clone()));
+    for digest in blobs {
+        let target = cache.blob(&digest);
+        if !target.exists() {
+            let source = store.blob_path(&digest);
+            fs::copy(&source, &target).map_err(io_err("cannot copy", &source))?;
+        }
+    }
+    let config = store.image_config(&record)?;
+    Ok((record, config))
 }
 
 fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
@@ -442,8 +501,36 @@ fn fetch_deb(cache: &Cache, deb: &crate::recipe::Deb) -> std::result::Result<Vec
 }
 
 /// The image config, with keys in a fixed order and `created` from the epoch.
-fn config_json(recipe: &Recipe, epoch: u64, layers: &[BuiltLayer]) -> Vec<u8> {
-    let img = &recipe.image;
+fn config_json(
+    recipe: &Recipe,
+    base: Option<&agentd_images::ImageConfig>,
+    epoch: u64,
+    layers: &[BuiltLayer],
+) -> Vec<u8> {
+    let mut img = recipe.image.clone();
+    if let Some(base) = base {
+        // The base's defaults, extended (env, labels) or replaced (the rest) by the recipe's.
+        img.env = base.env.iter().chain(&recipe.image.env).cloned().collect();
+        let mut labels = base.labels.clone();
+        labels.extend(recipe.image.labels.clone());
+        img.labels = labels;
+        let pick = |mine: &Vec<String>, theirs: &Vec<String>| {
+            if mine.is_empty() {
+                theirs.clone()
+            } else {
+                mine.clone()
+            }
+        };
+        img.entrypoint = pick(&recipe.image.entrypoint, &base.entrypoint);
+        img.cmd = pick(&recipe.image.cmd, &base.cmd);
+        if img.user.is_empty() {
+            img.user = base.user.clone();
+        }
+        if img.workdir.is_empty() {
+            img.workdir = base.workdir.clone();
+        }
+    }
+    let img = &img;
     let created = rfc3339(epoch);
     let config = serde_json::json!({
         "created": created,

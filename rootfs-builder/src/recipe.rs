@@ -3,7 +3,7 @@
 //! ```toml
 //! # The image's process defaults.
 //! [image]
-//! base = "scratch"                 # only scratch for now: every layer comes from the steps
+//! base = "scratch"                 # or "oci-layout:DIR": an OCI layout's single image below
 //! env = ["PATH=/bin"]
 //! entrypoint = ["/bin/sh"]
 //! cmd = []
@@ -69,7 +69,9 @@ pub struct Recipe {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSection {
-    /// `scratch` (the only base supported so far).
+    /// `scratch`, or `oci-layout:DIR`: the single image of an OCI layout (relative to the
+    /// recipe's directory), whose layers go below the steps' and whose process defaults the
+    /// recipe's settings extend (env) or replace (the others, when set).
     #[serde(default = "scratch")]
     pub base: String,
     /// `KEY=value` environment.
@@ -265,11 +267,11 @@ impl Recipe {
             step: step.into(),
             message,
         };
-        if recipe.image.base != "scratch" {
+        if recipe.image.base != "scratch" && !recipe.image.base.starts_with("oci-layout:") {
             return Err(RecipeError::Parse {
                 path: path.into(),
                 message: format!(
-                    "base {:?} is not supported yet (use \"scratch\")",
+                    "base {:?} is not supported (use \"scratch\" or \"oci-layout:DIR\"; registry references are not supported yet)",
                     recipe.image.base
                 ),
             });

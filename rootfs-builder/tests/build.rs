@@ -293,3 +293,64 @@ fn test_npm_files_are_taken_from_the_pinned_tarball() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn test_an_oci_layout_base_goes_below_the_steps() {
+    if !have("skopeo") || !nix_root() {
+        eprintln!("SKIPPED: needs root and skopeo (.ci/run installs it)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let base_recipe = write_recipe(tmp.path(), "base\n");
+    let cache = tmp.path().join("cache");
+    build(&base_recipe, &tmp.path().join("base.oci"), &cache);
+    let derived = tmp.path().join("derived.toml");
+    fs::write(tmp.path().join("extra"), "extra\n").unwrap();
+    fs::write(
+        &derived,
+        "[image]\nbase = \"oci-layout:base.oci\"\nenv = [\"MORE=1\"]\n[[step]]\nname = \"extra\"\nfiles = [{ src = \"extra\", dest = \"/etc/extra\" }]\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("derived.oci");
+    let (first, _) = build(derived.to_str().unwrap(), &out, &cache);
+    let (second, _) = build(
+        derived.to_str().unwrap(),
+        &tmp.path().join("again.oci"),
+        &tmp.path().join("cache2"),
+    );
+    assert_eq!(first, second, "a build on a base is reproducible too");
+    let inspect = Command::new("skopeo")
+        .args(["inspect", &format!("oci:{}:derived", out.display())])
+        .output()
+        .unwrap();
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(
+        json["Layers"].as_array().unwrap().len(),
+        4,
+        "3 base layers + 1"
+    );
+    let env: Vec<&str> = json["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(env, ["PATH=/bin", "MORE=1"], "the base's env, extended");
+    fs::write(&derived, "[image]\nbase = \"docker.io/library/debian\"\n[[step]]\nname = \"x\"\ndirs = [{ path = \"/x\" }]\n").unwrap();
+    let bad = builder(&[
+        "build",
+        derived.to_str().unwrap(),
+        "--output",
+        tmp.path().join("z").to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("registry references are not supported yet"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
