@@ -293,6 +293,7 @@ fn build_step(recipe: &Recipe, step: &Step, cache: &Cache) -> Result<Layer> {
         message,
     };
     let mut layer = Layer::default();
+    prefetch_debs(cache, &step.debs).map_err(step_err)?;
     for deb in &step.debs {
         let bytes = fetch_deb(cache, deb).map_err(step_err)?;
         layer
@@ -444,6 +445,55 @@ fn fetch_npm(
     }
     write_atomic(&cached, &bytes).map_err(|e| e.to_string())?;
     Ok(bytes)
+}
+
+/// Downloads every package of a step that is not cached yet with one `apt-get download` (one
+/// run per package costs about a second each), and caches those whose sha256 the recipe pins.
+/// Anything missing or different is left to `fetch_deb`, which says what is wrong.
+fn prefetch_debs(cache: &Cache, debs: &[crate::recipe::Deb]) -> std::result::Result<(), String> {
+    let missing: Vec<&crate::recipe::Deb> = debs
+        .iter()
+        .filter(|d| {
+            !cache
+                .dir
+                .join("debs")
+                .join(format!("{}.deb", d.sha256))
+                .exists()
+        })
+        .collect();
+    if missing.len() < 2 {
+        return Ok(());
+    }
+    let work = cache
+        .dir
+        .join("debs")
+        .join(format!("prefetch-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let status = Command::new("apt-get")
+        .args(["download", "-q"])
+        .args(
+            missing
+                .iter()
+                .map(|d| format!("{}={}", d.package, d.version)),
+        )
+        .current_dir(&work)
+        .output();
+    if status.is_ok() {
+        let pinned: std::collections::BTreeSet<&str> =
+            missing.iter().map(|d| d.sha256.as_str()).collect();
+        for entry in fs::read_dir(&work).into_iter().flatten().flatten() {
+            if let Ok(bytes) = fs::read(entry.path()) {
+                let digest = Digest::of(&bytes);
+                if pinned.contains(digest.hex()) {
+                    let target = cache.dir.join("debs").join(format!("{}.deb", digest.hex()));
+                    write_atomic(&target, &bytes).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(&work);
+    Ok(())
 }
 
 /// The .deb of a pinned package: from the cache (by sha256), else downloaded with the host's
