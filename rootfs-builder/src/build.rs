@@ -150,9 +150,16 @@ pub fn build(
     let mut layers: Vec<BuiltLayer> = Vec::new();
     // Each step's cache key covers the step, its inputs and every step below it.
     let mut key_chain = format!("epoch={}", options.epoch);
-    let base = match recipe.image.base.strip_prefix("oci-layout:") {
-        Some(dir) => Some(load_base(&cache, &recipe.dir.join(dir))?),
-        None => None,
+    let base = match (
+        recipe.image.base.as_str(),
+        recipe.image.base.strip_prefix("oci-layout:"),
+    ) {
+        ("scratch", _) => None,
+        (_, Some(dir)) => Some(load_base(
+            &cache,
+            BaseSource::Layout(&recipe.dir.join(dir)),
+        )?),
+        (reference, None) => Some(load_base(&cache, BaseSource::Registry(reference))?),
     };
     if let Some((record, _)) = &base {
         key_chain.push_str(&format!("\nbase={}", record.manifest));
@@ -239,31 +246,75 @@ pub fn build(
     })
 }
 
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}
+
 fn gzip_layer() -> String {
     oci::OCI_LAYER_GZIP.into()
 }
 
-/// Imports the single image of an OCI layout into a store in the cache and copies its blobs
-/// into the cache's blob dir (verified on import).
+/// Where a recipe's base image comes from.
+enum BaseSource<'a> {
+    Layout(&'a Path),
+    Registry(&'a str),
+}
+
+/// Imports (or pulls) the base image into a store in the cache and copies its blobs into the
+/// cache's blob dir (verified on the way in).
 fn load_base(
     cache: &Cache,
-    dir: &Path,
+    source: BaseSource<'_>,
 ) -> Result<(agentd_images::ImageRecord, agentd_images::ImageConfig)> {
     let base_err = |message: String| BuildError::Step {
         step: "base".into(),
         message,
     };
     let store = agentd_images::Store::open(cache.dir.join("base-store"))?;
-    let mut records =
-        agentd_images::layout::import(&store, dir, None, &agentd_images::Platform::default())?;
-    if records.len() != 1 {
-        return Err(base_err(format!(
-            "{} holds {} images; a base layout must hold one",
-            dir.display(),
-            records.len()
-        )));
-    }
-    let record = records.remove(0);
+    let record = match source {
+        BaseSource::Layout(dir) => {
+            let mut records = agentd_images::layout::import(
+                &store,
+                dir,
+                None,
+                &agentd_images::Platform::default(),
+            )?;
+            if records.len() != 1 {
+                return Err(base_err(format!(
+                    "{} holds {} images; a base layout must hold one",
+                    dir.display(),
+                    records.len()
+                )));
+            }
+            records.remove(0)
+        }
+        BaseSource::Registry(reference) => {
+            let reference: agentd_images::Reference =
+                reference.parse().map_err(|e| base_err(format!("{e}")))?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| base_err(format!("cannot start the async runtime: {e}")))?;
+            let options = agentd_images::PullOptions {
+                unpack: None,
+                ..Default::default()
+            };
+            let pulled = runtime.block_on(agentd_images::registry::pull(
+                &store,
+                &reference,
+                &options,
+                std::sync::Arc::new(agentd_images::NoProgress),
+            ));
+            pulled.map_err(|e| base_err(format!("cannot pull {reference}: {}", error_chain(&e))))?
+        }
+    };
     let mut blobs = vec![record.config.clone()];
     blobs.extend(record.layers.iter().map(|l| l.digest.clone()));
     for digest in blobs {

@@ -3,7 +3,7 @@
 //! ```toml
 //! # The image's process defaults.
 //! [image]
-//! base = "scratch"                 # or "oci-layout:DIR": an OCI layout's single image below
+//! base = "scratch"                 # or "oci-layout:DIR", or a reference like "debian@sha256:..."
 //! env = ["PATH=/bin"]
 //! entrypoint = ["/bin/sh"]
 //! cmd = []
@@ -69,9 +69,10 @@ pub struct Recipe {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSection {
-    /// `scratch`, or `oci-layout:DIR`: the single image of an OCI layout (relative to the
-    /// recipe's directory), whose layers go below the steps' and whose process defaults the
-    /// recipe's settings extend (env) or replace (the others, when set).
+    /// `scratch`; `oci-layout:DIR`, the single image of an OCI layout (relative to the recipe's
+    /// directory); or an image reference pulled from its registry (best with a digest, for
+    /// reproducibility). The base's layers go below the steps' and its process defaults are
+    /// extended (env, labels) or replaced (the others, when set) by the recipe's.
     #[serde(default = "scratch")]
     pub base: String,
     /// `KEY=value` environment.
@@ -267,14 +268,14 @@ impl Recipe {
             step: step.into(),
             message,
         };
-        if recipe.image.base != "scratch" && !recipe.image.base.starts_with("oci-layout:") {
-            return Err(RecipeError::Parse {
-                path: path.into(),
-                message: format!(
-                    "base {:?} is not supported (use \"scratch\" or \"oci-layout:DIR\"; registry references are not supported yet)",
-                    recipe.image.base
-                ),
-            });
+        let base = recipe.image.base.as_str();
+        if base != "scratch" && !base.starts_with("oci-layout:") {
+            if let Err(e) = base.parse::<agentd_images::Reference>() {
+                return Err(RecipeError::Parse {
+                    path: path.into(),
+                    message: format!("base {base:?} is not \"scratch\", \"oci-layout:DIR\" or an image reference: {e}"),
+                });
+            }
         }
         if recipe.steps.is_empty() {
             return Err(RecipeError::Parse {
@@ -419,8 +420,8 @@ mod tests {
         );
         check_err("[image]\n", "at least one [[step]]");
         check_err(
-            &format!("[image]\nbase = \"debian\"\n{STEP}"),
-            "not supported yet",
+            &format!("[image]\nbase = \"Debian Bookworm\"\n{STEP}"),
+            "is not \"scratch\"",
         );
         check_err(
             "[image]\n[[step]]\nname = \"s\"\ndirs = [{ path = \"rel\" }]\n",

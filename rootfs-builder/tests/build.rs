@@ -341,7 +341,11 @@ fn test_an_oci_layout_base_goes_below_the_steps() {
         .map(|v| v.as_str().unwrap())
         .collect();
     assert_eq!(env, ["PATH=/bin", "MORE=1"], "the base's env, extended");
-    fs::write(&derived, "[image]\nbase = \"docker.io/library/debian\"\n[[step]]\nname = \"x\"\ndirs = [{ path = \"/x\" }]\n").unwrap();
+    fs::write(
+        &derived,
+        "[image]\nbase = \"Not A Reference\"\n[[step]]\nname = \"x\"\ndirs = [{ path = \"/x\" }]\n",
+    )
+    .unwrap();
     let bad = builder(&[
         "build",
         derived.to_str().unwrap(),
@@ -349,7 +353,7 @@ fn test_an_oci_layout_base_goes_below_the_steps() {
         tmp.path().join("z").to_str().unwrap(),
     ]);
     assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("registry references are not supported yet"),
+        String::from_utf8_lossy(&bad.stderr).contains("is not \"scratch\""),
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );

@@ -205,3 +205,69 @@ fn test_opencode_image_serves_health_without_network() {
     );
     scope.assert_clean();
 }
+
+#[test]
+fn test_a_base_pulled_from_a_registry() {
+    require_sandbox_support!();
+    if !agentd_tests::registry::tools_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let minimal = agentd_tests::workspace_root().join("rootfs-builder/recipes/minimal.toml");
+    let layout = tmp.path().join("minimal.oci");
+    let built = Command::new(agentd_tests::bin("rootfs-builder"))
+        .arg("build")
+        .arg(&minimal)
+        .arg("--output")
+        .arg(&layout)
+        .arg("--cache")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", describe(&built));
+    let registry = agentd_tests::registry::Registry::start();
+    registry.push(
+        &format!("oci:{}:minimal", layout.display()),
+        "test/minimal:1",
+    );
+    std::fs::write(tmp.path().join("extra"), "on top of a pulled base\n").unwrap();
+    let recipe = tmp.path().join("derived.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[image]\nbase = \"{}/test/minimal:1\"\nenv = [\"DERIVED=yes\"]\n[[step]]\nname = \"extra\"\nfiles = [{{ src = \"extra\", dest = \"/etc/extra\" }}]\n",
+            registry.addr
+        ),
+    )
+    .unwrap();
+    let state = tmp.path().join("state");
+    let built = Command::new(agentd_tests::bin("rootfs-builder"))
+        .arg("build")
+        .arg(&recipe)
+        .arg("--store")
+        .arg(&state)
+        .args(["--tag", "derived", "--cache"])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", describe(&built));
+    let scope = Scope::new("rootfs-builder-base");
+    let out = Command::new(agentd_tests::bin("agentd"))
+        .args(["run", "--image", "derived", "--store-dir"])
+        .arg(&state)
+        .arg("--state-dir")
+        .arg(scope.state.path())
+        .arg("--cgroup-parent")
+        .arg(&scope.cgroup_parent)
+        .env("AGENTD_SHIM", agentd_tests::bin("agentd-shim"))
+        .args(["--", "sh", "-c", "cat /etc/extra; echo $DERIVED $PATH"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "on top of a pulled base\nyes /usr/local/bin:/usr/bin:/bin\n"
+    );
+    scope.assert_clean();
+}
