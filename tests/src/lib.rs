@@ -237,6 +237,20 @@ impl Scope {
         c
     }
 
+    /// `agentd run --image IMAGE` on this scope, reading images from the store of the agentd
+    /// state dir `store`; the caller adds options and `-- CMD`.
+    pub fn agentd_run_image(&self, image: &str, store: &Path) -> Command {
+        let mut c = Command::new(bin("agentd"));
+        c.args(["run", "--image", image, "--store-dir"])
+            .arg(store)
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent)
+            .env("AGENTD_SHIM", bin("agentd-shim"));
+        c
+    }
+
     /// Everything of ours that still exists: state dirs, cgroup dirs, mounts.
     pub fn leftovers(&self) -> Vec<String> {
         let mut left = Vec::new();

@@ -724,17 +724,8 @@ fn test_agentd_run_image_stacks_the_layers_and_cleans_up() {
     import_as(&state, "parity:run", &layout.dir);
     let scope = agentd_tests::Scope::new("run-image");
     let run_image = |image: &str, args: &[&str]| {
-        Command::new(agentd_tests::bin("agentd"))
-            .arg("run")
-            .arg("--image")
-            .arg(image)
-            .arg("--store-dir")
-            .arg(&state)
-            .arg("--state-dir")
-            .arg(scope.state.path())
-            .arg("--cgroup-parent")
-            .arg(&scope.cgroup_parent)
-            .env("AGENTD_SHIM", agentd_tests::bin("agentd-shim"))
+        scope
+            .agentd_run_image(image, &state)
             .args(args)
             .output()
             .unwrap()
@@ -761,14 +752,8 @@ fn test_agentd_run_image_stacks_the_layers_and_cleans_up() {
         String::from_utf8_lossy(&missing.stderr)
     );
     // A layer that a running sandbox mounts survives prune even after its image is removed.
-    let mut sleeper = Command::new(agentd_tests::bin("agentd"))
-        .args(["run", "--image", "parity:plain", "--store-dir"])
-        .arg(&state)
-        .arg("--state-dir")
-        .arg(scope.state.path())
-        .arg("--cgroup-parent")
-        .arg(&scope.cgroup_parent)
-        .env("AGENTD_SHIM", agentd_tests::bin("agentd-shim"))
+    let mut sleeper = scope
+        .agentd_run_image("parity:plain", &state)
         .args(["--", "/bin/busybox", "sleep", "60"])
         .spawn()
         .unwrap();

@@ -25,14 +25,8 @@ fn test_minimal_image_runs_under_agentd() {
 
     let scope = Scope::new("rootfs-builder-minimal");
     let run = |args: &[&str]| {
-        Command::new(agentd_tests::bin("agentd"))
-            .args(["run", "--image", "minimal:test", "--store-dir"])
-            .arg(&state)
-            .arg("--state-dir")
-            .arg(scope.state.path())
-            .arg("--cgroup-parent")
-            .arg(&scope.cgroup_parent)
-            .env("AGENTD_SHIM", agentd_tests::bin("agentd-shim"))
+        scope
+            .agentd_run_image("minimal:test", &state)
             .args(args)
             .output()
             .unwrap()
@@ -51,14 +45,8 @@ fn test_minimal_image_runs_under_agentd() {
     assert_eq!(lines[2], "1");
     assert!(lines[3].starts_with("drwxrwxrwt"), "{stdout}");
     // The image's default command is /bin/sh: it reads the script from stdin.
-    let mut child = Command::new(agentd_tests::bin("agentd"))
-        .args(["run", "--image", &digest[7..19], "--store-dir"])
-        .arg(&state)
-        .arg("--state-dir")
-        .arg(scope.state.path())
-        .arg("--cgroup-parent")
-        .arg(&scope.cgroup_parent)
-        .env("AGENTD_SHIM", agentd_tests::bin("agentd-shim"))
+    let mut child = scope
+        .agentd_run_image(&digest[7..19], &state)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -119,23 +107,9 @@ fn opencode_store() -> Option<std::path::PathBuf> {
 /// `agentd run --image opencode` with HOME and the XDG dirs on the sandbox's /tmp (the image's
 /// rootfs is read-only under agentd run) and the working dir there too.
 fn run_opencode(scope: &Scope, store: &std::path::Path, script: &str) -> std::process::Output {
-    Command::new(agentd_tests::bin("agentd"))
-        .args([
-            "run",
-            "--image",
-            "opencode",
-            "--memory",
-            "1g",
-            "-w",
-            "/tmp",
-            "--store-dir",
-        ])
-        .arg(store)
-        .arg("--state-dir")
-        .arg(scope.state.path())
-        .arg("--cgroup-parent")
-        .arg(&scope.cgroup_parent)
-        .env("AGENTD_SHIM", agentd_tests::bin("agentd-shim"))
+    scope
+        .agentd_run_image("opencode", store)
+        .args(["--memory", "1g", "-w", "/tmp"])
         .args([
             "-e",
             "HOME=/tmp/h",
@@ -253,14 +227,8 @@ fn test_a_base_pulled_from_a_registry() {
         .unwrap();
     assert!(built.status.success(), "{}", describe(&built));
     let scope = Scope::new("rootfs-builder-base");
-    let out = Command::new(agentd_tests::bin("agentd"))
-        .args(["run", "--image", "derived", "--store-dir"])
-        .arg(&state)
-        .arg("--state-dir")
-        .arg(scope.state.path())
-        .arg("--cgroup-parent")
-        .arg(&scope.cgroup_parent)
-        .env("AGENTD_SHIM", agentd_tests::bin("agentd-shim"))
+    let out = scope
+        .agentd_run_image("derived", &state)
         .args(["--", "sh", "-c", "cat /etc/extra; echo $DERIVED $PATH"])
         .output()
         .unwrap();
