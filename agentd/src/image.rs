@@ -167,9 +167,9 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
             let records = agentd_images::layout::import(&store, &path, name.as_deref(), &platform)
                 .with_context(|| format!("cannot import {}", path.display()))?;
             for record in &records {
-                for layer in record.layers.iter().filter(|_| !no_unpack) {
+                if !no_unpack {
                     store
-                        .unpack_layer(layer, &UnpackOptions::default())
+                        .rootfs(&record.name, &UnpackOptions::default())
                         .with_context(|| format!("cannot unpack {}", record.name))?;
                 }
                 if args.json {

@@ -216,15 +216,11 @@ impl Store {
 
     /// Reads a whole blob (for manifests and configs; layers are streamed).
     pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
-        let path = self.blob_path(digest);
-        fs::read(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => StoreError::MissingBlob(digest.clone()),
-            _ => StoreError::Io {
-                op: "failed to read",
-                path,
-                source: e,
-            },
-        })
+        let mut bytes = Vec::new();
+        self.open_blob(digest)?
+            .read_to_end(&mut bytes)
+            .map_err(io_err("failed to read", &self.blob_path(digest)))?;
+        Ok(bytes)
     }
 
     /// Opens a blob for streaming.

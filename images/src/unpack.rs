@@ -479,7 +479,7 @@ impl Unpacker<'_> {
                 std::os::unix::fs::symlink(&target, &path)
                     .map_err(io_err("failed to create symlink", &path))?;
                 self.kinds.insert(rel.clone(), Kind::Symlink);
-                self.chown(&path, &rel, uid, gid)?;
+                self.chown(&path, &rel, uid, gid, true)?;
                 self.stats.symlinks += 1;
             }
             T::Link => {
@@ -591,7 +591,7 @@ impl Unpacker<'_> {
                     self.mkdir(&path)?;
                     let offset = self.options.id_offset;
                     if offset != 0 {
-                        self.chown(&path, ancestor, offset, offset)?;
+                        self.chown(&path, ancestor, offset, offset, true)?;
                     }
                     self.kinds.insert(ancestor.to_path_buf(), Kind::Dir);
                 }
@@ -654,9 +654,10 @@ impl Unpacker<'_> {
         Ok(())
     }
 
-    fn chown(&self, path: &Path, rel: &Path, uid: u32, gid: u32) -> Result<()> {
-        if uid == 0 && gid == 0 && !self.in_setgid_dir(rel) {
-            // Created by root as root:root already.
+    /// Sets the owner of `path` (not following a symlink). `fresh`: the unpacker just created
+    /// it, as root:root unless its dir is setgid, so root ownership needs no call.
+    fn chown(&self, path: &Path, rel: &Path, uid: u32, gid: u32, fresh: bool) -> Result<()> {
+        if fresh && uid == 0 && gid == 0 && !self.in_setgid_dir(rel) {
             return Ok(());
         }
         std::os::unix::fs::lchown(path, Some(uid), Some(gid))
@@ -676,10 +677,7 @@ impl Unpacker<'_> {
         fresh: bool,
     ) -> Result<()> {
         let rel = path.strip_prefix(self.root).unwrap_or(path);
-        if !fresh || uid != 0 || gid != 0 || self.in_setgid_dir(rel) {
-            std::os::unix::fs::lchown(path, Some(uid), Some(gid))
-                .map_err(io_err("failed to chown", path))?;
-        }
+        self.chown(path, rel, uid, gid, fresh)?;
         // After chown: chown clears setuid and setgid.
         fs::set_permissions(path, fs::Permissions::from_mode(mode))
             .map_err(io_err("failed to chmod", path))
@@ -705,21 +703,9 @@ impl Unpacker<'_> {
             file.set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(io_err("failed to chmod", path))?;
         }
-        for (name, value) in xattrs {
-            if self.xattr_allowed(name) {
-                match sys::fsetxattr(file.as_fd(), name, value) {
-                    Ok(()) => {}
-                    Err(e) if xattr_unsupported(&e) => self.stats.skipped_xattrs += 1,
-                    Err(e) => {
-                        return Err(UnpackError::Io {
-                            op: "failed to set xattr on",
-                            path: path.into(),
-                            source: e,
-                        })
-                    }
-                }
-            }
-        }
+        self.apply_xattrs(path, xattrs, |name, value| {
+            sys::fsetxattr(file.as_fd(), name, value)
+        })?;
         let time = system_time(mtime);
         file.set_times(fs::FileTimes::new().set_accessed(time).set_modified(time))
             .map_err(io_err("failed to set mtime of", path))
@@ -736,16 +722,29 @@ impl Unpacker<'_> {
     }
 
     fn set_xattrs(&mut self, path: &Path, xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+        self.apply_xattrs(path, xattrs, |name, value| {
+            sys::lsetxattr(path, name, value)
+        })
+    }
+
+    /// Sets the layer's xattrs with `set`, dropping the overlay ones and counting those the
+    /// filesystem refuses.
+    fn apply_xattrs(
+        &mut self,
+        path: &Path,
+        xattrs: &[(Vec<u8>, Vec<u8>)],
+        set: impl Fn(&[u8], &[u8]) -> io::Result<()>,
+    ) -> Result<()> {
         for (name, value) in xattrs {
             if self.xattr_allowed(name) {
-                match sys::lsetxattr(path, name, value) {
+                match set(name, value) {
                     Ok(()) => {}
                     Err(e) if xattr_unsupported(&e) => self.stats.skipped_xattrs += 1,
-                    Err(e) => {
+                    Err(source) => {
                         return Err(UnpackError::Io {
                             op: "failed to set xattr on",
                             path: path.into(),
-                            source: e,
+                            source,
                         })
                     }
                 }

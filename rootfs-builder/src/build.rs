@@ -181,11 +181,15 @@ pub fn build(
         };
         key_chain.push('\n');
         key_chain.push_str(&serde_json::to_string(step).expect("steps serialise"));
+        // The step's input files, read once: their digests go into the key, their bytes into
+        // the layer if it has to be built.
+        let mut inputs = Vec::with_capacity(step.files.len());
         for f in &step.files {
             let src = recipe.dir.join(&f.src);
             let bytes = fs::read(&src)
                 .map_err(|e| step_err(format!("cannot read {}: {e}", src.display())))?;
             key_chain.push_str(&format!("\n{}={}", f.src, Digest::of(&bytes)));
+            inputs.push(bytes);
         }
         let key = Digest::of(key_chain.as_bytes());
         let record = cache.dir.join("steps").join(format!("{}.json", key.hex()));
@@ -203,7 +207,7 @@ pub fn build(
             }
         }
         let started = Instant::now();
-        let layer = build_step(recipe, step, &cache)?;
+        let layer = build_step(step, inputs, &cache)?;
         let blob = layer
             .finish(options.epoch)
             .map_err(|e| step_err(format!("cannot write the layer: {e}")))?;
@@ -338,7 +342,8 @@ fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
     }
 }
 
-fn build_step(recipe: &Recipe, step: &Step, cache: &Cache) -> Result<Layer> {
+/// Builds a step's layer; `inputs` are the contents of its `files`, in order.
+fn build_step(step: &Step, inputs: Vec<Vec<u8>>, cache: &Cache) -> Result<Layer> {
     let step_err = |message: String| BuildError::Step {
         step: step.name.clone(),
         message,
@@ -363,10 +368,7 @@ fn build_step(recipe: &Recipe, step: &Step, cache: &Cache) -> Result<Layer> {
             },
         );
     }
-    for f in &step.files {
-        let src = recipe.dir.join(&f.src);
-        let bytes =
-            fs::read(&src).map_err(|e| step_err(format!("cannot read {}: {e}", src.display())))?;
+    for (f, bytes) in step.files.iter().zip(inputs) {
         let (uid, gid) = parse_owner(&f.owner).map_err(step_err)?;
         layer.add(
             &f.dest,
