@@ -285,7 +285,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-fn record_json(record: &agentd_images::ImageRecord) -> serde_json::Value {
+pub(crate) fn record_json(record: &agentd_images::ImageRecord) -> serde_json::Value {
     serde_json::json!({
         "name": record.name,
         "manifest": record.manifest,

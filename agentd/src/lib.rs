@@ -3,8 +3,20 @@
 //! Layout:
 //! - [`run`]: `agentd run`, the one-shot, daemonless mode for CI runners.
 //! - [`image`]: `agentd image ...`, the image store (pull, import, export, ls, rm, prune).
-//!
-//! The daemon (`agentd serve`, HTTP API, OpenCode) builds on these; see the issues.
+//! - [`serve`]: `agentd serve`, the daemon: [`config`], [`db`] (state), [`sandbox`] (the
+//!   manager), [`net`] (bridge and veths), [`opencode`] (the server in each sandbox),
+//!   [`api`] (HTTP), [`gateway`] (the LLM gateway), [`metrics`].
+//! - [`client`]: `agentd sandbox ...`, the CLI client of the API.
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod db;
+pub mod gateway;
 pub mod image;
+pub mod metrics;
+pub mod net;
+pub mod opencode;
 pub mod run;
+pub mod sandbox;
+pub mod serve;

@@ -19,6 +19,10 @@ enum Command {
     Run(Box<agentd::run::RunArgs>),
     /// Manage OCI images: pull, import, export, ls, inspect, rm, prune, verify.
     Image(agentd::image::ImageArgs),
+    /// Run the daemon: the HTTP API, sandboxes with OpenCode, the LLM gateway.
+    Serve(Box<agentd::config::ServeArgs>),
+    /// Manage sandboxes through a running daemon.
+    Sandbox(agentd::client::SandboxArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,15 @@ fn main() -> ExitCode {
             return ExitCode::from(agentd::run::EXIT_AGENTD_ERROR);
         }
     };
+    if let Command::Serve(args) = cli.command {
+        return match agentd::serve::run(*args) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("agentd: {e:#}");
+                ExitCode::from(agentd::run::EXIT_AGENTD_ERROR)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
@@ -51,6 +64,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => agentd::run::run(*args),
         Command::Image(args) => agentd::image::run(args),
+        Command::Sandbox(args) => agentd::client::run(args),
+        Command::Serve(_) => unreachable!("handled above"),
     };
     match result {
         Ok(code) => ExitCode::from(code),

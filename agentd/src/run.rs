@@ -147,7 +147,7 @@ fn lookup_id(layers: &[PathBuf], file: &str, name: &str) -> Option<(u32, u32)> {
 }
 
 /// The image config's `user` (`uid`, `uid:gid`, `name` or `name:group`) as ids.
-fn resolve_user(layers: &[PathBuf], user: &str) -> anyhow::Result<(u32, u32)> {
+pub(crate) fn resolve_user(layers: &[PathBuf], user: &str) -> anyhow::Result<(u32, u32)> {
     let (u, g) = match user.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
@@ -172,7 +172,7 @@ fn resolve_user(layers: &[PathBuf], user: &str) -> anyhow::Result<(u32, u32)> {
 /// Looks `cmd` up the way the sandbox's execvp will, but from the host in the rootfs (or the
 /// image's layers, topmost first, where a whiteout hides what is below), so that a missing
 /// command is a clear error before any sandbox exists.
-fn find_command(layers: &[PathBuf], cmd: &str, env: &[String]) -> bool {
+pub(crate) fn find_command(layers: &[PathBuf], cmd: &str, env: &[String]) -> bool {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let exists = |p: &Path| {
         let rel = p.strip_prefix("/").unwrap_or(p);

@@ -629,6 +629,14 @@ impl ShimClient {
         }
     }
 
+    /// Sends `signal` to exec'd process `exec_id` (nothing if it already exited).
+    pub fn kill_exec(&self, exec_id: u64, signal: i32) -> Result<()> {
+        match self.call(&Request::KillExec { exec_id, signal }, &[])? {
+            Response::Ok => Ok(()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
     /// Blocks until exec `exec_id` exits.
     pub fn wait_exec(&self, exec_id: u64) -> Result<ExitStatus> {
         match self.call(&Request::WaitExec { exec_id }, &[])? {

@@ -25,6 +25,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{execvp, fork, ForkResult, Pid};
 
 use crate::seccomp::CompiledProfile;
+use crate::spec::IDLE_ARGS;
 
 /// Signals PID 1 passes on to the command.
 const FORWARDED: [Signal; 6] = [
@@ -167,6 +168,25 @@ fn run_init(child: Pid, set: &SigSet) -> ! {
     }
 }
 
+/// PID 1 of an idle sandbox: reap everything until SIGTERM or SIGINT, then exit 0 (leaving PID
+/// 1 makes the kernel kill the rest of the namespace).
+fn run_idle(set: &SigSet) -> ! {
+    loop {
+        match set.wait() {
+            Ok(Signal::SIGTERM | Signal::SIGINT) => process::exit(0),
+            Ok(Signal::SIGCHLD) => loop {
+                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                    Ok(_) | Err(Errno::EINTR) => continue,
+                    Err(_) => break,
+                }
+            },
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(_) => process::exit(EXIT_CANNOT_EXEC),
+        }
+    }
+}
+
 impl Executor for SandboxExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         let args = args_of(spec)?;
@@ -198,6 +218,11 @@ impl Executor for SandboxExecutor {
                 self.seccomp
                     .install()
                     .map_err(|e| ExecutorError::Execution(Box::new(e)))?;
+                if args.len() == IDLE_ARGS.len()
+                    && args.iter().zip(IDLE_ARGS).all(|(a, b)| a.as_bytes() == b.as_bytes())
+                {
+                    run_idle(&set)
+                }
                 // SAFETY: this process was created by libcontainer's clone from the
                 // single-threaded shim and has started no threads, so no lock (malloc, env,
                 // stdio) can be held by another thread across the fork.

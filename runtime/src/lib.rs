@@ -17,6 +17,7 @@
 pub mod cgroups;
 pub mod client;
 pub mod init;
+pub mod netlink;
 pub mod netns;
 pub mod proto;
 pub mod rootfs;
@@ -28,7 +29,8 @@ pub use cgroups::{CgroupVersion, SandboxCgroup, Stats};
 pub use client::{ClientError, ForegroundSandbox, Runtime, ShimClient};
 pub use proto::{ExecRequest, ExitStatus, SandboxStatus, StdioConfig};
 pub use rootfs::Rootfs;
-pub use spec::{parse_size, BindMount, IdMap, Limits, NetworkMode, SandboxSpec, SeccompProfile};
+pub use spec::{parse_size, BindMount, IdMap, Limits, NetworkMode, SandboxSpec, SeccompProfile,
+    VethConfig};
 
 /// Names of the files in a sandbox's state dir, all owned by its shim.
 pub mod layout {

@@ -12,16 +12,40 @@ use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
+use crate::spec::VethConfig;
+
+/// The name of the veth end inside a sandbox.
+pub const SANDBOX_LINK: &str = "eth0";
+
 /// Brings up `lo` in the network namespace of process `pid`.
 pub fn loopback_up(pid: Pid) -> io::Result<()> {
+    configure(pid, None)
+}
+
+/// Sets up the network namespace of process `pid`: `lo` up and, with `veth`, moves that link
+/// in as `eth0` with its address, up. Without a default route: the sandbox reaches its subnet
+/// (the bridge's address) and nothing else.
+pub fn configure(pid: Pid, veth: Option<&VethConfig>) -> io::Result<()> {
+    if let Some(v) = veth {
+        let index = crate::netlink::link_index(&v.link)
+            .map_err(|e| io::Error::new(e.kind(), format!("veth {}: {e}", v.link)))?;
+        crate::netlink::move_to_netns(index, pid.as_raw(), SANDBOX_LINK)?;
+    }
     let ns = File::open(format!("/proc/{pid}/ns/net"))?;
-    tracing::debug!(pid = pid.as_raw(), "bringing up lo in the sandbox's netns");
+    tracing::debug!(pid = pid.as_raw(), "configuring the sandbox's netns");
     // SAFETY: the shim is single-threaded (it never starts threads: see agentd-shim.rs), so
     // the child is a full copy with no lock held by another thread; the child only calls
     // setns, socket, ioctl and _exit.
     match unsafe { fork() }.map_err(io::Error::from)? {
         ForkResult::Child => {
-            let code = i32::from(set_lo_up(&ns).is_err());
+            let code = match set_lo_up(&ns).and_then(|()| veth.map_or(Ok(()), set_veth_up)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    // The shim's stderr is its log.
+                    eprintln!("agentd-shim: network setup in the sandbox failed: {e}");
+                    1
+                }
+            };
             // SAFETY: _exit ends the child without running the parent's atexit handlers or
             // destructors twice.
             unsafe { libc::_exit(code) }
@@ -29,7 +53,7 @@ pub fn loopback_up(pid: Pid) -> io::Result<()> {
         ForkResult::Parent { child } => match waitpid(child, None).map_err(io::Error::from)? {
             WaitStatus::Exited(_, 0) => Ok(()),
             other => Err(io::Error::other(format!(
-                "bringing up lo failed ({other:?})"
+                "network setup in the sandbox's namespace failed ({other:?})"
             ))),
         },
     }
@@ -62,4 +86,11 @@ fn set_lo_up(ns: &File) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// In the sandbox's namespace (after `setns`): address and up for `eth0`.
+fn set_veth_up(v: &VethConfig) -> io::Result<()> {
+    let index = crate::netlink::link_index(SANDBOX_LINK)?;
+    crate::netlink::add_ipv4(index, v.address, v.prefix_len)?;
+    crate::netlink::set_up(index)
 }

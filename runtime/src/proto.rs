@@ -80,6 +80,13 @@ pub enum Request {
         /// The id `Exec` returned.
         exec_id: u64,
     },
+    /// Send a signal to an exec'd process (until it is reaped, its pid cannot be reused).
+    KillExec {
+        /// The id `Exec` returned.
+        exec_id: u64,
+        /// Signal number.
+        signal: i32,
+    },
     /// Current resource usage.
     Stats,
     /// Kill whatever runs, remove cgroups, container state and the state dir; the shim exits.

@@ -320,16 +320,20 @@ impl Shim {
                 });
             }
         };
-        if matches!(config.spec.network, NetworkMode::New) {
+        if config.spec.network.is_new() {
+            let veth = match &config.spec.network {
+                NetworkMode::Veth(v) => Some(v),
+                _ => None,
+            };
             let up = container
                 .pid()
                 .ok_or_else(|| io::Error::other("no pid after create"))
-                .and_then(crate::netns::loopback_up);
+                .and_then(|pid| crate::netns::configure(pid, veth));
             if let Err(e) = up {
                 let _ = container.delete(true);
                 let _ = cgroup.remove();
                 return Err(ShimError::Io {
-                    what: "failed to bring up lo in the sandbox".into(),
+                    what: "failed to set up the sandbox's network".into(),
                     source: e,
                 });
             }
@@ -557,6 +561,20 @@ impl Shim {
                     None => e.waiters.push(stream),
                 },
             },
+            Request::KillExec { exec_id, signal } => {
+                let resp = match (self.execs.get(&exec_id), Signal::try_from(signal)) {
+                    (None, _) => Response::Error(format!("no exec with id {exec_id}")),
+                    (Some(e), _) if e.status.is_some() => Response::Ok,
+                    (Some(_), Err(_)) => Response::Error(format!("invalid signal {signal}")),
+                    // The process is our unreaped child (its status is unknown): the pid
+                    // still names it.
+                    (Some(e), Ok(sig)) => match kill(e.pid, sig) {
+                        Ok(()) => Response::Ok,
+                        Err(e) => Response::Error(format!("kill failed: {e}")),
+                    },
+                };
+                reply(stream, &resp);
+            }
             Request::Stats => {
                 let resp = match self.cgroup.stats() {
                     Ok(s) => Response::Stats(s),

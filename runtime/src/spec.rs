@@ -202,6 +202,27 @@ pub enum NetworkMode {
     /// The shim enters it before creating the sandbox, which inherits it; it stays owned by the
     /// host, so root inside cannot reconfigure it, and /sys is a read-only bind of the host's.
     Join(PathBuf),
+    /// A new network namespace into which the shim moves `link` (a veth end the caller made in
+    /// the host's namespace) between create and start, renamed to `eth0`, with this address.
+    Veth(VethConfig),
+}
+
+impl NetworkMode {
+    /// Whether the sandbox gets a network namespace of its own (owned by its user namespace).
+    pub fn is_new(&self) -> bool {
+        matches!(self, NetworkMode::New | NetworkMode::Veth(_))
+    }
+}
+
+/// A veth end to move into the sandbox and how to configure it there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VethConfig {
+    /// Name of the link in the host's namespace (the caller created it; the shim moves it).
+    pub link: String,
+    /// The sandbox's IPv4 address on it.
+    pub address: std::net::Ipv4Addr,
+    /// Prefix length of the subnet (routes to the subnet only: no default route).
+    pub prefix_len: u8,
 }
 
 /// Which seccomp profile to install before the sandbox's command runs.
@@ -244,7 +265,15 @@ pub struct SandboxSpec {
     pub seccomp: SeccompProfile,
     /// Mount the rootfs read-only (writable places are then /tmp, /dev/shm and binds).
     pub readonly_rootfs: bool,
+    /// No command: PID 1 only reaps and waits for SIGTERM/SIGINT (then exits 0), and the
+    /// sandbox lives until stopped; work is started in it with exec. `args` must be empty.
+    #[serde(default)]
+    pub idle: bool,
 }
+
+/// The argument vector that tells the sandbox's init to run no command (see
+/// [`SandboxSpec::idle`]). Never exec'd: the init recognises it.
+pub const IDLE_ARGS: &[&str] = &["agentd-idle"];
 
 impl SandboxSpec {
     /// A spec that runs `args` as root inside, with every default.
@@ -263,12 +292,19 @@ impl SandboxSpec {
             network: NetworkMode::New,
             seccomp: SeccompProfile::Default,
             readonly_rootfs: true,
+            idle: false,
         }
     }
 
     /// Checks the spec without touching the system.
     pub fn validate(&self) -> Result<()> {
-        if self.args.is_empty() || self.args[0].is_empty() {
+        if self.idle {
+            if !self.args.is_empty() {
+                return Err(SpecError::InvalidLimit(
+                    "an idle sandbox runs no command: give no args".into(),
+                ));
+            }
+        } else if self.args.is_empty() || self.args[0].is_empty() {
             return Err(SpecError::NoCommand);
         }
         if !self.cwd.is_absolute() {
@@ -321,7 +357,11 @@ impl SandboxSpec {
             DEFAULT_CAPABILITIES.iter().copied().collect();
         let process = ProcessBuilder::default()
             .terminal(false)
-            .args(self.args.clone())
+            .args(if self.idle {
+                IDLE_ARGS.iter().map(|a| a.to_string()).collect()
+            } else {
+                self.args.clone()
+            })
             .env(self.effective_env())
             .cwd(self.cwd.clone())
             .user(UserBuilder::default().uid(self.uid).gid(self.gid).build()?)
@@ -352,7 +392,7 @@ impl SandboxSpec {
         // sandbox inherits it: the kernel refuses a user-namespaced process setns into a netns
         // of the host's user namespace, and it stays owned by the host, so root inside has no
         // CAP_NET_ADMIN over it.
-        if self.network == NetworkMode::New {
+        if self.network.is_new() {
             namespaces.push(
                 LinuxNamespaceBuilder::default()
                     .typ(LinuxNamespaceType::Network)
@@ -536,7 +576,7 @@ fn default_mounts(network: &NetworkMode) -> Result<Vec<Mount>> {
     // owned) netns, bind the host's /sys read-only instead. It must be a recursive bind (the
     // kernel refuses to split off locked submounts); /sys/fs/cgroup is then masked.
     let sys = match network {
-        NetworkMode::New => mount(
+        NetworkMode::New | NetworkMode::Veth(_) => mount(
             "/sys",
             "sysfs",
             "sysfs",

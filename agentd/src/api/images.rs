@@ -1,0 +1,188 @@
+//! `/v1/images`: list, inspect, pull (progress streamed as JSON lines), import from a host
+//! path, delete. Layers are unpacked with the sandboxes' id offset, ready for sandboxes.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use super::{json, read_json, Body, BoxError};
+use crate::image::record_json;
+use crate::sandbox::Manager;
+use agentd_images::{Platform, Progress, ProgressEvent, PullOptions, Reference, UnpackOptions};
+
+/// `POST /v1/images/pull`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PullBody {
+    /// Image reference.
+    reference: String,
+    /// Platform, os/arch[/variant].
+    platform: Option<String>,
+    /// Allow plain HTTP to a registry that is not on loopback.
+    #[serde(default)]
+    insecure: bool,
+}
+
+/// `POST /v1/images/import`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportBody {
+    /// Host path of an OCI layout (dir or tar) or a docker-archive tar.
+    path: String,
+    /// Name to record the image under.
+    name: Option<String>,
+}
+
+fn store_err(e: agentd_images::StoreError) -> ApiError {
+    match e {
+        agentd_images::StoreError::UnknownImage(_) => {
+            ApiError::NotFound(agentd_runtime::error_chain(&e))
+        }
+        other => ApiError::internal(agentd_runtime::error_chain(&other)),
+    }
+}
+
+struct ChannelProgress(mpsc::Sender<Result<Frame<Bytes>, BoxError>>);
+
+impl Progress for ChannelProgress {
+    fn event(&self, event: ProgressEvent) {
+        let v = match event {
+            ProgressEvent::Resolved { name, manifest, layers } => serde_json::json!({
+                "event": "resolved", "name": name, "manifest": manifest.to_string(),
+                "layers": layers.iter().map(|(d, s)| serde_json::json!({"digest": d.to_string(), "size": s})).collect::<Vec<_>>(),
+            }),
+            ProgressEvent::LayerStart { digest, size } => {
+                serde_json::json!({"event": "layer_start", "digest": digest.to_string(), "size": size})
+            }
+            // Byte counts come often; a client that wants a bar reads them, others skip them.
+            ProgressEvent::LayerBytes { digest, done, total } => {
+                serde_json::json!({"event": "layer_bytes", "digest": digest.to_string(), "done": done, "total": total})
+            }
+            ProgressEvent::LayerDone { digest, cached } => {
+                serde_json::json!({"event": "layer_done", "digest": digest.to_string(), "cached": cached})
+            }
+            ProgressEvent::UnpackStart { digest } => {
+                serde_json::json!({"event": "unpack_start", "digest": digest.to_string()})
+            }
+            ProgressEvent::UnpackDone { digest, .. } => {
+                serde_json::json!({"event": "unpack_done", "digest": digest.to_string()})
+            }
+            ProgressEvent::Done { name, manifest } => {
+                serde_json::json!({"event": "done", "name": name, "manifest": manifest.to_string()})
+            }
+        };
+        let mut b = serde_json::to_vec(&v).expect("json");
+        b.push(b'\n');
+        // Progress is best effort: a slow client loses byte counts, not the pull.
+        let _ = self.0.try_send(Ok(Frame::data(Bytes::from(b))));
+    }
+}
+
+pub(crate) async fn dispatch(
+    mgr: &Arc<Manager>,
+    method: &Method,
+    segs: &[&str],
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let unpack = UnpackOptions {
+        id_offset: mgr.config.id_base,
+        ..UnpackOptions::default()
+    };
+    match (method, segs) {
+        (&Method::GET, []) => {
+            let store = mgr.store.clone();
+            let images = tokio::task::spawn_blocking(move || store.images())
+                .await
+                .map_err(ApiError::internal)?
+                .map_err(store_err)?;
+            let list: Vec<_> = images.iter().map(record_json).collect();
+            Ok(json(StatusCode::OK, &serde_json::json!({ "images": list })))
+        }
+        (&Method::POST, ["pull"]) => {
+            let body: PullBody = read_json(req).await?;
+            let reference: Reference = body
+                .reference
+                .parse()
+                .map_err(|e| ApiError::BadRequest(format!("{e}")))?;
+            let platform: Platform = match &body.platform {
+                Some(p) => p.parse().map_err(|e| ApiError::BadRequest(format!("{e}")))?,
+                None => Platform::default(),
+            };
+            let options = PullOptions {
+                platform,
+                insecure: body.insecure,
+                unpack: Some(unpack),
+                ..PullOptions::default()
+            };
+            let (tx, mut rx) = mpsc::channel(256);
+            let store = mgr.store.clone();
+            tokio::spawn(async move {
+                let progress = Arc::new(ChannelProgress(tx.clone()));
+                let result = agentd_images::registry::pull(&store, &reference, &options, progress).await;
+                let end = match result {
+                    Ok(rec) => serde_json::json!({"event": "complete", "image": record_json(&rec)}),
+                    Err(e) => serde_json::json!({"event": "error", "error": {"code": "pull_failed", "message": agentd_runtime::error_chain(&e)}}),
+                };
+                let mut b = serde_json::to_vec(&end).expect("json");
+                b.push(b'\n');
+                let _ = tx.send(Ok(Frame::data(Bytes::from(b)))).await;
+            });
+            let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+            Ok(Response::builder()
+                .header(hyper::header::CONTENT_TYPE, "application/x-ndjson")
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .expect("valid response"))
+        }
+        (&Method::POST, ["import"]) => {
+            let body: ImportBody = read_json(req).await?;
+            let store = mgr.store.clone();
+            let path = std::path::PathBuf::from(&body.path);
+            if !path.is_absolute() {
+                return Err(ApiError::BadRequest("path must be an absolute host path".into()));
+            }
+            if !path.exists() {
+                return Err(ApiError::BadRequest(format!("{}: no such file or directory", body.path)));
+            }
+            let records = tokio::task::spawn_blocking(move || {
+                let recs = agentd_images::layout::import(&store, &path, body.name.as_deref(), &Platform::default())?;
+                for r in &recs {
+                    store.rootfs(&r.name, &unpack).map_err(agentd_images::LayoutError::from)?;
+                }
+                Ok::<_, agentd_images::LayoutError>(recs)
+            })
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(|e| ApiError::BadRequest(agentd_runtime::error_chain(&e)))?;
+            let list: Vec<_> = records.iter().map(record_json).collect();
+            Ok(json(StatusCode::CREATED, &serde_json::json!({ "images": list })))
+        }
+        (&Method::GET, name) if !name.is_empty() => {
+            let name = name.join("/");
+            let store = mgr.store.clone();
+            let rec = tokio::task::spawn_blocking(move || store.resolve(&name))
+                .await
+                .map_err(ApiError::internal)?
+                .map_err(store_err)?;
+            Ok(json(StatusCode::OK, &record_json(&rec)))
+        }
+        (&Method::DELETE, name) if !name.is_empty() => {
+            let name = name.join("/");
+            let store = mgr.store.clone();
+            let rec = tokio::task::spawn_blocking(move || store.remove_image(&name))
+                .await
+                .map_err(ApiError::internal)?
+                .map_err(store_err)?;
+            Ok(json(StatusCode::OK, &serde_json::json!({"removed": rec.name})))
+        }
+        _ => Err(ApiError::NotFound(format!(
+            "no route {method} /v1/images/{}",
+            segs.join("/")
+        ))),
+    }
+}

@@ -1,0 +1,286 @@
+//! The HTTP API: listeners, authentication, routing by `(method, path segments)`, and the
+//! shared response helpers. One file per resource holds its handlers.
+//!
+//! The Unix socket is root-only (mode 0600 in a 0700 dir); on TCP every request needs
+//! `Authorization: Bearer <token>`. Request bodies are capped; errors are
+//! `{"error":{"code","message"}}` with the status of [`error::ApiError`].
+
+pub mod error;
+pub mod files;
+pub mod images;
+pub mod openapi;
+pub mod proxy;
+pub mod sandboxes;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::sandbox::Manager;
+use error::ApiError;
+
+/// Error type of response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every response (and proxied request) body.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Largest JSON request body.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+
+static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// An empty body.
+pub fn empty() -> Body {
+    Full::new(Bytes::new()).map_err(|e| match e {}).boxed()
+}
+
+/// A body from bytes.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(full(serde_json::to_vec(value).expect("json")))
+        .expect("valid response")
+}
+
+/// Where a request came from.
+#[derive(Clone)]
+pub struct Origin {
+    /// The bearer token TCP requests must carry; `None` on the Unix socket.
+    pub token: Option<Arc<String>>,
+}
+
+/// Reads a JSON body of at most [`MAX_JSON_BODY`] bytes into `T` (unknown fields refused).
+pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let bytes = read_body(req, MAX_JSON_BODY).await?;
+    if bytes.is_empty() {
+        return Err(ApiError::BadRequest("a JSON body is required".into()));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+/// Reads a whole body of at most `limit` bytes.
+pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(req.into_body(), limit);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(
+            ApiError::TooLarge(format!("the request body is larger than {limit} bytes")),
+        ),
+        Err(e) => Err(ApiError::BadRequest(format!("failed to read the body: {e}"))),
+    }
+}
+
+/// The query parameter `key`, percent-decoded.
+pub fn query_param(req: &Request<Incoming>, key: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (percent_decode(k) == key).then(|| percent_decode(v))
+    })
+}
+
+/// Decodes `%XX` escapes and `+` (as space).
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Answers one request: authentication, routing, errors, metrics.
+pub async fn handle(mgr: Arc<Manager>, origin: Origin, req: Request<Incoming>) -> Response<Body> {
+    let request_id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let segments: Vec<String> = path
+        .trim_start_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect();
+    let mut route = String::from("unknown");
+    let result = async {
+        if let Some(token) = &origin.token {
+            let given = req
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !given.is_some_and(|g| crate::sandbox::constant_time_eq(g.as_bytes(), token.as_bytes())) {
+                return Err(ApiError::Unauthorized(
+                    "this endpoint needs Authorization: Bearer <token> (see agentd's token_file)".into(),
+                ));
+            }
+        }
+        let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        route = route_name(&segs);
+        dispatch(&mgr, &method, &segs, req).await
+    }
+    .await;
+    let response = result.unwrap_or_else(|e| json(e.status(), &e.body(request_id)));
+    mgr.metrics.count_request(&route, response.status().as_u16());
+    tracing::debug!(request_id, %method, path, status = response.status().as_u16(), "request");
+    response
+}
+
+/// The route pattern of a path, for metrics (ids replaced by `{id}`).
+fn route_name(segs: &[&str]) -> String {
+    match segs {
+        ["v1", "sandboxes", _, "opencode", ..] => "/v1/sandboxes/{id}/opencode/*".into(),
+        ["v1", "sandboxes", _, rest @ ..] if !rest.is_empty() => {
+            format!("/v1/sandboxes/{{id}}/{}", rest.join("/"))
+        }
+        ["v1", "sandboxes", _] => "/v1/sandboxes/{id}".into(),
+        ["v1", "images", "pull" | "import"] => format!("/{}", segs.join("/")),
+        ["v1", "images", _, ..] => "/v1/images/{name}".into(),
+        _ => format!("/{}", segs.join("/")),
+    }
+}
+
+async fn dispatch(
+    mgr: &Arc<Manager>,
+    method: &Method,
+    segs: &[&str],
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    match (method, segs) {
+        (&Method::GET, ["v1", "health"]) => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
+        )),
+        (&Method::GET, ["metrics"]) => {
+            let mut by_state = std::collections::BTreeMap::new();
+            for s in ["creating", "starting", "ready", "exited", "stopped"] {
+                by_state.insert(s, 0);
+            }
+            for sb in mgr.list() {
+                *by_state.entry(sb.snapshot().state.as_str()).or_default() += 1;
+            }
+            Ok(Response::builder()
+                .header(hyper::header::CONTENT_TYPE, "text/plain; version=0.0.4")
+                .body(full(mgr.metrics.render(&by_state)))
+                .expect("valid response"))
+        }
+        (&Method::GET, ["v1", "openapi.json"]) => Ok(json(StatusCode::OK, &openapi::document())),
+        (_, ["v1", "sandboxes", ..]) => sandboxes::dispatch(mgr, method, &segs[2..], req).await,
+        (_, ["v1", "images", ..]) => images::dispatch(mgr, method, &segs[2..], req).await,
+        _ => Err(ApiError::NotFound(format!(
+            "no route {method} /{}; see GET /v1/openapi.json",
+            segs.join("/")
+        ))),
+    }
+}
+
+/// Serves the API on the Unix socket and, if given, on TCP (with the token) until `shutdown`
+/// completes. Sandboxes are untouched by the shutdown: their shims run on.
+pub async fn serve(
+    mgr: Arc<Manager>,
+    unix: UnixListener,
+    tcp: Option<(TcpListener, String)>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let token = tcp.as_ref().map(|(_, t)| Arc::new(t.clone()));
+    let unix_loop = {
+        let mgr = mgr.clone();
+        async move {
+            loop {
+                match unix.accept().await {
+                    Ok((stream, _)) => spawn_conn(mgr.clone(), Origin { token: None }, stream),
+                    Err(e) => tracing::warn!(error = %e, "accept failed on the socket"),
+                }
+            }
+        }
+    };
+    let tcp_loop = async move {
+        let Some((listener, _)) = tcp else {
+            return std::future::pending::<()>().await;
+        };
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => spawn_conn(
+                    mgr.clone(),
+                    Origin {
+                        token: token.clone(),
+                    },
+                    stream,
+                ),
+                Err(e) => tracing::warn!(error = %e, "accept failed on TCP"),
+            }
+        }
+    };
+    tokio::select! {
+        _ = unix_loop => {}
+        _ = tcp_loop => {}
+        _ = shutdown => tracing::info!("shutting down; sandboxes keep running"),
+    }
+}
+
+fn spawn_conn<S>(mgr: Arc<Manager>, origin: Origin, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let service = hyper::service::service_fn(move |req| {
+            let mgr = mgr.clone();
+            let origin = origin.clone();
+            async move { Ok::<_, Infallible>(handle(mgr, origin, req).await) }
+        });
+        if let Err(e) = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await
+        {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_percent_decode_and_routes() {
+        assert_eq!(percent_decode("a%2Fb+c%3a"), "a/b c:");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(route_name(&["v1", "sandboxes", "abc", "exec"]), "/v1/sandboxes/{id}/exec");
+        assert_eq!(
+            route_name(&["v1", "sandboxes", "abc", "opencode", "session", "x"]),
+            "/v1/sandboxes/{id}/opencode/*"
+        );
+        assert_eq!(route_name(&["v1", "images", "docker.io/x:1"]), "/v1/images/{name}");
+    }
+}

@@ -1,0 +1,148 @@
+//! `/v1/sandboxes/{id}/opencode/{path}`: any request, forwarded to the sandbox's OpenCode
+//! server with its credentials, bodies streamed both ways (SSE included).
+//!
+//! What reaches the sandbox: the method, path, query, body and end-to-end headers of the
+//! client's request. What does not: the client's `Authorization` (agentd's own bearer token
+//! must never reach a hostile sandbox; agentd puts OpenCode's Basic credentials there), `Host`
+//! and hop-by-hop headers. What comes back is OpenCode's response, which is untrusted data:
+//! it is passed through, not interpreted.
+
+use std::sync::Arc;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, AUTHORIZATION, HOST};
+use hyper::{Request, Response};
+
+use super::error::ApiError;
+use super::Body;
+use crate::sandbox::{ActiveGuard, Manager, Sandbox, SandboxState};
+
+/// Headers that describe one connection, not the request (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+}
+
+pub(crate) async fn opencode(
+    mgr: &Arc<Manager>,
+    sb: Arc<Sandbox>,
+    rest: &[&str],
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let rec = sb.snapshot();
+    let Some(secrets) = rec.opencode.clone() else {
+        return Err(ApiError::BadRequest(format!(
+            "sandbox {} runs no OpenCode server",
+            rec.id
+        )));
+    };
+    match rec.state {
+        SandboxState::Ready => {}
+        SandboxState::Starting | SandboxState::Creating => {
+            return Err(ApiError::Unavailable(format!(
+                "sandbox {}'s OpenCode server is starting: retry when the sandbox is ready",
+                rec.id
+            )))
+        }
+        s => {
+            return Err(ApiError::Conflict(format!(
+                "sandbox {} is {}",
+                rec.id,
+                s.as_str()
+            )))
+        }
+    }
+    // Rebuild the path from the raw request so that encoded characters stay as they were.
+    let raw_path = req.uri().path().to_string();
+    let prefix_end = raw_path
+        .match_indices('/')
+        .nth(4)
+        .map(|(i, _)| i)
+        .unwrap_or(raw_path.len());
+    let mut upstream_path = raw_path[prefix_end..].to_string();
+    if upstream_path.is_empty() {
+        upstream_path.push('/');
+    }
+    debug_assert!(rest.is_empty() || upstream_path.len() > 1);
+    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let uri: hyper::Uri = format!(
+        "http://{}:{}{upstream_path}{query}",
+        rec.address,
+        crate::opencode::PORT
+    )
+    .parse()
+    .map_err(|e| ApiError::BadRequest(format!("bad path: {e}")))?;
+
+    let guard = ActiveGuard::new(sb.clone());
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(HOST);
+    parts.headers.remove(AUTHORIZATION);
+    parts.headers.insert(
+        AUTHORIZATION,
+        crate::opencode::basic_auth(&secrets.password)
+            .parse()
+            .expect("valid header"),
+    );
+    parts.uri = uri;
+    parts.version = hyper::Version::HTTP_11;
+    let body = body.map_err(|e| -> super::BoxError { Box::new(e) }).boxed();
+    let upstream = Request::from_parts(parts, body);
+    let resp = mgr.http.request(upstream).await.map_err(|e| {
+        ApiError::BadGateway(format!(
+            "sandbox {}'s OpenCode server did not answer: {e}",
+            rec.id
+        ))
+    })?;
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    // The guard lives as long as the response body: a long event stream keeps the sandbox
+    // from being reaped as idle.
+    let body = GuardedBody {
+        inner: body,
+        _guard: guard,
+    }
+    .map_err(|e| -> super::BoxError { Box::new(e) })
+    .boxed();
+    let _ = HeaderName::from_static("x-agentd");
+    Ok(Response::from_parts(parts, body))
+}
+
+/// A body that holds an [`ActiveGuard`] until it is dropped.
+struct GuardedBody {
+    inner: Incoming,
+    _guard: ActiveGuard,
+}
+
+impl hyper::body::Body for GuardedBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}

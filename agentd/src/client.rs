@@ -1,0 +1,439 @@
+//! `agentd sandbox ...`: the command-line client of a running daemon, over its Unix socket
+//! (`--socket` or `AGENTD_SOCKET`). Tables for people, `--json` for scripts.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+
+/// `agentd sandbox` arguments.
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// The daemon's API socket.
+    #[arg(long, env = "AGENTD_SOCKET", default_value = crate::config::DEFAULT_SOCKET, global = true)]
+    socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: SandboxCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum SandboxCommand {
+    /// Create a sandbox.
+    Create {
+        /// Image [default: opencode].
+        #[arg(long)]
+        image: Option<String>,
+        /// Unique name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Memory limit, e.g. 2g.
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPU limit in cores.
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// Most tasks.
+        #[arg(long)]
+        pids: Option<u64>,
+        /// Environment variable KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        /// Label KEY=VALUE (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Idle timeout in seconds (0: never).
+        #[arg(long)]
+        idle_timeout: Option<u64>,
+        /// Lifetime in seconds.
+        #[arg(long)]
+        ttl: Option<u64>,
+        /// Do not start OpenCode even if the image has it.
+        #[arg(long)]
+        no_opencode: bool,
+        /// Wait until the sandbox is ready (OpenCode answers).
+        #[arg(long)]
+        wait: bool,
+        /// Command of a plain sandbox (default: it idles until stopped).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// List sandboxes.
+    Ls,
+    /// Show one sandbox.
+    Inspect {
+        /// Id or name.
+        id: String,
+    },
+    /// Run a command in a sandbox; exits with its status.
+    Exec {
+        /// Id or name.
+        id: String,
+        /// Working directory.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Kill it after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Environment variable KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        /// The command.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print a sandbox's output.
+    Logs {
+        /// Id or name.
+        id: String,
+        /// Keep following until the sandbox ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Resource usage.
+    Stats {
+        /// Id or name.
+        id: String,
+    },
+    /// Copy a file: `ID:/path LOCAL` downloads, `LOCAL ID:/path` uploads.
+    Cp {
+        /// Source.
+        src: String,
+        /// Destination.
+        dst: String,
+    },
+    /// Stop a sandbox (its record stays until rm).
+    Stop {
+        /// Id or name.
+        id: String,
+    },
+    /// Stop and remove sandboxes.
+    Rm {
+        /// Ids or names.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+/// A response: status and body.
+struct Reply {
+    status: StatusCode,
+    body: Bytes,
+}
+
+/// Sends one request over the socket; `on_chunk` sees a streamed body as it arrives.
+async fn call(
+    socket: &PathBuf,
+    method: Method,
+    path: &str,
+    body: Option<(Vec<u8>, &str)>,
+    mut on_chunk: Option<&mut dyn FnMut(&[u8])>,
+) -> anyhow::Result<Reply> {
+    let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "cannot reach agentd at {} (is `agentd serve` running? set --socket or AGENTD_SOCKET)",
+            socket.display()
+        )
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = Request::builder().method(method).uri(path).header("host", "agentd");
+    let payload = match body {
+        Some((b, ct)) => {
+            req = req.header("content-type", ct);
+            b
+        }
+        None => Vec::new(),
+    };
+    let resp = sender.send_request(req.body(Full::new(Bytes::from(payload)))?).await?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut all = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            match on_chunk.as_mut() {
+                Some(f) if status.is_success() => f(&data),
+                _ => all.extend_from_slice(&data),
+            }
+        }
+    }
+    Ok(Reply {
+        status,
+        body: Bytes::from(all),
+    })
+}
+
+fn check(reply: &Reply) -> anyhow::Result<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or(serde_json::Value::Null);
+    if !reply.status.is_success() {
+        let msg = v["error"]["message"].as_str().unwrap_or("request failed");
+        bail!("{msg} (HTTP {})", reply.status.as_u16());
+    }
+    Ok(v)
+}
+
+fn kv_map(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let mut m = serde_json::Map::new();
+    for it in items {
+        let (k, v) = it
+            .split_once('=')
+            .with_context(|| format!("{what} {it:?} is not KEY=VALUE"))?;
+        m.insert(k.to_string(), serde_json::Value::String(v.to_string()));
+    }
+    Ok(m)
+}
+
+fn print_table(items: &[serde_json::Value]) {
+    println!("{:<14} {:<16} {:<10} {:<16} {:<12} NAME", "ID", "IMAGE", "STATE", "ADDRESS", "TOKENS");
+    for s in items {
+        let tokens = s["usage"]["prompt_tokens"].as_u64().unwrap_or(0)
+            + s["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+        println!(
+            "{:<14} {:<16} {:<10} {:<16} {:<12} {}",
+            s["id"].as_str().unwrap_or(""),
+            s["image"].as_str().unwrap_or(""),
+            s["state"].as_str().unwrap_or(""),
+            s["address"].as_str().unwrap_or(""),
+            tokens,
+            s["name"].as_str().unwrap_or("-"),
+        );
+    }
+}
+
+/// Runs an `agentd sandbox` subcommand.
+pub fn run(args: SandboxArgs) -> anyhow::Result<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
+    let sock = &args.socket;
+    let enc = |s: &str| -> String {
+        s.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-_./~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    };
+    match args.command {
+        SandboxCommand::Create {
+            image,
+            name,
+            memory,
+            cpus,
+            pids,
+            env,
+            labels,
+            idle_timeout,
+            ttl,
+            no_opencode,
+            wait,
+            command,
+        } => {
+            let mut body = serde_json::json!({
+                "env": kv_map(&env, "--env")?,
+                "labels": kv_map(&labels, "--label")?,
+                "limits": {},
+            });
+            if let Some(i) = image {
+                body["image"] = i.into();
+            }
+            if let Some(n) = name {
+                body["name"] = n.into();
+            }
+            if let Some(m) = memory {
+                body["limits"]["memory"] = m.into();
+            }
+            if let Some(c) = cpus {
+                body["limits"]["cpus"] = c.into();
+            }
+            if let Some(p) = pids {
+                body["limits"]["pids"] = p.into();
+            }
+            if let Some(t) = idle_timeout {
+                body["idle_timeout_secs"] = t.into();
+            }
+            if let Some(t) = ttl {
+                body["ttl_secs"] = t.into();
+            }
+            if no_opencode {
+                body["opencode"] = false.into();
+            }
+            if !command.is_empty() {
+                body["command"] = command.into();
+            }
+            let reply = call(sock, Method::POST, "/v1/sandboxes", Some((body.to_string().into_bytes(), "application/json")), None).await?;
+            let mut v = check(&reply)?;
+            let id = v["id"].as_str().unwrap_or_default().to_string();
+            if wait {
+                let start = std::time::Instant::now();
+                while v["state"] == "starting" || v["state"] == "creating" {
+                    if start.elapsed() > std::time::Duration::from_secs(180) {
+                        bail!("sandbox {id} is not ready after 180 s");
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    v = check(&call(sock, Method::GET, &format!("/v1/sandboxes/{id}"), None, None).await?)?;
+                }
+                if v["state"] != "ready" {
+                    bail!(
+                        "sandbox {id} is {}: {}",
+                        v["state"].as_str().unwrap_or("?"),
+                        v["exit"]["reason"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            if args.json {
+                println!("{v}");
+            } else {
+                println!("{id}");
+            }
+            Ok(0)
+        }
+        SandboxCommand::Ls => {
+            let v = check(&call(sock, Method::GET, "/v1/sandboxes", None, None).await?)?;
+            if args.json {
+                println!("{v}");
+            } else {
+                print_table(v["sandboxes"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+            }
+            Ok(0)
+        }
+        SandboxCommand::Inspect { id } => {
+            let v = check(&call(sock, Method::GET, &format!("/v1/sandboxes/{}", enc(&id)), None, None).await?)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(0)
+        }
+        SandboxCommand::Stats { id } => {
+            let v = check(&call(sock, Method::GET, &format!("/v1/sandboxes/{}/stats", enc(&id)), None, None).await?)?;
+            if args.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "memory {} MiB  cpu {:.2} s  tasks {}",
+                    v["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+                    v["cpu_usec"].as_u64().unwrap_or(0) as f64 / 1e6,
+                    v["pids"].as_u64().unwrap_or(0)
+                );
+            }
+            Ok(0)
+        }
+        SandboxCommand::Stop { id } => {
+            check(&call(sock, Method::POST, &format!("/v1/sandboxes/{}/stop", enc(&id)), None, None).await?)?;
+            Ok(0)
+        }
+        SandboxCommand::Rm { ids } => {
+            for id in ids {
+                let reply = call(sock, Method::DELETE, &format!("/v1/sandboxes/{}", enc(&id)), None, None).await?;
+                if !reply.status.is_success() {
+                    check(&reply)?;
+                }
+                println!("{id}");
+            }
+            Ok(0)
+        }
+        SandboxCommand::Exec { id, cwd, timeout, env, command } => {
+            let mut body = serde_json::json!({"command": command, "env": kv_map(&env, "--env")?});
+            if let Some(c) = cwd {
+                body["cwd"] = c.into();
+            }
+            if let Some(t) = timeout {
+                body["timeout_secs"] = t.into();
+            }
+            let mut code = 0u8;
+            let mut pending = Vec::new();
+            let json_out = args.json;
+            let mut on = |chunk: &[u8]| {
+                pending.extend_from_slice(chunk);
+                while let Some(p) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=p).collect();
+                    if json_out {
+                        let _ = std::io::stdout().write_all(&line);
+                        continue;
+                    }
+                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else { continue };
+                    match v["stream"].as_str() {
+                        Some("stdout") => {
+                            let _ = std::io::stdout().write_all(v["data"].as_str().unwrap_or("").as_bytes());
+                        }
+                        Some("stderr") => {
+                            let _ = std::io::stderr().write_all(v["data"].as_str().unwrap_or("").as_bytes());
+                        }
+                        _ => {
+                            if let Some(c) = v["exit_code"].as_i64() {
+                                code = u8::try_from(c.clamp(0, 255)).unwrap_or(255);
+                            } else if let Some(e) = v["error"].as_str() {
+                                eprintln!("agentd: {e}");
+                                code = crate::run::EXIT_AGENTD_ERROR;
+                            }
+                            if v["timed_out"] == true {
+                                eprintln!("agentd: the command timed out and was killed");
+                            }
+                        }
+                    }
+                }
+            };
+            let reply = call(
+                sock,
+                Method::POST,
+                &format!("/v1/sandboxes/{}/exec", enc(&id)),
+                Some((body.to_string().into_bytes(), "application/json")),
+                Some(&mut on),
+            )
+            .await?;
+            check(&reply)?;
+            let _ = std::io::stdout().flush();
+            Ok(code)
+        }
+        SandboxCommand::Logs { id, follow } => {
+            let mut pending = Vec::new();
+            let mut on = |chunk: &[u8]| {
+                pending.extend_from_slice(chunk);
+                while let Some(p) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=p).collect();
+                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else { continue };
+                    let data = v["data"].as_str().unwrap_or("").as_bytes();
+                    let _ = if v["stream"] == "stderr" {
+                        std::io::stderr().write_all(data)
+                    } else {
+                        std::io::stdout().write_all(data)
+                    };
+                }
+            };
+            let path = format!("/v1/sandboxes/{}/logs?follow={follow}", enc(&id));
+            let reply = call(sock, Method::GET, &path, None, Some(&mut on)).await?;
+            check(&reply)?;
+            Ok(0)
+        }
+        SandboxCommand::Cp { src, dst } => {
+            if let Some((id, path)) = src.split_once(':').filter(|(i, _)| !i.contains('/')) {
+                let url = format!("/v1/sandboxes/{}/files?path={}", enc(id), enc(path));
+                let reply = call(sock, Method::GET, &url, None, None).await?;
+                if !reply.status.is_success() {
+                    check(&reply)?;
+                }
+                std::fs::write(&dst, &reply.body).with_context(|| format!("failed to write {dst}"))?;
+                Ok(0)
+            } else if let Some((id, path)) = dst.split_once(':').filter(|(i, _)| !i.contains('/')) {
+                let data = std::fs::read(&src).with_context(|| format!("failed to read {src}"))?;
+                let url = format!("/v1/sandboxes/{}/files?path={}", enc(id), enc(path));
+                check(&call(sock, Method::PUT, &url, Some((data, "application/octet-stream")), None).await?)?;
+                Ok(0)
+            } else {
+                bail!("one of SRC and DST must be ID:/path")
+            }
+        }
+    }
+}

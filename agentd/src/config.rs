@@ -1,0 +1,398 @@
+//! `agentd serve` configuration: flags, `AGENTD_*` environment variables and an optional TOML
+//! file (same keys as the flags, with underscores), validated once at start into [`Config`].
+//!
+//! Precedence: a flag (or its environment variable) beats the file, which beats the defaults.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Deserialize;
+
+/// Default state dir: images, sandboxes and the database live here.
+pub const DEFAULT_STATE_DIR: &str = crate::image::DEFAULT_STATE_DIR;
+/// Default API socket (root only).
+pub const DEFAULT_SOCKET: &str = "/run/agentd/agentd.sock";
+/// Default bridge name.
+pub const DEFAULT_BRIDGE: &str = "agentd0";
+/// Default sandbox subnet: the bridge takes the first address, sandboxes the rest. A /16 in
+/// the private range that common tools (docker 172.17/16, podman 10.88/16) do not use.
+pub const DEFAULT_SUBNET: &str = "10.209.0.0/16";
+/// Port of the LLM gateway on the bridge address.
+pub const DEFAULT_GATEWAY_PORT: u16 = 4199;
+/// Most sandboxes at once.
+pub const DEFAULT_MAX_SANDBOXES: usize = 64;
+/// Memory limit of a sandbox that asks for none: OpenCode needs about 500 MiB after a prompt.
+pub const DEFAULT_SANDBOX_MEMORY: &str = "2g";
+/// Seconds without API traffic after which a sandbox is stopped and removed.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 1800;
+/// First host uid/gid of the range every daemon sandbox maps its ids 0-65535 to. Above the
+/// ranges `agentd run` hands out (100000 + 1024 x 65536), below 2^31.
+pub const DEFAULT_ID_BASE: u32 = 200_000_000;
+/// Model name OpenCode asks the gateway for when the config names none.
+pub const DEFAULT_LLM_MODEL: &str = "default";
+
+/// Flags of `agentd serve`; every one also has an `AGENTD_*` variable and a key in the file.
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// TOML config file with the same keys as these flags (underscores for dashes).
+    #[arg(long, env = "AGENTD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// State dir: database, images, sandboxes [default: /var/lib/agentd].
+    #[arg(long, env = "AGENTD_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Image store [default: <state-dir>/images].
+    #[arg(long, env = "AGENTD_IMAGES_DIR")]
+    pub images_dir: Option<PathBuf>,
+    /// API Unix socket, root only [default: /run/agentd/agentd.sock].
+    #[arg(long, env = "AGENTD_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Also serve the API on this TCP address; every request then needs the bearer token.
+    #[arg(long, env = "AGENTD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// File holding the bearer token for TCP [default: <state-dir>/api-token, made if missing].
+    #[arg(long, env = "AGENTD_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// OpenAI-compatible upstream the LLM gateway forwards to (e.g. https://host/v1).
+    #[arg(long, env = "AGENTD_LLM_BASE_URL")]
+    pub llm_base_url: Option<String>,
+    /// File holding the upstream's API key (it never enters a sandbox).
+    #[arg(long, env = "AGENTD_LLM_API_KEY_FILE")]
+    pub llm_api_key_file: Option<PathBuf>,
+    /// Model OpenCode uses by default [default: default].
+    #[arg(long, env = "AGENTD_LLM_MODEL")]
+    pub llm_model: Option<String>,
+    /// Bridge for sandbox networking [default: agentd0].
+    #[arg(long, env = "AGENTD_BRIDGE")]
+    pub bridge: Option<String>,
+    /// Sandbox subnet, IPv4 CIDR [default: 10.209.0.0/16].
+    #[arg(long, env = "AGENTD_SUBNET")]
+    pub subnet: Option<String>,
+    /// Port of the LLM gateway on the bridge address [default: 4199].
+    #[arg(long, env = "AGENTD_GATEWAY_PORT")]
+    pub gateway_port: Option<u16>,
+    /// Most sandboxes at once [default: 64].
+    #[arg(long, env = "AGENTD_MAX_SANDBOXES")]
+    pub max_sandboxes: Option<usize>,
+    /// Most memory committed to sandboxes in total, e.g. 16g [default: the host's RAM].
+    #[arg(long, env = "AGENTD_MAX_MEMORY")]
+    pub max_memory: Option<String>,
+    /// Memory limit of a sandbox that asks for none [default: 2g].
+    #[arg(long, env = "AGENTD_SANDBOX_MEMORY")]
+    pub sandbox_memory: Option<String>,
+    /// Idle timeout of a sandbox that asks for none, seconds (0: never) [default: 1800].
+    #[arg(long, env = "AGENTD_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<u64>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "AGENTD_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The config file: the same keys as [`ServeArgs`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    state_dir: Option<PathBuf>,
+    images_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    token_file: Option<PathBuf>,
+    llm_base_url: Option<String>,
+    llm_api_key_file: Option<PathBuf>,
+    llm_model: Option<String>,
+    bridge: Option<String>,
+    subnet: Option<String>,
+    gateway_port: Option<u16>,
+    max_sandboxes: Option<usize>,
+    max_memory: Option<String>,
+    sandbox_memory: Option<String>,
+    idle_timeout: Option<u64>,
+    log_format: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The upstream LLM provider.
+#[derive(Debug, Clone)]
+pub struct LlmUpstream {
+    /// Base URL, without a trailing slash (requests go to `<base>/chat/completions`).
+    pub base_url: String,
+    /// API key sent as a bearer token, if any.
+    pub api_key: Option<String>,
+}
+
+/// Validated daemon configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// State dir.
+    pub state_dir: PathBuf,
+    /// Image store root.
+    pub images_dir: PathBuf,
+    /// API Unix socket.
+    pub socket: PathBuf,
+    /// Optional TCP listener address.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token file for TCP.
+    pub token_file: PathBuf,
+    /// LLM upstream, if configured.
+    pub llm: Option<LlmUpstream>,
+    /// Default model name.
+    pub llm_model: String,
+    /// Bridge name.
+    pub bridge: String,
+    /// Network address of the sandbox subnet.
+    pub subnet: Ipv4Addr,
+    /// Prefix length of the subnet.
+    pub prefix_len: u8,
+    /// Gateway port on the bridge address.
+    pub gateway_port: u16,
+    /// Most sandboxes at once.
+    pub max_sandboxes: usize,
+    /// Most memory committed in total, bytes.
+    pub max_memory: u64,
+    /// Default sandbox memory limit, bytes.
+    pub sandbox_memory: u64,
+    /// Default idle timeout, seconds (0: never).
+    pub idle_timeout: u64,
+    /// First host id of the sandboxes' id range.
+    pub id_base: u32,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The bridge's own address: the first host of the subnet.
+    pub fn bridge_addr(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.subnet) + 1)
+    }
+
+    /// Where the database lives.
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("agentd.redb")
+    }
+
+    /// The image store root.
+    pub fn images_dir(&self) -> PathBuf {
+        self.images_dir.clone()
+    }
+
+    /// The sandboxes' state root (one dir per sandbox, owned by its shim).
+    pub fn sandboxes_dir(&self) -> PathBuf {
+        self.state_dir.join("sandboxes")
+    }
+
+    /// Reads the file (if any), merges flags and env over it and validates the result.
+    pub fn load(args: ServeArgs) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("failed to read the config file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("invalid config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let state_dir = args
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let token_file = args
+            .token_file
+            .or(file.token_file)
+            .unwrap_or_else(|| state_dir.join("api-token"));
+        let llm_base_url = args.llm_base_url.or(file.llm_base_url);
+        let llm_key_file = args.llm_api_key_file.or(file.llm_api_key_file);
+        let llm = match llm_base_url {
+            None => {
+                if llm_key_file.is_some() {
+                    bail!("llm_api_key_file is set but llm_base_url is not: set both");
+                }
+                None
+            }
+            Some(url) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    bail!("llm_base_url must start with http:// or https://, got {url:?}");
+                }
+                let api_key = match llm_key_file {
+                    None => None,
+                    Some(p) => Some(read_secret(&p).context("llm_api_key_file")?),
+                };
+                Some(LlmUpstream {
+                    base_url: url.trim_end_matches('/').to_string(),
+                    api_key,
+                })
+            }
+        };
+        let subnet_text = args
+            .subnet
+            .or(file.subnet)
+            .unwrap_or_else(|| DEFAULT_SUBNET.into());
+        let (subnet, prefix_len) = parse_cidr(&subnet_text)?;
+        let bridge = args
+            .bridge
+            .or(file.bridge)
+            .unwrap_or_else(|| DEFAULT_BRIDGE.into());
+        if bridge.is_empty() || bridge.len() > 15 || !bridge.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            bail!("bridge must be 1-15 letters, digits, - or _, got {bridge:?}");
+        }
+        let size = |what: &str, v: Option<String>, default: &str| -> anyhow::Result<u64> {
+            let text = v.unwrap_or_else(|| default.to_string());
+            agentd_runtime::parse_size(&text).map_err(|e| anyhow::anyhow!("{what}: {e}"))
+        };
+        let host_mem = host_memory().unwrap_or(u64::MAX);
+        let max_memory = match args.max_memory.or(file.max_memory) {
+            None => host_mem,
+            Some(v) => size("max_memory", Some(v), "")?,
+        };
+        let sandbox_memory = size(
+            "sandbox_memory",
+            args.sandbox_memory.or(file.sandbox_memory),
+            DEFAULT_SANDBOX_MEMORY,
+        )?;
+        if sandbox_memory < agentd_runtime::spec::MIN_MEMORY_BYTES {
+            bail!("sandbox_memory must be at least 4m");
+        }
+        let log_format = match args
+            .log_format
+            .or(file.log_format)
+            .as_deref()
+            .unwrap_or("text")
+        {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => bail!("log_format must be text or json, got {other:?}"),
+        };
+        let max_sandboxes = args
+            .max_sandboxes
+            .or(file.max_sandboxes)
+            .unwrap_or(DEFAULT_MAX_SANDBOXES);
+        if max_sandboxes == 0 {
+            bail!("max_sandboxes must be at least 1");
+        }
+        let gateway_port = args
+            .gateway_port
+            .or(file.gateway_port)
+            .unwrap_or(DEFAULT_GATEWAY_PORT);
+        if gateway_port == 0 {
+            bail!("gateway_port must not be 0");
+        }
+        Ok(Config {
+            socket: args
+                .socket
+                .or(file.socket)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+            listen: args.listen.or(file.listen),
+            token_file,
+            llm,
+            llm_model: args
+                .llm_model
+                .or(file.llm_model)
+                .unwrap_or_else(|| DEFAULT_LLM_MODEL.into()),
+            bridge,
+            subnet,
+            prefix_len,
+            gateway_port,
+            max_sandboxes,
+            max_memory,
+            sandbox_memory,
+            idle_timeout: args
+                .idle_timeout
+                .or(file.idle_timeout)
+                .unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS),
+            id_base: DEFAULT_ID_BASE,
+            log_format,
+            images_dir: args
+                .images_dir
+                .or(file.images_dir)
+                .unwrap_or_else(|| state_dir.join("images")),
+            state_dir,
+        })
+    }
+}
+
+/// Reads a secret from a file: trimmed, must not be empty.
+pub fn read_secret(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read {}", path.display()))?;
+    let s = text.trim();
+    if s.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(s.to_string())
+}
+
+/// Parses `a.b.c.d/n` into the network address and prefix length; the subnet must leave room
+/// for the bridge and at least one sandbox.
+pub fn parse_cidr(s: &str) -> anyhow::Result<(Ipv4Addr, u8)> {
+    let bad = || anyhow::anyhow!("subnet must be an IPv4 CIDR like 10.209.0.0/16, got {s:?}");
+    let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    if !(8..=28).contains(&len) {
+        bail!("subnet prefix length must be between 8 and 28, got /{len}");
+    }
+    let mask = u32::MAX << (32 - u32::from(len));
+    if u32::from(addr) & !mask != 0 {
+        bail!("subnet {s} has host bits set: use {}/{len}", Ipv4Addr::from(u32::from(addr) & mask));
+    }
+    Ok((addr, len))
+}
+
+fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_defaults_without_flags() {
+        let c = Config::load(ServeArgs::default()).unwrap();
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.bridge_addr(), Ipv4Addr::new(10, 209, 0, 1));
+        assert_eq!(c.prefix_len, 16);
+        assert!(c.llm.is_none());
+    }
+
+    #[test]
+    fn test_file_and_flag_precedence_and_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agentd.toml");
+        std::fs::write(&f, "state_dir = \"/srv/a\"\nmax_sandboxes = 3\n").unwrap();
+        let args = ServeArgs {
+            config: Some(f.clone()),
+            max_sandboxes: Some(5),
+            ..Default::default()
+        };
+        let c = Config::load(args).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/srv/a"));
+        assert_eq!(c.max_sandboxes, 5);
+        std::fs::write(&f, "stat_dir = \"/srv/a\"\n").unwrap();
+        let err = Config::load(ServeArgs {
+            config: Some(f),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field `stat_dir`"), "{err:#}");
+    }
+
+    #[test]
+    fn test_cidr() {
+        assert_eq!(parse_cidr("10.1.0.0/16").unwrap(), (Ipv4Addr::new(10, 1, 0, 0), 16));
+        assert!(parse_cidr("10.1.0.1/16").unwrap_err().to_string().contains("host bits"));
+        assert!(parse_cidr("10.1.0.0/31").is_err());
+        assert!(parse_cidr("nonsense").is_err());
+    }
+}

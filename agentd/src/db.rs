@@ -1,0 +1,152 @@
+//! agentd's persistent state: an embedded, transactional database (redb) in the state dir.
+//!
+//! Records are JSON values under string keys, one table per kind. Every write is one redb
+//! transaction: it is durable once `put`/`delete` returns, and a crash leaves either the old or
+//! the new value, never a torn one.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Sandboxes by id ([`crate::sandbox::SandboxRecord`]).
+pub const SANDBOXES: Table = Table(TableDefinition::new("sandboxes"));
+
+/// A table of JSON records keyed by id.
+#[derive(Clone, Copy)]
+pub struct Table(TableDefinition<'static, &'static str, &'static [u8]>);
+
+/// Errors of the state database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The database file could not be opened or created.
+    #[error("failed to open the state database {path}")]
+    Open {
+        /// The database file.
+        path: String,
+        /// Why.
+        #[source]
+        source: redb::DatabaseError,
+    },
+    /// A transaction failed.
+    #[error("state database: {0}")]
+    Redb(String),
+    /// A record could not be (de)serialized.
+    #[error("state database record {key:?}")]
+    Json {
+        /// The record's key.
+        key: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, DbError>;
+
+fn redb_err(e: impl std::fmt::Display) -> DbError {
+    DbError::Redb(e.to_string())
+}
+
+/// The state database.
+pub struct Db {
+    db: Database,
+}
+
+impl Db {
+    /// Opens (or creates) the database at `path` and makes sure every table exists.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = Database::create(path).map_err(|source| DbError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let tx = db.begin_write().map_err(redb_err)?;
+        for t in [SANDBOXES] {
+            tx.open_table(t.0).map_err(redb_err)?;
+        }
+        tx.commit().map_err(redb_err)?;
+        Ok(Db { db })
+    }
+
+    /// Writes `value` under `key`, replacing what was there.
+    pub fn put<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<()> {
+        let bytes = serde_json::to_vec(value).map_err(|source| DbError::Json {
+            key: key.into(),
+            source,
+        })?;
+        let tx = self.db.begin_write().map_err(redb_err)?;
+        {
+            let mut t = tx.open_table(table.0).map_err(redb_err)?;
+            t.insert(key, bytes.as_slice()).map_err(redb_err)?;
+        }
+        tx.commit().map_err(redb_err)
+    }
+
+    /// Removes `key`; removing a missing key is not an error.
+    pub fn delete(&self, table: Table, key: &str) -> Result<()> {
+        let tx = self.db.begin_write().map_err(redb_err)?;
+        {
+            let mut t = tx.open_table(table.0).map_err(redb_err)?;
+            t.remove(key).map_err(redb_err)?;
+        }
+        tx.commit().map_err(redb_err)
+    }
+
+    /// The record under `key`.
+    pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>> {
+        let tx = self.db.begin_read().map_err(redb_err)?;
+        let t = tx.open_table(table.0).map_err(redb_err)?;
+        let Some(v) = t.get(key).map_err(redb_err)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|source| DbError::Json {
+                key: key.into(),
+                source,
+            })
+    }
+
+    /// Every record of `table`, in key order.
+    pub fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>> {
+        let tx = self.db.begin_read().map_err(redb_err)?;
+        let t = tx.open_table(table.0).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(redb_err)? {
+            let (k, v) = item.map_err(redb_err)?;
+            let value = serde_json::from_slice(v.value()).map_err(|source| DbError::Json {
+                key: k.value().to_string(),
+                source,
+            })?;
+            out.push(value);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_put_get_list_delete_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let db = Db::open(&path).unwrap();
+            db.put(SANDBOXES, "b", &serde_json::json!({"n": 2})).unwrap();
+            db.put(SANDBOXES, "a", &serde_json::json!({"n": 1})).unwrap();
+            db.delete(SANDBOXES, "missing").unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let all: Vec<serde_json::Value> = db.list(SANDBOXES).unwrap();
+        assert_eq!(all, vec![serde_json::json!({"n": 1}), serde_json::json!({"n": 2})]);
+        db.delete(SANDBOXES, "a").unwrap();
+        assert!(db.get::<serde_json::Value>(SANDBOXES, "a").unwrap().is_none());
+        assert_eq!(
+            db.get::<serde_json::Value>(SANDBOXES, "b").unwrap(),
+            Some(serde_json::json!({"n": 2}))
+        );
+    }
+}

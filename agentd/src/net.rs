@@ -1,0 +1,162 @@
+//! Sandbox networking: one bridge owned by agentd, one veth pair per sandbox.
+//!
+//! The bridge has the subnet's first address; agentd reaches each sandbox's servers (OpenCode)
+//! through it, and sandboxes reach agentd's LLM gateway on it. Every sandbox port is
+//! *isolated* (`brport/isolated`): isolated ports cannot exchange frames, so sandbox A cannot
+//! reach sandbox B, only the bridge itself. IPv4 forwarding is off on the bridge
+//! (`conf/<bridge>/forwarding = 0`), so nothing a sandbox sends is routed beyond the host even
+//! when the host forwards between other interfaces, and sandboxes get no default route. IPv6
+//! is disabled on the bridge.
+//!
+//! Ownership: the bridge outlives agentd's restarts (running sandboxes stay attached to it);
+//! a sandbox's pair is created here just before its shim starts and dies with the sandbox's
+//! network namespace. [`Network::remove_link`] deletes a pair whose sandbox never started, and
+//! [`Network::leftover_links`] lists pairs that belong to no live sandbox after a crash.
+
+use std::io;
+use std::net::Ipv4Addr;
+
+use agentd_runtime::netlink;
+
+/// Prefix of the host-side veth names ("agentd host"), followed by 10 chars of the sandbox id.
+pub const HOST_PREFIX: &str = "adh";
+/// Prefix of the sandbox-side veth names while still in the host's namespace.
+pub const PEER_PREFIX: &str = "adp";
+
+/// The bridge and the subnet.
+#[derive(Debug, Clone)]
+pub struct Network {
+    /// Bridge name.
+    pub bridge: String,
+    /// The bridge's address (first of the subnet).
+    pub bridge_addr: Ipv4Addr,
+    /// Subnet network address.
+    pub subnet: Ipv4Addr,
+    /// Prefix length.
+    pub prefix_len: u8,
+}
+
+fn write_sysctl(path: &str, value: &str) -> io::Result<()> {
+    tracing::debug!(path, value, "writing sysctl");
+    std::fs::write(path, value)
+        .map_err(|e| io::Error::new(e.kind(), format!("failed to write {path}: {e}")))
+}
+
+impl Network {
+    /// Makes sure the bridge exists, has its address, forwards nothing, and is up.
+    pub fn setup(bridge: &str, subnet: Ipv4Addr, prefix_len: u8) -> io::Result<Network> {
+        let net = Network {
+            bridge: bridge.to_string(),
+            bridge_addr: Ipv4Addr::from(u32::from(subnet) + 1),
+            subnet,
+            prefix_len,
+        };
+        if !netlink::link_exists(bridge) {
+            match netlink::create_bridge(bridge) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("failed to create bridge {bridge}: {e}"),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let index = netlink::link_index(bridge)?;
+        // Before the address goes on: no IPv6 (no link-local address either), no forwarding.
+        write_sysctl(&format!("/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6"), "1").ok();
+        write_sysctl(&format!("/proc/sys/net/ipv4/conf/{bridge}/forwarding"), "0")?;
+        netlink::add_ipv4(index, net.bridge_addr, prefix_len).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("failed to add {}/{prefix_len} to {bridge}: {e}", net.bridge_addr),
+            )
+        })?;
+        netlink::set_up(index)?;
+        Ok(net)
+    }
+
+    /// The sandbox address with index `n` (0 is the subnet's third address).
+    pub fn address(&self, n: u32) -> Option<Ipv4Addr> {
+        let size = 1u64 << (32 - u32::from(self.prefix_len));
+        // Network, bridge and broadcast addresses are not for sandboxes.
+        if u64::from(n) + 3 >= size {
+            return None;
+        }
+        Some(Ipv4Addr::from(u32::from(self.subnet) + 2 + n))
+    }
+
+    /// Names of the veth pair of sandbox `id`: (host end, sandbox end).
+    pub fn link_names(id: &str) -> (String, String) {
+        let short: String = id.chars().take(10).collect();
+        (format!("{HOST_PREFIX}{short}"), format!("{PEER_PREFIX}{short}"))
+    }
+
+    /// Creates the veth pair of sandbox `id`, host end on the bridge, isolated and up. Returns
+    /// the name of the sandbox end, for the shim to move into the sandbox.
+    pub fn add_link(&self, id: &str) -> io::Result<String> {
+        let (host, peer) = Self::link_names(id);
+        let bridge = netlink::link_index(&self.bridge)?;
+        netlink::create_veth(&host, &peer, bridge)
+            .map_err(|e| io::Error::new(e.kind(), format!("failed to create veth {host}: {e}")))?;
+        let configure = || -> io::Result<()> {
+            write_sysctl(&format!("/sys/class/net/{host}/brport/isolated"), "1")?;
+            netlink::set_up(netlink::link_index(&host)?)
+        };
+        if let Err(e) = configure() {
+            self.remove_link(id);
+            return Err(e);
+        }
+        Ok(peer)
+    }
+
+    /// Deletes the veth pair of sandbox `id` if it still exists (both ends go together).
+    pub fn remove_link(&self, id: &str) {
+        let (host, peer) = Self::link_names(id);
+        for name in [host, peer] {
+            if let Ok(index) = netlink::link_index(&name) {
+                if let Err(e) = netlink::delete_link(index) {
+                    tracing::warn!(link = %name, error = %e, "failed to delete veth");
+                }
+            }
+        }
+    }
+
+    /// Host-side veth links of ours whose sandbox is not in `live` (ids).
+    pub fn leftover_links(&self, live: &[String]) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+            return Vec::new();
+        };
+        let live: Vec<String> = live.iter().map(|id| Self::link_names(id).0).collect();
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with(HOST_PREFIX) || n.starts_with(PEER_PREFIX))
+            .filter(|n| {
+                let host = n.replacen(PEER_PREFIX, HOST_PREFIX, 1);
+                !live.contains(&host)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_addresses_and_names() {
+        let net = Network {
+            bridge: "x".into(),
+            bridge_addr: Ipv4Addr::new(10, 0, 0, 1),
+            subnet: Ipv4Addr::new(10, 0, 0, 0),
+            prefix_len: 29,
+        };
+        assert_eq!(net.address(0), Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert_eq!(net.address(4), Some(Ipv4Addr::new(10, 0, 0, 6)));
+        assert_eq!(net.address(5), None); // 10.0.0.7 is the broadcast address
+        let (h, p) = Network::link_names("0123456789abcdef");
+        assert_eq!((h.as_str(), p.as_str()), ("adh0123456789", "adp0123456789"));
+        assert!(h.len() <= 15);
+    }
+}

@@ -1,0 +1,104 @@
+//! The OpenCode server in a sandbox: how it is started and how agentd knows it is up.
+//!
+//! agentd runs `opencode serve` as the sandbox's command, as the image's user, with:
+//! - a random `OPENCODE_SERVER_PASSWORD` (HTTP Basic auth; agentd's proxy adds it, clients
+//!   never see it);
+//! - its config inline (`OPENCODE_CONFIG_CONTENT`): one provider, `agentd`, that points at
+//!   agentd's LLM gateway on the bridge with a per-sandbox gateway token (not the upstream key),
+//!   tools allowed without prompts, sharing off;
+//! - model catalogue and auto-update fetches off, LSP downloads off; its XDG dirs are the
+//!   image's (each sandbox has its own overlay upper dir, so they are per sandbox), TMPDIR is the
+//!   sandbox's private /tmp (exec allowed: OpenCode unpacks a native library there).
+//!
+//! The plugin install is pre-seeded in the image (rootfs-builder's opencode recipe).
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+/// Port OpenCode listens on inside the sandbox.
+pub const PORT: u16 = 4096;
+/// User name of OpenCode's Basic auth.
+pub const USER: &str = "opencode";
+/// How long OpenCode may take to answer its health check after start (it needs ~2 s alone,
+/// several times that when many start at once on 2 cores).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Label an image sets to say it carries OpenCode (its value is the version).
+pub const IMAGE_LABEL: &str = "dev.agentd.opencode.version";
+
+/// The command line.
+pub fn command() -> Vec<String> {
+    [
+        "opencode",
+        "serve",
+        "--hostname",
+        "0.0.0.0",
+        "--port",
+        "4096",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The environment entries agentd adds for OpenCode.
+pub fn env(password: &str, gateway: (Ipv4Addr, u16), gateway_token: &str, model: &str) -> Vec<String> {
+    let (addr, port) = gateway;
+    let config = serde_json::json!({
+        "$schema": "https://opencode.ai/config.json",
+        "provider": {
+            "agentd": {
+                "npm": "@ai-sdk/openai-compatible",
+                "name": "agentd gateway",
+                "options": {
+                    "baseURL": format!("http://{addr}:{port}/v1"),
+                    "apiKey": gateway_token,
+                },
+                "models": { model: { "name": model } },
+            }
+        },
+        "model": format!("agentd/{model}"),
+        "small_model": format!("agentd/{model}"),
+        "enabled_providers": ["agentd"],
+        "permission": { "edit": "allow", "bash": "allow", "webfetch": "allow" },
+        "share": "disabled",
+        "autoupdate": false,
+    });
+    vec![
+        format!("OPENCODE_SERVER_PASSWORD={password}"),
+        format!("OPENCODE_SERVER_USERNAME={USER}"),
+        format!("OPENCODE_CONFIG_CONTENT={config}"),
+        "OPENCODE_DISABLE_AUTOUPDATE=1".into(),
+        "OPENCODE_DISABLE_MODELS_FETCH=1".into(),
+        "OPENCODE_DISABLE_LSP_DOWNLOAD=1".into(),
+        "OPENCODE_DISABLE_SHARE=1".into(),
+        "TMPDIR=/tmp".into(),
+    ]
+}
+
+/// The `Authorization` header value for the server.
+pub fn basic_auth(password: &str) -> String {
+    use base64::Engine;
+    let raw = format!("{USER}:{password}");
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_env_has_no_upstream_key_and_valid_config() {
+        let env = env("pw", (Ipv4Addr::new(10, 209, 0, 1), 4199), "gw-token", "m1");
+        let content = env
+            .iter()
+            .find_map(|e| e.strip_prefix("OPENCODE_CONFIG_CONTENT="))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(content).unwrap();
+        assert_eq!(
+            v["provider"]["agentd"]["options"]["baseURL"],
+            "http://10.209.0.1:4199/v1"
+        );
+        assert_eq!(v["model"], "agentd/m1");
+        assert_eq!(basic_auth("pw"), "Basic b3BlbmNvZGU6cHc=");
+    }
+}

@@ -1,0 +1,1008 @@
+//! The sandbox manager: creates sandboxes from images, supervises them, stops and reaps them,
+//! and reconciles with what is left after an agentd restart.
+//!
+//! Every sandbox has: a record in the database (the source of truth across restarts), a shim
+//! (started through `agentd_runtime::Runtime`, outlives agentd), an overlay rootfs over the
+//! image's shared layers (mounted and unmounted by the shim), a cgroup, a user namespace whose
+//! ids 0-65535 map to the daemon's id range, and its own netns with a veth on agentd's bridge.
+//!
+//! Ownership of what a sandbox uses, and who removes it:
+//! - the shim removes the container, cgroups, overlay mount and state dir (`Delete`);
+//! - [`Manager::finish`] moves the logs out first, then deletes through the shim (or cleans up
+//!   after a dead shim with `Runtime::cleanup`), then removes the veth pair if it survived;
+//! - a failed create rolls back whatever it made, in reverse order;
+//! - [`Manager::reconcile`] at start handles sandboxes whose owner (an earlier agentd) died.
+//!
+//! All sandboxes of the daemon share one host id range (like docker's userns-remap), so the
+//! image layers are unpacked once with their owners shifted into it and shared by every
+//! sandbox. Sandboxes are kept apart by their namespaces, not by distinct host ids.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use agentd_images::{Store, UnpackOptions};
+use agentd_runtime::{
+    layout, IdMap, Limits, NetworkMode, Rootfs, Runtime, SandboxSpec, SandboxStatus, VethConfig,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+use crate::api::error::ApiError;
+use crate::config::Config;
+use crate::db::{Db, SANDBOXES};
+use crate::metrics::Metrics;
+use crate::net::Network;
+
+/// Cgroup parent of the daemon's sandboxes (apart from `agentd run`'s).
+pub const CGROUP_PARENT: &str = "agentd/serve";
+/// Bytes of a log kept in the record when a sandbox ends.
+pub const LOG_TAIL_BYTES: u64 = 4096;
+/// Seconds a stop waits after SIGTERM before the shim kills everything.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// The image a sandbox gets when the request names none.
+pub const DEFAULT_IMAGE: &str = "opencode";
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+/// Where a sandbox is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    /// Resources are being made.
+    Creating,
+    /// Running; its OpenCode server is not answering yet.
+    Starting,
+    /// Running and usable (OpenCode answers, for OpenCode sandboxes).
+    Ready,
+    /// Its command exited (or OpenCode died); every resource is freed.
+    Exited,
+    /// Stopped by a request, the idle timeout or the TTL; every resource is freed.
+    Stopped,
+}
+
+impl SandboxState {
+    /// Whether the sandbox holds resources.
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            SandboxState::Creating | SandboxState::Starting | SandboxState::Ready
+        )
+    }
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Starting => "starting",
+            SandboxState::Ready => "ready",
+            SandboxState::Exited => "exited",
+            SandboxState::Stopped => "stopped",
+        }
+    }
+}
+
+/// Token usage through the LLM gateway.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Usage {
+    /// Requests forwarded.
+    pub requests: u64,
+    /// Prompt tokens the upstream reported.
+    pub prompt_tokens: u64,
+    /// Completion tokens the upstream reported.
+    pub completion_tokens: u64,
+}
+
+/// How a sandbox ended.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Exit status of its command (128+N for signal N), if known.
+    pub code: Option<i32>,
+    /// The OOM killer killed a process of it.
+    pub oom_killed: bool,
+    /// Why it ended, in words.
+    pub reason: String,
+    /// The end of its stderr (and stdout), for a quick diagnosis.
+    pub log_tail: String,
+}
+
+/// A sandbox's secrets: never shown on the API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenCodeSecrets {
+    /// OpenCode's server password.
+    pub password: String,
+    /// The token OpenCode presents to agentd's LLM gateway.
+    pub gateway_token: String,
+}
+
+/// A sandbox as stored in the database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    /// Id (12 hex chars).
+    pub id: String,
+    /// Optional unique name.
+    pub name: Option<String>,
+    /// The image as requested.
+    pub image: String,
+    /// Manifest digest of the image.
+    pub image_digest: String,
+    /// State.
+    pub state: SandboxState,
+    /// Unix time (ms) of creation.
+    pub created_at: u64,
+    /// Unix time (ms) when it became ready.
+    pub ready_at: Option<u64>,
+    /// Its address on the bridge.
+    pub address: Ipv4Addr,
+    /// Memory limit, bytes.
+    pub memory_bytes: u64,
+    /// CPU limit in cores.
+    pub cpus: Option<f64>,
+    /// Task limit.
+    pub pids: Option<u64>,
+    /// Idle timeout, seconds (0: never).
+    pub idle_timeout_secs: u64,
+    /// Lifetime limit, seconds.
+    pub ttl_secs: Option<u64>,
+    /// User labels.
+    pub labels: BTreeMap<String, String>,
+    /// OpenCode runs in it (its secrets).
+    pub opencode: Option<OpenCodeSecrets>,
+    /// Uid and gid (inside) of the image's user: files put into it belong to them.
+    pub user: (u32, u32),
+    /// Gateway usage.
+    pub usage: Usage,
+    /// How it ended.
+    pub exit: Option<ExitInfo>,
+}
+
+impl SandboxRecord {
+    /// The public view.
+    pub fn view(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "name": self.name,
+            "image": self.image,
+            "image_digest": self.image_digest,
+            "state": self.state.as_str(),
+            "created_at": self.created_at,
+            "ready_at": self.ready_at,
+            "address": self.address.to_string(),
+            "limits": {"memory_bytes": self.memory_bytes, "cpus": self.cpus, "pids": self.pids},
+            "idle_timeout_secs": self.idle_timeout_secs,
+            "ttl_secs": self.ttl_secs,
+            "labels": self.labels,
+            "opencode": self.opencode.is_some(),
+            "usage": self.usage,
+            "exit": self.exit,
+        })
+    }
+}
+
+/// A size given as bytes or as text like `2g`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    /// Bytes.
+    Bytes(u64),
+    /// Human text.
+    Text(String),
+}
+
+impl SizeValue {
+    fn bytes(&self) -> Result<u64> {
+        match self {
+            SizeValue::Bytes(b) => Ok(*b),
+            SizeValue::Text(t) => {
+                agentd_runtime::parse_size(t).map_err(|e| ApiError::BadRequest(format!("limits.memory: {e}")))
+            }
+        }
+    }
+}
+
+/// Requested limits.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsRequest {
+    /// Memory limit (bytes or `2g`).
+    pub memory: Option<SizeValue>,
+    /// CPU cores.
+    pub cpus: Option<f64>,
+    /// Most tasks.
+    pub pids: Option<u64>,
+}
+
+/// `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// Image name or reference [default: opencode].
+    pub image: Option<String>,
+    /// Unique name.
+    pub name: Option<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Limits.
+    #[serde(default)]
+    pub limits: LimitsRequest,
+    /// Network mode: only `none` (no egress) for now.
+    pub network: Option<String>,
+    /// Idle timeout, seconds (0: never).
+    pub idle_timeout_secs: Option<u64>,
+    /// Lifetime, seconds.
+    pub ttl_secs: Option<u64>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Start OpenCode [default: whether the image carries it].
+    pub opencode: Option<bool>,
+    /// Command of a non-OpenCode sandbox [default: none, the sandbox idles until stopped].
+    pub command: Option<Vec<String>>,
+}
+
+/// A live sandbox in memory.
+pub struct Sandbox {
+    /// The record; written to the database on every change. A std mutex: held only to read
+    /// or update fields, never across an await.
+    pub record: Mutex<SandboxRecord>,
+    /// Unix time (ms) of the last API request that touched it.
+    pub last_activity: AtomicU64,
+    /// Requests to it in flight (proxied streams keep it from being idle).
+    pub active: AtomicUsize,
+    /// Changes when the state does; waiters watch it.
+    pub state_tx: watch::Sender<SandboxState>,
+}
+
+impl Sandbox {
+    fn new(record: SandboxRecord) -> Arc<Self> {
+        let (state_tx, _) = watch::channel(record.state);
+        Arc::new(Sandbox {
+            record: Mutex::new(record),
+            last_activity: AtomicU64::new(now_ms()),
+            active: AtomicUsize::new(0),
+            state_tx,
+        })
+    }
+
+    /// A copy of the record.
+    pub fn snapshot(&self) -> SandboxRecord {
+        self.record.lock().expect("sandbox record lock").clone()
+    }
+
+    /// Notes API traffic.
+    pub fn touch(&self) {
+        self.last_activity.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Keeps a sandbox busy while a request to it runs.
+pub struct ActiveGuard(Arc<Sandbox>);
+
+impl ActiveGuard {
+    /// Marks `sb` busy until the guard drops.
+    pub fn new(sb: Arc<Sandbox>) -> Self {
+        sb.active.fetch_add(1, Ordering::Relaxed);
+        sb.touch();
+        ActiveGuard(sb)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Unix time in ms.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// `n` random bytes as lowercase hex.
+pub fn random_hex(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .is_ok();
+    assert!(ok, "cannot read /dev/urandom");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The sandbox service.
+pub struct Manager {
+    /// Validated config.
+    pub config: Config,
+    /// The database.
+    pub db: Db,
+    /// Starts and finds shims.
+    pub runtime: Runtime,
+    /// The image store.
+    pub store: Arc<Store>,
+    /// Bridge and subnet.
+    pub net: Network,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Every sandbox with a record, by id. A std mutex: map lookups only, never across await.
+    sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+    /// Serializes creates' quota checks and address choice with each other.
+    create_lock: tokio::sync::Mutex<()>,
+    /// HTTP client for the sandboxes' OpenCode servers.
+    pub http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        crate::api::Body,
+    >,
+}
+
+impl Manager {
+    /// Opens the state and sets up the network; call [`Manager::reconcile`] next.
+    pub fn new(config: Config) -> anyhow::Result<Arc<Manager>> {
+        use anyhow::Context;
+        std::fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("failed to create {}", config.state_dir.display()))?;
+        std::fs::create_dir_all(config.sandboxes_dir())?;
+        std::fs::create_dir_all(config.state_dir.join("logs"))?;
+        let db = Db::open(&config.db_path())?;
+        let store = Store::open(config.images_dir())
+            .with_context(|| format!("failed to open the image store in {}", config.images_dir().display()))?;
+        let net = Network::setup(&config.bridge, config.subnet, config.prefix_len)
+            .context("failed to set up the sandbox bridge")?;
+        let runtime = Runtime::new(config.sandboxes_dir()).with_cgroup_parent(CGROUP_PARENT);
+        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+        Ok(Arc::new(Manager {
+            config,
+            db,
+            runtime,
+            store: Arc::new(store),
+            net,
+            metrics: Metrics::default(),
+            sandboxes: Mutex::new(HashMap::new()),
+            create_lock: tokio::sync::Mutex::new(()),
+            http,
+        }))
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Sandbox>>> {
+        self.sandboxes.lock().expect("sandbox map lock")
+    }
+
+    /// Every sandbox.
+    pub fn list(&self) -> Vec<Arc<Sandbox>> {
+        let mut v: Vec<_> = self.map().values().cloned().collect();
+        v.sort_by_key(|s| s.snapshot().created_at);
+        v
+    }
+
+    /// A sandbox by id or name.
+    pub fn get(&self, key: &str) -> Result<Arc<Sandbox>> {
+        let map = self.map();
+        if let Some(sb) = map.get(key) {
+            return Ok(sb.clone());
+        }
+        map.values()
+            .find(|s| s.snapshot().name.as_deref() == Some(key))
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("no sandbox {key:?}")))
+    }
+
+    fn persist(&self, sb: &Sandbox) {
+        let rec = sb.snapshot();
+        if let Err(e) = self.db.put(SANDBOXES, &rec.id, &rec) {
+            tracing::error!(sandbox = %rec.id, error = %agentd_runtime::error_chain(&e), "failed to persist sandbox");
+        }
+    }
+
+    fn set_state(&self, sb: &Sandbox, state: SandboxState, f: impl FnOnce(&mut SandboxRecord)) {
+        {
+            let mut r = sb.record.lock().expect("sandbox record lock");
+            r.state = state;
+            f(&mut r);
+        }
+        self.persist(sb);
+        sb.state_tx.send_replace(state);
+    }
+
+    /// Updates the usage counters.
+    pub fn add_usage(&self, sb: &Sandbox, prompt: u64, completion: u64) {
+        {
+            let mut r = sb.record.lock().expect("sandbox record lock");
+            r.usage.requests += 1;
+            r.usage.prompt_tokens += prompt;
+            r.usage.completion_tokens += completion;
+        }
+        self.persist(sb);
+    }
+
+    /// The sandbox whose OpenCode presents `token` to the gateway from `from`.
+    pub fn by_gateway_token(&self, token: &str, from: Ipv4Addr) -> Option<Arc<Sandbox>> {
+        self.map()
+            .values()
+            .find(|s| {
+                let r = s.record.lock().expect("sandbox record lock");
+                r.state.is_live()
+                    && r.address == from
+                    && r.opencode
+                        .as_ref()
+                        .is_some_and(|o| constant_time_eq(o.gateway_token.as_bytes(), token.as_bytes()))
+            })
+            .cloned()
+    }
+
+    /// Creates a sandbox; returns once it runs (OpenCode may still be starting).
+    pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> Result<SandboxRecord> {
+        let started = Instant::now();
+        // Validate everything that needs no system call first.
+        if let Some(n) = &req.network {
+            if n != "none" {
+                return Err(ApiError::BadRequest(format!(
+                    "network {n:?} is not supported yet: use \"none\" (no egress)"
+                )));
+            }
+        }
+        if let Some(name) = &req.name {
+            if name.is_empty() || name.len() > 63 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+                return Err(ApiError::BadRequest(format!(
+                    "name must be 1-63 letters, digits, '-', '_' or '.', got {name:?}"
+                )));
+            }
+        }
+        for k in req.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(ApiError::BadRequest(format!("invalid environment variable name {k:?}")));
+            }
+        }
+        let memory = match &req.limits.memory {
+            Some(m) => m.bytes()?,
+            None => self.config.sandbox_memory,
+        };
+        let limits = Limits {
+            memory_bytes: Some(memory),
+            swap_bytes: None,
+            cpus: req.limits.cpus,
+            pids: req.limits.pids,
+        };
+        limits
+            .validate()
+            .map_err(|e| ApiError::BadRequest(agentd_runtime::error_chain(&e)))?;
+        if memory > self.config.max_memory {
+            return Err(ApiError::BadRequest(format!(
+                "limits.memory {memory} bytes is more than agentd may commit in total ({} bytes)",
+                self.config.max_memory
+            )));
+        }
+        if let Some(cmd) = &req.command {
+            if cmd.is_empty() || cmd[0].is_empty() {
+                return Err(ApiError::BadRequest("command must not be empty".into()));
+            }
+        }
+        let image_name = req.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+
+        // The image: layers with owners shifted into the daemon's id range (unpacked once).
+        let store = self.store.clone();
+        let opts = UnpackOptions {
+            id_offset: self.config.id_base,
+            ..UnpackOptions::default()
+        };
+        let name2 = image_name.clone();
+        let image = tokio::task::spawn_blocking(move || store.rootfs(&name2, &opts))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(|e| match e {
+                agentd_images::StoreError::UnknownImage(_) => {
+                    ApiError::BadRequest(format!(
+                        "unknown image {image_name:?}: pull or import it first (POST /v1/images/pull, agentd image pull|import)"
+                    ))
+                }
+                other => ApiError::internal(agentd_runtime::error_chain(&other)),
+            })?;
+        let opencode = req
+            .opencode
+            .unwrap_or_else(|| image.config.labels.contains_key(crate::opencode::IMAGE_LABEL));
+        if opencode && req.command.is_some() {
+            return Err(ApiError::BadRequest(
+                "command and opencode are exclusive: OpenCode is the command of an OpenCode sandbox".into(),
+            ));
+        }
+        let user = if image.config.user.is_empty() {
+            (0, 0)
+        } else {
+            crate::run::resolve_user(&image.lower_dirs, &image.config.user)
+                .map_err(|e| ApiError::BadRequest(format!("image {image_name}: {e:#}")))?
+        };
+        let args = if opencode {
+            let cmd = crate::opencode::command();
+            if !crate::run::find_command(&image.lower_dirs, &cmd[0], &image.config.env) {
+                return Err(ApiError::BadRequest(format!(
+                    "image {image_name} has no opencode binary on its PATH: use an OpenCode image or opencode: false"
+                )));
+            }
+            cmd
+        } else {
+            req.command.clone().unwrap_or_default()
+        };
+
+        // Quotas, address and record, under the create lock.
+        let guard = self.create_lock.lock().await;
+        let (live, committed, used): (usize, u64, Vec<Ipv4Addr>) = {
+            let map = self.map();
+            let live: Vec<SandboxRecord> = map
+                .values()
+                .map(|s| s.snapshot())
+                .filter(|r| r.state.is_live())
+                .collect();
+            (
+                live.len(),
+                live.iter().map(|r| r.memory_bytes).sum(),
+                live.iter().map(|r| r.address).collect(),
+            )
+        };
+        if live >= self.config.max_sandboxes {
+            return Err(ApiError::Quota(format!(
+                "agentd runs {live} sandboxes, its maximum (max_sandboxes): stop or delete one first"
+            )));
+        }
+        if committed.saturating_add(memory) > self.config.max_memory {
+            return Err(ApiError::Quota(format!(
+                "{memory} bytes more would commit {} of {} bytes of memory (max_memory): stop a sandbox or ask for less",
+                committed.saturating_add(memory),
+                self.config.max_memory
+            )));
+        }
+        if let Some(name) = &req.name {
+            if self.map().values().any(|s| s.snapshot().name.as_deref() == Some(name)) {
+                return Err(ApiError::Conflict(format!("a sandbox named {name:?} exists")));
+            }
+        }
+        let address = (0..)
+            .map_while(|n| self.net.address(n))
+            .find(|a| !used.contains(a))
+            .ok_or_else(|| ApiError::Quota("no free address in the sandbox subnet".into()))?;
+        let id = random_hex(6);
+        let secrets = opencode.then(|| OpenCodeSecrets {
+            password: random_hex(24),
+            gateway_token: random_hex(24),
+        });
+        let record = SandboxRecord {
+            id: id.clone(),
+            name: req.name.clone(),
+            image: image_name.clone(),
+            image_digest: image.image.manifest.to_string(),
+            state: SandboxState::Creating,
+            created_at: now_ms(),
+            ready_at: None,
+            address,
+            memory_bytes: memory,
+            cpus: req.limits.cpus,
+            pids: req.limits.pids,
+            idle_timeout_secs: req.idle_timeout_secs.unwrap_or(self.config.idle_timeout),
+            ttl_secs: req.ttl_secs,
+            labels: req.labels.clone(),
+            opencode: secrets.clone(),
+            user,
+            usage: Usage::default(),
+            exit: None,
+        };
+        let sb = Sandbox::new(record);
+        self.persist(&sb);
+        self.map().insert(id.clone(), sb.clone());
+        drop(guard);
+
+        // The spec.
+        let mut env = image.config.env.clone();
+        let mut set = |kv: String| {
+            let key = kv.split('=').next().unwrap_or_default().to_string();
+            env.retain(|e| e.split('=').next() != Some(key.as_str()));
+            env.push(kv);
+        };
+        if let Some(s) = &secrets {
+            for kv in crate::opencode::env(
+                &s.password,
+                (self.net.bridge_addr, self.config.gateway_port),
+                &s.gateway_token,
+                &self.config.llm_model,
+            ) {
+                set(kv);
+            }
+        }
+        for (k, v) in &req.env {
+            set(format!("{k}={v}"));
+        }
+        let mut spec = SandboxSpec::new(args);
+        spec.idle = spec.args.is_empty();
+        spec.env = env;
+        spec.cwd = PathBuf::from(if image.config.workdir.is_empty() {
+            "/"
+        } else {
+            image.config.workdir.as_str()
+        });
+        spec.uid = user.0;
+        spec.gid = user.1;
+        spec.hostname = format!("sb-{id}");
+        spec.uid_map = Some(IdMap::unprivileged(self.config.id_base));
+        spec.gid_map = Some(IdMap::unprivileged(self.config.id_base));
+        spec.limits = limits;
+        spec.readonly_rootfs = false;
+
+        // Network, then the shim; undo in reverse on failure.
+        let result: Result<()> = async {
+            let net = self.net.clone();
+            let id2 = id.clone();
+            let peer = tokio::task::spawn_blocking(move || net.add_link(&id2))
+                .await
+                .map_err(ApiError::internal)?
+                .map_err(ApiError::internal)?;
+            spec.network = NetworkMode::Veth(VethConfig {
+                link: peer,
+                address,
+                prefix_len: self.config.prefix_len,
+            });
+            let runtime = self.runtime.clone();
+            let id2 = id.clone();
+            let layers = image.lower_dirs.clone();
+            tokio::task::spawn_blocking(move || runtime.create(&id2, Rootfs::Layers(layers), &spec, None))
+                .await
+                .map_err(ApiError::internal)?
+                .map_err(|e| ApiError::internal(agentd_runtime::error_chain(&e)))?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            self.net.remove_link(&id);
+            self.map().remove(&id);
+            let _ = self.db.delete(SANDBOXES, &id);
+            return Err(e);
+        }
+        self.metrics.observe_create(started.elapsed());
+        if opencode {
+            self.set_state(&sb, SandboxState::Starting, |_| {});
+        } else {
+            self.set_state(&sb, SandboxState::Ready, |r| r.ready_at = Some(now_ms()));
+        }
+        tracing::info!(sandbox = %id, image = %image_name, opencode, "sandbox created");
+        self.clone().supervise(sb.clone()).await;
+        Ok(sb.snapshot())
+    }
+
+    /// Starts watching a running sandbox: its exit, and for OpenCode its readiness.
+    async fn supervise(self: Arc<Self>, sb: Arc<Sandbox>) {
+        let id = sb.snapshot().id;
+        let client = self.runtime.client(&id);
+        let pidfd = tokio::task::spawn_blocking(move || -> std::io::Result<OwnedFd> {
+            let (pid, status) = client.state().map_err(std::io::Error::other)?;
+            if !matches!(status, SandboxStatus::Running) {
+                return Err(std::io::Error::other("not running"));
+            }
+            let fd = pidfd_open(pid)?;
+            // The pid could have been reused between state() and pidfd_open: ask again.
+            match client.state().map_err(std::io::Error::other)? {
+                (p, SandboxStatus::Running) if p == pid => Ok(fd),
+                _ => Err(std::io::Error::other("exited while attaching")),
+            }
+        })
+        .await;
+        let me = self.clone();
+        let sb2 = sb.clone();
+        tokio::spawn(async move {
+            match pidfd {
+                // SAFETY: the OwnedFd moves into the AsyncFd, stays open and names the same pidfd
+                // until the AsyncFd drops it.
+                Ok(Ok(fd)) => match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
+                    Ok(afd) => {
+                        let _ = afd.readable().await;
+                    }
+                    Err(e) => tracing::error!(sandbox = %id, error = ?e, "cannot watch the sandbox"),
+                },
+                Ok(Err(e)) => tracing::debug!(sandbox = %id, error = %e, "sandbox not running at attach"),
+                Err(e) => tracing::error!(sandbox = %id, error = %e, "attach task failed"),
+            }
+            me.finish(&sb2, None).await;
+        });
+        if sb.snapshot().state == SandboxState::Starting {
+            tokio::spawn(self.wait_opencode(sb));
+        }
+    }
+
+    async fn wait_opencode(self: Arc<Self>, sb: Arc<Sandbox>) {
+        let rec = sb.snapshot();
+        let Some(secrets) = rec.opencode.clone() else { return };
+        let uri: hyper::Uri = match format!("http://{}:{}/global/health", rec.address, crate::opencode::PORT).parse() {
+            Ok(u) => u,
+            Err(_) => return,
+        };
+        let auth = crate::opencode::basic_auth(&secrets.password);
+        let deadline = Instant::now() + crate::opencode::READY_TIMEOUT;
+        let mut state_rx = sb.state_tx.subscribe();
+        while Instant::now() < deadline {
+            if !sb.snapshot().state.is_live() {
+                return;
+            }
+            let req = hyper::Request::get(uri.clone())
+                .header(hyper::header::AUTHORIZATION, &auth)
+                .body(crate::api::empty())
+                .expect("valid request");
+            let ok = matches!(
+                tokio::time::timeout(Duration::from_secs(2), self.http.request(req)).await,
+                Ok(Ok(resp)) if resp.status().is_success()
+            );
+            if ok {
+                let started = rec.created_at;
+                self.set_state(&sb, SandboxState::Ready, |r| r.ready_at = Some(now_ms()));
+                self.metrics
+                    .observe_ready(Duration::from_millis(now_ms().saturating_sub(started)));
+                tracing::info!(sandbox = %rec.id, "opencode ready");
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = state_rx.changed() => {}
+            }
+        }
+        tracing::warn!(sandbox = %rec.id, "opencode did not become ready in time");
+        self.stop(&sb, "opencode did not answer its health check in time").await;
+    }
+
+    /// Stops a live sandbox: SIGTERM, then everything is killed after [`STOP_GRACE`].
+    pub async fn stop(&self, sb: &Arc<Sandbox>, reason: &str) {
+        let rec = sb.snapshot();
+        if !rec.state.is_live() {
+            return;
+        }
+        tracing::info!(sandbox = %rec.id, reason, "stopping sandbox");
+        sb.record.lock().expect("sandbox record lock").exit = Some(ExitInfo {
+            code: None,
+            oom_killed: false,
+            reason: reason.to_string(),
+            log_tail: String::new(),
+        });
+        let client = self.runtime.client(&rec.id);
+        let _ = tokio::task::spawn_blocking(move || client.kill(libc::SIGTERM)).await;
+        let mut rx = sb.state_tx.subscribe();
+        let ended = tokio::time::timeout(STOP_GRACE, async {
+            while rx.borrow_and_update().is_live() {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        if ended.is_err() {
+            self.finish(sb, Some(reason)).await;
+        }
+    }
+
+    /// Frees everything of a sandbox whose command ended (or that is being stopped) and records
+    /// how it ended. Idempotent.
+    pub async fn finish(&self, sb: &Arc<Sandbox>, forced: Option<&str>) {
+        let rec = sb.snapshot();
+        if !rec.state.is_live() {
+            return;
+        }
+        let id = rec.id.clone();
+        let runtime = self.runtime.clone();
+        let logs_dir = self.config.state_dir.join("logs").join(&id);
+        let sandbox_dir = self.runtime.sandbox_dir(&id);
+        let status = tokio::task::spawn_blocking(move || {
+            let client = runtime.client(&id);
+            let status = match client.state() {
+                Ok((_, SandboxStatus::Exited(st))) => Some(st),
+                _ => None,
+            };
+            // Logs first: the shim's delete removes its state dir.
+            let _ = std::fs::create_dir_all(&logs_dir);
+            for f in [layout::STDOUT, layout::STDERR] {
+                let _ = std::fs::rename(sandbox_dir.join(f), logs_dir.join(f));
+            }
+            if client.delete().is_err() {
+                if let Err(e) = runtime.cleanup(&id) {
+                    tracing::error!(sandbox = %id, error = %agentd_runtime::error_chain(&e), "cleanup failed");
+                }
+            }
+            status
+        })
+        .await
+        .unwrap_or(None);
+        self.net.remove_link(&rec.id);
+        let tail = log_tail(&self.config.state_dir.join("logs").join(&rec.id));
+        let previous = rec.exit.clone();
+        let stopped = previous.is_some() || forced.is_some();
+        let reason = match (&previous, forced, status) {
+            (Some(p), _, _) => p.reason.clone(),
+            (None, Some(r), _) => r.to_string(),
+            (None, None, Some(st)) if st.oom_killed => "out of memory".to_string(),
+            (None, None, Some(st)) if rec.opencode.is_some() => {
+                format!("opencode exited with status {}", st.code)
+            }
+            (None, None, Some(st)) => format!("the command exited with status {}", st.code),
+            (None, None, None) => "the sandbox's shim is gone".to_string(),
+        };
+        let state = if stopped {
+            SandboxState::Stopped
+        } else {
+            SandboxState::Exited
+        };
+        self.set_state(sb, state, |r| {
+            r.exit = Some(ExitInfo {
+                code: status.map(|s| s.code),
+                oom_killed: status.is_some_and(|s| s.oom_killed),
+                reason,
+                log_tail: tail,
+            });
+        });
+        tracing::info!(sandbox = %rec.id, state = state.as_str(), "sandbox ended");
+    }
+
+    /// Stops (if needed) and forgets a sandbox, its logs included.
+    pub async fn delete(&self, sb: &Arc<Sandbox>) -> Result<()> {
+        self.stop(sb, "deleted").await;
+        let id = sb.snapshot().id;
+        self.map().remove(&id);
+        self.db.delete(SANDBOXES, &id)?;
+        let _ = std::fs::remove_dir_all(self.config.state_dir.join("logs").join(&id));
+        Ok(())
+    }
+
+    /// After a start: load the records, reattach to live shims, end the sandboxes whose shim
+    /// died, and remove what belongs to no live sandbox.
+    pub async fn reconcile(self: &Arc<Self>) -> anyhow::Result<()> {
+        let records: Vec<SandboxRecord> = self.db.list(SANDBOXES)?;
+        let mut live_ids = Vec::new();
+        for rec in records {
+            let sb = Sandbox::new(rec.clone());
+            self.map().insert(rec.id.clone(), sb.clone());
+            if !rec.state.is_live() {
+                continue;
+            }
+            let client = self.runtime.client(&rec.id);
+            let alive = tokio::task::spawn_blocking(move || client.state().ok())
+                .await
+                .unwrap_or(None);
+            match alive {
+                Some((_, SandboxStatus::Running)) if rec.state != SandboxState::Creating => {
+                    tracing::info!(sandbox = %rec.id, "reattached");
+                    live_ids.push(rec.id.clone());
+                    if rec.opencode.is_some() && rec.state == SandboxState::Ready {
+                        // It was ready; check again in the background.
+                        self.set_state(&sb, SandboxState::Starting, |_| {});
+                    }
+                    self.clone().supervise(sb).await;
+                }
+                Some(_) => self.finish(&sb, None).await,
+                None => {
+                    self.finish(&sb, Some("agentd found its shim gone at start")).await;
+                    if let Some(exit) = &mut sb.record.lock().expect("lock").exit {
+                        exit.reason = "the sandbox's shim died while agentd was down".into();
+                    }
+                    // Exited, not stopped: nobody asked for it.
+                    self.set_state(&sb, SandboxState::Exited, |_| {});
+                }
+            }
+        }
+        // Sandbox dirs of no live record (a crash mid-create): clean up.
+        if let Ok(entries) = std::fs::read_dir(self.config.sandboxes_dir()) {
+            for e in entries.flatten() {
+                let id = e.file_name().to_string_lossy().to_string();
+                if !live_ids.contains(&id) {
+                    let client = self.runtime.client(&id);
+                    if client.state().is_ok() {
+                        let _ = client.delete();
+                    } else if let Err(err) = self.runtime.cleanup(&id) {
+                        tracing::warn!(sandbox = %id, error = %agentd_runtime::error_chain(&err), "leftover cleanup failed");
+                    }
+                    tracing::info!(sandbox = %id, "removed leftovers of a sandbox");
+                }
+            }
+        }
+        for link in self.net.leftover_links(&live_ids) {
+            if let Ok(index) = agentd_runtime::netlink::link_index(&link) {
+                let _ = agentd_runtime::netlink::delete_link(index);
+                tracing::info!(link, "removed a leftover veth");
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops sandboxes idle or past their TTL; runs until the process ends.
+    pub async fn reaper(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = now_ms();
+            for sb in self.list() {
+                let rec = sb.snapshot();
+                if !rec.state.is_live() || rec.state == SandboxState::Creating {
+                    continue;
+                }
+                let idle_ms = now.saturating_sub(sb.last_activity.load(Ordering::Relaxed));
+                let reason = if rec.ttl_secs.is_some_and(|t| now.saturating_sub(rec.created_at) > t * 1000) {
+                    Some("ttl expired")
+                } else if rec.idle_timeout_secs > 0
+                    && sb.active.load(Ordering::Relaxed) == 0
+                    && idle_ms > rec.idle_timeout_secs * 1000
+                {
+                    Some("idle timeout")
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.stop(&sb, reason).await });
+                }
+            }
+        }
+    }
+
+    /// The rootfs mount of a live sandbox and the host ids of its user.
+    pub fn rootfs(&self, sb: &Sandbox) -> Result<(PathBuf, (u32, u32))> {
+        let rec = sb.snapshot();
+        if !rec.state.is_live() {
+            return Err(ApiError::Conflict(format!(
+                "sandbox {} is {}: its files are gone",
+                rec.id,
+                rec.state.as_str()
+            )));
+        }
+        let base = self.config.id_base;
+        Ok((
+            self.runtime.sandbox_dir(&rec.id).join(layout::ROOTFS),
+            (base + rec.user.0, base + rec.user.1),
+        ))
+    }
+
+    /// The dir holding a sandbox's log files (its state dir while live, then agentd's copy).
+    pub fn logs_dir(&self, sb: &Sandbox) -> PathBuf {
+        let rec = sb.snapshot();
+        if rec.state.is_live() {
+            self.runtime.sandbox_dir(&rec.id)
+        } else {
+            self.config.state_dir.join("logs").join(&rec.id)
+        }
+    }
+}
+
+/// The last [`LOG_TAIL_BYTES`] of stderr, then of stdout, from a logs dir.
+pub fn log_tail(dir: &Path) -> String {
+    let mut out = String::new();
+    for f in [layout::STDERR, layout::STDOUT] {
+        if let Ok(bytes) = std::fs::read(dir.join(f)) {
+            let start = bytes.len().saturating_sub(usize::try_from(LOG_TAIL_BYTES).unwrap_or(4096));
+            let text = String::from_utf8_lossy(&bytes[start..]);
+            if !text.trim().is_empty() {
+                out.push_str(&text);
+                if !out.ends_with('\n') {
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    out
+}
+
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags, no pointers; a non-negative result is a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
+    // SAFETY: fd was just returned by pidfd_open and is owned by nobody else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    debug_assert!(owned.as_raw_fd() >= 0);
+    Ok(owned)
+}
+
+/// Compares secrets without leaking where they differ through timing.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,134 @@
+//! `agentd serve`: load the config, open the state, reconcile, and serve the API and the LLM
+//! gateway until SIGTERM or SIGINT. Shutting down leaves every sandbox running: their shims
+//! are separate processes, and the next start reattaches to them.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::config::{Config, LogFormat, ServeArgs};
+use crate::sandbox::Manager;
+
+/// Loads the config, installs the log subscriber and runs the daemon.
+pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
+    let config = Config::load(args)?;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match config.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("agentd serve needs root (it creates namespaces, cgroups, mounts and a bridge)");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    rt.block_on(serve(config))?;
+    Ok(0)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let socket = config.socket.clone();
+    let unix = bind_socket(&socket)?;
+    let tcp = match config.listen {
+        None => None,
+        Some(addr) => {
+            let token = load_or_make_token(&config)?;
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("failed to listen on {addr}"))?;
+            tracing::info!(%addr, token_file = %config.token_file.display(), "API on TCP (bearer token required)");
+            Some((l, token))
+        }
+    };
+    let mgr = tokio::task::spawn_blocking(move || Manager::new(config)).await??;
+    mgr.reconcile().await?;
+    let gw_addr = (mgr.net.bridge_addr, mgr.config.gateway_port);
+    let gateway = TcpListener::bind(gw_addr)
+        .await
+        .with_context(|| format!("failed to listen on the gateway address {}:{}", gw_addr.0, gw_addr.1))?;
+    tokio::spawn(crate::gateway::serve(mgr.clone(), gateway));
+    tokio::spawn(mgr.clone().reaper());
+    tracing::info!(socket = %socket.display(), state_dir = %mgr.config.state_dir.display(), "agentd serving");
+    crate::api::serve(mgr, unix, tcp, shutdown_signal()).await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Binds the API socket: its dir is 0700, the socket 0600 (root only). A stale socket of a
+/// dead agentd is replaced; a live one is an error.
+fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another agentd is serving on {} (stop it, or use --socket)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("failed to remove the stale {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("failed to bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// The TCP bearer token: read from the token file, or made (random, 0600) if the file is
+/// missing.
+fn load_or_make_token(config: &Config) -> anyhow::Result<String> {
+    let path = &config.token_file;
+    if path.exists() {
+        return crate::config::read_secret(path);
+    }
+    let token = crate::sandbox::random_hex(32);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode_600()
+        .open(path)
+        .with_context(|| format!("failed to create the token file {}", path.display()))?;
+    f.write_all(token.as_bytes())?;
+    tracing::info!(token_file = %path.display(), "made a new API token");
+    Ok(token)
+}
+
+trait Mode600 {
+    fn mode_600(&mut self) -> &mut Self;
+}
+
+impl Mode600 for std::fs::OpenOptions {
+    fn mode_600(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send(m: Arc<Manager>) -> impl Send {
+    m
+}
