@@ -615,10 +615,33 @@ impl Shim {
             }
         }
         let cwd = req.cwd.unwrap_or_else(|| self.config.spec.cwd.clone());
-        let caps: Vec<String> = crate::spec::DEFAULT_CAPABILITIES
-            .iter()
-            .map(|c| format!("CAP_{c}"))
-            .collect();
+        let uid = req.uid.unwrap_or(self.config.spec.uid);
+        let gid = self.config.spec.gid;
+        // libcontainer 0.7's exec joins every namespace of the sandbox but its user namespace
+        // (tenant_builder's NAMESPACE_TYPES has no "user"), so the process's ids are host ids.
+        // Until exec joins the user namespace itself, run it as the host ids its sandbox ids
+        // map to (unprivileged, and files it makes get the owners the sandbox sees), and give
+        // capabilities only to root inside.
+        let to_host = |id: u32, map: Option<crate::spec::IdMap>| -> Result<u32> {
+            match map {
+                None => Ok(id),
+                Some(m) if id >= m.inside && id - m.inside < m.size => Ok(m.host + (id - m.inside)),
+                Some(_) => Err(ShimError::Io {
+                    what: format!("id {id} is not mapped in the sandbox"),
+                    source: io::Error::other("unmapped id"),
+                }),
+            }
+        };
+        let host_uid = to_host(uid, self.config.spec.uid_map)?;
+        let host_gid = to_host(gid, self.config.spec.gid_map)?;
+        let caps: Vec<String> = if uid == 0 {
+            crate::spec::DEFAULT_CAPABILITIES
+                .iter()
+                .map(|c| format!("CAP_{c}"))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let pid = ContainerBuilder::new(self.config.id.clone(), SyscallType::default())
             .with_root_path(self.dir.join(layout::LIBCONTAINER))
             .map_err(lc_err("failed to find the sandbox's state"))?
@@ -633,8 +656,8 @@ impl Shim {
             .with_container_args(req.args)
             .with_env(env)
             .with_cwd(Some(cwd))
-            .with_user(Some(req.uid.unwrap_or(self.config.spec.uid)))
-            .with_group(Some(self.config.spec.gid))
+            .with_user(Some(host_uid))
+            .with_group(Some(host_gid))
             .with_no_new_privs(true)
             .with_capabilities(caps)
             .with_detach(true)
