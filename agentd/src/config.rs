@@ -87,6 +87,9 @@ pub struct ServeArgs {
     /// Log format: text or json [default: text].
     #[arg(long, env = "AGENTD_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Cgroup parent of the sandboxes, under every controller [default: agentd/serve].
+    #[arg(long, env = "AGENTD_CGROUP_PARENT")]
+    pub cgroup_parent: Option<String>,
 }
 
 /// The config file: the same keys as [`ServeArgs`].
@@ -109,6 +112,7 @@ struct FileConfig {
     sandbox_memory: Option<String>,
     idle_timeout: Option<u64>,
     log_format: Option<String>,
+    cgroup_parent: Option<String>,
 }
 
 /// Log output format.
@@ -166,6 +170,8 @@ pub struct Config {
     pub id_base: u32,
     /// Log format.
     pub log_format: LogFormat,
+    /// Cgroup parent of the sandboxes.
+    pub cgroup_parent: String,
 }
 
 impl Config {
@@ -309,6 +315,19 @@ impl Config {
                 .unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS),
             id_base: DEFAULT_ID_BASE,
             log_format,
+            cgroup_parent: {
+                let p = args
+                    .cgroup_parent
+                    .or(file.cgroup_parent)
+                    .unwrap_or_else(|| crate::sandbox::CGROUP_PARENT.into());
+                if p.is_empty()
+                    || p.starts_with('/')
+                    || p.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+                {
+                    bail!("cgroup_parent must be a relative path like agentd/serve, got {p:?}");
+                }
+                p
+            },
             images_dir: args
                 .images_dir
                 .or(file.images_dir)

@@ -356,7 +356,7 @@ impl Manager {
             .with_context(|| format!("failed to open the image store in {}", config.images_dir().display()))?;
         let net = Network::setup(&config.bridge, config.subnet, config.prefix_len)
             .context("failed to set up the sandbox bridge")?;
-        let runtime = Runtime::new(config.sandboxes_dir()).with_cgroup_parent(CGROUP_PARENT);
+        let runtime = Runtime::new(config.sandboxes_dir()).with_cgroup_parent(config.cgroup_parent.clone());
         let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
         Ok(Arc::new(Manager {
@@ -677,15 +677,25 @@ impl Manager {
     async fn supervise(self: Arc<Self>, sb: Arc<Sandbox>) {
         let id = sb.snapshot().id;
         let client = self.runtime.client(&id);
-        let pidfd = tokio::task::spawn_blocking(move || -> std::io::Result<OwnedFd> {
+        // Watch both the sandbox's init and its shim: the init's exit ends the sandbox, and
+        // so does the shim's death (nobody would reap, report or clean it up any more).
+        let pidfd = tokio::task::spawn_blocking(move || -> std::io::Result<(OwnedFd, OwnedFd)> {
             let (pid, status) = client.state().map_err(std::io::Error::other)?;
             if !matches!(status, SandboxStatus::Running) {
                 return Err(std::io::Error::other("not running"));
             }
             let fd = pidfd_open(pid)?;
-            // The pid could have been reused between state() and pidfd_open: ask again.
+            // The init is the shim's child (libcontainer clones it with CLONE_PARENT).
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+            let ppid: i32 = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| std::io::Error::other("cannot read the init's parent"))?;
+            let shim_fd = pidfd_open(ppid)?;
+            // The pids could have been reused before the pidfds were opened: ask again.
             match client.state().map_err(std::io::Error::other)? {
-                (p, SandboxStatus::Running) if p == pid => Ok(fd),
+                (p, SandboxStatus::Running) if p == pid => Ok((fd, shim_fd)),
                 _ => Err(std::io::Error::other("exited while attaching")),
             }
         })
@@ -694,14 +704,22 @@ impl Manager {
         let sb2 = sb.clone();
         tokio::spawn(async move {
             match pidfd {
-                // SAFETY: the OwnedFd moves into the AsyncFd, stays open and names the same pidfd
-                // until the AsyncFd drops it.
-                Ok(Ok(fd)) => match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
-                    Ok(afd) => {
-                        let _ = afd.readable().await;
+                Ok(Ok((fd, shim_fd))) => {
+                    let watch = |fd: OwnedFd| async move {
+                        // SAFETY: the OwnedFd moves into the AsyncFd, stays open and names the
+                        // same pidfd until the AsyncFd drops it.
+                        match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
+                            Ok(afd) => {
+                                let _ = afd.readable().await;
+                            }
+                            Err(e) => tracing::error!(error = ?e, "cannot watch a pidfd"),
+                        }
+                    };
+                    tokio::select! {
+                        _ = watch(fd) => {}
+                        _ = watch(shim_fd) => tracing::warn!(sandbox = %id, "the sandbox's shim died"),
                     }
-                    Err(e) => tracing::error!(sandbox = %id, error = ?e, "cannot watch the sandbox"),
-                },
+                }
                 Ok(Err(e)) => tracing::debug!(sandbox = %id, error = %e, "sandbox not running at attach"),
                 Err(e) => tracing::error!(sandbox = %id, error = %e, "attach task failed"),
             }
@@ -891,6 +909,10 @@ impl Manager {
         if let Ok(entries) = std::fs::read_dir(self.config.sandboxes_dir()) {
             for e in entries.flatten() {
                 let id = e.file_name().to_string_lossy().to_string();
+                // The state root's own lock file and anything else that is no sandbox id.
+                if agentd_runtime::spec::validate_id(&id).is_err() {
+                    continue;
+                }
                 if !live_ids.contains(&id) {
                     let client = self.runtime.client(&id);
                     if client.state().is_ok() {

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 
 use agentd_runtime::Runtime;
 
+pub mod daemon;
 pub mod registry;
 
 /// The target dir the test binaries were built into (`target/debug`).
@@ -286,7 +287,8 @@ impl Scope {
     }
 }
 
-fn cgroup_parents(parent: &str) -> Vec<PathBuf> {
+/// The dirs of cgroup parent `parent` under every controller that has it.
+pub fn cgroup_parents(parent: &str) -> Vec<PathBuf> {
     let root = Path::new("/sys/fs/cgroup");
     let mut out = vec![root.join(parent)];
     if let Ok(entries) = fs::read_dir(root) {
@@ -334,3 +336,46 @@ pub fn describe(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// The opencode image (tagged `opencode`), built once per test process into store `dir` under
+/// target/, shared by that process's tests (with a
+/// package cache under target/ that later runs reuse).
+pub fn opencode_store(dir: &str) -> Option<PathBuf> {
+    static STORE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    STORE
+        .get_or_init(|| {
+            for tool in ["npm", "apt-get"] {
+                if !Command::new("sh")
+                    .args(["-c", &format!("command -v {tool}")])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+                {
+                    eprintln!("SKIPPED: the opencode image needs {tool} (.ci/run installs it)");
+                    return None;
+                }
+            }
+            let state = target_dir().join(dir);
+            let _ = std::fs::remove_dir_all(&state);
+            let recipe =
+                crate::workspace_root().join("rootfs-builder/recipes/opencode.toml");
+            let started = std::time::Instant::now();
+            let build = Command::new(crate::bin("rootfs-builder"))
+                .arg("build")
+                .arg(&recipe)
+                .arg("--store")
+                .arg(&state)
+                .args(["--tag", "opencode", "--cache"])
+                .arg(crate::target_dir().join("rootfs-builder-cache"))
+                .output()
+                .unwrap();
+            assert!(build.status.success(), "{}", crate::describe(&build));
+            eprintln!(
+                "built the opencode image in {:.1}s: {}",
+                started.elapsed().as_secs_f64(),
+                String::from_utf8_lossy(&build.stderr)
+            );
+            Some(state)
+        })
+        .clone()
+}
+

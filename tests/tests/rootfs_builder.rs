@@ -63,45 +63,8 @@ fn test_minimal_image_runs_under_agentd() {
     scope.assert_clean();
 }
 
-/// The opencode image, built once per test process into a store shared by its tests (with a
-/// package cache under target/ that later runs reuse).
 fn opencode_store() -> Option<std::path::PathBuf> {
-    static STORE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
-    STORE
-        .get_or_init(|| {
-            for tool in ["npm", "apt-get"] {
-                if !Command::new("sh")
-                    .args(["-c", &format!("command -v {tool}")])
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-                {
-                    eprintln!("SKIPPED: the opencode image needs {tool} (.ci/run installs it)");
-                    return None;
-                }
-            }
-            let state = agentd_tests::target_dir().join("opencode-fixture");
-            let _ = std::fs::remove_dir_all(&state);
-            let recipe =
-                agentd_tests::workspace_root().join("rootfs-builder/recipes/opencode.toml");
-            let started = std::time::Instant::now();
-            let build = Command::new(agentd_tests::bin("rootfs-builder"))
-                .arg("build")
-                .arg(&recipe)
-                .arg("--store")
-                .arg(&state)
-                .args(["--tag", "opencode", "--cache"])
-                .arg(agentd_tests::target_dir().join("rootfs-builder-cache"))
-                .output()
-                .unwrap();
-            assert!(build.status.success(), "{}", describe(&build));
-            eprintln!(
-                "built the opencode image in {:.1}s: {}",
-                started.elapsed().as_secs_f64(),
-                String::from_utf8_lossy(&build.stderr)
-            );
-            Some(state)
-        })
-        .clone()
+    agentd_tests::opencode_store("opencode-fixture")
 }
 
 /// `agentd run --image opencode` with HOME and the XDG dirs on the sandbox's /tmp (the image's

@@ -1,0 +1,389 @@
+//! Harness for `agentd serve`: a daemon on temp dirs with its own bridge, subnet and cgroup
+//! parent; a small HTTP/1.1 client over its Unix socket; and a mock LLM upstream that speaks
+//! OpenAI's streaming chat-completions protocol with a scripted conversation.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A response from the daemon.
+#[derive(Debug)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// The (de-chunked) body.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The body as JSON (Null if it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(pos) = data.windows(2).position(|w| w == b"\r\n") else { break };
+        let size_text = String::from_utf8_lossy(&data[..pos]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
+        data = &data[pos + 2..];
+        if size == 0 || data.len() < size {
+            out.extend_from_slice(&data[..size.min(data.len())]);
+            break;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[(size + 2).min(data.len())..];
+    }
+    out
+}
+
+/// Sends one request over a Unix socket (Connection: close) and reads the whole response.
+pub fn request(socket: &Path, method: &str, path: &str, body: Option<&[u8]>, content_type: &str) -> Reply {
+    let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let body = body.unwrap_or(b"");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: agentd\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Reply {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP response");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let rest = &raw[split + 4..];
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    Reply {
+        status,
+        body: if chunked { dechunk(rest) } else { rest.to_vec() },
+    }
+}
+
+/// A running `agentd serve`.
+pub struct Daemon {
+    /// State dir (a temp dir).
+    pub state: tempfile::TempDir,
+    /// The API socket.
+    pub socket: PathBuf,
+    /// Image store.
+    pub images: PathBuf,
+    /// Bridge name.
+    pub bridge: String,
+    /// Cgroup parent.
+    pub cgroup_parent: String,
+    /// Extra flags.
+    pub extra: Vec<String>,
+    child: Option<Child>,
+}
+
+static DAEMONS: AtomicU64 = AtomicU64::new(0);
+
+impl Daemon {
+    /// Starts a daemon on temp dirs using `images` as its image store, with `extra` flags.
+    pub fn start(images: &Path, extra: &[&str]) -> Daemon {
+        let n = DAEMONS.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let state = tempfile::Builder::new().prefix("agentd-serve-").tempdir_in("/var/tmp").unwrap();
+        let mut d = Daemon {
+            socket: state.path().join("agentd.sock"),
+            images: images.to_path_buf(),
+            bridge: format!("adt{}{n}", pid % 100_000),
+            cgroup_parent: format!("agentd-test/serve-{pid}-{n}"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            state,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let n = u32::try_from(std::process::id() % 200).unwrap_or(0) + 20;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state.path().join("agentd.log"))
+            .unwrap();
+        let mut cmd = Command::new(crate::bin("agentd"));
+        cmd.arg("serve")
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .arg("--images-dir")
+            .arg(&self.images)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["--bridge", &self.bridge])
+            .args(["--subnet", &format!("10.211.{n}.0/24")])
+            .args(["--cgroup-parent", &self.cgroup_parent])
+            .args(&self.extra)
+            .env("AGENTD_SHIM", crate::bin("agentd-shim"))
+            .env("AGENTD_LOG", "info,agentd=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.child = Some(cmd.spawn().unwrap());
+        let start = Instant::now();
+        loop {
+            if UnixStream::connect(&self.socket).is_ok() {
+                let r = request(&self.socket, "GET", "/v1/health", None, "application/json");
+                if r.status == 200 {
+                    return;
+                }
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agentd serve exited ({st}):\n{}", self.log());
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "agentd did not start:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// agentd's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("agentd.log")).unwrap_or_default()
+    }
+
+    /// Sends `signal` to the daemon, waits for it to exit, and starts it again.
+    pub fn restart(&mut self, signal: i32) {
+        self.kill(signal);
+        self.spawn();
+    }
+
+    /// Sends `signal` and waits for the daemon to exit.
+    pub fn kill(&mut self, signal: i32) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::try_from(signal).unwrap());
+            let _ = c.wait();
+        }
+    }
+
+    /// A request to the API.
+    pub fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Reply {
+        let b = body.map(|v| v.to_string().into_bytes());
+        request(&self.socket, method, path, b.as_deref(), "application/json")
+    }
+
+    /// Polls a sandbox until its state is `state` (or it ended), returning its JSON.
+    pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let v = self.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
+            if v["state"] == state || v["state"] == "exited" || v["state"] == "stopped" {
+                return v;
+            }
+            assert!(start.elapsed() < timeout, "sandbox {id} not {state} after {timeout:?}: {v}\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs a command in a sandbox: (exit code, stdout, stderr).
+    pub fn exec(&self, id: &str, cmd: &[&str]) -> (i64, String, String) {
+        let r = self.call("POST", &format!("/v1/sandboxes/{id}/exec"), Some(serde_json::json!({"command": cmd, "timeout_secs": 60})));
+        assert_eq!(r.status, 200, "exec: {}", r.text());
+        let (mut out, mut err, mut code) = (String::new(), String::new(), -1);
+        for line in r.body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+            match v["stream"].as_str() {
+                Some("stdout") => out.push_str(v["data"].as_str().unwrap()),
+                Some("stderr") => err.push_str(v["data"].as_str().unwrap()),
+                _ => code = v["exit_code"].as_i64().unwrap_or(-1),
+            }
+        }
+        (code, out, err)
+    }
+
+    /// What of this daemon's sandboxes is still on the host: cgroups, mounts, veths, state.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        for c in crate::cgroup_parents(&self.cgroup_parent) {
+            for e in std::fs::read_dir(&c).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    left.push(format!("cgroup {}", e.path().display()));
+                }
+            }
+        }
+        let state = self.state.path().to_str().unwrap().to_string();
+        for l in std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines() {
+            if l.contains(&state) {
+                left.push(format!("mount {l}"));
+            }
+        }
+        for e in std::fs::read_dir("/sys/class/net").into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let master = std::fs::read_link(e.path().join("master")).ok();
+            if master.is_some_and(|m| m.ends_with(&self.bridge)) {
+                left.push(format!("veth {name}"));
+            }
+        }
+        for e in std::fs::read_dir(self.state.path().join("sandboxes")).into_iter().flatten().flatten() {
+            if e.file_name() != ".lock" {
+                left.push(format!("state dir {}", e.path().display()));
+            }
+        }
+        left
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Remove every sandbox through the API (the daemon owns them), then stop it and
+        // remove the bridge and cgroup parents the test made.
+        if self.child.is_some() {
+            let list = self.call("GET", "/v1/sandboxes", None).json();
+            for s in list["sandboxes"].as_array().cloned().unwrap_or_default() {
+                let id = s["id"].as_str().unwrap_or_default();
+                let _ = self.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
+            }
+        }
+        self.kill(libc::SIGTERM);
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        for c in crate::cgroup_parents(&self.cgroup_parent) {
+            let _ = std::fs::remove_dir(&c);
+            if let Some(p) = c.parent() {
+                let _ = std::fs::remove_dir(p);
+            }
+        }
+    }
+}
+
+/// A mock OpenAI chat-completions upstream on 127.0.0.1 with a scripted conversation:
+/// requests without tools (titles) get a short text; a request whose last message is a tool
+/// result gets the final answer; any other request gets a streamed `bash` tool call running
+/// `command`.
+pub struct MockLlm {
+    /// Base URL (`http://127.0.0.1:N/v1`).
+    pub base_url: String,
+    /// Requests served.
+    pub requests: Arc<AtomicU64>,
+}
+
+impl MockLlm {
+    /// Starts the mock; `command` is what the scripted bash tool call runs.
+    pub fn start(command: &str) -> MockLlm {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(AtomicU64::new(0));
+        let count = requests.clone();
+        let command = command.to_string();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let count = count.clone();
+                let command = command.clone();
+                std::thread::spawn(move || {
+                    let _ = serve_llm(stream, &command, &count);
+                });
+            }
+        });
+        MockLlm {
+            base_url: format!("http://127.0.0.1:{port}/v1"),
+            requests,
+        }
+    }
+}
+
+fn serve_llm(stream: std::net::TcpStream, command: &str, count: &AtomicU64) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h)?;
+            if h == "\r\n" || h.is_empty() {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; len];
+        reader.read_exact(&mut body)?;
+        count.fetch_add(1, Ordering::Relaxed);
+        let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let include_usage = req["stream_options"]["include_usage"] == true;
+        let has_tools = req["tools"].as_array().is_some_and(|t| !t.is_empty());
+        let last_is_tool = req["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .is_some_and(|m| m["role"] == "tool");
+        let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+            serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": "mock",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        };
+        let mut events = Vec::new();
+        if !has_tools || last_is_tool {
+            let text = if has_tools { "All done: the file is written." } else { "Mock title" };
+            events.push(chunk(serde_json::json!({"role": "assistant", "content": text}), None));
+            events.push(chunk(serde_json::json!({}), Some("stop")));
+        } else {
+            let args = serde_json::json!({"command": command, "description": "Write the file"}).to_string();
+            events.push(chunk(serde_json::json!({"role": "assistant", "content": null, "tool_calls": [
+                {"index": 0, "id": "call_mock_1", "type": "function", "function": {"name": "bash", "arguments": ""}}]}), None));
+            events.push(chunk(serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": args}}]}), None));
+            events.push(chunk(serde_json::json!({}), Some("tool_calls")));
+        }
+        if include_usage {
+            events.push(serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": "mock",
+                "choices": [], "usage": {"prompt_tokens": 42, "completion_tokens": 7, "total_tokens": 49}}));
+        }
+        let mut out = String::new();
+        for e in events {
+            out.push_str(&format!("data: {e}\n\n"));
+        }
+        out.push_str("data: [DONE]\n\n");
+        let mut w = stream.try_clone()?;
+        write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {}\r\n\r\n{out}",
+            out.len()
+        )?;
+        w.flush()?;
+    }
+}
+
+/// Reads an SSE stream from the daemon until a line contains `needle` or `timeout` passes.
+/// Returns what was read.
+pub fn follow_until(socket: &Path, path: &str, needle: &str, timeout: Duration) -> String {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: agentd\r\nAccept: text/event-stream\r\n\r\n").unwrap();
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 8192];
+    while start.elapsed() < timeout {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                seen.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&seen).contains(needle) {
+                    break;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
