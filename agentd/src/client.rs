@@ -122,6 +122,9 @@ enum SandboxCommand {
     },
 }
 
+/// A callback that sees a streamed body chunk by chunk.
+type ChunkFn<'a> = &'a mut dyn FnMut(&[u8]);
+
 /// A response: status and body.
 struct Reply {
     status: StatusCode,
@@ -134,17 +137,22 @@ async fn call(
     method: Method,
     path: &str,
     body: Option<(Vec<u8>, &str)>,
-    mut on_chunk: Option<&mut dyn FnMut(&[u8])>,
+    mut on_chunk: Option<ChunkFn<'_>>,
 ) -> anyhow::Result<Reply> {
-    let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
-        format!(
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| {
+            format!(
             "cannot reach agentd at {} (is `agentd serve` running? set --socket or AGENTD_SOCKET)",
             socket.display()
         )
-    })?;
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let mut req = Request::builder().method(method).uri(path).header("host", "agentd");
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "agentd");
     let payload = match body {
         Some((b, ct)) => {
             req = req.header("content-type", ct);
@@ -152,7 +160,9 @@ async fn call(
         }
         None => Vec::new(),
     };
-    let resp = sender.send_request(req.body(Full::new(Bytes::from(payload)))?).await?;
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::from(payload)))?)
+        .await?;
     let status = resp.status();
     let mut body = resp.into_body();
     let mut all = Vec::new();
@@ -171,7 +181,8 @@ async fn call(
 }
 
 fn check(reply: &Reply) -> anyhow::Result<serde_json::Value> {
-    let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or(serde_json::Value::Null);
+    let v: serde_json::Value =
+        serde_json::from_slice(&reply.body).unwrap_or(serde_json::Value::Null);
     if !reply.status.is_success() {
         let msg = v["error"]["message"].as_str().unwrap_or("request failed");
         bail!("{msg} (HTTP {})", reply.status.as_u16());
@@ -179,7 +190,10 @@ fn check(reply: &Reply) -> anyhow::Result<serde_json::Value> {
     Ok(v)
 }
 
-fn kv_map(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+fn kv_map(
+    items: &[String],
+    what: &str,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     let mut m = serde_json::Map::new();
     for it in items {
         let (k, v) = it
@@ -191,7 +205,10 @@ fn kv_map(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String
 }
 
 fn print_table(items: &[serde_json::Value]) {
-    println!("{:<14} {:<16} {:<10} {:<16} {:<12} NAME", "ID", "IMAGE", "STATE", "ADDRESS", "TOKENS");
+    println!(
+        "{:<14} {:<16} {:<10} {:<16} {:<12} NAME",
+        "ID", "IMAGE", "STATE", "ADDRESS", "TOKENS"
+    );
     for s in items {
         let tokens = s["usage"]["prompt_tokens"].as_u64().unwrap_or(0)
             + s["usage"]["completion_tokens"].as_u64().unwrap_or(0);
@@ -275,7 +292,14 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             if !command.is_empty() {
                 body["command"] = command.into();
             }
-            let reply = call(sock, Method::POST, "/v1/sandboxes", Some((body.to_string().into_bytes(), "application/json")), None).await?;
+            let reply = call(
+                sock,
+                Method::POST,
+                "/v1/sandboxes",
+                Some((body.to_string().into_bytes(), "application/json")),
+                None,
+            )
+            .await?;
             let mut v = check(&reply)?;
             let id = v["id"].as_str().unwrap_or_default().to_string();
             if wait {
@@ -285,7 +309,16 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                         bail!("sandbox {id} is not ready after 180 s");
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    v = check(&call(sock, Method::GET, &format!("/v1/sandboxes/{id}"), None, None).await?)?;
+                    v = check(
+                        &call(
+                            sock,
+                            Method::GET,
+                            &format!("/v1/sandboxes/{id}"),
+                            None,
+                            None,
+                        )
+                        .await?,
+                    )?;
                 }
                 if v["state"] != "ready" {
                     bail!(
@@ -312,12 +345,30 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             Ok(0)
         }
         SandboxCommand::Inspect { id } => {
-            let v = check(&call(sock, Method::GET, &format!("/v1/sandboxes/{}", enc(&id)), None, None).await?)?;
+            let v = check(
+                &call(
+                    sock,
+                    Method::GET,
+                    &format!("/v1/sandboxes/{}", enc(&id)),
+                    None,
+                    None,
+                )
+                .await?,
+            )?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(0)
         }
         SandboxCommand::Stats { id } => {
-            let v = check(&call(sock, Method::GET, &format!("/v1/sandboxes/{}/stats", enc(&id)), None, None).await?)?;
+            let v = check(
+                &call(
+                    sock,
+                    Method::GET,
+                    &format!("/v1/sandboxes/{}/stats", enc(&id)),
+                    None,
+                    None,
+                )
+                .await?,
+            )?;
             if args.json {
                 println!("{v}");
             } else {
@@ -331,12 +382,28 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             Ok(0)
         }
         SandboxCommand::Stop { id } => {
-            check(&call(sock, Method::POST, &format!("/v1/sandboxes/{}/stop", enc(&id)), None, None).await?)?;
+            check(
+                &call(
+                    sock,
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/stop", enc(&id)),
+                    None,
+                    None,
+                )
+                .await?,
+            )?;
             Ok(0)
         }
         SandboxCommand::Rm { ids } => {
             for id in ids {
-                let reply = call(sock, Method::DELETE, &format!("/v1/sandboxes/{}", enc(&id)), None, None).await?;
+                let reply = call(
+                    sock,
+                    Method::DELETE,
+                    &format!("/v1/sandboxes/{}", enc(&id)),
+                    None,
+                    None,
+                )
+                .await?;
                 if !reply.status.is_success() {
                     check(&reply)?;
                 }
@@ -344,7 +411,13 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        SandboxCommand::Exec { id, cwd, timeout, env, command } => {
+        SandboxCommand::Exec {
+            id,
+            cwd,
+            timeout,
+            env,
+            command,
+        } => {
             let mut body = serde_json::json!({"command": command, "env": kv_map(&env, "--env")?});
             if let Some(c) = cwd {
                 body["cwd"] = c.into();
@@ -363,13 +436,17 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                         let _ = std::io::stdout().write_all(&line);
                         continue;
                     }
-                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else { continue };
+                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                        continue;
+                    };
                     match v["stream"].as_str() {
                         Some("stdout") => {
-                            let _ = std::io::stdout().write_all(v["data"].as_str().unwrap_or("").as_bytes());
+                            let _ = std::io::stdout()
+                                .write_all(v["data"].as_str().unwrap_or("").as_bytes());
                         }
                         Some("stderr") => {
-                            let _ = std::io::stderr().write_all(v["data"].as_str().unwrap_or("").as_bytes());
+                            let _ = std::io::stderr()
+                                .write_all(v["data"].as_str().unwrap_or("").as_bytes());
                         }
                         _ => {
                             if let Some(c) = v["exit_code"].as_i64() {
@@ -403,7 +480,9 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                 pending.extend_from_slice(chunk);
                 while let Some(p) = pending.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = pending.drain(..=p).collect();
-                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else { continue };
+                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                        continue;
+                    };
                     let data = v["data"].as_str().unwrap_or("").as_bytes();
                     let _ = if v["stream"] == "stderr" {
                         std::io::stderr().write_all(data)
@@ -424,12 +503,22 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                 if !reply.status.is_success() {
                     check(&reply)?;
                 }
-                std::fs::write(&dst, &reply.body).with_context(|| format!("failed to write {dst}"))?;
+                std::fs::write(&dst, &reply.body)
+                    .with_context(|| format!("failed to write {dst}"))?;
                 Ok(0)
             } else if let Some((id, path)) = dst.split_once(':').filter(|(i, _)| !i.contains('/')) {
                 let data = std::fs::read(&src).with_context(|| format!("failed to read {src}"))?;
                 let url = format!("/v1/sandboxes/{}/files?path={}", enc(id), enc(path));
-                check(&call(sock, Method::PUT, &url, Some((data, "application/octet-stream")), None).await?)?;
+                check(
+                    &call(
+                        sock,
+                        Method::PUT,
+                        &url,
+                        Some((data, "application/octet-stream")),
+                        None,
+                    )
+                    .await?,
+                )?;
                 Ok(0)
             } else {
                 bail!("one of SRC and DST must be ID:/path")

@@ -199,8 +199,9 @@ impl Config {
     pub fn load(args: ServeArgs) -> anyhow::Result<Config> {
         let file = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("failed to read the config file {}", path.display()))?;
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!("failed to read the config file {}", path.display())
+                })?;
                 toml::from_str::<FileConfig>(&text)
                     .with_context(|| format!("invalid config file {}", path.display()))?
             }
@@ -246,7 +247,12 @@ impl Config {
             .bridge
             .or(file.bridge)
             .unwrap_or_else(|| DEFAULT_BRIDGE.into());
-        if bridge.is_empty() || bridge.len() > 15 || !bridge.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if bridge.is_empty()
+            || bridge.len() > 15
+            || !bridge
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             bail!("bridge must be 1-15 letters, digits, - or _, got {bridge:?}");
         }
         let size = |what: &str, v: Option<String>, default: &str| -> anyhow::Result<u64> {
@@ -360,7 +366,10 @@ pub fn parse_cidr(s: &str) -> anyhow::Result<(Ipv4Addr, u8)> {
     }
     let mask = u32::MAX << (32 - u32::from(len));
     if u32::from(addr) & !mask != 0 {
-        bail!("subnet {s} has host bits set: use {}/{len}", Ipv4Addr::from(u32::from(addr) & mask));
+        bail!(
+            "subnet {s} has host bits set: use {}/{len}",
+            Ipv4Addr::from(u32::from(addr) & mask)
+        );
     }
     Ok((addr, len))
 }
@@ -404,13 +413,22 @@ mod tests {
             ..Default::default()
         })
         .unwrap_err();
-        assert!(format!("{err:#}").contains("unknown field `stat_dir`"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("unknown field `stat_dir`"),
+            "{err:#}"
+        );
     }
 
     #[test]
     fn test_cidr() {
-        assert_eq!(parse_cidr("10.1.0.0/16").unwrap(), (Ipv4Addr::new(10, 1, 0, 0), 16));
-        assert!(parse_cidr("10.1.0.1/16").unwrap_err().to_string().contains("host bits"));
+        assert_eq!(
+            parse_cidr("10.1.0.0/16").unwrap(),
+            (Ipv4Addr::new(10, 1, 0, 0), 16)
+        );
+        assert!(parse_cidr("10.1.0.1/16")
+            .unwrap_err()
+            .to_string()
+            .contains("host bits"));
         assert!(parse_cidr("10.1.0.0/31").is_err());
         assert!(parse_cidr("nonsense").is_err());
     }

@@ -113,7 +113,10 @@ async fn chat(
     let bytes = crate::api::read_body(req, MAX_REQUEST).await?;
     let mut body: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
-    let streaming = body.get("stream").and_then(|v| v.as_bool()).unwrap_or(false);
+    let streaming = body
+        .get("stream")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     if streaming {
         if let Some(obj) = body.as_object_mut() {
             let opts = obj

@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the latency histograms' buckets.
-const BUCKETS: [f64; 12] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const BUCKETS: [f64; 12] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 /// A latency histogram.
 #[derive(Debug, Default, Clone)]
@@ -61,7 +63,11 @@ impl Metrics {
 
     /// One API request on `route` (a pattern, not the path) answered with `status`.
     pub fn count_request(&self, route: &str, status: u16) {
-        *self.inner().requests.entry((route.to_string(), status)).or_default() += 1;
+        *self
+            .inner()
+            .requests
+            .entry((route.to_string(), status))
+            .or_default() += 1;
     }
 
     /// Time from create request to a running sandbox.
@@ -85,7 +91,9 @@ impl Metrics {
     pub fn render(&self, sandboxes_by_state: &BTreeMap<&'static str, u64>) -> String {
         let i = self.inner();
         let mut out = String::new();
-        out.push_str("# HELP agentd_sandboxes Sandboxes by state.\n# TYPE agentd_sandboxes gauge\n");
+        out.push_str(
+            "# HELP agentd_sandboxes Sandboxes by state.\n# TYPE agentd_sandboxes gauge\n",
+        );
         for (state, n) in sandboxes_by_state {
             let _ = writeln!(out, "agentd_sandboxes{{state=\"{state}\"}} {n}");
         }
@@ -128,7 +136,9 @@ mod tests {
         states.insert("ready", 2);
         let text = m.render(&states);
         assert!(text.contains("agentd_sandboxes{state=\"ready\"} 2"));
-        assert!(text.contains("agentd_api_requests_total{route=\"/v1/sandboxes\",status=\"201\"} 1"));
+        assert!(
+            text.contains("agentd_api_requests_total{route=\"/v1/sandboxes\",status=\"201\"} 1")
+        );
         assert!(text.contains("agentd_sandbox_create_seconds_bucket{le=\"0.05\"} 1"));
         assert!(text.contains("agentd_sandbox_create_seconds_bucket{le=\"0.025\"} 0"));
         assert!(text.contains("agentd_llm_tokens_total{kind=\"completion\"} 7"));

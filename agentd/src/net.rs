@@ -64,12 +64,19 @@ impl Network {
         }
         let index = netlink::link_index(bridge)?;
         // Before the address goes on: no IPv6 (no link-local address either), no forwarding.
-        write_sysctl(&format!("/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6"), "1").ok();
+        write_sysctl(
+            &format!("/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6"),
+            "1",
+        )
+        .ok();
         write_sysctl(&format!("/proc/sys/net/ipv4/conf/{bridge}/forwarding"), "0")?;
         netlink::add_ipv4(index, net.bridge_addr, prefix_len).map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("failed to add {}/{prefix_len} to {bridge}: {e}", net.bridge_addr),
+                format!(
+                    "failed to add {}/{prefix_len} to {bridge}: {e}",
+                    net.bridge_addr
+                ),
             )
         })?;
         netlink::set_up(index)?;
@@ -89,7 +96,10 @@ impl Network {
     /// Names of the veth pair of sandbox `id`: (host end, sandbox end).
     pub fn link_names(id: &str) -> (String, String) {
         let short: String = id.chars().take(10).collect();
-        (format!("{HOST_PREFIX}{short}"), format!("{PEER_PREFIX}{short}"))
+        (
+            format!("{HOST_PREFIX}{short}"),
+            format!("{PEER_PREFIX}{short}"),
+        )
     }
 
     /// Creates the veth pair of sandbox `id`, host end on the bridge, isolated and up. Returns

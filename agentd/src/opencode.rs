@@ -41,7 +41,12 @@ pub fn command() -> Vec<String> {
 }
 
 /// The environment entries agentd adds for OpenCode.
-pub fn env(password: &str, gateway: (Ipv4Addr, u16), gateway_token: &str, model: &str) -> Vec<String> {
+pub fn env(
+    password: &str,
+    gateway: (Ipv4Addr, u16),
+    gateway_token: &str,
+    model: &str,
+) -> Vec<String> {
     let (addr, port) = gateway;
     let config = serde_json::json!({
         "$schema": "https://opencode.ai/config.json",
@@ -79,7 +84,10 @@ pub fn env(password: &str, gateway: (Ipv4Addr, u16), gateway_token: &str, model:
 pub fn basic_auth(password: &str) -> String {
     use base64::Engine;
     let raw = format!("{USER}:{password}");
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
 }
 
 #[cfg(test)]

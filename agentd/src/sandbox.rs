@@ -198,9 +198,8 @@ impl SizeValue {
     fn bytes(&self) -> Result<u64> {
         match self {
             SizeValue::Bytes(b) => Ok(*b),
-            SizeValue::Text(t) => {
-                agentd_runtime::parse_size(t).map_err(|e| ApiError::BadRequest(format!("limits.memory: {e}")))
-            }
+            SizeValue::Text(t) => agentd_runtime::parse_size(t)
+                .map_err(|e| ApiError::BadRequest(format!("limits.memory: {e}"))),
         }
     }
 }
@@ -352,13 +351,19 @@ impl Manager {
         std::fs::create_dir_all(config.sandboxes_dir())?;
         std::fs::create_dir_all(config.state_dir.join("logs"))?;
         let db = Db::open(&config.db_path())?;
-        let store = Store::open(config.images_dir())
-            .with_context(|| format!("failed to open the image store in {}", config.images_dir().display()))?;
+        let store = Store::open(config.images_dir()).with_context(|| {
+            format!(
+                "failed to open the image store in {}",
+                config.images_dir().display()
+            )
+        })?;
         let net = Network::setup(&config.bridge, config.subnet, config.prefix_len)
             .context("failed to set up the sandbox bridge")?;
-        let runtime = Runtime::new(config.sandboxes_dir()).with_cgroup_parent(config.cgroup_parent.clone());
-        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+        let runtime =
+            Runtime::new(config.sandboxes_dir()).with_cgroup_parent(config.cgroup_parent.clone());
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
         Ok(Arc::new(Manager {
             config,
             db,
@@ -431,9 +436,9 @@ impl Manager {
                 let r = s.record.lock().expect("sandbox record lock");
                 r.state.is_live()
                     && r.address == from
-                    && r.opencode
-                        .as_ref()
-                        .is_some_and(|o| constant_time_eq(o.gateway_token.as_bytes(), token.as_bytes()))
+                    && r.opencode.as_ref().is_some_and(|o| {
+                        constant_time_eq(o.gateway_token.as_bytes(), token.as_bytes())
+                    })
             })
             .cloned()
     }
@@ -450,7 +455,12 @@ impl Manager {
             }
         }
         if let Some(name) = &req.name {
-            if name.is_empty() || name.len() > 63 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+            if name.is_empty()
+                || name.len() > 63
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            {
                 return Err(ApiError::BadRequest(format!(
                     "name must be 1-63 letters, digits, '-', '_' or '.', got {name:?}"
                 )));
@@ -458,7 +468,9 @@ impl Manager {
         }
         for k in req.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(ApiError::BadRequest(format!("invalid environment variable name {k:?}")));
+                return Err(ApiError::BadRequest(format!(
+                    "invalid environment variable name {k:?}"
+                )));
             }
         }
         let memory = match &req.limits.memory {
@@ -485,7 +497,10 @@ impl Manager {
                 return Err(ApiError::BadRequest("command must not be empty".into()));
             }
         }
-        let image_name = req.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+        let image_name = req
+            .image
+            .clone()
+            .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
 
         // The image: layers with owners shifted into the daemon's id range (unpacked once).
         let store = self.store.clone();
@@ -505,9 +520,12 @@ impl Manager {
                 }
                 other => ApiError::internal(agentd_runtime::error_chain(&other)),
             })?;
-        let opencode = req
-            .opencode
-            .unwrap_or_else(|| image.config.labels.contains_key(crate::opencode::IMAGE_LABEL));
+        let opencode = req.opencode.unwrap_or_else(|| {
+            image
+                .config
+                .labels
+                .contains_key(crate::opencode::IMAGE_LABEL)
+        });
         if opencode && req.command.is_some() {
             return Err(ApiError::BadRequest(
                 "command and opencode are exclusive: OpenCode is the command of an OpenCode sandbox".into(),
@@ -559,8 +577,14 @@ impl Manager {
             )));
         }
         if let Some(name) = &req.name {
-            if self.map().values().any(|s| s.snapshot().name.as_deref() == Some(name)) {
-                return Err(ApiError::Conflict(format!("a sandbox named {name:?} exists")));
+            if self
+                .map()
+                .values()
+                .any(|s| s.snapshot().name.as_deref() == Some(name))
+            {
+                return Err(ApiError::Conflict(format!(
+                    "a sandbox named {name:?} exists"
+                )));
             }
         }
         let address = (0..)
@@ -649,10 +673,12 @@ impl Manager {
             let runtime = self.runtime.clone();
             let id2 = id.clone();
             let layers = image.lower_dirs.clone();
-            tokio::task::spawn_blocking(move || runtime.create(&id2, Rootfs::Layers(layers), &spec, None))
-                .await
-                .map_err(ApiError::internal)?
-                .map_err(|e| ApiError::internal(agentd_runtime::error_chain(&e)))?;
+            tokio::task::spawn_blocking(move || {
+                runtime.create(&id2, Rootfs::Layers(layers), &spec, None)
+            })
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(|e| ApiError::internal(agentd_runtime::error_chain(&e)))?;
             Ok(())
         }
         .await;
@@ -708,7 +734,9 @@ impl Manager {
                     let watch = |fd: OwnedFd| async move {
                         // SAFETY: the OwnedFd moves into the AsyncFd, stays open and names the
                         // same pidfd until the AsyncFd drops it.
-                        match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
+                        match unsafe {
+                            AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+                        } {
                             Ok(afd) => {
                                 let _ = afd.readable().await;
                             }
@@ -720,7 +748,9 @@ impl Manager {
                         _ = watch(shim_fd) => tracing::warn!(sandbox = %id, "the sandbox's shim died"),
                     }
                 }
-                Ok(Err(e)) => tracing::debug!(sandbox = %id, error = %e, "sandbox not running at attach"),
+                Ok(Err(e)) => {
+                    tracing::debug!(sandbox = %id, error = %e, "sandbox not running at attach")
+                }
                 Err(e) => tracing::error!(sandbox = %id, error = %e, "attach task failed"),
             }
             me.finish(&sb2, None).await;
@@ -732,8 +762,16 @@ impl Manager {
 
     async fn wait_opencode(self: Arc<Self>, sb: Arc<Sandbox>) {
         let rec = sb.snapshot();
-        let Some(secrets) = rec.opencode.clone() else { return };
-        let uri: hyper::Uri = match format!("http://{}:{}/global/health", rec.address, crate::opencode::PORT).parse() {
+        let Some(secrets) = rec.opencode.clone() else {
+            return;
+        };
+        let uri: hyper::Uri = match format!(
+            "http://{}:{}/global/health",
+            rec.address,
+            crate::opencode::PORT
+        )
+        .parse()
+        {
             Ok(u) => u,
             Err(_) => return,
         };
@@ -766,7 +804,8 @@ impl Manager {
             }
         }
         tracing::warn!(sandbox = %rec.id, "opencode did not become ready in time");
-        self.stop(&sb, "opencode did not answer its health check in time").await;
+        self.stop(&sb, "opencode did not answer its health check in time")
+            .await;
     }
 
     /// Stops a live sandbox: SIGTERM, then everything is killed after [`STOP_GRACE`].
@@ -896,7 +935,8 @@ impl Manager {
                 }
                 Some(_) => self.finish(&sb, None).await,
                 None => {
-                    self.finish(&sb, Some("agentd found its shim gone at start")).await;
+                    self.finish(&sb, Some("agentd found its shim gone at start"))
+                        .await;
                     if let Some(exit) = &mut sb.record.lock().expect("lock").exit {
                         exit.reason = "the sandbox's shim died while agentd was down".into();
                     }
@@ -944,7 +984,10 @@ impl Manager {
                     continue;
                 }
                 let idle_ms = now.saturating_sub(sb.last_activity.load(Ordering::Relaxed));
-                let reason = if rec.ttl_secs.is_some_and(|t| now.saturating_sub(rec.created_at) > t * 1000) {
+                let reason = if rec
+                    .ttl_secs
+                    .is_some_and(|t| now.saturating_sub(rec.created_at) > t * 1000)
+                {
                     Some("ttl expired")
                 } else if rec.idle_timeout_secs > 0
                     && sb.active.load(Ordering::Relaxed) == 0
@@ -995,7 +1038,9 @@ pub fn log_tail(dir: &Path) -> String {
     let mut out = String::new();
     for f in [layout::STDERR, layout::STDOUT] {
         if let Ok(bytes) = std::fs::read(dir.join(f)) {
-            let start = bytes.len().saturating_sub(usize::try_from(LOG_TAIL_BYTES).unwrap_or(4096));
+            let start = bytes
+                .len()
+                .saturating_sub(usize::try_from(LOG_TAIL_BYTES).unwrap_or(4096));
             let text = String::from_utf8_lossy(&bytes[start..]);
             if !text.trim().is_empty() {
                 out.push_str(&text);

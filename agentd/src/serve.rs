@@ -2,10 +2,8 @@
 //! gateway until SIGTERM or SIGINT. Shutting down leaves every sandbox running: their shims
 //! are separate processes, and the next start reattaches to them.
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::sync::Arc;
-
 use anyhow::Context;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::config::{Config, LogFormat, ServeArgs};
@@ -16,13 +14,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
     let config = Config::load(args)?;
     let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match config.log_format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
     if !nix::unistd::geteuid().is_root() {
-        anyhow::bail!("agentd serve needs root (it creates namespaces, cgroups, mounts and a bridge)");
+        anyhow::bail!(
+            "agentd serve needs root (it creates namespaces, cgroups, mounts and a bridge)"
+        );
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -49,9 +51,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mgr = tokio::task::spawn_blocking(move || Manager::new(config)).await??;
     mgr.reconcile().await?;
     let gw_addr = (mgr.net.bridge_addr, mgr.config.gateway_port);
-    let gateway = TcpListener::bind(gw_addr)
-        .await
-        .with_context(|| format!("failed to listen on the gateway address {}:{}", gw_addr.0, gw_addr.1))?;
+    let gateway = TcpListener::bind(gw_addr).await.with_context(|| {
+        format!(
+            "failed to listen on the gateway address {}:{}",
+            gw_addr.0, gw_addr.1
+        )
+    })?;
     tokio::spawn(crate::gateway::serve(mgr.clone(), gateway));
     tokio::spawn(mgr.clone().reaper());
     tracing::info!(socket = %socket.display(), state_dir = %mgr.config.state_dir.display(), "agentd serving");
@@ -87,9 +92,11 @@ fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
                 path.display()
             );
         }
-        std::fs::remove_file(path).with_context(|| format!("failed to remove the stale {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("failed to remove the stale {}", path.display()))?;
     }
-    let l = UnixListener::bind(path).with_context(|| format!("failed to bind {}", path.display()))?;
+    let l =
+        UnixListener::bind(path).with_context(|| format!("failed to bind {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
 }
@@ -126,9 +133,4 @@ impl Mode600 for std::fs::OpenOptions {
         use std::os::unix::fs::OpenOptionsExt;
         self.mode(0o600)
     }
-}
-
-#[allow(dead_code)]
-fn _assert_send(m: Arc<Manager>) -> impl Send {
-    m
 }

@@ -219,7 +219,10 @@ impl Executor for SandboxExecutor {
                     .install()
                     .map_err(|e| ExecutorError::Execution(Box::new(e)))?;
                 if args.len() == IDLE_ARGS.len()
-                    && args.iter().zip(IDLE_ARGS).all(|(a, b)| a.as_bytes() == b.as_bytes())
+                    && args
+                        .iter()
+                        .zip(IDLE_ARGS)
+                        .all(|(a, b)| a.as_bytes() == b.as_bytes())
                 {
                     run_idle(&set)
                 }

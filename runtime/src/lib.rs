@@ -29,8 +29,9 @@ pub use cgroups::{CgroupVersion, SandboxCgroup, Stats};
 pub use client::{ClientError, ForegroundSandbox, Runtime, ShimClient};
 pub use proto::{ExecRequest, ExitStatus, SandboxStatus, StdioConfig};
 pub use rootfs::Rootfs;
-pub use spec::{parse_size, BindMount, IdMap, Limits, NetworkMode, SandboxSpec, SeccompProfile,
-    VethConfig};
+pub use spec::{
+    parse_size, BindMount, IdMap, Limits, NetworkMode, SandboxSpec, SeccompProfile, VethConfig,
+};
 
 /// Names of the files in a sandbox's state dir, all owned by its shim.
 pub mod layout {

@@ -119,14 +119,8 @@ impl Message {
         let mut reply = [0u8; 4096];
         loop {
             // SAFETY: the buffer is valid for writes of its length.
-            let n = unsafe {
-                libc::recv(
-                    sock.as_raw_fd(),
-                    reply.as_mut_ptr().cast(),
-                    reply.len(),
-                    0,
-                )
-            };
+            let n =
+                unsafe { libc::recv(sock.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
             if n < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::Interrupted {

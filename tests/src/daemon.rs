@@ -34,10 +34,10 @@ impl Reply {
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(pos) = data.windows(2).position(|w| w == b"\r\n") else { break };
+    while let Some(pos) = data.windows(2).position(|w| w == b"\r\n") {
         let size_text = String::from_utf8_lossy(&data[..pos]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16)
+            .unwrap_or(0);
         data = &data[pos + 2..];
         if size == 0 || data.len() < size {
             out.extend_from_slice(&data[..size.min(data.len())]);
@@ -50,8 +50,15 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 }
 
 /// Sends one request over a Unix socket (Connection: close) and reads the whole response.
-pub fn request(socket: &Path, method: &str, path: &str, body: Option<&[u8]>, content_type: &str) -> Reply {
-    let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    content_type: &str,
+) -> Reply {
+    let mut s =
+        UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let body = body.unwrap_or(b"");
     let head = format!(
@@ -66,14 +73,27 @@ pub fn request(socket: &Path, method: &str, path: &str, body: Option<&[u8]>, con
 }
 
 fn parse_response(raw: &[u8]) -> Reply {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP response");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP response");
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let rest = &raw[split + 4..];
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
     Reply {
         status,
-        body: if chunked { dechunk(rest) } else { rest.to_vec() },
+        body: if chunked {
+            dechunk(rest)
+        } else {
+            rest.to_vec()
+        },
     }
 }
 
@@ -91,6 +111,8 @@ pub struct Daemon {
     pub cgroup_parent: String,
     /// Extra flags.
     pub extra: Vec<String>,
+    /// Sequence number of this daemon in the test process.
+    seq: u64,
     child: Option<Child>,
 }
 
@@ -101,13 +123,17 @@ impl Daemon {
     pub fn start(images: &Path, extra: &[&str]) -> Daemon {
         let n = DAEMONS.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
-        let state = tempfile::Builder::new().prefix("agentd-serve-").tempdir_in("/var/tmp").unwrap();
+        let state = tempfile::Builder::new()
+            .prefix("agentd-serve-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
         let mut d = Daemon {
             socket: state.path().join("agentd.sock"),
             images: images.to_path_buf(),
             bridge: format!("adt{}{n}", pid % 100_000),
             cgroup_parent: format!("agentd-test/serve-{pid}-{n}"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            seq: n,
             state,
             child: None,
         };
@@ -116,7 +142,8 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let n = u32::try_from(std::process::id() % 200).unwrap_or(0) + 20;
+        // A subnet of its own per daemon of this test process (each has its own bridge).
+        let n = (std::process::id() % 50) * 4 + u32::try_from(self.seq % 4).unwrap_or(0) + 20;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -151,7 +178,11 @@ impl Daemon {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("agentd serve exited ({st}):\n{}", self.log());
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "agentd did not start:\n{}", self.log());
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "agentd did not start:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -171,7 +202,8 @@ impl Daemon {
     pub fn kill(&mut self, signal: i32) {
         if let Some(mut c) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap());
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::try_from(signal).unwrap());
+            let _ =
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::try_from(signal).unwrap());
             let _ = c.wait();
         }
     }
@@ -186,18 +218,28 @@ impl Daemon {
     pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> serde_json::Value {
         let start = Instant::now();
         loop {
-            let v = self.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
+            let v = self
+                .call("GET", &format!("/v1/sandboxes/{id}"), None)
+                .json();
             if v["state"] == state || v["state"] == "exited" || v["state"] == "stopped" {
                 return v;
             }
-            assert!(start.elapsed() < timeout, "sandbox {id} not {state} after {timeout:?}: {v}\n{}", self.log());
+            assert!(
+                start.elapsed() < timeout,
+                "sandbox {id} not {state} after {timeout:?}: {v}\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     /// Runs a command in a sandbox: (exit code, stdout, stderr).
     pub fn exec(&self, id: &str, cmd: &[&str]) -> (i64, String, String) {
-        let r = self.call("POST", &format!("/v1/sandboxes/{id}/exec"), Some(serde_json::json!({"command": cmd, "timeout_secs": 60})));
+        let r = self.call(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(serde_json::json!({"command": cmd, "timeout_secs": 60})),
+        );
         assert_eq!(r.status, 200, "exec: {}", r.text());
         let (mut out, mut err, mut code) = (String::new(), String::new(), -1);
         for line in r.body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
@@ -222,19 +264,30 @@ impl Daemon {
             }
         }
         let state = self.state.path().to_str().unwrap().to_string();
-        for l in std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines() {
+        for l in std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+        {
             if l.contains(&state) {
                 left.push(format!("mount {l}"));
             }
         }
-        for e in std::fs::read_dir("/sys/class/net").into_iter().flatten().flatten() {
+        for e in std::fs::read_dir("/sys/class/net")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().to_string();
             let master = std::fs::read_link(e.path().join("master")).ok();
             if master.is_some_and(|m| m.ends_with(&self.bridge)) {
                 left.push(format!("veth {name}"));
             }
         }
-        for e in std::fs::read_dir(self.state.path().join("sandboxes")).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(self.state.path().join("sandboxes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             if e.file_name() != ".lock" {
                 left.push(format!("state dir {}", e.path().display()));
             }
@@ -255,7 +308,9 @@ impl Drop for Daemon {
             }
         }
         self.kill(libc::SIGTERM);
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
         for c in crate::cgroup_parents(&self.cgroup_parent) {
             let _ = std::fs::remove_dir(&c);
             if let Some(p) = c.parent() {
@@ -334,14 +389,25 @@ fn serve_llm(stream: std::net::TcpStream, command: &str, count: &AtomicU64) -> s
         };
         let mut events = Vec::new();
         if !has_tools || last_is_tool {
-            let text = if has_tools { "All done: the file is written." } else { "Mock title" };
-            events.push(chunk(serde_json::json!({"role": "assistant", "content": text}), None));
+            let text = if has_tools {
+                "All done: the file is written."
+            } else {
+                "Mock title"
+            };
+            events.push(chunk(
+                serde_json::json!({"role": "assistant", "content": text}),
+                None,
+            ));
             events.push(chunk(serde_json::json!({}), Some("stop")));
         } else {
-            let args = serde_json::json!({"command": command, "description": "Write the file"}).to_string();
+            let args = serde_json::json!({"command": command, "description": "Write the file"})
+                .to_string();
             events.push(chunk(serde_json::json!({"role": "assistant", "content": null, "tool_calls": [
                 {"index": 0, "id": "call_mock_1", "type": "function", "function": {"name": "bash", "arguments": ""}}]}), None));
-            events.push(chunk(serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": args}}]}), None));
+            events.push(chunk(
+                serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": args}}]}),
+                None,
+            ));
             events.push(chunk(serde_json::json!({}), Some("tool_calls")));
         }
         if include_usage {
@@ -367,8 +433,13 @@ fn serve_llm(stream: std::net::TcpStream, command: &str, count: &AtomicU64) -> s
 /// Returns what was read.
 pub fn follow_until(socket: &Path, path: &str, needle: &str, timeout: Duration) -> String {
     let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: agentd\r\nAccept: text/event-stream\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: agentd\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
     let start = Instant::now();
     let mut seen = Vec::new();
     let mut buf = [0u8; 8192];
@@ -381,7 +452,11 @@ pub fn follow_until(socket: &Path, path: &str, needle: &str, timeout: Duration) 
                     break;
                 }
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => break,
         }
     }

@@ -356,8 +356,7 @@ pub fn opencode_store(dir: &str) -> Option<PathBuf> {
             }
             let state = target_dir().join(dir);
             let _ = std::fs::remove_dir_all(&state);
-            let recipe =
-                crate::workspace_root().join("rootfs-builder/recipes/opencode.toml");
+            let recipe = crate::workspace_root().join("rootfs-builder/recipes/opencode.toml");
             let started = std::time::Instant::now();
             let build = Command::new(crate::bin("rootfs-builder"))
                 .arg("build")
@@ -378,4 +377,3 @@ pub fn opencode_store(dir: &str) -> Option<PathBuf> {
         })
         .clone()
 }
-

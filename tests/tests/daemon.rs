@@ -25,10 +25,19 @@ fn test_opencode_session_restart_and_isolation() {
     let port = agentd_tests::registry::free_port();
     let mut d = Daemon::start(
         &images,
-        &["--llm-base-url", &llm.base_url, "--gateway-port", &port.to_string()],
+        &[
+            "--llm-base-url",
+            &llm.base_url,
+            "--gateway-port",
+            &port.to_string(),
+        ],
     );
 
-    let r = d.call("POST", "/v1/sandboxes", Some(json!({"image": "opencode", "name": "a", "labels": {"t": "1"}})));
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "name": "a", "labels": {"t": "1"}})),
+    );
     assert_eq!(r.status, 201, "{}\n{}", r.text(), d.log());
     let a = r.json();
     let id = a["id"].as_str().unwrap().to_string();
@@ -37,7 +46,11 @@ fn test_opencode_session_restart_and_isolation() {
     assert_eq!(a["state"], "ready", "{a}\n{}", d.log());
 
     // A session through the proxy, following the event stream until the agent is idle.
-    let r = d.call("POST", &format!("/v1/sandboxes/{id}/opencode/session"), Some(json!({})));
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/opencode/session"),
+        Some(json!({})),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let session = r.json()["id"].as_str().unwrap().to_string();
     let socket = d.socket.clone();
@@ -51,50 +64,120 @@ fn test_opencode_session_restart_and_isolation() {
         &format!("/v1/sandboxes/{id}/opencode/session/{session}/prompt_async"),
         Some(json!({"parts": [{"type": "text", "text": "write the file"}]})),
     );
-    assert!(r.status == 204 || r.status == 200, "{} {}", r.status, r.text());
+    assert!(
+        r.status == 204 || r.status == 200,
+        "{} {}",
+        r.status,
+        r.text()
+    );
     let seen = events.join().unwrap();
-    assert!(seen.contains("session.idle"), "no session.idle in the event stream:\n{seen}\n{}", d.log());
+    assert!(
+        seen.contains("session.idle"),
+        "no session.idle in the event stream:\n{seen}\n{}",
+        d.log()
+    );
     assert!(llm.requests.load(std::sync::atomic::Ordering::Relaxed) >= 2);
 
     // The file the agent's tool call wrote, through the files API.
-    let r = d.call("GET", &format!("/v1/sandboxes/{id}/files?path={FILE}"), None);
-    assert_eq!((r.status, r.text().trim()), (200, "agent-was-here"), "{}", d.log());
+    let r = d.call(
+        "GET",
+        &format!("/v1/sandboxes/{id}/files?path={FILE}"),
+        None,
+    );
+    assert_eq!(
+        (r.status, r.text().trim()),
+        (200, "agent-was-here"),
+        "{}",
+        d.log()
+    );
     let a = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
     assert!(a["usage"]["prompt_tokens"].as_u64().unwrap() >= 42, "{a}");
-    assert!(a["usage"]["completion_tokens"].as_u64().unwrap() >= 7, "{a}");
+    assert!(
+        a["usage"]["completion_tokens"].as_u64().unwrap() >= 7,
+        "{a}"
+    );
     let metrics = d.call("GET", "/metrics", None).text();
-    assert!(metrics.contains("agentd_sandboxes{state=\"ready\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("agentd_sandboxes{state=\"ready\"} 1"),
+        "{metrics}"
+    );
 
     // Upload a file and read it back; a symlink planted inside cannot lead outside.
-    let r = agentd_tests::daemon::request(&d.socket, "PUT", &format!("/v1/sandboxes/{id}/files?path=/home/agent/up.txt"), Some(b"uploaded"), "application/octet-stream");
+    let r = agentd_tests::daemon::request(
+        &d.socket,
+        "PUT",
+        &format!("/v1/sandboxes/{id}/files?path=/home/agent/up.txt"),
+        Some(b"uploaded"),
+        "application/octet-stream",
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let (code, out, _) = d.exec(&id, &["sh", "-c", "cat /home/agent/up.txt; echo; stat -c %u:%g /home/agent/up.txt /home/agent; ln -s /etc /home/agent/hostetc"]);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!((code, lines[0]), (0, "uploaded"), "{out}");
-    assert_eq!(lines[1], lines[2], "uploads belong to the sandbox's user, as its home does: {out}");
-    let r = d.call("GET", &format!("/v1/sandboxes/{id}/files?path=/home/agent/hostetc/hostname"), None);
+    assert_eq!(
+        lines[1], lines[2],
+        "uploads belong to the sandbox's user, as its home does: {out}"
+    );
+    let r = d.call(
+        "GET",
+        &format!("/v1/sandboxes/{id}/files?path=/home/agent/hostetc/hostname"),
+        None,
+    );
     // /etc/hostname of the sandbox's own rootfs (none in the image), never the host's.
     assert_eq!(r.status, 404, "{}", r.text());
 
     // A second, plain sandbox: A cannot reach B, but reaches agentd's gateway on the bridge.
     // B runs OpenCode, listening on its port 4096 (agentd reaches it: the proxy answers).
-    let r = d.call("POST", "/v1/sandboxes", Some(json!({"image": "opencode", "name": "b"})));
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "name": "b"})),
+    );
     assert_eq!(r.status, 201, "{}", r.text());
     let b = r.json();
     let b_id = b["id"].as_str().unwrap().to_string();
     d.wait_state(&b_id, "ready", Duration::from_secs(120));
-    let r = d.call("GET", &format!("/v1/sandboxes/{b_id}/opencode/global/health"), None);
+    let r = d.call(
+        "GET",
+        &format!("/v1/sandboxes/{b_id}/opencode/global/health"),
+        None,
+    );
     assert_eq!(r.status, 200, "agentd reaches B: {}", r.text());
     let b_addr = b["address"].as_str().unwrap().to_string();
-    let bridge_addr = a["address"].as_str().unwrap().rsplit_once('.').unwrap().0.to_string() + ".1";
+    let bridge_addr = a["address"]
+        .as_str()
+        .unwrap()
+        .rsplit_once('.')
+        .unwrap()
+        .0
+        .to_string()
+        + ".1";
     let probe = |addr: &str, port: u16| {
         d.exec(&id, &["bash", "-c", &format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{addr}/{port}' && echo open || echo closed")]).1
     };
-    assert_eq!(probe(&bridge_addr, port).trim(), "open", "the gateway is reachable");
-    assert_eq!(probe(&b_addr, 4096).trim(), "closed", "sandbox A must not reach sandbox B");
+    assert_eq!(
+        probe(&bridge_addr, port).trim(),
+        "open",
+        "the gateway is reachable"
+    );
+    assert_eq!(
+        probe(&b_addr, 4096).trim(),
+        "closed",
+        "sandbox A must not reach sandbox B"
+    );
     assert_eq!(probe("127.0.0.1", 1).trim(), "closed");
     // agentd's API socket is not in the sandbox's filesystem.
-    let (_, out, _) = d.exec(&id, &["sh", "-c", &format!("test -e {} && echo visible || echo absent", d.socket.display())]);
+    let (_, out, _) = d.exec(
+        &id,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "test -e {} && echo visible || echo absent",
+                d.socket.display()
+            ),
+        ],
+    );
     assert_eq!(out.trim(), "absent");
 
     // Restart agentd with SIGTERM, then SIGKILL: the sandbox keeps running and is reattached.
@@ -105,14 +188,26 @@ fn test_opencode_session_restart_and_isolation() {
         assert!(a2["state"] == "ready" || a2["state"] == "starting", "{a2}");
         let a2 = d.wait_state(&id, "ready", Duration::from_secs(60));
         assert_eq!(a2["state"], "ready");
-        let r = d.call("GET", &format!("/v1/sandboxes/{id}/opencode/global/health"), None);
+        let r = d.call(
+            "GET",
+            &format!("/v1/sandboxes/{id}/opencode/global/health"),
+            None,
+        );
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(d.exec(&id, &["sh", "-c", "echo $PPID"]).1, pid_before);
-        assert_eq!(a2["usage"]["prompt_tokens"], a["usage"]["prompt_tokens"], "usage persists");
+        assert_eq!(
+            a2["usage"]["prompt_tokens"], a["usage"]["prompt_tokens"],
+            "usage persists"
+        );
     }
     // The logs of OpenCode are complete across the restarts (it logs its listening line).
-    let logs = d.call("GET", &format!("/v1/sandboxes/{id}/logs"), None).text();
-    assert!(logs.contains("opencode server listening") || logs.contains("listening"), "{logs}");
+    let logs = d
+        .call("GET", &format!("/v1/sandboxes/{id}/logs"), None)
+        .text();
+    assert!(
+        logs.contains("opencode server listening") || logs.contains("listening"),
+        "{logs}"
+    );
 
     // Kill B's shim: B is reported exited and cleaned.
     let shim_pid = std::fs::read_dir("/proc")
@@ -121,11 +216,17 @@ fn test_opencode_session_restart_and_isolation() {
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
         .find(|p| {
             std::fs::read(format!("/proc/{p}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&format!("sandboxes/{b_id}/sandbox.json")))
+                .map(|c| {
+                    String::from_utf8_lossy(&c).contains(&format!("sandboxes/{b_id}/sandbox.json"))
+                })
                 .unwrap_or(false)
         })
         .expect("B's shim");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim_pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let b2 = d.wait_state(&b_id, "exited", Duration::from_secs(30));
     assert_eq!(b2["state"], "exited", "{b2}");
 
@@ -146,39 +247,101 @@ fn test_bad_requests_quotas_and_tcp_token() {
     let Some(images) = store() else { return };
     let port = agentd_tests::registry::free_port();
     let listen = format!("127.0.0.1:{port}");
-    let d = Daemon::start(&images, &["--listen", &listen, "--max-sandboxes", "1", "--gateway-port", &agentd_tests::registry::free_port().to_string()]);
+    let d = Daemon::start(
+        &images,
+        &[
+            "--listen",
+            &listen,
+            "--max-sandboxes",
+            "1",
+            "--gateway-port",
+            &agentd_tests::registry::free_port().to_string(),
+        ],
+    );
     let bad = [
         ("not json", 400, "invalid JSON"),
-        (r#"{"image":"opencode","memroy":"1g"}"#, 400, "unknown field `memroy`"),
-        (r#"{"image":"no-such-image"}"#, 400, "pull or import it first"),
-        (r#"{"image":"opencode","limits":{"memory":"1k"}}"#, 400, "below the minimum"),
-        (r#"{"image":"opencode","limits":{"memory":"100t"}}"#, 400, "in total"),
+        (
+            r#"{"image":"opencode","memroy":"1g"}"#,
+            400,
+            "unknown field `memroy`",
+        ),
+        (
+            r#"{"image":"no-such-image"}"#,
+            400,
+            "pull or import it first",
+        ),
+        (
+            r#"{"image":"opencode","limits":{"memory":"1k"}}"#,
+            400,
+            "below the minimum",
+        ),
+        (
+            r#"{"image":"opencode","limits":{"memory":"100t"}}"#,
+            400,
+            "in total",
+        ),
         (r#"{"image":"opencode","limits":{"cpus":-1}}"#, 400, "cpus"),
-        (r#"{"image":"opencode","network":"nat"}"#, 400, "not supported"),
-        (r#"{"image":"opencode","opencode":true,"command":["x"]}"#, 400, "exclusive"),
+        (
+            r#"{"image":"opencode","network":"nat"}"#,
+            400,
+            "not supported",
+        ),
+        (
+            r#"{"image":"opencode","opencode":true,"command":["x"]}"#,
+            400,
+            "exclusive",
+        ),
     ];
     for (body, status, msg) in bad {
-        let r = agentd_tests::daemon::request(&d.socket, "POST", "/v1/sandboxes", Some(body.as_bytes()), "application/json");
+        let r = agentd_tests::daemon::request(
+            &d.socket,
+            "POST",
+            "/v1/sandboxes",
+            Some(body.as_bytes()),
+            "application/json",
+        );
         assert_eq!(r.status, status, "{body}: {}", r.text());
-        let m = r.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+        let m = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         assert!(m.contains(msg), "{body}: {m}");
     }
     let r = d.call("GET", "/v1/sandboxes/nope", None);
-    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (404, Some("not_found")));
-    let r = d.call("POST", "/v1/sandboxes", Some(json!({"image": "opencode", "opencode": false})));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "opencode": false})),
+    );
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
-    let r = d.call("POST", "/v1/sandboxes", Some(json!({"image": "opencode", "opencode": false})));
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "opencode": false})),
+    );
     assert_eq!(r.status, 429, "{}", r.text());
     assert!(r.text().contains("max_sandboxes"));
     // Exec: a timeout kills the process.
-    let r = d.call("POST", &format!("/v1/sandboxes/{id}/exec"), Some(json!({"command": ["sleep", "30"], "timeout_secs": 1})));
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(json!({"command": ["sleep", "30"], "timeout_secs": 1})),
+    );
     assert!(r.text().contains("\"timed_out\":true"), "{}", r.text());
 
     // TCP: 401 without the token, 200 with it.
     let mut s = std::net::TcpStream::connect(&listen).unwrap();
     use std::io::{Read, Write};
-    write!(s, "GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     assert!(raw.starts_with("HTTP/1.1 401"), "{raw}");

@@ -73,7 +73,9 @@ fn open_in_root(root: &File, path: &Path, flags: i32, mode: u32) -> io::Result<F
 fn io_api(path: &str, e: io::Error) -> ApiError {
     match e.kind() {
         io::ErrorKind::NotFound => ApiError::NotFound(format!("{path}: no such file or directory")),
-        io::ErrorKind::PermissionDenied => ApiError::BadRequest(format!("{path}: permission denied")),
+        io::ErrorKind::PermissionDenied => {
+            ApiError::BadRequest(format!("{path}: permission denied"))
+        }
         _ => ApiError::BadRequest(format!("{path}: {e}")),
     }
 }
@@ -135,7 +137,11 @@ async fn download(root: File, path: String) -> Result<Response<Body>, ApiError> 
     .map_err(|e| io_api(&path, e))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
     let (file, is_dir) = opened;
-    let content_type = if is_dir { "application/x-tar" } else { "application/octet-stream" };
+    let content_type = if is_dir {
+        "application/x-tar"
+    } else {
+        "application/octet-stream"
+    };
     tokio::task::spawn_blocking(move || {
         let mut w = ChannelWriter { tx };
         let result = if is_dir {
@@ -177,7 +183,8 @@ impl Write for ChannelWriter {
 /// Appends the directory open as `dir` (at `rel` in the archive) and everything below it,
 /// never following a symlink.
 fn append_dir<W: Write>(b: &mut tar::Builder<W>, dir: File, rel: &Path) -> io::Result<()> {
-    let mut d = nix::dir::Dir::from_fd(std::os::fd::IntoRawFd::into_raw_fd(dir)).map_err(io::Error::from)?;
+    let mut d = nix::dir::Dir::from_fd(std::os::fd::IntoRawFd::into_raw_fd(dir))
+        .map_err(io::Error::from)?;
     let dfd = d.as_raw_fd();
     let mut names: Vec<Vec<u8>> = d
         .iter()
@@ -202,7 +209,11 @@ fn append_dir<W: Write>(b: &mut tar::Builder<W>, dir: File, rel: &Path) -> io::R
         if kind == libc::S_IFDIR {
             // SAFETY: openat with a valid dir fd and NUL-terminated name; the result is owned.
             let fd = unsafe {
-                libc::openat(dfd, cname.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                libc::openat(
+                    dfd,
+                    cname.as_ptr(),
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                )
             };
             if fd < 0 {
                 continue;
@@ -216,7 +227,11 @@ fn append_dir<W: Write>(b: &mut tar::Builder<W>, dir: File, rel: &Path) -> io::R
         } else if kind == libc::S_IFREG {
             // SAFETY: as above; O_NONBLOCK so a file swapped for a FIFO cannot block us.
             let fd = unsafe {
-                libc::openat(dfd, cname.as_ptr(), libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                libc::openat(
+                    dfd,
+                    cname.as_ptr(),
+                    libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
+                )
             };
             if fd < 0 {
                 continue;
@@ -231,7 +246,8 @@ fn append_dir<W: Write>(b: &mut tar::Builder<W>, dir: File, rel: &Path) -> io::R
             h.set_size(meta.len());
             b.append_data(&mut h, &child, f.take(meta.len()))?;
         } else if kind == libc::S_IFLNK {
-            let target = nix::fcntl::readlinkat(Some(dfd), cname.as_c_str()).map_err(io::Error::from)?;
+            let target =
+                nix::fcntl::readlinkat(Some(dfd), cname.as_c_str()).map_err(io::Error::from)?;
             h.set_entry_type(tar::EntryType::Symlink);
             h.set_size(0);
             b.append_link(&mut h, &child, Path::new(&target))?;
@@ -252,7 +268,8 @@ fn write_file(root: &File, path: &Path, data: &[u8], owner: (u32, u32)) -> io::R
         return Err(io::Error::other("not a regular file"));
     }
     f.write_all(data)?;
-    nix::unistd::fchown(f.as_raw_fd(), Some(owner.0.into()), Some(owner.1.into())).map_err(io::Error::from)?;
+    nix::unistd::fchown(f.as_raw_fd(), Some(owner.0.into()), Some(owner.1.into()))
+        .map_err(io::Error::from)?;
     Ok(())
 }
 
@@ -279,7 +296,11 @@ fn extract_tar(root: &File, dir: &Path, data: &[u8], owner: (u32, u32)) -> io::R
                 let mut f = open_in_root(
                     &base,
                     &target,
-                    libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+                    libc::O_WRONLY
+                        | libc::O_CREAT
+                        | libc::O_TRUNC
+                        | libc::O_NOFOLLOW
+                        | libc::O_NONBLOCK,
                     mode,
                 )?;
                 if !f.metadata()?.is_file() {
@@ -326,9 +347,15 @@ fn extract_tar(root: &File, dir: &Path, data: &[u8], owner: (u32, u32)) -> io::R
 fn mkdir_in_root(root: &File, path: &Path, owner: (u32, u32)) -> io::Result<()> {
     let mut cur = std::path::PathBuf::from("/");
     for comp in path.components() {
-        let std::path::Component::Normal(name) = comp else { continue };
+        let std::path::Component::Normal(name) = comp else {
+            continue;
+        };
         let parent = open_in_root(root, &cur, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-        match nix::sys::stat::mkdirat(Some(parent.as_raw_fd()), name, nix::sys::stat::Mode::from_bits_truncate(0o755)) {
+        match nix::sys::stat::mkdirat(
+            Some(parent.as_raw_fd()),
+            name,
+            nix::sys::stat::Mode::from_bits_truncate(0o755),
+        ) {
             Ok(()) => {
                 nix::unistd::fchownat(
                     Some(parent.as_raw_fd()),
@@ -360,11 +387,14 @@ mod tests {
         std::os::unix::fs::symlink("../../../../..", root.path().join("up")).unwrap();
         let r = File::open(root.path()).unwrap();
         // An absolute symlink resolves inside the root: the host file is not reachable.
-        let e = open_in_root(&r, &Path::new("/escape/secret"), libc::O_RDONLY, 0).unwrap_err();
+        let e = open_in_root(&r, Path::new("/escape/secret"), libc::O_RDONLY, 0).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
-        let e = open_in_root(&r, &Path::new("/up/etc/passwd"), libc::O_RDONLY, 0).unwrap_err();
+        let e = open_in_root(&r, Path::new("/up/etc/passwd"), libc::O_RDONLY, 0).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
-        let me = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+        let me = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
         write_file(&r, Path::new("/escape/new"), b"x", me).unwrap_err();
         assert!(!outside.path().join("new").exists());
         // A tar that climbs out stays in.

@@ -53,7 +53,11 @@ struct ChannelProgress(mpsc::Sender<Result<Frame<Bytes>, BoxError>>);
 impl Progress for ChannelProgress {
     fn event(&self, event: ProgressEvent) {
         let v = match event {
-            ProgressEvent::Resolved { name, manifest, layers } => serde_json::json!({
+            ProgressEvent::Resolved {
+                name,
+                manifest,
+                layers,
+            } => serde_json::json!({
                 "event": "resolved", "name": name, "manifest": manifest.to_string(),
                 "layers": layers.iter().map(|(d, s)| serde_json::json!({"digest": d.to_string(), "size": s})).collect::<Vec<_>>(),
             }),
@@ -61,7 +65,11 @@ impl Progress for ChannelProgress {
                 serde_json::json!({"event": "layer_start", "digest": digest.to_string(), "size": size})
             }
             // Byte counts come often; a client that wants a bar reads them, others skip them.
-            ProgressEvent::LayerBytes { digest, done, total } => {
+            ProgressEvent::LayerBytes {
+                digest,
+                done,
+                total,
+            } => {
                 serde_json::json!({"event": "layer_bytes", "digest": digest.to_string(), "done": done, "total": total})
             }
             ProgressEvent::LayerDone { digest, cached } => {
@@ -111,7 +119,9 @@ pub(crate) async fn dispatch(
                 .parse()
                 .map_err(|e| ApiError::BadRequest(format!("{e}")))?;
             let platform: Platform = match &body.platform {
-                Some(p) => p.parse().map_err(|e| ApiError::BadRequest(format!("{e}")))?,
+                Some(p) => p
+                    .parse()
+                    .map_err(|e| ApiError::BadRequest(format!("{e}")))?,
                 None => Platform::default(),
             };
             let options = PullOptions {
@@ -124,10 +134,13 @@ pub(crate) async fn dispatch(
             let store = mgr.store.clone();
             tokio::spawn(async move {
                 let progress = Arc::new(ChannelProgress(tx.clone()));
-                let result = agentd_images::registry::pull(&store, &reference, &options, progress).await;
+                let result =
+                    agentd_images::registry::pull(&store, &reference, &options, progress).await;
                 let end = match result {
                     Ok(rec) => serde_json::json!({"event": "complete", "image": record_json(&rec)}),
-                    Err(e) => serde_json::json!({"event": "error", "error": {"code": "pull_failed", "message": agentd_runtime::error_chain(&e)}}),
+                    Err(e) => {
+                        serde_json::json!({"event": "error", "error": {"code": "pull_failed", "message": agentd_runtime::error_chain(&e)}})
+                    }
                 };
                 let mut b = serde_json::to_vec(&end).expect("json");
                 b.push(b'\n');
@@ -144,15 +157,27 @@ pub(crate) async fn dispatch(
             let store = mgr.store.clone();
             let path = std::path::PathBuf::from(&body.path);
             if !path.is_absolute() {
-                return Err(ApiError::BadRequest("path must be an absolute host path".into()));
+                return Err(ApiError::BadRequest(
+                    "path must be an absolute host path".into(),
+                ));
             }
             if !path.exists() {
-                return Err(ApiError::BadRequest(format!("{}: no such file or directory", body.path)));
+                return Err(ApiError::BadRequest(format!(
+                    "{}: no such file or directory",
+                    body.path
+                )));
             }
             let records = tokio::task::spawn_blocking(move || {
-                let recs = agentd_images::layout::import(&store, &path, body.name.as_deref(), &Platform::default())?;
+                let recs = agentd_images::layout::import(
+                    &store,
+                    &path,
+                    body.name.as_deref(),
+                    &Platform::default(),
+                )?;
                 for r in &recs {
-                    store.rootfs(&r.name, &unpack).map_err(agentd_images::LayoutError::from)?;
+                    store
+                        .rootfs(&r.name, &unpack)
+                        .map_err(agentd_images::LayoutError::from)?;
                 }
                 Ok::<_, agentd_images::LayoutError>(recs)
             })
@@ -160,7 +185,10 @@ pub(crate) async fn dispatch(
             .map_err(ApiError::internal)?
             .map_err(|e| ApiError::BadRequest(agentd_runtime::error_chain(&e)))?;
             let list: Vec<_> = records.iter().map(record_json).collect();
-            Ok(json(StatusCode::CREATED, &serde_json::json!({ "images": list })))
+            Ok(json(
+                StatusCode::CREATED,
+                &serde_json::json!({ "images": list }),
+            ))
         }
         (&Method::GET, name) if !name.is_empty() => {
             let name = name.join("/");
@@ -178,7 +206,10 @@ pub(crate) async fn dispatch(
                 .await
                 .map_err(ApiError::internal)?
                 .map_err(store_err)?;
-            Ok(json(StatusCode::OK, &serde_json::json!({"removed": rec.name})))
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"removed": rec.name}),
+            ))
         }
         _ => Err(ApiError::NotFound(format!(
             "no route {method} /v1/images/{}",

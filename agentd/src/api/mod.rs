@@ -70,7 +70,8 @@ pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T,
     if bytes.is_empty() {
         return Err(ApiError::BadRequest("a JSON body is required".into()));
     }
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 /// Reads a whole body of at most `limit` bytes.
@@ -78,10 +79,17 @@ pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Ap
     let limited = http_body_util::Limited::new(req.into_body(), limit);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(
-            ApiError::TooLarge(format!("the request body is larger than {limit} bytes")),
-        ),
-        Err(e) => Err(ApiError::BadRequest(format!("failed to read the body: {e}"))),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::TooLarge(format!(
+                "the request body is larger than {limit} bytes"
+            )))
+        }
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "failed to read the body: {e}"
+        ))),
     }
 }
 
@@ -139,9 +147,12 @@ pub async fn handle(mgr: Arc<Manager>, origin: Origin, req: Request<Incoming>) -
                 .get(hyper::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "));
-            if !given.is_some_and(|g| crate::sandbox::constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            if !given
+                .is_some_and(|g| crate::sandbox::constant_time_eq(g.as_bytes(), token.as_bytes()))
+            {
                 return Err(ApiError::Unauthorized(
-                    "this endpoint needs Authorization: Bearer <token> (see agentd's token_file)".into(),
+                    "this endpoint needs Authorization: Bearer <token> (see agentd's token_file)"
+                        .into(),
                 ));
             }
         }
@@ -151,7 +162,8 @@ pub async fn handle(mgr: Arc<Manager>, origin: Origin, req: Request<Incoming>) -
     }
     .await;
     let response = result.unwrap_or_else(|e| json(e.status(), &e.body(request_id)));
-    mgr.metrics.count_request(&route, response.status().as_u16());
+    mgr.metrics
+        .count_request(&route, response.status().as_u16());
     tracing::debug!(request_id, %method, path, status = response.status().as_u16(), "request");
     response
 }
@@ -276,11 +288,17 @@ mod tests {
         assert_eq!(percent_decode("a%2Fb+c%3a"), "a/b c:");
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(route_name(&["v1", "sandboxes", "abc", "exec"]), "/v1/sandboxes/{id}/exec");
+        assert_eq!(
+            route_name(&["v1", "sandboxes", "abc", "exec"]),
+            "/v1/sandboxes/{id}/exec"
+        );
         assert_eq!(
             route_name(&["v1", "sandboxes", "abc", "opencode", "session", "x"]),
             "/v1/sandboxes/{id}/opencode/*"
         );
-        assert_eq!(route_name(&["v1", "images", "docker.io/x:1"]), "/v1/images/{name}");
+        assert_eq!(
+            route_name(&["v1", "images", "docker.io/x:1"]),
+            "/v1/images/{name}"
+        );
     }
 }

@@ -15,7 +15,10 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/sandboxes/{id}/logs", &["get"]),
     ("/v1/sandboxes/{id}/stats", &["get"]),
     ("/v1/sandboxes/{id}/files", &["get", "put"]),
-    ("/v1/sandboxes/{id}/opencode/{path}", &["get", "post", "put", "patch", "delete"]),
+    (
+        "/v1/sandboxes/{id}/opencode/{path}",
+        &["get", "post", "put", "patch", "delete"],
+    ),
     ("/v1/images", &["get"]),
     ("/v1/images/pull", &["post"]),
     ("/v1/images/import", &["post"]),

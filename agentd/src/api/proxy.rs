@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, AUTHORIZATION, HOST};
+use hyper::header::{AUTHORIZATION, HOST};
 use hyper::{Request, Response};
 
 use super::error::ApiError;
@@ -39,7 +39,7 @@ fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
 pub(crate) async fn opencode(
     mgr: &Arc<Manager>,
     sb: Arc<Sandbox>,
-    rest: &[&str],
+    _rest: &[&str],
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let rec = sb.snapshot();
@@ -76,8 +76,11 @@ pub(crate) async fn opencode(
     if upstream_path.is_empty() {
         upstream_path.push('/');
     }
-    debug_assert!(rest.is_empty() || upstream_path.len() > 1);
-    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     let uri: hyper::Uri = format!(
         "http://{}:{}{upstream_path}{query}",
         rec.address,
@@ -117,7 +120,6 @@ pub(crate) async fn opencode(
     }
     .map_err(|e| -> super::BoxError { Box::new(e) })
     .boxed();
-    let _ = HeaderName::from_static("x-agentd");
     Ok(Response::from_parts(parts, body))
 }
 

@@ -43,14 +43,19 @@ pub(crate) async fn dispatch(
                 })
                 .map(|r| r.view())
                 .collect();
-            Ok(json(StatusCode::OK, &serde_json::json!({ "sandboxes": items })))
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "sandboxes": items }),
+            ))
         }
         (&Method::POST, []) => {
             let body: CreateSandbox = read_json(req).await?;
             let rec = mgr.create(body).await?;
             Ok(json(StatusCode::CREATED, &rec.view()))
         }
-        (_, []) => Err(ApiError::MethodNotAllowed("use GET or POST on /v1/sandboxes".into())),
+        (_, []) => Err(ApiError::MethodNotAllowed(
+            "use GET or POST on /v1/sandboxes".into(),
+        )),
         (_, [id, rest @ ..]) => {
             let sb = mgr.get(id)?;
             sb.touch();
@@ -70,7 +75,9 @@ pub(crate) async fn dispatch(
                 (&Method::POST, ["exec"]) => exec(mgr, sb, req).await,
                 (&Method::GET, ["logs"]) => logs(mgr, sb, &req).await,
                 (&Method::GET, ["stats"]) => stats(mgr, &sb).await,
-                (&Method::GET | &Method::PUT, ["files"]) => super::files::handle(mgr, sb, req).await,
+                (&Method::GET | &Method::PUT, ["files"]) => {
+                    super::files::handle(mgr, sb, req).await
+                }
                 (_, ["opencode", ..]) => super::proxy::opencode(mgr, sb, &rest[1..], req).await,
                 _ => Err(ApiError::NotFound(format!(
                     "no route {method} /v1/sandboxes/{id}/{}",
@@ -179,7 +186,9 @@ async fn exec(
     }
     for k in body.env.keys() {
         if k.is_empty() || k.contains('=') {
-            return Err(ApiError::BadRequest(format!("invalid environment variable name {k:?}")));
+            return Err(ApiError::BadRequest(format!(
+                "invalid environment variable name {k:?}"
+            )));
         }
     }
     let rec = sb.snapshot();
@@ -189,9 +198,13 @@ async fn exec(
         cwd: body.cwd.as_ref().map(Into::into),
         uid: Some(body.uid.unwrap_or(rec.user.0)),
     };
-    let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ApiError::internal)?;
-    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ApiError::internal)?;
-    let devnull: OwnedFd = std::fs::File::open("/dev/null").map_err(ApiError::internal)?.into();
+    let (out_r, out_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ApiError::internal)?;
+    let (err_r, err_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ApiError::internal)?;
+    let devnull: OwnedFd = std::fs::File::open("/dev/null")
+        .map_err(ApiError::internal)?
+        .into();
     let client = mgr.runtime.client(&rec.id);
     let exec_id = tokio::task::spawn_blocking(move || {
         // The write ends go to the shim and are closed here when this closure returns, so
@@ -208,7 +221,9 @@ async fn exec(
     let id = rec.id.clone();
     tokio::spawn(async move {
         let _guard = guard;
-        let pump = |fd: OwnedFd, name: &'static str, tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>| async move {
+        let pump = |fd: OwnedFd,
+                    name: &'static str,
+                    tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>| async move {
             let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
                 return;
             };
@@ -218,7 +233,11 @@ async fn exec(
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         let data = String::from_utf8_lossy(&buf[..n]).into_owned();
-                        if tx.send(line(serde_json::json!({"stream": name, "data": data}))).await.is_err() {
+                        if tx
+                            .send(line(serde_json::json!({"stream": name, "data": data})))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }
@@ -227,9 +246,15 @@ async fn exec(
         };
         let client = mgr.runtime.client(&id);
         let wait = tokio::task::spawn_blocking(move || client.wait_exec(exec_id));
-        let outputs = futures_util::future::join(pump(out_r, "stdout", tx.clone()), pump(err_r, "stderr", tx.clone()));
+        let outputs = futures_util::future::join(
+            pump(out_r, "stdout", tx.clone()),
+            pump(err_r, "stderr", tx.clone()),
+        );
         let mut timed_out = false;
-        let timeout = body.timeout_secs.map(Duration::from_secs).unwrap_or(Duration::MAX);
+        let timeout = body
+            .timeout_secs
+            .map(Duration::from_secs)
+            .unwrap_or(Duration::MAX);
         tokio::pin!(wait);
         let status = tokio::select! {
             st = &mut wait => st,
@@ -244,8 +269,12 @@ async fn exec(
         // a short grace, then the stream ends.
         let _ = tokio::time::timeout(Duration::from_millis(500), outputs).await;
         let end = match status {
-            Ok(Ok(st)) => serde_json::json!({"exit_code": st.code, "timed_out": timed_out, "oom_killed": st.oom_killed}),
-            Ok(Err(e)) => serde_json::json!({"error": format!("lost the process: {e}"), "timed_out": timed_out}),
+            Ok(Ok(st)) => {
+                serde_json::json!({"exit_code": st.code, "timed_out": timed_out, "oom_killed": st.oom_killed})
+            }
+            Ok(Err(e)) => {
+                serde_json::json!({"error": format!("lost the process: {e}"), "timed_out": timed_out})
+            }
             Err(e) => serde_json::json!({"error": format!("{e}"), "timed_out": timed_out}),
         };
         let _ = tx.send(line(end)).await;
@@ -260,10 +289,16 @@ async fn logs(
     sb: Arc<Sandbox>,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let follow = matches!(super::query_param(req, "follow").as_deref(), Some("true" | "1"));
+    let follow = matches!(
+        super::query_param(req, "follow").as_deref(),
+        Some("true" | "1")
+    );
     let which = super::query_param(req, "stream");
     let streams: Vec<(&'static str, &'static str)> = match which.as_deref() {
-        None | Some("both") => vec![("stdout", agentd_runtime::layout::STDOUT), ("stderr", agentd_runtime::layout::STDERR)],
+        None | Some("both") => vec![
+            ("stdout", agentd_runtime::layout::STDOUT),
+            ("stderr", agentd_runtime::layout::STDERR),
+        ],
         Some("stdout") => vec![("stdout", agentd_runtime::layout::STDOUT)],
         Some("stderr") => vec![("stderr", agentd_runtime::layout::STDERR)],
         Some(other) => {
@@ -282,7 +317,9 @@ async fn logs(
             let dir = mgr.logs_dir(&sb);
             let live = sb.snapshot().state.is_live();
             for (i, (name, file)) in streams.iter().enumerate() {
-                let Ok(mut f) = tokio::fs::File::open(dir.join(file)).await else { continue };
+                let Ok(mut f) = tokio::fs::File::open(dir.join(file)).await else {
+                    continue;
+                };
                 use tokio::io::AsyncSeekExt;
                 if f.seek(std::io::SeekFrom::Start(offsets[i])).await.is_err() {
                     continue;
@@ -294,7 +331,11 @@ async fn logs(
                 offsets[i] += buf.len() as u64;
                 for chunk in buf.chunks(16 * 1024) {
                     let data = String::from_utf8_lossy(chunk).into_owned();
-                    if tx.send(line(serde_json::json!({"stream": name, "data": data}))).await.is_err() {
+                    if tx
+                        .send(line(serde_json::json!({"stream": name, "data": data})))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -312,7 +353,7 @@ async fn logs(
     Ok(stream_response("application/x-ndjson", rx))
 }
 
-#[allow(dead_code)] // Kept for symmetry with the stream helpers; used by tests below.
+#[cfg(test)]
 fn collect_lines(b: &[u8]) -> Vec<serde_json::Value> {
     b.split(|c| *c == b'\n')
         .filter(|l| !l.is_empty())
@@ -330,13 +371,17 @@ mod tests {
         assert!(e.to_string().contains("unknown field `cmd`"), "{e}");
         let ok: ExecBody = serde_json::from_str(r#"{"command":["ls"],"timeout_secs":3}"#).unwrap();
         assert_eq!(ok.timeout_secs, Some(3));
-        let frame = line(serde_json::json!({"a": 1})).unwrap().into_data().unwrap();
+        let frame = line(serde_json::json!({"a": 1}))
+            .unwrap()
+            .into_data()
+            .unwrap();
         assert_eq!(collect_lines(&frame), vec![serde_json::json!({"a": 1})]);
     }
 
     #[test]
     fn test_create_body_refuses_unknown_fields() {
-        let e = serde_json::from_str::<CreateSandbox>(r#"{"image":"x","memroy":"1g"}"#).unwrap_err();
+        let e =
+            serde_json::from_str::<CreateSandbox>(r#"{"image":"x","memroy":"1g"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field `memroy`"), "{e}");
     }
 }
