@@ -47,8 +47,67 @@ pub const EXIT_CANNOT_EXEC: i32 = 126;
 pub enum ExecutorRole {
     /// The sandbox's first process: becomes the init (PID 1).
     Init,
-    /// An extra process exec'd into a running sandbox.
-    Exec,
+    /// An extra process exec'd into a running sandbox; with an identity, it first enters the
+    /// sandbox's user namespace (libcontainer's exec does not).
+    Exec(Option<ExecIdentity>),
+}
+
+/// Who an exec'd process becomes inside the sandbox's user namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecIdentity {
+    /// An fd (inherited from the shim, which keeps it open until the process is started) of
+    /// the sandbox init's `/proc/<pid>/ns/user`.
+    pub userns_fd: i32,
+    /// Uid inside the sandbox.
+    pub uid: u32,
+    /// Gid inside the sandbox.
+    pub gid: u32,
+}
+
+/// Enters the sandbox's user namespace as `id` and leaves the process with the capabilities
+/// root inside gets ([`crate::spec::DEFAULT_CAPABILITIES`]) for uid 0, none otherwise.
+///
+/// libcontainer started this process as host root with every capability (so that it may
+/// `setns` into the user namespace) in all the sandbox's other namespaces. `setns` into a user
+/// namespace grants a full capability set *in it* and resets the bounding set, so everything
+/// is narrowed again here, before seccomp goes on and the command runs.
+fn enter_user_namespace(id: ExecIdentity) -> Result<(), String> {
+    use caps::{CapSet, Capability as Cap};
+    // SAFETY: setns takes an fd and a flag; the fd is open (the shim holds it) and names a
+    // user namespace. This process is single-threaded (libcontainer cloned it from the
+    // single-threaded shim) and shares no fs struct, as setns(CLONE_NEWUSER) requires.
+    if unsafe { libc::setns(id.userns_fd, libc::CLONE_NEWUSER) } != 0 {
+        return Err(format!(
+            "failed to join the sandbox's user namespace: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let gid = nix::unistd::Gid::from_raw(id.gid);
+    let uid = nix::unistd::Uid::from_raw(id.uid);
+    nix::unistd::setgroups(&[gid]).map_err(|e| format!("setgroups: {e}"))?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setresgid: {e}"))?;
+    let keep: std::collections::HashSet<Cap> = if id.uid == 0 {
+        crate::spec::DEFAULT_CAPABILITIES
+            .iter()
+            .filter_map(|c| format!("CAP_{c}").parse::<Cap>().ok())
+            .collect()
+    } else {
+        std::collections::HashSet::new()
+    };
+    // The bounding set first (that needs CAP_SETPCAP, which we still have), then the ids
+    // (setresuid to a non-zero uid clears permitted, effective and ambient), then the sets.
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap).map_err(|e| format!("bounding set: {e}"))?;
+        }
+    }
+    nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("setresuid: {e}"))?;
+    caps::clear(None, CapSet::Ambient).map_err(|e| format!("ambient set: {e}"))?;
+    caps::set(None, CapSet::Inheritable, &std::collections::HashSet::new())
+        .map_err(|e| format!("inheritable set: {e}"))?;
+    caps::set(None, CapSet::Effective, &keep).map_err(|e| format!("effective set: {e}"))?;
+    caps::set(None, CapSet::Permitted, &keep).map_err(|e| format!("permitted set: {e}"))?;
+    Ok(())
 }
 
 /// The libcontainer executor for agentd sandboxes.
@@ -191,8 +250,11 @@ impl Executor for SandboxExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         let args = args_of(spec)?;
         match self.role {
-            ExecutorRole::Exec => {
+            ExecutorRole::Exec(identity) => {
                 unblock_all_signals();
+                if let Some(id) = identity {
+                    enter_user_namespace(id).map_err(ExecutorError::Other)?;
+                }
                 self.seccomp
                     .install()
                     .map_err(|e| ExecutorError::Execution(Box::new(e)))?;

@@ -616,38 +616,41 @@ impl Shim {
         }
         let cwd = req.cwd.unwrap_or_else(|| self.config.spec.cwd.clone());
         let uid = req.uid.unwrap_or(self.config.spec.uid);
-        let gid = self.config.spec.gid;
-        // libcontainer 0.7's exec joins every namespace of the sandbox but its user namespace
-        // (tenant_builder's NAMESPACE_TYPES has no "user"), so the process's ids are host ids.
-        // Until exec joins the user namespace itself, run it as the host ids its sandbox ids
-        // map to (unprivileged, and files it makes get the owners the sandbox sees), and give
-        // capabilities only to root inside.
-        let to_host = |id: u32, map: Option<crate::spec::IdMap>| -> Result<u32> {
-            match map {
-                None => Ok(id),
-                Some(m) if id >= m.inside && id - m.inside < m.size => Ok(m.host + (id - m.inside)),
-                Some(_) => Err(ShimError::Io {
-                    what: format!("id {id} is not mapped in the sandbox"),
-                    source: io::Error::other("unmapped id"),
-                }),
-            }
-        };
-        let host_uid = to_host(uid, self.config.spec.uid_map)?;
-        let host_gid = to_host(gid, self.config.spec.gid_map)?;
-        let caps: Vec<String> = if uid == 0 {
-            crate::spec::DEFAULT_CAPABILITIES
-                .iter()
-                .map(|c| format!("CAP_{c}"))
-                .collect()
+        // Another user than the sandbox's (root for maintenance, say) gets the group of the
+        // same number, as `docker exec --user N` does without a passwd lookup.
+        let gid = if uid == self.config.spec.uid {
+            self.config.spec.gid
         } else {
-            Vec::new()
+            uid
         };
+        // libcontainer 0.7's exec joins every namespace of the sandbox but its user namespace
+        // (tenant_builder's NAMESPACE_TYPES has no "user"). So it starts the process as host
+        // root with every capability, and our executor joins the user namespace of the
+        // sandbox's init (this fd), becomes uid/gid there and narrows its capabilities
+        // (init::enter_user_namespace) before seccomp and exec.
+        let userns =
+            File::open(format!("/proc/{}/ns/user", self.init_pid)).map_err(|e| ShimError::Io {
+                what: "failed to open the sandbox's user namespace".into(),
+                source: e,
+            })?;
+        let identity = crate::init::ExecIdentity {
+            userns_fd: userns.as_raw_fd(),
+            uid,
+            gid,
+        };
+        // What the executor needs for that: CAP_SYS_ADMIN (setns into a user namespace),
+        // CAP_SETPCAP (bounding set), CAP_SETUID/CAP_SETGID (in the default set).
+        let caps: Vec<String> = crate::spec::DEFAULT_CAPABILITIES
+            .iter()
+            .map(|c| format!("CAP_{c}"))
+            .chain(["CAP_SYS_ADMIN".to_string(), "CAP_SETPCAP".to_string()])
+            .collect();
         let pid = ContainerBuilder::new(self.config.id.clone(), SyscallType::default())
             .with_root_path(self.dir.join(layout::LIBCONTAINER))
             .map_err(lc_err("failed to find the sandbox's state"))?
             .with_executor(SandboxExecutor::new(
                 self.seccomp.clone(),
-                ExecutorRole::Exec,
+                ExecutorRole::Exec(Some(identity)),
             ))
             .with_stdin(stdin)
             .with_stdout(stdout)
@@ -656,13 +659,15 @@ impl Shim {
             .with_container_args(req.args)
             .with_env(env)
             .with_cwd(Some(cwd))
-            .with_user(Some(host_uid))
-            .with_group(Some(host_gid))
+            .with_user(Some(0))
+            .with_group(Some(0))
             .with_no_new_privs(true)
             .with_capabilities(caps)
             .with_detach(true)
             .build()
             .map_err(lc_err("failed to exec into the sandbox"))?;
+        // The process has its own copy of the fd by now; ours can go.
+        drop(userns);
         let id = self.next_exec;
         self.next_exec += 1;
         self.execs.insert(

@@ -377,3 +377,46 @@ pub fn opencode_store(dir: &str) -> Option<PathBuf> {
         })
         .clone()
 }
+
+/// The official OpenCode JS SDK (`@opencode-ai/sdk`, the version of the image's OpenCode),
+/// installed once under target/ with npm; None (with the reason printed) without node/npm.
+pub fn opencode_sdk() -> Option<PathBuf> {
+    static SDK: OnceLock<Option<PathBuf>> = OnceLock::new();
+    SDK.get_or_init(|| {
+        for tool in ["node", "npm"] {
+            if which(tool).is_none() {
+                eprintln!("SKIPPED: the OpenCode SDK test needs {tool} (.ci/run installs npm)");
+                return None;
+            }
+        }
+        let dir = target_dir().join("opencode-sdk");
+        if !dir
+            .join("node_modules/@opencode-ai/sdk/package.json")
+            .exists()
+        {
+            fs::create_dir_all(&dir).unwrap();
+            let out = Command::new("npm")
+                .args([
+                    "install",
+                    "--ignore-scripts",
+                    "--no-audit",
+                    "--no-fund",
+                    "--prefix",
+                ])
+                .arg(&dir)
+                .arg(format!("@opencode-ai/sdk@{OPENCODE_VERSION}"))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "npm install of the SDK failed: {}",
+                describe(&out)
+            );
+        }
+        Some(dir)
+    })
+    .clone()
+}
+
+/// The OpenCode version the opencode recipe pins (the SDK is installed at the same version).
+pub const OPENCODE_VERSION: &str = "1.18.33";

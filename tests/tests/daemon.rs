@@ -23,6 +23,7 @@ fn test_opencode_session_restart_and_isolation() {
     let Some(images) = store() else { return };
     let llm = MockLlm::start(&format!("echo agent-was-here > {FILE}"));
     let port = agentd_tests::registry::free_port();
+    let listen = format!("127.0.0.1:{}", agentd_tests::registry::free_port());
     let mut d = Daemon::start(
         &images,
         &[
@@ -30,6 +31,8 @@ fn test_opencode_session_restart_and_isolation() {
             &llm.base_url,
             "--gateway-port",
             &port.to_string(),
+            "--listen",
+            &listen,
         ],
     );
 
@@ -96,6 +99,34 @@ fn test_opencode_session_restart_and_isolation() {
         a["usage"]["completion_tokens"].as_u64().unwrap() >= 7,
         "{a}"
     );
+    // The official OpenCode SDK, unchanged, through the proxy on agentd's TCP listener.
+    if let Some(sdk) = agentd_tests::opencode_sdk() {
+        let script = sdk.join("session.mjs");
+        std::fs::copy(
+            agentd_tests::workspace_root().join("tests/sdk/session.mjs"),
+            &script,
+        )
+        .unwrap();
+        let token = std::fs::read_to_string(d.state.path().join("api-token")).unwrap();
+        let out = std::process::Command::new("node")
+            .arg(&script)
+            .env(
+                "BASE_URL",
+                format!("http://{listen}/v1/sandboxes/{id}/opencode"),
+            )
+            .env("TOKEN", token.trim())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "SDK session failed: {}\n{}",
+            agentd_tests::describe(&out),
+            d.log()
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["text"], "All done: the file is written.", "{v}");
+        assert_eq!(v["tools"], json!(["bash"]), "{v}");
+    }
     let metrics = d.call("GET", "/metrics", None).text();
     assert!(
         metrics.contains("agentd_sandboxes{state=\"ready\"} 1"),
@@ -229,6 +260,28 @@ fn test_opencode_session_restart_and_isolation() {
     .unwrap();
     let b2 = d.wait_state(&b_id, "exited", Duration::from_secs(30));
     assert_eq!(b2["state"], "exited", "{b2}");
+
+    // OpenCode dies in A: the sandbox shows it, with the reason and the log tail.
+    let kill_opencode = "for p in /proc/[0-9]*; do case \"$(tr '\\0' ' ' < $p/cmdline 2>/dev/null)\" in opencode*) kill -9 ${p#/proc/};; esac; done";
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(json!({"command": ["bash", "-c", kill_opencode], "uid": 1000})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let a3 = d.wait_state(&id, "exited", Duration::from_secs(30));
+    assert_eq!(a3["state"], "exited", "{a3}");
+    let reason = a3["exit"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("opencode exited with status 137"), "{a3}");
+    assert!(
+        !a3["exit"]["log_tail"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "{a3}"
+    );
+    let logs = d.call("GET", &format!("/v1/sandboxes/{id}/logs"), None);
+    assert_eq!(logs.status, 200, "logs outlive the sandbox");
 
     // Stop and delete everything: nothing of ours is left.
     for s in [&id, &b_id] {

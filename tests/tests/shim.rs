@@ -20,7 +20,7 @@ fn test_exec_kill_wait_delete() {
         args: vec![
             "sh".into(),
             "-c".into(),
-            "echo out-$FOO; echo err >&2; grep Seccomp: /proc/self/status; exit 7".into(),
+            "echo out-$FOO; echo err >&2; grep Seccomp: /proc/self/status; cat /proc/self/uid_map; grep CapEff /proc/self/status; exit 7".into(),
         ],
         env: vec!["FOO=bar".into()],
         ..Default::default()
@@ -34,6 +34,20 @@ fn test_exec_kill_wait_delete() {
         "exec'd processes get the filter too: {out}"
     );
     assert_eq!(String::from_utf8_lossy(&err).trim(), "err");
+    // The exec'd process is in the sandbox's user namespace (libcontainer's exec alone would
+    // leave it in the host's), as root inside with the default capabilities only.
+    let map = out
+        .lines()
+        .find(|l| l.split_whitespace().count() == 3)
+        .unwrap_or_default();
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    assert_eq!(fields.first(), Some(&"0"), "{out}");
+    assert_ne!(
+        fields.get(1),
+        Some(&"0"),
+        "exec'd process in the host's user namespace: {out}"
+    );
+    assert!(out.contains("CapEff:\t00000000800405fb"), "{out}");
 
     // An exec of a missing command is an error status, not a hang.
     let (status, _, err) = client

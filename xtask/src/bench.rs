@@ -222,7 +222,7 @@ fn sh_in_private_mounts(script: &str) -> Vec<String> {
     ]
 }
 
-fn which(name: &str) -> Option<String> {
+pub(crate) fn which(name: &str) -> Option<String> {
     std::env::var("PATH")
         .ok()?
         .split(':')

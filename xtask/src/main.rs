@@ -6,11 +6,14 @@
 //!   (QEMU with software emulation, a Debian kernel, a busybox initramfs).
 //! - `bench start`: create+start+wait+delete of `/bin/true`, agentd against crun, runc, bwrap.
 //! - `bench unpack`: unpacking a multi-layer Debian image, agentd against `umoci unpack`.
+//! - `bench sandbox`: the daemon: create latency against crun, OpenCode readiness against a
+//!   bare `opencode serve`, memory per sandbox, 50 creates at once.
 //! - `images`: builds the recipes of `rootfs-builder/recipes/` into agentd's image store.
 //!
 //! xtask uses no product crate: it shells out to cargo, qemu and the peers.
 
 mod bench;
+mod bench_sandbox;
 mod bench_unpack;
 mod ci;
 mod images;
@@ -25,7 +28,7 @@ use std::process::Command;
 use anyhow::{bail, Context};
 
 const USAGE: &str =
-    "usage: cargo xtask <ci | vm-test | bench start | bench unpack | images [--store DIR]>";
+    "usage: cargo xtask <ci | vm-test | bench start | bench unpack | bench sandbox | images [--store DIR]>";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         ["vm-test"] => vm::run(),
         ["bench", "start"] => bench::start(),
         ["bench", "unpack"] => bench_unpack::unpack(),
+        ["bench", "sandbox"] => bench_sandbox::sandbox(),
         ["images", rest @ ..] => images::images(rest),
         ["bench", ..] => bail!("unknown benchmark; {USAGE}"),
         _ => bail!("{USAGE}"),

@@ -1,0 +1,486 @@
+//! `cargo xtask bench sandbox`: the daemon's costs, side by side with peers in the same run.
+//!
+//! (a) API create -> sandbox running, `minimal` image, median of 50, against `crun run -d` of
+//!     the same rootfs (the image's layer) with agentd's own OCI spec;
+//! (b) API create -> OpenCode answering `/global/health`, against `opencode serve` started bare
+//!     on the host (same binary, fresh HOME), median of 5 each;
+//! (c) host memory per idle sandbox, excluding the workload: the shim's PSS plus agentd's RSS
+//!     growth, over 20 sandboxes;
+//! (d) 50 sandboxes created concurrently: all must succeed; total wall time.
+//!
+//! Everything runs from release builds on a daemon of its own (state in target/bench/sandbox,
+//! bridge `adbench0`, cgroup parent `agentd-bench/serve`), removed at the end.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::{cargo, project_root, run};
+
+const BRIDGE: &str = "adbench0";
+const CGROUP_PARENT: &str = "agentd-bench/serve";
+const RUNS: usize = 50;
+const OPENCODE_RUNS: usize = 5;
+
+/// One HTTP request over the daemon's socket: (status, body).
+fn call(socket: &Path, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = UnixStream::connect(socket)?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    Ok((status, body))
+}
+
+fn json(body: &str) -> serde_json::Value {
+    // Chunked bodies are not used by these endpoints (full JSON answers).
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+fn median_ms(v: &mut [Duration]) -> f64 {
+    v.sort();
+    v[v.len() / 2].as_secs_f64() * 1000.0
+}
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok((_, body)) = call(&self.socket, "GET", "/v1/sandboxes", "") {
+            for s in json(&body)["sandboxes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+            {
+                let _ = call(
+                    &self.socket,
+                    "DELETE",
+                    &format!("/v1/sandboxes/{}", s["id"].as_str().unwrap_or("")),
+                    "",
+                );
+            }
+        }
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
+        for e in fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = fs::remove_dir(e.path().join(CGROUP_PARENT));
+            let _ = fs::remove_dir(e.path().join("agentd-bench"));
+        }
+    }
+}
+
+fn rss_kb(pid: u32, field: &str) -> u64 {
+    let path = if field == "Pss:" {
+        format!("/proc/{pid}/smaps_rollup")
+    } else {
+        format!("/proc/{pid}/status")
+    };
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn pids_with(needle: &str) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|p| {
+            fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Runs the benchmark.
+pub fn sandbox() -> anyhow::Result<()> {
+    let root = project_root();
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "agentd",
+        "-p",
+        "agentd-runtime",
+        "-p",
+        "rootfs-builder",
+        "--bins",
+    ]))?;
+    let release = root.join("target/release");
+    let bench = root.join("target/bench/sandbox");
+    let state = bench.join("state");
+    let _ = fs::remove_dir_all(&state);
+    fs::create_dir_all(&state)?;
+    let store_state = bench.join("images");
+    for name in ["minimal", "opencode"] {
+        run(Command::new(release.join("rootfs-builder"))
+            .arg("build")
+            .arg(root.join(format!("rootfs-builder/recipes/{name}.toml")))
+            .arg("--store")
+            .arg(&store_state)
+            .args(["--tag", name, "--cache"])
+            .arg(root.join("target/rootfs-builder-cache")))
+        .with_context(|| format!("cannot build the {name} image"))?;
+    }
+    let images = store_state.join("images");
+    let socket = state.join("agentd.sock");
+    let log = fs::File::create(bench.join("agentd.log"))?;
+    let child = Command::new(release.join("agentd"))
+        .arg("serve")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--images-dir")
+        .arg(&images)
+        .arg("--socket")
+        .arg(&socket)
+        .args([
+            "--bridge",
+            BRIDGE,
+            "--subnet",
+            "10.213.0.0/16",
+            "--cgroup-parent",
+            CGROUP_PARENT,
+        ])
+        .args([
+            "--max-sandboxes",
+            "200",
+            "--idle-timeout",
+            "0",
+            "--gateway-port",
+            "4197",
+        ])
+        .env("AGENTD_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let daemon = Daemon {
+        child,
+        socket: socket.clone(),
+    };
+    let start = Instant::now();
+    while call(&socket, "GET", "/v1/health", "")
+        .map(|r| r.0)
+        .unwrap_or(0)
+        != 200
+    {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "agentd did not start; see {}",
+                bench.join("agentd.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let create = |body: &str| -> anyhow::Result<(Duration, String)> {
+        let t = Instant::now();
+        let (st, b) = call(&socket, "POST", "/v1/sandboxes", body)?;
+        let took = t.elapsed();
+        if st != 201 {
+            bail!("create failed ({st}): {b}");
+        }
+        Ok((
+            took,
+            json(&b)["id"].as_str().unwrap_or_default().to_string(),
+        ))
+    };
+    let delete = |id: &str| {
+        let _ = call(&socket, "DELETE", &format!("/v1/sandboxes/{id}"), "");
+    };
+    let minimal = r#"{"image":"minimal","limits":{"memory":"64m"}}"#;
+    // The first create unpacks the image's layers with shifted owners: not part of the runs.
+    let (_, id) = create(minimal)?;
+    delete(&id);
+
+    // (a) create -> running, against crun run -d.
+    let mut agentd_times = Vec::new();
+    for _ in 0..RUNS {
+        let (t, id) = create(minimal)?;
+        agentd_times.push(t);
+        delete(&id);
+    }
+    let a_agentd = median_ms(&mut agentd_times);
+    let crun = crun_times(&release, &images, &bench)?;
+    // (b) create -> OpenCode ready, against a bare opencode serve.
+    let (b_agentd, b_bare) = opencode_times(&socket, &images, &bench)?;
+    // (c) memory per idle sandbox.
+    let agentd_pid = daemon.child.id();
+    let before = rss_kb(agentd_pid, "VmRSS:");
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(create(minimal)?.1);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_kb(agentd_pid, "VmRSS:");
+    let shims: Vec<u32> = pids_with(&format!("{}/sandboxes/", state.display()))
+        .into_iter()
+        .filter(|p| {
+            // The shim itself, not the sandbox init (a child of the shim running its code).
+            fs::read_to_string(format!("/proc/{p}/status"))
+                .map(|s| s.contains("\nUid:\t0\t"))
+                .unwrap_or(false)
+        })
+        .collect();
+    let shim_pss: u64 = shims.iter().map(|p| rss_kb(*p, "Pss:")).sum();
+    let per_shim = shim_pss as f64 / shims.len().max(1) as f64;
+    let per_agentd = after.saturating_sub(before) as f64 / ids.len() as f64;
+    for id in ids.drain(..) {
+        delete(&id);
+    }
+    // (d) 50 at once.
+    let t = Instant::now();
+    let handles: Vec<_> = (0..RUNS)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || call(&socket, "POST", "/v1/sandboxes", minimal))
+        })
+        .collect();
+    let mut ok = 0;
+    for h in handles {
+        if let Ok(Ok((201, b))) = h.join() {
+            ok += 1;
+            ids.push(json(&b)["id"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    let d_total = t.elapsed();
+    for id in ids.drain(..) {
+        delete(&id);
+    }
+    drop(daemon);
+
+    println!("\nbench sandbox (release builds, this machine)");
+    println!("(a) create -> running, minimal image, median of {RUNS}:");
+    println!("    agentd API   {a_agentd:8.2} ms");
+    match crun {
+        Some(c) => println!(
+            "    crun run -d  {c:8.2} ms   agentd/crun = {:.2}x (goal: < 1)",
+            a_agentd / c
+        ),
+        None => println!("    crun: not installed, no comparison"),
+    }
+    println!("(b) create -> OpenCode ready, median of {OPENCODE_RUNS}:");
+    println!("    agentd API        {b_agentd:8.0} ms");
+    println!(
+        "    bare opencode     {b_bare:8.0} ms   agentd/bare = {:.2}x (goal: <= 1.15)",
+        b_agentd / b_bare
+    );
+    println!("(c) host memory per idle sandbox (excluding the workload), over 20:");
+    println!(
+        "    shim PSS {:.0} KiB + agentd RSS growth {:.0} KiB = {:.2} MiB (goal: < 2 MiB)",
+        per_shim,
+        per_agentd,
+        (per_shim + per_agentd) / 1024.0
+    );
+    println!(
+        "(d) {RUNS} creates at once: {ok}/{RUNS} succeeded in {:.2} s",
+        d_total.as_secs_f64()
+    );
+    if ok != RUNS {
+        bail!("{} of {RUNS} concurrent creates failed", RUNS - ok);
+    }
+    Ok(())
+}
+
+/// `crun run -d` of the minimal image's layer with agentd's spec; median ms of create+start
+/// (the delete is not timed, as agentd's is not). None without crun.
+fn crun_times(release: &Path, images: &Path, bench: &Path) -> anyhow::Result<Option<f64>> {
+    let Some(crun) = crate::bench::which("crun") else {
+        return Ok(None);
+    };
+    let agentd = release.join("agentd");
+    let inspect = Command::new(&agentd)
+        .args(["image", "--state-dir"])
+        .arg(images.parent().unwrap_or(images))
+        .args(["inspect", "minimal"])
+        .output()?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&inspect.stdout).context("agentd image inspect")?;
+    let diff_id = v["layers"][0]["diff_id"].as_str().context("no layer")?;
+    let layer = images
+        .join("layers/sha256")
+        .join(diff_id.trim_start_matches("sha256:"));
+    if !layer.join("bin/busybox").exists() {
+        bail!("{} is not unpacked", layer.display());
+    }
+    let spec = Command::new(&agentd)
+        .args(["run", "--rootfs"])
+        .arg(&layer)
+        .args([
+            "--memory",
+            "64m",
+            "--print-oci-spec",
+            "--",
+            "/bin/sh",
+            "-c",
+            "sleep 1000",
+        ])
+        .output()?;
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&spec.stdout).context("agentd printed no spec")?;
+    spec["linux"]["cgroupsPath"] = serde_json::Value::String("/agentd-bench/crun".into());
+    let bundle = bench.join("bundle-crun");
+    fs::create_dir_all(&bundle)?;
+    fs::write(
+        bundle.join("config.json"),
+        serde_json::to_vec_pretty(&spec)?,
+    )?;
+    // crun refuses hybrid cgroups: run it where cgroup2 is hidden (a private mount namespace).
+    let script = format!(
+        "umount /sys/fs/cgroup/unified 2>/dev/null; for i in $(seq {RUNS}); do \
+           s=$(date +%s%N); {crun} run -d --bundle {b} agentd-bench-crun </dev/null >/dev/null 2>&1 || exit 1; e=$(date +%s%N); \
+           echo $((e - s)); {crun} delete -f agentd-bench-crun >/dev/null 2>&1; done",
+        b = bundle.display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()?;
+    if !out.status.success() {
+        bail!("crun run failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut times: Vec<Duration> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .map(Duration::from_nanos)
+        .collect();
+    if times.is_empty() {
+        bail!("crun printed no timings");
+    }
+    Ok(Some(median_ms(&mut times)))
+}
+
+/// Median ms of create -> ready through agentd, and of a bare `opencode serve` -> health.
+fn opencode_times(socket: &Path, images: &Path, bench: &Path) -> anyhow::Result<(f64, f64)> {
+    let body = r#"{"image":"opencode"}"#;
+    // Warm-up (unpacks the shifted layers).
+    let (st, b) = call(socket, "POST", "/v1/sandboxes", body)?;
+    if st != 201 {
+        bail!("create failed: {b}");
+    }
+    let _ = call(
+        socket,
+        "DELETE",
+        &format!("/v1/sandboxes/{}", json(&b)["id"].as_str().unwrap_or("")),
+        "",
+    );
+    let mut agentd = Vec::new();
+    for _ in 0..OPENCODE_RUNS {
+        let t = Instant::now();
+        let (st, b) = call(socket, "POST", "/v1/sandboxes", body)?;
+        if st != 201 {
+            bail!("create failed: {b}");
+        }
+        let id = json(&b)["id"].as_str().unwrap_or_default().to_string();
+        loop {
+            let (_, b) = call(socket, "GET", &format!("/v1/sandboxes/{id}"), "")?;
+            let state = json(&b)["state"].as_str().unwrap_or_default().to_string();
+            if state == "ready" {
+                break;
+            }
+            if state != "starting" || t.elapsed() > Duration::from_secs(120) {
+                bail!("sandbox {id} is {state}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        agentd.push(t.elapsed());
+        let _ = call(socket, "DELETE", &format!("/v1/sandboxes/{id}"), "");
+    }
+    // The same binary, bare on the host.
+    let binary = fs::read_dir(images.join("layers/sha256"))?
+        .flatten()
+        .map(|e| e.path().join("usr/local/bin/opencode"))
+        .find(|p| p.exists())
+        .context("no opencode binary in the store")?;
+    let mut bare = Vec::new();
+    for i in 0..OPENCODE_RUNS {
+        let home = bench.join(format!("bare-home-{i}"));
+        let _ = fs::remove_dir_all(&home);
+        fs::create_dir_all(home.join(".config/opencode/node_modules"))?;
+        fs::write(
+            home.join(".config/opencode/package-lock.json"),
+            r#"{"lockfileVersion":3,"packages":{"":{"dependencies":{"@opencode-ai/plugin":"*"}}}}"#,
+        )?;
+        let port = 4300 + u16::try_from(i).unwrap_or(0);
+        let t = Instant::now();
+        let mut child = Command::new(&binary)
+            .args([
+                "serve",
+                "--hostname",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .env("XDG_DATA_HOME", home.join(".local/share"))
+            .env("XDG_STATE_HOME", home.join(".local/state"))
+            .env("XDG_CACHE_HOME", home.join(".cache"))
+            .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
+            .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        loop {
+            let ok = std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                    write!(
+                        s,
+                        "GET /global/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                    )
+                    .ok()?;
+                    let mut r = String::new();
+                    s.read_to_string(&mut r).ok()?;
+                    r.starts_with("HTTP/1.1 200").then_some(())
+                });
+            if ok.is_some() {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                bail!("bare opencode did not answer");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bare.push(t.elapsed());
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = fs::remove_dir_all(&home);
+    }
+    Ok((median_ms(&mut agentd), median_ms(&mut bare)))
+}
