@@ -90,6 +90,9 @@ pub struct ServeArgs {
     /// Cgroup parent of the sandboxes, under every controller [default: agentd/serve].
     #[arg(long, env = "AGENTD_CGROUP_PARENT")]
     pub cgroup_parent: Option<String>,
+    /// Cache of the default image's build [default: <state-dir>/build-cache].
+    #[arg(long, env = "AGENTD_BUILD_CACHE")]
+    pub build_cache: Option<PathBuf>,
 }
 
 /// The config file: the same keys as [`ServeArgs`].
@@ -113,6 +116,7 @@ struct FileConfig {
     idle_timeout: Option<u64>,
     log_format: Option<String>,
     cgroup_parent: Option<String>,
+    build_cache: Option<PathBuf>,
 }
 
 /// Log output format.
@@ -172,6 +176,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Cgroup parent of the sandboxes.
     pub cgroup_parent: String,
+    /// Build cache of the default image.
+    pub build_cache: PathBuf,
 }
 
 impl Config {
@@ -334,6 +340,10 @@ impl Config {
                 }
                 p
             },
+            build_cache: args
+                .build_cache
+                .or(file.build_cache)
+                .unwrap_or_else(|| state_dir.join("build-cache")),
             images_dir: args
                 .images_dir
                 .or(file.images_dir)

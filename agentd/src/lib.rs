@@ -12,6 +12,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod default_image;
 pub mod gateway;
 pub mod image;
 pub mod metrics;

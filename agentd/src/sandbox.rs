@@ -335,6 +335,8 @@ pub struct Manager {
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     /// Serializes creates' quota checks and address choice with each other.
     create_lock: tokio::sync::Mutex<()>,
+    /// One build of the default image at a time.
+    build_lock: tokio::sync::Mutex<()>,
     /// HTTP client for the sandboxes' OpenCode servers.
     pub http: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -373,6 +375,7 @@ impl Manager {
             metrics: Metrics::default(),
             sandboxes: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
+            build_lock: tokio::sync::Mutex::new(()),
             http,
         }))
     }
@@ -509,10 +512,32 @@ impl Manager {
             ..UnpackOptions::default()
         };
         let name2 = image_name.clone();
-        let image = tokio::task::spawn_blocking(move || store.rootfs(&name2, &opts))
+        let store2 = store.clone();
+        let opts2 = opts.clone();
+        let mut image = tokio::task::spawn_blocking(move || store2.rootfs(&name2, &opts2))
             .await
-            .map_err(ApiError::internal)?
-            .map_err(|e| match e {
+            .map_err(ApiError::internal)?;
+        if matches!(image, Err(agentd_images::StoreError::UnknownImage(_)))
+            && image_name == crate::default_image::NAME
+        {
+            // The default image: built on first use (one build at a time).
+            let _building = self.build_lock.lock().await;
+            let name2 = image_name.clone();
+            let cache = self.config.build_cache.clone();
+            image = tokio::task::spawn_blocking(move || {
+                if store.resolve(&name2).is_err() {
+                    crate::default_image::build(&store, &cache)
+                        .map_err(|e| agentd_images::StoreError::UnknownImage(format!("{e:#}")))?;
+                }
+                store.rootfs(&name2, &opts)
+            })
+            .await
+            .map_err(ApiError::internal)?;
+        }
+        let image = image.map_err(|e| match e {
+                agentd_images::StoreError::UnknownImage(msg) if image_name == crate::default_image::NAME && msg.contains("default image") => {
+                    ApiError::Unavailable(msg)
+                }
                 agentd_images::StoreError::UnknownImage(_) => {
                     ApiError::BadRequest(format!(
                         "unknown image {image_name:?}: pull or import it first (POST /v1/images/pull, agentd image pull|import)"

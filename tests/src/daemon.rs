@@ -68,7 +68,12 @@ pub fn request(
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(body).unwrap();
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    if let Err(e) = s.read_to_end(&mut raw) {
+        panic!(
+            "{method} {path}: no complete answer: {e}; got {:?}",
+            String::from_utf8_lossy(&raw)
+        );
+    }
     parse_response(&raw)
 }
 

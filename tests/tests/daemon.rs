@@ -213,6 +213,7 @@ fn test_opencode_session_restart_and_isolation() {
 
     // Restart agentd with SIGTERM, then SIGKILL: the sandbox keeps running and is reattached.
     let pid_before = d.exec(&id, &["sh", "-c", "echo $PPID"]).1;
+    let usage_before = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json()["usage"].clone();
     for signal in [libc::SIGTERM, libc::SIGKILL] {
         d.restart(signal);
         let a2 = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
@@ -226,10 +227,7 @@ fn test_opencode_session_restart_and_isolation() {
         );
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(d.exec(&id, &["sh", "-c", "echo $PPID"]).1, pid_before);
-        assert_eq!(
-            a2["usage"]["prompt_tokens"], a["usage"]["prompt_tokens"],
-            "usage persists"
-        );
+        assert_eq!(a2["usage"], usage_before, "usage persists");
     }
     // The logs of OpenCode are complete across the restarts (it logs its listening line).
     let logs = d
@@ -306,7 +304,9 @@ fn test_bad_requests_quotas_and_tcp_token() {
             "--listen",
             &listen,
             "--max-sandboxes",
-            "1",
+            "2",
+            "--max-memory",
+            "3g",
             "--gateway-port",
             &agentd_tests::registry::free_port().to_string(),
         ],
@@ -372,13 +372,33 @@ fn test_bad_requests_quotas_and_tcp_token() {
     );
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
+    // 2g (the default) + 2g > 3g: memory quota; 2g + 512m fits; then the sandbox count.
     let r = d.call(
         "POST",
         "/v1/sandboxes",
         Some(json!({"image": "opencode", "opencode": false})),
     );
     assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r.text().contains("max_memory"), "{}", r.text());
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "opencode": false, "limits": {"memory": "512m"}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let second = r.json()["id"].as_str().unwrap().to_string();
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "opencode": false, "limits": {"memory": "64m"}})),
+    );
+    assert_eq!(r.status, 429, "{}", r.text());
     assert!(r.text().contains("max_sandboxes"));
+    assert_eq!(
+        d.call("DELETE", &format!("/v1/sandboxes/{second}"), None)
+            .status,
+        204
+    );
     // Exec: a timeout kills the process.
     let r = d.call(
         "POST",
@@ -404,10 +424,258 @@ fn test_bad_requests_quotas_and_tcp_token() {
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    // Idle timeout and TTL stop sandboxes and free their resources (status reads are not
+    // activity).
+    let r = d.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
+    assert_eq!(r.status, 204);
+    for (body, reason) in [
+        (
+            json!({"image": "opencode", "opencode": false, "idle_timeout_secs": 2}),
+            "idle timeout",
+        ),
+        (
+            json!({"image": "opencode", "opencode": false, "idle_timeout_secs": 0, "ttl_secs": 2}),
+            "ttl expired",
+        ),
+    ] {
+        let r = d.call("POST", "/v1/sandboxes", Some(body));
+        assert_eq!(r.status, 201, "{}", r.text());
+        let sid = r.json()["id"].as_str().unwrap().to_string();
+        let v = d.wait_state(&sid, "stopped", Duration::from_secs(20));
+        assert_eq!(
+            (v["state"].as_str(), v["exit"]["reason"].as_str()),
+            (Some("stopped"), Some(reason)),
+            "{v}"
+        );
+        assert!(d.leftovers().is_empty(), "{:#?}", d.leftovers());
+        assert_eq!(
+            d.call("DELETE", &format!("/v1/sandboxes/{sid}"), None)
+                .status,
+            204
+        );
+    }
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "opencode": false})),
+    );
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    // The CLI client over the socket.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(agentd_tests::bin("agentd"))
+            .arg("sandbox")
+            .args(args)
+            .env("AGENTD_SOCKET", &d.socket)
+            .output()
+            .unwrap()
+    };
+    let r = d.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
+    assert_eq!(r.status, 204);
+    let out = cli(&[
+        "create",
+        "--image",
+        "opencode",
+        "--no-opencode",
+        "--name",
+        "cli1",
+        "--memory",
+        "256m",
+    ]);
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    let out = cli(&["ls"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cli1"),
+        "{}",
+        agentd_tests::describe(&out)
+    );
+    let out = cli(&[
+        "exec",
+        "cli1",
+        "--",
+        "sh",
+        "-c",
+        "echo hi; echo oops >&2; exit 3",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        agentd_tests::describe(&out)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+    let local = d.state.path().join("cp-src");
+    std::fs::write(&local, "copied").unwrap();
+    let out = cli(&["cp", local.to_str().unwrap(), "cli1:/home/agent/c.txt"]);
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    let back = d.state.path().join("cp-back");
+    let out = cli(&["cp", "cli1:/home/agent/c.txt", back.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "copied");
+    let out = cli(&["exec", "nope", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no sandbox \"nope\""),
+        "{}",
+        agentd_tests::describe(&out)
+    );
+    let out = cli(&["rm", "cli1"]);
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "opencode": false})),
+    );
+    let id = r.json()["id"].as_str().unwrap().to_string();
     let doc = d.call("GET", "/v1/openapi.json", None).json();
     assert_eq!(doc["openapi"], "3.1.0");
     let r = d.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
     assert_eq!(r.status, 204);
+    let left = d.leftovers();
+    assert!(left.is_empty(), "leftovers: {left:#?}");
+}
+
+/// With an empty store, the first sandbox of the default image builds it (from the recipe
+/// compiled into agentd, with a warm build cache here) and starts.
+#[test]
+fn test_default_image_built_on_first_use() {
+    require_sandbox_support!();
+    // The fixture build warms the rootfs-builder cache that the daemon is pointed at.
+    if store().is_none() {
+        return;
+    }
+    let images = tempfile::tempdir_in("/var/tmp").unwrap();
+    let cache = agentd_tests::target_dir().join("rootfs-builder-cache");
+    let d = Daemon::start(
+        images.path(),
+        &[
+            "--build-cache",
+            cache.to_str().unwrap(),
+            "--gateway-port",
+            &agentd_tests::registry::free_port().to_string(),
+        ],
+    );
+    let started = std::time::Instant::now();
+    let r = d.call("POST", "/v1/sandboxes", Some(json!({"opencode": false})));
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), d.log());
+    eprintln!(
+        "first create with the default image build: {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(r.json()["image"], "opencode");
+    let list = d.call("GET", "/v1/images", None).json();
+    let names: Vec<&str> = list["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["localhost/opencode:latest"], "{list}");
+    assert!(
+        d.log().contains("default image `opencode` built"),
+        "{}",
+        d.log()
+    );
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let (code, out, _) = d.exec(&id, &["opencode", "--version"]);
+    assert_eq!((code, out.trim()), (0, agentd_tests::OPENCODE_VERSION));
+    assert_eq!(
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)
+            .status,
+        204
+    );
+    let left = d.leftovers();
+    assert!(left.is_empty(), "leftovers: {left:#?}");
+}
+
+/// `/v1/images`: pull from a registry on loopback with progress lines, list, run a sandbox of
+/// the pulled image (no shell in it: the sandbox idles), read its file, delete the image.
+#[test]
+fn test_images_api_pull_list_run_delete() {
+    require_sandbox_support!();
+    if !agentd_tests::registry::tools_available() {
+        eprintln!("SKIPPED: needs docker-registry, skopeo and umoci (.ci/run installs them)");
+        return;
+    }
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let layout = agentd_tests::registry::Layout::new(&tmp.path().join("img"), "1");
+    std::fs::write(layout.rootfs().join("hello"), "hello from the registry").unwrap();
+    layout.commit();
+    let registry = agentd_tests::registry::Registry::start();
+    registry.push(&layout.skopeo_ref(), "test/api:1");
+    let images = tempfile::tempdir_in("/var/tmp").unwrap();
+    let d = Daemon::start(
+        images.path(),
+        &[
+            "--gateway-port",
+            &agentd_tests::registry::free_port().to_string(),
+        ],
+    );
+    let reference = format!("{}/test/api:1", registry.addr);
+    let r = d.call(
+        "POST",
+        "/v1/images/pull",
+        Some(json!({"reference": reference})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let events: Vec<serde_json::Value> = r
+        .body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"resolved"), "{kinds:?}");
+    assert!(kinds.contains(&"layer_done"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"complete"), "{events:?}");
+    let r = d.call(
+        "POST",
+        "/v1/images/pull",
+        Some(json!({"reference": "127.0.0.1:1/none:1"})),
+    );
+    assert!(r.text().contains("\"event\":\"error\""), "{}", r.text());
+    let r = d.call(
+        "POST",
+        "/v1/images/pull",
+        Some(json!({"reference": "UPPER/Case"})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    let list = d.call("GET", "/v1/images", None).json();
+    assert_eq!(list["images"][0]["name"], reference, "{list}");
+    let r = d.call("POST", "/v1/sandboxes", Some(json!({"image": reference})));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(r.json()["opencode"], false);
+    let r = d.call(
+        "GET",
+        &format!("/v1/sandboxes/{id}/files?path=/hello"),
+        None,
+    );
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "hello from the registry")
+    );
+    // A directory comes as a tar.
+    let r = d.call("GET", &format!("/v1/sandboxes/{id}/files?path=/"), None);
+    assert_eq!(r.status, 200);
+    let mut names = Vec::new();
+    for e in tar::Archive::new(r.body.as_slice()).entries().unwrap() {
+        names.push(e.unwrap().path().unwrap().to_string_lossy().to_string());
+    }
+    assert!(names.contains(&"hello".to_string()), "{names:?}");
+    let r = d.call("GET", &format!("/v1/sandboxes/{id}/stats"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["pids"].as_u64().unwrap() >= 1, "{}", r.text());
+    assert_eq!(
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)
+            .status,
+        204
+    );
+    let r = d.call("DELETE", &format!("/v1/images/{reference}"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = d.call("DELETE", &format!("/v1/images/{reference}"), None);
+    assert_eq!(r.status, 404, "{}", r.text());
     let left = d.leftovers();
     assert!(left.is_empty(), "leftovers: {left:#?}");
 }

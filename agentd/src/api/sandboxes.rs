@@ -58,7 +58,11 @@ pub(crate) async fn dispatch(
         )),
         (_, [id, rest @ ..]) => {
             let sb = mgr.get(id)?;
-            sb.touch();
+            // Any request to the sandbox counts as activity for its idle timeout, except
+            // reading its status (a dashboard polling it must not keep it alive).
+            if !(method == Method::GET && rest.is_empty()) {
+                sb.touch();
+            }
             match (method, rest) {
                 (&Method::GET, []) => Ok(json(StatusCode::OK, &sb.snapshot().view())),
                 (&Method::DELETE, []) => {
