@@ -330,13 +330,31 @@ fn crun_times(release: &Path, images: &Path, bench: &Path) -> anyhow::Result<Opt
         .output()?;
     let v: serde_json::Value =
         serde_json::from_slice(&inspect.stdout).context("agentd image inspect")?;
-    let diff_id = v["layers"][0]["diff_id"].as_str().context("no layer")?;
-    let layer = images
-        .join("layers/sha256")
-        .join(diff_id.trim_start_matches("sha256:"));
+    // The image's layers, bottom first; crun gets them as a read-only overlay (topmost first
+    // in lowerdir), mounted in its private mount namespace below.
+    let layers: Vec<PathBuf> = v["layers"]
+        .as_array()
+        .context("no layers")?
+        .iter()
+        .filter_map(|l| l["diff_id"].as_str())
+        .map(|d| {
+            images
+                .join("layers/sha256")
+                .join(d.trim_start_matches("sha256:"))
+        })
+        .collect();
+    let layer = layers.first().context("no layer")?.clone();
     if !layer.join("bin/busybox").exists() {
         bail!("{} is not unpacked", layer.display());
     }
+    let lowerdir = layers
+        .iter()
+        .rev()
+        .map(|l| l.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let merged = bench.join("crun-rootfs");
+    fs::create_dir_all(&merged)?;
     let spec = Command::new(&agentd)
         .args(["run", "--rootfs"])
         .arg(&layer)
@@ -353,6 +371,7 @@ fn crun_times(release: &Path, images: &Path, bench: &Path) -> anyhow::Result<Opt
     let mut spec: serde_json::Value =
         serde_json::from_slice(&spec.stdout).context("agentd printed no spec")?;
     spec["linux"]["cgroupsPath"] = serde_json::Value::String("/agentd-bench/crun".into());
+    spec["root"]["path"] = serde_json::Value::String(merged.display().to_string());
     let bundle = bench.join("bundle-crun");
     fs::create_dir_all(&bundle)?;
     fs::write(
@@ -361,10 +380,12 @@ fn crun_times(release: &Path, images: &Path, bench: &Path) -> anyhow::Result<Opt
     )?;
     // crun refuses hybrid cgroups: run it where cgroup2 is hidden (a private mount namespace).
     let script = format!(
-        "umount /sys/fs/cgroup/unified 2>/dev/null; for i in $(seq {RUNS}); do \
-           s=$(date +%s%N); {crun} run -d --bundle {b} agentd-bench-crun </dev/null >/dev/null 2>&1 || exit 1; e=$(date +%s%N); \
+        "umount /sys/fs/cgroup/unified 2>/dev/null; mount -t overlay overlay -o ro,lowerdir={lowerdir} {m} || exit 1; \
+         for i in $(seq {RUNS}); do \
+           s=$(date +%s%N); {crun} run -d --bundle {b} agentd-bench-crun </dev/null >/dev/null || exit 1; e=$(date +%s%N); \
            echo $((e - s)); {crun} delete -f agentd-bench-crun >/dev/null 2>&1; done",
-        b = bundle.display()
+        b = bundle.display(),
+        m = merged.display()
     );
     let out = Command::new("unshare")
         .args(["-m", "sh", "-c", &script])
