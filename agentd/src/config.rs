@@ -213,10 +213,13 @@ impl Config {
             }
             None => FileConfig::default(),
         };
-        let state_dir = args
+        // Paths are made absolute once: the shims, the overlay mounts and the layer checks
+        // need absolute paths, whatever the daemon's working directory.
+        let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        let state_dir = abs(args
             .state_dir
             .or(file.state_dir)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)));
         let token_file = args
             .token_file
             .or(file.token_file)
@@ -303,10 +306,10 @@ impl Config {
             bail!("gateway_port must not be 0");
         }
         Ok(Config {
-            socket: args
+            socket: abs(args
                 .socket
                 .or(file.socket)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))),
             listen: args.listen.or(file.listen),
             token_file,
             llm,
@@ -340,14 +343,14 @@ impl Config {
                 }
                 p
             },
-            build_cache: args
+            build_cache: abs(args
                 .build_cache
                 .or(file.build_cache)
-                .unwrap_or_else(|| state_dir.join("build-cache")),
-            images_dir: args
+                .unwrap_or_else(|| state_dir.join("build-cache"))),
+            images_dir: abs(args
                 .images_dir
                 .or(file.images_dir)
-                .unwrap_or_else(|| state_dir.join("images")),
+                .unwrap_or_else(|| state_dir.join("images"))),
             state_dir,
         })
     }

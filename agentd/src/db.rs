@@ -82,6 +82,23 @@ impl Db {
         tx.commit().map_err(redb_err)
     }
 
+    /// Writes `value` under `key` without waiting for the disk: a crash may lose it, but not
+    /// what an earlier durable write made durable. For counters that change often.
+    pub fn put_lazy<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<()> {
+        let bytes = serde_json::to_vec(value).map_err(|source| DbError::Json {
+            key: key.into(),
+            source,
+        })?;
+        let mut tx = self.db.begin_write().map_err(redb_err)?;
+        tx.set_durability(redb::Durability::None)
+            .map_err(redb_err)?;
+        {
+            let mut t = tx.open_table(table.0).map_err(redb_err)?;
+            t.insert(key, bytes.as_slice()).map_err(redb_err)?;
+        }
+        tx.commit().map_err(redb_err)
+    }
+
     /// Removes `key`; removing a missing key is not an error.
     pub fn delete(&self, table: Table, key: &str) -> Result<()> {
         let tx = self.db.begin_write().map_err(redb_err)?;

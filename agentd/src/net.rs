@@ -9,9 +9,10 @@
 //! is disabled on the bridge.
 //!
 //! Ownership: the bridge outlives agentd's restarts (running sandboxes stay attached to it);
-//! a sandbox's pair is created here just before its shim starts and dies with the sandbox's
-//! network namespace. [`Network::remove_link`] deletes a pair whose sandbox never started, and
-//! [`Network::leftover_links`] lists pairs that belong to no live sandbox after a crash.
+//! a sandbox's pair is created by its shim between create and start (`NetworkMode::Veth`, the
+//! sandbox end born inside its namespace) and dies with that namespace.
+//! [`Network::remove_link`] deletes a pair that survived, and [`Network::leftover_links`]
+//! lists pairs that belong to no live sandbox after a crash.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -100,24 +101,6 @@ impl Network {
             format!("{HOST_PREFIX}{short}"),
             format!("{PEER_PREFIX}{short}"),
         )
-    }
-
-    /// Creates the veth pair of sandbox `id`, host end on the bridge, isolated and up. Returns
-    /// the name of the sandbox end, for the shim to move into the sandbox.
-    pub fn add_link(&self, id: &str) -> io::Result<String> {
-        let (host, peer) = Self::link_names(id);
-        let bridge = netlink::link_index(&self.bridge)?;
-        netlink::create_veth(&host, &peer, bridge)
-            .map_err(|e| io::Error::new(e.kind(), format!("failed to create veth {host}: {e}")))?;
-        let configure = || -> io::Result<()> {
-            write_sysctl(&format!("/sys/class/net/{host}/brport/isolated"), "1")?;
-            netlink::set_up(netlink::link_index(&host)?)
-        };
-        if let Err(e) = configure() {
-            self.remove_link(id);
-            return Err(e);
-        }
-        Ok(peer)
     }
 
     /// Deletes the veth pair of sandbox `id` if it still exists (both ends go together).

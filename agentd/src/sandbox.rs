@@ -420,15 +420,38 @@ impl Manager {
         sb.state_tx.send_replace(state);
     }
 
-    /// Updates the usage counters.
+    /// As [`Manager::set_state`], written without waiting for the disk (see `Db::put_lazy`).
+    fn set_state_lazy(
+        &self,
+        sb: &Sandbox,
+        state: SandboxState,
+        f: impl FnOnce(&mut SandboxRecord),
+    ) {
+        let rec = {
+            let mut r = sb.record.lock().expect("sandbox record lock");
+            r.state = state;
+            f(&mut r);
+            r.clone()
+        };
+        if let Err(e) = self.db.put_lazy(SANDBOXES, &rec.id, &rec) {
+            tracing::error!(sandbox = %rec.id, error = %agentd_runtime::error_chain(&e), "failed to persist sandbox");
+        }
+        sb.state_tx.send_replace(state);
+    }
+
+    /// Updates the usage counters (written lazily: the next durable write of any record makes
+    /// them durable too).
     pub fn add_usage(&self, sb: &Sandbox, prompt: u64, completion: u64) {
-        {
+        let rec = {
             let mut r = sb.record.lock().expect("sandbox record lock");
             r.usage.requests += 1;
             r.usage.prompt_tokens += prompt;
             r.usage.completion_tokens += completion;
+            r.clone()
+        };
+        if let Err(e) = self.db.put_lazy(SANDBOXES, &rec.id, &rec) {
+            tracing::error!(sandbox = %rec.id, error = %agentd_runtime::error_chain(&e), "failed to persist usage");
         }
-        self.persist(sb);
     }
 
     /// The sandbox whose OpenCode presents `token` to the gateway from `from`.
@@ -641,10 +664,14 @@ impl Manager {
             usage: Usage::default(),
             exit: None,
         };
+        // The record (state `creating`) is written durably while the shim starts, in
+        // parallel: a crash before the write lands leaves a state dir without a record, which
+        // the next start removes; after it, the next start finds the record and reattaches
+        // if the shim runs. Later state changes of the create are written lazily.
         let sb = Sandbox::new(record);
-        self.persist(&sb);
         self.map().insert(id.clone(), sb.clone());
         drop(guard);
+        tracing::debug!(sandbox = %id, ms = started.elapsed().as_secs_f64() * 1e3, "create: image and record ready");
 
         // The spec.
         let mut env = image.config.env.clone();
@@ -684,26 +711,25 @@ impl Manager {
 
         // Network, then the shim; undo in reverse on failure.
         let result: Result<()> = async {
-            let net = self.net.clone();
-            let id2 = id.clone();
-            let peer = tokio::task::spawn_blocking(move || net.add_link(&id2))
-                .await
-                .map_err(ApiError::internal)?
-                .map_err(ApiError::internal)?;
             spec.network = NetworkMode::Veth(VethConfig {
-                link: peer,
+                host: Network::link_names(&id).0,
+                bridge: self.net.bridge.clone(),
                 address,
                 prefix_len: self.config.prefix_len,
             });
             let runtime = self.runtime.clone();
             let id2 = id.clone();
             let layers = image.lower_dirs.clone();
-            tokio::task::spawn_blocking(move || {
+            let start = tokio::task::spawn_blocking(move || {
                 runtime.create(&id2, Rootfs::Layers(layers), &spec, None)
-            })
-            .await
-            .map_err(ApiError::internal)?
-            .map_err(|e| ApiError::internal(agentd_runtime::error_chain(&e)))?;
+            });
+            let me = self.clone();
+            let sb2 = sb.clone();
+            let write = tokio::task::spawn_blocking(move || me.persist(&sb2));
+            let (started, _) = tokio::join!(start, write);
+            started
+                .map_err(ApiError::internal)?
+                .map_err(|e| ApiError::internal(agentd_runtime::error_chain(&e)))?;
             Ok(())
         }
         .await;
@@ -713,11 +739,12 @@ impl Manager {
             let _ = self.db.delete(SANDBOXES, &id);
             return Err(e);
         }
+        tracing::debug!(sandbox = %id, ms = started.elapsed().as_secs_f64() * 1e3, "create: shim reports started");
         self.metrics.observe_create(started.elapsed());
         if opencode {
-            self.set_state(&sb, SandboxState::Starting, |_| {});
+            self.set_state_lazy(&sb, SandboxState::Starting, |_| {});
         } else {
-            self.set_state(&sb, SandboxState::Ready, |r| r.ready_at = Some(now_ms()));
+            self.set_state_lazy(&sb, SandboxState::Ready, |r| r.ready_at = Some(now_ms()));
         }
         tracing::info!(sandbox = %id, image = %image_name, opencode, "sandbox created");
         self.clone().supervise(sb.clone()).await;
@@ -949,12 +976,15 @@ impl Manager {
                 .await
                 .unwrap_or(None);
             match alive {
-                Some((_, SandboxStatus::Running)) if rec.state != SandboxState::Creating => {
+                Some((_, SandboxStatus::Running)) => {
                     tracing::info!(sandbox = %rec.id, "reattached");
                     live_ids.push(rec.id.clone());
-                    if rec.opencode.is_some() && rec.state == SandboxState::Ready {
-                        // It was ready; check again in the background.
+                    if rec.opencode.is_some() {
+                        // Check OpenCode again in the background.
                         self.set_state(&sb, SandboxState::Starting, |_| {});
+                    } else if rec.state == SandboxState::Creating {
+                        // Its create finished but the lazy write of `ready` was lost.
+                        self.set_state(&sb, SandboxState::Ready, |r| r.ready_at = Some(now_ms()));
                     }
                     self.clone().supervise(sb).await;
                 }

@@ -189,9 +189,25 @@ pub fn create_bridge(name: &str) -> io::Result<()> {
         .send()
 }
 
-/// Creates the veth pair `host` - `peer`, with `host` attached to bridge `master`.
-pub fn create_veth(host: &str, peer: &str, master: i32) -> io::Result<()> {
-    tracing::debug!(host, peer, master, "netlink: creating veth pair");
+/// Creates the veth pair `host` - `peer`, with `host` attached to bridge `master` and, with
+/// `peer_netns_pid`, `peer` created directly in the network namespace of that process.
+///
+/// Creating the peer in its namespace costs microseconds; moving an existing link there
+/// (RTM_NEWLINK with IFLA_NET_NS_PID on the link) waits for an RCU grace period (about 20 ms
+/// measured here).
+pub fn create_veth(
+    host: &str,
+    peer: &str,
+    master: i32,
+    peer_netns_pid: Option<i32>,
+) -> io::Result<()> {
+    tracing::debug!(
+        host,
+        peer,
+        master,
+        ?peer_netns_pid,
+        "netlink: creating veth pair"
+    );
     let mut m = Message::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL);
     m.ifinfo(0, 0, 0)
         .attr_str(IFLA_IFNAME, host)
@@ -202,7 +218,11 @@ pub fn create_veth(host: &str, peer: &str, master: i32) -> io::Result<()> {
         .begin(VETH_INFO_PEER);
     // The peer's attributes follow its own ifinfomsg inside VETH_INFO_PEER.
     m.buf.extend_from_slice(&[0u8; IFINFOMSG_LEN]);
-    m.attr_str(IFLA_IFNAME, peer).end().end().end().send()
+    m.attr_str(IFLA_IFNAME, peer);
+    if let Some(pid) = peer_netns_pid {
+        m.attr(IFLA_NET_NS_PID, &pid.to_ne_bytes());
+    }
+    m.end().end().end().send()
 }
 
 /// Brings link `index` up.
@@ -218,16 +238,6 @@ pub fn set_mac(index: i32, mac: [u8; 6]) -> io::Result<()> {
     Message::new(RTM_NEWLINK, 0)
         .ifinfo(index, 0, 0)
         .attr(IFLA_ADDRESS, &mac)
-        .send()
-}
-
-/// Moves link `index` into the network namespace of process `pid`, renaming it to `new_name`.
-pub fn move_to_netns(index: i32, pid: i32, new_name: &str) -> io::Result<()> {
-    tracing::debug!(index, pid, new_name, "netlink: moving link into a netns");
-    Message::new(RTM_NEWLINK, 0)
-        .ifinfo(index, 0, 0)
-        .attr(IFLA_NET_NS_PID, &pid.to_ne_bytes())
-        .attr_str(IFLA_IFNAME, new_name)
         .send()
 }
 

@@ -1,7 +1,9 @@
 //! A sandbox with its own network namespace starts with `lo` down, so even 127.0.0.1 is
 //! unreachable inside. The shim brings it up between create and start, from a forked child
 //! that joins the namespace: the sandbox's root has no CAP_NET_ADMIN to do it itself, and the
-//! shim must stay in the host's namespace.
+//! shim must stay in the host's namespace. With a [`VethConfig`] the shim also creates the
+//! sandbox's veth pair then (its `eth0` born inside the namespace, the host end an isolated
+//! port of the caller's bridge) and configures `eth0`.
 
 use std::fs::File;
 use std::io;
@@ -27,9 +29,16 @@ pub fn loopback_up(pid: Pid) -> io::Result<()> {
 /// (the bridge's address) and nothing else.
 pub fn configure(pid: Pid, veth: Option<&VethConfig>) -> io::Result<()> {
     if let Some(v) = veth {
-        let index = crate::netlink::link_index(&v.link)
-            .map_err(|e| io::Error::new(e.kind(), format!("veth {}: {e}", v.link)))?;
-        crate::netlink::move_to_netns(index, pid.as_raw(), SANDBOX_LINK)?;
+        let bridge = crate::netlink::link_index(&v.bridge)
+            .map_err(|e| io::Error::new(e.kind(), format!("bridge {}: {e}", v.bridge)))?;
+        crate::netlink::create_veth(&v.host, SANDBOX_LINK, bridge, Some(pid.as_raw()))
+            .map_err(|e| io::Error::new(e.kind(), format!("veth {}: {e}", v.host)))?;
+        // Isolated ports exchange no frames with each other, only with the bridge itself.
+        let isolated = format!("/sys/class/net/{}/brport/isolated", v.host);
+        tracing::debug!(path = %isolated, "isolating the bridge port");
+        std::fs::write(&isolated, "1")
+            .and_then(|()| crate::netlink::set_up(crate::netlink::link_index(&v.host)?))
+            .map_err(|e| io::Error::new(e.kind(), format!("veth {}: {e}", v.host)))?;
     }
     let ns = File::open(format!("/proc/{pid}/ns/net"))?;
     tracing::debug!(pid = pid.as_raw(), "configuring the sandbox's netns");

@@ -202,8 +202,8 @@ pub enum NetworkMode {
     /// The shim enters it before creating the sandbox, which inherits it; it stays owned by the
     /// host, so root inside cannot reconfigure it, and /sys is a read-only bind of the host's.
     Join(PathBuf),
-    /// A new network namespace into which the shim moves `link` (a veth end the caller made in
-    /// the host's namespace) between create and start, renamed to `eth0`, with this address.
+    /// A new network namespace with a veth pair that the shim creates between create and
+    /// start: `eth0` inside with this address, the host end on the caller's bridge.
     Veth(VethConfig),
 }
 
@@ -214,11 +214,13 @@ impl NetworkMode {
     }
 }
 
-/// A veth end to move into the sandbox and how to configure it there.
+/// The veth pair of a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VethConfig {
-    /// Name of the link in the host's namespace (the caller created it; the shim moves it).
-    pub link: String,
+    /// Name of the host end (at most 15 bytes). It dies with the sandbox's network namespace.
+    pub host: String,
+    /// The bridge the host end joins, as an isolated port (`brport/isolated`).
+    pub bridge: String,
     /// The sandbox's IPv4 address on it.
     pub address: std::net::Ipv4Addr,
     /// Prefix length of the subnet (routes to the subnet only: no default route).
