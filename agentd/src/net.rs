@@ -84,6 +84,69 @@ impl Network {
         Ok(net)
     }
 
+    /// The name of the firewall chain that guards the host from sandboxes of this bridge.
+    pub fn chain(&self) -> String {
+        format!("AGENTD-{}", self.bridge)
+    }
+
+    /// Lets sandboxes reach only the gateway port on the host: packets arriving from the
+    /// bridge go through agentd's own iptables chain, which accepts replies and the gateway
+    /// and drops the rest. Without it, any service listening on the host's 0.0.0.0 would be
+    /// reachable from every sandbox at the bridge's address. The chain and its jump belong to
+    /// the bridge and are (re)made at every start.
+    pub fn firewall(&self, gateway_port: u16) -> io::Result<()> {
+        let chain = self.chain();
+        let ipt = |args: &[&str]| -> io::Result<bool> {
+            tracing::debug!(?args, "iptables");
+            let out = std::process::Command::new("iptables")
+                .arg("-w")
+                .args(args)
+                .output()
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot run iptables ({e}): install it (apt-get install iptables); agentd uses it to keep sandboxes off the host's other ports"),
+                    )
+                })?;
+            Ok(out.status.success())
+        };
+        if !ipt(&["-N", &chain])? {
+            // It exists: start from an empty chain.
+            if !ipt(&["-F", &chain])? {
+                return Err(io::Error::other(format!(
+                    "iptables: cannot flush chain {chain}"
+                )));
+            }
+        }
+        let port = gateway_port.to_string();
+        let rules: [&[&str]; 3] = [
+            &[
+                "-A",
+                &chain,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ],
+            &["-A", &chain, "-p", "tcp", "--dport", &port, "-j", "ACCEPT"],
+            &["-A", &chain, "-j", "DROP"],
+        ];
+        for r in rules {
+            if !ipt(r)? {
+                return Err(io::Error::other(format!("iptables: cannot add {r:?}")));
+            }
+        }
+        let jump = ["INPUT", "-i", self.bridge.as_str(), "-j", chain.as_str()];
+        if !ipt(&[&["-C"], &jump[..]].concat())? && !ipt(&[&["-I"], &jump[..]].concat())? {
+            return Err(io::Error::other(format!(
+                "iptables: cannot add the jump to {chain}"
+            )));
+        }
+        Ok(())
+    }
+
     /// The sandbox address with index `n` (0 is the subnet's third address).
     pub fn address(&self, n: u32) -> Option<Ipv4Addr> {
         let size = 1u64 << (32 - u32::from(self.prefix_len));

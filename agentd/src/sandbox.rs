@@ -361,6 +361,8 @@ impl Manager {
         })?;
         let net = Network::setup(&config.bridge, config.subnet, config.prefix_len)
             .context("failed to set up the sandbox bridge")?;
+        net.firewall(config.gateway_port)
+            .context("failed to keep sandboxes off the host's ports")?;
         let runtime =
             Runtime::new(config.sandboxes_dir()).with_cgroup_parent(config.cgroup_parent.clone());
         let http =

@@ -316,6 +316,12 @@ impl Drop for Daemon {
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .output();
+        let chain = format!("AGENTD-{}", self.bridge);
+        let _ = Command::new("iptables")
+            .args(["-w", "-D", "INPUT", "-i", &self.bridge, "-j", &chain])
+            .output();
+        let _ = Command::new("iptables").args(["-w", "-F", &chain]).output();
+        let _ = Command::new("iptables").args(["-w", "-X", &chain]).output();
         for c in crate::cgroup_parents(&self.cgroup_parent) {
             let _ = std::fs::remove_dir(&c);
             if let Some(p) = c.parent() {

@@ -197,6 +197,14 @@ fn test_opencode_session_restart_and_isolation() {
         "sandbox A must not reach sandbox B"
     );
     assert_eq!(probe("127.0.0.1", 1).trim(), "closed");
+    // A host service on all addresses is not reachable from the sandbox (only the gateway is).
+    let host_service = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let host_port = host_service.local_addr().unwrap().port();
+    assert_eq!(
+        probe(&bridge_addr, host_port).trim(),
+        "closed",
+        "the host's other ports are closed to sandboxes"
+    );
     // agentd's API socket is not in the sandbox's filesystem.
     let (_, out, _) = d.exec(
         &id,

@@ -87,6 +87,12 @@ impl Drop for Daemon {
             .status();
         let _ = self.child.wait();
         let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
+        let chain = format!("AGENTD-{BRIDGE}");
+        let _ = Command::new("iptables")
+            .args(["-w", "-D", "INPUT", "-i", BRIDGE, "-j", &chain])
+            .status();
+        let _ = Command::new("iptables").args(["-w", "-F", &chain]).status();
+        let _ = Command::new("iptables").args(["-w", "-X", &chain]).status();
         for e in fs::read_dir("/sys/fs/cgroup")
             .into_iter()
             .flatten()
