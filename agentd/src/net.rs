@@ -178,7 +178,8 @@ impl Network {
         }
     }
 
-    /// Host-side veth links of ours whose sandbox is not in `live` (ids).
+    /// Host-side veth links on *this* bridge whose sandbox is not in `live` (ids). Links of
+    /// another agentd (another bridge) are never touched.
     pub fn leftover_links(&self, live: &[String]) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
             return Vec::new();
@@ -187,10 +188,10 @@ impl Network {
         entries
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.starts_with(HOST_PREFIX) || n.starts_with(PEER_PREFIX))
+            .filter(|n| n.starts_with(HOST_PREFIX) && !live.contains(n))
             .filter(|n| {
-                let host = n.replacen(PEER_PREFIX, HOST_PREFIX, 1);
-                !live.contains(&host)
+                std::fs::read_link(format!("/sys/class/net/{n}/master"))
+                    .is_ok_and(|m| m.file_name().is_some_and(|b| b == self.bridge.as_str()))
             })
             .collect()
     }
