@@ -256,6 +256,8 @@ pub struct Sandbox {
     pub active: AtomicUsize,
     /// Changes when the state does; waiters watch it.
     pub state_tx: watch::Sender<SandboxState>,
+    /// Set by the first [`Manager::finish`]: its resources are being freed.
+    ending: std::sync::atomic::AtomicBool,
 }
 
 impl Sandbox {
@@ -266,6 +268,7 @@ impl Sandbox {
             last_activity: AtomicU64::new(now_ms()),
             active: AtomicUsize::new(0),
             state_tx,
+            ending: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -895,7 +898,8 @@ impl Manager {
     /// how it ended. Idempotent.
     pub async fn finish(&self, sb: &Arc<Sandbox>, forced: Option<&str>) {
         let rec = sb.snapshot();
-        if !rec.state.is_live() {
+        // Only one finish per sandbox: the exit watcher and a stop's timeout may both get here.
+        if !rec.state.is_live() || sb.ending.swap(true, Ordering::SeqCst) {
             return;
         }
         let id = rec.id.clone();
@@ -1037,7 +1041,9 @@ impl Manager {
             let now = now_ms();
             for sb in self.list() {
                 let rec = sb.snapshot();
-                if !rec.state.is_live() || rec.state == SandboxState::Creating {
+                // Not while it is created, nor while a stop is under way (it set `exit`).
+                if !rec.state.is_live() || rec.state == SandboxState::Creating || rec.exit.is_some()
+                {
                     continue;
                 }
                 let idle_ms = now.saturating_sub(sb.last_activity.load(Ordering::Relaxed));
