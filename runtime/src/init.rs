@@ -67,10 +67,11 @@ pub struct ExecIdentity {
 /// Enters the sandbox's user namespace as `id` and leaves the process with the capabilities
 /// root inside gets ([`crate::spec::DEFAULT_CAPABILITIES`]) for uid 0, none otherwise.
 ///
-/// libcontainer started this process as host root with every capability (so that it may
-/// `setns` into the user namespace) in all the sandbox's other namespaces. `setns` into a user
-/// namespace grants a full capability set *in it* and resets the bounding set, so everything
-/// is narrowed again here, before seccomp goes on and the command runs.
+/// libcontainer started this process as host root with the default capabilities plus
+/// CAP_SYS_ADMIN (so that it may `setns` into the user namespace) in all the sandbox's other
+/// namespaces. `setns` into a user namespace grants a full capability set *in it* and resets
+/// the bounding set, so everything is narrowed again here, before seccomp goes on and the
+/// command runs.
 fn enter_user_namespace(id: ExecIdentity) -> Result<(), String> {
     use caps::{CapSet, Capability as Cap};
     // SAFETY: setns takes an fd and a flag; the fd is open (the shim holds it) and names a

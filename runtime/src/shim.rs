@@ -625,7 +625,7 @@ impl Shim {
         };
         // libcontainer 0.7's exec joins every namespace of the sandbox but its user namespace
         // (tenant_builder's NAMESPACE_TYPES has no "user"). So it starts the process as host
-        // root with every capability, and our executor joins the user namespace of the
+        // root with the capabilities below, and our executor joins the user namespace of the
         // sandbox's init (this fd), becomes uid/gid there and narrows its capabilities
         // (init::enter_user_namespace) before seccomp and exec.
         let userns =
