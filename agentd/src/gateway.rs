@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -162,7 +161,7 @@ async fn chat(
             .body(crate::api::full(bytes))
             .expect("valid response"));
     }
-    let (tx, mut rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(64);
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(64);
     let mgr = mgr.clone();
     tokio::spawn(async move {
         let mut stream = resp.bytes_stream();
@@ -194,12 +193,11 @@ async fn chat(
         }
         record(&mgr, &sb, prompt, completion);
     });
-    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     Ok(Response::builder()
         .status(status)
         .header("content-type", content_type)
         .header("cache-control", "no-cache")
-        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .body(crate::api::channel_body(rx))
         .expect("valid response"))
 }
 

@@ -20,7 +20,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 
@@ -156,11 +155,9 @@ async fn download(root: File, path: String) -> Result<Response<Body>, ApiError> 
             let _ = w.tx.blocking_send(Err(Box::new(e)));
         }
     });
-    let mut rx = rx;
-    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     Ok(Response::builder()
         .header(hyper::header::CONTENT_TYPE, content_type)
-        .body(BodyExt::boxed(http_body_util::StreamBody::new(stream)))
+        .body(super::channel_body(rx))
         .expect("valid response"))
 }
 

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
@@ -85,10 +84,8 @@ impl Progress for ChannelProgress {
                 serde_json::json!({"event": "done", "name": name, "manifest": manifest.to_string()})
             }
         };
-        let mut b = serde_json::to_vec(&v).expect("json");
-        b.push(b'\n');
         // Progress is best effort: a slow client loses byte counts, not the pull.
-        let _ = self.0.try_send(Ok(Frame::data(Bytes::from(b))));
+        let _ = self.0.try_send(super::json_line(&v));
     }
 }
 
@@ -130,7 +127,7 @@ pub(crate) async fn dispatch(
                 unpack: Some(unpack),
                 ..PullOptions::default()
             };
-            let (tx, mut rx) = mpsc::channel(256);
+            let (tx, rx) = mpsc::channel(256);
             let store = mgr.store.clone();
             tokio::spawn(async move {
                 let progress = Arc::new(ChannelProgress(tx.clone()));
@@ -142,14 +139,11 @@ pub(crate) async fn dispatch(
                         serde_json::json!({"event": "error", "error": {"code": "pull_failed", "message": agentd_runtime::error_chain(&e)}})
                     }
                 };
-                let mut b = serde_json::to_vec(&end).expect("json");
-                b.push(b'\n');
-                let _ = tx.send(Ok(Frame::data(Bytes::from(b)))).await;
+                let _ = tx.send(super::json_line(&end)).await;
             });
-            let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
             Ok(Response::builder()
                 .header(hyper::header::CONTENT_TYPE, "application/x-ndjson")
-                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .body(super::channel_body(rx))
                 .expect("valid response"))
         }
         (&Method::POST, ["import"]) => {

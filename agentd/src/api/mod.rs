@@ -48,6 +48,24 @@ pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|e| match e {}).boxed()
 }
 
+/// A frame sender for a streamed body (see [`channel_body`]).
+pub type FrameSender = tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, BoxError>>;
+
+/// A body that streams whatever is sent on the channel, until every sender is dropped.
+pub fn channel_body(
+    mut rx: tokio::sync::mpsc::Receiver<Result<hyper::body::Frame<Bytes>, BoxError>>,
+) -> Body {
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    BodyExt::boxed(http_body_util::StreamBody::new(stream))
+}
+
+/// One JSON value as a line of a JSON-lines (`application/x-ndjson`) body.
+pub fn json_line(v: &serde_json::Value) -> Result<hyper::body::Frame<Bytes>, BoxError> {
+    let mut b = serde_json::to_vec(v).expect("a JSON value serializes");
+    b.push(b'\n');
+    Ok(hyper::body::Frame::data(Bytes::from(b)))
+}
+
 /// A JSON response.
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     Response::builder()

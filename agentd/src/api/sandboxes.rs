@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
@@ -140,28 +139,15 @@ struct ExecBody {
     uid: Option<u32>,
 }
 
-fn line(v: serde_json::Value) -> Result<Frame<Bytes>, BoxError> {
-    let mut b = serde_json::to_vec(&v).expect("json");
-    b.push(b'\n');
-    Ok(Frame::data(Bytes::from(b)))
-}
-
 fn stream_response(
     content_type: &str,
     rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
 ) -> Response<Body> {
-    let stream = tokio_stream_from(rx);
     Response::builder()
         .status(StatusCode::OK)
         .header(hyper::header::CONTENT_TYPE, content_type)
-        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .body(super::channel_body(rx))
         .expect("valid response")
-}
-
-fn tokio_stream_from(
-    mut rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
-) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send + 'static {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// Runs a process in the sandbox and streams its output as JSON lines:
@@ -238,7 +224,9 @@ async fn exec(
                     Ok(n) => {
                         let data = String::from_utf8_lossy(&buf[..n]).into_owned();
                         if tx
-                            .send(line(serde_json::json!({"stream": name, "data": data})))
+                            .send(super::json_line(
+                                &serde_json::json!({"stream": name, "data": data}),
+                            ))
                             .await
                             .is_err()
                         {
@@ -281,7 +269,7 @@ async fn exec(
             }
             Err(e) => serde_json::json!({"error": format!("{e}"), "timed_out": timed_out}),
         };
-        let _ = tx.send(line(end)).await;
+        let _ = tx.send(super::json_line(&end)).await;
     });
     Ok(stream_response("application/x-ndjson", rx))
 }
@@ -336,7 +324,9 @@ async fn logs(
                 for chunk in buf.chunks(16 * 1024) {
                     let data = String::from_utf8_lossy(chunk).into_owned();
                     if tx
-                        .send(line(serde_json::json!({"stream": name, "data": data})))
+                        .send(super::json_line(
+                            &serde_json::json!({"stream": name, "data": data}),
+                        ))
                         .await
                         .is_err()
                     {
@@ -375,7 +365,7 @@ mod tests {
         assert!(e.to_string().contains("unknown field `cmd`"), "{e}");
         let ok: ExecBody = serde_json::from_str(r#"{"command":["ls"],"timeout_secs":3}"#).unwrap();
         assert_eq!(ok.timeout_secs, Some(3));
-        let frame = line(serde_json::json!({"a": 1}))
+        let frame = crate::api::json_line(&serde_json::json!({"a": 1}))
             .unwrap()
             .into_data()
             .unwrap();
