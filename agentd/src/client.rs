@@ -123,16 +123,18 @@ enum SandboxCommand {
 }
 
 /// A callback that sees a streamed body chunk by chunk.
-type ChunkFn<'a> = &'a mut dyn FnMut(&[u8]);
+pub(crate) type ChunkFn<'a> = &'a mut dyn FnMut(&[u8]);
 
 /// A response: status and body.
-struct Reply {
-    status: StatusCode,
-    body: Bytes,
+pub(crate) struct Reply {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The body (empty when streamed to a callback).
+    pub body: Bytes,
 }
 
 /// Sends one request over the socket; `on_chunk` sees a streamed body as it arrives.
-async fn call(
+pub(crate) async fn call(
     socket: &PathBuf,
     method: Method,
     path: &str,
@@ -180,7 +182,7 @@ async fn call(
     })
 }
 
-fn check(reply: &Reply) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn check(reply: &Reply) -> anyhow::Result<serde_json::Value> {
     let v: serde_json::Value =
         serde_json::from_slice(&reply.body).unwrap_or(serde_json::Value::Null);
     if !reply.status.is_success() {

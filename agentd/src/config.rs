@@ -30,6 +30,8 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 1800;
 /// First host uid/gid of the range every daemon sandbox maps its ids 0-65535 to. Above the
 /// ranges `agentd run` hands out (100000 + 1024 x 65536), below 2^31.
 pub const DEFAULT_ID_BASE: u32 = 200_000_000;
+/// Seconds a finished task's sandboxes are kept for inspection before they are removed.
+pub const DEFAULT_TASK_GRACE_SECS: u64 = 600;
 /// Model name OpenCode asks the gateway for when the config names none.
 pub const DEFAULT_LLM_MODEL: &str = "default";
 
@@ -93,6 +95,9 @@ pub struct ServeArgs {
     /// Cache of the default image's build [default: <state-dir>/build-cache].
     #[arg(long, env = "AGENTD_BUILD_CACHE")]
     pub build_cache: Option<PathBuf>,
+    /// Seconds a finished task's sandboxes are kept for inspection, then removed [default: 600].
+    #[arg(long, env = "AGENTD_TASK_GRACE")]
+    pub task_grace: Option<u64>,
 }
 
 /// The config file: the same keys as [`ServeArgs`].
@@ -117,6 +122,7 @@ struct FileConfig {
     log_format: Option<String>,
     cgroup_parent: Option<String>,
     build_cache: Option<PathBuf>,
+    task_grace: Option<u64>,
 }
 
 /// Log output format.
@@ -178,6 +184,8 @@ pub struct Config {
     pub cgroup_parent: String,
     /// Build cache of the default image.
     pub build_cache: PathBuf,
+    /// Seconds a finished task's sandboxes are kept.
+    pub task_grace: u64,
 }
 
 impl Config {
@@ -343,6 +351,10 @@ impl Config {
                 }
                 p
             },
+            task_grace: args
+                .task_grace
+                .or(file.task_grace)
+                .unwrap_or(DEFAULT_TASK_GRACE_SECS),
             build_cache: abs(args
                 .build_cache
                 .or(file.build_cache)

@@ -13,6 +13,9 @@ use serde::Serialize;
 /// Sandboxes by id ([`crate::sandbox::SandboxRecord`]).
 pub const SANDBOXES: Table = Table(TableDefinition::new("sandboxes"));
 
+/// Tasks by id ([`crate::task::TaskRecord`]).
+pub const TASKS: Table = Table(TableDefinition::new("tasks"));
+
 /// A table of JSON records keyed by id.
 #[derive(Clone, Copy)]
 pub struct Table(TableDefinition<'static, &'static str, &'static [u8]>);
@@ -62,8 +65,10 @@ impl Db {
             source,
         })?;
         let tx = db.begin_write().map_err(redb_err)?;
-        // Every table (one so far); more kinds join this list.
-        tx.open_table(SANDBOXES.0).map_err(redb_err)?;
+        // Every table; more kinds join this list.
+        for t in [SANDBOXES, TASKS] {
+            tx.open_table(t.0).map_err(redb_err)?;
+        }
         tx.commit().map_err(redb_err)?;
         Ok(Db { db })
     }

@@ -5,8 +5,10 @@
 //! - [`image`]: `agentd image ...`, the image store (pull, import, export, ls, rm, prune).
 //! - [`serve`]: `agentd serve`, the daemon: [`config`], [`db`] (state), [`sandbox`] (the
 //!   manager), [`net`] (bridge and veths), [`opencode`] (the server in each sandbox),
-//!   [`api`] (HTTP), [`gateway`] (the LLM gateway), [`metrics`].
-//! - [`client`]: `agentd sandbox ...`, the CLI client of the API.
+//!   [`api`] (HTTP), [`gateway`] (the LLM gateway), [`metrics`], [`task`] (prompts handed to
+//!   agents until their checks pass) and [`workspace`] (what a task's agents work on).
+//! - [`client`]: `agentd sandbox ...`, the CLI client of the API; [`task_client`]:
+//!   `agentd task ...`.
 
 pub mod api;
 pub mod client;
@@ -21,3 +23,6 @@ pub mod opencode;
 pub mod run;
 pub mod sandbox;
 pub mod serve;
+pub mod task;
+pub mod task_client;
+pub mod workspace;

@@ -23,6 +23,8 @@ enum Command {
     Serve(Box<agentd::config::ServeArgs>),
     /// Manage sandboxes through a running daemon.
     Sandbox(agentd::client::SandboxArgs),
+    /// Hand a prompt and a workspace to agents through a running daemon; see their results.
+    Task(agentd::task_client::TaskArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Command::Run(args) => agentd::run::run(*args),
         Command::Image(args) => agentd::image::run(args),
         Command::Sandbox(args) => agentd::client::run(args),
+        Command::Task(args) => agentd::task_client::run(args),
         Command::Serve(_) => unreachable!("handled above"),
     };
     match result {

@@ -185,7 +185,7 @@ impl SandboxRecord {
 }
 
 /// A size given as bytes or as text like `2g`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum SizeValue {
     /// Bytes.
@@ -205,7 +205,7 @@ impl SizeValue {
 }
 
 /// Requested limits.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsRequest {
     /// Memory limit (bytes or `2g`).
@@ -243,6 +243,23 @@ pub struct CreateSandbox {
     pub opencode: Option<bool>,
     /// Command of a non-OpenCode sandbox [default: none, the sandbox idles until stopped].
     pub command: Option<Vec<String>>,
+    /// Model OpenCode uses through the gateway [default: agentd's `llm_model`].
+    pub model: Option<String>,
+}
+
+/// What a command run to completion with [`Manager::exec_collect`] did.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOutput {
+    /// Exit status (128+N for signal N); `None` if the process was lost.
+    pub code: Option<i32>,
+    /// Its stdout (the last `max_output` bytes).
+    pub stdout: Vec<u8>,
+    /// Its stderr (the last `max_output` bytes).
+    pub stderr: Vec<u8>,
+    /// It was killed at the timeout.
+    pub timed_out: bool,
+    /// Output beyond `max_output` bytes was dropped (from the front).
+    pub truncated: bool,
 }
 
 /// A live sandbox in memory.
@@ -340,6 +357,9 @@ pub struct Manager {
     create_lock: tokio::sync::Mutex<()>,
     /// One build of the default image at a time.
     build_lock: tokio::sync::Mutex<()>,
+    /// The task service, set once at start (it holds this manager: both live as long as the
+    /// daemon).
+    pub tasks: std::sync::OnceLock<Arc<crate::task::TaskManager>>,
     /// HTTP client for the sandboxes' OpenCode servers.
     pub http: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -381,6 +401,7 @@ impl Manager {
             sandboxes: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
             build_lock: tokio::sync::Mutex::new(()),
+            tasks: std::sync::OnceLock::new(),
             http,
         }))
     }
@@ -522,6 +543,13 @@ impl Manager {
                 "limits.memory {memory} bytes is more than agentd may commit in total ({} bytes)",
                 self.config.max_memory
             )));
+        }
+        if let Some(m) = &req.model {
+            if m.is_empty() || m.len() > 200 || m.chars().any(char::is_control) {
+                return Err(ApiError::BadRequest(
+                    "model must be 1-200 printable characters".into(),
+                ));
+            }
         }
         if let Some(cmd) = &req.command {
             if cmd.is_empty() || cmd[0].is_empty() {
@@ -690,7 +718,7 @@ impl Manager {
                 &s.password,
                 (self.net.bridge_addr, self.config.gateway_port),
                 &s.gateway_token,
-                &self.config.llm_model,
+                req.model.as_deref().unwrap_or(&self.config.llm_model),
             ) {
                 set(kv);
             }
@@ -1066,6 +1094,102 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// Runs `args` in a live sandbox as its user and waits for it: output is kept up to
+    /// `max_output` bytes per stream (the end of it), the process is killed at `timeout`.
+    pub async fn exec_collect(
+        &self,
+        sb: &Arc<Sandbox>,
+        args: Vec<String>,
+        cwd: Option<&str>,
+        timeout: Duration,
+        max_output: usize,
+    ) -> Result<ExecOutput> {
+        use std::os::fd::AsFd;
+        use tokio::io::AsyncReadExt;
+        let rec = sb.snapshot();
+        if !rec.state.is_live() {
+            return Err(ApiError::Conflict(format!(
+                "sandbox {} is {}",
+                rec.id,
+                rec.state.as_str()
+            )));
+        }
+        let request = agentd_runtime::ExecRequest {
+            args,
+            env: Vec::new(),
+            cwd: cwd.map(Into::into),
+            uid: Some(rec.user.0),
+        };
+        let (out_r, out_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ApiError::internal)?;
+        let (err_r, err_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ApiError::internal)?;
+        let devnull: OwnedFd = std::fs::File::open("/dev/null")
+            .map_err(ApiError::internal)?
+            .into();
+        let client = self.runtime.client(&rec.id);
+        let exec_id = tokio::task::spawn_blocking(move || {
+            // The write ends are closed when this closure returns (the shim has its copies).
+            client.exec(request, devnull.as_fd(), out_w.as_fd(), err_w.as_fd())
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::internal(format!("exec failed: {e}")))?;
+        let drain = |fd: OwnedFd| async move {
+            let mut kept = Vec::new();
+            let mut truncated = false;
+            let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+                return (kept, truncated);
+            };
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match pipe.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        kept.extend_from_slice(&buf[..n]);
+                        if kept.len() > max_output {
+                            let cut = kept.len() - max_output;
+                            kept.drain(..cut);
+                            truncated = true;
+                        }
+                    }
+                }
+            }
+            (kept, truncated)
+        };
+        let outputs = futures_util::future::join(drain(out_r), drain(err_r));
+        let client = self.runtime.client(&rec.id);
+        let wait = tokio::task::spawn_blocking(move || client.wait_exec(exec_id));
+        tokio::pin!(wait);
+        let mut timed_out = false;
+        let status = tokio::select! {
+            st = &mut wait => st,
+            _ = tokio::time::sleep(timeout) => {
+                timed_out = true;
+                let client = self.runtime.client(&rec.id);
+                let _ = tokio::task::spawn_blocking(move || client.kill_exec(exec_id, libc::SIGKILL)).await;
+                (&mut wait).await
+            }
+        };
+        // A background child still holding the pipes gets a short grace, then is ignored.
+        let ((stdout, t1), (stderr, t2)) =
+            match tokio::time::timeout(Duration::from_secs(2), outputs).await {
+                Ok(o) => o,
+                Err(_) => ((Vec::new(), true), (Vec::new(), true)),
+            };
+        let code = match status {
+            Ok(Ok(st)) => Some(st.code),
+            _ => None,
+        };
+        Ok(ExecOutput {
+            code,
+            stdout,
+            stderr,
+            timed_out,
+            truncated: t1 || t2,
+        })
     }
 
     /// The rootfs mount of a live sandbox and the host ids of its user.

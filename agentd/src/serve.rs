@@ -59,6 +59,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     })?;
     tokio::spawn(crate::gateway::serve(mgr.clone(), gateway));
     tokio::spawn(mgr.clone().reaper());
+    let tasks = crate::task::TaskManager::new(mgr.clone())?;
+    let _ = mgr.tasks.set(tasks.clone());
+    tasks.reconcile().await?;
+    tokio::spawn(tasks.reaper());
     tracing::info!(socket = %socket.display(), state_dir = %mgr.config.state_dir.display(), "agentd serving");
     crate::api::serve(mgr, unix, tcp, shutdown_signal()).await;
     let _ = std::fs::remove_file(&socket);

@@ -104,7 +104,7 @@ pub(crate) async fn handle(
     let p2 = path.clone();
     let written = tokio::task::spawn_blocking(move || {
         if is_tar {
-            extract_tar(&root, Path::new(&p2), &body, owner)
+            extract_tar(&root, Path::new(&p2), &body[..], owner)
         } else {
             write_file(&root, Path::new(&p2), &body, owner).map(|()| 1)
         }
@@ -273,7 +273,12 @@ fn write_file(root: &File, path: &Path, data: &[u8], owner: (u32, u32)) -> io::R
 /// Extracts a tar into directory `dir` (created if missing). Every entry is opened with
 /// RESOLVE_IN_ROOT relative to `dir` itself, so nothing lands outside it; hard links and
 /// devices are refused.
-fn extract_tar(root: &File, dir: &Path, data: &[u8], owner: (u32, u32)) -> io::Result<usize> {
+pub(crate) fn extract_tar(
+    root: &File,
+    dir: &Path,
+    data: impl Read,
+    owner: (u32, u32),
+) -> io::Result<usize> {
     mkdir_in_root(root, dir, owner)?;
     let base = open_in_root(root, dir, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     let mut archive = tar::Archive::new(data);
@@ -406,7 +411,7 @@ mod tests {
         h.set_entry_type(tar::EntryType::Regular);
         b.append_data(&mut h, "up/x/y", &b"hi"[..]).unwrap();
         let data = b.into_inner().unwrap();
-        extract_tar(&r, Path::new("/dst"), &data, me).unwrap();
+        extract_tar(&r, Path::new("/dst"), &data[..], me).unwrap();
         assert_eq!(std::fs::read(root.path().join("dst/x/y")).unwrap(), b"hi");
     }
 }

@@ -11,6 +11,7 @@ pub mod images;
 pub mod openapi;
 pub mod proxy;
 pub mod sandboxes;
+pub mod tasks;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -176,7 +177,7 @@ pub async fn handle(mgr: Arc<Manager>, origin: Origin, req: Request<Incoming>) -
         }
         let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
         route = route_name(&segs);
-        dispatch(&mgr, &method, &segs, req).await
+        dispatch(&mgr, &method, &segs, req, origin.token.is_some()).await
     }
     .await;
     let response = result.unwrap_or_else(|e| json(e.status(), &e.body(request_id)));
@@ -194,6 +195,11 @@ fn route_name(segs: &[&str]) -> String {
             format!("/v1/sandboxes/{{id}}/{}", rest.join("/"))
         }
         ["v1", "sandboxes", _] => "/v1/sandboxes/{id}".into(),
+        ["v1", "tasks", _, "attempts", _, "diff"] => "/v1/tasks/{id}/attempts/{n}/diff".into(),
+        ["v1", "tasks", _, rest @ ..] if !rest.is_empty() => {
+            format!("/v1/tasks/{{id}}/{}", rest.join("/"))
+        }
+        ["v1", "tasks", _] => "/v1/tasks/{id}".into(),
         ["v1", "images", "pull" | "import"] => format!("/{}", segs.join("/")),
         ["v1", "images", _, ..] => "/v1/images/{name}".into(),
         _ => format!("/{}", segs.join("/")),
@@ -205,6 +211,7 @@ async fn dispatch(
     method: &Method,
     segs: &[&str],
     req: Request<Incoming>,
+    tcp: bool,
 ) -> Result<Response<Body>, ApiError> {
     match (method, segs) {
         (&Method::GET, ["v1", "health"]) => Ok(json(
@@ -227,6 +234,10 @@ async fn dispatch(
         (&Method::GET, ["v1", "openapi.json"]) => Ok(json(StatusCode::OK, &openapi::document())),
         (_, ["v1", "sandboxes", ..]) => sandboxes::dispatch(mgr, method, &segs[2..], req).await,
         (_, ["v1", "images", ..]) => images::dispatch(mgr, method, &segs[2..], req).await,
+        (_, ["v1", "tasks", ..]) => tasks::dispatch(mgr, method, &segs[2..], req, tcp).await,
+        (_, ["v1", "workspaces", ..]) => {
+            tasks::dispatch_workspaces(mgr, method, &segs[2..], req).await
+        }
         _ => Err(ApiError::NotFound(format!(
             "no route {method} /{}; see GET /v1/openapi.json",
             segs.join("/")

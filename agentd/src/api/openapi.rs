@@ -23,6 +23,13 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/images/pull", &["post"]),
     ("/v1/images/import", &["post"]),
     ("/v1/images/{name}", &["get", "delete"]),
+    ("/v1/workspaces", &["post"]),
+    ("/v1/tasks", &["get", "post"]),
+    ("/v1/tasks/{id}", &["get", "delete"]),
+    ("/v1/tasks/{id}/cancel", &["post"]),
+    ("/v1/tasks/{id}/events", &["get"]),
+    ("/v1/tasks/{id}/result", &["get"]),
+    ("/v1/tasks/{id}/attempts/{n}/diff", &["get"]),
 ];
 
 fn summary(path: &str, method: &str) -> &'static str {
@@ -46,6 +53,15 @@ fn summary(path: &str, method: &str) -> &'static str {
         ("/v1/images/import", _) => "Import an OCI layout or docker-archive from a host path",
         ("/v1/images/{name}", "get") => "Inspect an image",
         ("/v1/images/{name}", _) => "Remove an image",
+        ("/v1/workspaces", _) => "Upload a workspace tar for a task; returns {upload} for workspace.upload (one task each)",
+        ("/v1/tasks", "get") => "List tasks",
+        ("/v1/tasks", _) => "Create a task: prompt + workspace (path, upload or git) + agents, check, max_rounds, timeout_secs",
+        ("/v1/tasks/{id}", "get") => "Inspect a task: state, counters, attempts",
+        ("/v1/tasks/{id}", _) => "Cancel if running, then delete a task, its sandboxes and results",
+        ("/v1/tasks/{id}/cancel", _) => "Cancel a task: sessions aborted, diffs kept, sandboxes stopped",
+        ("/v1/tasks/{id}/events", _) => "Progress as server-sent events until task.finished; resume with Last-Event-ID",
+        ("/v1/tasks/{id}/result", _) => "Attempts ranked (passing checks first, then smaller diffs) with messages, checks, patches, usage, timings",
+        ("/v1/tasks/{id}/attempts/{n}/diff", _) => "Attempt n's patch against the baseline (text/x-diff, for git apply)",
         _ => "",
     }
 }
@@ -72,7 +88,30 @@ fn create_schema() -> Value {
             "ttl_secs": {"type": "integer"},
             "labels": {"type": "object", "additionalProperties": {"type": "string"}},
             "opencode": {"type": "boolean"},
-            "command": {"type": "array", "items": {"type": "string"}}
+            "command": {"type": "array", "items": {"type": "string"}},
+            "model": {"type": "string"}
+        }
+    })
+}
+
+fn task_schema() -> Value {
+    json!({
+        "type": "object", "additionalProperties": false, "required": ["prompt", "workspace"],
+        "properties": {
+            "prompt": {"type": "string"},
+            "workspace": {"type": "object", "additionalProperties": false,
+                "description": "exactly one of path (host dir, Unix socket only), upload (POST /v1/workspaces) or git (+ ref)",
+                "properties": {"path": {"type": "string"}, "upload": {"type": "string"},
+                    "git": {"type": "string"}, "ref": {"type": "string"}}},
+            "image": {"type": "string", "default": "opencode"},
+            "model": {"type": "string"},
+            "limits": create_schema()["properties"]["limits"].clone(),
+            "timeout_secs": {"type": "integer", "default": 3600},
+            "agents": {"type": "integer", "default": 1, "maximum": 16},
+            "check": {"type": "string"},
+            "max_rounds": {"type": "integer", "default": 3},
+            "grace_secs": {"type": "integer"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}}
         }
     })
 }
@@ -93,6 +132,9 @@ pub fn document() -> Value {
             });
             if *path == "/v1/sandboxes" && *m == "post" {
                 op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": create_schema()}}});
+            }
+            if *path == "/v1/tasks" && *m == "post" {
+                op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": task_schema()}}});
             }
             item.insert(m.to_string(), op);
         }

@@ -1,0 +1,512 @@
+//! `agentd task ...`: hand a prompt and a workspace to agents through a running daemon, watch
+//! them work (one line per attempt, redrawn in place on a terminal), and read the results.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use hyper::Method;
+
+use crate::client::{call, check};
+
+/// `agentd task` arguments.
+#[derive(Debug, Args)]
+pub struct TaskArgs {
+    /// The daemon's API socket.
+    #[arg(long, env = "AGENTD_SOCKET", default_value = crate::config::DEFAULT_SOCKET, global = true)]
+    socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: TaskCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum TaskCommand {
+    /// Start a task, show its progress, then print the best attempt's diff.
+    Run {
+        /// The workspace: a directory on this host.
+        #[arg(long, required_unless_present = "git", conflicts_with = "git")]
+        workspace: Option<PathBuf>,
+        /// The workspace: a git URL agentd's host can reach.
+        #[arg(long)]
+        git: Option<String>,
+        /// Branch, tag or commit of --git.
+        #[arg(long = "ref", requires = "git")]
+        git_ref: Option<String>,
+        /// Parallel agents, each in its own sandbox.
+        #[arg(long, default_value_t = 1)]
+        agents: u32,
+        /// Command run in /workspace after each round; exit 0 passes.
+        #[arg(long)]
+        check: Option<String>,
+        /// Most rounds per agent while the check fails [default: 3].
+        #[arg(long)]
+        max_rounds: Option<u32>,
+        /// Time limit of the task, seconds [default: 3600].
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Model [default: agentd's].
+        #[arg(long)]
+        model: Option<String>,
+        /// Image [default: opencode].
+        #[arg(long)]
+        image: Option<String>,
+        /// Memory limit per sandbox, e.g. 2g.
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPU limit per sandbox in cores.
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// Seconds the sandboxes are kept after the task ends.
+        #[arg(long)]
+        grace: Option<u64>,
+        /// Print the task id and return at once.
+        #[arg(long)]
+        detach: bool,
+        /// What the agents are asked to do.
+        prompt: String,
+    },
+    /// List tasks.
+    Ls,
+    /// Show a task and its attempts.
+    Show {
+        /// Task id.
+        id: String,
+    },
+    /// Print an attempt's patch (default: the best one).
+    Diff {
+        /// Task id.
+        id: String,
+        /// Attempt number.
+        attempt: Option<u32>,
+    },
+    /// Cancel a task.
+    Cancel {
+        /// Task id.
+        id: String,
+    },
+    /// Delete tasks, their sandboxes and results.
+    Rm {
+        /// Task ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+/// Runs an `agentd task` subcommand.
+pub fn run(args: TaskArgs) -> anyhow::Result<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(args))
+}
+
+fn valid_id(id: &str) -> anyhow::Result<&str> {
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        bail!("{id:?} is not a task id");
+    }
+    Ok(id)
+}
+
+async fn get(sock: &PathBuf, path: &str) -> anyhow::Result<serde_json::Value> {
+    check(&call(sock, Method::GET, path, None, None).await?)
+}
+
+async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
+    let sock = &args.socket;
+    match args.command {
+        TaskCommand::Run {
+            workspace,
+            git,
+            git_ref,
+            agents,
+            check: check_cmd,
+            max_rounds,
+            timeout,
+            model,
+            image,
+            memory,
+            cpus,
+            grace,
+            detach,
+            prompt,
+        } => {
+            let ws = match (&workspace, &git) {
+                (Some(dir), _) => {
+                    let abs = std::fs::canonicalize(dir)
+                        .with_context(|| format!("workspace {}", dir.display()))?;
+                    serde_json::json!({"path": abs})
+                }
+                (None, Some(url)) => {
+                    let mut w = serde_json::json!({"git": url});
+                    if let Some(r) = git_ref {
+                        w["ref"] = r.into();
+                    }
+                    w
+                }
+                (None, None) => bail!("give --workspace DIR or --git URL"),
+            };
+            let mut body = serde_json::json!({"prompt": prompt, "workspace": ws, "agents": agents, "limits": {}});
+            let mut set = |k: &str, v: Option<serde_json::Value>| {
+                if let Some(v) = v {
+                    body[k] = v;
+                }
+            };
+            set("check", check_cmd.map(Into::into));
+            set("max_rounds", max_rounds.map(Into::into));
+            set("timeout_secs", timeout.map(Into::into));
+            set("model", model.map(Into::into));
+            set("image", image.map(Into::into));
+            set("grace_secs", grace.map(Into::into));
+            if let Some(m) = memory {
+                body["limits"]["memory"] = m.into();
+            }
+            if let Some(c) = cpus {
+                body["limits"]["cpus"] = c.into();
+            }
+            let v = check(
+                &call(
+                    sock,
+                    Method::POST,
+                    "/v1/tasks",
+                    Some((body.to_string().into_bytes(), "application/json")),
+                    None,
+                )
+                .await?,
+            )?;
+            let id = v["id"].as_str().unwrap_or_default().to_string();
+            if detach {
+                println!("{id}");
+                return Ok(0);
+            }
+            eprintln!(
+                "task {id}: {agents} agent{} on {} ({} files); Ctrl-C cancels",
+                if agents == 1 { "" } else { "s" },
+                workspace
+                    .as_ref()
+                    .map(|w| w.display().to_string())
+                    .or(git)
+                    .unwrap_or_default(),
+                v["workspace"]["entries"].as_u64().unwrap_or(0)
+            );
+            follow(sock, &id, agents, args.json).await?;
+            let result = get(sock, &format!("/v1/tasks/{id}/result")).await?;
+            if args.json {
+                println!("{result}");
+            } else {
+                print_result(&id, &result);
+            }
+            Ok(if result["state"] == "succeeded" { 0 } else { 1 })
+        }
+        TaskCommand::Ls => {
+            let v = get(sock, "/v1/tasks").await?;
+            if args.json {
+                println!("{v}");
+                return Ok(0);
+            }
+            println!(
+                "{:<14} {:<10} {:>6} {:>6} {:>6} {:>8}  PROMPT",
+                "ID", "STATE", "AGENTS", "ROUNDS", "TOOLS", "TOKENS"
+            );
+            for t in v["tasks"].as_array().cloned().unwrap_or_default() {
+                let tokens = t["usage"]["prompt_tokens"].as_u64().unwrap_or(0)
+                    + t["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+                let prompt: String = t["prompt"]
+                    .as_str()
+                    .unwrap_or("")
+                    .replace('\n', " ")
+                    .chars()
+                    .take(50)
+                    .collect();
+                println!(
+                    "{:<14} {:<10} {:>6} {:>6} {:>6} {:>8}  {}",
+                    t["id"].as_str().unwrap_or(""),
+                    t["state"].as_str().unwrap_or(""),
+                    t["agents"],
+                    t["rounds"],
+                    t["tool_calls"],
+                    tokens,
+                    prompt
+                );
+            }
+            Ok(0)
+        }
+        TaskCommand::Show { id } => {
+            let id = valid_id(&id)?;
+            let v = get(sock, &format!("/v1/tasks/{id}")).await?;
+            if args.json {
+                println!("{v}");
+                return Ok(0);
+            }
+            println!("task {id}: {}", v["state"].as_str().unwrap_or("?"));
+            println!("prompt: {}", v["prompt"].as_str().unwrap_or(""));
+            for a in v["attempts"].as_array().cloned().unwrap_or_default() {
+                println!("  {}", attempt_line(&a));
+                if let Some(e) = a["error"].as_str() {
+                    println!("    error: {e}");
+                }
+            }
+            Ok(0)
+        }
+        TaskCommand::Diff { id, attempt } => {
+            let id = valid_id(&id)?;
+            let n = match attempt {
+                Some(n) => n,
+                None => {
+                    let r = get(sock, &format!("/v1/tasks/{id}/result")).await?;
+                    r["attempts"]
+                        .as_array()
+                        .and_then(|a| a.iter().find(|a| !a["diff"].is_null()))
+                        .and_then(|a| a["attempt"].as_u64())
+                        .and_then(|n| u32::try_from(n).ok())
+                        .with_context(|| format!("no attempt of task {id} has a diff"))?
+                }
+            };
+            let reply = call(
+                sock,
+                Method::GET,
+                &format!("/v1/tasks/{id}/attempts/{n}/diff"),
+                None,
+                None,
+            )
+            .await?;
+            if !reply.status.is_success() {
+                check(&reply)?;
+            }
+            std::io::stdout().write_all(&reply.body)?;
+            Ok(0)
+        }
+        TaskCommand::Cancel { id } => {
+            let id = valid_id(&id)?;
+            check(
+                &call(
+                    sock,
+                    Method::POST,
+                    &format!("/v1/tasks/{id}/cancel"),
+                    None,
+                    None,
+                )
+                .await?,
+            )?;
+            Ok(0)
+        }
+        TaskCommand::Rm { ids } => {
+            for id in ids {
+                let id = valid_id(&id)?;
+                let reply =
+                    call(sock, Method::DELETE, &format!("/v1/tasks/{id}"), None, None).await?;
+                if !reply.status.is_success() {
+                    check(&reply)?;
+                }
+                println!("{id}");
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// One attempt as a line: state, round, tools, tokens, diff, last tool.
+fn attempt_line(a: &serde_json::Value) -> String {
+    let tokens = a["usage"]["prompt_tokens"].as_u64().unwrap_or(0)
+        + a["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+    let mut line = format!(
+        "attempt {:<2} {:<10} round {}  tools {}  tokens {}",
+        a["attempt"],
+        a["state"].as_str().unwrap_or("?"),
+        a["round"].as_u64().or(a["rounds"].as_u64()).unwrap_or(0),
+        a["tool_calls"].as_u64().unwrap_or(0),
+        tokens
+    );
+    if let Some(d) = a["diff"].as_object() {
+        line.push_str(&format!(
+            "  diff +{} -{} in {} files",
+            d["additions"], d["deletions"], d["files"]
+        ));
+    }
+    if let Some(c) = a["check"].as_object() {
+        line.push_str(if c["passed"] == true {
+            "  check passed"
+        } else {
+            "  check failed"
+        });
+    }
+    line
+}
+
+/// Live state of one attempt for the progress display.
+#[derive(Default)]
+struct Progress {
+    state: String,
+    round: u64,
+    tools: u64,
+    last: String,
+}
+
+/// Follows the task's events until it finishes; Ctrl-C cancels the task (and keeps following
+/// until the cancellation is done).
+async fn follow(sock: &PathBuf, id: &str, agents: u32, json: bool) -> anyhow::Result<()> {
+    let tty = std::io::stderr().is_terminal() && !json;
+    let mut progress: BTreeMap<u64, Progress> = (1..=u64::from(agents))
+        .map(|n| {
+            (
+                n,
+                Progress {
+                    state: "queued".into(),
+                    round: 1,
+                    ..Progress::default()
+                },
+            )
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let mut drawn = 0usize;
+    let mut pending = Vec::new();
+    // Read by the reconnect loop while the callback holds its borrow: cells.
+    let last_id = std::cell::Cell::new(0u64);
+    let finished = std::cell::Cell::new(false);
+    let mut on = |chunk: &[u8]| {
+        pending.extend_from_slice(chunk);
+        while let Some(p) = pending.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = pending.drain(..p + 2).collect();
+            let text = String::from_utf8_lossy(&block);
+            let Some(data) = text.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                continue;
+            };
+            let Ok(ev) = serde_json::from_str::<serde_json::Value>(data) else {
+                continue;
+            };
+            last_id.set(ev["id"].as_u64().unwrap_or(last_id.get()));
+            if json {
+                println!("{ev}");
+            }
+            let kind = ev["type"].as_str().unwrap_or_default();
+            if kind == "task.finished" {
+                finished.set(true);
+            }
+            let n = ev["attempt"].as_u64().unwrap_or(0);
+            let line = match (kind, progress.get_mut(&n)) {
+                ("attempt.state", Some(p)) => {
+                    p.state = ev["state"].as_str().unwrap_or("?").to_string();
+                    p.round = ev["round"].as_u64().unwrap_or(p.round);
+                    Some(format!("attempt {n}: {} (round {})", p.state, p.round))
+                }
+                ("tool", Some(p)) => {
+                    if ev["status"] == "running" || ev["status"] == "pending" {
+                        p.tools += 1;
+                    }
+                    p.last = format!(
+                        "{}: {}",
+                        ev["tool"].as_str().unwrap_or("tool"),
+                        ev["title"].as_str().unwrap_or("")
+                    );
+                    None
+                }
+                ("check", Some(p)) => {
+                    p.last = if ev["passed"] == true {
+                        "check passed".into()
+                    } else {
+                        format!("check failed (exit {})", ev["exit_code"])
+                    };
+                    Some(format!("attempt {n}: {}", p.last))
+                }
+                ("error", Some(p)) => {
+                    p.last = format!("error: {}", ev["message"].as_str().unwrap_or(""));
+                    Some(format!("attempt {n}: {}", p.last))
+                }
+                _ => None,
+            };
+            if json {
+                continue;
+            }
+            let mut err = std::io::stderr().lock();
+            if tty {
+                // Redraw the block of attempt lines in place.
+                if drawn > 0 {
+                    let _ = write!(err, "\x1b[{drawn}A");
+                }
+                let secs = started.elapsed().as_secs();
+                for (n, p) in &progress {
+                    let mut last = p.last.replace('\n', " ");
+                    last.truncate(60);
+                    let _ = writeln!(
+                        err,
+                        "\x1b[2K  attempt {n:<2} {:<10} round {:<2} tools {:<3} {secs:>4}s  {last}",
+                        p.state, p.round, p.tools
+                    );
+                }
+                drawn = progress.len();
+            } else if let Some(l) = line {
+                let _ = writeln!(err, "{l}");
+            }
+        }
+    };
+    loop {
+        let path = format!("/v1/tasks/{id}/events?after={}", last_id.get());
+        let streamed = tokio::select! {
+            r = call(sock, Method::GET, &path, None, Some(&mut on)) => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        match streamed {
+            None => {
+                eprintln!("cancelling task {id} ...");
+                check(
+                    &call(
+                        sock,
+                        Method::POST,
+                        &format!("/v1/tasks/{id}/cancel"),
+                        None,
+                        None,
+                    )
+                    .await?,
+                )
+                .ok();
+            }
+            Some(Ok(reply)) if !reply.status.is_success() => {
+                check(&reply)?;
+            }
+            Some(Ok(_)) => {}
+            // The daemon restarted or the connection dropped: resume after the last event.
+            Some(Err(e)) => {
+                eprintln!("lost the event stream ({e:#}); reconnecting");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+        if finished.get() {
+            return Ok(());
+        }
+    }
+}
+
+fn print_result(id: &str, result: &serde_json::Value) {
+    let attempts = result["attempts"].as_array().cloned().unwrap_or_default();
+    eprintln!("task {id}: {}", result["state"].as_str().unwrap_or("?"));
+    for a in &attempts {
+        eprintln!("  #{} {}", a["rank"], attempt_line(a));
+        if let Some(e) = a["error"].as_str() {
+            eprintln!("     {e}");
+        }
+    }
+    match attempts.iter().find(|a| !a["diff"].is_null()) {
+        Some(best) => {
+            if let Some(m) = best["final_message"].as_str() {
+                eprintln!("\nattempt {} says: {}", best["attempt"], m.trim());
+            }
+            eprintln!(
+                "\nthe diff of attempt {} follows; the others: agentd task diff {id} N\n",
+                best["attempt"]
+            );
+            match best["patch"].as_str() {
+                Some(p) => print!("{p}"),
+                None => eprintln!(
+                    "(not text: agentd task diff {id} {} > attempt.patch)",
+                    best["attempt"]
+                ),
+            }
+        }
+        None => eprintln!("no attempt left a diff"),
+    }
+}

@@ -1,0 +1,587 @@
+//! Task workspaces: a host directory, an uploaded tar, or a git URL the host can reach, each
+//! turned into one tar (`workspace.tar` in the task's dir) that agentd extracts into every
+//! attempt's `/workspace`.
+//!
+//! A host directory is read with the file-system identity (fsuid/fsgid) of the directory's
+//! owner, on a thread of its own: a task can only carry into a sandbox what the owner of the
+//! workspace could read, never root's view of the host (a symlink to `/etc/shadow`, another
+//! user's 0600 file). Symlinks are copied as symlinks, never followed; devices, FIFOs and
+//! sockets are skipped. Uploaded tars are checked entry by entry (files, dirs, symlinks only).
+//! Git URLs are cloned on the host with `git` over http(s), git or ssh only (no `file://`,
+//! no `ext::` helpers that would run commands).
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest workspace (bytes of file content).
+pub const MAX_WORKSPACE_BYTES: u64 = 1 << 30;
+/// Most entries in a workspace.
+pub const MAX_WORKSPACE_ENTRIES: u64 = 500_000;
+/// How long a git clone may take.
+pub const GIT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Protocols `git clone` may use for a task's workspace.
+pub const GIT_PROTOCOLS: &str = "http:https:git:ssh";
+
+/// Errors while preparing a workspace: all of them are the request's fault or the source's,
+/// and are shown to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    /// The request names no source, or more than one.
+    #[error("workspace needs exactly one of path, upload or git")]
+    Source,
+    /// A field is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// A host path could not be read.
+    #[error("workspace {path}: {source}")]
+    Read {
+        /// What could not be read.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The workspace is over a limit.
+    #[error("workspace is too large: {0}")]
+    TooLarge(String),
+    /// `git` failed.
+    #[error("git {what} failed: {detail}")]
+    Git {
+        /// Which step.
+        what: String,
+        /// git's own message.
+        detail: String,
+    },
+    /// agentd could not write the tar.
+    #[error("failed to write the workspace archive")]
+    Write(#[source] io::Error),
+}
+
+type Result<T> = std::result::Result<T, WorkspaceError>;
+
+/// Where a task's workspace comes from (`workspace` of `POST /v1/tasks`): exactly one of
+/// `path`, `upload` or `git`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceSpec {
+    /// An absolute directory on agentd's host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The id `POST /v1/workspaces` returned for an uploaded tar.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload: Option<String>,
+    /// A git URL agentd's host can reach (http, https, git or ssh).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub git: Option<String>,
+    /// Branch, tag or commit of `git` [default: the remote's HEAD].
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+}
+
+impl WorkspaceSpec {
+    /// Checks the fields without touching the host.
+    pub fn validate(&self) -> Result<()> {
+        let n = [
+            self.path.is_some(),
+            self.upload.is_some(),
+            self.git.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if n != 1 {
+            return Err(WorkspaceError::Source);
+        }
+        if self.git_ref.is_some() && self.git.is_none() {
+            return Err(WorkspaceError::Invalid(
+                "workspace.ref goes with workspace.git".into(),
+            ));
+        }
+        if let Some(p) = &self.path {
+            if !p.starts_with('/') {
+                return Err(WorkspaceError::Invalid(format!(
+                    "workspace.path must be absolute, got {p:?}"
+                )));
+            }
+        }
+        if let Some(u) = &self.upload {
+            if !valid_upload_id(u) {
+                return Err(WorkspaceError::Invalid(format!(
+                    "workspace.upload {u:?} is not an upload id (POST /v1/workspaces returns one)"
+                )));
+            }
+        }
+        if let Some(url) = &self.git {
+            check_git_url(url)?;
+        }
+        if let Some(r) = &self.git_ref {
+            if r.is_empty()
+                || r.starts_with('-')
+                || r.len() > 255
+                || r.chars().any(|c| c.is_control() || c == ' ')
+            {
+                return Err(WorkspaceError::Invalid(format!(
+                    "workspace.ref {r:?} is not a branch, tag or commit"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A one-line description for people.
+    pub fn describe(&self) -> String {
+        match (&self.path, &self.upload, &self.git) {
+            (Some(p), _, _) => p.clone(),
+            (_, Some(u), _) => format!("upload {u}"),
+            (_, _, Some(g)) => match &self.git_ref {
+                Some(r) => format!("{g} ({r})"),
+                None => g.clone(),
+            },
+            _ => String::new(),
+        }
+    }
+}
+
+/// What went into a workspace archive.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkspaceInfo {
+    /// Entries (files, dirs, symlinks).
+    pub entries: u64,
+    /// Bytes of file content.
+    pub bytes: u64,
+    /// Special files (devices, FIFOs, sockets) left out.
+    pub skipped: u64,
+}
+
+/// Whether `id` has the shape of an upload id.
+pub fn valid_upload_id(id: &str) -> bool {
+    id.len() == 24 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn check_git_url(url: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(WorkspaceError::Invalid(format!(
+            "workspace.git {url:?}: {why}"
+        )))
+    };
+    if url.starts_with('-') || url.chars().any(|c| c.is_control() || c == ' ') {
+        return bad("not a URL");
+    }
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("file:") || url.starts_with('/') || url.starts_with('.') {
+        return bad("local repositories are given as workspace.path");
+    }
+    let scheme_ok = ["http://", "https://", "git://", "ssh://"]
+        .iter()
+        .any(|s| lower.starts_with(s));
+    // scp-like ssh syntax: user@host:path.
+    let scp_like = !lower.contains("://") && url.contains('@') && url.contains(':');
+    if !scheme_ok && !scp_like {
+        return bad("use an http(s)://, git:// or ssh:// URL");
+    }
+    Ok(())
+}
+
+/// Reads the host directory `dir` as its owner and writes it as a tar to `dest`.
+pub fn archive_host_dir(dir: &Path, dest: &Path) -> Result<WorkspaceInfo> {
+    let dir = dir.to_path_buf();
+    let dest = dest.to_path_buf();
+    // A thread of its own: the fsuid change is per thread and must not leak into a pool
+    // thread that later serves something else. The thread ends with the copy.
+    std::thread::Builder::new()
+        .name("workspace-read".into())
+        .spawn(move || {
+            let meta = std::fs::metadata(&dir).map_err(|source| WorkspaceError::Read {
+                path: dir.display().to_string(),
+                source,
+            })?;
+            if !meta.is_dir() {
+                return Err(WorkspaceError::Invalid(format!(
+                    "workspace.path {} is not a directory",
+                    dir.display()
+                )));
+            }
+            let _ids = FsIds::become_owner(meta.uid(), meta.gid());
+            write_archive(&dest, |b, info| append_tree(b, &dir, Path::new(""), info))
+        })
+        .map_err(WorkspaceError::Write)?
+        .join()
+        .unwrap_or_else(|_| {
+            Err(WorkspaceError::Invalid(
+                "the workspace reader panicked".into(),
+            ))
+        })
+}
+
+/// This thread's fsuid/fsgid set to a file owner's until dropped. When the fsuid leaves 0
+/// the kernel also clears this thread's effective file capabilities (CAP_DAC_OVERRIDE,
+/// CAP_DAC_READ_SEARCH, CAP_FOWNER, ...), so permission checks are the owner's; setting it
+/// back to 0 restores them.
+struct FsIds {
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+}
+
+impl FsIds {
+    fn become_owner(uid: u32, gid: u32) -> FsIds {
+        // setfsgid first: once the fsuid is not root, we may no longer change the fsgid.
+        let old_gid = nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid));
+        let old_uid = nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
+        tracing::debug!(uid, gid, "reading the workspace as its owner");
+        FsIds {
+            uid: old_uid,
+            gid: old_gid,
+        }
+    }
+}
+
+impl Drop for FsIds {
+    fn drop(&mut self) {
+        nix::unistd::setfsuid(self.uid);
+        nix::unistd::setfsgid(self.gid);
+    }
+}
+
+type Builder = tar::Builder<io::BufWriter<File>>;
+
+/// Writes a tar at `dest` (through a temp file renamed into place) with `fill`.
+fn write_archive(
+    dest: &Path,
+    fill: impl FnOnce(&mut Builder, &mut WorkspaceInfo) -> Result<()>,
+) -> Result<WorkspaceInfo> {
+    let tmp = dest.with_extension("tar.part");
+    let file = File::create(&tmp).map_err(WorkspaceError::Write)?;
+    let mut b = tar::Builder::new(io::BufWriter::new(file));
+    b.follow_symlinks(false);
+    let mut info = WorkspaceInfo::default();
+    let result = fill(&mut b, &mut info).and_then(|()| {
+        let w = b.into_inner().map_err(WorkspaceError::Write)?;
+        let f = w
+            .into_inner()
+            .map_err(|e| WorkspaceError::Write(e.into_error()))?;
+        f.sync_all().map_err(WorkspaceError::Write)?;
+        std::fs::rename(&tmp, dest).map_err(WorkspaceError::Write)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|()| info)
+}
+
+/// Appends everything below `root.join(rel)` (sorted, symlinks not followed).
+fn append_tree(b: &mut Builder, root: &Path, rel: &Path, info: &mut WorkspaceInfo) -> Result<()> {
+    let dir = root.join(rel);
+    let read_err = |p: &Path, source: io::Error| WorkspaceError::Read {
+        path: p.display().to_string(),
+        source,
+    };
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .map_err(|e| read_err(&dir, e))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()
+        .map_err(|e| read_err(&dir, e))?;
+    names.sort();
+    for name in names {
+        let child_rel = rel.join(&name);
+        let path = root.join(&child_rel);
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| read_err(&path, e))?;
+        info.entries += 1;
+        if info.entries > MAX_WORKSPACE_ENTRIES {
+            return Err(WorkspaceError::TooLarge(format!(
+                "more than {MAX_WORKSPACE_ENTRIES} entries"
+            )));
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(meta.mode() & 0o7777);
+        h.set_mtime(u64::try_from(meta.mtime()).unwrap_or(0));
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_size(0);
+            b.append_data(&mut h, &child_rel, io::empty())
+                .map_err(WorkspaceError::Write)?;
+            append_tree(b, root, &child_rel, info)?;
+        } else if ft.is_file() {
+            // O_NOFOLLOW: a file swapped for a symlink after the lstat is refused, and
+            // O_NONBLOCK: one swapped for a FIFO cannot hang the copy.
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&path)
+                .map_err(|e| read_err(&path, e))?;
+            let len = f.metadata().map_err(|e| read_err(&path, e))?.len();
+            info.bytes += len;
+            if info.bytes > MAX_WORKSPACE_BYTES {
+                return Err(WorkspaceError::TooLarge(format!(
+                    "more than {MAX_WORKSPACE_BYTES} bytes of files"
+                )));
+            }
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(len);
+            b.append_data(&mut h, &child_rel, f.take(len))
+                .map_err(|e| read_err(&path, e))?;
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(&path).map_err(|e| read_err(&path, e))?;
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            b.append_link(&mut h, &child_rel, &target)
+                .map_err(WorkspaceError::Write)?;
+        } else {
+            info.entries -= 1;
+            info.skipped += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Checks an uploaded tar (files, dirs and symlinks; relative paths; within the limits) and
+/// returns what it holds.
+pub fn check_upload(path: &Path) -> Result<WorkspaceInfo> {
+    let f = File::open(path).map_err(WorkspaceError::Write)?;
+    let mut archive = tar::Archive::new(io::BufReader::new(f));
+    let mut info = WorkspaceInfo::default();
+    let bad = |what: String| WorkspaceError::Invalid(format!("uploaded workspace: {what}"));
+    for entry in archive
+        .entries()
+        .map_err(|e| bad(format!("not a tar: {e}")))?
+    {
+        let entry = entry.map_err(|e| bad(format!("not a tar: {e}")))?;
+        let p = entry
+            .path()
+            .map_err(|e| bad(format!("bad path: {e}")))?
+            .into_owned();
+        if p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(bad(format!("{} climbs out with ..", p.display())));
+        }
+        match entry.header().entry_type() {
+            tar::EntryType::Regular
+            | tar::EntryType::Continuous
+            | tar::EntryType::Directory
+            | tar::EntryType::Symlink => {}
+            other => {
+                return Err(bad(format!(
+                    "{}: {other:?} entries are not accepted (files, dirs and symlinks only)",
+                    p.display()
+                )))
+            }
+        }
+        info.entries += 1;
+        info.bytes += entry.header().size().unwrap_or(0);
+        if info.bytes > MAX_WORKSPACE_BYTES || info.entries > MAX_WORKSPACE_ENTRIES {
+            return Err(WorkspaceError::TooLarge(format!(
+                "at most {MAX_WORKSPACE_BYTES} bytes in {MAX_WORKSPACE_ENTRIES} entries"
+            )));
+        }
+    }
+    Ok(info)
+}
+
+/// Clones `url` (at `git_ref`) on the host and archives the checkout, `.git` included, to
+/// `dest`. `scratch` is an empty dir agentd owns; it is emptied again.
+pub async fn archive_git(
+    url: &str,
+    git_ref: Option<&str>,
+    scratch: &Path,
+    dest: &Path,
+) -> Result<WorkspaceInfo> {
+    let checkout = scratch.join("checkout");
+    let result = async {
+        git(
+            "clone",
+            &[
+                "clone",
+                "--quiet",
+                "--",
+                url,
+                checkout.to_str().unwrap_or_default(),
+            ],
+            None,
+        )
+        .await?;
+        if let Some(r) = git_ref {
+            // A branch of the remote, else a tag or commit.
+            let remote = format!("origin/{r}");
+            let target = if git(
+                "rev-parse",
+                &[
+                    "rev-parse",
+                    "--verify",
+                    "--quiet",
+                    &format!("{remote}^{{commit}}"),
+                ],
+                Some(&checkout),
+            )
+            .await
+            .is_ok()
+            {
+                remote
+            } else {
+                r.to_string()
+            };
+            git(
+                "checkout",
+                &["checkout", "--quiet", "--detach", &target, "--"],
+                Some(&checkout),
+            )
+            .await
+            .map_err(|e| match e {
+                WorkspaceError::Git { detail, .. } => WorkspaceError::Invalid(format!(
+                    "workspace.ref {r:?} is not a branch, tag or commit of {url}: {detail}"
+                )),
+                other => other,
+            })?;
+        }
+        let (c, d) = (checkout.clone(), dest.to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            write_archive(&d, |b, info| append_tree(b, &c, Path::new(""), info))
+        })
+        .await
+        .map_err(|e| WorkspaceError::Write(io::Error::other(e)))?
+    }
+    .await;
+    let _ = tokio::fs::remove_dir_all(&checkout).await;
+    result
+}
+
+/// Runs `git args` (in `cwd`), allowing only network protocols and never prompting.
+async fn git(what: &str, args: &[&str], cwd: Option<&PathBuf>) -> Result<()> {
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.args(args)
+        .env("GIT_ALLOW_PROTOCOL", GIT_PROTOCOLS)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_ASKPASS", "/bin/false")
+        .env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
+    let out = match tokio::time::timeout(GIT_TIMEOUT, cmd.output()).await {
+        Err(_) => {
+            return Err(WorkspaceError::Git {
+                what: what.into(),
+                detail: format!("no result in {} s", GIT_TIMEOUT.as_secs()),
+            })
+        }
+        Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(WorkspaceError::Git {
+                what: what.into(),
+                detail: "git is not installed on agentd's host (apt-get install git)".into(),
+            })
+        }
+        Ok(Err(e)) => {
+            return Err(WorkspaceError::Git {
+                what: what.into(),
+                detail: e.to_string(),
+            })
+        }
+        Ok(Ok(out)) => out,
+    };
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let detail: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    Err(WorkspaceError::Git {
+        what: what.into(),
+        detail: detail
+            .iter()
+            .rev()
+            .take(3)
+            .rev()
+            .copied()
+            .collect::<Vec<_>>()
+            .join("; "),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[track_caller]
+    fn check_spec(json: &str, expected: std::result::Result<(), &str>) {
+        let spec: WorkspaceSpec = serde_json::from_str(json).unwrap();
+        match (spec.validate(), expected) {
+            (Ok(()), Ok(())) => {}
+            (Err(e), Err(want)) => assert!(e.to_string().contains(want), "{e} lacks {want:?}"),
+            (got, want) => panic!("{json}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn test_spec_validation() {
+        check_spec(r#"{"path":"/srv/repo"}"#, Ok(()));
+        check_spec(
+            r#"{"git":"https://example.invalid/r.git","ref":"main"}"#,
+            Ok(()),
+        );
+        check_spec(r#"{"git":"git@example.invalid:r.git"}"#, Ok(()));
+        check_spec(r#"{"upload":"0123456789abcdef01234567"}"#, Ok(()));
+        check_spec(r#"{}"#, Err("exactly one"));
+        check_spec(r#"{"path":"/a","git":"https://x/y"}"#, Err("exactly one"));
+        check_spec(r#"{"path":"repo"}"#, Err("must be absolute"));
+        check_spec(
+            r#"{"path":"/a","ref":"main"}"#,
+            Err("goes with workspace.git"),
+        );
+        check_spec(r#"{"git":"file:///etc"}"#, Err("workspace.path"));
+        check_spec(r#"{"git":"ext::sh -c id"}"#, Err("not a URL"));
+        check_spec(r#"{"git":"--upload-pack=x"}"#, Err("not a URL"));
+        check_spec(
+            r#"{"git":"https://x/y","ref":"--force"}"#,
+            Err("not a branch"),
+        );
+        check_spec(r#"{"upload":"../../etc"}"#, Err("not an upload id"));
+    }
+
+    #[test]
+    fn test_host_dir_archive_keeps_symlinks_and_skips_fifos() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir(src.path().join("sub")).unwrap();
+        std::fs::write(src.path().join("sub/a.txt"), "hello").unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", src.path().join("link")).unwrap();
+        nix::unistd::mkfifo(
+            &src.path().join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("w.tar");
+        let info = archive_host_dir(src.path(), &dest).unwrap();
+        assert_eq!(
+            info,
+            WorkspaceInfo {
+                entries: 3,
+                bytes: 5,
+                skipped: 1
+            }
+        );
+        let mut names = Vec::new();
+        let mut a = tar::Archive::new(File::open(&dest).unwrap());
+        for e in a.entries().unwrap() {
+            let e = e.unwrap();
+            let p = e.path().unwrap().display().to_string();
+            if p == "link" {
+                // Copied as a link, the host file it names is not read.
+                assert_eq!(e.header().entry_type(), tar::EntryType::Symlink);
+                assert_eq!(e.header().size().unwrap(), 0);
+            }
+            names.push(p);
+        }
+        assert_eq!(names, ["link", "sub", "sub/a.txt"]);
+        assert_eq!(check_upload(&dest).unwrap().entries, 3);
+        // Not a directory, missing.
+        let e = archive_host_dir(&src.path().join("sub/a.txt"), &dest).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+        let e = archive_host_dir(&src.path().join("nope"), &dest).unwrap_err();
+        assert!(e.to_string().contains("No such file"), "{e}");
+    }
+}
