@@ -206,8 +206,12 @@ pub fn archive_host_dir(dir: &Path, dest: &Path) -> Result<WorkspaceInfo> {
                     dir.display()
                 )));
             }
-            let _ids = FsIds::become_owner(meta.uid(), meta.gid());
-            write_archive(&dest, |b, info| append_tree(b, &dir, Path::new(""), info))
+            // The archive is created (and renamed into place) as agentd; only the reads
+            // happen as the owner.
+            write_archive(&dest, |b, info| {
+                let _ids = FsIds::become_owner(meta.uid(), meta.gid());
+                append_tree(b, &dir, Path::new(""), info)
+            })
         })
         .map_err(WorkspaceError::Write)?
         .join()

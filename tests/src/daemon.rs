@@ -331,42 +331,101 @@ impl Drop for Daemon {
     }
 }
 
+/// One answer of the mock LLM to a request that offers tools.
+#[derive(Debug, Clone)]
+pub enum Turn {
+    /// A final text answer (the agent's turn ends).
+    Text(String),
+    /// A `bash` tool call running `command`.
+    Bash(String),
+}
+
+/// Decides the mock's answer from the request (the whole chat-completions JSON).
+pub type Script = Arc<dyn Fn(&serde_json::Value) -> Turn + Send + Sync>;
+
 /// A mock OpenAI chat-completions upstream on 127.0.0.1 with a scripted conversation:
-/// requests without tools (titles) get a short text; a request whose last message is a tool
-/// result gets the final answer; any other request gets a streamed `bash` tool call running
-/// `command`.
+/// requests without tools (titles) get a short text; every other request gets what the
+/// script says: a streamed `bash` tool call or a final text.
 pub struct MockLlm {
     /// Base URL (`http://127.0.0.1:N/v1`).
     pub base_url: String,
     /// Requests served.
     pub requests: Arc<AtomicU64>,
+    /// Every request body, in arrival order.
+    pub log: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+/// Whether the request's last message is a tool result (the tool call was made).
+pub fn last_is_tool(req: &serde_json::Value) -> bool {
+    req["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .is_some_and(|m| m["role"] == "tool")
+}
+
+/// The text of the request's last user message.
+pub fn last_user_text(req: &serde_json::Value) -> String {
+    req["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .map(|m| match &m["content"] {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .unwrap_or_default()
 }
 
 impl MockLlm {
-    /// Starts the mock; `command` is what the scripted bash tool call runs.
+    /// The default script: a bash tool call running `command`, then "All done: the file is
+    /// written." once the tool result arrives.
     pub fn start(command: &str) -> MockLlm {
+        let command = command.to_string();
+        MockLlm::scripted(move |req| {
+            if last_is_tool(req) {
+                Turn::Text("All done: the file is written.".into())
+            } else {
+                Turn::Bash(command.clone())
+            }
+        })
+    }
+
+    /// A mock answering tool-offering requests with `script`.
+    pub fn scripted(
+        script: impl Fn(&serde_json::Value) -> Turn + Send + Sync + 'static,
+    ) -> MockLlm {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(AtomicU64::new(0));
-        let count = requests.clone();
-        let command = command.to_string();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let script: Script = Arc::new(script);
+        let (count, log2) = (requests.clone(), log.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let count = count.clone();
-                let command = command.clone();
+                let (count, log, script) = (count.clone(), log2.clone(), script.clone());
                 std::thread::spawn(move || {
-                    let _ = serve_llm(stream, &command, &count);
+                    let _ = serve_llm(stream, &script, &count, &log);
                 });
             }
         });
         MockLlm {
             base_url: format!("http://127.0.0.1:{port}/v1"),
             requests,
+            log,
         }
+    }
+
+    /// Every request body so far.
+    pub fn requests_seen(&self) -> Vec<serde_json::Value> {
+        self.log.lock().unwrap().clone()
     }
 }
 
-fn serve_llm(stream: std::net::TcpStream, command: &str, count: &AtomicU64) -> std::io::Result<()> {
+fn serve_llm(
+    stream: std::net::TcpStream,
+    script: &Script,
+    count: &AtomicU64,
+    log: &std::sync::Mutex<Vec<serde_json::Value>>,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     loop {
         let mut line = String::new();
@@ -388,38 +447,38 @@ fn serve_llm(stream: std::net::TcpStream, command: &str, count: &AtomicU64) -> s
         reader.read_exact(&mut body)?;
         count.fetch_add(1, Ordering::Relaxed);
         let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        log.lock().unwrap().push(req.clone());
         let include_usage = req["stream_options"]["include_usage"] == true;
         let has_tools = req["tools"].as_array().is_some_and(|t| !t.is_empty());
-        let last_is_tool = req["messages"]
-            .as_array()
-            .and_then(|m| m.last())
-            .is_some_and(|m| m["role"] == "tool");
         let chunk = |delta: serde_json::Value, finish: Option<&str>| {
             serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": "mock",
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
         };
-        let mut events = Vec::new();
-        if !has_tools || last_is_tool {
-            let text = if has_tools {
-                "All done: the file is written."
-            } else {
-                "Mock title"
-            };
-            events.push(chunk(
-                serde_json::json!({"role": "assistant", "content": text}),
-                None,
-            ));
-            events.push(chunk(serde_json::json!({}), Some("stop")));
+        let turn = if has_tools {
+            script(&req)
         } else {
-            let args = serde_json::json!({"command": command, "description": "Write the file"})
-                .to_string();
-            events.push(chunk(serde_json::json!({"role": "assistant", "content": null, "tool_calls": [
-                {"index": 0, "id": "call_mock_1", "type": "function", "function": {"name": "bash", "arguments": ""}}]}), None));
-            events.push(chunk(
-                serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": args}}]}),
-                None,
-            ));
-            events.push(chunk(serde_json::json!({}), Some("tool_calls")));
+            Turn::Text("Mock title".into())
+        };
+        let mut events = Vec::new();
+        match turn {
+            Turn::Text(text) => {
+                events.push(chunk(
+                    serde_json::json!({"role": "assistant", "content": text}),
+                    None,
+                ));
+                events.push(chunk(serde_json::json!({}), Some("stop")));
+            }
+            Turn::Bash(command) => {
+                let args = serde_json::json!({"command": command, "description": "Write the file"})
+                    .to_string();
+                events.push(chunk(serde_json::json!({"role": "assistant", "content": null, "tool_calls": [
+                    {"index": 0, "id": "call_mock_1", "type": "function", "function": {"name": "bash", "arguments": ""}}]}), None));
+                events.push(chunk(
+                    serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": args}}]}),
+                    None,
+                ));
+                events.push(chunk(serde_json::json!({}), Some("tool_calls")));
+            }
         }
         if include_usage {
             events.push(serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": "mock",

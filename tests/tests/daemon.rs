@@ -7,6 +7,9 @@ use agentd_tests::daemon::{follow_until, Daemon, MockLlm};
 use agentd_tests::require_sandbox_support;
 use serde_json::json;
 
+#[path = "daemon/tasks.rs"]
+mod tasks;
+
 const FILE: &str = "/home/agent/written-by-agent.txt";
 
 fn store() -> Option<std::path::PathBuf> {

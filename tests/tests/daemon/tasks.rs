@@ -1,0 +1,659 @@
+//! Tasks end to end: the real daemon hands a prompt and a workspace to OpenCode agents in
+//! sandboxes; the mock LLM, scripted per test, decides what the agents' bash tool calls do.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use agentd_tests::daemon::{last_is_tool, last_user_text, Daemon, MockLlm, Turn};
+use agentd_tests::require_sandbox_support;
+use serde_json::json;
+
+use super::store;
+
+/// A small project: a README, a source file and an executable script.
+fn make_workspace() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("agentd-ws-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    std::fs::write(dir.path().join("README.md"), "a project\n").unwrap();
+    std::fs::write(dir.path().join("src/lib.txt"), "one\ntwo\nthree\n").unwrap();
+    std::fs::write(dir.path().join("run.sh"), "#!/bin/sh\necho run\n").unwrap();
+    let mut perm = std::fs::metadata(dir.path().join("run.sh"))
+        .unwrap()
+        .permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(dir.path().join("run.sh"), perm).unwrap();
+    dir
+}
+
+fn daemon(images: &Path, llm: &MockLlm, extra: &[&str]) -> Daemon {
+    let port = agentd_tests::registry::free_port().to_string();
+    let mut args = vec!["--llm-base-url", &llm.base_url, "--gateway-port", &port];
+    args.extend_from_slice(extra);
+    Daemon::start(images, &args)
+}
+
+fn create(d: &Daemon, body: serde_json::Value) -> String {
+    let r = d.call("POST", "/v1/tasks", Some(body));
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), d.log());
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+/// Polls a task until it is finished.
+fn wait_done(d: &Daemon, id: &str, timeout: Duration) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
+        if ["succeeded", "failed", "cancelled", "timed_out"]
+            .contains(&v["state"].as_str().unwrap_or(""))
+        {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "task {id} not done after {timeout:?}: {v:#}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Polls until `pred` holds for the task's view.
+fn wait_for(d: &Daemon, id: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+    let start = Instant::now();
+    loop {
+        let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
+        if pred(&v) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "task {id}: no {what}: {v:#}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The task's events after `after`, read as SSE (the stream ends at task.finished).
+fn events(d: &Daemon, id: &str, last_event_id: Option<u64>) -> Vec<serde_json::Value> {
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let extra = last_event_id
+        .map(|n| format!("Last-Event-ID: {n}\r\n"))
+        .unwrap_or_default();
+    std::io::Write::write_all(
+        &mut s,
+        format!("GET /v1/tasks/{id}/events HTTP/1.1\r\nHost: agentd\r\nConnection: close\r\n{extra}\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.contains("text/event-stream"), "{text}");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn ids(evs: &[serde_json::Value]) -> Vec<u64> {
+    evs.iter().filter_map(|e| e["id"].as_u64()).collect()
+}
+
+fn kinds(evs: &[serde_json::Value]) -> Vec<String> {
+    evs.iter()
+        .filter_map(|e| e["type"].as_str().map(String::from))
+        .collect()
+}
+
+fn copy_dir(src: &Path) -> tempfile::TempDir {
+    let dst = tempfile::Builder::new()
+        .prefix("agentd-ws-copy-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(dst.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    dst
+}
+
+/// `git apply` of `patch` in `dir`.
+fn git_apply(dir: &Path, patch: &[u8]) {
+    let p = dir.join("..").join(format!(
+        "{}.patch",
+        dir.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&p, patch).unwrap();
+    let out = Command::new("git")
+        .arg("apply")
+        .arg("--verbose")
+        .arg(&p)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&p);
+    assert!(
+        out.status.success(),
+        "git apply failed: {}\npatch:\n{}",
+        agentd_tests::describe(&out),
+        String::from_utf8_lossy(patch)
+    );
+}
+
+/// One agent, no check: the CLI runs the task and prints the diff; the result, the events
+/// (resumed with Last-Event-ID without gaps), the patch (applies to a fresh copy of the
+/// workspace), and the sandbox removed after the grace period. Bad workspaces get 400s.
+#[test]
+fn test_task_single_agent_cli_diff_events_and_bad_workspaces() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::start(
+        "echo 'written by the agent' > answer.txt && printf 'one\\nTWO\\nthree\\n' > src/lib.txt && rm README.md",
+    );
+    let d = daemon(&images, &llm, &["--task-grace", "3"]);
+    let ws = make_workspace();
+
+    // Workspaces agentd cannot use.
+    let bad = |workspace: serde_json::Value, want: &str| {
+        let r = d.call(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"prompt": "x", "workspace": workspace})),
+        );
+        assert_eq!(r.status, 400, "{workspace}: {}", r.text());
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains(want), "{workspace}: {msg:?} lacks {want:?}");
+    };
+    bad(
+        json!({"path": "/var/tmp/agentd-no-such-dir"}),
+        "No such file or directory",
+    );
+    bad(
+        json!({"path": ws.path().join("README.md")}),
+        "not a directory",
+    );
+    bad(json!({"path": "relative/dir"}), "must be absolute");
+    bad(json!({}), "exactly one of path, upload or git");
+    bad(json!({"git": "file:///etc"}), "workspace.path");
+    bad(
+        json!({"upload": "0123456789abcdef01234567"}),
+        "no uploaded workspace",
+    );
+    // Not readable by its owner: agentd reads a workspace as the owner of its directory.
+    let locked = tempfile::Builder::new()
+        .prefix("agentd-ws-locked-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::create_dir(locked.path().join("secret")).unwrap();
+    std::fs::write(locked.path().join("secret/key"), "k").unwrap();
+    let chown = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(locked.path())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    std::fs::set_permissions(
+        locked.path().join("secret"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o000),
+    )
+    .unwrap();
+    bad(json!({"path": locked.path()}), "Permission denied");
+    let r = d.call(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"prompt": "x", "workspace": {"path": ws.path()}, "agents": 0})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = d.call(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"prompt": "x", "workspace": {"path": ws.path()}, "max_rounds": 2})),
+    );
+    assert!(r.text().contains("needs a check"), "{}", r.text());
+    let r = d.call(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"prompt": "x", "workspace": {"path": ws.path()}, "agentz": 2})),
+    );
+    assert!(r.text().contains("unknown field `agentz`"), "{}", r.text());
+    assert_eq!(d.call("GET", "/v1/tasks/nope", None).status, 404);
+    let listed = d.call("GET", "/v1/tasks", None).json();
+    assert_eq!(listed["tasks"].as_array().unwrap().len(), 0, "{listed}");
+    assert!(
+        std::fs::read_dir(d.state.path().join("tasks"))
+            .unwrap()
+            .all(|e| e.unwrap().file_name() == "uploads"),
+        "a refused task left its dir behind"
+    );
+
+    // The CLI: request to result, progress on stderr, the diff on stdout.
+    let started = Instant::now();
+    let out = Command::new(agentd_tests::bin("agentd"))
+        .args(["task", "run", "--workspace"])
+        .arg(ws.path())
+        .arg("write answer.txt and shout two")
+        .env("AGENTD_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    let wall = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        agentd_tests::describe(&out),
+        d.log()
+    );
+    assert!(stdout.contains("+written by the agent"), "{stdout}");
+    assert!(stderr.contains("attempt 1: succeeded"), "{stderr}");
+    let id = stderr
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_string();
+
+    let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
+    assert_eq!(v["state"], "succeeded", "{v:#}");
+    let a = &v["attempts"][0];
+    assert!(a["tool_calls"].as_u64().unwrap() >= 1, "{a:#}");
+    assert!(
+        a["final_message"].as_str().unwrap().contains("All done"),
+        "{a:#}"
+    );
+    assert!(a["usage"]["prompt_tokens"].as_u64().unwrap() >= 42, "{a:#}");
+    assert_eq!(v["workspace"]["entries"], 4, "{v:#}");
+    let t = &a["timings"];
+    eprintln!(
+        "one-round task, request to result {:.2} s (CLI wall time); sandbox {} ms, opencode ready {} ms, workspace {} ms, agent round {} ms, diff {} ms, attempt total {} ms",
+        wall.as_secs_f64(),
+        t["sandbox_ms"], t["opencode_ready_ms"], t["workspace_ms"], t["rounds_ms"][0], t["diff_ms"], t["total_ms"]
+    );
+
+    // The result and the patch: it applies to a fresh copy of the original workspace.
+    let r = d
+        .call("GET", &format!("/v1/tasks/{id}/result"), None)
+        .json();
+    assert_eq!(r["attempts"][0]["rank"], 1, "{r:#}");
+    let patch = d
+        .call("GET", &format!("/v1/tasks/{id}/attempts/1/diff"), None)
+        .body;
+    assert_eq!(
+        r["attempts"][0]["patch"].as_str().unwrap().as_bytes(),
+        &patch[..]
+    );
+    assert_eq!(r["attempts"][0]["diff"]["files"], 3, "{r:#}");
+    let copy = copy_dir(ws.path());
+    git_apply(copy.path(), &patch);
+    assert_eq!(
+        std::fs::read_to_string(copy.path().join("answer.txt")).unwrap(),
+        "written by the agent\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(copy.path().join("src/lib.txt")).unwrap(),
+        "one\nTWO\nthree\n"
+    );
+    assert!(!copy.path().join("README.md").exists());
+    assert_eq!(
+        d.call("GET", &format!("/v1/tasks/{id}/attempts/2/diff"), None)
+            .status,
+        404
+    );
+    let cli_diff = Command::new(agentd_tests::bin("agentd"))
+        .args(["task", "diff", &id])
+        .env("AGENTD_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    assert_eq!(cli_diff.stdout, patch);
+
+    // Events: the whole story, then a resume after event k gives k+1.. without gaps.
+    let all = events(&d, &id, None);
+    let k = kinds(&all);
+    for want in [
+        "task.state",
+        "attempt.sandbox",
+        "prompt",
+        "tool",
+        "message",
+        "diff",
+        "task.finished",
+    ] {
+        assert!(k.iter().any(|x| x == want), "no {want} in {k:?}");
+    }
+    let all_ids = ids(&all);
+    assert_eq!(all_ids, (1..=all_ids.len() as u64).collect::<Vec<_>>());
+    let tool = all.iter().find(|e| e["type"] == "tool").unwrap();
+    assert_eq!(tool["tool"], "bash", "{tool}");
+    let resumed = events(&d, &id, Some(3));
+    assert_eq!(ids(&resumed), all_ids[3..].to_vec());
+
+    // The sandbox is removed once the grace period (3 s) is over; the results stay.
+    let start = Instant::now();
+    loop {
+        let l = d.call("GET", "/v1/sandboxes", None).json();
+        if l["sandboxes"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{l:#}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        d.call("GET", &format!("/v1/tasks/{id}/attempts/1/diff"), None)
+            .body,
+        patch
+    );
+    let ls = Command::new(agentd_tests::bin("agentd"))
+        .args(["task", "ls"])
+        .env("AGENTD_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&ls.stdout).contains(&id));
+    assert_eq!(
+        d.call("DELETE", &format!("/v1/tasks/{id}"), None).status,
+        204
+    );
+    assert_eq!(d.call("GET", &format!("/v1/tasks/{id}"), None).status, 404);
+    assert!(!d.state.path().join("tasks").join(&id).exists());
+    assert_eq!(d.leftovers(), Vec::<String>::new());
+}
+
+/// A git server on loopback (`git daemon`) serving `repo` as `/repo`; killed on drop.
+struct GitDaemon {
+    child: std::process::Child,
+    url: String,
+}
+
+impl GitDaemon {
+    fn start(base: &Path) -> GitDaemon {
+        let port = agentd_tests::registry::free_port();
+        let child = Command::new("git")
+            .args([
+                "daemon",
+                "--reuseaddr",
+                "--export-all",
+                "--listen=127.0.0.1",
+            ])
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", base.display()))
+            .arg(base)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "git daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        GitDaemon {
+            child,
+            url: format!("git://127.0.0.1:{port}/repo"),
+        }
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        agentd_tests::describe(&out)
+    );
+}
+
+/// A check that fails in round 1 and passes after the agent's second round (the follow-up
+/// carried the check's output), on a workspace cloned from a git URL at a branch; then three
+/// parallel agents on an uploaded tar: three different diffs, the passing one ranked first.
+#[test]
+fn test_task_check_rounds_git_workspace_and_parallel_ranking() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let first_turns = AtomicUsize::new(0);
+    let llm = MockLlm::scripted(move |req| {
+        if last_is_tool(req) {
+            return Turn::Text("Done with this round.".into());
+        }
+        let text = last_user_text(req);
+        if text.contains("CHECK-SAYS") {
+            Turn::Bash("echo fixed > answer.txt".into())
+        } else if text.contains("PARALLEL") {
+            // Each agent's first turn gets the next variant: three different diffs.
+            match first_turns.fetch_add(1, Ordering::SeqCst) % 3 {
+                0 => Turn::Bash("echo 41 > answer.txt".into()),
+                1 => Turn::Bash("echo 42 > answer.txt".into()),
+                _ => Turn::Bash("printf '43\\nand\\nmore\\n' > answer.txt".into()),
+            }
+        } else {
+            Turn::Bash("echo first-try > answer.txt".into())
+        }
+    });
+    let d = daemon(&images, &llm, &[]);
+
+    // A repository with a branch `feature` that has `feature.txt`.
+    let base = tempfile::Builder::new()
+        .prefix("agentd-git-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let repo = base.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("README.md"), "from git\n").unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "one"]);
+    git(&repo, &["checkout", "-q", "-b", "feature"]);
+    std::fs::write(repo.join("feature.txt"), "feature\n").unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "two"]);
+    git(&repo, &["checkout", "-q", "main"]);
+    let server = GitDaemon::start(base.path());
+
+    let check = "test -f feature.txt && grep -qx fixed answer.txt || { echo 'CHECK-SAYS: answer.txt is not fixed'; exit 1; }";
+    let id = create(
+        &d,
+        json!({"prompt": "make the check pass", "workspace": {"git": server.url, "ref": "feature"},
+               "check": check, "max_rounds": 2}),
+    );
+    let v = wait_done(&d, &id, Duration::from_secs(240));
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    let a = &v["attempts"][0];
+    assert_eq!(a["round"], 2, "{a:#}");
+    assert_eq!(a["check"]["passed"], true, "{a:#}");
+    assert_eq!(a["timings"]["checks_ms"].as_array().unwrap().len(), 2);
+    let evs = events(&d, &id, None);
+    let checks: Vec<bool> = evs
+        .iter()
+        .filter(|e| e["type"] == "check")
+        .map(|e| e["passed"].as_bool().unwrap())
+        .collect();
+    assert_eq!(checks, [false, true], "{evs:#?}");
+    // The second round's prompt carried the check's output and status.
+    let follow_up = llm
+        .requests_seen()
+        .iter()
+        .map(last_user_text)
+        .find(|t| t.contains("CHECK-SAYS"))
+        .expect("no request carried the check output");
+    assert!(follow_up.contains("exit status 1"), "{follow_up}");
+    assert!(follow_up.contains("grep -qx fixed"), "{follow_up}");
+    // The diff is against the checkout of `feature` (its history came along).
+    let patch = d
+        .call("GET", &format!("/v1/tasks/{id}/attempts/1/diff"), None)
+        .text();
+    assert!(
+        patch.contains("+fixed") && !patch.contains("feature.txt"),
+        "{patch}"
+    );
+    let r = d.call(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"prompt": "x", "workspace": {"git": server.url, "ref": "no-such-branch"}})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("no-such-branch"), "{}", r.text());
+
+    // Three agents on an uploaded tar; the check passes only for 42.
+    let ws = make_workspace();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_dir_all(".", ws.path()).unwrap();
+    let tar = b.into_inner().unwrap();
+    let r = agentd_tests::daemon::request(
+        &d.socket,
+        "POST",
+        "/v1/workspaces",
+        Some(&tar),
+        "application/x-tar",
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let upload = r.json()["upload"].as_str().unwrap().to_string();
+    let id = create(
+        &d,
+        json!({"prompt": "PARALLEL: write the answer", "workspace": {"upload": upload},
+               "agents": 3, "check": "grep -qx 42 answer.txt", "max_rounds": 1}),
+    );
+    let v = wait_done(&d, &id, Duration::from_secs(300));
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    let r = d
+        .call("GET", &format!("/v1/tasks/{id}/result"), None)
+        .json();
+    let attempts = r["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3);
+    assert_eq!(attempts[0]["state"], "succeeded", "{r:#}");
+    assert!(
+        attempts[0]["patch"].as_str().unwrap().contains("+42"),
+        "{r:#}"
+    );
+    for a in &attempts[1..] {
+        assert_eq!(a["state"], "failed", "{r:#}");
+        assert_eq!(a["check"]["passed"], false, "{r:#}");
+    }
+    // Smaller diff before larger among the failing ones: "41" (1 line) before "43..." (3).
+    assert!(
+        attempts[1]["patch"].as_str().unwrap().contains("+41"),
+        "{r:#}"
+    );
+    assert!(
+        attempts[2]["patch"].as_str().unwrap().contains("+43"),
+        "{r:#}"
+    );
+    let patches: std::collections::HashSet<&str> = attempts
+        .iter()
+        .map(|a| a["patch"].as_str().unwrap())
+        .collect();
+    assert_eq!(patches.len(), 3);
+    // Each patch applies to the original workspace.
+    for a in attempts {
+        let copy = copy_dir(ws.path());
+        git_apply(copy.path(), a["patch"].as_str().unwrap().as_bytes());
+    }
+    // An upload serves one task.
+    let r = d.call(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"prompt": "x", "workspace": {"upload": upload}})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+}
+
+/// Cancel mid-run, a timeout, and agentd killed mid-task: the task resumes and finishes.
+#[test]
+fn test_task_cancel_timeout_and_restart() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::scripted(|req| {
+        if last_is_tool(req) {
+            return Turn::Text("Finished.".into());
+        }
+        let text = last_user_text(req);
+        if text.contains("SLOW") {
+            Turn::Bash("sleep 8; echo slow-done > slow.txt".into())
+        } else {
+            Turn::Bash("sleep 300".into())
+        }
+    });
+    let mut d = daemon(&images, &llm, &[]);
+    let ws = make_workspace();
+    let tool_running = |v: &serde_json::Value| v["attempts"][0]["tool_calls"].as_u64() >= Some(1);
+
+    // Cancel while the agent's tool runs.
+    let id = create(
+        &d,
+        json!({"prompt": "FOREVER", "workspace": {"path": ws.path()}}),
+    );
+    wait_for(&d, &id, "tool call", tool_running);
+    let r = d.call("POST", &format!("/v1/tasks/{id}/cancel"), None);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let v = wait_done(&d, &id, Duration::from_secs(60));
+    assert_eq!(v["state"], "cancelled", "{v:#}");
+    assert_eq!(v["attempts"][0]["state"], "cancelled", "{v:#}");
+    let sb = v["attempts"][0]["sandbox"].as_str().unwrap().to_string();
+    let s = d.call("GET", &format!("/v1/sandboxes/{sb}"), None).json();
+    assert_eq!(s["state"], "stopped", "{s:#}");
+    assert_eq!(
+        d.call("POST", &format!("/v1/tasks/{id}/cancel"), None)
+            .status,
+        409
+    );
+
+    // The time limit.
+    let id = create(
+        &d,
+        json!({"prompt": "FOREVER", "workspace": {"path": ws.path()}, "timeout_secs": 20}),
+    );
+    let v = wait_done(&d, &id, Duration::from_secs(90));
+    assert_eq!(v["state"], "timed_out", "{v:#}");
+    assert!(
+        v["attempts"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("time limit"),
+        "{v:#}"
+    );
+
+    // agentd is killed while the agent's tool runs; the restarted agentd follows the
+    // sandbox again and the task finishes with the tool's file in the diff.
+    let id = create(
+        &d,
+        json!({"prompt": "SLOW", "workspace": {"path": ws.path()}}),
+    );
+    wait_for(&d, &id, "tool call", tool_running);
+    let before = events(&d, &id, None).len();
+    assert!(before > 0);
+    d.restart(libc::SIGKILL);
+    let v = wait_done(&d, &id, Duration::from_secs(120));
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    let patch = d
+        .call("GET", &format!("/v1/tasks/{id}/attempts/1/diff"), None)
+        .text();
+    assert!(patch.contains("+slow-done"), "{patch}");
+    let evs = events(&d, &id, None);
+    assert!(
+        kinds(&evs).contains(&"task.resumed".to_string()),
+        "{evs:#?}"
+    );
+    let all_ids = ids(&evs);
+    assert_eq!(all_ids, (1..=all_ids.len() as u64).collect::<Vec<_>>());
+}
