@@ -381,7 +381,7 @@ pub fn rank(attempts: &[Attempt]) -> Vec<&Attempt> {
         let size = a.diff.as_ref().map(|d| d.additions + d.deletions);
         (
             a.state != TaskState::Succeeded,
-            !size.is_some_and(|s| s > 0),
+            size.is_none_or(|s| s == 0),
             size.unwrap_or(u64::MAX),
             a.n,
         )
@@ -400,6 +400,9 @@ pub struct Task {
     events_lock: Mutex<()>,
     /// Set to `Cancelled`/`TimedOut` to end the running attempts.
     stop_tx: watch::Sender<Option<TaskState>>,
+    /// Attempts whose sandbox create is under way (in a task of its own, which a cancel does
+    /// not interrupt: a create stopped half-way would leave a sandbox nobody supervises).
+    creating: Mutex<HashSet<u32>>,
 }
 
 impl Task {
@@ -410,6 +413,7 @@ impl Task {
             events_tx: watch::channel(last_event).0,
             events_lock: Mutex::new(()),
             stop_tx: watch::channel(stop).0,
+            creating: Mutex::new(HashSet::new()),
         })
     }
 
@@ -773,10 +777,28 @@ impl TaskManager {
             }
         };
         let outcome = tokio::select! {
-            o = self.drive(&task, n, deadline_ms) => Ok(o),
+            o = self.clone().drive(&task, n, deadline_ms) => Ok(o),
             s = stopped => Err(s),
             _ = tokio::time::sleep(left) => Err(TaskState::TimedOut),
         };
+        if let Err(s) = outcome {
+            // A create under way finishes on its own (and records its sandbox): wait for it,
+            // so that the sandbox is stopped below rather than left running.
+            task.stop_tx.send_if_modified(|cur| {
+                if cur.is_none() {
+                    *cur = Some(s);
+                    true
+                } else {
+                    false
+                }
+            });
+            let waited = Instant::now();
+            while task.creating.lock().expect("creating lock").contains(&n)
+                && waited.elapsed() < Duration::from_secs(180)
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         let sb = task
             .snapshot()
             .attempts
@@ -866,7 +888,7 @@ impl TaskManager {
     }
 
     /// The attempt's steps; each one is persisted, so a resumed attempt skips what is done.
-    async fn drive(&self, task: &Arc<Task>, n: u32, deadline_ms: u64) -> Outcome {
+    async fn drive(self: Arc<Self>, task: &Arc<Task>, n: u32, deadline_ms: u64) -> Outcome {
         let rec = task.snapshot();
         let a = self.attempt_snapshot(task, n);
         let begun = Instant::now();
@@ -887,16 +909,25 @@ impl TaskManager {
             },
             None => {
                 self.set_attempt_state(task, n, TaskState::Starting, None);
-                match self.create_sandbox(task, &rec, n).await {
-                    Ok(sb) => {
+                task.creating.lock().expect("creating lock").insert(n);
+                let (me, t2, rec2) = (self.clone(), task.clone(), rec.clone());
+                let created = tokio::spawn(async move {
+                    let r = me.create_sandbox(&t2, &rec2, n).await;
+                    if let Ok(sb) = &r {
                         let ms = ms(begun.elapsed());
-                        self.update(task, n, |a| {
+                        me.update(&t2, n, |a| {
                             a.sandbox = Some(sb.snapshot().id);
                             a.timings.sandbox_ms = Some(ms);
                         });
-                        sb
                     }
-                    Err(why) => return Outcome::Lost(why),
+                    t2.creating.lock().expect("creating lock").remove(&n);
+                    r
+                })
+                .await;
+                match created {
+                    Ok(Ok(sb)) => sb,
+                    Ok(Err(why)) => return Outcome::Lost(why),
+                    Err(e) => return Outcome::Lost(format!("the sandbox create failed: {e}")),
                 }
             }
         };
@@ -1052,6 +1083,9 @@ impl TaskManager {
         };
         let mut waiting = false;
         loop {
+            if task.stop_tx.borrow().is_some() {
+                return Err("stopped before its sandbox was made".into());
+            }
             match self.mgr.create(req.clone()).await {
                 Ok(r) => return self.mgr.get(&r.id).map_err(|e| e.to_string()),
                 Err(ApiError::Quota(msg)) => {
@@ -1168,75 +1202,78 @@ impl TaskManager {
         let mut counted: HashSet<String> = HashSet::new();
         let mut error: Option<String> = None;
         let mut state_rx = sb.state_tx.subscribe();
-        while !idle_now {
-            let ev = tokio::select! {
-                ev = events.next() => ev,
-                _ = async {
-                    while state_rx.borrow_and_update().is_live() {
-                        if state_rx.changed().await.is_err() { break; }
-                    }
-                } => None,
-            };
-            let Some(ev) = ev else {
-                let why = sb
-                    .snapshot()
-                    .exit
-                    .map(|e| e.reason)
-                    .unwrap_or_else(|| "OpenCode's event stream ended".into());
-                return Err(Outcome::Lost(format!("the agent stopped: {why}")));
-            };
-            let props = &ev["properties"];
-            match ev["type"].as_str().unwrap_or_default() {
-                "message.part.updated" => {
-                    let part = &props["part"];
-                    if part["sessionID"] != session || part["type"] != "tool" {
-                        continue;
-                    }
-                    let pid = part["id"].as_str().unwrap_or_default().to_string();
-                    let status = part["state"]["status"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string();
-                    if tools.get(&pid) == Some(&status) {
-                        continue;
-                    }
-                    tools.insert(pid.clone(), status.clone());
-                    if counted.insert(pid) {
-                        self.update(task, n, |a| a.tool_calls += 1);
-                    }
-                    let title = part["state"]["title"]
-                        .as_str()
-                        .or_else(|| part["state"]["input"]["description"].as_str())
-                        .unwrap_or_default();
-                    self.emit(
+        // A resumed round whose session is idle already has nothing to follow.
+        if !idle_now {
+            loop {
+                let ev = tokio::select! {
+                    ev = events.next() => ev,
+                    _ = async {
+                        while state_rx.borrow_and_update().is_live() {
+                            if state_rx.changed().await.is_err() { break; }
+                        }
+                    } => None,
+                };
+                let Some(ev) = ev else {
+                    let why = sb
+                        .snapshot()
+                        .exit
+                        .map(|e| e.reason)
+                        .unwrap_or_else(|| "OpenCode's event stream ended".into());
+                    return Err(Outcome::Lost(format!("the agent stopped: {why}")));
+                };
+                let props = &ev["properties"];
+                match ev["type"].as_str().unwrap_or_default() {
+                    "message.part.updated" => {
+                        let part = &props["part"];
+                        if part["sessionID"] != session || part["type"] != "tool" {
+                            continue;
+                        }
+                        let pid = part["id"].as_str().unwrap_or_default().to_string();
+                        let status = part["state"]["status"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string();
+                        if tools.get(&pid) == Some(&status) {
+                            continue;
+                        }
+                        tools.insert(pid.clone(), status.clone());
+                        if counted.insert(pid) {
+                            self.update(task, n, |a| a.tool_calls += 1);
+                        }
+                        let title = part["state"]["title"]
+                            .as_str()
+                            .or_else(|| part["state"]["input"]["description"].as_str())
+                            .unwrap_or_default();
+                        self.emit(
                         task,
                         "tool",
                         serde_json::json!({"attempt": n, "round": round, "tool": part["tool"], "status": status, "title": tail(title, 200)}),
                     );
-                }
-                "session.error" => {
-                    if props["sessionID"].as_str().is_some_and(|s| s != session) {
-                        continue;
                     }
-                    let e = &props["error"];
-                    let msg = e["data"]["message"]
-                        .as_str()
-                        .or_else(|| e["name"].as_str())
-                        .unwrap_or("unknown error");
-                    error = Some(tail(msg, 1000));
-                    self.emit(
-                        task,
-                        "error",
-                        serde_json::json!({"attempt": n, "round": round, "message": error}),
-                    );
+                    "session.error" => {
+                        if props["sessionID"].as_str().is_some_and(|s| s != session) {
+                            continue;
+                        }
+                        let e = &props["error"];
+                        let msg = e["data"]["message"]
+                            .as_str()
+                            .or_else(|| e["name"].as_str())
+                            .unwrap_or("unknown error");
+                        error = Some(tail(msg, 1000));
+                        self.emit(
+                            task,
+                            "error",
+                            serde_json::json!({"attempt": n, "round": round, "message": error}),
+                        );
+                    }
+                    "session.idle" if props["sessionID"] == session => break,
+                    "session.status"
+                        if props["sessionID"] == session && props["status"]["type"] == "idle" =>
+                    {
+                        break
+                    }
+                    _ => {}
                 }
-                "session.idle" if props["sessionID"] == session => break,
-                "session.status"
-                    if props["sessionID"] == session && props["status"]["type"] == "idle" =>
-                {
-                    break
-                }
-                _ => {}
             }
         }
         let round_ms = ms(t.elapsed());

@@ -25,6 +25,10 @@ pub struct TaskArgs {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing would only obscure the clap definition"
+)]
 enum TaskCommand {
     /// Start a task, show its progress, then print the best attempt's diff.
     Run {

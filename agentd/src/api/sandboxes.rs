@@ -49,7 +49,12 @@ pub(crate) async fn dispatch(
         }
         (&Method::POST, []) => {
             let body: CreateSandbox = read_json(req).await?;
-            let rec = mgr.create(body).await?;
+            // In a task of its own: hyper drops this future when the client goes away, and a
+            // create stopped half-way would leave a sandbox nobody supervises.
+            let mgr2 = mgr.clone();
+            let rec = tokio::spawn(async move { mgr2.create(body).await })
+                .await
+                .map_err(ApiError::internal)??;
             Ok(json(StatusCode::CREATED, &rec.view()))
         }
         (_, []) => Err(ApiError::MethodNotAllowed(

@@ -576,6 +576,7 @@ fn test_task_check_rounds_git_workspace_and_parallel_ranking() {
         Some(json!({"prompt": "x", "workspace": {"upload": upload}})),
     );
     assert_eq!(r.status, 400, "{}", r.text());
+    delete_all(&d);
 }
 
 /// Cancel mid-run, a timeout, and agentd killed mid-task: the task resumes and finishes.
@@ -642,7 +643,10 @@ fn test_task_cancel_timeout_and_restart() {
     wait_for(&d, &id, "tool call", tool_running);
     d.restart(libc::SIGKILL);
     let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
-    assert_eq!(v["state"], "running", "the task ended before the restart: {v:#}");
+    assert_eq!(
+        v["state"], "running",
+        "the task ended before the restart: {v:#}"
+    );
     let v = wait_done(&d, &id, Duration::from_secs(120));
     assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
     let patch = d
@@ -656,4 +660,18 @@ fn test_task_cancel_timeout_and_restart() {
     );
     let all_ids = ids(&evs);
     assert_eq!(all_ids, (1..=all_ids.len() as u64).collect::<Vec<_>>());
+    delete_all(&d);
+}
+
+/// Deletes every task and checks nothing of their sandboxes is left on the host.
+fn delete_all(d: &Daemon) {
+    let l = d.call("GET", "/v1/tasks", None).json();
+    for t in l["tasks"].as_array().unwrap() {
+        let id = t["id"].as_str().unwrap();
+        let r = d.call("DELETE", &format!("/v1/tasks/{id}"), None);
+        assert_eq!(r.status, 204, "{}", r.text());
+    }
+    let l = d.call("GET", "/v1/sandboxes", None).json();
+    assert_eq!(l["sandboxes"].as_array().unwrap().len(), 0, "{l:#}");
+    assert_eq!(d.leftovers(), Vec::<String>::new());
 }
