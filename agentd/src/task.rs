@@ -1089,6 +1089,12 @@ impl TaskManager {
             match self.mgr.create(req.clone()).await {
                 Ok(r) => return self.mgr.get(&r.id).map_err(|e| e.to_string()),
                 Err(ApiError::Quota(msg)) => {
+                    // Finished attempts keep their sandboxes for inspection, but not at the
+                    // cost of one that wants to work (else agents > max_sandboxes would wait
+                    // for their own task's end).
+                    if self.release_finished_sandbox().await {
+                        continue;
+                    }
                     if !waiting {
                         waiting = true;
                         self.set_attempt_state(task, n, TaskState::Queued, Some(&msg));
@@ -1106,6 +1112,34 @@ impl TaskManager {
                 waiting = false;
             }
         }
+    }
+
+    /// Deletes the live sandbox of the attempt (of any task) that finished first; whether
+    /// there was one.
+    async fn release_finished_sandbox(&self) -> bool {
+        let mut oldest: Option<(u64, Arc<Task>, Arc<Sandbox>)> = None;
+        for task in self.list() {
+            for a in task.snapshot().attempts {
+                let (Some(done), Some(id)) = (a.finished_at, a.sandbox) else {
+                    continue;
+                };
+                let Ok(sb) = self.mgr.get(&id) else { continue };
+                if sb.snapshot().state.is_live() && oldest.as_ref().is_none_or(|o| done < o.0) {
+                    oldest = Some((done, task.clone(), sb));
+                }
+            }
+        }
+        let Some((_, task, sb)) = oldest else {
+            return false;
+        };
+        let id = sb.snapshot().id;
+        tracing::info!(task = %task.snapshot().id, sandbox = %id, "removing a finished attempt's sandbox to make room");
+        self.emit(
+            &task,
+            "attempt.sandbox_removed",
+            serde_json::json!({"sandbox": id, "reason": "room for another attempt"}),
+        );
+        self.mgr.delete(&sb).await.is_ok()
     }
 
     /// Extracts the workspace to `/workspace` and commits it; returns the baseline commit.

@@ -451,7 +451,8 @@ fn test_task_check_rounds_git_workspace_and_parallel_ranking() {
             Turn::Bash("echo first-try > answer.txt".into())
         }
     });
-    let d = daemon(&images, &llm, &[]);
+    // Two sandboxes at most: the third agent waits (queued) for room.
+    let d = daemon(&images, &llm, &["--max-sandboxes", "2"]);
 
     // A repository with a branch `feature` that has `feature.txt`.
     let base = tempfile::Builder::new()
@@ -475,7 +476,7 @@ fn test_task_check_rounds_git_workspace_and_parallel_ranking() {
     let id = create(
         &d,
         json!({"prompt": "make the check pass", "workspace": {"git": server.url, "ref": "feature"},
-               "check": check, "max_rounds": 2}),
+               "check": check, "max_rounds": 2, "model": "mock-large"}),
     );
     let v = wait_done(&d, &id, Duration::from_secs(240));
     assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
@@ -498,6 +499,13 @@ fn test_task_check_rounds_git_workspace_and_parallel_ranking() {
         .find(|t| t.contains("CHECK-SAYS"))
         .expect("no request carried the check output");
     assert!(follow_up.contains("exit status 1"), "{follow_up}");
+    // The task's model reached the upstream.
+    assert!(
+        llm.requests_seen()
+            .iter()
+            .any(|r| r["model"] == "mock-large"),
+        "no request for the task's model"
+    );
     assert!(follow_up.contains("grep -qx fixed"), "{follow_up}");
     // The diff is against the checkout of `feature` (its history came along).
     let patch = d
@@ -536,6 +544,18 @@ fn test_task_check_rounds_git_workspace_and_parallel_ranking() {
     );
     let v = wait_done(&d, &id, Duration::from_secs(300));
     assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    report_timings(&v);
+    // With room for two sandboxes (one still kept by the first task), agents waited in
+    // `queued` and finished attempts' sandboxes made room.
+    let evs = events(&d, &id, None);
+    let queued = evs
+        .iter()
+        .find(|e| e["type"] == "attempt.state" && e["state"] == "queued")
+        .unwrap_or_else(|| panic!("no attempt waited: {evs:#?}"));
+    assert!(
+        queued["detail"].as_str().unwrap().contains("max_sandboxes"),
+        "{queued}"
+    );
     let r = d
         .call("GET", &format!("/v1/tasks/{id}/result"), None)
         .json();
@@ -649,6 +669,7 @@ fn test_task_cancel_timeout_and_restart() {
     );
     let v = wait_done(&d, &id, Duration::from_secs(120));
     assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    report_timings(&v);
     let patch = d
         .call("GET", &format!("/v1/tasks/{id}/attempts/1/diff"), None)
         .text();
@@ -661,6 +682,16 @@ fn test_task_cancel_timeout_and_restart() {
     let all_ids = ids(&evs);
     assert_eq!(all_ids, (1..=all_ids.len() as u64).collect::<Vec<_>>());
     delete_all(&d);
+}
+
+/// Prints each attempt's timings (for the record of how long tasks take).
+fn report_timings(v: &serde_json::Value) {
+    for a in v["attempts"].as_array().unwrap() {
+        eprintln!(
+            "task {} attempt {}: {} timings {}",
+            v["id"], a["attempt"], a["state"], a["timings"]
+        );
+    }
 }
 
 /// Deletes every task and checks nothing of their sandboxes is left on the host.
