@@ -525,25 +525,8 @@ impl Manager {
                 )));
             }
         }
-        let memory = match &req.limits.memory {
-            Some(m) => m.bytes()?,
-            None => self.config.sandbox_memory,
-        };
-        let limits = Limits {
-            memory_bytes: Some(memory),
-            swap_bytes: None,
-            cpus: req.limits.cpus,
-            pids: req.limits.pids,
-        };
-        limits
-            .validate()
-            .map_err(|e| ApiError::BadRequest(agentd_runtime::error_chain(&e)))?;
-        if memory > self.config.max_memory {
-            return Err(ApiError::BadRequest(format!(
-                "limits.memory {memory} bytes is more than agentd may commit in total ({} bytes)",
-                self.config.max_memory
-            )));
-        }
+        let limits = self.limits(&req.limits)?;
+        let memory = limits.memory_bytes.unwrap_or(self.config.sandbox_memory);
         if let Some(m) = &req.model {
             if m.is_empty() || m.len() > 200 || m.chars().any(char::is_control) {
                 return Err(ApiError::BadRequest(
@@ -1094,6 +1077,30 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// The limits a request asks for, with agentd's defaults, validated.
+    pub fn limits(&self, req: &LimitsRequest) -> Result<Limits> {
+        let memory = match &req.memory {
+            Some(m) => m.bytes()?,
+            None => self.config.sandbox_memory,
+        };
+        let limits = Limits {
+            memory_bytes: Some(memory),
+            swap_bytes: None,
+            cpus: req.cpus,
+            pids: req.pids,
+        };
+        limits
+            .validate()
+            .map_err(|e| ApiError::BadRequest(agentd_runtime::error_chain(&e)))?;
+        if memory > self.config.max_memory {
+            return Err(ApiError::BadRequest(format!(
+                "limits.memory {memory} bytes is more than agentd may commit in total ({} bytes)",
+                self.config.max_memory
+            )));
+        }
+        Ok(limits)
     }
 
     /// Runs `args` in a live sandbox as its user and waits for it: output is kept up to

@@ -71,6 +71,8 @@ pub const ATTEMPT_LABEL: &str = "agentd.attempt";
 const OPENCODE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the baseline commit and the diff may take.
 const GIT_IN_SANDBOX_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often a round's event stream may be opened again after OpenCode closed it.
+const MAX_EVENT_RECONNECTS: u32 = 5;
 /// Pause between tries of a sandbox create refused by a quota.
 const QUOTA_RETRY: Duration = Duration::from_secs(2);
 
@@ -648,6 +650,15 @@ impl TaskManager {
         req.workspace
             .validate()
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        self.mgr.limits(&req.limits)?;
+        if let Some(image) = &req.image {
+            // The default image is built on first use; any other must be in the store now.
+            if image != crate::default_image::NAME && self.mgr.store.resolve(image).is_err() {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown image {image:?}: pull or import it first (POST /v1/images/pull, agentd image pull|import)"
+                )));
+            }
+        }
 
         let id = random_hex(6);
         let dir = self.task_dir(&id);
@@ -1236,6 +1247,7 @@ impl TaskManager {
         let mut counted: HashSet<String> = HashSet::new();
         let mut error: Option<String> = None;
         let mut state_rx = sb.state_tx.subscribe();
+        let mut reconnects = 0;
         // A resumed round whose session is idle already has nothing to follow.
         if !idle_now {
             loop {
@@ -1248,6 +1260,19 @@ impl TaskManager {
                     } => None,
                 };
                 let Some(ev) = ev else {
+                    // The stream ended: the sandbox is gone, or OpenCode closed it (then
+                    // subscribe again and ask whether the session went idle meanwhile).
+                    if sb.snapshot().state.is_live() && reconnects < MAX_EVENT_RECONNECTS {
+                        reconnects += 1;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        if let Ok(e) = self.event_stream(sb).await {
+                            events = e;
+                            if self.session_idle(sb, session).await {
+                                break;
+                            }
+                            continue;
+                        }
+                    }
                     let why = sb
                         .snapshot()
                         .exit
@@ -1673,6 +1698,41 @@ impl TaskManager {
                 }
             }
         }
+    }
+
+    /// Prometheus text: tasks by state, attempts by state.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let all = [
+            TaskState::Queued,
+            TaskState::Starting,
+            TaskState::Running,
+            TaskState::Checking,
+            TaskState::Succeeded,
+            TaskState::Failed,
+            TaskState::Cancelled,
+            TaskState::TimedOut,
+        ];
+        let mut tasks: BTreeMap<&str, u64> = all.iter().map(|s| (s.as_str(), 0)).collect();
+        let mut attempts = tasks.clone();
+        for t in self.list() {
+            let r = t.snapshot();
+            *tasks.entry(r.state.as_str()).or_default() += 1;
+            for a in &r.attempts {
+                *attempts.entry(a.state.as_str()).or_default() += 1;
+            }
+        }
+        let mut out = String::new();
+        for (name, help, counts) in [
+            ("agentd_tasks", "Tasks by state.", &tasks),
+            ("agentd_task_attempts", "Task attempts by state.", &attempts),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (state, n) in counts {
+                let _ = writeln!(out, "{name}{{state=\"{state}\"}} {n}");
+            }
+        }
+        out
     }
 
     /// Events of a task with ids above `after`, read from its log.

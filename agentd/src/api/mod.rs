@@ -226,9 +226,13 @@ async fn dispatch(
             for sb in mgr.list() {
                 *by_state.entry(sb.snapshot().state.as_str()).or_default() += 1;
             }
+            let mut text = mgr.metrics.render(&by_state);
+            if let Some(tasks) = mgr.tasks.get() {
+                text.push_str(&tasks.render_metrics());
+            }
             Ok(Response::builder()
                 .header(hyper::header::CONTENT_TYPE, "text/plain; version=0.0.4")
-                .body(full(mgr.metrics.render(&by_state)))
+                .body(full(text))
                 .expect("valid response"))
         }
         (&Method::GET, ["v1", "openapi.json"]) => Ok(json(StatusCode::OK, &openapi::document())),

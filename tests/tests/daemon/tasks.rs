@@ -226,6 +226,20 @@ fn test_task_single_agent_cli_diff_events_and_bad_workspaces() {
         Some(json!({"prompt": "x", "workspace": {"path": ws.path()}, "agentz": 2})),
     );
     assert!(r.text().contains("unknown field `agentz`"), "{}", r.text());
+    for (extra, want) in [
+        (json!({"image": "no-such-image"}), "pull or import it first"),
+        (json!({"limits": {"memory": "lots"}}), "limits.memory"),
+        (json!({"timeout_secs": 0}), "timeout_secs"),
+        (json!({"prompt": " "}), "prompt must not be empty"),
+    ] {
+        let mut body = json!({"prompt": "x", "workspace": {"path": ws.path()}});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = d.call("POST", "/v1/tasks", Some(body));
+        assert_eq!(r.status, 400, "{extra}: {}", r.text());
+        assert!(r.text().contains(want), "{extra}: {}", r.text());
+    }
     assert_eq!(d.call("GET", "/v1/tasks/nope", None).status, 404);
     let listed = d.call("GET", "/v1/tasks", None).json();
     assert_eq!(listed["tasks"].as_array().unwrap().len(), 0, "{listed}");
@@ -265,6 +279,11 @@ fn test_task_single_agent_cli_diff_events_and_bad_workspaces() {
 
     let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
     assert_eq!(v["state"], "succeeded", "{v:#}");
+    let metrics = d.call("GET", "/metrics", None).text();
+    assert!(
+        metrics.contains("agentd_tasks{state=\"succeeded\"} 1"),
+        "{metrics}"
+    );
     let a = &v["attempts"][0];
     assert!(a["tool_calls"].as_u64().unwrap() >= 1, "{a:#}");
     assert!(
