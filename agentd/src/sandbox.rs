@@ -1079,6 +1079,31 @@ impl Manager {
         }
     }
 
+    /// Starts a process in sandbox `id` with stdin from /dev/null; returns its exec id and
+    /// the read ends of its stdout and stderr (EOF once it and whatever inherited them end).
+    pub async fn start_exec(
+        &self,
+        id: &str,
+        request: agentd_runtime::ExecRequest,
+    ) -> std::result::Result<(u64, OwnedFd, OwnedFd), String> {
+        use std::os::fd::AsFd;
+        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| e.to_string());
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let devnull: OwnedFd = std::fs::File::open("/dev/null")
+            .map_err(|e| e.to_string())?
+            .into();
+        let client = self.runtime.client(id);
+        let exec_id = tokio::task::spawn_blocking(move || {
+            // The write ends go to the shim and are closed here when this closure returns.
+            client.exec(request, devnull.as_fd(), out_w.as_fd(), err_w.as_fd())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        Ok((exec_id, out_r, err_r))
+    }
+
     /// The limits a request asks for, with agentd's defaults, validated.
     pub fn limits(&self, req: &LimitsRequest) -> Result<Limits> {
         let memory = match &req.memory {
@@ -1113,7 +1138,6 @@ impl Manager {
         timeout: Duration,
         max_output: usize,
     ) -> Result<ExecOutput> {
-        use std::os::fd::AsFd;
         use tokio::io::AsyncReadExt;
         let rec = sb.snapshot();
         if !rec.state.is_live() {
@@ -1129,21 +1153,10 @@ impl Manager {
             cwd: cwd.map(Into::into),
             uid: Some(rec.user.0),
         };
-        let (out_r, out_w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ApiError::internal)?;
-        let (err_r, err_w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ApiError::internal)?;
-        let devnull: OwnedFd = std::fs::File::open("/dev/null")
-            .map_err(ApiError::internal)?
-            .into();
-        let client = self.runtime.client(&rec.id);
-        let exec_id = tokio::task::spawn_blocking(move || {
-            // The write ends are closed when this closure returns (the shim has its copies).
-            client.exec(request, devnull.as_fd(), out_w.as_fd(), err_w.as_fd())
-        })
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| ApiError::internal(format!("exec failed: {e}")))?;
+        let (exec_id, out_r, err_r) = self
+            .start_exec(&rec.id, request)
+            .await
+            .map_err(|e| ApiError::internal(format!("exec failed: {e}")))?;
         let drain = |fd: OwnedFd| async move {
             let mut kept = Vec::new();
             let mut truncated = false;

@@ -285,17 +285,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             Ok(0)
         }
         TaskCommand::Cancel { id } => {
-            let id = valid_id(&id)?;
-            check(
-                &call(
-                    sock,
-                    Method::POST,
-                    &format!("/v1/tasks/{id}/cancel"),
-                    None,
-                    None,
-                )
-                .await?,
-            )?;
+            cancel(sock, valid_id(&id)?).await?;
             Ok(0)
         }
         TaskCommand::Rm { ids } => {
@@ -311,6 +301,12 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+async fn cancel(sock: &PathBuf, id: &str) -> anyhow::Result<()> {
+    let path = format!("/v1/tasks/{id}/cancel");
+    check(&call(sock, Method::POST, &path, None, None).await?)?;
+    Ok(())
 }
 
 /// One attempt as a line: state, round, tools, tokens, diff, last tool.
@@ -457,17 +453,8 @@ async fn follow(sock: &PathBuf, id: &str, agents: u32, json: bool) -> anyhow::Re
         match streamed {
             None => {
                 eprintln!("cancelling task {id} ...");
-                check(
-                    &call(
-                        sock,
-                        Method::POST,
-                        &format!("/v1/tasks/{id}/cancel"),
-                        None,
-                        None,
-                    )
-                    .await?,
-                )
-                .ok();
+                // Already finished (409) is fine: the stream ends by itself.
+                cancel(sock, id).await.ok();
             }
             Some(Ok(reply)) if !reply.status.is_success() => {
                 check(&reply)?;

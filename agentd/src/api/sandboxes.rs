@@ -2,7 +2,7 @@
 //! and stats. Files and the OpenCode proxy have their own modules.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -193,22 +193,10 @@ async fn exec(
         cwd: body.cwd.as_ref().map(Into::into),
         uid: Some(body.uid.unwrap_or(rec.user.0)),
     };
-    let (out_r, out_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ApiError::internal)?;
-    let (err_r, err_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ApiError::internal)?;
-    let devnull: OwnedFd = std::fs::File::open("/dev/null")
-        .map_err(ApiError::internal)?
-        .into();
-    let client = mgr.runtime.client(&rec.id);
-    let exec_id = tokio::task::spawn_blocking(move || {
-        // The write ends go to the shim and are closed here when this closure returns, so
-        // the reads see EOF once the process (and whatever inherited them) is done.
-        client.exec(request, devnull.as_fd(), out_w.as_fd(), err_w.as_fd())
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(|e| ApiError::BadRequest(format!("exec failed: {e}")))?;
+    let (exec_id, out_r, err_r) = mgr
+        .start_exec(&rec.id, request)
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("exec failed: {e}")))?;
 
     let (tx, rx) = mpsc::channel(64);
     let guard = ActiveGuard::new(sb.clone());
