@@ -161,7 +161,7 @@ pub struct CheckResult {
     pub exit_code: Option<i32>,
     /// Exit status 0.
     pub passed: bool,
-    /// The end of stdout and stderr, interleaved as the streams were read: stdout then stderr.
+    /// The end of its output (stderr goes to stdout, so the order is kept).
     pub output: String,
     /// How long it ran, ms.
     pub duration_ms: u64,
@@ -1019,7 +1019,8 @@ impl TaskManager {
                 .mgr
                 .exec_collect(
                     &sb,
-                    vec!["/bin/sh".into(), "-c".into(), check],
+                    // stderr into stdout: the output keeps its order.
+                    vec!["/bin/sh".into(), "-c".into(), format!("{{\n{check}\n}} 2>&1")],
                     Some(WORKSPACE_DIR),
                     left,
                     CHECK_OUTPUT_TAIL,
