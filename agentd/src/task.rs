@@ -1020,7 +1020,11 @@ impl TaskManager {
                 .exec_collect(
                     &sb,
                     // stderr into stdout: the output keeps its order.
-                    vec!["/bin/sh".into(), "-c".into(), format!("{{\n{check}\n}} 2>&1")],
+                    vec![
+                        "/bin/sh".into(),
+                        "-c".into(),
+                        format!("{{\n{check}\n}} 2>&1"),
+                    ],
                     Some(WORKSPACE_DIR),
                     left,
                     CHECK_OUTPUT_TAIL,

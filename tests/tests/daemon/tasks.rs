@@ -349,6 +349,19 @@ fn test_task_single_agent_cli_diff_events_and_bad_workspaces() {
     ] {
         assert!(k.iter().any(|x| x == want), "no {want} in {k:?}");
     }
+    let t0 = all[0]["time"].as_u64().unwrap();
+    let timeline: Vec<String> = all
+        .iter()
+        .map(|e| {
+            let what = e["state"].as_str().or(e["status"].as_str()).unwrap_or("");
+            format!(
+                "+{}ms {} {what}",
+                e["time"].as_u64().unwrap() - t0,
+                e["type"].as_str().unwrap()
+            )
+        })
+        .collect();
+    eprintln!("events: {}", timeline.join(", "));
     let all_ids = ids(&all);
     assert_eq!(all_ids, (1..=all_ids.len() as u64).collect::<Vec<_>>());
     let tool = all.iter().find(|e| e["type"] == "tool").unwrap();
