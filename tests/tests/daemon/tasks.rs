@@ -647,7 +647,8 @@ fn test_task_cancel_timeout_and_restart() {
             Turn::Bash("sleep 300".into())
         }
     });
-    let mut d = daemon(&images, &llm, &[]);
+    // Room for one sandbox: a second task waits in `queued` across the restart.
+    let mut d = daemon(&images, &llm, &["--max-sandboxes", "1"]);
     let ws = make_workspace();
     let tool_running = |v: &serde_json::Value| v["attempts"][0]["tool_calls"].as_u64() >= Some(1);
 
@@ -693,6 +694,13 @@ fn test_task_cancel_timeout_and_restart() {
         json!({"prompt": "SLOW", "workspace": {"path": ws.path()}}),
     );
     wait_for(&d, &id, "tool call", tool_running);
+    let queued = create(
+        &d,
+        json!({"prompt": "SLOW too", "workspace": {"path": ws.path()}}),
+    );
+    wait_for(&d, &queued, "wait for room", |v| {
+        v["attempts"][0]["state"] == "queued" && v["state"] == "queued"
+    });
     d.restart(libc::SIGKILL);
     let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
     assert_eq!(
@@ -706,6 +714,9 @@ fn test_task_cancel_timeout_and_restart() {
         .call("GET", &format!("/v1/tasks/{id}/attempts/1/diff"), None)
         .text();
     assert!(patch.contains("+slow-done"), "{patch}");
+    // The queued task started after the restart, once the first one's sandbox made room.
+    let v = wait_done(&d, &queued, Duration::from_secs(120));
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
     let evs = events(&d, &id, None);
     assert!(
         kinds(&evs).contains(&"task.resumed".to_string()),
