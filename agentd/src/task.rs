@@ -1304,6 +1304,7 @@ impl TaskManager {
                         if counted.insert(pid) {
                             self.update(task, n, |a| a.tool_calls += 1);
                         }
+                        let calls = self.attempt_snapshot(task, n).tool_calls;
                         let title = part["state"]["title"]
                             .as_str()
                             .or_else(|| part["state"]["input"]["description"].as_str())
@@ -1311,7 +1312,7 @@ impl TaskManager {
                         self.emit(
                         task,
                         "tool",
-                        serde_json::json!({"attempt": n, "round": round, "tool": part["tool"], "status": status, "title": tail(title, 200)}),
+                        serde_json::json!({"attempt": n, "round": round, "tool": part["tool"], "status": status, "title": tail(title, 200), "tool_calls": calls}),
                     );
                     }
                     "session.error" => {

@@ -395,14 +395,11 @@ async fn follow(sock: &PathBuf, id: &str, agents: u32, json: bool) -> anyhow::Re
                     Some(format!("attempt {n}: {} (round {})", p.state, p.round))
                 }
                 ("tool", Some(p)) => {
-                    if ev["status"] == "running" || ev["status"] == "pending" {
-                        p.tools += 1;
+                    p.tools = ev["tool_calls"].as_u64().unwrap_or(p.tools);
+                    let title = ev["title"].as_str().unwrap_or("");
+                    if !title.is_empty() {
+                        p.last = format!("{}: {title}", ev["tool"].as_str().unwrap_or("tool"));
                     }
-                    p.last = format!(
-                        "{}: {}",
-                        ev["tool"].as_str().unwrap_or("tool"),
-                        ev["title"].as_str().unwrap_or("")
-                    );
                     None
                 }
                 ("check", Some(p)) => {
