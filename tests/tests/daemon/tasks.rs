@@ -366,6 +366,12 @@ fn test_task_single_agent_cli_diff_events_and_bad_workspaces() {
     assert_eq!(all_ids, (1..=all_ids.len() as u64).collect::<Vec<_>>());
     let tool = all.iter().find(|e| e["type"] == "tool").unwrap();
     assert_eq!(tool["tool"], "bash", "{tool}");
+    assert!(
+        all.iter()
+            .filter(|e| e["type"] == "tool")
+            .all(|e| e["tool_calls"] == 1),
+        "one tool call, counted once: {all:#?}"
+    );
     let resumed = events(&d, &id, Some(3));
     assert_eq!(ids(&resumed), all_ids[3..].to_vec());
 
