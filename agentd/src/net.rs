@@ -21,8 +21,6 @@ use agentd_runtime::netlink;
 
 /// Prefix of the host-side veth names ("agentd host"), followed by 10 chars of the sandbox id.
 pub const HOST_PREFIX: &str = "adh";
-/// Prefix of the sandbox-side veth names while still in the host's namespace.
-pub const PEER_PREFIX: &str = "adp";
 
 /// The bridge and the subnet.
 #[derive(Debug, Clone)]
@@ -157,23 +155,19 @@ impl Network {
         Some(Ipv4Addr::from(u32::from(self.subnet) + 2 + n))
     }
 
-    /// Names of the veth pair of sandbox `id`: (host end, sandbox end).
-    pub fn link_names(id: &str) -> (String, String) {
+    /// Name of the host end of sandbox `id`'s veth pair (the other end is born inside the
+    /// sandbox's netns as `eth0`).
+    pub fn link_name(id: &str) -> String {
         let short: String = id.chars().take(10).collect();
-        (
-            format!("{HOST_PREFIX}{short}"),
-            format!("{PEER_PREFIX}{short}"),
-        )
+        format!("{HOST_PREFIX}{short}")
     }
 
     /// Deletes the veth pair of sandbox `id` if it still exists (both ends go together).
     pub fn remove_link(&self, id: &str) {
-        let (host, peer) = Self::link_names(id);
-        for name in [host, peer] {
-            if let Ok(index) = netlink::link_index(&name) {
-                if let Err(e) = netlink::delete_link(index) {
-                    tracing::warn!(link = %name, error = %e, "failed to delete veth");
-                }
+        let name = Self::link_name(id);
+        if let Ok(index) = netlink::link_index(&name) {
+            if let Err(e) = netlink::delete_link(index) {
+                tracing::warn!(link = %name, error = %e, "failed to delete veth");
             }
         }
     }
@@ -184,7 +178,7 @@ impl Network {
         let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
             return Vec::new();
         };
-        let live: Vec<String> = live.iter().map(|id| Self::link_names(id).0).collect();
+        let live: Vec<String> = live.iter().map(|id| Self::link_name(id)).collect();
         entries
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().into_string().ok())
@@ -212,8 +206,8 @@ mod tests {
         assert_eq!(net.address(0), Some(Ipv4Addr::new(10, 0, 0, 2)));
         assert_eq!(net.address(4), Some(Ipv4Addr::new(10, 0, 0, 6)));
         assert_eq!(net.address(5), None); // 10.0.0.7 is the broadcast address
-        let (h, p) = Network::link_names("0123456789abcdef");
-        assert_eq!((h.as_str(), p.as_str()), ("adh0123456789", "adp0123456789"));
+        let h = Network::link_name("0123456789abcdef");
+        assert_eq!(h, "adh0123456789");
         assert!(h.len() <= 15);
     }
 }

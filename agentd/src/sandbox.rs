@@ -459,9 +459,7 @@ impl Manager {
             f(&mut r);
             r.clone()
         };
-        if let Err(e) = self.db.put_lazy(SANDBOXES, &rec.id, &rec) {
-            tracing::error!(sandbox = %rec.id, error = %agentd_runtime::error_chain(&e), "failed to persist sandbox");
-        }
+        self.persist_lazy(&rec);
         sb.state_tx.send_replace(state);
     }
 
@@ -475,8 +473,13 @@ impl Manager {
             r.usage.completion_tokens += completion;
             r.clone()
         };
-        if let Err(e) = self.db.put_lazy(SANDBOXES, &rec.id, &rec) {
-            tracing::error!(sandbox = %rec.id, error = %agentd_runtime::error_chain(&e), "failed to persist usage");
+        self.persist_lazy(&rec);
+    }
+
+    /// Writes `rec` without waiting for the disk (see `Db::put_lazy`); a failure is logged.
+    fn persist_lazy(&self, rec: &SandboxRecord) {
+        if let Err(e) = self.db.put_lazy(SANDBOXES, &rec.id, rec) {
+            tracing::error!(sandbox = %rec.id, error = %agentd_runtime::error_chain(&e), "failed to persist sandbox");
         }
     }
 
@@ -728,7 +731,7 @@ impl Manager {
         // Network, then the shim; undo in reverse on failure.
         let result: Result<()> = async {
             spec.network = NetworkMode::Veth(VethConfig {
-                host: Network::link_names(&id).0,
+                host: Network::link_name(&id),
                 bridge: self.net.bridge.clone(),
                 address,
                 prefix_len: self.config.prefix_len,
