@@ -59,17 +59,8 @@ pub fn build(store: &agentd_images::Store, cache_dir: &Path) -> anyhow::Result<(
         }
     })
     .context("failed to build the default image `opencode` (it needs apt-get and npm on the host; or import one: agentd image import)")?;
-    let layout = cache_dir.join(format!("layout-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&layout);
-    rootfs_builder::write_layout(&image, cache_dir, &layout, "latest")?;
-    let imported = agentd_images::layout::import(
-        store,
-        &layout,
-        Some(NAME),
-        &agentd_images::Platform::default(),
-    );
-    let _ = std::fs::remove_dir_all(&layout);
-    imported.context("failed to import the built default image")?;
+    rootfs_builder::import_into(&image, cache_dir, store, NAME)
+        .context("failed to import the built default image")?;
     tracing::info!(
         seconds = started.elapsed().as_secs_f64(),
         "default image `opencode` built"

@@ -741,20 +741,27 @@ pub fn write_store(
     state_dir: &Path,
     name: &str,
 ) -> Result<agentd_images::ImageRecord> {
+    let store = agentd_images::Store::open(state_dir.join("images"))?;
+    let record = import_into(image, cache_dir, &store, name)?;
+    store.rootfs(&record.name, &agentd_images::UnpackOptions::default())?;
+    Ok(record)
+}
+
+/// Adds the image to `store` under `name` (through an OCI layout in `cache_dir`, removed
+/// again); the layers are unpacked when an image is first used.
+pub fn import_into(
+    image: &BuiltImage,
+    cache_dir: &Path,
+    store: &agentd_images::Store,
+    name: &str,
+) -> Result<agentd_images::ImageRecord> {
     let tmp = cache_dir.join(format!("layout-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     write_layout(image, cache_dir, &tmp, "latest")?;
-    let store = agentd_images::Store::open(state_dir.join("images"))?;
-    let imported = agentd_images::layout::import(
-        &store,
-        &tmp,
-        Some(name),
-        &agentd_images::Platform::default(),
-    );
+    let imported =
+        agentd_images::layout::import(store, &tmp, Some(name), &agentd_images::Platform::default());
     let _ = fs::remove_dir_all(&tmp);
-    let record = imported?.remove(0);
-    store.rootfs(&record.name, &agentd_images::UnpackOptions::default())?;
-    Ok(record)
+    Ok(imported?.remove(0))
 }
 
 #[cfg(test)]

@@ -13,6 +13,6 @@ pub mod layer;
 pub mod recipe;
 
 pub use build::{
-    build, write_layout, write_store, BuildError, BuildEvent, BuildOptions, BuiltImage,
+    build, import_into, write_layout, write_store, BuildError, BuildEvent, BuildOptions, BuiltImage,
 };
 pub use recipe::{Recipe, RecipeError};
