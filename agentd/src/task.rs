@@ -504,6 +504,11 @@ impl TaskManager {
 
     fn persist(&self, task: &Task) {
         let rec = task.snapshot();
+        // A deleted task's stragglers (an attempt finishing, the reaper) must not bring its
+        // record back.
+        if !self.map().contains_key(&rec.id) {
+            return;
+        }
         if let Err(e) = self.mgr.db.put(TASKS, &rec.id, &rec) {
             tracing::error!(task = %rec.id, error = %agentd_runtime::error_chain(&e), "failed to persist task");
         }
@@ -512,6 +517,9 @@ impl TaskManager {
     /// Appends an event (`kind` plus the fields of `data`) to the task's log and wakes readers.
     fn emit(&self, task: &Task, kind: &str, data: serde_json::Value) {
         let id = task.snapshot().id;
+        if !self.map().contains_key(&id) {
+            return;
+        }
         let _guard = task.events_lock.lock().expect("events lock");
         let seq = task.last_event() + 1;
         let mut ev = serde_json::json!({"id": seq, "type": kind, "time": now_ms()});
