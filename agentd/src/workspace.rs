@@ -222,7 +222,8 @@ pub fn archive_host_dir(dir: &Path, dest: &Path) -> Result<WorkspaceInfo> {
         })
 }
 
-/// This thread's fsuid/fsgid set to a file owner's until dropped. When the fsuid leaves 0
+/// This thread's fsuid/fsgid set to a file owner's until dropped (and its supplementary
+/// groups emptied for good: only for a thread that ends after the copy). When the fsuid leaves 0
 /// the kernel also clears this thread's effective file capabilities (CAP_DAC_OVERRIDE,
 /// CAP_DAC_READ_SEARCH, CAP_FOWNER, ...), so permission checks are the owner's; setting it
 /// back to 0 restores them.
@@ -233,6 +234,16 @@ struct FsIds {
 
 impl FsIds {
     fn become_owner(uid: u32, gid: u32) -> FsIds {
+        // No supplementary groups either (root's group 0 would open root:root 0640 files).
+        // The raw syscall changes this thread only (glibc's wrapper would change every thread
+        // of agentd); the thread is dedicated to this copy and ends with it, so the groups
+        // need no restoring.
+        // SAFETY: setgroups with size 0 and a null list reads no memory; it only changes this
+        // thread's credentials.
+        let r = unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) };
+        if r != 0 {
+            tracing::warn!(error = %io::Error::last_os_error(), "cannot drop supplementary groups for the workspace copy");
+        }
         // setfsgid first: once the fsuid is not root, we may no longer change the fsgid.
         let old_gid = nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid));
         let old_uid = nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
@@ -544,6 +555,41 @@ mod tests {
             Err("not a branch"),
         );
         check_spec(r#"{"upload":"../../etc"}"#, Err("not an upload id"));
+    }
+
+    /// A file readable only through one of agentd's supplementary groups is not readable
+    /// for the workspace's owner, so the copy refuses it.
+    #[test]
+    fn test_host_dir_is_read_without_agentds_groups() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root (it changes a thread's groups and chowns files)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("group-only");
+        std::fs::write(&secret, "g").unwrap();
+        let group = 4242;
+        nix::unistd::chown(&secret, Some(0.into()), Some(group.into())).unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+            .unwrap();
+        nix::unistd::chown(dir.path(), Some(65534.into()), Some(65534.into())).unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        let d = dest.path().join("w.tar");
+        let src = dir.path().to_path_buf();
+        let result = std::thread::spawn(move || {
+            // This thread (and the reader thread it starts) has `group` as a supplementary
+            // group, as agentd would if started with it.
+            let groups = [group];
+            // SAFETY: the list outlives the call and holds `len` gids; it changes only this
+            // thread's credentials (the thread ends with the test).
+            let r = unsafe { libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) };
+            assert_eq!(r, 0, "{}", io::Error::last_os_error());
+            archive_host_dir(&src, &d)
+        })
+        .join()
+        .unwrap();
+        let e = result.unwrap_err();
+        assert!(e.to_string().contains("Permission denied"), "{e}");
     }
 
     #[test]
