@@ -405,6 +405,8 @@ pub struct Task {
     /// Attempts whose sandbox create is under way (in a task of its own, which a cancel does
     /// not interrupt: a create stopped half-way would leave a sandbox nobody supervises).
     creating: Mutex<HashSet<u32>>,
+    /// `task.finished` is in the events log: readers past it end their streams.
+    finished_logged: std::sync::atomic::AtomicBool,
 }
 
 impl Task {
@@ -416,6 +418,7 @@ impl Task {
             events_lock: Mutex::new(()),
             stop_tx: watch::channel(stop).0,
             creating: Mutex::new(HashSet::new()),
+            finished_logged: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -432,6 +435,13 @@ impl Task {
     /// Wakes when an event is written.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.events_tx.subscribe()
+    }
+
+    /// Whether a reader that has seen event `last` has seen the whole story.
+    pub fn read_to_end(&self, last: u64) -> bool {
+        self.finished_logged
+            .load(std::sync::atomic::Ordering::SeqCst)
+            && last >= self.last_event()
     }
 }
 
@@ -536,6 +546,10 @@ impl TaskManager {
         if let Err(e) = written {
             tracing::error!(task = %id, error = %e, "failed to write a task event");
             return;
+        }
+        if kind == "task.finished" {
+            task.finished_logged
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         task.events_tx.send_replace(seq);
     }
@@ -1653,6 +1667,10 @@ impl TaskManager {
             }
             let (last, last_kind) = repair_events(&self.events_path(&rec.id));
             let task = Task::new(rec.clone(), last);
+            if last_kind.as_deref() == Some("task.finished") {
+                task.finished_logged
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             self.map().insert(rec.id.clone(), task.clone());
             if !rec.state.is_terminal() {
                 resume.push(task);

@@ -138,7 +138,8 @@ fn events(tasks: Arc<TaskManager>, task: Arc<Task>, req: &Request<Incoming>) -> 
                 }
                 last = n;
             }
-            if finished || tasks.get(&id).is_err() {
+            // The end: task.finished sent now, or seen by this client before it reconnected.
+            if finished || task.read_to_end(last) || tasks.get(&id).is_err() {
                 return;
             }
             tokio::select! {

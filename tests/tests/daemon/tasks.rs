@@ -374,6 +374,9 @@ fn test_task_single_agent_cli_diff_events_and_bad_workspaces() {
     );
     let resumed = events(&d, &id, Some(3));
     assert_eq!(ids(&resumed), all_ids[3..].to_vec());
+    // A client that saw the end and reconnects gets nothing more, and the stream ends.
+    let last = *all_ids.last().unwrap();
+    assert_eq!(events(&d, &id, Some(last)), Vec::<serde_json::Value>::new());
 
     // The sandbox is removed once the grace period (3 s) is over; the results stay.
     let start = Instant::now();
