@@ -770,10 +770,19 @@ impl TaskManager {
         let rec = task.snapshot();
         let mut handles = Vec::new();
         for a in rec.attempts.iter().filter(|a| !a.state.is_terminal()) {
-            handles.push(tokio::spawn(self.clone().attempt(task.clone(), a.n)));
+            handles.push((a.n, tokio::spawn(self.clone().attempt(task.clone(), a.n))));
         }
-        for h in handles {
-            let _ = h.await;
+        for (n, h) in handles {
+            if let Err(e) = h.await {
+                // A bug, not the agent's doing: the attempt must still end.
+                tracing::error!(task = %rec.id, attempt = n, error = %e, "attempt task failed");
+                self.finish_attempt(
+                    &task,
+                    n,
+                    TaskState::Failed,
+                    Some("internal error; see agentd's log".into()),
+                );
+            }
         }
         let rec = task.snapshot();
         if rec.state.is_terminal() {
