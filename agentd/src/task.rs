@@ -338,7 +338,7 @@ impl TaskRecord {
             "id": self.id,
             "state": self.state.as_str(),
             "prompt": self.request.prompt,
-            "workspace": {"source": self.request.workspace, "entries": self.workspace.entries, "bytes": self.workspace.bytes, "skipped": self.workspace.skipped},
+            "workspace": {"source": self.request.workspace, "entries": self.workspace.entries, "bytes": self.workspace.bytes, "skipped": self.workspace.skipped, "excluded": self.workspace.excluded},
             "image": self.request.image.as_deref().unwrap_or(crate::sandbox::DEFAULT_IMAGE),
             "model": self.request.model,
             "agents": self.attempts.len(),
@@ -732,11 +732,13 @@ impl TaskManager {
             other => ApiError::BadRequest(other.to_string()),
         };
         if let Some(path) = &spec.path {
-            let (p, t) = (PathBuf::from(path), tar.to_path_buf());
-            return tokio::task::spawn_blocking(move || crate::workspace::archive_host_dir(&p, &t))
-                .await
-                .map_err(ApiError::internal)?
-                .map_err(bad);
+            let (p, t, x) = (PathBuf::from(path), tar.to_path_buf(), spec.exclude.clone());
+            return tokio::task::spawn_blocking(move || {
+                crate::workspace::archive_host_dir(&p, &t, &x)
+            })
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(bad);
         }
         if let Some(upload) = &spec.upload {
             let src = self.upload_path(upload);
@@ -752,7 +754,7 @@ impl TaskManager {
                 .map_err(bad);
         }
         let url = spec.git.as_deref().unwrap_or_default();
-        crate::workspace::archive_git(url, spec.git_ref.as_deref(), dir, tar)
+        crate::workspace::archive_git(url, spec.git_ref.as_deref(), &spec.exclude, dir, tar)
             .await
             .map_err(bad)
     }

@@ -41,6 +41,9 @@ enum TaskCommand {
         /// Branch, tag or commit of --git.
         #[arg(long = "ref", requires = "git")]
         git_ref: Option<String>,
+        /// Leave out paths with this relative path or name, e.g. target (repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
         /// Parallel agents, each in its own sandbox.
         #[arg(long, default_value_t = 1)]
         agents: u32,
@@ -127,6 +130,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             workspace,
             git,
             git_ref,
+            exclude,
             agents,
             check: check_cmd,
             max_rounds,
@@ -154,6 +158,10 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                 }
                 (None, None) => bail!("give --workspace DIR or --git URL"),
             };
+            let mut ws = ws;
+            if !exclude.is_empty() {
+                ws["exclude"] = exclude.into();
+            }
             let mut body = serde_json::json!({"prompt": prompt, "workspace": ws, "agents": agents, "limits": {}});
             let mut set = |k: &str, v: Option<serde_json::Value>| {
                 if let Some(v) = v {

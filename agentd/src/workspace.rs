@@ -81,6 +81,11 @@ pub struct WorkspaceSpec {
     /// Branch, tag or commit of `git` [default: the remote's HEAD].
     #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
     pub git_ref: Option<String>,
+    /// Paths left out of a `path` or `git` workspace: an entry is skipped when its path
+    /// relative to the workspace, or its name, equals one of these (e.g. `target`,
+    /// `node_modules`, `build/cache`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
 }
 
 impl WorkspaceSpec {
@@ -119,6 +124,23 @@ impl WorkspaceSpec {
         if let Some(url) = &self.git {
             check_git_url(url)?;
         }
+        if !self.exclude.is_empty() && self.upload.is_some() {
+            return Err(WorkspaceError::Invalid(
+                "workspace.exclude goes with path or git (an upload has what you put in it)".into(),
+            ));
+        }
+        for e in &self.exclude {
+            let p = Path::new(e);
+            if e.is_empty()
+                || p.is_absolute()
+                || p.components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(WorkspaceError::Invalid(format!(
+                    "workspace.exclude {e:?}: give a relative path or a name, like target"
+                )));
+            }
+        }
         if let Some(r) = &self.git_ref {
             if r.is_empty()
                 || r.starts_with('-')
@@ -156,6 +178,9 @@ pub struct WorkspaceInfo {
     pub bytes: u64,
     /// Special files (devices, FIFOs, sockets) left out.
     pub skipped: u64,
+    /// Entries left out by `exclude` (a directory counts once).
+    #[serde(default)]
+    pub excluded: u64,
 }
 
 /// Whether `id` has the shape of an upload id.
@@ -188,9 +213,10 @@ fn check_git_url(url: &str) -> Result<()> {
 }
 
 /// Reads the host directory `dir` as its owner and writes it as a tar to `dest`.
-pub fn archive_host_dir(dir: &Path, dest: &Path) -> Result<WorkspaceInfo> {
+pub fn archive_host_dir(dir: &Path, dest: &Path, exclude: &[String]) -> Result<WorkspaceInfo> {
     let dir = dir.to_path_buf();
     let dest = dest.to_path_buf();
+    let exclude = exclude.to_vec();
     // A thread of its own: the fsuid change is per thread and must not leak into a pool
     // thread that later serves something else. The thread ends with the copy.
     std::thread::Builder::new()
@@ -210,7 +236,7 @@ pub fn archive_host_dir(dir: &Path, dest: &Path) -> Result<WorkspaceInfo> {
             // happen as the owner.
             write_archive(&dest, |b, info| {
                 let _ids = FsIds::become_owner(meta.uid(), meta.gid());
-                append_tree(b, &dir, Path::new(""), info)
+                append_tree(b, &dir, Path::new(""), &exclude, info)
             })
         })
         .map_err(WorkspaceError::Write)?
@@ -289,7 +315,13 @@ fn write_archive(
 }
 
 /// Appends everything below `root.join(rel)` (sorted, symlinks not followed).
-fn append_tree(b: &mut Builder, root: &Path, rel: &Path, info: &mut WorkspaceInfo) -> Result<()> {
+fn append_tree(
+    b: &mut Builder,
+    root: &Path,
+    rel: &Path,
+    exclude: &[String],
+    info: &mut WorkspaceInfo,
+) -> Result<()> {
     let dir = root.join(rel);
     let read_err = |p: &Path, source: io::Error| WorkspaceError::Read {
         path: p.display().to_string(),
@@ -303,6 +335,13 @@ fn append_tree(b: &mut Builder, root: &Path, rel: &Path, info: &mut WorkspaceInf
     names.sort();
     for name in names {
         let child_rel = rel.join(&name);
+        if exclude
+            .iter()
+            .any(|e| Path::new(e) == child_rel || std::ffi::OsStr::new(e) == name)
+        {
+            info.excluded += 1;
+            continue;
+        }
         let path = root.join(&child_rel);
         let meta = std::fs::symlink_metadata(&path).map_err(|e| read_err(&path, e))?;
         info.entries += 1;
@@ -320,7 +359,7 @@ fn append_tree(b: &mut Builder, root: &Path, rel: &Path, info: &mut WorkspaceInf
             h.set_size(0);
             b.append_data(&mut h, &child_rel, io::empty())
                 .map_err(WorkspaceError::Write)?;
-            append_tree(b, root, &child_rel, info)?;
+            append_tree(b, root, &child_rel, exclude, info)?;
         } else if ft.is_file() {
             // O_NOFOLLOW: a file swapped for a symlink after the lstat is refused, and
             // O_NONBLOCK: one swapped for a FIFO cannot hang the copy.
@@ -403,6 +442,7 @@ pub fn check_upload(path: &Path) -> Result<WorkspaceInfo> {
 pub async fn archive_git(
     url: &str,
     git_ref: Option<&str>,
+    exclude: &[String],
     scratch: &Path,
     dest: &Path,
 ) -> Result<WorkspaceInfo> {
@@ -453,9 +493,9 @@ pub async fn archive_git(
                 other => other,
             })?;
         }
-        let (c, d) = (checkout.clone(), dest.to_path_buf());
+        let (c, d, x) = (checkout.clone(), dest.to_path_buf(), exclude.to_vec());
         tokio::task::spawn_blocking(move || {
-            write_archive(&d, |b, info| append_tree(b, &c, Path::new(""), info))
+            write_archive(&d, |b, info| append_tree(b, &c, Path::new(""), &x, info))
         })
         .await
         .map_err(|e| WorkspaceError::Write(io::Error::other(e)))?
@@ -555,6 +595,13 @@ mod tests {
             Err("not a branch"),
         );
         check_spec(r#"{"upload":"../../etc"}"#, Err("not an upload id"));
+        check_spec(r#"{"path":"/a","exclude":["target","a/b"]}"#, Ok(()));
+        check_spec(r#"{"path":"/a","exclude":["../x"]}"#, Err("relative path"));
+        check_spec(r#"{"path":"/a","exclude":["/etc"]}"#, Err("relative path"));
+        check_spec(
+            r#"{"upload":"0123456789abcdef01234567","exclude":["x"]}"#,
+            Err("goes with path or git"),
+        );
     }
 
     /// A file readable only through one of agentd's supplementary groups is not readable
@@ -584,7 +631,7 @@ mod tests {
             // thread's credentials (the thread ends with the test).
             let r = unsafe { libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) };
             assert_eq!(r, 0, "{}", io::Error::last_os_error());
-            archive_host_dir(&src, &d)
+            archive_host_dir(&src, &d, &[])
         })
         .join()
         .unwrap();
@@ -605,13 +652,18 @@ mod tests {
         .unwrap();
         let out = tempfile::tempdir().unwrap();
         let dest = out.path().join("w.tar");
-        let info = archive_host_dir(src.path(), &dest).unwrap();
+        std::fs::create_dir_all(src.path().join("target/debug")).unwrap();
+        std::fs::write(src.path().join("target/debug/big"), "x").unwrap();
+        std::fs::write(src.path().join("sub/skip.log"), "x").unwrap();
+        let exclude = ["target".to_string(), "sub/skip.log".to_string()];
+        let info = archive_host_dir(src.path(), &dest, &exclude).unwrap();
         assert_eq!(
             info,
             WorkspaceInfo {
                 entries: 3,
                 bytes: 5,
-                skipped: 1
+                skipped: 1,
+                excluded: 2,
             }
         );
         let mut names = Vec::new();
@@ -629,9 +681,9 @@ mod tests {
         assert_eq!(names, ["link", "sub", "sub/a.txt"]);
         assert_eq!(check_upload(&dest).unwrap().entries, 3);
         // Not a directory, missing.
-        let e = archive_host_dir(&src.path().join("sub/a.txt"), &dest).unwrap_err();
+        let e = archive_host_dir(&src.path().join("sub/a.txt"), &dest, &[]).unwrap_err();
         assert!(e.to_string().contains("not a directory"), "{e}");
-        let e = archive_host_dir(&src.path().join("nope"), &dest).unwrap_err();
+        let e = archive_host_dir(&src.path().join("nope"), &dest, &[]).unwrap_err();
         assert!(e.to_string().contains("No such file"), "{e}");
     }
 }

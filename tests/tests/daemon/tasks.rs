@@ -252,8 +252,11 @@ fn test_task_single_agent_cli_diff_events_and_bad_workspaces() {
 
     // The CLI: request to result, progress on stderr, the diff on stdout.
     let started = Instant::now();
+    // Build output the task leaves out.
+    std::fs::create_dir_all(ws.path().join("target/debug")).unwrap();
+    std::fs::write(ws.path().join("target/debug/app"), "binary").unwrap();
     let out = Command::new(agentd_tests::bin("agentd"))
-        .args(["task", "run", "--workspace"])
+        .args(["task", "run", "--exclude", "target", "--workspace"])
         .arg(ws.path())
         .arg("write answer.txt and shout two")
         .env("AGENTD_SOCKET", &d.socket)
@@ -292,6 +295,7 @@ fn test_task_single_agent_cli_diff_events_and_bad_workspaces() {
     );
     assert!(a["usage"]["prompt_tokens"].as_u64().unwrap() >= 42, "{a:#}");
     assert_eq!(v["workspace"]["entries"], 4, "{v:#}");
+    assert_eq!(v["workspace"]["excluded"], 1, "{v:#}");
     let t = &a["timings"];
     eprintln!(
         "one-round task, request to result {:.2} s (CLI wall time); sandbox {} ms, opencode ready {} ms, workspace {} ms, agent round {} ms, diff {} ms, attempt total {} ms",
