@@ -319,6 +319,16 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// Checks a model name a client asks for (it goes into OpenCode's config as text).
+pub fn validate_model(model: Option<&str>) -> Result<()> {
+    match model {
+        Some(m) if m.is_empty() || m.len() > 200 || m.chars().any(char::is_control) => Err(
+            ApiError::BadRequest("model must be 1-200 printable characters".into()),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Unix time in ms.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -530,13 +540,7 @@ impl Manager {
         }
         let limits = self.limits(&req.limits)?;
         let memory = limits.memory_bytes.unwrap_or(self.config.sandbox_memory);
-        if let Some(m) = &req.model {
-            if m.is_empty() || m.len() > 200 || m.chars().any(char::is_control) {
-                return Err(ApiError::BadRequest(
-                    "model must be 1-200 printable characters".into(),
-                ));
-            }
-        }
+        validate_model(req.model.as_deref())?;
         if let Some(cmd) = &req.command {
             if cmd.is_empty() || cmd[0].is_empty() {
                 return Err(ApiError::BadRequest("command must not be empty".into()));

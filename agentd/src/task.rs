@@ -662,13 +662,7 @@ impl TaskManager {
                 ));
             }
         }
-        if let Some(m) = &req.model {
-            if m.is_empty() || m.len() > 200 || m.chars().any(char::is_control) {
-                return Err(ApiError::BadRequest(
-                    "model must be 1-200 printable characters".into(),
-                ));
-            }
-        }
+        crate::sandbox::validate_model(req.model.as_deref())?;
         req.workspace
             .validate()
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -843,12 +837,9 @@ impl TaskManager {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        let sb = task
-            .snapshot()
-            .attempts
-            .iter()
-            .find(|a| a.n == n)
-            .and_then(|a| a.sandbox.clone())
+        let sb = self
+            .attempt_snapshot(&task, n)
+            .sandbox
             .and_then(|id| self.mgr.get(&id).ok());
         match outcome {
             Ok(Outcome::Succeeded) => {
@@ -871,13 +862,7 @@ impl TaskManager {
                 };
                 if let Some(sb) = &sb {
                     // Stop the agent, keep what it did, then stop the sandbox.
-                    if let Some(session) = task
-                        .snapshot()
-                        .attempts
-                        .iter()
-                        .find(|a| a.n == n)
-                        .and_then(|a| a.session.clone())
-                    {
+                    if let Some(session) = self.attempt_snapshot(&task, n).session {
                         let _ = self
                             .opencode(
                                 sb,
@@ -913,13 +898,7 @@ impl TaskManager {
     }
 
     fn attempt_usage(&self, task: &Task, n: u32) -> Option<Usage> {
-        let sb = task
-            .snapshot()
-            .attempts
-            .iter()
-            .find(|a| a.n == n)?
-            .sandbox
-            .clone()?;
+        let sb = self.attempt_snapshot(task, n).sandbox?;
         self.mgr.get(&sb).ok().map(|s| s.snapshot().usage)
     }
 
@@ -1520,18 +1499,7 @@ impl TaskManager {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> std::result::Result<serde_json::Value, String> {
-        let rec = sb.snapshot();
-        let secrets = rec.opencode.ok_or("not an OpenCode sandbox")?;
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let uri = format!(
-            "http://{}:{}{path}{sep}directory=%2Fworkspace",
-            rec.address,
-            crate::opencode::PORT
-        );
-        let mut req = hyper::Request::builder().method(method).uri(uri).header(
-            hyper::header::AUTHORIZATION,
-            crate::opencode::basic_auth(&secrets.password),
-        );
+        let mut req = workspace_request(sb, method, path)?;
         let payload = match body {
             Some(v) => {
                 req = req.header(hyper::header::CONTENT_TYPE, "application/json");
@@ -1574,18 +1542,7 @@ impl TaskManager {
     /// OpenCode's event stream for the workspace, once its first event arrived (the server
     /// subscribed us).
     async fn event_stream(&self, sb: &Arc<Sandbox>) -> std::result::Result<SseReader, String> {
-        let rec = sb.snapshot();
-        let secrets = rec.opencode.ok_or("not an OpenCode sandbox")?;
-        let uri = format!(
-            "http://{}:{}/event?directory=%2Fworkspace",
-            rec.address,
-            crate::opencode::PORT
-        );
-        let req = hyper::Request::get(uri)
-            .header(
-                hyper::header::AUTHORIZATION,
-                crate::opencode::basic_auth(&secrets.password),
-            )
+        let req = workspace_request(sb, hyper::Method::GET, "/event")?
             .header(hyper::header::ACCEPT, "text/event-stream")
             .body(crate::api::empty())
             .map_err(|e| e.to_string())?;
@@ -1809,6 +1766,27 @@ fn repair_events(path: &Path) -> (u64, Option<String>) {
         .filter_map(|v| Some((v["id"].as_u64()?, v["type"].as_str().map(String::from))))
         .max_by_key(|(id, _)| *id)
         .unwrap_or((0, None))
+}
+
+/// A request to `path` of a sandbox's OpenCode, scoped to the workspace directory, with the
+/// server's credentials.
+fn workspace_request(
+    sb: &Sandbox,
+    method: hyper::Method,
+    path: &str,
+) -> std::result::Result<hyper::http::request::Builder, String> {
+    let rec = sb.snapshot();
+    let secrets = rec.opencode.ok_or("not an OpenCode sandbox")?;
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let uri = format!(
+        "http://{}:{}{path}{sep}directory=%2Fworkspace",
+        rec.address,
+        crate::opencode::PORT
+    );
+    Ok(hyper::Request::builder().method(method).uri(uri).header(
+        hyper::header::AUTHORIZATION,
+        crate::opencode::basic_auth(&secrets.password),
+    ))
 }
 
 /// Waits until a sandbox's OpenCode answers.
