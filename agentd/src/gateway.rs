@@ -201,6 +201,34 @@ async fn chat(
         .expect("valid response"))
 }
 
+/// The model ids the upstream's `GET <base>/models` lists; `None` when it does not answer
+/// that with OpenAI's list shape within a few seconds (then nothing is refused for it).
+pub async fn upstream_models(upstream: &crate::config::LlmUpstream) -> Option<Vec<String>> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .ok()?;
+    let mut request = client.get(format!("{}/models", upstream.base_url));
+    if let Some(key) = &upstream.api_key {
+        request = request.bearer_auth(key);
+    }
+    let resp = request.send().await.ok()?;
+    if !resp.status().is_success() {
+        tracing::debug!(status = resp.status().as_u16(), "the LLM upstream lists no models");
+        return None;
+    }
+    // A model list is small; a huge answer is not one.
+    let bytes = resp.bytes().await.ok().filter(|b| b.len() < 4 << 20)?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let list = v["data"]
+        .as_array()?
+        .iter()
+        .filter_map(|m| m["id"].as_str().map(str::to_string))
+        .collect();
+    Some(list)
+}
+
 fn record(mgr: &Manager, sb: &Sandbox, prompt: u64, completion: u64) {
     mgr.add_usage(sb, prompt, completion);
     mgr.metrics.count_tokens(prompt, completion);

@@ -15,6 +15,7 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod default_image;
+pub mod exec;
 pub mod gateway;
 pub mod image;
 pub mod metrics;

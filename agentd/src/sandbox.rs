@@ -47,8 +47,11 @@ pub const LOG_TAIL_BYTES: u64 = 4096;
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 /// The image a sandbox gets when the request names none.
 pub const DEFAULT_IMAGE: &str = "opencode";
+/// How long the upstream's model list is trusted before it is read again.
+const MODELS_CACHE: Duration = Duration::from_secs(60);
 
-type Result<T> = std::result::Result<T, ApiError>;
+/// What the manager's operations return.
+pub type Result<T> = std::result::Result<T, ApiError>;
 
 /// Where a sandbox is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,6 +263,8 @@ pub struct ExecOutput {
     pub timed_out: bool,
     /// Output beyond `max_output` bytes was dropped (from the front).
     pub truncated: bool,
+    /// Why `code` is `None`.
+    pub error: Option<String>,
 }
 
 /// A live sandbox in memory.
@@ -370,6 +375,9 @@ pub struct Manager {
     /// The task service, set once at start (it holds this manager: both live as long as the
     /// daemon).
     pub tasks: std::sync::OnceLock<Arc<crate::task::TaskManager>>,
+    /// The upstream's model list and when it was read (`None` inside: it gave none).
+    /// A std mutex: read and replaced, never held across an await.
+    models: Mutex<Option<(Instant, Option<Vec<String>>)>>,
     /// HTTP client for the sandboxes' OpenCode servers.
     pub http: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -413,6 +421,7 @@ impl Manager {
             build_lock: tokio::sync::Mutex::new(()),
             tasks: std::sync::OnceLock::new(),
             http,
+            models: Mutex::new(None),
         }))
     }
 
@@ -550,6 +559,14 @@ impl Manager {
             .image
             .clone()
             .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+        // Refused before the image is resolved (the default image may be built first).
+        if req.opencode == Some(true) || (req.opencode.is_none() && image_name == DEFAULT_IMAGE)
+        {
+            self.require_llm()?;
+        }
+        if let Some(model) = &req.model {
+            self.check_model(model).await?;
+        }
 
         // The image: layers with owners shifted into the daemon's id range (unpacked once).
         let store = self.store.clone();
@@ -601,6 +618,9 @@ impl Manager {
             return Err(ApiError::BadRequest(
                 "command and opencode are exclusive: OpenCode is the command of an OpenCode sandbox".into(),
             ));
+        }
+        if opencode {
+            self.require_llm()?;
         }
         let user = if image.config.user.is_empty() {
             (0, 0)
@@ -1086,29 +1106,52 @@ impl Manager {
         }
     }
 
-    /// Starts a process in sandbox `id` with stdin from /dev/null; returns its exec id and
-    /// the read ends of its stdout and stderr (EOF once it and whatever inherited them end).
-    pub async fn start_exec(
-        &self,
-        id: &str,
-        request: agentd_runtime::ExecRequest,
-    ) -> std::result::Result<(u64, OwnedFd, OwnedFd), String> {
-        use std::os::fd::AsFd;
-        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| e.to_string());
-        let (out_r, out_w) = pipe()?;
-        let (err_r, err_w) = pipe()?;
-        let devnull: OwnedFd = std::fs::File::open("/dev/null")
-            .map_err(|e| e.to_string())?
-            .into();
-        let client = self.runtime.client(id);
-        let exec_id = tokio::task::spawn_blocking(move || {
-            // The write ends go to the shim and are closed here when this closure returns.
-            client.exec(request, devnull.as_fd(), out_w.as_fd(), err_w.as_fd())
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-        Ok((exec_id, out_r, err_r))
+    /// Refuses what needs an LLM when agentd has no upstream: an OpenCode server without one
+    /// would only fail at its first prompt, long after the request.
+    pub fn require_llm(&self) -> Result<()> {
+        if self.config.llm.is_none() {
+            return Err(ApiError::BadRequest(
+                "agentd has no LLM upstream, so OpenCode would have nobody to ask: start agentd with --llm-base-url URL (or AGENTD_LLM_BASE_URL, or llm_base_url in agentd.toml), or create the sandbox with \"opencode\": false".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a model the upstream does not list in its `/models` (when it answers that
+    /// with a list; the answer is kept for a minute).
+    pub async fn check_model(&self, model: &str) -> Result<()> {
+        validate_model(Some(model))?;
+        let Some(upstream) = &self.config.llm else {
+            return Ok(());
+        };
+        let cached = self
+            .models
+            .lock()
+            .expect("models lock")
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < MODELS_CACHE)
+            .map(|(_, list)| list.clone());
+        let list = match cached {
+            Some(l) => l,
+            None => {
+                let l = crate::gateway::upstream_models(upstream).await;
+                *self.models.lock().expect("models lock") = Some((Instant::now(), l.clone()));
+                l
+            }
+        };
+        match list {
+            Some(models) if !models.is_empty() && !models.iter().any(|m| m == model) => {
+                let mut shown: Vec<&str> = models.iter().map(String::as_str).take(20).collect();
+                if models.len() > 20 {
+                    shown.push("...");
+                }
+                Err(ApiError::BadRequest(format!(
+                    "model {model:?} is not one the LLM upstream offers (its /models lists: {})",
+                    shown.join(", ")
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The limits a request asks for, with agentd's defaults, validated.
@@ -1133,90 +1176,6 @@ impl Manager {
             )));
         }
         Ok(limits)
-    }
-
-    /// Runs `args` in a live sandbox as its user and waits for it: output is kept up to
-    /// `max_output` bytes per stream (the end of it), the process is killed at `timeout`.
-    pub async fn exec_collect(
-        &self,
-        sb: &Arc<Sandbox>,
-        args: Vec<String>,
-        cwd: Option<&str>,
-        timeout: Duration,
-        max_output: usize,
-    ) -> Result<ExecOutput> {
-        use tokio::io::AsyncReadExt;
-        let rec = sb.snapshot();
-        if !rec.state.is_live() {
-            return Err(ApiError::Conflict(format!(
-                "sandbox {} is {}",
-                rec.id,
-                rec.state.as_str()
-            )));
-        }
-        let request = agentd_runtime::ExecRequest {
-            args,
-            env: Vec::new(),
-            cwd: cwd.map(Into::into),
-            uid: Some(rec.user.0),
-        };
-        let (exec_id, out_r, err_r) = self
-            .start_exec(&rec.id, request)
-            .await
-            .map_err(|e| ApiError::internal(format!("exec failed: {e}")))?;
-        let drain = |fd: OwnedFd| async move {
-            let mut kept = Vec::new();
-            let mut truncated = false;
-            let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
-                return (kept, truncated);
-            };
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                match pipe.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        kept.extend_from_slice(&buf[..n]);
-                        if kept.len() > max_output {
-                            let cut = kept.len() - max_output;
-                            kept.drain(..cut);
-                            truncated = true;
-                        }
-                    }
-                }
-            }
-            (kept, truncated)
-        };
-        let outputs = futures_util::future::join(drain(out_r), drain(err_r));
-        let client = self.runtime.client(&rec.id);
-        let wait = tokio::task::spawn_blocking(move || client.wait_exec(exec_id));
-        tokio::pin!(wait);
-        let mut timed_out = false;
-        let status = tokio::select! {
-            st = &mut wait => st,
-            _ = tokio::time::sleep(timeout) => {
-                timed_out = true;
-                let client = self.runtime.client(&rec.id);
-                let _ = tokio::task::spawn_blocking(move || client.kill_exec(exec_id, libc::SIGKILL)).await;
-                (&mut wait).await
-            }
-        };
-        // A background child still holding the pipes gets a short grace, then is ignored.
-        let ((stdout, t1), (stderr, t2)) =
-            match tokio::time::timeout(Duration::from_secs(2), outputs).await {
-                Ok(o) => o,
-                Err(_) => ((Vec::new(), true), (Vec::new(), true)),
-            };
-        let code = match status {
-            Ok(Ok(st)) => Some(st.code),
-            _ => None,
-        };
-        Ok(ExecOutput {
-            code,
-            stdout,
-            stderr,
-            timed_out,
-            truncated: t1 || t2,
-        })
     }
 
     /// The rootfs mount of a live sandbox and the host ids of its user.

@@ -48,6 +48,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             Some((l, token))
         }
     };
+    if config.llm.is_none() {
+        tracing::warn!("no LLM upstream (--llm-base-url): OpenCode sandboxes and tasks will be refused until one is set");
+    }
     let mgr = tokio::task::spawn_blocking(move || Manager::new(config)).await??;
     mgr.reconcile().await?;
     let gw_addr = (mgr.net.bridge_addr, mgr.config.gateway_port);

@@ -67,6 +67,36 @@ pub const WORKSPACE_DIR: &str = "/workspace";
 pub const TASK_LABEL: &str = "agentd.task";
 /// Label on a task's sandboxes naming the attempt number.
 pub const ATTEMPT_LABEL: &str = "agentd.attempt";
+/// How long the check may run when the request does not say, seconds.
+pub const DEFAULT_CHECK_TIMEOUT_SECS: u64 = 600;
+/// Longest check time limit, seconds.
+pub const MAX_CHECK_TIMEOUT_SECS: u64 = 24 * 3600;
+/// Files left out of every diff unless the task says otherwise: caches and build outputs
+/// that checks and toolchains write and nobody wants in a patch. Git exclude syntax; they
+/// apply to untracked files only (a repository that tracks such a file keeps it).
+pub const DEFAULT_DIFF_EXCLUDE: &[&str] = &[
+    "__pycache__/",
+    "*.pyc",
+    "*.pyo",
+    ".pytest_cache/",
+    ".mypy_cache/",
+    ".ruff_cache/",
+    ".tox/",
+    ".nox/",
+    ".venv/",
+    "*.egg-info/",
+    ".coverage",
+    "node_modules/",
+    ".npm/",
+    ".cache/",
+    "target/",
+    ".gradle/",
+    ".next/",
+    "__snapshots__.tmp/",
+    ".DS_Store",
+];
+/// Most `diff_exclude` patterns, and the longest.
+const MAX_DIFF_EXCLUDE: (usize, usize) = (256, 256);
 /// How long a request to OpenCode (other than the event stream) may take.
 const OPENCODE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the baseline commit and the diff may take.
@@ -150,6 +180,13 @@ pub struct CreateTask {
     /// Labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Seconds the check may run before it is killed (that round's check then fails)
+    /// [default: 600].
+    pub check_timeout_secs: Option<u64>,
+    /// Git exclude patterns (`.gitignore` syntax) for files left out of the diff, on top of
+    /// the workspace's own `.gitignore` [default: [`DEFAULT_DIFF_EXCLUDE`], well-known caches
+    /// and build outputs; `[]` for none].
+    pub diff_exclude: Option<Vec<String>>,
 }
 
 /// The check's result of one round.
@@ -165,6 +202,9 @@ pub struct CheckResult {
     pub output: String,
     /// How long it ran, ms.
     pub duration_ms: u64,
+    /// It was killed at `check_timeout_secs`.
+    #[serde(default)]
+    pub timed_out: bool,
 }
 
 /// Size of a diff.
@@ -234,6 +274,9 @@ pub struct Attempt {
     pub diff: Option<DiffStats>,
     /// Why it failed, or a problem on the way.
     pub error: Option<String>,
+    /// Something to know about a success (e.g. that the agent changed nothing).
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 impl Attempt {
@@ -255,6 +298,7 @@ impl Attempt {
             check: None,
             diff: None,
             error: None,
+            note: None,
         }
     }
 }
@@ -371,7 +415,9 @@ fn attempt_view(a: &Attempt) -> serde_json::Value {
         "final_message": a.final_message,
         "check": a.check,
         "diff": a.diff,
+        "has_patch": a.diff.as_ref().is_some_and(|d| d.bytes > 0),
         "error": a.error,
+        "note": a.note,
     })
 }
 
@@ -662,7 +708,26 @@ impl TaskManager {
                 ));
             }
         }
+        if let Some(t) = req.check_timeout_secs {
+            if t == 0 || t > MAX_CHECK_TIMEOUT_SECS {
+                return Err(ApiError::BadRequest(format!(
+                    "check_timeout_secs must be between 1 and {MAX_CHECK_TIMEOUT_SECS}"
+                )));
+            }
+            if req.check.is_none() {
+                return Err(ApiError::BadRequest(
+                    "check_timeout_secs needs a check command".into(),
+                ));
+            }
+        }
+        if let Some(ex) = &req.diff_exclude {
+            validate_diff_exclude(ex)?;
+        }
         crate::sandbox::validate_model(req.model.as_deref())?;
+        self.mgr.require_llm()?;
+        if let Some(model) = &req.model {
+            self.mgr.check_model(model).await?;
+        }
         req.workspace
             .validate()
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -842,12 +907,26 @@ impl TaskManager {
             .sandbox
             .and_then(|id| self.mgr.get(&id).ok());
         match outcome {
-            Ok(Outcome::Succeeded) => {
-                self.collect_diff(&task, n, sb.as_ref()).await;
-                self.finish_attempt(&task, n, TaskState::Succeeded, None);
-            }
+            // A success is one only with its diff: without it the result would be lost.
+            Ok(Outcome::Succeeded) => match self.collect_diff(&task, n, sb.as_ref()).await {
+                Ok(stats) => {
+                    if stats.bytes == 0 {
+                        let note = if rec.request.check.is_some() {
+                            "the check passed, and the agent changed nothing (the diff is empty)"
+                        } else {
+                            "the agent changed nothing (the diff is empty)"
+                        };
+                        self.update(&task, n, |a| a.note = Some(note.into()));
+                    }
+                    self.finish_attempt(&task, n, TaskState::Succeeded, None);
+                }
+                Err(why) => self.finish_attempt(&task, n, TaskState::Failed, Some(why)),
+            },
             Ok(Outcome::Failed(why)) => {
-                self.collect_diff(&task, n, sb.as_ref()).await;
+                let why = match self.collect_diff(&task, n, sb.as_ref()).await {
+                    Ok(_) => why,
+                    Err(diff) => format!("{why}; and no diff: {diff}"),
+                };
                 self.finish_attempt(&task, n, TaskState::Failed, Some(why));
             }
             Ok(Outcome::Lost(why)) => self.finish_attempt(&task, n, TaskState::Failed, Some(why)),
@@ -872,6 +951,7 @@ impl TaskManager {
                             )
                             .await;
                     }
+                    // Best effort: what the agent did so far, if it can be read in time.
                     let _ = tokio::time::timeout(
                         Duration::from_secs(30),
                         self.collect_diff(&task, n, Some(sb)),
@@ -969,7 +1049,7 @@ impl TaskManager {
         if a.baseline.is_none() {
             let ready_ms = ms(ready_wait.elapsed());
             let t = Instant::now();
-            match self.put_workspace(&rec.id, &sb).await {
+            match self.put_workspace(&rec, &sb).await {
                 Ok(baseline) => {
                     let ws_ms = ms(t.elapsed());
                     self.update(task, n, |a| {
@@ -1026,6 +1106,11 @@ impl TaskManager {
             };
             self.set_attempt_state(task, n, TaskState::Checking, None);
             let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()).max(1000));
+            let limit = Duration::from_secs(
+                rec.request
+                    .check_timeout_secs
+                    .unwrap_or(DEFAULT_CHECK_TIMEOUT_SECS),
+            );
             let t = Instant::now();
             let out = match self
                 .mgr
@@ -1038,7 +1123,7 @@ impl TaskManager {
                         format!("{{\n{check}\n}} 2>&1"),
                     ],
                     Some(WORKSPACE_DIR),
-                    left,
+                    left.min(limit),
                     CHECK_OUTPUT_TAIL,
                 )
                 .await
@@ -1048,14 +1133,29 @@ impl TaskManager {
             };
             let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
             output.push_str(&String::from_utf8_lossy(&out.stderr));
+            // Killed at its own limit (the task's is handled by the task's timeout).
+            let timed_out = out.timed_out && limit <= left;
+            if timed_out {
+                if !output.is_empty() && !output.ends_with('\n') {
+                    output.push('\n');
+                }
+                output.push_str(&format!(
+                    "agentd: the check timed out after {} s and was killed\n",
+                    limit.as_secs()
+                ));
+            }
+            if let Some(e) = &out.error {
+                output.push_str(&format!("agentd: {e}\n"));
+            }
             let output = tail(&output, CHECK_OUTPUT_TAIL);
-            let passed = out.code == Some(0);
+            let passed = out.code == Some(0) && !out.timed_out;
             let result = CheckResult {
                 round,
                 exit_code: out.code,
                 passed,
                 output,
                 duration_ms: ms(t.elapsed()),
+                timed_out,
             };
             self.update(task, n, |a| {
                 a.timings.checks_ms.push(result.duration_ms);
@@ -1064,14 +1164,22 @@ impl TaskManager {
             self.emit(
                 task,
                 "check",
-                serde_json::json!({"attempt": n, "round": round, "exit_code": result.exit_code, "passed": passed, "output": result.output}),
+                serde_json::json!({"attempt": n, "round": round, "exit_code": result.exit_code, "passed": passed, "timed_out": timed_out, "output": result.output}),
             );
             if passed {
                 return Outcome::Succeeded;
             }
             if round >= max_rounds {
+                let how = if timed_out {
+                    format!("timed out after {} s", limit.as_secs())
+                } else {
+                    match result.exit_code {
+                        Some(c) => format!("exit status {c}"),
+                        None => "no exit status".into(),
+                    }
+                };
                 return Outcome::Failed(format!(
-                    "the check still fails after {round} round{}",
+                    "the check still fails after {round} round{} (last: {how})",
                     if round == 1 { "" } else { "s" }
                 ));
             }
@@ -1173,11 +1281,11 @@ impl TaskManager {
     /// Extracts the workspace to `/workspace` and commits it; returns the baseline commit.
     async fn put_workspace(
         &self,
-        task_id: &str,
+        rec: &TaskRecord,
         sb: &Arc<Sandbox>,
     ) -> std::result::Result<String, String> {
         let (rootfs, owner) = self.mgr.rootfs(sb).map_err(|e| e.to_string())?;
-        let tar = self.task_dir(task_id).join("workspace.tar");
+        let tar = self.task_dir(&rec.id).join("workspace.tar");
         tokio::task::spawn_blocking(move || -> std::io::Result<usize> {
             let root = std::fs::File::open(&rootfs)?;
             let f = std::io::BufReader::new(std::fs::File::open(&tar)?);
@@ -1187,18 +1295,25 @@ impl TaskManager {
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("failed to put the workspace into the sandbox: {e}"))?;
         // As the sandbox's user: a repository already (copied with its .git) gets the
-        // baseline commit on top; anything else becomes one.
-        let script = "set -e\n\
+        // baseline commit on top; anything else becomes one. The diff's excludes go into the
+        // repository's info/exclude first, so the baseline and every diff agree on them.
+        let script = format!(
+            "set -e\n\
             [ -e .git ] || git init -q\n\
+            ex=$(git rev-parse --git-path info/exclude)\n\
+            mkdir -p \"$(dirname \"$ex\")\"\n\
+            printf '%s' {} >> \"$ex\"\n\
             git add -A\n\
             git -c user.name=agentd -c user.email=agentd@localhost -c commit.gpgsign=false \
               commit -q --allow-empty --no-verify -m 'agentd baseline'\n\
-            git rev-parse HEAD\n";
+            git rev-parse HEAD\n",
+            sh_quote(&exclude_file(&rec.request))
+        );
         let out = self
             .mgr
             .exec_collect(
                 sb,
-                vec!["/bin/sh".into(), "-c".into(), script.into()],
+                vec!["/bin/sh".into(), "-c".into(), script],
                 Some(WORKSPACE_DIR),
                 GIT_IN_SANDBOX_TIMEOUT,
                 64 * 1024,
@@ -1209,8 +1324,8 @@ impl TaskManager {
         let sha = stdout.lines().last().unwrap_or_default().trim().to_string();
         if out.code != Some(0) || sha.len() < 40 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(format!(
-                "the baseline commit failed (git in the image?): {}",
-                tail(&String::from_utf8_lossy(&out.stderr), 1024)
+                "the baseline commit failed (is git in the image?): {}",
+                failure("git add -A && git commit", &out, GIT_IN_SANDBOX_TIMEOUT)
             ));
         }
         Ok(sha)
@@ -1420,75 +1535,70 @@ impl TaskManager {
         Some(tail(&text, MAX_MESSAGE_BYTES))
     }
 
-    /// Records the diff against the baseline (best effort: problems become the attempt's
-    /// error, the attempt's state is not changed by them).
-    async fn collect_diff(&self, task: &Arc<Task>, n: u32, sb: Option<&Arc<Sandbox>>) {
+    /// Reads the diff against the baseline and stores it; its stats, or why there is none
+    /// (the command, how it ended, the end of its stderr).
+    async fn collect_diff(
+        &self,
+        task: &Arc<Task>,
+        n: u32,
+        sb: Option<&Arc<Sandbox>>,
+    ) -> std::result::Result<DiffStats, String> {
         let a = self.attempt_snapshot(task, n);
-        let (Some(sb), Some(baseline)) = (sb, a.baseline) else {
-            return;
+        let Some(baseline) = a.baseline else {
+            return Err("the workspace never reached the sandbox".into());
         };
-        if !sb.snapshot().state.is_live() {
-            return;
-        }
+        let Some(sb) = sb.filter(|sb| sb.snapshot().state.is_live()) else {
+            return Err("the sandbox ended before the diff was read".into());
+        };
         let t = Instant::now();
-        let script = format!(
-            "set -e\ngit add -A\ngit diff --cached --binary --no-color --no-ext-diff --no-renames {baseline} --\n"
+        let command = format!(
+            "git add -A && git diff --cached --binary --no-color --no-ext-diff --no-renames {baseline} --"
         );
         let out = self
             .mgr
             .exec_collect(
                 sb,
-                vec!["/bin/sh".into(), "-c".into(), script],
+                vec!["/bin/sh".into(), "-c".into(), format!("set -e\n{command}\n")],
                 Some(WORKSPACE_DIR),
                 GIT_IN_SANDBOX_TIMEOUT,
                 MAX_DIFF_BYTES + 1,
             )
-            .await;
-        let rec_id = task.snapshot().id;
-        let problem = match out {
-            Err(e) => Some(format!("the diff could not be read: {e}")),
-            Ok(o) if o.code != Some(0) => Some(format!(
-                "git diff failed: {}",
-                tail(&String::from_utf8_lossy(&o.stderr), 1024)
-            )),
-            Ok(o) if o.truncated || o.stdout.len() > MAX_DIFF_BYTES => Some(format!(
-                "the diff is larger than {MAX_DIFF_BYTES} bytes and was not kept"
-            )),
-            Ok(o) => {
-                let stats = diff_stats(&o.stdout);
-                let path = self.diff_path(&rec_id, n);
-                let tmp = path.with_extension("diff.part");
-                let written = tokio::fs::write(&tmp, &o.stdout)
-                    .await
-                    .and(tokio::fs::rename(&tmp, &path).await);
-                match written {
-                    Ok(()) => {
-                        let ms = ms(t.elapsed());
-                        self.update(task, n, |a| {
-                            a.diff = Some(stats.clone());
-                            a.timings.diff_ms = Some(ms);
-                        });
-                        self.emit(
-                            task,
-                            "diff",
-                            serde_json::json!({"attempt": n, "files": stats.files, "additions": stats.additions, "deletions": stats.deletions, "bytes": stats.bytes}),
-                        );
-                        None
-                    }
-                    Err(e) => {
-                        tracing::error!(task = %rec_id, error = %e, "failed to store a diff");
-                        Some("agentd could not store the diff".into())
-                    }
-                }
-            }
-        };
-        if let Some(p) = problem {
-            self.update(task, n, |a| {
-                if a.error.is_none() {
-                    a.error = Some(p.clone());
-                }
-            });
+            .await
+            .map_err(|e| format!("the diff could not be read: {e}"))?;
+        if out.code != Some(0) || out.timed_out {
+            return Err(format!(
+                "the diff failed: {}",
+                failure(&command, &out, GIT_IN_SANDBOX_TIMEOUT)
+            ));
         }
+        if out.truncated || out.stdout.len() > MAX_DIFF_BYTES {
+            return Err(format!(
+                "the diff is larger than {MAX_DIFF_BYTES} bytes and was not kept (build outputs? see diff_exclude)"
+            ));
+        }
+        let rec_id = task.snapshot().id;
+        let stats = diff_stats(&out.stdout);
+        let path = self.diff_path(&rec_id, n);
+        let tmp = path.with_extension("diff.part");
+        let written = tokio::fs::write(&tmp, &out.stdout)
+            .await
+            .and(tokio::fs::rename(&tmp, &path).await);
+        if let Err(e) = written {
+            tracing::error!(task = %rec_id, error = %e, "failed to store a diff");
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(format!("agentd could not store the diff: {e}"));
+        }
+        let ms = ms(t.elapsed());
+        self.update(task, n, |a| {
+            a.diff = Some(stats.clone());
+            a.timings.diff_ms = Some(ms);
+        });
+        self.emit(
+            task,
+            "diff",
+            serde_json::json!({"attempt": n, "files": stats.files, "additions": stats.additions, "deletions": stats.deletions, "bytes": stats.bytes}),
+        );
+        Ok(stats)
     }
 
     /// A request to a sandbox's OpenCode (scoped to the workspace); the JSON answer.
@@ -1819,10 +1929,14 @@ fn follow_up(check: &str, result: Option<&CheckResult>) -> String {
     let (code, output) = result
         .map(|r| {
             (
-                r.exit_code
-                    .map_or("no exit status (killed)".to_string(), |c| {
-                        format!("exit status {c}")
-                    }),
+                if r.timed_out {
+                    "a timeout (it ran too long and was killed)".to_string()
+                } else {
+                    r.exit_code
+                        .map_or("no exit status (killed)".to_string(), |c| {
+                            format!("exit status {c}")
+                        })
+                },
                 r.output.clone(),
             )
         })
@@ -1831,6 +1945,66 @@ fn follow_up(check: &str, result: Option<&CheckResult>) -> String {
         "The check command failed with {code}:\n\n    {check}\n\nThe end of its output:\n\n```\n{}\n```\n\nFix the problem so that the check passes.",
         output.trim_end()
     )
+}
+
+/// What went wrong with a command run in a sandbox: how it ended and the end of its stderr.
+fn failure(command: &str, out: &crate::sandbox::ExecOutput, limit: Duration) -> String {
+    let how = if out.timed_out {
+        format!("was killed after {} s", limit.as_secs())
+    } else if let Some(e) = &out.error {
+        e.clone()
+    } else {
+        match out.code {
+            Some(c) => format!("exited with status {c}"),
+            None => "ended without an exit status".into(),
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = tail(stderr.trim(), 1024);
+    if stderr.is_empty() {
+        format!("`{command}` {how}")
+    } else {
+        format!("`{command}` {how}: {stderr}")
+    }
+}
+
+/// Checks `diff_exclude` patterns: they become lines of `.git/info/exclude`.
+fn validate_diff_exclude(patterns: &[String]) -> Result<()> {
+    let (most, longest) = MAX_DIFF_EXCLUDE;
+    if patterns.len() > most {
+        return Err(ApiError::BadRequest(format!(
+            "diff_exclude has more than {most} patterns"
+        )));
+    }
+    for p in patterns {
+        if p.trim().is_empty() || p.len() > longest || p.chars().any(char::is_control) {
+            return Err(ApiError::BadRequest(format!(
+                "diff_exclude pattern {p:?} must be 1-{longest} printable characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What goes into the sandbox's `.git/info/exclude` (after what is there).
+fn exclude_file(request: &CreateTask) -> String {
+    let mut text = String::from("\n# agentd: left out of the task's diff\n");
+    match &request.diff_exclude {
+        Some(list) => list.iter().for_each(|p| {
+            text.push_str(p);
+            text.push('\n');
+        }),
+        None => DEFAULT_DIFF_EXCLUDE.iter().for_each(|p| {
+            text.push_str(p);
+            text.push('\n');
+        }),
+    }
+    text
+}
+
+/// A shell word for `s` (single-quoted).
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// The last `max` bytes of `s` (on a char boundary).

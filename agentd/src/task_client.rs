@@ -53,6 +53,13 @@ enum TaskCommand {
         /// Most rounds per agent while the check fails [default: 3].
         #[arg(long)]
         max_rounds: Option<u32>,
+        /// Seconds the check may run before it is killed [default: 600].
+        #[arg(long)]
+        check_timeout: Option<u64>,
+        /// Leave files matching this git pattern out of the diff (repeatable; replaces the
+        /// default list of caches and build outputs; `--diff-exclude ''` for none).
+        #[arg(long)]
+        diff_exclude: Vec<String>,
         /// Time limit of the task, seconds [default: 3600].
         #[arg(long)]
         timeout: Option<u64>,
@@ -134,6 +141,8 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             agents,
             check: check_cmd,
             max_rounds,
+            check_timeout,
+            diff_exclude,
             timeout,
             model,
             image,
@@ -170,6 +179,11 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             };
             set("check", check_cmd.map(Into::into));
             set("max_rounds", max_rounds.map(Into::into));
+            set("check_timeout_secs", check_timeout.map(Into::into));
+            if !diff_exclude.is_empty() {
+                let list: Vec<String> = diff_exclude.into_iter().filter(|p| !p.is_empty()).collect();
+                set("diff_exclude", Some(list.into()));
+            }
             set("timeout_secs", timeout.map(Into::into));
             set("model", model.map(Into::into));
             set("image", image.map(Into::into));
@@ -485,8 +499,11 @@ fn print_result(id: &str, result: &serde_json::Value) {
         if let Some(e) = a["error"].as_str() {
             eprintln!("     {e}");
         }
+        if let Some(note) = a["note"].as_str() {
+            eprintln!("     note: {note}");
+        }
     }
-    match attempts.iter().find(|a| !a["diff"].is_null()) {
+    match attempts.iter().find(|a| a["has_patch"] == true) {
         Some(best) => {
             if let Some(m) = best["final_message"].as_str() {
                 eprintln!("\nattempt {} says: {}", best["attempt"], m.trim());
@@ -503,6 +520,6 @@ fn print_result(id: &str, result: &serde_json::Value) {
                 ),
             }
         }
-        None => eprintln!("no attempt left a diff"),
+        None => eprintln!("no attempt changed anything"),
     }
 }

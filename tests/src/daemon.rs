@@ -420,6 +420,9 @@ impl MockLlm {
     }
 }
 
+/// The models the mock LLM lists at `GET /v1/models` (agentd's default model name first).
+pub const MOCK_MODELS: &[&str] = &["default", "mock", "mock-large"];
+
 fn serve_llm(
     stream: std::net::TcpStream,
     script: &Script,
@@ -445,6 +448,19 @@ fn serve_llm(
         }
         let mut body = vec![0u8; len];
         reader.read_exact(&mut body)?;
+        if line.starts_with("GET ") && line.contains("/models") {
+            let list = serde_json::json!({"object": "list", "data": MOCK_MODELS.iter()
+                .map(|m| serde_json::json!({"id": m, "object": "model", "owned_by": "mock"})).collect::<Vec<_>>()})
+            .to_string();
+            let mut w = stream.try_clone()?;
+            write!(
+                w,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{list}",
+                list.len()
+            )?;
+            w.flush()?;
+            continue;
+        }
         count.fetch_add(1, Ordering::Relaxed);
         let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         log.lock().unwrap().push(req.clone());

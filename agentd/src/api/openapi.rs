@@ -42,7 +42,7 @@ fn summary(path: &str, method: &str) -> &'static str {
         ("/v1/sandboxes/{id}", "get") => "Inspect a sandbox (state, limits, token usage, exit)",
         ("/v1/sandboxes/{id}", _) => "Stop and forget a sandbox",
         ("/v1/sandboxes/{id}/stop", _) => "Stop a sandbox (SIGTERM, then SIGKILL after 10 s)",
-        ("/v1/sandboxes/{id}/exec", _) => "Run a command; streams JSON lines {stream,data} then {exit_code,timed_out}",
+        ("/v1/sandboxes/{id}/exec", _) => "Run a command; output streams as JSON lines {stream,data} while it runs, then {exit_code,timed_out,oom_killed}; with \"stdin\": true the bytes after the JSON body and a newline are its stdin; a client that disconnects kills it",
         ("/v1/sandboxes/{id}/logs", _) => "stdout/stderr as JSON lines; ?follow=true, ?stream=stdout|stderr|both",
         ("/v1/sandboxes/{id}/stats", _) => "Memory, CPU and task counts",
         ("/v1/sandboxes/{id}/files", "get") => "Download ?path= (a file, or a tar of a directory)",
@@ -112,6 +112,9 @@ fn task_schema() -> Value {
             "agents": {"type": "integer", "default": 1, "maximum": 16},
             "check": {"type": "string"},
             "max_rounds": {"type": "integer", "default": 3},
+            "check_timeout_secs": {"type": "integer", "default": 600},
+            "diff_exclude": {"type": "array", "items": {"type": "string"},
+                "description": "git exclude patterns left out of the diff, replacing the default list of caches and build outputs"},
             "grace_secs": {"type": "integer"},
             "labels": {"type": "object", "additionalProperties": {"type": "string"}}
         }

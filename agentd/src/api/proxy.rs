@@ -3,9 +3,11 @@
 //!
 //! What reaches the sandbox: the method, path, query, body and end-to-end headers of the
 //! client's request. What does not: the client's `Authorization` (agentd's own bearer token
-//! must never reach a hostile sandbox; agentd puts OpenCode's Basic credentials there), `Host`
-//! and hop-by-hop headers. What comes back is OpenCode's response, which is untrusted data:
-//! it is passed through, not interpreted.
+//! must never reach a hostile sandbox; agentd puts OpenCode's Basic credentials there), its
+//! `Cookie` (cookies of agentd's origin are not the sandbox's), `Host`, hop-by-hop headers and
+//! any header the `Connection` header names. What comes back is OpenCode's response, which is
+//! untrusted data: it is passed through, not interpreted, without hop-by-hop headers and
+//! without `Set-Cookie` (a sandbox must not set cookies on agentd's origin).
 
 use std::sync::Arc;
 
@@ -30,7 +32,18 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
-fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+/// Removes hop-by-hop headers, and first the headers that `Connection` names as such.
+pub fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    let named: Vec<hyper::header::HeaderName> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| hyper::header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for h in named {
+        headers.remove(h);
+    }
     for h in HOP_BY_HOP {
         headers.remove(h);
     }
@@ -94,6 +107,7 @@ pub(crate) async fn opencode(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(HOST);
     parts.headers.remove(AUTHORIZATION);
+    parts.headers.remove(hyper::header::COOKIE);
     parts.headers.insert(
         AUTHORIZATION,
         crate::opencode::basic_auth(&secrets.password)
@@ -112,6 +126,7 @@ pub(crate) async fn opencode(
     })?;
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(hyper::header::SET_COOKIE);
     // The guard lives as long as the response body: a long event stream keeps the sandbox
     // from being reaped as idle.
     let body = GuardedBody {
@@ -146,5 +161,24 @@ impl hyper::body::Body for GuardedBody {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_strip_hop_by_hop_removes_headers_connection_names() {
+        let mut h = hyper::HeaderMap::new();
+        h.insert("connection", "close, X-Secret".parse().unwrap());
+        h.append("connection", "x-other".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("x-other", "1".parse().unwrap());
+        h.insert("keep-alive", "5".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-kept"]);
     }
 }

@@ -2,7 +2,6 @@
 //! and stats. Files and the OpenCode proxy have their own modules.
 
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use super::{json, read_json, Body, BoxError};
+use crate::exec::{Stream, Utf8Chunker};
 use crate::sandbox::{ActiveGuard, CreateSandbox, Manager, Sandbox, SandboxState};
 
 /// Longest exec timeout.
@@ -142,6 +142,10 @@ struct ExecBody {
     timeout_secs: Option<u64>,
     /// Uid inside the sandbox [default: the sandbox's user].
     uid: Option<u32>,
+    /// The bytes after the JSON request (and one newline) are the process's stdin
+    /// [default: false, stdin is /dev/null].
+    #[serde(default)]
+    stdin: bool,
 }
 
 fn stream_response(
@@ -155,14 +159,18 @@ fn stream_response(
         .expect("valid response")
 }
 
-/// Runs a process in the sandbox and streams its output as JSON lines:
-/// `{"stream":"stdout","data":"..."}`, then `{"exit_code":N,"timed_out":bool}`.
+/// Runs a process in the sandbox and streams its output as JSON lines while it runs:
+/// `{"stream":"stdout","data":"..."}`, then `{"exit_code":N,"timed_out":bool,...}`.
+///
+/// The body is the JSON request; with `"stdin": true` the bytes after it (and one `\n`) are
+/// the process's stdin, streamed as they arrive, closed at the body's end. A client that
+/// goes away kills the process.
 async fn exec(
     mgr: &Arc<Manager>,
     sb: Arc<Sandbox>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let body: ExecBody = read_json(req).await?;
+    let (body, stdin): (ExecBody, _) = read_exec_request(req).await?;
     require_live(&sb)?;
     if body.command.is_empty() || body.command[0].is_empty() {
         return Err(ApiError::BadRequest("command must not be empty".into()));
@@ -180,7 +188,7 @@ async fn exec(
         }
     }
     for k in body.env.keys() {
-        if k.is_empty() || k.contains('=') {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
             return Err(ApiError::BadRequest(format!(
                 "invalid environment variable name {k:?}"
             )));
@@ -193,78 +201,152 @@ async fn exec(
         cwd: body.cwd.as_ref().map(Into::into),
         uid: Some(body.uid.unwrap_or(rec.user.0)),
     };
-    let (exec_id, out_r, err_r) = mgr
-        .start_exec(&rec.id, request)
+    // Started here so that a refused exec is an error status, not a line in a 200 stream.
+    let started = mgr
+        .start_exec(&rec.id, request, stdin.is_some())
         .await
         .map_err(|e| ApiError::BadRequest(format!("exec failed: {e}")))?;
-
+    let (out_tx, mut out_rx) = mpsc::channel::<(Stream, Bytes)>(16);
     let (tx, rx) = mpsc::channel(64);
     let guard = ActiveGuard::new(sb.clone());
     let mgr = mgr.clone();
-    let id = rec.id.clone();
+    let timeout = body.timeout_secs.map(Duration::from_secs);
     tokio::spawn(async move {
         let _guard = guard;
-        let pump = |fd: OwnedFd,
-                    name: &'static str,
-                    tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>| async move {
-            let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
-                return;
+        let run = mgr.run_exec(started, stdin, timeout, out_tx);
+        // Forwards output to the client as it comes; when the client goes away this block
+        // ends and drops `out_rx` (it is moved in), which makes `run_exec` kill the process.
+        let fwd_tx = tx.clone();
+        let forward = async move {
+            let tx = fwd_tx;
+            let mut text = [Utf8Chunker::default(), Utf8Chunker::default()];
+            let send = |name: &str, data: String| {
+                super::json_line(&serde_json::json!({"stream": name, "data": data}))
             };
-            let mut buf = vec![0u8; 16 * 1024];
             loop {
-                match pipe.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        let data = String::from_utf8_lossy(&buf[..n]).into_owned();
-                        if tx
-                            .send(super::json_line(
-                                &serde_json::json!({"stream": name, "data": data}),
-                            ))
-                            .await
-                            .is_err()
-                        {
-                            break;
+                tokio::select! {
+                    m = out_rx.recv() => match m {
+                        Some((stream, bytes)) => {
+                            let data = text[usize::from(stream == Stream::Stderr)].push(&bytes);
+                            if !data.is_empty() && tx.send(send(stream.as_str(), data)).await.is_err() {
+                                return;
+                            }
                         }
-                    }
+                        None => break,
+                    },
+                    () = tx.closed() => return,
+                }
+            }
+            for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+                let data = text[i].finish();
+                if !data.is_empty() && tx.send(send(stream.as_str(), data)).await.is_err() {
+                    return;
                 }
             }
         };
-        let client = mgr.runtime.client(&id);
-        let wait = tokio::task::spawn_blocking(move || client.wait_exec(exec_id));
-        let outputs = futures_util::future::join(
-            pump(out_r, "stdout", tx.clone()),
-            pump(err_r, "stderr", tx.clone()),
-        );
-        let mut timed_out = false;
-        let timeout = body
-            .timeout_secs
-            .map(Duration::from_secs)
-            .unwrap_or(Duration::MAX);
-        tokio::pin!(wait);
-        let status = tokio::select! {
-            st = &mut wait => st,
-            _ = tokio::time::sleep(timeout) => {
-                timed_out = true;
-                let client = mgr.runtime.client(&id);
-                let _ = tokio::task::spawn_blocking(move || client.kill_exec(exec_id, libc::SIGKILL)).await;
-                (&mut wait).await
-            }
-        };
-        // Output still in the pipes comes first; a background child holding them open gets
-        // a short grace, then the stream ends.
-        let _ = tokio::time::timeout(Duration::from_millis(500), outputs).await;
-        let end = match status {
-            Ok(Ok(st)) => {
-                serde_json::json!({"exit_code": st.code, "timed_out": timed_out, "oom_killed": st.oom_killed})
-            }
-            Ok(Err(e)) => {
-                serde_json::json!({"error": format!("lost the process: {e}"), "timed_out": timed_out})
-            }
-            Err(e) => serde_json::json!({"error": format!("{e}"), "timed_out": timed_out}),
-        };
-        let _ = tx.send(super::json_line(&end)).await;
+        let (end, ()) = tokio::join!(run, forward);
+        let mut line = serde_json::json!({
+            "exit_code": end.code,
+            "timed_out": end.timed_out,
+            "oom_killed": end.oom_killed,
+        });
+        if let Some(e) = end.error {
+            line["error"] = e.into();
+        }
+        let _ = tx.send(super::json_line(&line)).await;
     });
     Ok(stream_response("application/x-ndjson", rx))
+}
+
+/// Largest JSON head of an exec request.
+const MAX_EXEC_HEAD: usize = 1 << 20;
+
+/// Reads an exec request: its JSON body and, when it asks for stdin, the rest of the body
+/// as a stream of chunks.
+async fn read_exec_request(
+    req: Request<Incoming>,
+) -> Result<(ExecBody, Option<mpsc::Receiver<Bytes>>), ApiError> {
+    use http_body_util::BodyExt;
+    let mut body = req.into_body();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut ended = false;
+    let (head, used) = loop {
+        let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<ExecBody>();
+        match it.next() {
+            Some(Ok(v)) => break (v, it.byte_offset()),
+            Some(Err(e)) if !(e.is_eof() && !ended) => {
+                return Err(ApiError::BadRequest(format!("invalid JSON body: {e}")))
+            }
+            None if ended => {
+                return Err(ApiError::BadRequest("a JSON body is required".into()))
+            }
+            _ => {}
+        }
+        if buf.len() > MAX_EXEC_HEAD {
+            return Err(ApiError::TooLarge(format!(
+                "the exec request is larger than {MAX_EXEC_HEAD} bytes"
+            )));
+        }
+        match body.frame().await {
+            None => ended = true,
+            Some(Ok(f)) => {
+                if let Ok(d) = f.into_data() {
+                    buf.extend_from_slice(&d);
+                }
+            }
+            Some(Err(e)) => {
+                return Err(ApiError::BadRequest(format!(
+                    "failed to read the body: {e}"
+                )))
+            }
+        }
+    };
+    let mut rest = Bytes::from(buf).slice(used..);
+    if !head.stdin {
+        // Nothing may follow the request but white space.
+        let trailing = |b: &[u8]| b.iter().any(|c| !c.is_ascii_whitespace());
+        let mut bad = trailing(&rest);
+        while !bad && !ended {
+            match body.frame().await {
+                None => ended = true,
+                Some(Ok(f)) => bad = f.into_data().is_ok_and(|d| trailing(&d)),
+                Some(Err(_)) => ended = true,
+            }
+        }
+        if bad {
+            return Err(ApiError::BadRequest(
+                "data after the JSON request: set \"stdin\": true to send it to the process"
+                    .into(),
+            ));
+        }
+        return Ok((head, None));
+    }
+    if rest.first() == Some(&b'\n') {
+        rest = rest.slice(1..);
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    tokio::spawn(async move {
+        if !rest.is_empty() && tx.send(rest).await.is_err() {
+            return;
+        }
+        while !ended {
+            let frame = tokio::select! {
+                f = body.frame() => f,
+                () = tx.closed() => return,
+            };
+            match frame {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        if tx.send(d).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Some(Err(_)) | None => return,
+            }
+        }
+    });
+    Ok((head, Some(rx)))
 }
 
 /// The sandbox's stdout and stderr as JSON lines; `follow=true` keeps streaming until the

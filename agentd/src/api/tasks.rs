@@ -166,7 +166,12 @@ fn events(tasks: Arc<TaskManager>, task: Arc<Task>, req: &Request<Incoming>) -> 
 async fn result(tasks: &TaskManager, task: &Task) -> Result<Response<Body>, ApiError> {
     let rec = task.snapshot();
     let mut attempts = Vec::new();
+    let mut with_patch = Vec::new();
     for (i, a) in crate::task::rank(&rec.attempts).into_iter().enumerate() {
+        let has_patch = a.diff.as_ref().is_some_and(|d| d.bytes > 0);
+        if has_patch {
+            with_patch.push(a.n);
+        }
         let patch = match a.diff {
             Some(_) => tokio::fs::read(tasks.diff_path(&rec.id, a.n))
                 .await
@@ -184,11 +189,13 @@ async fn result(tasks: &TaskManager, task: &Task) -> Result<Response<Body>, ApiE
             "final_message": a.final_message,
             "check": a.check,
             "diff": a.diff,
+            "has_patch": has_patch,
             "patch": patch,
             "patch_url": a.diff.as_ref().map(|_| format!("/v1/tasks/{}/attempts/{}/diff", rec.id, a.n)),
             "usage": a.usage,
             "timings": a.timings,
             "error": a.error,
+            "note": a.note,
         }));
     }
     Ok(json(
@@ -197,6 +204,7 @@ async fn result(tasks: &TaskManager, task: &Task) -> Result<Response<Body>, ApiE
             "id": rec.id,
             "state": rec.state.as_str(),
             "finished": rec.state.is_terminal(),
+            "attempts_with_patch": with_patch,
             "attempts": attempts,
         }),
     ))

@@ -1,0 +1,379 @@
+//! Running a process in a live sandbox: its stdout and stderr are read while it runs (a
+//! process that writes more than a pipe holds never waits on agentd), its stdin is fed from
+//! a stream, and it is killed at its timeout or when whoever reads its output goes away.
+//!
+//! Both the exec API (which streams every chunk to the client) and the task runner (which
+//! keeps capped tails, [`Manager::exec_collect`]) go through [`Manager::run_exec`].
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::api::error::ApiError;
+use crate::sandbox::{ExecOutput, Manager, Sandbox};
+
+/// How long output still in the pipes is read after the process ended: a background child
+/// that inherited them may hold them open forever, so after this the exec ends anyway.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
+/// Bytes read from a pipe at once.
+const CHUNK: usize = 16 * 1024;
+
+/// Which output a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The process's stdout.
+    Stdout,
+    /// The process's stderr.
+    Stderr,
+}
+
+impl Stream {
+    /// The name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// A process started in a sandbox, not yet followed.
+pub struct StartedExec {
+    /// The sandbox's id.
+    sandbox: String,
+    /// The shim's id of the process.
+    exec_id: u64,
+    /// The write end of its stdin, if it has a pipe.
+    stdin: Option<OwnedFd>,
+    /// The read end of its stdout.
+    stdout: OwnedFd,
+    /// The read end of its stderr.
+    stderr: OwnedFd,
+}
+
+/// How an exec ended.
+#[derive(Debug, Clone, Default)]
+pub struct ExecEnd {
+    /// Exit status (128+N for signal N); `None` if the process was lost.
+    pub code: Option<i32>,
+    /// The sandbox's OOM killer ran while it did.
+    pub oom_killed: bool,
+    /// It was killed at its timeout.
+    pub timed_out: bool,
+    /// It was killed because the reader of its output went away.
+    pub abandoned: bool,
+    /// Why its status is unknown, when `code` is `None`.
+    pub error: Option<String>,
+}
+
+impl Manager {
+    /// Starts a process in sandbox `id`, its stdin a pipe when `with_stdin` (else
+    /// /dev/null); [`Manager::run_exec`] then follows it to its end.
+    pub async fn start_exec(
+        &self,
+        id: &str,
+        request: agentd_runtime::ExecRequest,
+        with_stdin: bool,
+    ) -> std::result::Result<StartedExec, String> {
+        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| e.to_string());
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let (stdin_r, stdin_w): (OwnedFd, Option<OwnedFd>) = if with_stdin {
+            let (r, w) = pipe()?;
+            (r, Some(w))
+        } else {
+            let devnull = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
+            (devnull.into(), None)
+        };
+        let client = self.runtime.client(id);
+        let exec_id = tokio::task::spawn_blocking(move || {
+            // The sandbox's ends go to the shim and are closed here when this closure
+            // returns, so EOF on our ends means the process (and its children) closed them.
+            client.exec(request, stdin_r.as_fd(), out_w.as_fd(), err_w.as_fd())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        Ok(StartedExec {
+            sandbox: id.to_string(),
+            exec_id,
+            stdin: stdin_w,
+            stdout: out_r,
+            stderr: err_r,
+        })
+    }
+
+    /// Follows a started process to its end. Every chunk of output is sent on `out` as it is
+    /// read; stdin is fed from `stdin` (closed when the channel ends). The process is
+    /// SIGKILLed at `timeout`, or when `out`'s receiver is dropped (nobody reads it any more).
+    pub async fn run_exec(
+        &self,
+        started: StartedExec,
+        stdin: Option<mpsc::Receiver<Bytes>>,
+        timeout: Option<Duration>,
+        out: mpsc::Sender<(Stream, Bytes)>,
+    ) -> ExecEnd {
+        let StartedExec {
+            sandbox,
+            exec_id,
+            stdin: stdin_w,
+            stdout: out_r,
+            stderr: err_r,
+        } = started;
+        let id = sandbox.as_str();
+        // Both pipes are read by tasks of their own from now on, whatever the process does.
+        let pumps = [
+            tokio::spawn(pump(out_r, Stream::Stdout, out.clone())),
+            tokio::spawn(pump(err_r, Stream::Stderr, out.clone())),
+        ];
+        let feeder = match (stdin, stdin_w) {
+            (Some(rx), Some(w)) => Some(tokio::spawn(feed(rx, w))),
+            _ => None,
+        };
+        let client = self.runtime.client(id);
+        let wait = tokio::task::spawn_blocking(move || client.wait_exec(exec_id));
+        tokio::pin!(wait);
+        let mut end = ExecEnd::default();
+        let deadline = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let status = tokio::select! {
+            st = &mut wait => st,
+            () = deadline => {
+                end.timed_out = true;
+                self.kill_exec(id, exec_id).await;
+                (&mut wait).await
+            }
+            () = out.closed() => {
+                end.abandoned = true;
+                self.kill_exec(id, exec_id).await;
+                (&mut wait).await
+            }
+        };
+        if let Some(f) = feeder {
+            f.abort();
+        }
+        // Output still in the pipes is read to its end, within the grace.
+        let [p1, p2] = pumps;
+        let drained = tokio::time::timeout(OUTPUT_GRACE, async {
+            let _ = p1.await;
+            let _ = p2.await;
+        });
+        if drained.await.is_err() {
+            tracing::debug!(sandbox = id, exec_id, "a child of the exec holds its output open: stopped reading");
+        }
+        match status {
+            Ok(Ok(st)) => {
+                end.code = Some(st.code);
+                end.oom_killed = st.oom_killed;
+            }
+            Ok(Err(e)) => end.error = Some(format!("lost the process: {e}")),
+            Err(e) => end.error = Some(format!("lost the process: {e}")),
+        }
+        end
+    }
+
+    /// SIGKILLs exec `exec_id` through its shim (which holds it unreaped, so the pid is its).
+    async fn kill_exec(&self, id: &str, exec_id: u64) {
+        let client = self.runtime.client(id);
+        let _ = tokio::task::spawn_blocking(move || client.kill_exec(exec_id, libc::SIGKILL)).await;
+    }
+
+    /// Runs `args` in a live sandbox as its user and waits for it: output is kept up to
+    /// `max_output` bytes per stream (the end of it; the process is never slowed by the
+    /// cap), the process is killed at `timeout`.
+    pub async fn exec_collect(
+        &self,
+        sb: &Arc<Sandbox>,
+        args: Vec<String>,
+        cwd: Option<&str>,
+        timeout: Duration,
+        max_output: usize,
+    ) -> crate::sandbox::Result<ExecOutput> {
+        let rec = sb.snapshot();
+        if !rec.state.is_live() {
+            return Err(ApiError::Conflict(format!(
+                "sandbox {} is {}",
+                rec.id,
+                rec.state.as_str()
+            )));
+        }
+        let request = agentd_runtime::ExecRequest {
+            args,
+            env: Vec::new(),
+            cwd: cwd.map(Into::into),
+            uid: Some(rec.user.0),
+        };
+        let started = self
+            .start_exec(&rec.id, request, false)
+            .await
+            .map_err(|e| ApiError::internal(format!("exec failed: {e}")))?;
+        let (tx, mut rx) = mpsc::channel(16);
+        let run = self.run_exec(started, None, Some(timeout), tx);
+        let collect = async {
+            let mut tails = [Tail::new(max_output), Tail::new(max_output)];
+            while let Some((stream, data)) = rx.recv().await {
+                tails[usize::from(stream == Stream::Stderr)].push(&data);
+            }
+            tails
+        };
+        let (end, [stdout, stderr]) = tokio::join!(run, collect);
+        Ok(ExecOutput {
+            code: end.code,
+            truncated: stdout.truncated || stderr.truncated,
+            stdout: stdout.bytes,
+            stderr: stderr.bytes,
+            timed_out: end.timed_out,
+            error: end.error,
+        })
+    }
+}
+
+/// Reads one pipe to its end, sending each chunk on `out`; stops early when `out` is closed
+/// (dropping the read end then makes further writes fail with EPIPE, never block).
+async fn pump(fd: OwnedFd, stream: Stream, out: mpsc::Sender<(Stream, Bytes)>) {
+    let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+        return;
+    };
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if out
+                    .send((stream, Bytes::copy_from_slice(&buf[..n])))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Writes what arrives on `rx` to the process's stdin; closes it when `rx` ends or the
+/// process stops reading.
+async fn feed(mut rx: mpsc::Receiver<Bytes>, w: OwnedFd) {
+    let Ok(mut pipe) = tokio::net::unix::pipe::Sender::from_owned_fd(w) else {
+        return;
+    };
+    while let Some(chunk) = rx.recv().await {
+        if pipe.write_all(&chunk).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The last `cap` bytes of a stream.
+struct Tail {
+    cap: usize,
+    bytes: Vec<u8>,
+    truncated: bool,
+}
+
+impl Tail {
+    fn new(cap: usize) -> Self {
+        Tail {
+            cap,
+            bytes: Vec::new(),
+            truncated: false,
+        }
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        self.bytes.extend_from_slice(data);
+        if self.bytes.len() > self.cap {
+            let cut = self.bytes.len() - self.cap;
+            self.bytes.drain(..cut);
+            self.truncated = true;
+        }
+    }
+}
+
+/// Splits a byte stream into UTF-8 text without breaking characters across chunks: bytes of
+/// a character cut at a chunk's end wait for the next chunk; invalid bytes become U+FFFD.
+#[derive(Default)]
+pub struct Utf8Chunker {
+    pending: Vec<u8>,
+}
+
+impl Utf8Chunker {
+    /// The text of `data` (with what was pending before it); may be empty.
+    pub fn push(&mut self, data: &[u8]) -> String {
+        self.pending.extend_from_slice(data);
+        let keep = match std::str::from_utf8(&self.pending) {
+            Ok(_) => 0,
+            // An incomplete character at the very end (at most 3 bytes): keep it.
+            Err(e) if e.error_len().is_none() => self.pending.len() - e.valid_up_to(),
+            Err(_) => incomplete_suffix(&self.pending),
+        };
+        let rest = self.pending.split_off(self.pending.len() - keep);
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending = rest;
+        text
+    }
+
+    /// What is left at the end of the stream.
+    pub fn finish(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        text
+    }
+}
+
+/// The length of an incomplete UTF-8 character at the end of `b` (0 if none).
+fn incomplete_suffix(b: &[u8]) -> usize {
+    for back in 1..=3.min(b.len()) {
+        let c = b[b.len() - back];
+        if c & 0xC0 != 0x80 {
+            // A lead byte: how long its character is.
+            let need = match c {
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                0xF0..=0xF7 => 4,
+                _ => return 0,
+            };
+            return if need > back { back } else { 0 };
+        }
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_tail_keeps_the_end() {
+        let mut t = Tail::new(4);
+        t.push(b"ab");
+        t.push(b"cdef");
+        assert_eq!((t.bytes.as_slice(), t.truncated), (&b"cdef"[..], true));
+    }
+
+    #[test]
+    fn test_utf8_chunker_never_splits_a_character() {
+        let text = "héllo → wörld 🎉";
+        let bytes = text.as_bytes();
+        for cut in 0..bytes.len() {
+            let mut c = Utf8Chunker::default();
+            let mut out = c.push(&bytes[..cut]);
+            out.push_str(&c.push(&bytes[cut..]));
+            out.push_str(&c.finish());
+            assert_eq!(out, text, "cut at {cut}");
+        }
+        let mut c = Utf8Chunker::default();
+        assert_eq!(c.push(b"a\xffb"), "a\u{fffd}b");
+        assert_eq!(c.push(b"x\xe2\x86"), "x");
+        assert_eq!(c.finish(), "\u{fffd}");
+    }
+}
