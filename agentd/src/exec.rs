@@ -168,7 +168,11 @@ impl Manager {
             let _ = p2.await;
         });
         if drained.await.is_err() {
-            tracing::debug!(sandbox = id, exec_id, "a child of the exec holds its output open: stopped reading");
+            tracing::debug!(
+                sandbox = id,
+                exec_id,
+                "a child of the exec holds its output open: stopped reading"
+            );
         }
         match status {
             Ok(Ok(st)) => {

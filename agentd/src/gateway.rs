@@ -215,7 +215,10 @@ pub async fn upstream_models(upstream: &crate::config::LlmUpstream) -> Option<Ve
     }
     let resp = request.send().await.ok()?;
     if !resp.status().is_success() {
-        tracing::debug!(status = resp.status().as_u16(), "the LLM upstream lists no models");
+        tracing::debug!(
+            status = resp.status().as_u16(),
+            "the LLM upstream lists no models"
+        );
         return None;
     }
     // A model list is small; a huge answer is not one.

@@ -560,8 +560,7 @@ impl Manager {
             .clone()
             .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         // Refused before the image is resolved (the default image may be built first).
-        if req.opencode == Some(true) || (req.opencode.is_none() && image_name == DEFAULT_IMAGE)
-        {
+        if req.opencode == Some(true) || (req.opencode.is_none() && image_name == DEFAULT_IMAGE) {
             self.require_llm()?;
         }
         if let Some(model) = &req.model {

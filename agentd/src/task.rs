@@ -1558,7 +1558,11 @@ impl TaskManager {
             .mgr
             .exec_collect(
                 sb,
-                vec!["/bin/sh".into(), "-c".into(), format!("set -e\n{command}\n")],
+                vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    format!("set -e\n{command}\n"),
+                ],
                 Some(WORKSPACE_DIR),
                 GIT_IN_SANDBOX_TIMEOUT,
                 MAX_DIFF_BYTES + 1,

@@ -181,7 +181,8 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             set("max_rounds", max_rounds.map(Into::into));
             set("check_timeout_secs", check_timeout.map(Into::into));
             if !diff_exclude.is_empty() {
-                let list: Vec<String> = diff_exclude.into_iter().filter(|p| !p.is_empty()).collect();
+                let list: Vec<String> =
+                    diff_exclude.into_iter().filter(|p| !p.is_empty()).collect();
                 set("diff_exclude", Some(list.into()));
             }
             set("timeout_secs", timeout.map(Into::into));

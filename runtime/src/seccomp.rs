@@ -1,8 +1,10 @@
 //! Seccomp profiles: the reviewed data in `runtime/profiles/`, parsed, checked and compiled to
 //! BPF with `seccompiler`, and installed in the sandbox's init right before it runs the command.
 //!
-//! A profile is a deny-list: every rule names syscalls that fail with an errno (EPERM or ENOSYS),
-//! optionally only when an argument matches a mask. Everything else is allowed.
+//! A profile is a deny-list: every rule names syscalls that fail with an errno (EPERM, ENOSYS
+//! or EAFNOSUPPORT), optionally only when its argument conditions hold. A syscall may appear in
+//! several rules only if each has conditions and they share an errno: it is denied when any of
+//! them holds. Everything else is allowed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -37,14 +39,15 @@ pub enum SeccompError {
     /// A rule has no comment saying why.
     #[error("seccomp rule for {0:?} has no comment: every rule must say why")]
     MissingComment(Vec<String>),
-    /// A syscall appears in more than one rule.
-    #[error("syscall {0:?} appears in more than one seccomp rule")]
+    /// A syscall appears in more than one rule, one of them unconditional or with another
+    /// errno.
+    #[error("syscall {0:?} appears in more than one seccomp rule (allowed only for rules with conditions and one errno)")]
     Duplicate(String),
-    /// An errno other than EPERM or ENOSYS.
-    #[error("seccomp rule uses unsupported errno {0:?}: use EPERM or ENOSYS")]
+    /// An errno other than EPERM, ENOSYS or EAFNOSUPPORT.
+    #[error("seccomp rule uses unsupported errno {0:?}: use EPERM, ENOSYS or EAFNOSUPPORT")]
     BadErrno(String),
     /// An argument condition is malformed.
-    #[error("seccomp rule for {0:?} has a bad argument condition (index 0-5, len 4 or 8)")]
+    #[error("seccomp rule for {0:?} has a bad argument condition (index 0-5, len 4 or 8, op masked_eq, eq, ge or le)")]
     BadArg(String),
     /// seccompiler refused the filter.
     #[error("failed to compile seccomp filter")]
@@ -81,7 +84,8 @@ pub struct Rule {
     pub comment: String,
 }
 
-/// `(arg[index] & mask) == value`.
+/// A test of one argument: `(arg[index] & mask) == value` (op `masked_eq`, the default), or
+/// `arg[index] == value`, `>= value`, `<= value` (ops `eq`, `ge`, `le`; `mask` unused).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ArgCondition {
@@ -89,10 +93,26 @@ pub struct ArgCondition {
     pub index: u8,
     /// Width of the argument in bytes: 4 for `int`, 8 for `long`.
     pub len: u8,
-    /// Bits to test.
+    /// The comparison [default: `masked_eq`].
+    #[serde(default)]
+    pub op: Option<String>,
+    /// Bits to test (`masked_eq` only).
+    #[serde(default)]
     pub mask: u64,
-    /// Value the masked bits must equal.
+    /// Value the argument is compared with.
     pub value: u64,
+}
+
+impl ArgCondition {
+    fn cmp_op(&self) -> Option<SeccompCmpOp> {
+        match self.op.as_deref() {
+            None | Some("masked_eq") => Some(SeccompCmpOp::MaskedEq(self.mask)),
+            Some("eq") => Some(SeccompCmpOp::Eq),
+            Some("ge") => Some(SeccompCmpOp::Ge),
+            Some("le") => Some(SeccompCmpOp::Le),
+            Some(_) => None,
+        }
+    }
 }
 
 /// The compiled filters of a profile, one per errno, ready to install.
@@ -105,20 +125,25 @@ impl Profile {
     /// Parses and checks a profile: every rule commented, every syscall known, none twice.
     pub fn parse(text: &str) -> Result<Profile> {
         let profile: Profile = serde_json::from_str(text).map_err(SeccompError::Parse)?;
-        let mut seen = BTreeSet::new();
+        // Each syscall's errno, and whether every rule naming it so far has conditions.
+        let mut seen: BTreeMap<String, (String, bool)> = BTreeMap::new();
         for rule in &profile.rules {
             if rule.comment.trim().is_empty() {
                 return Err(SeccompError::MissingComment(rule.syscalls.clone()));
             }
             errno_value(&rule.errno)?;
+            let conditional = !rule.args.is_empty();
             for name in &rule.syscalls {
                 syscall_number(name).ok_or_else(|| SeccompError::UnknownSyscall(name.clone()))?;
-                if !seen.insert(name.clone()) {
-                    return Err(SeccompError::Duplicate(name.clone()));
+                if let Some((errno, was_conditional)) = seen.get(name) {
+                    if !(conditional && *was_conditional && *errno == rule.errno) {
+                        return Err(SeccompError::Duplicate(name.clone()));
+                    }
                 }
+                seen.insert(name.clone(), (rule.errno.clone(), conditional));
             }
             for arg in &rule.args {
-                if arg.index > 5 || !(arg.len == 4 || arg.len == 8) {
+                if arg.index > 5 || !(arg.len == 4 || arg.len == 8) || arg.cmp_op().is_none() {
                     return Err(SeccompError::BadArg(rule.syscalls.join(",")));
                 }
             }
@@ -169,7 +194,10 @@ impl Profile {
                     } else {
                         SeccompCmpArgLen::Qword
                     };
-                    SeccompCondition::new(a.index, len, SeccompCmpOp::MaskedEq(a.mask), a.value)
+                    let op = a
+                        .cmp_op()
+                        .ok_or_else(|| SeccompError::BadArg(rule.syscalls.join(",")))?;
+                    SeccompCondition::new(a.index, len, op, a.value)
                         .map_err(|e| SeccompError::Compile(e.into()))
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -217,6 +245,7 @@ fn errno_value(name: &str) -> Result<u32> {
     match name {
         "EPERM" => Ok(libc::EPERM.unsigned_abs()),
         "ENOSYS" => Ok(libc::ENOSYS.unsigned_abs()),
+        "EAFNOSUPPORT" => Ok(libc::EAFNOSUPPORT.unsigned_abs()),
         other => Err(SeccompError::BadErrno(other.to_string())),
     }
 }
@@ -252,7 +281,7 @@ sys! {
     "process_vm_readv" => SYS_process_vm_readv, "process_vm_writev" => SYS_process_vm_writev,
     "ptrace" => SYS_ptrace, "quotactl" => SYS_quotactl,
     "reboot" => SYS_reboot, "request_key" => SYS_request_key, "setns" => SYS_setns,
-    "settimeofday" => SYS_settimeofday, "swapoff" => SYS_swapoff, "swapon" => SYS_swapon,
+    "settimeofday" => SYS_settimeofday, "socket" => SYS_socket, "swapoff" => SYS_swapoff, "swapon" => SYS_swapon,
     "syslog" => SYS_syslog, "umount2" => SYS_umount2, "unshare" => SYS_unshare,
     "userfaultfd" => SYS_userfaultfd, "uselib" => SYS_uselib, "vhangup" => SYS_vhangup,
     "_sysctl" => SYS__sysctl,
@@ -295,8 +324,8 @@ mod tests {
         let compiled = p.compile().unwrap();
         assert_eq!(
             compiled.programs.len(),
-            2,
-            "one filter for EPERM, one for ENOSYS"
+            3,
+            "one filter for EPERM, one for ENOSYS, one for EAFNOSUPPORT"
         );
     }
 
@@ -323,6 +352,23 @@ mod tests {
         assert!(matches!(
             Profile::parse(errno),
             Err(SeccompError::BadErrno(_))
+        ));
+        // A syscall in several rules: only when all have conditions and one errno.
+        let or = r#"{"comment":"c","rules":[
+            {"syscalls":["socket"],"errno":"EAFNOSUPPORT","comment":"a","args":[{"index":0,"len":4,"op":"eq","value":40}]},
+            {"syscalls":["socket"],"errno":"EAFNOSUPPORT","comment":"b","args":[{"index":0,"len":4,"op":"ge","value":50}]}]}"#;
+        Profile::parse(or).unwrap().compile().unwrap();
+        let mixed = r#"{"comment":"c","rules":[
+            {"syscalls":["socket"],"errno":"EAFNOSUPPORT","comment":"a","args":[{"index":0,"len":4,"op":"eq","value":40}]},
+            {"syscalls":["socket"],"errno":"EPERM","comment":"b","args":[{"index":0,"len":4,"op":"ge","value":50}]}]}"#;
+        assert!(matches!(
+            Profile::parse(mixed),
+            Err(SeccompError::Duplicate(_))
+        ));
+        let badop = r#"{"comment":"c","rules":[{"syscalls":["socket"],"errno":"EPERM","comment":"a","args":[{"index":0,"len":4,"op":"gt","value":1}]}]}"#;
+        assert!(matches!(
+            Profile::parse(badop),
+            Err(SeccompError::BadArg(_))
         ));
         let extra = r#"{"comment":"c","rules":[],"allow":[]}"#;
         assert!(matches!(Profile::parse(extra), Err(SeccompError::Parse(_))));

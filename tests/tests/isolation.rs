@@ -75,6 +75,30 @@ fn test_denied_syscalls_fail_with_eperm() {
     scope.assert_clean();
 }
 
+/// Socket families nothing in a sandbox needs fail as if the kernel lacked them (AF_VSOCK
+/// would reach the host VM's vsock ports around the netns); the ones programs use work.
+#[test]
+fn test_unneeded_socket_families_are_refused() {
+    require_sandbox_support!();
+    let scope = Scope::new("sockets");
+    let rootfs = busybox_rootfs();
+    let out = scope.agentd_run(&rootfs.path, &[], &["/probe", "sockets"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let r = parse_report(&out.stdout);
+    let eafnosupport = libc::EAFNOSUPPORT.to_string();
+    for family in ["vsock", "packet", "alg", "key", "appletalk"] {
+        assert_eq!(r.get(family), Some(&eafnosupport), "{family}: {r:?}");
+    }
+    for family in ["unix", "inet", "netlink"] {
+        assert_eq!(
+            r.get(family).map(String::as_str),
+            Some("0"),
+            "{family}: {r:?}"
+        );
+    }
+    scope.assert_clean();
+}
+
 #[test]
 fn test_seccomp_filter_is_what_denies() {
     // With an empty profile, setns(-1) fails with EBADF and unshare(CLONE_NEWUSER) succeeds:

@@ -277,9 +277,7 @@ async fn read_exec_request(
             Some(Err(e)) if !(e.is_eof() && !ended) => {
                 return Err(ApiError::BadRequest(format!("invalid JSON body: {e}")))
             }
-            None if ended => {
-                return Err(ApiError::BadRequest("a JSON body is required".into()))
-            }
+            None if ended => return Err(ApiError::BadRequest("a JSON body is required".into())),
             _ => {}
         }
         if buf.len() > MAX_EXEC_HEAD {
@@ -315,8 +313,7 @@ async fn read_exec_request(
         }
         if bad {
             return Err(ApiError::BadRequest(
-                "data after the JSON request: set \"stdin\": true to send it to the process"
-                    .into(),
+                "data after the JSON request: set \"stdin\": true to send it to the process".into(),
             ));
         }
         return Ok((head, None));
