@@ -133,6 +133,27 @@ pub(crate) struct Reply {
     pub body: Bytes,
 }
 
+/// What to tell a user whose connection to the socket failed: a permission problem is not a
+/// daemon that is down.
+pub(crate) fn connect_error(socket: &std::path::Path, e: &std::io::Error) -> String {
+    let denied = e.kind() == std::io::ErrorKind::PermissionDenied
+        || (!nix::unistd::geteuid().is_root()
+            && socket
+                .parent()
+                .is_some_and(|d| std::fs::read_dir(d).is_err() && d.exists()));
+    if denied {
+        format!(
+            "cannot connect to agentd at {}: the socket is root-only, run this with sudo",
+            socket.display()
+        )
+    } else {
+        format!(
+            "cannot reach agentd at {} ({e}): is `agentd serve` running? (set --socket or AGENTD_SOCKET)",
+            socket.display()
+        )
+    }
+}
+
 /// Sends one request over the socket; `on_chunk` sees a streamed body as it arrives.
 pub(crate) async fn call(
     socket: &PathBuf,
@@ -143,12 +164,7 @@ pub(crate) async fn call(
 ) -> anyhow::Result<Reply> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
-        .with_context(|| {
-            format!(
-            "cannot reach agentd at {} (is `agentd serve` running? set --socket or AGENTD_SOCKET)",
-            socket.display()
-        )
-        })?;
+        .map_err(|e| anyhow::anyhow!(connect_error(socket, &e)))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let mut req = Request::builder()

@@ -25,6 +25,12 @@ pub const DEFAULT_GATEWAY_PORT: u16 = 4199;
 pub const DEFAULT_MAX_SANDBOXES: usize = 64;
 /// Memory limit of a sandbox that asks for none: OpenCode needs about 500 MiB after a prompt.
 pub const DEFAULT_SANDBOX_MEMORY: &str = "2g";
+/// Most processes (tasks) in a sandbox that asks for no limit. A 2g sandbox holds ~16,700
+/// processes and a host's pid_max is often 32,768, so without a limit two sandboxes could
+/// stop every fork on the host; builds with parallel jobs and language servers stay far below.
+pub const DEFAULT_SANDBOX_PIDS: u64 = 2048;
+/// Longest `ttl_secs` and `idle_timeout_secs`: a year.
+pub const MAX_SANDBOX_TIMEOUT_SECS: u64 = 366 * 24 * 3600;
 /// Seconds without API traffic after which a sandbox is stopped and removed.
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 1800;
 /// First host uid/gid of the range every daemon sandbox maps its ids 0-65535 to. Above the
@@ -86,6 +92,9 @@ pub struct ServeArgs {
     /// Idle timeout of a sandbox that asks for none, seconds (0: never) [default: 1800].
     #[arg(long, env = "AGENTD_IDLE_TIMEOUT")]
     pub idle_timeout: Option<u64>,
+    /// Process limit of a sandbox that asks for none [default: 2048].
+    #[arg(long, env = "AGENTD_SANDBOX_PIDS")]
+    pub sandbox_pids: Option<u64>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "AGENTD_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -119,6 +128,7 @@ struct FileConfig {
     max_memory: Option<String>,
     sandbox_memory: Option<String>,
     idle_timeout: Option<u64>,
+    sandbox_pids: Option<u64>,
     log_format: Option<String>,
     cgroup_parent: Option<String>,
     build_cache: Option<PathBuf>,
@@ -176,6 +186,8 @@ pub struct Config {
     pub sandbox_memory: u64,
     /// Default idle timeout, seconds (0: never).
     pub idle_timeout: u64,
+    /// Default sandbox process limit.
+    pub sandbox_pids: u64,
     /// First host id of the sandboxes' id range.
     pub id_base: u32,
     /// Log format.
@@ -332,10 +344,26 @@ impl Config {
             max_sandboxes,
             max_memory,
             sandbox_memory,
-            idle_timeout: args
-                .idle_timeout
-                .or(file.idle_timeout)
-                .unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS),
+            idle_timeout: {
+                let t = args
+                    .idle_timeout
+                    .or(file.idle_timeout)
+                    .unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS);
+                if t > MAX_SANDBOX_TIMEOUT_SECS {
+                    bail!("idle_timeout must be at most {MAX_SANDBOX_TIMEOUT_SECS} s");
+                }
+                t
+            },
+            sandbox_pids: {
+                let p = args
+                    .sandbox_pids
+                    .or(file.sandbox_pids)
+                    .unwrap_or(DEFAULT_SANDBOX_PIDS);
+                if p < 16 {
+                    bail!("sandbox_pids must be at least 16, got {p}");
+                }
+                p
+            },
             id_base: DEFAULT_ID_BASE,
             log_format,
             cgroup_parent: {

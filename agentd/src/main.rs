@@ -56,6 +56,12 @@ fn main() -> ExitCode {
             }
         };
     }
+    // A CLI whose output goes to a pipe that closes (`agentd image ls | head`) ends quietly,
+    // as other command-line tools do, instead of panicking in println!.
+    // SAFETY: signal() with SIG_DFL installs no handler code; it runs before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")

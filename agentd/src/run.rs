@@ -37,7 +37,8 @@ pub struct RunArgs {
     /// CPU quota in cores, like 0.5 or 2.
     #[arg(long)]
     pub cpus: Option<f64>,
-    /// Maximum number of processes and threads.
+    /// Maximum number of processes and threads [default: 2048; without a limit a fork bomb
+    /// in the sandbox could use up the host's pids].
     #[arg(long)]
     pub pids: Option<u64>,
     /// Environment variable for the command, KEY=VALUE (repeatable).
@@ -262,7 +263,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         memory_bytes: args.memory,
         swap_bytes: None,
         cpus: args.cpus,
-        pids: args.pids,
+        pids: Some(args.pids.unwrap_or(crate::config::DEFAULT_SANDBOX_PIDS)),
     };
     spec.mounts = args.binds.clone();
     if let Some(netns) = &args.netns {

@@ -393,6 +393,8 @@ impl Manager {
             .with_context(|| format!("failed to create {}", config.state_dir.display()))?;
         std::fs::create_dir_all(config.sandboxes_dir())?;
         std::fs::create_dir_all(config.state_dir.join("logs"))?;
+        // Uploads under way when agentd stopped are debris.
+        let _ = std::fs::remove_dir_all(config.state_dir.join("tmp"));
         let db = Db::open(&config.db_path())?;
         let store = Store::open(config.images_dir()).with_context(|| {
             format!(
@@ -548,6 +550,22 @@ impl Manager {
             }
         }
         let limits = self.limits(&req.limits)?;
+        for (name, value) in [
+            ("ttl_secs", req.ttl_secs),
+            ("idle_timeout_secs", req.idle_timeout_secs),
+        ] {
+            let max = crate::config::MAX_SANDBOX_TIMEOUT_SECS;
+            if value.is_some_and(|v| v > max) {
+                return Err(ApiError::BadRequest(format!(
+                    "{name} must be at most {max} (a year); 0 turns the idle timeout off"
+                )));
+            }
+        }
+        if req.ttl_secs == Some(0) {
+            return Err(ApiError::BadRequest(
+                "ttl_secs must be at least 1 (leave it out for no TTL)".into(),
+            ));
+        }
         let memory = limits.memory_bytes.unwrap_or(self.config.sandbox_memory);
         validate_model(req.model.as_deref())?;
         if let Some(cmd) = &req.command {
@@ -697,7 +715,7 @@ impl Manager {
             address,
             memory_bytes: memory,
             cpus: req.limits.cpus,
-            pids: req.limits.pids,
+            pids: limits.pids,
             idle_timeout_secs: req.idle_timeout_secs.unwrap_or(self.config.idle_timeout),
             ttl_secs: req.ttl_secs,
             labels: req.labels.clone(),
@@ -1084,14 +1102,18 @@ impl Manager {
                     continue;
                 }
                 let idle_ms = now.saturating_sub(sb.last_activity.load(Ordering::Relaxed));
-                let reason = if rec
-                    .ttl_secs
-                    .is_some_and(|t| now.saturating_sub(rec.created_at) > t * 1000)
-                {
+                // Checked arithmetic: a stored limit too large for ms never expires.
+                let reason = if rec.ttl_secs.is_some_and(|t| {
+                    t.checked_mul(1000)
+                        .is_some_and(|ms| now.saturating_sub(rec.created_at) > ms)
+                }) {
                     Some("ttl expired")
                 } else if rec.idle_timeout_secs > 0
                     && sb.active.load(Ordering::Relaxed) == 0
-                    && idle_ms > rec.idle_timeout_secs * 1000
+                    && rec
+                        .idle_timeout_secs
+                        .checked_mul(1000)
+                        .is_some_and(|ms| idle_ms > ms)
                 {
                     Some("idle timeout")
                 } else {
@@ -1163,7 +1185,7 @@ impl Manager {
             memory_bytes: Some(memory),
             swap_bytes: None,
             cpus: req.cpus,
-            pids: req.pids,
+            pids: Some(req.pids.unwrap_or(self.config.sandbox_pids)),
         };
         limits
             .validate()

@@ -69,6 +69,8 @@ pub const TASK_LABEL: &str = "agentd.task";
 pub const ATTEMPT_LABEL: &str = "agentd.attempt";
 /// How long the check may run when the request does not say, seconds.
 pub const DEFAULT_CHECK_TIMEOUT_SECS: u64 = 600;
+/// Longest time a finished task's sandboxes may be kept, seconds.
+pub const MAX_GRACE_SECS: u64 = 30 * 24 * 3600;
 /// Longest check time limit, seconds.
 pub const MAX_CHECK_TIMEOUT_SECS: u64 = 24 * 3600;
 /// Files left out of every diff unless the task says otherwise: caches and build outputs
@@ -708,6 +710,11 @@ impl TaskManager {
                 ));
             }
         }
+        if req.grace_secs.is_some_and(|g| g > MAX_GRACE_SECS) {
+            return Err(ApiError::BadRequest(format!(
+                "grace_secs must be at most {MAX_GRACE_SECS}"
+            )));
+        }
         if let Some(t) = req.check_timeout_secs {
             if t == 0 || t > MAX_CHECK_TIMEOUT_SECS {
                 return Err(ApiError::BadRequest(format!(
@@ -1211,7 +1218,13 @@ impl TaskManager {
             // The task drives the sandbox; its time limit and the grace period bound it, and
             // the TTL is the backstop should agentd lose track of it.
             idle_timeout_secs: Some(0),
-            ttl_secs: Some(rec.timeout().as_secs() + grace + 600),
+            ttl_secs: Some(
+                rec.timeout()
+                    .as_secs()
+                    .saturating_add(grace)
+                    .saturating_add(600)
+                    .min(crate::config::MAX_SANDBOX_TIMEOUT_SECS),
+            ),
             labels,
             opencode: Some(true),
             model: rec.request.model.clone(),

@@ -13,6 +13,12 @@ pub enum ApiError {
     /// Missing or wrong bearer token (401).
     #[error("{0}")]
     Unauthorized(String),
+    /// Not allowed from where the request came (403), e.g. host paths over TCP.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The host's disk is full (507).
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// No such resource (404).
     #[error("{0}")]
     NotFound(String),
@@ -46,6 +52,8 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -62,6 +70,8 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::NotFound(_) => "not_found",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::InsufficientStorage(_) => "insufficient_storage",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge(_) => "payload_too_large",

@@ -38,6 +38,80 @@ struct ImportBody {
     name: Option<String>,
 }
 
+/// Largest image archive accepted as a request body.
+pub const MAX_IMPORT_BYTES: u64 = 64 << 30;
+
+/// Whether an import request carries the archive as its body (rather than a JSON host path).
+fn is_archive(req: &Request<Incoming>) -> bool {
+    let ct = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    ct.starts_with("application/x-tar") || ct.starts_with("application/octet-stream")
+}
+
+/// The first line of a message, at most 300 bytes (error chains of a parser may quote what
+/// they parsed).
+fn first_line(s: &str) -> String {
+    let line = s.lines().next().unwrap_or_default();
+    let mut end = line.len().min(300);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    line[..end].to_string()
+}
+
+/// An uploaded archive in `<state>/tmp`, removed when dropped.
+struct Upload(std::path::PathBuf);
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Streams the request body into a new file under `<state>/tmp` (at most
+/// [`MAX_IMPORT_BYTES`]); a full disk is a 507.
+async fn receive_archive(mgr: &Manager, req: Request<Incoming>) -> Result<Upload, ApiError> {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    let dir = mgr.config.state_dir.join("tmp");
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(ApiError::internal)?;
+    let upload = Upload(dir.join(format!("import-{}.tar", crate::sandbox::random_hex(8))));
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&upload.0)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut body = req.into_body();
+    let mut size = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiError::BadRequest(format!("failed to read the body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        size += data.len() as u64;
+        if size > MAX_IMPORT_BYTES {
+            return Err(ApiError::TooLarge(format!(
+                "the archive is larger than {MAX_IMPORT_BYTES} bytes"
+            )));
+        }
+        file.write_all(&data).await.map_err(super::io_error)?;
+    }
+    file.sync_all().await.map_err(super::io_error)?;
+    if size == 0 {
+        return Err(ApiError::BadRequest(
+            "the body is empty: send the image archive (OCI layout or docker-archive tar)".into(),
+        ));
+    }
+    Ok(upload)
+}
+
 fn store_err(e: agentd_images::StoreError) -> ApiError {
     match e {
         agentd_images::StoreError::UnknownImage(_) => {
@@ -94,6 +168,7 @@ pub(crate) async fn dispatch(
     method: &Method,
     segs: &[&str],
     req: Request<Incoming>,
+    tcp: bool,
 ) -> Result<Response<Body>, ApiError> {
     let unpack = UnpackOptions {
         id_offset: mgr.config.id_base,
@@ -147,25 +222,41 @@ pub(crate) async fn dispatch(
                 .expect("valid response"))
         }
         (&Method::POST, ["import"]) => {
-            let body: ImportBody = read_json(req).await?;
+            let archive = is_archive(&req);
+            let (path, name, upload) = if archive {
+                // The archive is the body, streamed to a file of agentd's own.
+                let name = super::query_param(&req, "name");
+                let file = receive_archive(mgr, req).await?;
+                (file.0.clone(), name, Some(file))
+            } else {
+                let body: ImportBody = read_json(req).await?;
+                // Reading host files is a privilege of the root-only socket: a TCP token must
+                // not grant it (nor tell which paths exist).
+                if tcp {
+                    return Err(ApiError::Forbidden(
+                        "host paths are accepted on agentd's Unix socket only: over TCP send the archive as the body (Content-Type: application/x-tar, ?name=NAME)".into(),
+                    ));
+                }
+                let path = std::path::PathBuf::from(&body.path);
+                if !path.is_absolute() {
+                    return Err(ApiError::BadRequest(
+                        "path must be an absolute host path".into(),
+                    ));
+                }
+                if !path.exists() {
+                    return Err(ApiError::BadRequest(format!(
+                        "{}: no such file or directory",
+                        body.path
+                    )));
+                }
+                (path, body.name, None)
+            };
             let store = mgr.store.clone();
-            let path = std::path::PathBuf::from(&body.path);
-            if !path.is_absolute() {
-                return Err(ApiError::BadRequest(
-                    "path must be an absolute host path".into(),
-                ));
-            }
-            if !path.exists() {
-                return Err(ApiError::BadRequest(format!(
-                    "{}: no such file or directory",
-                    body.path
-                )));
-            }
             let records = tokio::task::spawn_blocking(move || {
                 let recs = agentd_images::layout::import(
                     &store,
                     &path,
-                    body.name.as_deref(),
+                    name.as_deref(),
                     &Platform::default(),
                 )?;
                 for r in &recs {
@@ -177,7 +268,15 @@ pub(crate) async fn dispatch(
             })
             .await
             .map_err(ApiError::internal)?
-            .map_err(|e| ApiError::BadRequest(agentd_runtime::error_chain(&e)))?;
+            .map_err(|e| {
+                // The message names what was wrong, never the file's contents.
+                ApiError::BadRequest(format!(
+                    "not an importable image (an OCI layout, dir or tar, or a docker-archive tar): {}",
+                    first_line(&agentd_runtime::error_chain(&e))
+                ))
+            });
+            drop(upload);
+            let records = records?;
             let list: Vec<_> = records.iter().map(record_json).collect();
             Ok(json(
                 StatusCode::CREATED,

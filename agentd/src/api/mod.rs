@@ -112,6 +112,17 @@ pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Ap
     }
 }
 
+/// An I/O error of agentd's own writes: a full disk is a 507 that says so, anything else a 500.
+pub fn io_error(e: std::io::Error) -> ApiError {
+    if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+        ApiError::InsufficientStorage(
+            "agentd's disk is full: nothing was stored; free space on the state dir's filesystem and retry".into(),
+        )
+    } else {
+        ApiError::internal(e)
+    }
+}
+
 /// The query parameter `key`, percent-decoded.
 pub fn query_param(req: &Request<Incoming>, key: &str) -> Option<String> {
     req.uri().query()?.split('&').find_map(|kv| {
@@ -237,7 +248,7 @@ async fn dispatch(
         }
         (&Method::GET, ["v1", "openapi.json"]) => Ok(json(StatusCode::OK, &openapi::document())),
         (_, ["v1", "sandboxes", ..]) => sandboxes::dispatch(mgr, method, &segs[2..], req).await,
-        (_, ["v1", "images", ..]) => images::dispatch(mgr, method, &segs[2..], req).await,
+        (_, ["v1", "images", ..]) => images::dispatch(mgr, method, &segs[2..], req, tcp).await,
         (_, ["v1", "tasks", ..]) => tasks::dispatch(mgr, method, &segs[2..], req, tcp).await,
         (_, ["v1", "workspaces", ..]) => {
             tasks::dispatch_workspaces(mgr, method, &segs[2..], req).await

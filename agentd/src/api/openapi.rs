@@ -50,7 +50,7 @@ fn summary(path: &str, method: &str) -> &'static str {
         ("/v1/sandboxes/{id}/opencode/{path}", _) => "Any request to the sandbox's OpenCode server (SSE included)",
         ("/v1/images", _) => "List images",
         ("/v1/images/pull", _) => "Pull an image; progress as JSON lines, last {event: complete|error}",
-        ("/v1/images/import", _) => "Import an OCI layout or docker-archive from a host path",
+        ("/v1/images/import", _) => "Import an OCI layout or docker-archive tar: the body (Content-Type application/x-tar, ?name=), or on the Unix socket only {path} of a host file",
         ("/v1/images/{name}", "get") => "Inspect an image",
         ("/v1/images/{name}", _) => "Remove an image",
         ("/v1/workspaces", _) => "Upload a workspace tar for a task; returns {upload} for workspace.upload (one task each)",
