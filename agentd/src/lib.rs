@@ -26,4 +26,5 @@ pub mod sandbox;
 pub mod serve;
 pub mod task;
 pub mod task_client;
+pub mod walk;
 pub mod workspace;

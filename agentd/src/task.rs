@@ -2192,9 +2192,37 @@ mod tests {
                 passed: false,
                 output: "boom\n".into(),
                 duration_ms: 1,
+                timed_out: false,
             }),
         );
         assert!(f.contains("exit status 2") && f.contains("make test") && f.contains("boom"));
+        let f = follow_up(
+            "make test",
+            Some(&CheckResult {
+                round: 1,
+                exit_code: Some(137),
+                passed: false,
+                output: "agentd: the check timed out after 5 s and was killed\n".into(),
+                duration_ms: 5000,
+                timed_out: true,
+            }),
+        );
+        assert!(
+            f.contains("timeout") && f.contains("timed out after 5 s"),
+            "{f}"
+        );
+        assert!(validate_diff_exclude(&["a\nb".into()]).is_err());
+        assert!(validate_diff_exclude(&["".into()]).is_err());
+        assert!(validate_diff_exclude(&["target/".into(), "*.pyc".into()]).is_ok());
+        let mut req = CreateTask::default();
+        assert!(exclude_file(&req).contains("\n__pycache__/\n"));
+        req.diff_exclude = Some(vec!["only/".into()]);
+        let ex = exclude_file(&req);
+        assert!(
+            ex.contains("\nonly/\n") && !ex.contains("__pycache__"),
+            "{ex}"
+        );
+        assert_eq!(sh_quote("it's"), "'it'\\''s'");
     }
 
     #[test]

@@ -154,7 +154,9 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
         } => {
             let ws = match (&workspace, &git) {
                 (Some(dir), _) => {
-                    let abs = std::fs::canonicalize(dir)
+                    // Absolute, but not resolved: agentd itself follows only symlinks root
+                    // owns (resolving here, as root, would hide a link another user planted).
+                    let abs = std::path::absolute(dir)
                         .with_context(|| format!("workspace {}", dir.display()))?;
                     serde_json::json!({"path": abs})
                 }

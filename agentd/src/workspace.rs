@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -222,11 +222,24 @@ pub fn archive_host_dir(dir: &Path, dest: &Path, exclude: &[String]) -> Result<W
     std::thread::Builder::new()
         .name("workspace-read".into())
         .spawn(move || {
-            let meta = std::fs::metadata(&dir).map_err(|source| WorkspaceError::Read {
+            let read_err = |source| WorkspaceError::Read {
                 path: dir.display().to_string(),
                 source,
+            };
+            // The owner is taken from the directory actually opened, which was reached
+            // without following a symlink that someone other than root could have planted.
+            let root = open_host_dir(&dir).map_err(|e| {
+                if e.raw_os_error() == Some(libc::ENOTDIR) {
+                    WorkspaceError::Invalid(format!(
+                        "workspace.path {} is not a directory",
+                        dir.display()
+                    ))
+                } else {
+                    read_err(e)
+                }
             })?;
-            if !meta.is_dir() {
+            let meta = nix::sys::stat::fstat(root.as_raw_fd()).map_err(|e| read_err(e.into()))?;
+            if meta.st_mode & libc::S_IFMT != libc::S_IFDIR {
                 return Err(WorkspaceError::Invalid(format!(
                     "workspace.path {} is not a directory",
                     dir.display()
@@ -235,8 +248,20 @@ pub fn archive_host_dir(dir: &Path, dest: &Path, exclude: &[String]) -> Result<W
             // The archive is created (and renamed into place) as agentd; only the reads
             // happen as the owner.
             write_archive(&dest, |b, info| {
-                let _ids = FsIds::become_owner(meta.uid(), meta.gid());
-                append_tree(b, &dir, Path::new(""), &exclude, info)
+                let _ids = FsIds::become_owner(meta.st_uid, meta.st_gid);
+                // Reopened as the owner: a directory the owner cannot read is refused here.
+                let root = nix::fcntl::openat(
+                    Some(root.as_raw_fd()),
+                    ".",
+                    nix::fcntl::OFlag::O_RDONLY
+                        | nix::fcntl::OFlag::O_DIRECTORY
+                        | nix::fcntl::OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )
+                .map_err(|e| read_err(e.into()))?;
+                // SAFETY: openat returned a new descriptor that nothing else owns.
+                let root = unsafe { OwnedFd::from_raw_fd(root) };
+                append_tree(b, root, &dir, &exclude, info)
             })
         })
         .map_err(WorkspaceError::Write)?
@@ -246,6 +271,86 @@ pub fn archive_host_dir(dir: &Path, dest: &Path, exclude: &[String]) -> Result<W
                 "the workspace reader panicked".into(),
             ))
         })
+}
+
+/// Most symlinks followed while resolving a workspace path (the kernel's own limit).
+const MAX_PATH_SYMLINKS: usize = 40;
+
+/// Opens the directory at the absolute `path` as `O_PATH`, one component at a time, following
+/// only symlinks owned by root: a link planted by another user (`~mallory/ws -> /root/secret`)
+/// must not make agentd read what it points at with the permissions of its target's owner.
+pub fn open_host_dir(path: &Path) -> io::Result<OwnedFd> {
+    use nix::fcntl::{AtFlags, OFlag};
+    use std::collections::VecDeque;
+    use std::path::Component;
+    let open = |dir: &OwnedFd, name: &std::ffi::OsStr| -> io::Result<OwnedFd> {
+        let fd = nix::fcntl::openat(
+            Some(dir.as_raw_fd()),
+            name,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let root_dir = || -> io::Result<OwnedFd> { Ok(File::open("/")?.into()) };
+    let mut queue: VecDeque<std::ffi::OsString> = VecDeque::new();
+    let push_front = |queue: &mut VecDeque<std::ffi::OsString>, p: &Path| {
+        let comps: Vec<_> = p
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_os_string()),
+                Component::ParentDir => Some("..".into()),
+                _ => None,
+            })
+            .collect();
+        for c in comps.into_iter().rev() {
+            queue.push_front(c);
+        }
+    };
+    if !path.is_absolute() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not an absolute path",
+        ));
+    }
+    push_front(&mut queue, path);
+    let mut cur = root_dir()?;
+    let mut links = 0;
+    while let Some(name) = queue.pop_front() {
+        let st = nix::sys::stat::fstatat(
+            Some(cur.as_raw_fd()),
+            name.as_os_str(),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?;
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            if st.st_uid != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} goes through the symlink {:?}, owned by uid {}: give the real path of the directory",
+                        path.display(),
+                        name,
+                        st.st_uid
+                    ),
+                ));
+            }
+            links += 1;
+            if links > MAX_PATH_SYMLINKS {
+                return Err(io::Error::from_raw_os_error(libc::ELOOP));
+            }
+            let target = nix::fcntl::readlinkat(Some(cur.as_raw_fd()), name.as_os_str())?;
+            let target = PathBuf::from(target);
+            if target.is_absolute() {
+                cur = root_dir()?;
+            }
+            push_front(&mut queue, &target);
+            continue;
+        }
+        // O_NOFOLLOW: a component swapped for a symlink since the lstat fails here.
+        cur = open(&cur, &name)?;
+    }
+    Ok(cur)
 }
 
 /// This thread's fsuid/fsgid set to a file owner's until dropped (and its supplementary
@@ -314,83 +419,83 @@ fn write_archive(
     result.map(|()| info)
 }
 
-/// Appends everything below `root.join(rel)` (sorted, symlinks not followed).
+/// Appends everything below the open directory `root` (sorted, symlinks not followed, at
+/// most [`crate::walk::MAX_DEPTH`] levels); `shown` names it in errors.
 fn append_tree(
     b: &mut Builder,
-    root: &Path,
-    rel: &Path,
+    root: OwnedFd,
+    shown: &Path,
     exclude: &[String],
     info: &mut WorkspaceInfo,
 ) -> Result<()> {
-    let dir = root.join(rel);
+    use crate::walk::Kind;
     let read_err = |p: &Path, source: io::Error| WorkspaceError::Read {
-        path: p.display().to_string(),
+        path: shown.join(p).display().to_string(),
         source,
     };
-    let mut names: Vec<_> = std::fs::read_dir(&dir)
-        .map_err(|e| read_err(&dir, e))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<io::Result<_>>()
-        .map_err(|e| read_err(&dir, e))?;
-    names.sort();
-    for name in names {
-        let child_rel = rel.join(&name);
-        if exclude
-            .iter()
-            .any(|e| Path::new(e) == child_rel || std::ffi::OsStr::new(e) == name)
-        {
-            info.excluded += 1;
-            continue;
-        }
-        let path = root.join(&child_rel);
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| read_err(&path, e))?;
-        info.entries += 1;
-        if info.entries > MAX_WORKSPACE_ENTRIES {
-            return Err(WorkspaceError::TooLarge(format!(
-                "more than {MAX_WORKSPACE_ENTRIES} entries"
-            )));
-        }
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(meta.mode() & 0o7777);
-        h.set_mtime(u64::try_from(meta.mtime()).unwrap_or(0));
-        let ft = meta.file_type();
-        if ft.is_dir() {
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_size(0);
-            b.append_data(&mut h, &child_rel, io::empty())
-                .map_err(WorkspaceError::Write)?;
-            append_tree(b, root, &child_rel, exclude, info)?;
-        } else if ft.is_file() {
-            // O_NOFOLLOW: a file swapped for a symlink after the lstat is refused, and
-            // O_NONBLOCK: one swapped for a FIFO cannot hang the copy.
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(&path)
-                .map_err(|e| read_err(&path, e))?;
-            let len = f.metadata().map_err(|e| read_err(&path, e))?.len();
-            info.bytes += len;
-            if info.bytes > MAX_WORKSPACE_BYTES {
-                return Err(WorkspaceError::TooLarge(format!(
-                    "more than {MAX_WORKSPACE_BYTES} bytes of files"
-                )));
+    let mut failure: Option<WorkspaceError> = None;
+    let walked = crate::walk::walk(
+        root,
+        crate::walk::MAX_DEPTH,
+        |rel, name| {
+            let out = exclude
+                .iter()
+                .any(|e| Path::new(e) == rel || std::ffi::OsStr::new(e) == name);
+            if out {
+                info.excluded += 1;
             }
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_size(len);
-            b.append_data(&mut h, &child_rel, f.take(len))
-                .map_err(|e| read_err(&path, e))?;
-        } else if ft.is_symlink() {
-            let target = std::fs::read_link(&path).map_err(|e| read_err(&path, e))?;
-            h.set_entry_type(tar::EntryType::Symlink);
-            h.set_size(0);
-            b.append_link(&mut h, &child_rel, &target)
-                .map_err(WorkspaceError::Write)?;
-        } else {
-            info.entries -= 1;
-            info.skipped += 1;
-        }
+            out
+        },
+        |rel, st, kind| {
+            info.entries += 1;
+            if info.entries > MAX_WORKSPACE_ENTRIES {
+                failure = Some(WorkspaceError::TooLarge(format!(
+                    "more than {MAX_WORKSPACE_ENTRIES} entries"
+                )));
+                return Err(io::Error::other("too large"));
+            }
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(st.st_mode & 0o7777);
+            h.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));
+            match kind {
+                Kind::Dir => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_size(0);
+                    b.append_data(&mut h, rel, io::empty())
+                }
+                Kind::File(opened) => {
+                    let (f, len) = opened.inspect_err(|e| {
+                        failure = Some(read_err(rel, io::Error::new(e.kind(), e.to_string())));
+                    })?;
+                    info.bytes += len;
+                    if info.bytes > MAX_WORKSPACE_BYTES {
+                        failure = Some(WorkspaceError::TooLarge(format!(
+                            "more than {MAX_WORKSPACE_BYTES} bytes of files"
+                        )));
+                        return Err(io::Error::other("too large"));
+                    }
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_size(len);
+                    b.append_data(&mut h, rel, f.take(len))
+                }
+                Kind::Symlink(target) => {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_size(0);
+                    b.append_link(&mut h, rel, &target)
+                }
+                Kind::Other => {
+                    info.entries -= 1;
+                    info.skipped += 1;
+                    Ok(())
+                }
+            }
+        },
+    );
+    match (walked, failure) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(f)) => Err(f),
+        (Err(e), None) => Err(read_err(Path::new(""), e)),
     }
-    Ok(())
 }
 
 /// Checks an uploaded tar (files, dirs and symlinks; relative paths; within the limits) and
@@ -495,7 +600,13 @@ pub async fn archive_git(
         }
         let (c, d, x) = (checkout.clone(), dest.to_path_buf(), exclude.to_vec());
         tokio::task::spawn_blocking(move || {
-            write_archive(&d, |b, info| append_tree(b, &c, Path::new(""), &x, info))
+            write_archive(&d, |b, info| {
+                let root = File::open(&c).map_err(|source| WorkspaceError::Read {
+                    path: c.display().to_string(),
+                    source,
+                })?;
+                append_tree(b, root.into(), &c, &x, info)
+            })
         })
         .await
         .map_err(|e| WorkspaceError::Write(io::Error::other(e)))?
@@ -685,5 +796,35 @@ mod tests {
         assert!(e.to_string().contains("not a directory"), "{e}");
         let e = archive_host_dir(&src.path().join("nope"), &dest, &[]).unwrap_err();
         assert!(e.to_string().contains("No such file"), "{e}");
+    }
+
+    /// A workspace path through a symlink another user planted is refused (the owner would
+    /// otherwise be taken from the link's root-only target); root's own links are followed.
+    #[test]
+    fn test_host_dir_symlinks_of_other_users_are_not_followed() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root");
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let secret = base.path().join("secret");
+        std::fs::create_dir(&secret).unwrap();
+        std::fs::write(secret.join("key"), "s3cret").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let planted = base.path().join("planted");
+        std::os::unix::fs::symlink(&secret, &planted).unwrap();
+        std::os::unix::fs::lchown(&planted, Some(65534), Some(65534)).unwrap();
+        let dest = base.path().join("out.tar");
+        let e = archive_host_dir(&planted, &dest, &[]).unwrap_err();
+        assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+        assert!(!dest.exists());
+        // Through a planted link in the middle of the path, too.
+        let e = archive_host_dir(&planted.join("."), &dest, &[]).unwrap_err();
+        assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+        let rooted = base.path().join("rooted");
+        std::os::unix::fs::symlink(&secret, &rooted).unwrap();
+        let info = archive_host_dir(&rooted, &dest, &[]).unwrap();
+        assert_eq!(info.entries, 1);
     }
 }

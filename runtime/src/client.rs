@@ -226,7 +226,7 @@ impl Runtime {
     fn start_failed(&self, id: &str, event: Option<ShimEvent>, hint: &str) -> ClientError {
         match event {
             Some(ShimEvent::Failed { error }) => {
-                let _ = fs::remove_dir_all(self.sandbox_dir(id));
+                let _ = crate::tree::remove_tree(&self.sandbox_dir(id));
                 ClientError::CreateFailed(error)
             }
             other => {
@@ -327,7 +327,7 @@ impl Runtime {
             .and_then(|json| write_private(&config_path, &json));
         drop(lock);
         if let Err(e) = write {
-            let _ = fs::remove_dir_all(&dir);
+            let _ = crate::tree::remove_tree(&dir);
             return Err(io_err("cannot write sandbox.json")(e));
         }
         let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -362,7 +362,7 @@ impl Runtime {
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                let _ = fs::remove_dir_all(&dir);
+                let _ = crate::tree::remove_tree(&dir);
                 return Err(io_err(format!("cannot start {}", self.shim.display()))(e));
             }
         };
@@ -448,7 +448,7 @@ impl Runtime {
         // Before removing the state dir: an overlay rootfs is mounted inside it.
         crate::rootfs::unmount_overlay(&self.sandbox_dir(id))
             .map_err(io_err("cannot unmount the sandbox's rootfs"))?;
-        match fs::remove_dir_all(self.sandbox_dir(id)) {
+        match crate::tree::remove_tree(&self.sandbox_dir(id)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("cannot remove the sandbox's state dir")(e)),

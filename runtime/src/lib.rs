@@ -13,6 +13,7 @@
 //! - [`shim`]: the per-sandbox supervisor behind the `agentd-shim` binary.
 //! - [`client`]: start shims and talk to them ([`Runtime`], [`ShimClient`]).
 //! - [`proto`]: the private shim protocol.
+//! - [`tree`]: removing a tree a sandbox wrote (iterative, any depth, no symlink followed).
 
 pub mod cgroups;
 pub mod client;
@@ -24,6 +25,7 @@ pub mod rootfs;
 pub mod seccomp;
 pub mod shim;
 pub mod spec;
+pub mod tree;
 
 pub use cgroups::{CgroupVersion, SandboxCgroup, Stats};
 pub use client::{ClientError, ForegroundSandbox, Runtime, ShimClient};

@@ -313,7 +313,7 @@ impl Shim {
             Err(e) => {
                 // libcontainer may have made the cgroup and its state dir before failing.
                 let _ = cgroup.remove();
-                let _ = fs::remove_dir_all(&lc_root);
+                let _ = crate::tree::remove_tree(&lc_root);
                 return Err(ShimError::Container {
                     what: "failed to create the sandbox".into(),
                     source: e,
@@ -707,7 +707,7 @@ impl Shim {
                 tracing::error!(error = %e, "failed to unmount the rootfs");
             }
         }
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
+        if let Err(e) = crate::tree::remove_tree(&self.dir) {
             tracing::error!(error = %e, dir = %self.dir.display(), "failed to remove the state dir");
         }
     }

@@ -145,7 +145,7 @@ async fn download(root: File, path: String) -> Result<Response<Body>, ApiError> 
         let mut w = ChannelWriter { tx };
         let result = if is_dir {
             let mut builder = tar::Builder::new(&mut w);
-            let r = append_dir(&mut builder, file, Path::new(""));
+            let r = append_dir(&mut builder, file);
             r.and_then(|()| builder.finish())
         } else {
             let mut file = file;
@@ -177,81 +177,41 @@ impl Write for ChannelWriter {
     }
 }
 
-/// Appends the directory open as `dir` (at `rel` in the archive) and everything below it,
-/// never following a symlink.
-fn append_dir<W: Write>(b: &mut tar::Builder<W>, dir: File, rel: &Path) -> io::Result<()> {
-    let mut d = nix::dir::Dir::from_fd(std::os::fd::IntoRawFd::into_raw_fd(dir))
-        .map_err(io::Error::from)?;
-    let dfd = d.as_raw_fd();
-    let mut names: Vec<Vec<u8>> = d
-        .iter()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_bytes().to_vec())
-        .filter(|n| n != b"." && n != b"..")
-        .collect();
-    names.sort();
-    for name in names {
-        let cname = CString::new(name.clone()).expect("no NUL in a dir entry");
-        let child = rel.join(std::ffi::OsStr::from_bytes(&name));
-        let st = nix::sys::stat::fstatat(
-            Some(dfd),
-            cname.as_c_str(),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(io::Error::from)?;
-        let kind = st.st_mode & libc::S_IFMT;
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(st.st_mode & 0o7777);
-        h.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));
-        if kind == libc::S_IFDIR {
-            // SAFETY: openat with a valid dir fd and NUL-terminated name; the result is owned.
-            let fd = unsafe {
-                libc::openat(
-                    dfd,
-                    cname.as_ptr(),
-                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                )
-            };
-            if fd < 0 {
-                continue;
+/// Appends everything below the directory open as `dir`, never following a symlink, to a
+/// depth of [`crate::walk::MAX_DEPTH`] (a deeper tree ends the archive with an error).
+fn append_dir<W: Write>(b: &mut tar::Builder<W>, dir: File) -> io::Result<()> {
+    use crate::walk::Kind;
+    crate::walk::walk(
+        dir.into(),
+        crate::walk::MAX_DEPTH,
+        |_, _| false,
+        |rel, st, kind| {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(st.st_mode & 0o7777);
+            h.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));
+            match kind {
+                Kind::Dir => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_size(0);
+                    b.append_data(&mut h, rel, io::empty())
+                }
+                Kind::File(Ok((f, len))) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_size(len);
+                    b.append_data(&mut h, rel, f.take(len))
+                }
+                // Replaced since it was listed: skipped.
+                Kind::File(Err(_)) => Ok(()),
+                Kind::Symlink(target) => {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_size(0);
+                    b.append_link(&mut h, rel, &target)
+                }
+                // Devices, FIFOs and sockets are skipped.
+                Kind::Other => Ok(()),
             }
-            // SAFETY: fd is a fresh descriptor from openat.
-            let sub = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_size(0);
-            b.append_data(&mut h, &child, io::empty())?;
-            append_dir(b, sub, &child)?;
-        } else if kind == libc::S_IFREG {
-            // SAFETY: as above; O_NONBLOCK so a file swapped for a FIFO cannot block us.
-            let fd = unsafe {
-                libc::openat(
-                    dfd,
-                    cname.as_ptr(),
-                    libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
-                )
-            };
-            if fd < 0 {
-                continue;
-            }
-            // SAFETY: fd is a fresh descriptor from openat.
-            let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-            let meta = f.metadata()?;
-            if !meta.is_file() {
-                continue;
-            }
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_size(meta.len());
-            b.append_data(&mut h, &child, f.take(meta.len()))?;
-        } else if kind == libc::S_IFLNK {
-            let target =
-                nix::fcntl::readlinkat(Some(dfd), cname.as_c_str()).map_err(io::Error::from)?;
-            h.set_entry_type(tar::EntryType::Symlink);
-            h.set_size(0);
-            b.append_link(&mut h, &child, Path::new(&target))?;
-        }
-        // Devices, FIFOs and sockets are skipped.
-    }
-    Ok(())
+        },
+    )
 }
 
 fn write_file(root: &File, path: &Path, data: &[u8], owner: (u32, u32)) -> io::Result<()> {
