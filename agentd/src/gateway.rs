@@ -8,6 +8,7 @@
 //! requests the gateway asks the upstream for usage in the last chunk
 //! (`stream_options.include_usage`) and reads it from the `data:` lines as they pass.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -19,12 +20,17 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use crate::api::conn;
 use crate::api::error::ApiError;
 use crate::api::{json, Body, BoxError};
 use crate::sandbox::{Manager, Sandbox};
 
-/// Largest request body (prompts with long histories).
-pub const MAX_REQUEST: usize = 32 << 20;
+/// Largest request body (prompts with long histories: a 200k-token conversation with tool
+/// definitions is a few MiB).
+pub const MAX_REQUEST: usize = 16 << 20;
+/// Most chat requests one sandbox has in flight at once (OpenCode sends one or two): bodies
+/// are held in agentd's memory, outside any sandbox's cgroup, while they are forwarded.
+pub const MAX_REQUESTS_PER_SANDBOX: usize = 4;
 
 /// Serves the gateway on `listener` until the process ends.
 pub async fn serve(mgr: Arc<Manager>, listener: TcpListener) {
@@ -32,17 +38,30 @@ pub async fn serve(mgr: Arc<Manager>, listener: TcpListener) {
     let client = reqwest::Client::builder()
         .build()
         .expect("an HTTP client without custom settings builds");
+    let limit = conn::Listener::new("gateway", conn::MAX_GATEWAY_CONNECTIONS);
+    let per_sandbox: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let mut backoff = conn::Backoff::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(error = %e, "gateway accept failed");
+                limit.accept_failed(&e, &mut backoff).await;
                 continue;
             }
+        };
+        backoff = conn::Backoff::default();
+        let Some(slot) = limit.admit() else {
+            continue;
+        };
+        // One sandbox cannot take every slot: a few connections each are what OpenCode uses.
+        let Some(mine) = PeerSlot::take(&per_sandbox, peer.ip()) else {
+            tracing::debug!(%peer, "gateway: too many connections from one sandbox");
+            continue;
         };
         let mgr = mgr.clone();
         let client = client.clone();
         tokio::spawn(async move {
+            let _slots = (slot, mine);
             let service = hyper::service::service_fn(move |req| {
                 let mgr = mgr.clone();
                 let client = client.clone();
@@ -57,10 +76,46 @@ pub async fn serve(mgr: Arc<Manager>, listener: TcpListener) {
                     }))
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let _ = conn::http1()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// A connection counted against its sandbox's (its address's) share of the gateway.
+struct PeerSlot {
+    counts: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    peer: IpAddr,
+}
+
+impl PeerSlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+        peer: IpAddr,
+    ) -> Option<PeerSlot> {
+        let mut map = counts.lock().expect("gateway counts lock");
+        let n = map.entry(peer).or_default();
+        if *n >= conn::MAX_GATEWAY_CONNECTIONS_PER_SANDBOX {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: counts.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().expect("gateway counts lock");
+        if let Some(n) = map.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.peer);
+            }
+        }
     }
 }
 
@@ -109,27 +164,18 @@ async fn chat(
             "agentd has no LLM upstream configured: set llm_base_url (and llm_api_key_file)".into(),
         ));
     };
+    let Some(_in_flight) = InFlight::take(&sb) else {
+        return Err(ApiError::Quota(format!(
+            "this sandbox already has {MAX_REQUESTS_PER_SANDBOX} requests in flight to the LLM gateway"
+        )));
+    };
     let bytes = crate::api::read_body(req, MAX_REQUEST).await?;
-    let mut body: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
-    let streaming = body
-        .get("stream")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    if streaming {
-        if let Some(obj) = body.as_object_mut() {
-            let opts = obj
-                .entry("stream_options")
-                .or_insert_with(|| serde_json::json!({}));
-            if let Some(o) = opts.as_object_mut() {
-                o.insert("include_usage".into(), serde_json::Value::Bool(true));
-            }
-        }
-    }
+    let (forward, streaming) = with_usage_requested(&bytes)?;
+    drop(bytes);
     let mut request = client
         .post(format!("{}/chat/completions", upstream.base_url))
         .header("content-type", "application/json")
-        .body(serde_json::to_vec(&body).expect("json"));
+        .body(forward);
     if let Some(key) = &upstream.api_key {
         request = request.bearer_auth(key);
     }
@@ -164,6 +210,8 @@ async fn chat(
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(64);
     let mgr = mgr.clone();
     tokio::spawn(async move {
+        // Counted until the stream ends.
+        let _in_flight = _in_flight;
         let mut stream = resp.bytes_stream();
         let mut pending = Vec::new();
         let (mut prompt, mut completion) = (0, 0);
@@ -232,6 +280,81 @@ pub async fn upstream_models(upstream: &crate::config::LlmUpstream) -> Option<Ve
     Some(list)
 }
 
+/// The request body to forward and whether it asks for a stream. Only the top level is parsed
+/// (each value stays the raw text it was, no tree of the body is built); a streamed request
+/// gets `stream_options.include_usage`, so that the last chunk carries the token counts.
+fn with_usage_requested(body: &[u8]) -> Result<(Vec<u8>, bool), ApiError> {
+    use serde_json::value::RawValue;
+    let fields: std::collections::BTreeMap<String, &RawValue> = serde_json::from_slice(body)
+        .map_err(|e| {
+            ApiError::BadRequest(format!("invalid JSON: a chat request is an object: {e}"))
+        })?;
+    let streaming = fields
+        .get("stream")
+        .is_some_and(|v| v.get().trim() == "true");
+    if !streaming {
+        return Ok((body.to_vec(), false));
+    }
+    let mut options: serde_json::Map<String, serde_json::Value> = match fields.get("stream_options")
+    {
+        Some(raw) => serde_json::from_str(raw.get()).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "invalid JSON: stream_options must be an object: {e}"
+            ))
+        })?,
+        None => serde_json::Map::new(),
+    };
+    options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    let options = serde_json::to_string(&options).expect("a map serializes");
+    let mut out = Vec::with_capacity(body.len() + 64);
+    out.push(b'{');
+    let mut first = true;
+    let mut put = |out: &mut Vec<u8>, k: &str, v: &str| {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        out.extend_from_slice(
+            serde_json::to_string(k)
+                .expect("a key serializes")
+                .as_bytes(),
+        );
+        out.push(b':');
+        out.extend_from_slice(v.as_bytes());
+    };
+    for (k, v) in &fields {
+        if k != "stream_options" {
+            put(&mut out, k, v.get());
+        }
+    }
+    put(&mut out, "stream_options", &options);
+    out.push(b'}');
+    Ok((out, true))
+}
+
+/// One chat request of a sandbox in flight (counted on the sandbox).
+struct InFlight(Arc<Sandbox>);
+
+impl InFlight {
+    fn take(sb: &Arc<Sandbox>) -> Option<InFlight> {
+        use std::sync::atomic::Ordering;
+        let prev = sb.gateway_requests.fetch_add(1, Ordering::SeqCst);
+        if prev >= MAX_REQUESTS_PER_SANDBOX {
+            sb.gateway_requests.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(InFlight(sb.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .gateway_requests
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 fn record(mgr: &Manager, sb: &Sandbox, prompt: u64, completion: u64) {
     mgr.add_usage(sb, prompt, completion);
     mgr.metrics.count_tokens(prompt, completion);
@@ -249,6 +372,31 @@ fn usage_of(v: &serde_json::Value) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_usage_requested_without_a_tree_of_the_body() {
+        let (out, streaming) = with_usage_requested(
+            br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        assert!(streaming);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["messages"][0]["content"], "hi");
+        let (out, _) = with_usage_requested(
+            br#"{"stream":true,"stream_options":{"x":1,"include_usage":false}}"#,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"x": 1, "include_usage": true})
+        );
+        let body = br#"{"stream":false,"model":"m"}"#;
+        assert_eq!(with_usage_requested(body).unwrap(), (body.to_vec(), false));
+        assert!(with_usage_requested(b"[1]").is_err());
+        assert!(with_usage_requested(br#"{"stream":true,"stream_options":3}"#).is_err());
+    }
 
     #[test]
     fn test_usage_of() {

@@ -276,6 +276,8 @@ pub struct Sandbox {
     pub last_activity: AtomicU64,
     /// Requests to it in flight (proxied streams keep it from being idle).
     pub active: AtomicUsize,
+    /// Chat requests of this sandbox the LLM gateway is forwarding now.
+    pub gateway_requests: AtomicUsize,
     /// Changes when the state does; waiters watch it.
     pub state_tx: watch::Sender<SandboxState>,
     /// Set by the first [`Manager::finish`]: its resources are being freed.
@@ -289,6 +291,7 @@ impl Sandbox {
             record: Mutex::new(record),
             last_activity: AtomicU64::new(now_ms()),
             active: AtomicUsize::new(0),
+            gateway_requests: AtomicUsize::new(0),
             state_tx,
             ending: std::sync::atomic::AtomicBool::new(false),
         })

@@ -26,6 +26,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
             "agentd serve needs root (it creates namespaces, cgroups, mounts and a bridge)"
         );
     }
+    raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -70,6 +71,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     crate::api::serve(mgr, unix, tcp, shutdown_signal()).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// Raises the open-files limit to its hard maximum: every sandbox costs agentd descriptors
+/// (shim sockets, pipes, connections) and the usual soft limit of 1024 is soon reached.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => tracing::warn!(error = %e, soft, hard, "cannot raise the open-files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
+    }
 }
 
 async fn shutdown_signal() {

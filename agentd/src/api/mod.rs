@@ -5,6 +5,7 @@
 //! `Authorization: Bearer <token>`. Request bodies are capped; errors are
 //! `{"error":{"code","message"}}` with the status of [`error::ApiError`].
 
+pub mod conn;
 pub mod error;
 pub mod files;
 pub mod images;
@@ -272,10 +273,18 @@ pub async fn serve(
     let unix_loop = {
         let mgr = mgr.clone();
         async move {
+            let limit = conn::Listener::new("socket", conn::MAX_UNIX_CONNECTIONS);
+            let mut backoff = conn::Backoff::default();
             loop {
                 match unix.accept().await {
-                    Ok((stream, _)) => spawn_conn(mgr.clone(), Origin { token: None }, stream),
-                    Err(e) => tracing::warn!(error = %e, "accept failed on the socket"),
+                    Ok((stream, _)) => {
+                        backoff = conn::Backoff::default();
+                        // At the cap the connection is dropped (closed) at once.
+                        if let Some(slot) = limit.admit() {
+                            spawn_conn(mgr.clone(), Origin { token: None }, stream, slot);
+                        }
+                    }
+                    Err(e) => limit.accept_failed(&e, &mut backoff).await,
                 }
             }
         }
@@ -284,16 +293,20 @@ pub async fn serve(
         let Some((listener, _)) = tcp else {
             return std::future::pending::<()>().await;
         };
+        let limit = conn::Listener::new("tcp", conn::MAX_TCP_CONNECTIONS);
+        let mut backoff = conn::Backoff::default();
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => spawn_conn(
-                    mgr.clone(),
-                    Origin {
-                        token: token.clone(),
-                    },
-                    stream,
-                ),
-                Err(e) => tracing::warn!(error = %e, "accept failed on TCP"),
+                Ok((stream, _)) => {
+                    backoff = conn::Backoff::default();
+                    if let Some(slot) = limit.admit() {
+                        let origin = Origin {
+                            token: token.clone(),
+                        };
+                        spawn_conn(mgr.clone(), origin, stream, slot);
+                    }
+                }
+                Err(e) => limit.accept_failed(&e, &mut backoff).await,
             }
         }
     };
@@ -304,17 +317,23 @@ pub async fn serve(
     }
 }
 
-fn spawn_conn<S>(mgr: Arc<Manager>, origin: Origin, stream: S)
-where
+fn spawn_conn<S>(
+    mgr: Arc<Manager>,
+    origin: Origin,
+    stream: S,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
+        // The slot is held as long as the connection is open.
+        let _slot = slot;
         let service = hyper::service::service_fn(move |req| {
             let mgr = mgr.clone();
             let origin = origin.clone();
             async move { Ok::<_, Infallible>(handle(mgr, origin, req).await) }
         });
-        if let Err(e) = hyper::server::conn::http1::Builder::new()
+        if let Err(e) = conn::http1()
             .serve_connection(TokioIo::new(stream), service)
             .await
         {
