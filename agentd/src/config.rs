@@ -95,6 +95,11 @@ pub struct ServeArgs {
     /// Process limit of a sandbox that asks for none [default: 2048].
     #[arg(long, env = "AGENTD_SANDBOX_PIDS")]
     pub sandbox_pids: Option<u64>,
+    /// Internal networks git URLs of TCP clients may reach, comma-separated CIDRs, e.g.
+    /// 10.1.0.0/16 [default: none: loopback, private, link-local and metadata addresses are
+    /// refused over TCP].
+    #[arg(long, env = "AGENTD_GIT_ALLOW_NETWORKS", value_delimiter = ',')]
+    pub git_allow_networks: Option<Vec<String>>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "AGENTD_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -129,6 +134,7 @@ struct FileConfig {
     sandbox_memory: Option<String>,
     idle_timeout: Option<u64>,
     sandbox_pids: Option<u64>,
+    git_allow_networks: Option<Vec<String>>,
     log_format: Option<String>,
     cgroup_parent: Option<String>,
     build_cache: Option<PathBuf>,
@@ -188,6 +194,8 @@ pub struct Config {
     pub idle_timeout: u64,
     /// Default sandbox process limit.
     pub sandbox_pids: u64,
+    /// Internal networks TCP clients' git URLs may reach.
+    pub git_allow_networks: Vec<crate::workspace::Network>,
     /// First host id of the sandboxes' id range.
     pub id_base: u32,
     /// Log format.
@@ -354,6 +362,17 @@ impl Config {
                 }
                 t
             },
+            git_allow_networks: args
+                .git_allow_networks
+                .or(file.git_allow_networks)
+                .unwrap_or_default()
+                .iter()
+                .filter(|n| !n.trim().is_empty())
+                .map(|n| {
+                    n.parse()
+                        .map_err(|e: String| anyhow::anyhow!("git_allow_networks: {e}"))
+                })
+                .collect::<anyhow::Result<_>>()?,
             sandbox_pids: {
                 let p = args
                     .sandbox_pids

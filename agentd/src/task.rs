@@ -669,7 +669,9 @@ impl TaskManager {
     }
 
     /// Validates a task, prepares its workspace, stores it and starts it.
-    pub async fn create(self: &Arc<Self>, req: CreateTask) -> Result<TaskRecord> {
+    /// `tcp`: the request came over TCP (a git URL may then reach public addresses only,
+    /// unless `git_allow_networks` says otherwise).
+    pub async fn create(self: &Arc<Self>, req: CreateTask, tcp: bool) -> Result<TaskRecord> {
         if req.prompt.trim().is_empty() {
             return Err(ApiError::BadRequest("prompt must not be empty".into()));
         }
@@ -754,7 +756,9 @@ impl TaskManager {
             .await
             .map_err(ApiError::internal)?;
         let tar = dir.join("workspace.tar");
-        let prepared = self.prepare_workspace(&req.workspace, &dir, &tar).await;
+        let prepared = self
+            .prepare_workspace(&req.workspace, &dir, &tar, tcp)
+            .await;
         let info = match prepared {
             Ok(info) => info,
             Err(e) => {
@@ -792,9 +796,11 @@ impl TaskManager {
         spec: &WorkspaceSpec,
         dir: &Path,
         tar: &Path,
+        tcp: bool,
     ) -> Result<WorkspaceInfo> {
         let bad = |e: crate::workspace::WorkspaceError| match e {
             crate::workspace::WorkspaceError::Write(e) => ApiError::internal(e),
+            crate::workspace::WorkspaceError::Forbidden(m) => ApiError::Forbidden(m),
             other => ApiError::BadRequest(other.to_string()),
         };
         if let Some(path) = &spec.path {
@@ -820,7 +826,16 @@ impl TaskManager {
                 .map_err(bad);
         }
         let url = spec.git.as_deref().unwrap_or_default();
-        crate::workspace::archive_git(url, spec.git_ref.as_deref(), &spec.exclude, dir, tar)
+        let pin = if tcp {
+            Some(
+                crate::workspace::pin_git_url(url, &self.mgr.config.git_allow_networks)
+                    .await
+                    .map_err(bad)?,
+            )
+        } else {
+            None
+        };
+        crate::workspace::archive_git(url, spec.git_ref.as_deref(), &spec.exclude, dir, tar, pin)
             .await
             .map_err(bad)
     }

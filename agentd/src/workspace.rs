@@ -12,6 +12,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -46,6 +47,9 @@ pub enum WorkspaceError {
         #[source]
         source: io::Error,
     },
+    /// Not allowed for this client (e.g. an internal address from a TCP client).
+    #[error("{0}")]
+    Forbidden(String),
     /// The workspace is over a limit.
     #[error("workspace is too large: {0}")]
     TooLarge(String),
@@ -542,29 +546,197 @@ pub fn check_upload(path: &Path) -> Result<WorkspaceInfo> {
     Ok(info)
 }
 
+/// An IP network (`10.0.0.0/8`, `fd00::/8`) the admin lets git URLs from TCP clients reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Network, String> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address/prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix must be 0-{max}"))?
+        };
+        Ok(Network { addr, prefix })
+    }
+}
+
+impl Network {
+    fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |ip: IpAddr| -> (u128, u32) {
+            match ip {
+                IpAddr::V4(v) => (u128::from(u32::from(v)), 32),
+                IpAddr::V6(v) => (u128::from(v), 128),
+            }
+        };
+        let ((net, width), (addr, w2)) = (bits(self.addr), bits(ip));
+        if width != w2 {
+            return false;
+        }
+        let shift = width - u32::from(self.prefix);
+        shift >= width || (net >> shift) == (addr >> shift)
+    }
+}
+
+/// Whether an address is one a TCP client must not make agentd's host connect to: loopback,
+/// private, link-local (cloud metadata at 169.254.169.254), carrier-grade NAT, unspecified,
+/// multicast, broadcast and documentation ranges, and IPv6's equivalents (an IPv4-mapped
+/// address counts as its IPv4 address).
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v) => {
+            let o = v.octets();
+            v.is_loopback()
+                || v.is_private()
+                || v.is_link_local()
+                || v.is_unspecified()
+                || v.is_multicast()
+                || v.is_broadcast()
+                || v.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1]))
+                || (o[0] == 198 && (o[1] == 18 || o[1] == 19))
+                || o[0] >= 240
+        }
+        IpAddr::V6(v) => {
+            if let Some(m) = v.to_ipv4_mapped() {
+                return is_internal(IpAddr::V4(m));
+            }
+            let s = v.segments();
+            v.is_loopback()
+                || v.is_unspecified()
+                || v.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] == 0x2001 && s[1] == 0x0db8)
+                || (s[0] == 0x64 && s[1] == 0xff9b)
+        }
+    }
+}
+
+/// How a clone asked for over TCP is pinned: the URL to clone and git's extra options.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PinnedGit {
+    /// The URL git is given.
+    pub url: String,
+    /// `-c` options (the checked address for HTTP, no redirects).
+    pub config: Vec<String>,
+}
+
+/// Checks a git URL a TCP client gave: http(s) or git:// only (ssh would use the host's keys),
+/// its host resolved once, every address public or in `allowed`; git then connects to the
+/// address that was checked (curl's resolve for HTTP, the address in the URL for git://) and
+/// follows no redirect.
+pub async fn pin_git_url(raw: &str, allowed: &[Network]) -> Result<PinnedGit> {
+    let bad = |why: String| WorkspaceError::Invalid(format!("workspace.git {raw:?}: {why}"));
+    let url = url::Url::parse(raw).map_err(|_| {
+        bad("over TCP give an http://, https:// or git:// URL (ssh and scp-like URLs would use agentd's host keys: Unix socket only)".into())
+    })?;
+    let scheme = url.scheme().to_string();
+    if !matches!(scheme.as_str(), "http" | "https" | "git") {
+        return Err(bad(format!(
+            "{scheme} URLs are accepted on agentd's Unix socket only; over TCP use http(s):// or git://"
+        )));
+    }
+    let host = url
+        .host_str()
+        .ok_or_else(|| bad("no host".into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = url
+        .port_or_known_default()
+        .unwrap_or(if scheme == "git" { 9418 } else { 80 });
+    let addrs: Vec<IpAddr> = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::lookup_host((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| bad(format!("{host} did not resolve in 10 s")))?
+    .map_err(|e| bad(format!("{host} does not resolve: {e}")))?
+    .map(|a| a.ip())
+    .collect();
+    let Some(first) = addrs.first().copied() else {
+        return Err(bad(format!("{host} has no address")));
+    };
+    for ip in &addrs {
+        if is_internal(*ip) && !allowed.iter().any(|n| n.contains(*ip)) {
+            return Err(WorkspaceError::Forbidden(format!(
+                "workspace.git {raw:?}: {host} is {ip}, an internal address agentd does not reach for TCP clients (an admin can allow it with git_allow_networks)"
+            )));
+        }
+    }
+    let ip_text = match first {
+        IpAddr::V4(v) => v.to_string(),
+        IpAddr::V6(v) => format!("[{v}]"),
+    };
+    if scheme == "git" {
+        let mut pinned = url.clone();
+        pinned
+            .set_host(Some(&ip_text))
+            .map_err(|e| bad(format!("cannot pin the address: {e}")))?;
+        return Ok(PinnedGit {
+            url: pinned.to_string(),
+            config: Vec::new(),
+        });
+    }
+    Ok(PinnedGit {
+        url: raw.to_string(),
+        config: vec![
+            format!("http.curloptResolve={host}:{port}:{ip_text}"),
+            "http.followRedirects=false".into(),
+        ],
+    })
+}
+
 /// Clones `url` (at `git_ref`) on the host and archives the checkout, `.git` included, to
-/// `dest`. `scratch` is an empty dir agentd owns; it is emptied again.
+/// `dest`. `scratch` is an empty dir agentd owns; it is emptied again. `pin`, for a URL from a
+/// TCP client, says where git may connect ([`pin_git_url`]).
 pub async fn archive_git(
     url: &str,
     git_ref: Option<&str>,
     exclude: &[String],
     scratch: &Path,
     dest: &Path,
+    pin: Option<PinnedGit>,
 ) -> Result<WorkspaceInfo> {
     let checkout = scratch.join("checkout");
     let result = async {
-        git(
-            "clone",
-            &[
+        let mut args: Vec<String> = Vec::new();
+        let mut url = url.to_string();
+        if let Some(p) = pin {
+            for c in p.config {
+                args.push("-c".into());
+                args.push(c);
+            }
+            url = p.url;
+        }
+        args.extend(
+            [
                 "clone",
                 "--quiet",
                 "--",
-                url,
+                &url,
                 checkout.to_str().unwrap_or_default(),
-            ],
-            None,
-        )
-        .await?;
+            ]
+            .map(String::from),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        git("clone", &args, None).await?;
         if let Some(r) = git_ref {
             // A branch of the remote, else a tag or commit.
             let remote = format!("origin/{r}");
@@ -680,6 +852,76 @@ mod tests {
             (Err(e), Err(want)) => assert!(e.to_string().contains(want), "{e} lacks {want:?}"),
             (got, want) => panic!("{json}: got {got:?}, want {want:?}"),
         }
+    }
+
+    #[test]
+    fn test_internal_addresses_and_networks() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00:ec2::254",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::",
+        ] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["1.1.1.1", "151.101.0.1", "2606:4700::1111"] {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        let n: Network = "10.0.0.0/8".parse().unwrap();
+        assert!(n.contains("10.9.9.9".parse().unwrap()));
+        assert!(!n.contains("11.0.0.1".parse().unwrap()));
+        assert!(!n.contains("::1".parse().unwrap()));
+        let one: Network = "127.0.0.1".parse().unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        let all: Network = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Network>().is_err());
+        assert!("nope".parse::<Network>().is_err());
+    }
+
+    #[tokio::test]
+    async fn test_git_urls_from_tcp_are_pinned_to_checked_public_addresses() {
+        let e = pin_git_url("http://127.0.0.1:9/r.git", &[])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, WorkspaceError::Forbidden(_)), "{e}");
+        let e = pin_git_url("http://localhost/r.git", &[])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("internal address"), "{e}");
+        let e = pin_git_url("ssh://git@example.com/r.git", &[])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("Unix socket only"), "{e}");
+        let e = pin_git_url("git@example.com:r.git", &[]).await.unwrap_err();
+        assert!(e.to_string().contains("Unix socket only"), "{e}");
+        let allowed = ["127.0.0.0/8".parse().unwrap()];
+        let p = pin_git_url("http://localhost:8080/r.git", &allowed)
+            .await
+            .unwrap();
+        assert_eq!(p.url, "http://localhost:8080/r.git");
+        assert!(p.config.contains(&"http.followRedirects=false".to_string()));
+        assert!(p
+            .config
+            .iter()
+            .any(|c| c.starts_with("http.curloptResolve=localhost:8080:")));
+        let p = pin_git_url("git://localhost/r.git", &allowed)
+            .await
+            .unwrap();
+        assert!(
+            p.url == "git://127.0.0.1/r.git" || p.url == "git://[::1]/r.git",
+            "{}",
+            p.url
+        );
     }
 
     #[test]

@@ -72,11 +72,11 @@ pub(crate) async fn dispatch(
         (&Method::POST, []) => {
             let body: CreateTask = read_json(req).await?;
             if tcp && body.workspace.path.is_some() {
-                return Err(ApiError::BadRequest(
+                return Err(ApiError::Forbidden(
                     "workspace.path (a host directory) is accepted on agentd's Unix socket only; over TCP upload a tar to POST /v1/workspaces and give workspace.upload, or give workspace.git".into(),
                 ));
             }
-            let rec = tasks.create(body).await?;
+            let rec = tasks.create(body, tcp).await?;
             Ok(json(StatusCode::CREATED, &rec.view()))
         }
         (_, []) => Err(ApiError::MethodNotAllowed(
