@@ -3,6 +3,11 @@
 //! Records are JSON values under string keys, one table per kind. Every write is one redb
 //! transaction: it is durable once `put`/`delete` returns, and a crash leaves either the old or
 //! the new value, never a torn one.
+//!
+//! A failed write (a full disk) fails its caller, who then changes nothing in memory: what the
+//! API shows is what is on disk. After an I/O error redb refuses every later transaction
+//! ("previous I/O error"), so the handle is reopened; if that fails too, agentd exits for its
+//! supervisor to restart it rather than answer from a state it cannot save.
 
 use std::path::Path;
 
@@ -35,6 +40,9 @@ pub enum DbError {
     /// A transaction failed.
     #[error("state database: {0}")]
     Redb(String),
+    /// The disk is full: nothing was written.
+    #[error("state database: the disk is full (nothing was saved): {0}")]
+    NoSpace(String),
     /// A record could not be (de)serialized.
     #[error("state database record {key:?}")]
     Json {
@@ -49,15 +57,62 @@ pub enum DbError {
 type Result<T> = std::result::Result<T, DbError>;
 
 fn redb_err(e: impl std::fmt::Display) -> DbError {
-    DbError::Redb(e.to_string())
+    let text = e.to_string();
+    if text.contains("No space left")
+        || text.contains("os error 28")
+        || text.contains("quota exceeded")
+    {
+        DbError::NoSpace(text)
+    } else {
+        DbError::Redb(text)
+    }
 }
 
 /// The state database.
 pub struct Db {
-    db: Database,
+    /// The open database; replaced after an I/O error. A std RwLock: held for one
+    /// transaction, never across an await.
+    db: std::sync::RwLock<Database>,
+    /// Its file, for reopening.
+    path: std::path::PathBuf,
 }
 
 impl Db {
+    /// Runs `f` on the database; after an error of the storage, reopens it (redb refuses
+    /// everything after one I/O error). The error is returned either way.
+    fn with<T>(&self, f: impl Fn(&Database) -> Result<T>) -> Result<T> {
+        let result = f(&self.db.read().expect("db lock"));
+        if let Err(DbError::Redb(_) | DbError::NoSpace(_)) = &result {
+            self.reopen();
+        }
+        result
+    }
+
+    fn reopen(&self) {
+        let mut db = self.db.write().expect("db lock");
+        // The old handle must be closed before the file can be opened again.
+        let placeholder = match Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+        {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reopen the state database; exiting for a restart");
+                std::process::exit(75);
+            }
+        };
+        drop(std::mem::replace(&mut *db, placeholder));
+        match Database::create(&self.path) {
+            Ok(d) => {
+                *db = d;
+                tracing::warn!(path = %self.path.display(), "reopened the state database after an I/O error");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, path = %self.path.display(), "cannot reopen the state database; exiting for a restart");
+                std::process::exit(75);
+            }
+        }
+    }
+
     /// Opens (or creates) the database at `path` and makes sure every table exists.
     pub fn open(path: &Path) -> Result<Self> {
         let db = Database::create(path).map_err(|source| DbError::Open {
@@ -70,7 +125,10 @@ impl Db {
             tx.open_table(t.0).map_err(redb_err)?;
         }
         tx.commit().map_err(redb_err)?;
-        Ok(Db { db })
+        Ok(Db {
+            db: std::sync::RwLock::new(db),
+            path: path.to_path_buf(),
+        })
     }
 
     /// Writes `value` under `key`, replacing what was there.
@@ -79,12 +137,14 @@ impl Db {
             key: key.into(),
             source,
         })?;
-        let tx = self.db.begin_write().map_err(redb_err)?;
-        {
-            let mut t = tx.open_table(table.0).map_err(redb_err)?;
-            t.insert(key, bytes.as_slice()).map_err(redb_err)?;
-        }
-        tx.commit().map_err(redb_err)
+        self.with(|db| {
+            let tx = db.begin_write().map_err(redb_err)?;
+            {
+                let mut t = tx.open_table(table.0).map_err(redb_err)?;
+                t.insert(key, bytes.as_slice()).map_err(redb_err)?;
+            }
+            tx.commit().map_err(redb_err)
+        })
     }
 
     /// Writes `value` under `key` without waiting for the disk: a crash may lose it, but not
@@ -94,55 +154,63 @@ impl Db {
             key: key.into(),
             source,
         })?;
-        let mut tx = self.db.begin_write().map_err(redb_err)?;
-        tx.set_durability(redb::Durability::None)
-            .map_err(redb_err)?;
-        {
-            let mut t = tx.open_table(table.0).map_err(redb_err)?;
-            t.insert(key, bytes.as_slice()).map_err(redb_err)?;
-        }
-        tx.commit().map_err(redb_err)
+        self.with(|db| {
+            let mut tx = db.begin_write().map_err(redb_err)?;
+            tx.set_durability(redb::Durability::None)
+                .map_err(redb_err)?;
+            {
+                let mut t = tx.open_table(table.0).map_err(redb_err)?;
+                t.insert(key, bytes.as_slice()).map_err(redb_err)?;
+            }
+            tx.commit().map_err(redb_err)
+        })
     }
 
     /// Removes `key`; removing a missing key is not an error.
     pub fn delete(&self, table: Table, key: &str) -> Result<()> {
-        let tx = self.db.begin_write().map_err(redb_err)?;
-        {
-            let mut t = tx.open_table(table.0).map_err(redb_err)?;
-            t.remove(key).map_err(redb_err)?;
-        }
-        tx.commit().map_err(redb_err)
+        self.with(|db| {
+            let tx = db.begin_write().map_err(redb_err)?;
+            {
+                let mut t = tx.open_table(table.0).map_err(redb_err)?;
+                t.remove(key).map_err(redb_err)?;
+            }
+            tx.commit().map_err(redb_err)
+        })
     }
 
     /// The record under `key`.
     pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>> {
-        let tx = self.db.begin_read().map_err(redb_err)?;
-        let t = tx.open_table(table.0).map_err(redb_err)?;
-        let Some(v) = t.get(key).map_err(redb_err)? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(v.value())
-            .map(Some)
-            .map_err(|source| DbError::Json {
-                key: key.into(),
-                source,
-            })
+        self.with(|db| {
+            let tx = db.begin_read().map_err(redb_err)?;
+            let t = tx.open_table(table.0).map_err(redb_err)?;
+            let Some(v) = t.get(key).map_err(redb_err)? else {
+                return Ok(None);
+            };
+            serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|source| DbError::Json {
+                    key: key.into(),
+                    source,
+                })
+        })
     }
 
     /// Every record of `table`, in key order.
     pub fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>> {
-        let tx = self.db.begin_read().map_err(redb_err)?;
-        let t = tx.open_table(table.0).map_err(redb_err)?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(redb_err)? {
-            let (k, v) = item.map_err(redb_err)?;
-            let value = serde_json::from_slice(v.value()).map_err(|source| DbError::Json {
-                key: k.value().to_string(),
-                source,
-            })?;
-            out.push(value);
-        }
-        Ok(out)
+        self.with(|db| {
+            let tx = db.begin_read().map_err(redb_err)?;
+            let t = tx.open_table(table.0).map_err(redb_err)?;
+            let mut out = Vec::new();
+            for item in t.iter().map_err(redb_err)? {
+                let (k, v) = item.map_err(redb_err)?;
+                let value = serde_json::from_slice(v.value()).map_err(|source| DbError::Json {
+                    key: k.value().to_string(),
+                    source,
+                })?;
+                out.push(value);
+            }
+            Ok(out)
+        })
     }
 }
 

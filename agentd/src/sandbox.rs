@@ -378,6 +378,8 @@ pub struct Manager {
     /// The task service, set once at start (it holds this manager: both live as long as the
     /// daemon).
     pub tasks: std::sync::OnceLock<Arc<crate::task::TaskManager>>,
+    /// Becomes true when agentd is stopping: open streams end with a line that says so.
+    pub shutdown: watch::Sender<bool>,
     /// The upstream's model list and when it was read (`None` inside: it gave none).
     /// A std mutex: read and replaced, never held across an await.
     models: Mutex<Option<(Instant, Option<Vec<String>>)>>,
@@ -427,6 +429,7 @@ impl Manager {
             tasks: std::sync::OnceLock::new(),
             http,
             models: Mutex::new(None),
+            shutdown: watch::channel(false).0,
         }))
     }
 
@@ -453,11 +456,13 @@ impl Manager {
             .ok_or_else(|| ApiError::NotFound(format!("no sandbox {key:?}")))
     }
 
-    fn persist(&self, sb: &Sandbox) {
+    /// Writes the record durably; a failure is logged and returned.
+    fn persist(&self, sb: &Sandbox) -> Result<()> {
         let rec = sb.snapshot();
-        if let Err(e) = self.db.put(SANDBOXES, &rec.id, &rec) {
+        self.db.put(SANDBOXES, &rec.id, &rec).map_err(|e| {
             tracing::error!(sandbox = %rec.id, error = %agentd_runtime::error_chain(&e), "failed to persist sandbox");
-        }
+            ApiError::from(e)
+        })
     }
 
     fn set_state(&self, sb: &Sandbox, state: SandboxState, f: impl FnOnce(&mut SandboxRecord)) {
@@ -466,7 +471,9 @@ impl Manager {
             r.state = state;
             f(&mut r);
         }
-        self.persist(sb);
+        // A state the database could not keep is still the state (the sandbox did end):
+        // memory follows the facts, and the next start reconciles the record with the shim.
+        let _ = self.persist(sb);
         sb.state_tx.send_replace(state);
     }
 
@@ -789,10 +796,21 @@ impl Manager {
             let me = self.clone();
             let sb2 = sb.clone();
             let write = tokio::task::spawn_blocking(move || me.persist(&sb2));
-            let (started, _) = tokio::join!(start, write);
+            let (started, written) = tokio::join!(start, write);
             started
                 .map_err(ApiError::internal)?
                 .map_err(|e| ApiError::internal(agentd_runtime::error_chain(&e)))?;
+            // A sandbox whose record could not be saved is not acknowledged: the next start
+            // would take it for debris. It is removed again and the create fails.
+            if let Err(e) = written.map_err(ApiError::internal).and_then(|r| r) {
+                let client = self.runtime.client(&id);
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = client.kill(libc::SIGKILL);
+                    client.delete()
+                })
+                .await;
+                return Err(e);
+            }
             Ok(())
         }
         .await;
@@ -1018,9 +1036,11 @@ impl Manager {
     pub async fn delete(&self, sb: &Arc<Sandbox>) -> Result<()> {
         self.stop(sb, "deleted").await;
         let id = sb.snapshot().id;
-        self.map().remove(&id);
+        // The record first: a delete that could not be saved leaves the sandbox listed (and
+        // answers the error) instead of one that comes back after a restart.
         self.db.delete(SANDBOXES, &id)?;
-        let _ = std::fs::remove_dir_all(self.config.state_dir.join("logs").join(&id));
+        self.map().remove(&id);
+        let _ = agentd_runtime::tree::remove_tree(&self.config.state_dir.join("logs").join(&id));
         Ok(())
     }
 
@@ -1127,6 +1147,14 @@ impl Manager {
                     tokio::spawn(async move { me.stop(&sb, reason).await });
                 }
             }
+        }
+    }
+
+    /// Resolves once agentd is stopping (at once if it is).
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.shutdown.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
         }
     }
 

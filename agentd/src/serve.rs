@@ -9,6 +9,9 @@ use tokio::net::{TcpListener, UnixListener};
 use crate::config::{Config, LogFormat, ServeArgs};
 use crate::sandbox::Manager;
 
+/// How long the runtime waits for blocking work when agentd stops.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Loads the config, installs the log subscriber and runs the daemon.
 pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
     let config = Config::load(args)?;
@@ -31,7 +34,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
-    rt.block_on(serve(config))?;
+    let result = rt.block_on(serve(config));
+    // Blocking calls still under way (a shim call waiting for an exec to end) are not waited
+    // for: the process exits, which releases the database, and the shims run on.
+    rt.shutdown_timeout(SHUTDOWN_GRACE);
+    result?;
     Ok(0)
 }
 
@@ -68,8 +75,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tasks.reconcile().await?;
     tokio::spawn(tasks.reaper());
     tracing::info!(socket = %socket.display(), state_dir = %mgr.config.state_dir.display(), "agentd serving");
-    crate::api::serve(mgr, unix, tcp, shutdown_signal()).await;
+    crate::api::serve(mgr.clone(), unix, tcp, shutdown_signal()).await;
     let _ = std::fs::remove_file(&socket);
+    // Open streams end with a line saying why; a moment for those lines to go out.
+    let _ = mgr.shutdown.send(true);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tracing::info!("agentd stopped");
     Ok(())
 }
 

@@ -328,6 +328,9 @@ pub struct TaskRecord {
     pub stop: Option<TaskState>,
     /// The sandboxes were deleted after the grace period.
     pub sandboxes_removed: bool,
+    /// A DELETE was accepted: the task is being removed (resumed after a restart).
+    #[serde(default)]
+    pub deleting: bool,
 }
 
 impl TaskRecord {
@@ -382,7 +385,7 @@ impl TaskRecord {
         });
         serde_json::json!({
             "id": self.id,
-            "state": self.state.as_str(),
+            "state": if self.deleting { "deleting" } else { self.state.as_str() },
             "prompt": self.request.prompt,
             "workspace": {"source": self.request.workspace, "entries": self.workspace.entries, "bytes": self.workspace.bytes, "skipped": self.workspace.skipped, "excluded": self.workspace.excluded},
             "image": self.request.image.as_deref().unwrap_or(crate::sandbox::DEFAULT_IMAGE),
@@ -572,6 +575,15 @@ impl TaskManager {
         }
     }
 
+    /// Writes the record and says whether that worked (for changes a request waits on).
+    fn persist_checked(&self, task: &Task) -> Result<()> {
+        let rec = task.snapshot();
+        self.mgr
+            .db
+            .put(TASKS, &rec.id, &rec)
+            .map_err(ApiError::from)
+    }
+
     /// Appends an event (`kind` plus the fields of `data`) to the task's log and wakes readers.
     fn emit(&self, task: &Task, kind: &str, data: serde_json::Value) {
         let id = task.snapshot().id;
@@ -647,6 +659,11 @@ impl TaskManager {
         if let Some(s) = task_state {
             self.emit(task, "task.state", serde_json::json!({"state": s.as_str()}));
         }
+    }
+
+    /// Resolves once agentd is stopping.
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.mgr.stopping()
     }
 
     /// Stores an uploaded workspace tar; returns its id for `workspace.upload`.
@@ -777,6 +794,7 @@ impl TaskManager {
             attempts: (1..=agents).map(Attempt::new).collect(),
             stop: None,
             sandboxes_removed: false,
+            deleting: false,
         };
         let task = Task::new(record, 0);
         self.map().insert(id.clone(), task.clone());
@@ -1727,10 +1745,31 @@ impl TaskManager {
     }
 
     /// Cancels (if needed) and forgets a task: its sandboxes, events, diffs and record.
-    pub async fn delete(&self, task: &Arc<Task>) -> Result<()> {
+    /// Accepts a delete: the record says `deleting` (durably) and the removal runs on its own,
+    /// so a client that gives up waiting leaves nothing half done; a restart resumes it.
+    pub fn delete(self: &Arc<Self>, task: &Arc<Task>) -> Result<TaskRecord> {
+        let first = {
+            let mut r = task.record.lock().expect("task record lock");
+            let first = !r.deleting;
+            r.deleting = true;
+            first
+        };
+        if first {
+            if let Err(e) = self.persist_checked(task) {
+                task.record.lock().expect("task record lock").deleting = false;
+                return Err(e);
+            }
+            tokio::spawn(self.clone().finish_delete(task.clone()));
+        }
+        Ok(task.snapshot())
+    }
+
+    /// Cancels the task if it runs, waits for its attempts, removes its sandboxes, record,
+    /// events and results.
+    async fn finish_delete(self: Arc<Self>, task: Arc<Task>) {
         let rec = task.snapshot();
         if !rec.state.is_terminal() {
-            let _ = self.cancel(task);
+            let _ = self.cancel(&task);
             // The attempts stop their sandboxes and finish; wait for that (bounded).
             let mut rx = task.subscribe();
             let _ = tokio::time::timeout(Duration::from_secs(60), async {
@@ -1742,12 +1781,17 @@ impl TaskManager {
             })
             .await;
         }
-        self.remove_sandboxes(task).await;
+        self.remove_sandboxes(&task).await;
+        // Out of the map first (stragglers then write nothing), then the record: a crash after
+        // it leaves only a dir that the next start removes.
         self.map().remove(&rec.id);
-        self.mgr.db.delete(TASKS, &rec.id)?;
+        if let Err(e) = self.mgr.db.delete(TASKS, &rec.id) {
+            tracing::error!(task = %rec.id, error = %e, "cannot delete the task's record; it stays 'deleting' and the next start retries");
+            self.map().insert(rec.id.clone(), task.clone());
+            return;
+        }
         let _ = tokio::fs::remove_dir_all(self.task_dir(&rec.id)).await;
         tracing::info!(task = %rec.id, "task deleted");
-        Ok(())
     }
 
     async fn remove_sandboxes(&self, task: &Arc<Task>) {
@@ -1800,7 +1844,25 @@ impl TaskManager {
                 let _ = self.mgr.delete(&sb).await;
             }
         }
+        for task in self.list() {
+            if task.snapshot().deleting {
+                tracing::info!(task = %task.snapshot().id, "resuming the task's deletion");
+                tokio::spawn(self.clone().finish_delete(task));
+            }
+        }
+        // Dirs of tasks without a record (deleted before a crash).
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name != "uploads" && self.get(&name).is_err() && e.path().is_dir() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         for task in resume {
+            if task.snapshot().deleting {
+                continue;
+            }
             tracing::info!(task = %task.snapshot().id, "resuming task");
             self.emit(&task, "task.resumed", serde_json::json!({}));
             tokio::spawn(self.clone().run(task));
@@ -2169,6 +2231,7 @@ mod tests {
             attempts: vec![Attempt::new(1), Attempt::new(2)],
             stop: None,
             sandboxes_removed: false,
+            deleting: false,
         };
         assert_eq!(r.derived_state(), TaskState::Queued);
         r.attempts[0].state = TaskState::Starting;

@@ -321,6 +321,18 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                 if !reply.status.is_success() {
                     check(&reply)?;
                 }
+                // The daemon deletes in the background (cancel, sandboxes, files): wait for it.
+                let started = std::time::Instant::now();
+                loop {
+                    let r = call(sock, Method::GET, &format!("/v1/tasks/{id}"), None, None).await?;
+                    if r.status == hyper::StatusCode::NOT_FOUND {
+                        break;
+                    }
+                    if started.elapsed() > std::time::Duration::from_secs(300) {
+                        bail!("task {id} is still being deleted after 300 s (see agentd's log)");
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
                 println!("{id}");
             }
             Ok(0)

@@ -108,7 +108,13 @@ impl From<anyhow::Error> for ApiError {
 
 impl From<crate::db::DbError> for ApiError {
     fn from(e: crate::db::DbError) -> Self {
-        ApiError::Internal(agentd_runtime::error_chain(&e))
+        match e {
+            // Said plainly: the client can do something about it (free space, retry).
+            crate::db::DbError::NoSpace(_) => ApiError::InsufficientStorage(
+                "agentd's disk is full: the change was not saved (free space on the state dir's filesystem and retry)".into(),
+            ),
+            other => ApiError::Internal(agentd_runtime::error_chain(&other)),
+        }
     }
 }
 

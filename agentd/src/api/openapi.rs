@@ -57,7 +57,7 @@ fn summary(path: &str, method: &str) -> &'static str {
         ("/v1/tasks", "get") => "List tasks",
         ("/v1/tasks", _) => "Create a task: prompt + workspace (path, upload or git) + agents, check, max_rounds, timeout_secs",
         ("/v1/tasks/{id}", "get") => "Inspect a task: state, counters, attempts",
-        ("/v1/tasks/{id}", _) => "Cancel if running, then delete a task, its sandboxes and results",
+        ("/v1/tasks/{id}", _) => "Delete a task, its sandboxes and results: 202 with state deleting at once (cancelled first if running), then 404 once gone; resumed after a restart",
         ("/v1/tasks/{id}/cancel", _) => "Cancel a task: sessions aborted, diffs kept, sandboxes stopped",
         ("/v1/tasks/{id}/events", _) => "Progress as server-sent events until task.finished; resume with Last-Event-ID",
         ("/v1/tasks/{id}/result", _) => "Attempts ranked (passing checks first, then smaller diffs) with messages, checks, patches, usage, timings",

@@ -17,6 +17,9 @@ use super::{json, read_json, Body, BoxError};
 use crate::exec::{Stream, Utf8Chunker};
 use crate::sandbox::{ActiveGuard, CreateSandbox, Manager, Sandbox, SandboxState};
 
+/// The last line of a stream that ends because agentd is stopping.
+pub const STOPPING: &str = "agentd is stopping: this stream ends here (sandboxes keep running; reconnect once agentd is back)";
+
 /// Longest exec timeout.
 pub const MAX_EXEC_TIMEOUT_SECS: u64 = 24 * 3600;
 
@@ -217,8 +220,10 @@ async fn exec(
         // Forwards output to the client as it comes; when the client goes away this block
         // ends and drops `out_rx` (it is moved in), which makes `run_exec` kill the process.
         let fwd_tx = tx.clone();
+        let stopping = mgr.stopping();
         let forward = async move {
             let tx = fwd_tx;
+            tokio::pin!(stopping);
             let mut text = [Utf8Chunker::default(), Utf8Chunker::default()];
             let send = |name: &str, data: String| {
                 super::json_line(&serde_json::json!({"stream": name, "data": data}))
@@ -235,6 +240,12 @@ async fn exec(
                         None => break,
                     },
                     () = tx.closed() => return,
+                    // The process is killed like for a client that left: nobody could read
+                    // its output any more.
+                    () = &mut stopping => {
+                        let _ = tx.send(super::json_line(&serde_json::json!({"error": STOPPING}))).await;
+                        return;
+                    }
                 }
             }
             for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
@@ -245,6 +256,9 @@ async fn exec(
             }
         };
         let (end, ()) = tokio::join!(run, forward);
+        if *mgr.shutdown.borrow() {
+            return;
+        }
         let mut line = serde_json::json!({
             "exit_code": end.code,
             "timed_out": end.timed_out,
@@ -413,6 +427,10 @@ async fn logs(
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 _ = state_rx.changed() => {}
                 _ = tx.closed() => return,
+                () = mgr.stopping() => {
+                    let _ = tx.send(super::json_line(&serde_json::json!({"error": STOPPING}))).await;
+                    return;
+                }
             }
         }
     });

@@ -87,13 +87,13 @@ pub(crate) async fn dispatch(
             match (method, rest) {
                 (&Method::GET, []) => Ok(json(StatusCode::OK, &task.snapshot().view())),
                 (&Method::DELETE, []) => {
-                    tasks.delete(&task).await?;
-                    Ok(Response::builder()
-                        .status(StatusCode::NO_CONTENT)
-                        .body(super::empty())
-                        .expect("valid response"))
+                    let rec = tasks.delete(&task)?;
+                    Ok(json(StatusCode::ACCEPTED, &rec.view()))
                 }
                 (&Method::POST, ["cancel"]) => {
+                    if task.snapshot().deleting {
+                        return Err(ApiError::Conflict(format!("task {id} is being deleted")));
+                    }
                     tasks.cancel(&task)?;
                     Ok(json(StatusCode::ACCEPTED, &task.snapshot().view()))
                 }
@@ -150,6 +150,11 @@ fn events(tasks: Arc<TaskManager>, task: Arc<Task>, req: &Request<Incoming>) -> 
                     }
                 }
                 _ = tx.closed() => return,
+                () = tasks.stopping() => {
+                    let line = format!("event: error\ndata: {}\n\n", serde_json::json!({"message": super::sandboxes::STOPPING}));
+                    let _ = tx.send(Ok(Frame::data(Bytes::from(line)))).await;
+                    return;
+                }
             }
         }
     });

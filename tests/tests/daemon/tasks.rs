@@ -403,10 +403,13 @@ fn test_task_single_agent_cli_diff_events_and_bad_workspaces() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&ls.stdout).contains(&id));
-    assert_eq!(
-        d.call("DELETE", &format!("/v1/tasks/{id}"), None).status,
-        204
-    );
+    // `agentd task rm` returns once the task is gone (the API answers 202 at once).
+    let rm = Command::new(agentd_tests::bin("agentd"))
+        .args(["task", "rm", &id])
+        .env("AGENTD_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    assert!(rm.status.success(), "{}", agentd_tests::describe(&rm));
     assert_eq!(d.call("GET", &format!("/v1/tasks/{id}"), None).status, 404);
     assert!(!d.state.path().join("tasks").join(&id).exists());
     assert_eq!(d.leftovers(), Vec::<String>::new());
@@ -750,13 +753,28 @@ fn report_timings(v: &serde_json::Value) {
     }
 }
 
+/// Deletes a task: 202 with state `deleting` at once, then gone.
+pub fn delete_task(d: &Daemon, id: &str) {
+    let r = d.call("DELETE", &format!("/v1/tasks/{id}"), None);
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["state"], "deleting", "{}", r.text());
+    let start = Instant::now();
+    while d.call("GET", &format!("/v1/tasks/{id}"), None).status != 404 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "task {id} not deleted in 120 s\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Deletes every task and checks nothing of their sandboxes is left on the host.
 fn delete_all(d: &Daemon) {
     let l = d.call("GET", "/v1/tasks", None).json();
     for t in l["tasks"].as_array().unwrap() {
         let id = t["id"].as_str().unwrap();
-        let r = d.call("DELETE", &format!("/v1/tasks/{id}"), None);
-        assert_eq!(r.status, 204, "{}", r.text());
+        delete_task(d, id);
     }
     let l = d.call("GET", "/v1/sandboxes", None).json();
     assert_eq!(l["sandboxes"].as_array().unwrap().len(), 0, "{l:#}");
