@@ -1150,6 +1150,36 @@ impl Manager {
         }
     }
 
+    /// The error for a call to a sandbox's shim that failed: if the sandbox was deleted or
+    /// stopped meanwhile (a race with a stop or delete), a 404 or 409 that says so in our
+    /// words; otherwise `what` with the shim's message, internals of the runtime left out.
+    pub fn shim_failed(&self, sb: &Sandbox, what: &str, error: &str) -> ApiError {
+        let rec = sb.snapshot();
+        if self.get(&rec.id).is_err() {
+            return ApiError::NotFound(format!("sandbox {} was deleted", rec.id));
+        }
+        if !rec.state.is_live() || rec.exit.is_some() {
+            return ApiError::Conflict(format!(
+                "sandbox {} is {}",
+                rec.id,
+                if rec.exit.is_some() && rec.state.is_live() {
+                    "stopping"
+                } else {
+                    rec.state.as_str()
+                }
+            ));
+        }
+        let internal = ["procfs", "please report", "libcontainer", "os error"];
+        if internal.iter().any(|m| error.contains(m)) {
+            tracing::warn!(sandbox = %rec.id, error, "{what} failed");
+            return ApiError::Conflict(format!(
+                "{what} failed: sandbox {} did not accept it (is it stopping?)",
+                rec.id
+            ));
+        }
+        ApiError::BadRequest(format!("{what} failed: {error}"))
+    }
+
     /// Resolves once agentd is stopping (at once if it is).
     pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.shutdown.subscribe();

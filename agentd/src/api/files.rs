@@ -90,7 +90,8 @@ pub(crate) async fn handle(
         return Err(ApiError::BadRequest("path must be absolute".into()));
     }
     let (rootfs, owner) = mgr.rootfs(&sb)?;
-    let root = File::open(&rootfs).map_err(ApiError::internal)?;
+    let root = File::open(&rootfs)
+        .map_err(|e| mgr.shim_failed(&sb, "opening the sandbox's files", &e.to_string()))?;
     let _guard = ActiveGuard::new(sb.clone());
     if req.method() == Method::GET {
         return download(root, path).await;

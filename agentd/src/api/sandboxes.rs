@@ -117,7 +117,7 @@ async fn stats(mgr: &Arc<Manager>, sb: &Arc<Sandbox>) -> Result<Response<Body>, 
     let stats = tokio::task::spawn_blocking(move || client.stats())
         .await
         .map_err(ApiError::internal)?
-        .map_err(|e| ApiError::Conflict(format!("no stats: {e}")))?;
+        .map_err(|e| mgr.shim_failed(sb, "stats", &e.to_string()))?;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({
@@ -208,7 +208,7 @@ async fn exec(
     let started = mgr
         .start_exec(&rec.id, request, stdin.is_some())
         .await
-        .map_err(|e| ApiError::BadRequest(format!("exec failed: {e}")))?;
+        .map_err(|e| mgr.shim_failed(&sb, "exec", &e))?;
     let (out_tx, mut out_rx) = mpsc::channel::<(Stream, Bytes)>(16);
     let (tx, rx) = mpsc::channel(64);
     let guard = ActiveGuard::new(sb.clone());
