@@ -993,7 +993,13 @@ impl Manager {
             for f in [layout::STDOUT, layout::STDERR] {
                 let _ = std::fs::rename(sandbox_dir.join(f), logs_dir.join(f));
             }
-            if client.delete().is_err() {
+            if let Err(e) = client.delete() {
+                tracing::warn!(sandbox = %id, error = %agentd_runtime::error_chain(&e), "the shim's delete did not finish: cleaning up after it");
+                // The shim exits after answering a delete; cleanup refuses a live shim.
+                let waited = std::time::Instant::now();
+                while client.state().is_ok() && waited.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 if let Err(e) = runtime.cleanup(&id) {
                     tracing::error!(sandbox = %id, error = %agentd_runtime::error_chain(&e), "cleanup failed");
                 }

@@ -583,8 +583,12 @@ impl Shim {
                 reply(stream, &resp);
             }
             Request::Delete => {
-                self.destroy();
-                reply(stream, &Response::Ok);
+                // What could not be removed is said in the answer: the caller cleans up after
+                // this shim has exited ([`crate::Runtime::cleanup`]).
+                match self.destroy() {
+                    None => reply(stream, &Response::Ok),
+                    Some(problem) => reply(stream, &Response::Error(problem)),
+                }
                 return Ok(true);
             }
         }
@@ -681,9 +685,11 @@ impl Shim {
         Ok((id, pid))
     }
 
-    /// Kills whatever still runs and removes every resource of the sandbox. Never fails: each
-    /// step is attempted and failures are logged, so one stuck step does not leak the others.
-    fn destroy(&mut self) {
+    /// Kills whatever still runs and removes every resource of the sandbox. Each step is
+    /// attempted whatever the others did (one stuck step does not leak the others); what
+    /// failed is logged and returned.
+    fn destroy(&mut self) -> Option<String> {
+        let mut problems = Vec::new();
         if self.exit.is_none() {
             let _ = kill(self.init_pid, Signal::SIGKILL);
             // Our child: this cannot block on anything but its death.
@@ -698,6 +704,7 @@ impl Shim {
         }
         if let Err(e) = self.cgroup.remove() {
             tracing::error!(error = %error_chain(&e), "failed to remove the sandbox's cgroups");
+            problems.push(format!("cgroups: {}", error_chain(&e)));
         }
         for w in self.waiters.drain(..) {
             reply(w, &Response::Error("the sandbox was deleted".into()));
@@ -705,11 +712,14 @@ impl Shim {
         if !self.config.layers.is_empty() {
             if let Err(e) = crate::rootfs::unmount_overlay(&self.dir) {
                 tracing::error!(error = %e, "failed to unmount the rootfs");
+                problems.push(format!("unmount: {e}"));
             }
         }
         if let Err(e) = crate::tree::remove_tree(&self.dir) {
             tracing::error!(error = %e, dir = %self.dir.display(), "failed to remove the state dir");
+            problems.push(format!("state dir {}: {e}", self.dir.display()));
         }
+        (!problems.is_empty()).then(|| problems.join("; "))
     }
 }
 

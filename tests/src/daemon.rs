@@ -49,6 +49,31 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Sends one request over TCP with a bearer token (Connection: close) and reads the whole
+/// response.
+pub fn tcp_request(
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    content_type: &str,
+) -> Reply {
+    let mut s =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let body = body.unwrap_or(b"");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: agentd\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse_response(&raw)
+}
+
 /// Sends one request over a Unix socket (Connection: close) and reads the whole response.
 pub fn request(
     socket: &Path,
@@ -190,6 +215,19 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The API token of its TCP listener (made at its first start with `--listen`).
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("api-token"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
     }
 
     /// agentd's log so far.
