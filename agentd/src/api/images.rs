@@ -269,10 +269,12 @@ pub(crate) async fn dispatch(
             .await
             .map_err(ApiError::internal)?
             .map_err(|e| {
-                // The message names what was wrong, never the file's contents.
+                // Only agentd's own top-level message: the causes below it come from parsers
+                // (tar, JSON) that quote what they read, which must never reach the client.
+                tracing::debug!(error = %agentd_runtime::error_chain(&e), "image import failed");
                 ApiError::BadRequest(format!(
                     "not an importable image (an OCI layout, dir or tar, or a docker-archive tar): {}",
-                    first_line(&agentd_runtime::error_chain(&e))
+                    first_line(&e.to_string())
                 ))
             });
             drop(upload);

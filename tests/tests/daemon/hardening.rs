@@ -332,6 +332,14 @@ fn test_tcp_clients_reach_no_host_files_no_internal_addresses_and_cannot_flood()
     );
     assert_eq!(r.status, 403, "{}", r.text());
     assert!(!r.text().contains("root:"), "{}", r.text());
+    // On the root-only socket a host path is allowed, but its contents are never echoed.
+    let r = d.call(
+        "POST",
+        "/v1/images/import",
+        Some(json!({"path": "/etc/shadow"})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(!r.text().contains("root:"), "{}", r.text());
     // A body that is not an image: a 400 that does not quote it.
     let r = tcp_request(
         &listen,
