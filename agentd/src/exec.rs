@@ -161,11 +161,13 @@ impl Manager {
         if let Some(f) = feeder {
             f.abort();
         }
-        // Output still in the pipes is read to its end, within the grace.
-        let [p1, p2] = pumps;
+        // Output still in the pipes is read to its end, within the grace; then the readers
+        // stop (dropping the pipes and their senders), so a child that kept them open cannot
+        // hold the exec's end (nor its reader) any longer.
+        let [mut p1, mut p2] = pumps;
         let drained = tokio::time::timeout(OUTPUT_GRACE, async {
-            let _ = p1.await;
-            let _ = p2.await;
+            let _ = (&mut p1).await;
+            let _ = (&mut p2).await;
         });
         if drained.await.is_err() {
             tracing::debug!(
@@ -174,6 +176,8 @@ impl Manager {
                 "a child of the exec holds its output open: stopped reading"
             );
         }
+        p1.abort();
+        p2.abort();
         match status {
             Ok(Ok(st)) => {
                 end.code = Some(st.code);

@@ -253,6 +253,10 @@ impl Executor for SandboxExecutor {
         match self.role {
             ExecutorRole::Exec(identity) => {
                 unblock_all_signals();
+                // A session (and process group) of its own: a kill of the exec (its timeout,
+                // its client gone) reaches the children it started too. Fails only for a
+                // group leader, which this fresh process is not.
+                let _ = nix::unistd::setsid();
                 if let Some(id) = identity {
                     enter_user_namespace(id).map_err(ExecutorError::Other)?;
                 }

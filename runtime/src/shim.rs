@@ -567,11 +567,15 @@ impl Shim {
                     (Some(e), _) if e.status.is_some() => Response::Ok,
                     (Some(_), Err(_)) => Response::Error(format!("invalid signal {signal}")),
                     // The process is our unreaped child (its status is unknown): the pid
-                    // still names it.
-                    (Some(e), Ok(sig)) => match kill(e.pid, sig) {
-                        Ok(()) => Response::Ok,
-                        Err(e) => Response::Error(format!("kill failed: {e}")),
-                    },
+                    // still names it, and its process group (it leads one, see
+                    // init::SandboxExecutor) holds what it started.
+                    (Some(e), Ok(sig)) => {
+                        let _ = kill(Pid::from_raw(-e.pid.as_raw()), sig);
+                        match kill(e.pid, sig) {
+                            Ok(()) => Response::Ok,
+                            Err(e) => Response::Error(format!("kill failed: {e}")),
+                        }
+                    }
                 };
                 reply(stream, &resp);
             }

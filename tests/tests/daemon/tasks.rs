@@ -780,3 +780,125 @@ fn delete_all(d: &Daemon) {
     assert_eq!(l["sandboxes"].as_array().unwrap().len(), 0, "{l:#}");
     assert_eq!(d.leftovers(), Vec::<String>::new());
 }
+
+/// Results a user can trust: a check that writes more than a pipe holds and a diff full of
+/// caches (left out: `.gitignore` and the default excludes) succeed with a clean patch; a diff
+/// that cannot be made fails the attempt with the command, its status and its stderr; a
+/// passing check with no change is a success with a note and no patch; a check past its
+/// `check_timeout_secs` is killed and fails the round with a message.
+#[test]
+fn test_task_results_are_truthful() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::scripted(|req| {
+        if last_is_tool(req) {
+            return Turn::Text("Done.".into());
+        }
+        let text = last_user_text(req);
+        if text.contains("WRITE-CACHES") {
+            Turn::Bash(
+                "mkdir -p __pycache__ pkg/__pycache__ .pytest_cache node_modules/x \
+                 && head -c 300000 /dev/urandom > __pycache__/m.cpython-311.pyc \
+                 && echo x > pkg/__pycache__/a.pyc && echo x > .pytest_cache/v \
+                 && echo x > node_modules/x/i.js && echo ignored > local.log \
+                 && echo fixed > answer.txt \
+                 && head -c 100000 /dev/zero | tr '\\0' y > big.txt"
+                    .into(),
+            )
+        } else if text.contains("BREAK-GIT") {
+            Turn::Bash("echo changed > answer.txt && chmod 000 .git/objects".into())
+        } else if text.contains("SLOW-CHECK") {
+            Turn::Bash("echo slow > answer.txt".into())
+        } else {
+            Turn::Text("Nothing to do.".into())
+        }
+    });
+    let d = daemon(&images, &llm, &[]);
+    let ws = make_workspace();
+    std::fs::write(ws.path().join(".gitignore"), "*.log\n").unwrap();
+    let path = ws.path().to_str().unwrap();
+    let caches = create(
+        &d,
+        json!({"prompt": "WRITE-CACHES", "workspace": {"path": path},
+               "check": "cat big.txt; grep -qx fixed answer.txt", "max_rounds": 1}),
+    );
+    let broken = create(
+        &d,
+        json!({"prompt": "BREAK-GIT", "workspace": {"path": path}}),
+    );
+    let nothing = create(
+        &d,
+        json!({"prompt": "NOTHING", "workspace": {"path": path}, "check": "true", "max_rounds": 1}),
+    );
+    let slow = create(
+        &d,
+        json!({"prompt": "SLOW-CHECK", "workspace": {"path": path},
+               "check": "echo started; sleep 30", "check_timeout_secs": 2, "max_rounds": 1}),
+    );
+
+    let v = wait_done(&d, &caches, Duration::from_secs(300));
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    let a = &v["attempts"][0];
+    let output = a["check"]["output"].as_str().unwrap();
+    assert!(output.ends_with("yyyy"), "{a:#}");
+    let r = d
+        .call("GET", &format!("/v1/tasks/{caches}/result"), None)
+        .json();
+    assert_eq!(r["attempts_with_patch"], json!([1]), "{r:#}");
+    assert_eq!(r["attempts"][0]["has_patch"], true);
+    let patch = r["attempts"][0]["patch"].as_str().unwrap();
+    assert!(
+        patch.contains("answer.txt") && patch.contains("big.txt"),
+        "{patch:.500}"
+    );
+    for cache in [
+        "__pycache__",
+        ".pyc",
+        ".pytest_cache",
+        "node_modules",
+        "local.log",
+    ] {
+        assert!(!patch.contains(cache), "{cache} in the diff: {patch:.2000}");
+    }
+
+    let v = wait_done(&d, &broken, Duration::from_secs(300));
+    assert_eq!(v["state"], "failed", "{v:#}\n{}", d.log());
+    let err = v["attempts"][0]["error"].as_str().unwrap();
+    assert!(
+        err.contains("git add -A") && err.contains("exited with status"),
+        "{err}"
+    );
+
+    let v = wait_done(&d, &nothing, Duration::from_secs(300));
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    assert!(
+        v["attempts"][0]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("changed nothing")),
+        "{v:#}"
+    );
+    let r = d
+        .call("GET", &format!("/v1/tasks/{nothing}/result"), None)
+        .json();
+    assert_eq!(r["attempts_with_patch"], json!([]), "{r:#}");
+    assert_eq!(r["attempts"][0]["has_patch"], false);
+
+    let v = wait_done(&d, &slow, Duration::from_secs(300));
+    assert_eq!(v["state"], "failed", "{v:#}\n{}", d.log());
+    let a = &v["attempts"][0];
+    assert_eq!(a["check"]["timed_out"], true, "{a:#}");
+    assert!(
+        a["check"]["duration_ms"].as_u64().unwrap() < 15_000,
+        "{a:#}"
+    );
+    let out = a["check"]["output"].as_str().unwrap();
+    assert!(
+        out.contains("started") && out.contains("timed out after 2 s"),
+        "{out}"
+    );
+    assert!(
+        a["error"].as_str().unwrap().contains("timed out after 2 s"),
+        "{a:#}"
+    );
+    delete_all(&d);
+}
