@@ -288,7 +288,7 @@ async fn read_exec_request(
         let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<ExecBody>();
         match it.next() {
             Some(Ok(v)) => break (v, it.byte_offset()),
-            Some(Err(e)) if !(e.is_eof() && !ended) => {
+            Some(Err(e)) if !e.is_eof() || ended => {
                 return Err(ApiError::BadRequest(format!("invalid JSON body: {e}")))
             }
             None if ended => return Err(ApiError::BadRequest("a JSON body is required".into())),
@@ -340,7 +340,10 @@ async fn read_exec_request(
         if !rest.is_empty() && tx.send(rest).await.is_err() {
             return;
         }
-        while !ended {
+        if ended {
+            return;
+        }
+        loop {
             let frame = tokio::select! {
                 f = body.frame() => f,
                 () = tx.closed() => return,

@@ -176,8 +176,8 @@ fn syscalls() {
 fn sockets() {
     const SYS_SOCKET: c_long = 41;
     const SYS_CLOSE: c_long = 3;
-    let (stream, dgram, seqpacket) = (1, 2, 5);
-    for (name, family, kind) in [
+    let (stream, dgram, seqpacket): (c_long, c_long, c_long) = (1, 2, 5);
+    let families: [(&str, c_long, c_long); 8] = [
         ("unix", 1, stream),
         ("inet", 2, stream),
         ("netlink", 16, dgram),
@@ -186,10 +186,11 @@ fn sockets() {
         ("vsock", 40, stream),
         ("key", 15, 3),
         ("appletalk", 5, dgram),
-    ] {
+    ];
+    for (name, family, kind) in families {
         // SAFETY: socket takes three integers and returns a new fd or an error; the fd is
         // closed at once.
-        let fd = unsafe { syscall(SYS_SOCKET, family as c_long, kind as c_long, 0 as c_long) };
+        let fd = unsafe { syscall(SYS_SOCKET, family, kind, 0 as c_long) };
         if fd >= 0 {
             // SAFETY: fd is the socket just opened, owned by nobody else.
             unsafe { syscall(SYS_CLOSE, fd) };
