@@ -333,7 +333,12 @@ impl Runtime {
         let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| io_err("cannot create a pipe")(e.into()))?;
         let mut cmd = Command::new(&self.shim);
-        cmd.arg("--config").arg(&config_path);
+        // argv names no host path: the sandbox's PID 1 is a fork of the shim, and its
+        // /proc/1/cmdline is readable inside. The config is found from the working dir.
+        cmd.arg0("agentd-shim")
+            .current_dir(&dir)
+            .arg("--config")
+            .arg(layout::CONFIG);
         if foreground {
             cmd.arg("--foreground");
         }

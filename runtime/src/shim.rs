@@ -140,6 +140,10 @@ struct Shim {
 /// Runs the shim for the sandbox whose `sandbox.json` is at `config_path`, reporting progress as
 /// [`ShimEvent`] lines on `events`. Returns the process exit code for the shim.
 pub fn main(config_path: &Path, mut events: File) -> i32 {
+    // Given relative to the shim's working dir (its argv, which the sandbox can read as
+    // /proc/1/cmdline, names no host path); absolute from here on.
+    let config_path =
+        &std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     let dir = config_path
         .parent()
         .map(Path::to_path_buf)

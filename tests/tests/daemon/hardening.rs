@@ -84,6 +84,23 @@ fn test_exec_streams_takes_stdin_and_dies_with_its_client() {
     );
     let id = plain_sandbox(&d);
 
+    // Host paths (state dir, image store, binaries) do not show inside.
+    let (code, out, _) = d.exec(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "cat /proc/self/mountinfo; tr '\\0' ' ' < /proc/1/cmdline",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let state = d.state.path().to_str().unwrap();
+    let images = d.images.to_str().unwrap();
+    assert!(out.contains("agentd-shim"), "{out}");
+    for host in [state, images, "/work/", "target/debug"] {
+        assert!(!out.contains(host), "{host} shows inside:\n{out}");
+    }
+
     // 70,000 bytes (more than a 64 KiB pipe) from an instant command with a 5 s timeout.
     let t = Instant::now();
     let r = d.call(
