@@ -984,8 +984,9 @@ impl Manager {
         let sandbox_dir = self.runtime.sandbox_dir(&id);
         let status = tokio::task::spawn_blocking(move || {
             let client = runtime.client(&id);
-            let status = match client.state() {
-                Ok((_, SandboxStatus::Exited(st))) => Some(st),
+            let alive = runtime.shim_alive(&id);
+            let status = match alive.then(|| client.state()) {
+                Some(Ok((_, SandboxStatus::Exited(st)))) => Some(st),
                 _ => None,
             };
             // Logs first: the shim's delete removes its state dir.
@@ -993,7 +994,8 @@ impl Manager {
             for f in [layout::STDOUT, layout::STDERR] {
                 let _ = std::fs::rename(sandbox_dir.join(f), logs_dir.join(f));
             }
-            if let Err(e) = client.delete() {
+            let deleted = if alive { client.delete() } else { Err(agentd_runtime::ClientError::Shim("the shim is gone".into())) };
+            if let Err(e) = deleted {
                 tracing::warn!(sandbox = %id, error = %agentd_runtime::error_chain(&e), "the shim's delete did not finish: cleaning up after it");
                 // The shim exits after answering a delete; cleanup refuses a live shim.
                 let waited = std::time::Instant::now();
@@ -1062,9 +1064,18 @@ impl Manager {
                 continue;
             }
             let client = self.runtime.client(&rec.id);
-            let alive = tokio::task::spawn_blocking(move || client.state().ok())
-                .await
-                .unwrap_or(None);
+            let runtime = self.runtime.clone();
+            let id = rec.id.clone();
+            // A dead shim is found without waiting on its socket (a helper it left may hold
+            // the listener and never answer).
+            let alive = tokio::task::spawn_blocking(move || {
+                runtime
+                    .shim_alive(&id)
+                    .then(|| client.state().ok())
+                    .flatten()
+            })
+            .await
+            .unwrap_or(None);
             match alive {
                 Some((_, SandboxStatus::Running)) => {
                     tracing::info!(sandbox = %rec.id, "reattached");
@@ -1100,7 +1111,7 @@ impl Manager {
                 }
                 if !live_ids.contains(&id) {
                     let client = self.runtime.client(&id);
-                    if client.state().is_ok() {
+                    if self.runtime.shim_alive(&id) {
                         let _ = client.delete();
                     } else if let Err(err) = self.runtime.cleanup(&id) {
                         tracing::warn!(sandbox = %id, error = %agentd_runtime::error_chain(&err), "leftover cleanup failed");

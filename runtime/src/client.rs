@@ -38,6 +38,34 @@ pub const DEFAULT_STOP_TIMEOUT_SECS: u64 = 10;
 /// includes killing the sandbox and removing its cgroups.
 const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long [`Runtime::shim_alive`] waits for a shim to answer.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The command name of shim processes (the file name of the binary; `comm` is 15 bytes).
+const SHIM_COMM: &str = "agentd-shim";
+
+/// Processes whose working directory is `dir` (pid and command name). Shims are started in
+/// their sandbox's dir and so are their helpers until they change it; nothing else of agentd
+/// works there.
+fn processes_in(dir: &Path) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    // The kernel shows working dirs resolved.
+    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd == dir) {
+            let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            found.push((pid, comm.trim().to_string()));
+        }
+    }
+    found
+}
+
 /// The fd number the shim finds its event pipe on.
 const EVENTS_FD: RawFd = 3;
 
@@ -417,7 +445,23 @@ impl Runtime {
     pub fn client(&self, id: &str) -> ShimClient {
         ShimClient {
             socket: self.sandbox_dir(id).join(layout::SOCKET),
+            timeout: CALL_TIMEOUT,
         }
+    }
+
+    /// Whether the shim of sandbox `id` runs: a process of the shim's binary working in the
+    /// sandbox's dir (where shims are started), or one that answers on its socket within a
+    /// moment (a shim of an older agentd). A dead shim's helper that still holds the socket's
+    /// listener (a libcontainer process orphaned mid-create) accepts connections but never
+    /// answers: that is not a live shim, and asking it would wait for the full call timeout.
+    pub fn shim_alive(&self, id: &str) -> bool {
+        let dir = self.sandbox_dir(id);
+        if processes_in(&dir).iter().any(|(_, comm)| comm == SHIM_COMM) {
+            return true;
+        }
+        let mut quick = self.client(id);
+        quick.timeout = PROBE_TIMEOUT;
+        quick.state().is_ok()
     }
 
     /// Ids of every sandbox with a state dir under the state root.
@@ -444,10 +488,19 @@ impl Runtime {
     /// (use [`ShimClient::delete`] then).
     pub fn cleanup(&self, id: &str) -> Result<()> {
         validate_id(id)?;
-        if self.client(id).state().is_ok() {
+        if self.shim_alive(id) {
             return Err(ClientError::Shim(format!(
                 "the shim of {id} is alive: delete the sandbox through it"
             )));
+        }
+        // Helpers the dead shim left (libcontainer's processes of a create it did not finish
+        // are not in the sandbox's cgroups yet) still work in its dir: they go first.
+        for (pid, comm) in processes_in(&self.sandbox_dir(id)) {
+            tracing::debug!(pid, comm, "killing a process the dead shim left");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         self.cgroup(id).remove()?;
         // Before removing the state dir: an overlay rootfs is mounted inside it.
@@ -538,6 +591,8 @@ fn check_rootfs(rootfs: &Path) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct ShimClient {
     socket: PathBuf,
+    /// How long a call other than a wait may take.
+    timeout: std::time::Duration,
 }
 
 impl ShimClient {
@@ -545,6 +600,7 @@ impl ShimClient {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         ShimClient {
             socket: socket.into(),
+            timeout: CALL_TIMEOUT,
         }
     }
 
@@ -555,7 +611,7 @@ impl ShimClient {
         )))?;
         // Only the waits may take long; anything else answers at once or the shim is stuck.
         let waits = matches!(request, Request::Wait | Request::WaitExec { .. });
-        let timeout = if waits { None } else { Some(CALL_TIMEOUT) };
+        let timeout = if waits { None } else { Some(self.timeout) };
         stream
             .set_read_timeout(timeout)
             .map_err(io_err("cannot configure the shim socket"))?;

@@ -49,6 +49,36 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Like [`request`], but `None` instead of a panic when the daemon is not there or the
+/// connection breaks (for tests that kill the daemon under load).
+pub fn try_request(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> Option<Reply> {
+    try_request_with(socket, method, path, body, Duration::from_secs(60))
+}
+
+fn try_request_with(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Option<Reply> {
+    let mut s = UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    let body = body.unwrap_or(b"");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: agentd\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).ok()?;
+    s.write_all(body).ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    if !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        return None;
+    }
+    Some(parse_response(&raw))
+}
+
 /// Sends one request over TCP with a bearer token (Connection: close) and reads the whole
 /// response.
 pub fn tcp_request(
@@ -199,11 +229,17 @@ impl Daemon {
         self.child = Some(cmd.spawn().unwrap());
         let start = Instant::now();
         loop {
-            if UnixStream::connect(&self.socket).is_ok() {
-                let r = request(&self.socket, "GET", "/v1/health", None, "application/json");
-                if r.status == 200 {
-                    return;
-                }
+            // The socket is bound before the state is reconciled: it may accept and not yet
+            // answer.
+            let health = try_request_with(
+                &self.socket,
+                "GET",
+                "/v1/health",
+                None,
+                Duration::from_secs(2),
+            );
+            if health.is_some_and(|r| r.status == 200) {
+                return;
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("agentd serve exited ({st}):\n{}", self.log());
@@ -238,6 +274,11 @@ impl Daemon {
     /// Sends `signal` to the daemon, waits for it to exit, and starts it again.
     pub fn restart(&mut self, signal: i32) {
         self.kill(signal);
+        self.spawn();
+    }
+
+    /// Starts the daemon again after [`Daemon::kill`].
+    pub fn start_again(&mut self) {
         self.spawn();
     }
 

@@ -7,6 +7,8 @@ use agentd_tests::daemon::{follow_until, Daemon, MockLlm};
 use agentd_tests::require_sandbox_support;
 use serde_json::json;
 
+#[path = "daemon/faults.rs"]
+mod faults;
 #[path = "daemon/hardening.rs"]
 mod hardening;
 #[path = "daemon/tasks.rs"]
