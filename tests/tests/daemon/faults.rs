@@ -137,7 +137,7 @@ fn test_kill9_under_load_loses_nothing_acknowledged() {
     let seed: u64 = std::env::var("AGENTD_FAULT_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| u64::from(std::process::id()) * 2_654_435_761 | 1);
+        .unwrap_or_else(|| (u64::from(std::process::id()) * 2_654_435_761) | 1);
     eprintln!("fault injection: {rounds} rounds, AGENTD_FAULT_SEED={seed}");
     let rng = Arc::new(Rng(AtomicU64::new(seed)));
     let mut d = Daemon::start(
