@@ -5,6 +5,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use agentd_tests::daemon::{request, tcp_request, Daemon};
@@ -431,5 +432,87 @@ fn test_tcp_clients_reach_no_host_files_no_internal_addresses_and_cannot_flood()
     let log = d.log();
     assert!(log.contains("connection limit reached"), "{log}");
     assert!(log.len() < 5 << 20, "the log grew to {} bytes", log.len());
+    assert!(d.leftovers().is_empty(), "{:#?}", d.leftovers());
+}
+
+/// SIGTERM with an exec streaming (`sleep infinity`): agentd is gone within seconds, the
+/// stream's last line says why, the database is free for the next agentd, and the sandbox runs
+/// on. The CLI: a closed pipe ends it quietly; a user who may not use the socket is told so.
+#[test]
+fn test_sigterm_is_quick_and_the_cli_says_what_is_wrong() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let mut d = Daemon::start(
+        &images,
+        &[
+            "--gateway-port",
+            &agentd_tests::registry::free_port().to_string(),
+        ],
+    );
+    let id = plain_sandbox(&d);
+    let mut s = exec_stream(&d, &id, r#"{"command":["sleep","infinity"]}"#);
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    d.kill(libc::SIGTERM);
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGTERM took {took:?}\n{}",
+        d.log()
+    );
+    let (_, rest) = read_until(&mut s, "agentd is stopping");
+    assert!(rest.contains("sandboxes keep running"), "{rest}");
+    drop(s);
+    d.start_again();
+    let v = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
+    assert_eq!(v["state"], "ready", "{v}");
+    let (code, _, _) = d.exec(&id, &["true"]);
+    assert_eq!(code, 0);
+
+    // `agentd sandbox ls | head -c 1`: the closed pipe ends the CLI without a panic.
+    let mut child = std::process::Command::new(agentd_tests::bin("agentd"))
+        .args(["sandbox", "ls"])
+        .env("AGENTD_SOCKET", &d.socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    // Not root: the socket (0600 in a 0700 dir) is refused, and the CLI says to use sudo. (A
+    // copy of the binary in a dir anyone may enter: the checkout may be private.)
+    let open_dir = tempfile::Builder::new()
+        .prefix("agentd-cli-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        open_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let cli = open_dir.path().join("agentd");
+    std::fs::copy(agentd_tests::bin("agentd"), &cli).unwrap();
+    let out = std::process::Command::new(&cli)
+        .args(["sandbox", "ls"])
+        .env("AGENTD_SOCKET", &d.socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "{}",
+        agentd_tests::describe(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("root-only") && err.contains("sudo"), "{err}");
+    assert_eq!(
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)
+            .status,
+        204
+    );
     assert!(d.leftovers().is_empty(), "{:#?}", d.leftovers());
 }
