@@ -29,7 +29,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -667,12 +666,13 @@ impl TaskManager {
     }
 
     /// Stores an uploaded workspace tar; returns its id for `workspace.upload`.
-    pub async fn upload(&self, body: Bytes) -> Result<(String, WorkspaceInfo)> {
+    pub async fn upload(&self, spooled: &Path) -> Result<(String, WorkspaceInfo)> {
         let id = random_hex(12);
         let path = self.upload_path(&id);
         let p2 = path.clone();
+        let src = spooled.to_path_buf();
         let info = tokio::task::spawn_blocking(move || {
-            std::fs::write(&p2, &body)
+            std::fs::rename(&src, &p2)
                 .map_err(|e| ApiError::internal(format!("failed to store the upload: {e}")))?;
             crate::workspace::check_upload(&p2).map_err(|e| {
                 let _ = std::fs::remove_file(&p2);

@@ -101,13 +101,15 @@ pub(crate) async fn handle(
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-tar"));
-    let body = super::read_body(req, MAX_UPLOAD).await?;
+    // Spooled to agentd's own disk first: an upload is never held in memory.
+    let (body, _) = super::spool_body(mgr, req, MAX_UPLOAD as u64).await?;
     let p2 = path.clone();
     let written = tokio::task::spawn_blocking(move || {
+        let data = io::BufReader::new(File::open(&body.0)?);
         if is_tar {
-            extract_tar(&root, Path::new(&p2), &body[..], owner)
+            extract_tar(&root, Path::new(&p2), data, owner)
         } else {
-            write_file(&root, Path::new(&p2), &body, owner).map(|()| 1)
+            write_file(&root, Path::new(&p2), data, owner).map(|()| 1)
         }
     })
     .await
@@ -215,7 +217,7 @@ fn append_dir<W: Write>(b: &mut tar::Builder<W>, dir: File) -> io::Result<()> {
     )
 }
 
-fn write_file(root: &File, path: &Path, data: &[u8], owner: (u32, u32)) -> io::Result<()> {
+fn write_file(root: &File, path: &Path, mut data: impl Read, owner: (u32, u32)) -> io::Result<()> {
     let mut f = open_in_root(
         root,
         path,
@@ -225,7 +227,7 @@ fn write_file(root: &File, path: &Path, data: &[u8], owner: (u32, u32)) -> io::R
     if !f.metadata()?.is_file() {
         return Err(io::Error::other("not a regular file"));
     }
-    f.write_all(data)?;
+    io::copy(&mut data, &mut f)?;
     nix::unistd::fchown(f.as_raw_fd(), Some(owner.0.into()), Some(owner.1.into()))
         .map_err(io::Error::from)?;
     Ok(())

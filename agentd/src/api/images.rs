@@ -62,56 +62,6 @@ fn first_line(s: &str) -> String {
     line[..end].to_string()
 }
 
-/// An uploaded archive in `<state>/tmp`, removed when dropped.
-struct Upload(std::path::PathBuf);
-
-impl Drop for Upload {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Streams the request body into a new file under `<state>/tmp` (at most
-/// [`MAX_IMPORT_BYTES`]); a full disk is a 507.
-async fn receive_archive(mgr: &Manager, req: Request<Incoming>) -> Result<Upload, ApiError> {
-    use http_body_util::BodyExt;
-    use tokio::io::AsyncWriteExt;
-    let dir = mgr.config.state_dir.join("tmp");
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(ApiError::internal)?;
-    let upload = Upload(dir.join(format!("import-{}.tar", crate::sandbox::random_hex(8))));
-    let mut file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&upload.0)
-        .await
-        .map_err(ApiError::internal)?;
-    let mut body = req.into_body();
-    let mut size = 0u64;
-    while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|e| ApiError::BadRequest(format!("failed to read the body: {e}")))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        size += data.len() as u64;
-        if size > MAX_IMPORT_BYTES {
-            return Err(ApiError::TooLarge(format!(
-                "the archive is larger than {MAX_IMPORT_BYTES} bytes"
-            )));
-        }
-        file.write_all(&data).await.map_err(super::io_error)?;
-    }
-    file.sync_all().await.map_err(super::io_error)?;
-    if size == 0 {
-        return Err(ApiError::BadRequest(
-            "the body is empty: send the image archive (OCI layout or docker-archive tar)".into(),
-        ));
-    }
-    Ok(upload)
-}
-
 fn store_err(e: agentd_images::StoreError) -> ApiError {
     match e {
         agentd_images::StoreError::UnknownImage(_) => {
@@ -226,7 +176,13 @@ pub(crate) async fn dispatch(
             let (path, name, upload) = if archive {
                 // The archive is the body, streamed to a file of agentd's own.
                 let name = super::query_param(&req, "name");
-                let file = receive_archive(mgr, req).await?;
+                let (file, size) = super::spool_body(mgr, req, MAX_IMPORT_BYTES).await?;
+                if size == 0 {
+                    return Err(ApiError::BadRequest(
+                        "the body is empty: send the image archive (OCI layout or docker-archive tar)"
+                            .into(),
+                    ));
+                }
                 (file.0.clone(), name, Some(file))
             } else {
                 let body: ImportBody = read_json(req).await?;

@@ -113,6 +113,53 @@ pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Ap
     }
 }
 
+/// A request body spooled to a file in `<state>/tmp` (removed when dropped): large uploads
+/// are never held in agentd's memory.
+pub struct Spooled(pub std::path::PathBuf);
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Streams the request body into a new file under `<state>/tmp`, at most `limit` bytes (413
+/// beyond); a full disk is a 507. Returns the file and the body's size.
+pub async fn spool_body(
+    mgr: &Manager,
+    req: Request<Incoming>,
+    limit: u64,
+) -> Result<(Spooled, u64), ApiError> {
+    use tokio::io::AsyncWriteExt;
+    let dir = mgr.config.state_dir.join("tmp");
+    tokio::fs::create_dir_all(&dir).await.map_err(io_error)?;
+    let spooled = Spooled(dir.join(format!("upload-{}", crate::sandbox::random_hex(8))));
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&spooled.0)
+        .await
+        .map_err(io_error)?;
+    let mut body = req.into_body();
+    let mut size = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiError::BadRequest(format!("failed to read the body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        size += data.len() as u64;
+        if size > limit {
+            return Err(ApiError::TooLarge(format!(
+                "the request body is larger than {limit} bytes"
+            )));
+        }
+        file.write_all(&data).await.map_err(io_error)?;
+    }
+    file.sync_all().await.map_err(io_error)?;
+    Ok((spooled, size))
+}
+
 /// An I/O error of agentd's own writes: a full disk is a 507 that says so, anything else a 500.
 pub fn io_error(e: std::io::Error) -> ApiError {
     if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
@@ -189,10 +236,37 @@ pub async fn handle(mgr: Arc<Manager>, origin: Origin, req: Request<Incoming>) -
         }
         let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
         route = route_name(&segs);
+        // A known path with a method it does not take: 405 naming the ones it does.
+        if let Some(methods) = openapi::allowed_methods(&segs) {
+            let m = method.as_str().to_ascii_lowercase();
+            if !methods.contains(&m.as_str()) {
+                return Err(ApiError::MethodNotAllowed(format!(
+                    "{method} is not allowed on {path}: use {}",
+                    methods
+                        .iter()
+                        .map(|m| m.to_ascii_uppercase())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
         dispatch(&mgr, &method, &segs, req, origin.token.is_some()).await
     }
     .await;
-    let response = result.unwrap_or_else(|e| json(e.status(), &e.body(request_id)));
+    let mut response = result.unwrap_or_else(|e| json(e.status(), &e.body(request_id)));
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+        let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        if let Some(methods) = openapi::allowed_methods(&segs) {
+            let allow = methods
+                .iter()
+                .map(|m| m.to_ascii_uppercase())
+                .collect::<Vec<_>>()
+                .join(", ");
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&allow) {
+                response.headers_mut().insert(hyper::header::ALLOW, v);
+            }
+        }
+    }
     mgr.metrics
         .count_request(&route, response.status().as_u16());
     tracing::debug!(request_id, %method, path, status = response.status().as_u16(), "request");

@@ -32,6 +32,31 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/tasks/{id}/attempts/{n}/diff", &["get"]),
 ];
 
+/// The methods routed for a request path (its segments), if any route has its shape: a
+/// `{name}` segment matches any one segment, a final `{path}` the rest.
+pub fn allowed_methods(segs: &[&str]) -> Option<&'static [&'static str]> {
+    ROUTES.iter().find_map(|(pattern, methods)| {
+        let parts: Vec<&str> = pattern.trim_start_matches('/').split('/').collect();
+        let rest_wildcard = parts.last() == Some(&"{path}");
+        let fixed = if rest_wildcard {
+            &parts[..parts.len() - 1]
+        } else {
+            &parts[..]
+        };
+        let shape = if rest_wildcard {
+            segs.len() >= fixed.len()
+        } else {
+            segs.len() == fixed.len()
+        };
+        let matches = shape
+            && fixed
+                .iter()
+                .zip(segs)
+                .all(|(p, s)| (p.starts_with('{') && !s.is_empty()) || p == s);
+        matches.then_some(*methods)
+    })
+}
+
 fn summary(path: &str, method: &str) -> &'static str {
     match (path, method) {
         ("/v1/health", _) => "Liveness and version",
@@ -66,11 +91,78 @@ fn summary(path: &str, method: &str) -> &'static str {
     }
 }
 
-fn params(path: &str) -> Vec<Value> {
-    path.split('/')
+fn params(path: &str, method: &str) -> Vec<Value> {
+    let mut v: Vec<Value> = path
+        .split('/')
         .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-        .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
-        .collect()
+        .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string", "minLength": 1}}))
+        .collect();
+    let query = |name: &str, required: bool, schema: Value| json!({"name": name, "in": "query", "required": required, "schema": schema});
+    match (path, method) {
+        ("/v1/sandboxes", "get") => v.push(query("label", false, json!({"type": "string"}))),
+        ("/v1/sandboxes/{id}/files", _) => v.push(query(
+            "path",
+            true,
+            json!({"type": "string", "pattern": "^/"}),
+        )),
+        ("/v1/sandboxes/{id}/logs", _) => {
+            v.push(query("follow", false, json!({"type": "boolean"})));
+            v.push(query(
+                "stream",
+                false,
+                json!({"type": "string", "enum": ["stdout", "stderr", "both"]}),
+            ));
+        }
+        ("/v1/images/import", _) => v.push(query("name", false, json!({"type": "string"}))),
+        ("/v1/tasks/{id}/events", _) => v.push(query(
+            "after",
+            false,
+            json!({"type": "integer", "minimum": 0}),
+        )),
+        _ => {}
+    }
+    v
+}
+
+/// The request body of an operation, if it takes one.
+fn request_body(path: &str, method: &str) -> Option<Value> {
+    let json_body = |schema: Value| json!({"required": true, "content": {"application/json": {"schema": schema}}});
+    let binary = json!({"type": "string", "format": "binary"});
+    Some(match (path, method) {
+        ("/v1/sandboxes", "post") => json_body(create_schema()),
+        ("/v1/tasks", "post") => json_body(task_schema()),
+        ("/v1/sandboxes/{id}/exec", _) => json_body(json!({
+            "type": "object", "additionalProperties": false, "required": ["command"],
+            "description": "with stdin true, the bytes after this JSON and one newline are the command's stdin",
+            "properties": {
+                "command": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                "cwd": {"type": "string", "pattern": "^/"},
+                "timeout_secs": {"type": "integer", "minimum": 1, "maximum": 86400},
+                "uid": {"type": "integer", "minimum": 0},
+                "stdin": {"type": "boolean", "default": false}
+            }
+        })),
+        ("/v1/images/pull", _) => json_body(json!({
+            "type": "object", "additionalProperties": false, "required": ["reference"],
+            "properties": {"reference": {"type": "string", "minLength": 1}, "platform": {"type": "string"}, "insecure": {"type": "boolean"}}
+        })),
+        ("/v1/images/import", _) => json!({"required": true, "content": {
+            "application/x-tar": {"schema": binary},
+            "application/json": {"schema": {"type": "object", "additionalProperties": false, "required": ["path"],
+                "description": "a host path: on the Unix socket only",
+                "properties": {"path": {"type": "string"}, "name": {"type": "string"}}}}
+        }}),
+        ("/v1/workspaces", _) => json!({"required": true, "content": {
+            "application/x-tar": {"schema": binary},
+            "application/octet-stream": {"schema": binary}
+        }}),
+        ("/v1/sandboxes/{id}/files", "put") => json!({"required": true, "content": {
+            "application/octet-stream": {"schema": binary},
+            "application/x-tar": {"schema": binary}
+        }}),
+        _ => return None,
+    })
 }
 
 fn create_schema() -> Value {
@@ -129,17 +221,14 @@ pub fn document() -> Value {
         for m in *methods {
             let mut op = json!({
                 "summary": summary(path, m),
-                "parameters": params(path),
+                "parameters": params(path, m),
                 "responses": {
                     "200": {"description": "OK"},
                     "default": {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
                 }
             });
-            if *path == "/v1/sandboxes" && *m == "post" {
-                op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": create_schema()}}});
-            }
-            if *path == "/v1/tasks" && *m == "post" {
-                op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": task_schema()}}});
+            if let Some(body) = request_body(path, m) {
+                op["requestBody"] = body;
             }
             item.insert(m.to_string(), op);
         }
@@ -161,6 +250,21 @@ pub fn document() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_allowed_methods() {
+        assert_eq!(allowed_methods(&["v1", "health"]), Some(&["get"][..]));
+        assert_eq!(
+            allowed_methods(&["v1", "sandboxes", "abc", "opencode", "x", "y"]),
+            Some(&["get", "post", "put", "patch", "delete"][..])
+        );
+        assert_eq!(
+            allowed_methods(&["v1", "sandboxes", "abc", "exec"]),
+            Some(&["post"][..])
+        );
+        assert_eq!(allowed_methods(&["v1", "nothing"]), None);
+        assert_eq!(allowed_methods(&["v1", "sandboxes", ""]), None);
+    }
 
     #[test]
     fn test_every_route_documented_with_a_summary() {

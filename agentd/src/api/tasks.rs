@@ -32,8 +32,13 @@ pub(crate) async fn dispatch_workspaces(
     let tasks = service(mgr)?;
     match (method, segs) {
         (&Method::POST, []) => {
-            let body = super::read_body(req, super::files::MAX_UPLOAD).await?;
-            let (id, info) = tasks.upload(body).await?;
+            let (body, size) = super::spool_body(mgr, req, super::files::MAX_UPLOAD as u64).await?;
+            if size == 0 {
+                return Err(ApiError::BadRequest(
+                    "the body is empty: send the workspace as a tar".into(),
+                ));
+            }
+            let (id, info) = tasks.upload(&body.0).await?;
             Ok(json(
                 StatusCode::CREATED,
                 &serde_json::json!({"upload": id, "entries": info.entries, "bytes": info.bytes}),
