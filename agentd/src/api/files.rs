@@ -360,7 +360,7 @@ mod tests {
             nix::unistd::getuid().as_raw(),
             nix::unistd::getgid().as_raw(),
         );
-        write_file(&r, Path::new("/escape/new"), b"x", me).unwrap_err();
+        write_file(&r, Path::new("/escape/new"), &b"x"[..], me).unwrap_err();
         assert!(!outside.path().join("new").exists());
         // A tar that climbs out stays in.
         let mut b = tar::Builder::new(Vec::new());
