@@ -799,7 +799,16 @@ impl Manager {
             let (started, written) = tokio::join!(start, write);
             started
                 .map_err(ApiError::internal)?
-                .map_err(|e| ApiError::internal(agentd_runtime::error_chain(&e)))?;
+                .map_err(|e| {
+                    let chain = agentd_runtime::error_chain(&e);
+                    if chain.contains("os error 28") || chain.contains("No space left") {
+                        ApiError::InsufficientStorage(
+                            "agentd's disk is full: the sandbox was not created (free space on the state dir's filesystem and retry)".into(),
+                        )
+                    } else {
+                        ApiError::internal(chain)
+                    }
+                })?;
             // A sandbox whose record could not be saved is not acknowledged: the next start
             // would take it for debris. It is removed again and the create fails.
             if let Err(e) = written.map_err(ApiError::internal).and_then(|r| r) {

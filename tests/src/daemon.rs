@@ -181,12 +181,18 @@ static DAEMONS: AtomicU64 = AtomicU64::new(0);
 impl Daemon {
     /// Starts a daemon on temp dirs using `images` as its image store, with `extra` flags.
     pub fn start(images: &Path, extra: &[&str]) -> Daemon {
-        let n = DAEMONS.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
         let state = tempfile::Builder::new()
             .prefix("agentd-serve-")
             .tempdir_in("/var/tmp")
             .unwrap();
+        Daemon::start_in(state, images, extra)
+    }
+
+    /// As [`Daemon::start`], with the state in `state` (prepared by the test, e.g. a small
+    /// filesystem mounted there).
+    pub fn start_in(state: tempfile::TempDir, images: &Path, extra: &[&str]) -> Daemon {
+        let n = DAEMONS.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
         let mut d = Daemon {
             socket: state.path().join("agentd.sock"),
             images: images.to_path_buf(),

@@ -597,3 +597,119 @@ fn test_schemathesis_finds_nothing() {
     }
     assert!(d.leftovers().is_empty(), "{:#?}", d.leftovers());
 }
+
+/// Unmounts (and removes) a mount point the test made, after everything else is dropped.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn listed_ids(d: &Daemon) -> Vec<String> {
+    d.call("GET", "/v1/sandboxes", None).json()["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// agentd's state on a full disk (a small ext4 on a loop device): a create fails with 507 and is not listed,
+/// a delete is listed or gone as it answered, and after a restart with space again the state
+/// is what the API said; agentd then works again (its database was reopened).
+#[test]
+fn test_full_disk_fails_requests_and_loses_nothing() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let state = tempfile::Builder::new()
+        .prefix("agentd-serve-full-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    // Declared before the daemon: dropped after it.
+    let _unmount = Unmount(state.path().to_path_buf());
+    // A small ext4 filesystem of its own (a loop device, freed when it is unmounted).
+    let image = tempfile::Builder::new()
+        .prefix("agentd-full-disk-")
+        .suffix(".img")
+        .tempfile_in("/var/tmp")
+        .unwrap();
+    image.as_file().set_len(64 << 20).unwrap();
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    };
+    run(std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-m", "0"])
+        .arg(image.path()));
+    run(std::process::Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(image.path())
+        .arg(state.path()));
+    std::fs::set_permissions(
+        state.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
+    let mut d = Daemon::start_in(
+        state,
+        &images,
+        &[
+            "--gateway-port",
+            &agentd_tests::registry::free_port().to_string(),
+        ],
+    );
+    let a = plain_sandbox(&d);
+    // Fill the disk.
+    let filler = d.state.path().join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        // Big writes, then ever smaller ones for the last partial block.
+        for size in [1 << 20, 4096, 64, 1] {
+            let chunk = vec![7u8; size];
+            while f.write_all(&chunk).is_ok() {}
+        }
+        let _ = f.sync_all();
+        // And no inode left either.
+        for i in 0.. {
+            if std::fs::File::create(d.state.path().join(format!("inode-{i}"))).is_err() {
+                break;
+            }
+        }
+    }
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "opencode": false})),
+    );
+    assert_eq!(r.status, 507, "{}\n{}", r.text(), d.log());
+    assert!(r.text().contains("disk is full"), "{}", r.text());
+    assert_eq!(listed_ids(&d), vec![a.clone()]);
+    let r = d.call("DELETE", &format!("/v1/sandboxes/{a}"), None);
+    let a_listed = listed_ids(&d).contains(&a);
+    assert_eq!(r.status == 204, !a_listed, "{}: {}", r.status, r.text());
+    // Space again, a crash, a restart: the state is what the API said.
+    std::fs::remove_file(&filler).unwrap();
+    d.kill(libc::SIGKILL);
+    d.start_again();
+    assert_eq!(listed_ids(&d).contains(&a), a_listed, "{}", d.log());
+    let b = plain_sandbox(&d);
+    let (code, _, _) = d.exec(&b, &["true"]);
+    assert_eq!(code, 0);
+    for id in listed_ids(&d) {
+        assert_eq!(
+            d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)
+                .status,
+            204
+        );
+    }
+    let state_path = d.state.path().to_str().unwrap().to_string();
+    let left: Vec<String> = d
+        .leftovers()
+        .into_iter()
+        .filter(|l| !(l.starts_with("mount ") && l.contains(&format!(" {state_path} "))))
+        .collect();
+    assert!(left.is_empty(), "{left:#?}");
+}
