@@ -587,8 +587,15 @@ impl Manager {
             .image
             .clone()
             .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+        if req.opencode == Some(true) && req.command.is_some() {
+            return Err(ApiError::BadRequest(
+                "command and opencode are exclusive: OpenCode is the command of an OpenCode sandbox".into(),
+            ));
+        }
         // Refused before the image is resolved (the default image may be built first).
-        if req.opencode == Some(true) || (req.opencode.is_none() && image_name == DEFAULT_IMAGE) {
+        if req.opencode == Some(true)
+            || (req.opencode.is_none() && req.command.is_none() && image_name == DEFAULT_IMAGE)
+        {
             self.require_llm()?;
         }
         if let Some(model) = &req.model {

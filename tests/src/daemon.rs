@@ -259,6 +259,17 @@ impl Daemon {
         }
     }
 
+    /// The pid of sandbox `id`'s shim: the `agentd-shim` process working in its state dir.
+    pub fn shim_pid(&self, id: &str) -> Option<i32> {
+        let dir = self.state.path().join("sandboxes").join(id);
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
+            (comm.trim() == "agentd-shim" && cwd == dir).then_some(pid)
+        })
+    }
+
     /// The daemon's pid, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

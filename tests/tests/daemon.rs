@@ -254,18 +254,7 @@ fn test_opencode_session_restart_and_isolation() {
     );
 
     // Kill B's shim: B is reported exited and cleaned.
-    let shim_pid = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
-        .find(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .map(|c| {
-                    String::from_utf8_lossy(&c).contains(&format!("sandboxes/{b_id}/sandbox.json"))
-                })
-                .unwrap_or(false)
-        })
-        .expect("B's shim");
+    let shim_pid = d.shim_pid(&b_id).expect("B's shim");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(shim_pid),
         nix::sys::signal::Signal::SIGKILL,
