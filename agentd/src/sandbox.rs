@@ -45,6 +45,9 @@ pub const CGROUP_PARENT: &str = "agentd/serve";
 pub const LOG_TAIL_BYTES: u64 = 4096;
 /// Seconds a stop waits after SIGTERM before the shim kills everything.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a second finish of a sandbox waits for the first (which waits at most for the
+/// shim's delete, 30 s, its exit, 10 s, and a cleanup).
+const FINISH_WAIT: Duration = Duration::from_secs(120);
 /// The image a sandbox gets when the request names none.
 pub const DEFAULT_IMAGE: &str = "opencode";
 /// How long the upstream's model list is trusted before it is read again.
@@ -990,8 +993,22 @@ impl Manager {
     /// how it ended. Idempotent.
     pub async fn finish(&self, sb: &Arc<Sandbox>, forced: Option<&str>) {
         let rec = sb.snapshot();
+        if !rec.state.is_live() {
+            return;
+        }
         // Only one finish per sandbox: the exit watcher and a stop's timeout may both get here.
-        if !rec.state.is_live() || sb.ending.swap(true, Ordering::SeqCst) {
+        // The second waits for the first, so that whoever returns (a delete answering 204)
+        // knows the sandbox's resources are gone. (Bounded: the shim's own calls are.)
+        if sb.ending.swap(true, Ordering::SeqCst) {
+            let mut rx = sb.state_tx.subscribe();
+            let _ = tokio::time::timeout(FINISH_WAIT, async {
+                while rx.borrow_and_update().is_live() {
+                    if rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
             return;
         }
         let id = rec.id.clone();

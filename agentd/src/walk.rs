@@ -143,6 +143,40 @@ pub fn walk(
     Ok(())
 }
 
+/// Appends an entry [`walk`] met to a tar archive, with its mode and mtime: a directory, a
+/// regular file (its content) or a symlink (as a link). Returns false, appending nothing, for a
+/// device, FIFO or socket, or a file that could not be opened.
+pub fn append_to_tar<W: io::Write>(
+    b: &mut tar::Builder<W>,
+    rel: &Path,
+    st: &FileStat,
+    kind: Kind,
+) -> io::Result<bool> {
+    use std::io::Read;
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(st.st_mode & 0o7777);
+    h.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));
+    match kind {
+        Kind::Dir => {
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_size(0);
+            b.append_data(&mut h, rel, io::empty())?;
+        }
+        Kind::File(Ok((f, len))) => {
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(len);
+            b.append_data(&mut h, rel, f.take(len))?;
+        }
+        Kind::Symlink(target) => {
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            b.append_link(&mut h, rel, &target)?;
+        }
+        Kind::File(Err(_)) | Kind::Other => return Ok(false),
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

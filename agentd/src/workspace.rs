@@ -11,7 +11,7 @@
 //! no `ext::` helpers that would run commands).
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -458,15 +458,7 @@ fn append_tree(
                 )));
                 return Err(io::Error::other("too large"));
             }
-            let mut h = tar::Header::new_gnu();
-            h.set_mode(st.st_mode & 0o7777);
-            h.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));
-            match kind {
-                Kind::Dir => {
-                    h.set_entry_type(tar::EntryType::Directory);
-                    h.set_size(0);
-                    b.append_data(&mut h, rel, io::empty())
-                }
+            let kind = match kind {
                 Kind::File(opened) => {
                     let (f, len) = opened.inspect_err(|e| {
                         failure = Some(read_err(rel, io::Error::new(e.kind(), e.to_string())));
@@ -478,21 +470,16 @@ fn append_tree(
                         )));
                         return Err(io::Error::other("too large"));
                     }
-                    h.set_entry_type(tar::EntryType::Regular);
-                    h.set_size(len);
-                    b.append_data(&mut h, rel, f.take(len))
+                    Kind::File(Ok((f, len)))
                 }
-                Kind::Symlink(target) => {
-                    h.set_entry_type(tar::EntryType::Symlink);
-                    h.set_size(0);
-                    b.append_link(&mut h, rel, &target)
-                }
-                Kind::Other => {
-                    info.entries -= 1;
-                    info.skipped += 1;
-                    Ok(())
-                }
+                other => other,
+            };
+            if !crate::walk::append_to_tar(b, rel, st, kind)? {
+                // Devices, FIFOs and sockets.
+                info.entries -= 1;
+                info.skipped += 1;
             }
+            Ok(())
         },
     );
     match (walked, failure) {

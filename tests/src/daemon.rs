@@ -79,45 +79,19 @@ fn try_request_with(
     Some(parse_response(&raw))
 }
 
-/// Sends one request over TCP with a bearer token (Connection: close) and reads the whole
+/// Writes one request (Connection: close, with `extra` header lines) on `s` and reads the whole
 /// response.
-pub fn tcp_request(
-    addr: &str,
-    token: &str,
+fn exchange(
+    mut s: impl Read + Write,
+    extra: &str,
     method: &str,
     path: &str,
     body: Option<&[u8]>,
     content_type: &str,
 ) -> Reply {
-    let mut s =
-        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let body = body.unwrap_or(b"");
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: agentd\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    parse_response(&raw)
-}
-
-/// Sends one request over a Unix socket (Connection: close) and reads the whole response.
-pub fn request(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-    content_type: &str,
-) -> Reply {
-    let mut s =
-        UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let body = body.unwrap_or(b"");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: agentd\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: agentd\r\nConnection: close\r\n{extra}Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).unwrap();
@@ -130,6 +104,36 @@ pub fn request(
         );
     }
     parse_response(&raw)
+}
+
+/// Sends one request over TCP with a bearer token (Connection: close) and reads the whole
+/// response.
+pub fn tcp_request(
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    content_type: &str,
+) -> Reply {
+    let s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    exchange(s, &auth, method, path, body, content_type)
+}
+
+/// Sends one request over a Unix socket (Connection: close) and reads the whole response.
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    content_type: &str,
+) -> Reply {
+    let s =
+        UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    exchange(s, "", method, path, body, content_type)
 }
 
 fn parse_response(raw: &[u8]) -> Reply {
@@ -268,6 +272,19 @@ impl Daemon {
             let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
             (comm.trim() == "agentd-shim" && cwd == dir).then_some(pid)
         })
+    }
+
+    /// Deletes every sandbox through the API (each must answer 204) and checks that nothing
+    /// of them is left on the host.
+    pub fn delete_all_and_check_clean(&self) {
+        let list = self.call("GET", "/v1/sandboxes", None).json();
+        for s in list["sandboxes"].as_array().unwrap() {
+            let id = s["id"].as_str().unwrap();
+            let r = self.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
+            assert_eq!(r.status, 204, "{id}: {}", r.text());
+        }
+        let left = self.leftovers();
+        assert!(left.is_empty(), "leftovers: {left:#?}");
     }
 
     /// The daemon's pid, while it runs.

@@ -183,37 +183,12 @@ impl Write for ChannelWriter {
 /// Appends everything below the directory open as `dir`, never following a symlink, to a
 /// depth of [`crate::walk::MAX_DEPTH`] (a deeper tree ends the archive with an error).
 fn append_dir<W: Write>(b: &mut tar::Builder<W>, dir: File) -> io::Result<()> {
-    use crate::walk::Kind;
+    // Devices, FIFOs, sockets and files replaced since they were listed are skipped.
     crate::walk::walk(
         dir.into(),
         crate::walk::MAX_DEPTH,
         |_, _| false,
-        |rel, st, kind| {
-            let mut h = tar::Header::new_gnu();
-            h.set_mode(st.st_mode & 0o7777);
-            h.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));
-            match kind {
-                Kind::Dir => {
-                    h.set_entry_type(tar::EntryType::Directory);
-                    h.set_size(0);
-                    b.append_data(&mut h, rel, io::empty())
-                }
-                Kind::File(Ok((f, len))) => {
-                    h.set_entry_type(tar::EntryType::Regular);
-                    h.set_size(len);
-                    b.append_data(&mut h, rel, f.take(len))
-                }
-                // Replaced since it was listed: skipped.
-                Kind::File(Err(_)) => Ok(()),
-                Kind::Symlink(target) => {
-                    h.set_entry_type(tar::EntryType::Symlink);
-                    h.set_size(0);
-                    b.append_link(&mut h, rel, &target)
-                }
-                // Devices, FIFOs and sockets are skipped.
-                Kind::Other => Ok(()),
-            }
-        },
+        |rel, st, kind| crate::walk::append_to_tar(b, rel, st, kind).map(|_| ()),
     )
 }
 

@@ -274,16 +274,5 @@ fn test_kill9_under_load_loses_nothing_acknowledged() {
         started.elapsed().as_secs_f64()
     );
     // Everything removed through the API leaves nothing on the host.
-    for s in d.call("GET", "/v1/sandboxes", None).json()["sandboxes"]
-        .as_array()
-        .unwrap()
-    {
-        let id = s["id"].as_str().unwrap();
-        assert_eq!(
-            d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)
-                .status,
-            204
-        );
-    }
-    assert!(d.leftovers().is_empty(), "{:#?}", d.leftovers());
+    d.delete_all_and_check_clean();
 }

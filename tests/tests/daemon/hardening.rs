@@ -14,6 +14,12 @@ use serde_json::json;
 
 use super::store;
 
+/// A daemon without an LLM upstream.
+fn plain_daemon(images: &std::path::Path) -> Daemon {
+    let port = agentd_tests::registry::free_port().to_string();
+    Daemon::start(images, &["--gateway-port", &port])
+}
+
 /// A plain sandbox (no OpenCode) of the opencode image; its id.
 fn plain_sandbox(d: &Daemon) -> String {
     let r = d.call(
@@ -76,13 +82,7 @@ fn read_until(s: &mut UnixStream, needle: &str) -> (Duration, String) {
 fn test_exec_streams_takes_stdin_and_dies_with_its_client() {
     require_sandbox_support!();
     let Some(images) = store() else { return };
-    let d = Daemon::start(
-        &images,
-        &[
-            "--gateway-port",
-            &agentd_tests::registry::free_port().to_string(),
-        ],
-    );
+    let d = plain_daemon(&images);
     let id = plain_sandbox(&d);
 
     // Host paths (state dir, image store, binaries) do not show inside.
@@ -238,13 +238,7 @@ fn test_exec_streams_takes_stdin_and_dies_with_its_client() {
 fn test_deep_tree_neither_crashes_agentd_nor_outlives_its_sandbox() {
     require_sandbox_support!();
     let Some(images) = store() else { return };
-    let d = Daemon::start(
-        &images,
-        &[
-            "--gateway-port",
-            &agentd_tests::registry::free_port().to_string(),
-        ],
-    );
+    let d = plain_daemon(&images);
     let id = plain_sandbox(&d);
     // Built from the host side into the sandbox's rootfs, fd by fd (a shell in the sandbox
     // would fork a mkdir per level). Owned by host root: inside it is nobody's.
@@ -297,7 +291,16 @@ fn test_deep_tree_neither_crashes_agentd_nor_outlives_its_sandbox() {
             .status,
         204
     );
-    assert!(!sandbox_dir.exists(), "the deep tree outlived its sandbox");
+    if sandbox_dir.exists() {
+        // Removed here so that the test's own cleanup (std's recursive removal) does not
+        // overflow its stack on the tree, hiding this message.
+        let shim_log = std::fs::read_to_string(sandbox_dir.join("shim.log")).unwrap_or_default();
+        let _ = agentd_runtime::tree::remove_tree(&sandbox_dir);
+        panic!(
+            "the deep tree outlived its sandbox\nshim: {shim_log}\n{}",
+            d.log()
+        );
+    }
     assert!(d.leftovers().is_empty(), "{:#?}", d.leftovers());
 }
 
@@ -442,13 +445,7 @@ fn test_tcp_clients_reach_no_host_files_no_internal_addresses_and_cannot_flood()
 fn test_sigterm_is_quick_and_the_cli_says_what_is_wrong() {
     require_sandbox_support!();
     let Some(images) = store() else { return };
-    let mut d = Daemon::start(
-        &images,
-        &[
-            "--gateway-port",
-            &agentd_tests::registry::free_port().to_string(),
-        ],
-    );
+    let mut d = plain_daemon(&images);
     let id = plain_sandbox(&d);
     let mut s = exec_stream(&d, &id, r#"{"command":["sleep","infinity"]}"#);
     std::thread::sleep(Duration::from_millis(500));
@@ -584,18 +581,7 @@ fn test_schemathesis_finds_nothing() {
         d.log()
     );
     assert!(text.contains("passed"), "{text}");
-    for s in d.call("GET", "/v1/sandboxes", None).json()["sandboxes"]
-        .as_array()
-        .unwrap()
-    {
-        let id = s["id"].as_str().unwrap();
-        assert_eq!(
-            d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)
-                .status,
-            204
-        );
-    }
-    assert!(d.leftovers().is_empty(), "{:#?}", d.leftovers());
+    d.delete_all_and_check_clean();
 }
 
 /// Unmounts (and removes) a mount point the test made, after everything else is dropped.
