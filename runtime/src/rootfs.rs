@@ -9,7 +9,6 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
@@ -89,28 +88,18 @@ pub fn mount_overlay(dir: &Path, layers: &[PathBuf], root: (u32, u32)) -> io::Re
         fs::create_dir_all(d)?;
     }
     std::os::unix::fs::chown(&upper, Some(root.0), Some(root.1))?;
-    // The dirs are named by descriptors (`/proc/self/fd/N`, which the kernel resolves at mount
-    // time) rather than by their paths: the options are shown in the sandbox's
-    // /proc/self/mountinfo, and the host's layout (state dir, image store) is none of its
-    // business. The descriptors are closed once the overlay holds the dirs.
-    let open = |p: &Path| -> io::Result<fs::File> {
-        fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
-            .open(p)
-    };
-    let lower_fds = layers
+    // The paths show in the sandbox's /proc/self/mountinfo (host layout: state dir, image
+    // store). They stay: the image store finds the layers in use by mounted overlays there
+    // (prune keeps them); naming the dirs by `/proc/self/fd/N` would hide them from both.
+    let lowers: Vec<String> = layers
         .iter()
-        .map(|p| open(p))
-        .collect::<io::Result<Vec<_>>>()?;
-    let (upper_fd, work_fd) = (open(&upper)?, open(&work)?);
-    let by_fd = |f: &fs::File| format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(f));
-    let lowers: Vec<String> = lower_fds.iter().map(by_fd).collect();
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
     let data = format!(
         "lowerdir={},upperdir={},workdir={}",
         lowers.join(":"),
-        by_fd(&upper_fd),
-        by_fd(&work_fd)
+        upper.display(),
+        work.display()
     );
     tracing::debug!(target = %merged.display(), layers = layers.len(), "mounting overlay rootfs");
     // nodev: an image's device nodes (which the unpacker does not create anyway) never open;
