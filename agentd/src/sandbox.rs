@@ -288,6 +288,20 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// Waits until the sandbox is no longer live, at most `limit`; whether it ended.
+    pub async fn wait_ended(&self, limit: Duration) -> bool {
+        let mut rx = self.state_tx.subscribe();
+        tokio::time::timeout(limit, async {
+            while rx.borrow_and_update().is_live() {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
     fn new(record: SandboxRecord) -> Arc<Self> {
         let (state_tx, _) = watch::channel(record.state);
         Arc::new(Sandbox {
@@ -328,6 +342,25 @@ impl Drop for ActiveGuard {
         self.0.touch();
         self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The error for a request that gives both a command and OpenCode.
+fn exclusive_error() -> ApiError {
+    ApiError::BadRequest(
+        "command and opencode are exclusive: OpenCode is the command of an OpenCode sandbox".into(),
+    )
+}
+
+/// Checks the names of environment variables a client sets (a sandbox's or an exec's).
+pub fn validate_env(env: &BTreeMap<String, String>) -> Result<()> {
+    for k in env.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(ApiError::BadRequest(format!(
+                "invalid environment variable name {k:?}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a model name a client asks for (it goes into OpenCode's config as text).
@@ -555,13 +588,7 @@ impl Manager {
                 )));
             }
         }
-        for k in req.env.keys() {
-            if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(ApiError::BadRequest(format!(
-                    "invalid environment variable name {k:?}"
-                )));
-            }
-        }
+        validate_env(&req.env)?;
         let limits = self.limits(&req.limits)?;
         for (name, value) in [
             ("ttl_secs", req.ttl_secs),
@@ -591,9 +618,7 @@ impl Manager {
             .clone()
             .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         if req.opencode == Some(true) && req.command.is_some() {
-            return Err(ApiError::BadRequest(
-                "command and opencode are exclusive: OpenCode is the command of an OpenCode sandbox".into(),
-            ));
+            return Err(exclusive_error());
         }
         // Refused before the image is resolved (the default image may be built first).
         if req.opencode == Some(true)
@@ -652,9 +677,7 @@ impl Manager {
                 .contains_key(crate::opencode::IMAGE_LABEL)
         });
         if opencode && req.command.is_some() {
-            return Err(ApiError::BadRequest(
-                "command and opencode are exclusive: OpenCode is the command of an OpenCode sandbox".into(),
-            ));
+            return Err(exclusive_error());
         }
         if opencode {
             self.require_llm()?;
@@ -975,16 +998,7 @@ impl Manager {
         });
         let client = self.runtime.client(&rec.id);
         let _ = tokio::task::spawn_blocking(move || client.kill(libc::SIGTERM)).await;
-        let mut rx = sb.state_tx.subscribe();
-        let ended = tokio::time::timeout(STOP_GRACE, async {
-            while rx.borrow_and_update().is_live() {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-        })
-        .await;
-        if ended.is_err() {
+        if !sb.wait_ended(STOP_GRACE).await {
             self.finish(sb, Some(reason)).await;
         }
     }
@@ -1000,15 +1014,7 @@ impl Manager {
         // The second waits for the first, so that whoever returns (a delete answering 204)
         // knows the sandbox's resources are gone. (Bounded: the shim's own calls are.)
         if sb.ending.swap(true, Ordering::SeqCst) {
-            let mut rx = sb.state_tx.subscribe();
-            let _ = tokio::time::timeout(FINISH_WAIT, async {
-                while rx.borrow_and_update().is_live() {
-                    if rx.changed().await.is_err() {
-                        break;
-                    }
-                }
-            })
-            .await;
+            sb.wait_ended(FINISH_WAIT).await;
             return;
         }
         let id = rec.id.clone();

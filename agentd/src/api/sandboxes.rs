@@ -190,13 +190,7 @@ async fn exec(
             return Err(ApiError::BadRequest("cwd must be an absolute path".into()));
         }
     }
-    for k in body.env.keys() {
-        if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(ApiError::BadRequest(format!(
-                "invalid environment variable name {k:?}"
-            )));
-        }
-    }
+    crate::sandbox::validate_env(&body.env)?;
     let rec = sb.snapshot();
     let request = agentd_runtime::ExecRequest {
         args: body.command.clone(),
