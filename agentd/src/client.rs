@@ -43,6 +43,9 @@ enum SandboxCommand {
         /// Most tasks.
         #[arg(long)]
         pids: Option<u64>,
+        /// Size of the writable layer, e.g. 20g [default: the daemon's sandbox_disk].
+        #[arg(long)]
+        disk: Option<String>,
         /// Environment variable KEY=VALUE (repeatable).
         #[arg(long = "env", short = 'e')]
         env: Vec<String>,
@@ -270,6 +273,7 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             memory,
             cpus,
             pids,
+            disk,
             env,
             labels,
             idle_timeout,
@@ -297,6 +301,9 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             }
             if let Some(p) = pids {
                 body["limits"]["pids"] = p.into();
+            }
+            if let Some(d) = disk {
+                body["limits"]["disk"] = d.into();
             }
             if let Some(t) = idle_timeout {
                 body["idle_timeout_secs"] = t.into();

@@ -29,6 +29,9 @@ pub const DEFAULT_SANDBOX_MEMORY: &str = "2g";
 /// processes and a host's pid_max is often 32,768, so without a limit two sandboxes could
 /// stop every fork on the host; builds with parallel jobs and language servers stay far below.
 pub const DEFAULT_SANDBOX_PIDS: u64 = 2048;
+/// Writable layer of a sandbox that asks for no disk limit (bytes and, one per 16 KiB, inodes;
+/// see `agentd_runtime::disk`). Sparse: the host pays for what is written, not for the limit.
+pub const DEFAULT_SANDBOX_DISK: &str = "10g";
 /// Longest `ttl_secs` and `idle_timeout_secs`: a year.
 pub const MAX_SANDBOX_TIMEOUT_SECS: u64 = 366 * 24 * 3600;
 /// Seconds without API traffic after which a sandbox is stopped and removed.
@@ -95,6 +98,10 @@ pub struct ServeArgs {
     /// Process limit of a sandbox that asks for none [default: 2048].
     #[arg(long, env = "AGENTD_SANDBOX_PIDS")]
     pub sandbox_pids: Option<u64>,
+    /// Size of the writable layer of a sandbox that asks for none, e.g. 20g, or `none` for no
+    /// bound on what sandboxes write to the host's disk [default: 10g].
+    #[arg(long, env = "AGENTD_SANDBOX_DISK")]
+    pub sandbox_disk: Option<String>,
     /// Internal networks git URLs of TCP clients may reach, comma-separated CIDRs, e.g.
     /// 10.1.0.0/16 [default: none: loopback, private, link-local and metadata addresses are
     /// refused over TCP].
@@ -134,6 +141,7 @@ struct FileConfig {
     sandbox_memory: Option<String>,
     idle_timeout: Option<u64>,
     sandbox_pids: Option<u64>,
+    sandbox_disk: Option<String>,
     git_allow_networks: Option<Vec<String>>,
     log_format: Option<String>,
     cgroup_parent: Option<String>,
@@ -194,6 +202,8 @@ pub struct Config {
     pub idle_timeout: u64,
     /// Default sandbox process limit.
     pub sandbox_pids: u64,
+    /// Default size of a sandbox's writable layer, bytes (None: unbounded).
+    pub sandbox_disk: Option<u64>,
     /// Internal networks TCP clients' git URLs may reach.
     pub git_allow_networks: Vec<crate::workspace::Network>,
     /// First host id of the sandboxes' id range.
@@ -309,6 +319,16 @@ impl Config {
         if sandbox_memory < agentd_runtime::spec::MIN_MEMORY_BYTES {
             bail!("sandbox_memory must be at least 4m");
         }
+        let sandbox_disk = match args.sandbox_disk.or(file.sandbox_disk) {
+            Some(v) if v.trim() == "none" => None,
+            v => {
+                let d = size("sandbox_disk", v, DEFAULT_SANDBOX_DISK)?;
+                if d < agentd_runtime::disk::MIN_DISK_BYTES {
+                    bail!("sandbox_disk must be at least 16m (or none), got {d} bytes");
+                }
+                Some(d)
+            }
+        };
         let log_format = match args
             .log_format
             .or(file.log_format)
@@ -383,6 +403,7 @@ impl Config {
                 }
                 p
             },
+            sandbox_disk,
             id_base: DEFAULT_ID_BASE,
             log_format,
             cgroup_parent: {

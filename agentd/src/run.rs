@@ -41,6 +41,10 @@ pub struct RunArgs {
     /// in the sandbox could use up the host's pids].
     #[arg(long)]
     pub pids: Option<u64>,
+    /// Size of the writable layer of an --image rootfs, like 1g, or `none` [default: 10g];
+    /// writes beyond it (bytes or inodes) fail with ENOSPC inside.
+    #[arg(long, value_parser = parse_disk_arg)]
+    pub disk: Option<DiskArg>,
     /// Environment variable for the command, KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     pub env: Vec<String>,
@@ -83,6 +87,22 @@ pub struct RunArgs {
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s)
+}
+
+/// `--disk`: a size, or `none` for an unbounded writable layer.
+#[derive(Debug, Clone, Copy)]
+pub enum DiskArg {
+    /// No bound.
+    Unbounded,
+    /// Bytes.
+    Bytes(u64),
+}
+
+fn parse_disk_arg(s: &str) -> Result<DiskArg, String> {
+    if s.trim() == "none" {
+        return Ok(DiskArg::Unbounded);
+    }
+    parse_size(s).map(DiskArg::Bytes)
 }
 
 fn parse_bind(s: &str) -> Result<BindMount, String> {
@@ -264,6 +284,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         swap_bytes: None,
         cpus: args.cpus,
         pids: Some(args.pids.unwrap_or(crate::config::DEFAULT_SANDBOX_PIDS)),
+        disk_bytes: match args.disk {
+            Some(DiskArg::Unbounded) => None,
+            Some(DiskArg::Bytes(b)) => Some(b),
+            None => Some(
+                agentd_runtime::parse_size(crate::config::DEFAULT_SANDBOX_DISK)
+                    .expect("the default disk size parses"),
+            ),
+        },
     };
     spec.mounts = args.binds.clone();
     if let Some(netns) = &args.netns {

@@ -151,6 +151,9 @@ pub struct SandboxRecord {
     pub cpus: Option<f64>,
     /// Task limit.
     pub pids: Option<u64>,
+    /// Size of the writable layer, bytes (None: unbounded, or created before disk limits).
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
     /// Idle timeout, seconds (0: never).
     pub idle_timeout_secs: u64,
     /// Lifetime limit, seconds.
@@ -179,7 +182,7 @@ impl SandboxRecord {
             "created_at": self.created_at,
             "ready_at": self.ready_at,
             "address": self.address.to_string(),
-            "limits": {"memory_bytes": self.memory_bytes, "cpus": self.cpus, "pids": self.pids},
+            "limits": {"memory_bytes": self.memory_bytes, "cpus": self.cpus, "pids": self.pids, "disk_bytes": self.disk_bytes},
             "idle_timeout_secs": self.idle_timeout_secs,
             "ttl_secs": self.ttl_secs,
             "labels": self.labels,
@@ -201,11 +204,11 @@ pub enum SizeValue {
 }
 
 impl SizeValue {
-    fn bytes(&self) -> Result<u64> {
+    fn bytes(&self, field: &str) -> Result<u64> {
         match self {
             SizeValue::Bytes(b) => Ok(*b),
             SizeValue::Text(t) => agentd_runtime::parse_size(t)
-                .map_err(|e| ApiError::BadRequest(format!("limits.memory: {e}"))),
+                .map_err(|e| ApiError::BadRequest(format!("{field}: {e}"))),
         }
     }
 }
@@ -220,6 +223,9 @@ pub struct LimitsRequest {
     pub cpus: Option<f64>,
     /// Most tasks.
     pub pids: Option<u64>,
+    /// Size of the writable layer (bytes or `10g`): bytes and inodes written beyond it fail
+    /// with ENOSPC inside.
+    pub disk: Option<SizeValue>,
 }
 
 /// `POST /v1/sandboxes`.
@@ -759,6 +765,7 @@ impl Manager {
             memory_bytes: memory,
             cpus: req.limits.cpus,
             pids: limits.pids,
+            disk_bytes: limits.disk_bytes,
             idle_timeout_secs: req.idle_timeout_secs.unwrap_or(self.config.idle_timeout),
             ttl_secs: req.ttl_secs,
             labels: req.labels.clone(),
@@ -1295,18 +1302,35 @@ impl Manager {
     /// The limits a request asks for, with agentd's defaults, validated.
     pub fn limits(&self, req: &LimitsRequest) -> Result<Limits> {
         let memory = match &req.memory {
-            Some(m) => m.bytes()?,
+            Some(m) => m.bytes("limits.memory")?,
             None => self.config.sandbox_memory,
+        };
+        let disk = match &req.disk {
+            Some(d) => Some(d.bytes("limits.disk")?),
+            None => self.config.sandbox_disk,
         };
         let limits = Limits {
             memory_bytes: Some(memory),
             swap_bytes: None,
             cpus: req.cpus,
             pids: Some(req.pids.unwrap_or(self.config.sandbox_pids)),
+            disk_bytes: disk,
         };
         limits
             .validate()
             .map_err(|e| ApiError::BadRequest(agentd_runtime::error_chain(&e)))?;
+        if let Some(disk) = req.disk.as_ref().and(limits.disk_bytes) {
+            // Sparse layers overcommit the host's disk by design, but one layer asked for
+            // that is larger than the whole file system is no bound at all.
+            if let Ok(fs) = nix::sys::statvfs::statvfs(&self.config.state_dir) {
+                let total = fs.blocks().saturating_mul(fs.fragment_size());
+                if disk > total {
+                    return Err(ApiError::BadRequest(format!(
+                        "limits.disk {disk} bytes is more than the file system of agentd's state dir holds ({total} bytes)"
+                    )));
+                }
+            }
+        }
         if memory > self.config.max_memory {
             return Err(ApiError::BadRequest(format!(
                 "limits.memory {memory} bytes is more than agentd may commit in total ({} bytes)",

@@ -589,7 +589,22 @@ impl Store {
             let name = entry.file_name().to_string_lossy().into_owned();
             let hex = name.split('-').next().unwrap_or_default();
             if !diff_ids.contains(hex) {
-                // A sandbox of a removed image may still run on this layer.
+                // A sandbox of a removed image may still run on this layer: its shim holds a
+                // shared lock on the dir (older shims: the layer shows in a mountinfo). The
+                // exclusive lock is held while the layer goes, so a sandbox starting on it
+                // meanwhile waits and then finds it gone.
+                let file =
+                    File::open(entry.path()).map_err(io_err("failed to open", &entry.path()))?;
+                let _lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                    Ok(lock) => lock,
+                    Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                        report.layers_in_use += 1;
+                        continue;
+                    }
+                    Err((_, e)) => {
+                        return Err(io_err("failed to lock", &entry.path())(e.into()));
+                    }
+                };
                 if in_use.contains(&entry.path()) {
                     report.layers_in_use += 1;
                     continue;

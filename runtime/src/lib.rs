@@ -13,10 +13,12 @@
 //! - [`shim`]: the per-sandbox supervisor behind the `agentd-shim` binary.
 //! - [`client`]: start shims and talk to them ([`Runtime`], [`ShimClient`]).
 //! - [`proto`]: the private shim protocol.
+//! - [`disk`]: the bounded writable layer (a sparse ext4 image on a loop device).
 //! - [`tree`]: removing a tree a sandbox wrote (iterative, any depth, no symlink followed).
 
 pub mod cgroups;
 pub mod client;
+pub mod disk;
 pub mod init;
 pub mod netlink;
 pub mod netns;
@@ -55,8 +57,10 @@ pub mod layout {
     pub const STDERR: &str = "stderr.log";
     /// Mount point of an overlay rootfs made from image layers.
     pub const ROOTFS: &str = "rootfs";
-    /// Upper and work dirs of an overlay rootfs.
+    /// Upper and work dirs of an overlay rootfs (the mount point of the disk, when limited).
     pub const OVERLAY: &str = "overlay";
+    /// The sparse ext4 image behind the overlay's upper dir of a sandbox with a disk limit.
+    pub const DISK_IMAGE: &str = "disk.img";
 }
 
 /// Formats an error with all its causes: `outer: cause: root cause`.

@@ -135,6 +135,8 @@ struct Shim {
     cgroup: SandboxCgroup,
     /// The socket agentd talks to; removed with the state dir.
     listener: UnixListener,
+    /// The overlay rootfs of image layers, holding their in-use locks while the shim lives.
+    _overlay: Option<crate::rootfs::MountedOverlay>,
 }
 
 /// Runs the shim for the sandbox whose `sandbox.json` is at `config_path`, reporting progress as
@@ -255,15 +257,21 @@ impl Shim {
             config.spec.uid_map.map_or(0, |m| m.host),
             config.spec.gid_map.map_or(0, |m| m.host),
         );
-        crate::rootfs::mount_overlay(&dir, &config.layers, root)
-            .map_err(io_err("failed to mount the image's layers as the rootfs"))?;
-        let started = Self::start_container(config, dir.clone());
-        if started.is_err() {
-            if let Err(e) = crate::rootfs::unmount_overlay(&dir) {
-                tracing::error!(error = %e, "failed to unmount the rootfs");
+        let overlay =
+            crate::rootfs::mount_overlay(&dir, &config.layers, root, config.spec.limits.disk_bytes)
+                .map_err(io_err("failed to mount the image's layers as the rootfs"))?;
+        match Self::start_container(config, dir.clone()) {
+            Ok(shim) => Ok(Shim {
+                _overlay: Some(overlay),
+                ..shim
+            }),
+            Err(e) => {
+                if let Err(e) = crate::rootfs::unmount_overlay(&dir) {
+                    tracing::error!(error = %e, "failed to unmount the rootfs");
+                }
+                Err(e)
             }
         }
-        started
     }
 
     fn start_container(config: ShimConfig, dir: PathBuf) -> Result<Shim> {
@@ -368,6 +376,7 @@ impl Shim {
             kill_deadline: None,
             cgroup,
             listener,
+            _overlay: None,
         })
     }
 

@@ -106,6 +106,11 @@ pub struct Limits {
     pub cpus: Option<f64>,
     /// Maximum number of tasks (processes and threads) in the sandbox.
     pub pids: Option<u64>,
+    /// Size of the writable layer of an image rootfs, in bytes (see [`crate::disk`]); what the
+    /// sandbox writes beyond it (or beyond its inodes) fails with ENOSPC. None: unbounded.
+    /// Not enforced for a directory rootfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
 }
 
 /// The smallest memory limit accepted: below this even a shell cannot start.
@@ -142,6 +147,13 @@ impl Limits {
             if pids == 0 || i64::try_from(pids).is_err() {
                 return Err(SpecError::InvalidLimit(format!(
                     "pids must be at least 1, got {pids}"
+                )));
+            }
+        }
+        if let Some(disk) = self.disk_bytes {
+            if disk < crate::disk::MIN_DISK_BYTES || i64::try_from(disk).is_err() {
+                return Err(SpecError::InvalidLimit(format!(
+                    "disk limit {disk} bytes is outside 16m..8e (16777216..2^63 bytes)"
                 )));
             }
         }
@@ -685,6 +697,7 @@ mod tests {
             swap_bytes: None,
             cpus: Some(0.5),
             pids: Some(32),
+            disk_bytes: None,
         };
         let oci = s.to_oci("t1", Path::new("/r"), "agentd").unwrap();
         let linux = oci.linux().as_ref().unwrap();

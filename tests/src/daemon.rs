@@ -410,6 +410,7 @@ impl Daemon {
                 left.push(format!("state dir {}", e.path().display()));
             }
         }
+        left.extend(crate::loop_devices_left(self.state.path()));
         left
     }
 }

@@ -288,6 +288,7 @@ impl Scope {
                 left.push(format!("mount {l}"));
             }
         }
+        left.extend(loop_devices_left(self.state.path()));
         left
     }
 
@@ -297,6 +298,39 @@ impl Scope {
         let left = self.leftovers();
         assert!(left.is_empty(), "leftovers after the test: {left:#?}");
     }
+}
+
+/// Loop devices still backed by files under `dir` after up to 5 s: a loop device detaches once
+/// the last mount of it is gone, which a lazy unmount may finish a moment after a delete.
+pub fn loop_devices_left(dir: &Path) -> Vec<String> {
+    let waited = std::time::Instant::now();
+    let mut loops = loop_devices_under(dir);
+    while !loops.is_empty() && waited.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        loops = loop_devices_under(dir);
+    }
+    loops
+        .into_iter()
+        .map(|l| format!("loop device {l}"))
+        .collect()
+}
+
+/// Loop devices whose backing file lies under `dir` (sandboxes' disks): `loopN -> file`.
+fn loop_devices_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        if let Ok(file) = fs::read_to_string(e.path().join("loop/backing_file")) {
+            if file.starts_with(&prefix) {
+                out.push(format!("{name} -> {}", file.trim()));
+            }
+        }
+    }
+    out
 }
 
 /// The dirs of cgroup parent `parent` under every controller that has it.

@@ -742,6 +742,17 @@ fn test_agentd_run_image_stacks_the_layers_and_cleans_up() {
         "yes /etc changed\nnew\ncat: can't open '/etc/gone': No such file or directory\n"
     );
     scope.assert_clean();
+    // The writable layer is bounded (--disk): 32 MiB do not fit into 20m.
+    let out = ok(run(&[
+        "--disk",
+        "20m",
+        "--",
+        "sh",
+        "-c",
+        "head -c 33554432 /dev/zero > /big 2>/dev/null || echo full",
+    ]));
+    assert_eq!(out, "full\n");
+    scope.assert_clean();
     // A command missing from the image (here: deleted by a later layer) is a clear error
     // before any sandbox exists.
     let missing = run_image("parity:plain", &["--", "/etc/gone"]);

@@ -1,7 +1,9 @@
 //! `cargo xtask bench sandbox`: the daemon's costs, side by side with peers in the same run.
 //!
 //! (a) API create -> sandbox running, `minimal` image, median of 50, against `crun run -d` of
-//!     the same rootfs (the image's layer) with agentd's own OCI spec;
+//!     the same rootfs (the image's layer) with agentd's own OCI spec; with the default 10g
+//!     disk limit (a sparse ext4 on a loop device under the overlay) and without one, in
+//!     alternation;
 //! (b) API create -> OpenCode answering `/global/health`, against `opencode serve` started bare
 //!     on the host (same binary, fresh HOME), median of 5 each;
 //! (c) host memory per idle sandbox, excluding the workload: the shim's PSS plus agentd's RSS
@@ -119,16 +121,17 @@ fn rss_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn pids_with(needle: &str) -> Vec<u32> {
+/// Shims of sandboxes under `sandboxes`: named `agentd-shim`, working in a sandbox's dir (their
+/// argv names no path).
+fn shims_under(sandboxes: &Path) -> Vec<u32> {
     fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
         .filter(|p| {
-            fs::read(format!("/proc/{p}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(needle))
-                .unwrap_or(false)
+            fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "agentd-shim")
+                && fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|c| c.starts_with(sandboxes))
         })
         .collect()
 }
@@ -189,6 +192,13 @@ pub fn sandbox() -> anyhow::Result<()> {
             "0",
             "--gateway-port",
             "4197",
+            // OpenCode sandboxes need an upstream to be configured; (b) never prompts, so
+            // nothing needs to listen there.
+            "--llm-base-url",
+            "http://127.0.0.1:9/v1",
+            // Sandboxes without a disk limit too: (a) measures what the limit adds.
+            "--sandbox-disk",
+            "none",
         ])
         .env("AGENTD_LOG", "warn")
         .stdin(Stdio::null())
@@ -228,19 +238,25 @@ pub fn sandbox() -> anyhow::Result<()> {
     let delete = |id: &str| {
         let _ = call(&socket, "DELETE", &format!("/v1/sandboxes/{id}"), "");
     };
-    let minimal = r#"{"image":"minimal","limits":{"memory":"64m"}}"#;
+    // With the default disk limit, as agentd's own default gives it.
+    let minimal = r#"{"image":"minimal","opencode":false,"limits":{"memory":"64m","disk":"10g"}}"#;
+    let minimal_no_disk = r#"{"image":"minimal","opencode":false,"limits":{"memory":"64m"}}"#;
     // The first create unpacks the image's layers with shifted owners: not part of the runs.
     let (_, id) = create(minimal)?;
     delete(&id);
 
     // (a) create -> running, against crun run -d.
-    let mut agentd_times = Vec::new();
+    let (mut agentd_times, mut no_disk_times) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
         let (t, id) = create(minimal)?;
         agentd_times.push(t);
         delete(&id);
+        let (t, id) = create(minimal_no_disk)?;
+        no_disk_times.push(t);
+        delete(&id);
     }
     let a_agentd = median_ms(&mut agentd_times);
+    let a_no_disk = median_ms(&mut no_disk_times);
     let crun = crun_times(&release, &images, &bench)?;
     // (b) create -> OpenCode ready, against a bare opencode serve.
     let (b_agentd, b_bare) = opencode_times(&socket, &images, &bench)?;
@@ -253,7 +269,7 @@ pub fn sandbox() -> anyhow::Result<()> {
     }
     std::thread::sleep(Duration::from_millis(500));
     let after = rss_kb(agentd_pid, "VmRSS:");
-    let shims: Vec<u32> = pids_with(&format!("{}/sandboxes/", state.display()))
+    let shims: Vec<u32> = shims_under(&state.join("sandboxes"))
         .into_iter()
         .filter(|p| {
             // The shim itself, not the sandbox init (a child of the shim running its code).
@@ -263,7 +279,10 @@ pub fn sandbox() -> anyhow::Result<()> {
         })
         .collect();
     let shim_pss: u64 = shims.iter().map(|p| rss_kb(*p, "Pss:")).sum();
-    let per_shim = shim_pss as f64 / shims.len().max(1) as f64;
+    if shims.len() != ids.len() {
+        bail!("found {} shims for {} sandboxes", shims.len(), ids.len());
+    }
+    let per_shim = shim_pss as f64 / shims.len() as f64;
     let per_agentd = after.saturating_sub(before) as f64 / ids.len() as f64;
     for id in ids.drain(..) {
         delete(&id);
@@ -291,7 +310,11 @@ pub fn sandbox() -> anyhow::Result<()> {
 
     println!("\nbench sandbox (release builds, this machine)");
     println!("(a) create -> running, minimal image, median of {RUNS}:");
-    println!("    agentd API   {a_agentd:8.2} ms");
+    println!("    agentd API   {a_agentd:8.2} ms   (10g disk limit)");
+    println!(
+        "    agentd API   {a_no_disk:8.2} ms   (no disk limit: the limit adds {:.2} ms)",
+        a_agentd - a_no_disk
+    );
     match crun {
         Some(c) => println!(
             "    crun run -d  {c:8.2} ms   agentd/crun = {:.2}x (goal: < 1)",
@@ -412,7 +435,7 @@ fn crun_times(release: &Path, images: &Path, bench: &Path) -> anyhow::Result<Opt
 
 /// Median ms of create -> ready through agentd, and of a bare `opencode serve` -> health.
 fn opencode_times(socket: &Path, images: &Path, bench: &Path) -> anyhow::Result<(f64, f64)> {
-    let body = r#"{"image":"opencode"}"#;
+    let body = r#"{"image":"opencode","limits":{"disk":"10g"}}"#;
     // Warm-up (unpacks the shifted layers).
     let (st, b) = call(socket, "POST", "/v1/sandboxes", body)?;
     if st != 201 {

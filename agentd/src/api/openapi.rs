@@ -174,7 +174,8 @@ fn create_schema() -> Value {
             "env": {"type": "object", "additionalProperties": {"type": "string"}},
             "limits": {"type": "object", "additionalProperties": false, "properties": {
                 "memory": {"oneOf": [{"type": "integer"}, {"type": "string", "examples": ["2g"]}]},
-                "cpus": {"type": "number"}, "pids": {"type": "integer"}}},
+                "cpus": {"type": "number"}, "pids": {"type": "integer"},
+                "disk": {"oneOf": [{"type": "integer"}, {"type": "string", "examples": ["10g"]}]}}},
             "network": {"type": "string", "enum": ["none"]},
             "idle_timeout_secs": {"type": "integer"},
             "ttl_secs": {"type": "integer"},

@@ -85,12 +85,29 @@ fn test_exec_streams_takes_stdin_and_dies_with_its_client() {
     let d = plain_daemon(&images);
     let id = plain_sandbox(&d);
 
-    // The shim's argv (the sandbox's PID 1 is a fork of it) names no host path.
-    let (code, out, _) = d.exec(&id, &["sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline"]);
+    // The shim's argv (the sandbox's PID 1 is a fork of it) names no host path, nor do the
+    // overlay's options in the sandbox's mountinfo (its dirs are named by the shim's fds).
+    let (code, out, _) = d.exec(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "tr '\\0' ' ' < /proc/1/cmdline; cat /proc/self/mountinfo",
+        ],
+    );
     assert_eq!(code, 0, "{out}");
     let state = d.state.path().to_str().unwrap();
+    let store_dir = d.images.to_str().unwrap();
     assert!(out.contains("agentd-shim"), "{out}");
-    for host in [state, "/work/", "target/debug", "sandbox.json/"] {
+    assert!(out.contains("lowerdir=/proc/self/fd/"), "{out}");
+    for host in [
+        state,
+        store_dir,
+        "/work/",
+        "target/debug",
+        "sandbox.json/",
+        "/var/tmp/",
+    ] {
         assert!(!out.contains(host), "{host} shows inside:\n{out}");
     }
 
@@ -690,4 +707,90 @@ fn test_full_disk_fails_requests_and_loses_nothing() {
         .filter(|l| !(l.starts_with("mount ") && l.contains(&format!(" {state_path} "))))
         .collect();
     assert!(left.is_empty(), "{left:#?}");
+}
+
+/// A process in a sandbox fills its disk: bytes and inodes beyond `limits.disk` fail with
+/// ENOSPC inside, `df` shows the limit, the host holds no more than the limit, and deleting the
+/// sandbox leaves no mount, loop device or file.
+#[test]
+fn test_disk_limit_bounds_bytes_and_inodes() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let d = plain_daemon(&images);
+    // The default: 10g, shown by inspect and by df inside.
+    let id = plain_sandbox(&d);
+    let v = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
+    assert_eq!(v["limits"]["disk_bytes"], 10u64 << 30, "{v}");
+    let (code, out, err) = d.exec(&id, &["sh", "-c", "df -k / | tail -1"]);
+    assert_eq!(code, 0, "{err}");
+    let kib: u64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        ((9u64 << 20)..=(10 << 20)).contains(&kib),
+        "df of a default sandbox: {out}"
+    );
+    assert_eq!(
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)
+            .status,
+        204
+    );
+    for disk in [json!("1m"), json!("1000000t"), json!("lots")] {
+        let r = d.call(
+            "POST",
+            "/v1/sandboxes",
+            Some(json!({"image": "opencode", "opencode": false, "limits": {"disk": disk}})),
+        );
+        assert_eq!(r.status, 400, "{disk}: {}", r.text());
+        assert!(r.text().contains("disk"), "{}", r.text());
+    }
+
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "opencode": false, "limits": {"disk": "24m"}})),
+    );
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), d.log());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let image = d
+        .state
+        .path()
+        .join("sandboxes")
+        .join(&id)
+        .join(agentd_runtime::layout::DISK_IMAGE);
+    // Bytes: 64 MiB into a 24 MiB layer.
+    let (code, _, err) = d.exec(
+        &id,
+        &["sh", "-c", "head -c 67108864 /dev/zero > /home/agent/big"],
+    );
+    assert_ne!(code, 0, "64 MiB fit into a 24m disk");
+    assert!(err.contains("No space left"), "{err}");
+    let used = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&image).unwrap()) * 512;
+    assert!(
+        used <= 24 << 20,
+        "the host holds {used} bytes for a 24m disk"
+    );
+    // Inodes: empty files until none is left (one inode per 4 KiB at this size).
+    let (code, out, err) = d.exec(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "rm /home/agent/big; mkdir /home/agent/many && cd /home/agent/many && i=0; \
+             while true > f$i; do i=$((i+1)); done; echo $i",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let files: u64 = out.trim().parse().unwrap();
+    assert!((1000..7000).contains(&files), "{files} files in a 24m disk");
+    assert!(err.contains("No space left"), "{err}");
+    // The sandbox still works, and agentd is untouched.
+    let (code, _, _) = d.exec(&id, &["rm", "-rf", "/home/agent/many"]);
+    assert_eq!(code, 0);
+    assert_eq!(d.call("GET", "/v1/health", None).status, 200);
+    assert_eq!(
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)
+            .status,
+        204
+    );
+    assert!(!image.exists());
+    assert!(d.leftovers().is_empty(), "{:#?}", d.leftovers());
 }

@@ -1,6 +1,7 @@
 //! Tasks end to end: the real daemon hands a prompt and a workspace to OpenCode agents in
 //! sandboxes; the mock LLM, scripted per test, decides what the agents' bash tool calls do.
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -435,6 +436,9 @@ impl GitDaemon {
             .arg(format!("--base-path={}", base.display()))
             .arg(base)
             .stderr(std::process::Stdio::null())
+            // A group of its own: `git daemon` runs `git-daemon` as a child, which forks per
+            // connection; Drop kills them all.
+            .process_group(0)
             .spawn()
             .unwrap();
         let start = Instant::now();
@@ -454,7 +458,12 @@ impl GitDaemon {
 
 impl Drop for GitDaemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // The group we made in start (its leader is our child, not yet reaped: the id is ours).
+        let pgid = i32::try_from(self.child.id()).unwrap();
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let _ = self.child.wait();
     }
 }
