@@ -1027,7 +1027,6 @@ impl Manager {
         let id = rec.id.clone();
         let runtime = self.runtime.clone();
         let logs_dir = self.config.state_dir.join("logs").join(&id);
-        let sandbox_dir = self.runtime.sandbox_dir(&id);
         let status = tokio::task::spawn_blocking(move || {
             let client = runtime.client(&id);
             let alive = runtime.shim_alive(&id);
@@ -1037,8 +1036,9 @@ impl Manager {
             };
             // Logs first: the shim's delete removes its state dir.
             let _ = std::fs::create_dir_all(&logs_dir);
+            let live_logs = runtime.logs_dir(&id);
             for f in [layout::STDOUT, layout::STDERR] {
-                let _ = std::fs::rename(sandbox_dir.join(f), logs_dir.join(f));
+                keep_log(&live_logs.join(f), &logs_dir.join(f));
             }
             let deleted = if alive { client.delete() } else { Err(agentd_runtime::ClientError::Shim("the shim is gone".into())) };
             if let Err(e) = deleted {
@@ -1357,14 +1357,51 @@ impl Manager {
         ))
     }
 
-    /// The dir holding a sandbox's log files (its state dir while live, then agentd's copy).
+    /// The dir holding a sandbox's log files (the runtime's while live, then agentd's copy).
     pub fn logs_dir(&self, sb: &Sandbox) -> PathBuf {
         let rec = sb.snapshot();
         if rec.state.is_live() {
-            self.runtime.sandbox_dir(&rec.id)
+            self.runtime.logs_dir(&rec.id)
         } else {
             self.config.state_dir.join("logs").join(&rec.id)
         }
+    }
+}
+
+/// Most bytes of a log kept after its sandbox ended (the end of it).
+const KEPT_LOG_BYTES: u64 = 64 << 20;
+
+/// Moves a sandbox's log out of its state dir. On the sandbox's disk (another file system),
+/// it is copied: the last [`KEPT_LOG_BYTES`], after a line saying how much was cut.
+fn keep_log(from: &Path, to: &Path) {
+    match std::fs::rename(from, to) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
+        _ => return,
+    }
+    let copy = || -> std::io::Result<()> {
+        use std::io::{Seek, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut src = std::fs::File::open(from)?;
+        let len = src.metadata()?.len();
+        let mut dst = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(to)?;
+        if len > KEPT_LOG_BYTES {
+            writeln!(
+                dst,
+                "[agentd: the first {} bytes of this log were cut]",
+                len - KEPT_LOG_BYTES
+            )?;
+            src.seek(std::io::SeekFrom::Start(len - KEPT_LOG_BYTES))?;
+        }
+        std::io::copy(&mut src, &mut dst)?;
+        Ok(())
+    };
+    if let Err(e) = copy() {
+        tracing::warn!(log = %from.display(), error = %e, "cannot keep the sandbox's log");
     }
 }
 

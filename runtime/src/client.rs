@@ -193,8 +193,20 @@ impl Runtime {
         SandboxCgroup::new(&self.cgroup_parent, id)
     }
 
+    /// Where the default log files of sandbox `id` are: on its disk when it has one (so that
+    /// what it prints counts against its disk limit too), else in its state dir.
+    pub fn logs_dir(&self, id: &str) -> PathBuf {
+        let dir = self.sandbox_dir(id);
+        let on_disk = dir.join(layout::OVERLAY);
+        if on_disk.join(layout::STDOUT).exists() {
+            on_disk
+        } else {
+            dir
+        }
+    }
+
     /// Starts sandbox `id` in the background: its shim detaches and outlives the caller. Stdout
-    /// and stderr go to `stdout.log` and `stderr.log` in the sandbox's state dir unless given.
+    /// and stderr go to `stdout.log` and `stderr.log` in [`Runtime::logs_dir`] unless given.
     pub fn create(
         &self,
         id: &str,
@@ -202,12 +214,19 @@ impl Runtime {
         spec: &SandboxSpec,
         stdio: Option<StdioConfig>,
     ) -> Result<ShimClient> {
+        let rootfs = rootfs.into();
         let dir = self.sandbox_dir(id);
+        // The shim opens them after it mounted the disk (at `overlay/`), outside the upper dir:
+        // the sandbox cannot see them.
+        let logs = match (&rootfs, spec.limits.disk_bytes) {
+            (Rootfs::Layers(_), Some(_)) => dir.join(layout::OVERLAY),
+            _ => dir.clone(),
+        };
         let stdio = stdio.unwrap_or_else(|| StdioConfig::Files {
-            stdout: dir.join(layout::STDOUT),
-            stderr: dir.join(layout::STDERR),
+            stdout: logs.join(layout::STDOUT),
+            stderr: logs.join(layout::STDERR),
         });
-        let (mut child, mut events) = self.spawn(id, rootfs.into(), spec, stdio, false, None)?;
+        let (mut child, mut events) = self.spawn(id, rootfs, spec, stdio, false, None)?;
         self.await_background_start(id, &mut child, &mut events)
     }
 

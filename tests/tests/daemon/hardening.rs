@@ -792,5 +792,54 @@ fn test_disk_limit_bounds_bytes_and_inodes() {
         204
     );
     assert!(!image.exists());
+
+    // What the main process prints is on the disk too: 40 MB of stdout into a 24m disk.
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({
+            "image": "opencode", "opencode": false, "limits": {"disk": "24m"},
+            "command": ["sh", "-c", "head -c 40000000 /dev/zero | tr '\\0' x; sleep 300"],
+        })),
+    );
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), d.log());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let logs = d.state.path().join("sandboxes").join(&id).join("overlay");
+    // The log grows until the disk is full (the writer then gets ENOSPC), then stays.
+    let size = || std::fs::metadata(logs.join("stdout.log")).map_or(0, |m| m.len());
+    let start = Instant::now();
+    let mut last = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = size();
+        if now > 16 << 20 && now == last {
+            break;
+        }
+        last = now;
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the log never stopped growing ({now} bytes)\n{}",
+            d.log()
+        );
+    }
+    assert!(last < 24 << 20, "a 24m sandbox's log holds {last} bytes");
+    let r = d.call("POST", &format!("/v1/sandboxes/{id}/stop"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let kept = d.call(
+        "GET",
+        &format!("/v1/sandboxes/{id}/logs?stream=stdout"),
+        None,
+    );
+    assert_eq!(kept.status, 200);
+    assert!(
+        kept.body.len() > 1 << 20,
+        "{} bytes of logs kept",
+        kept.body.len()
+    );
+    assert_eq!(
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)
+            .status,
+        204
+    );
     assert!(d.leftovers().is_empty(), "{:#?}", d.leftovers());
 }
