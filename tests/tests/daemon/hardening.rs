@@ -843,3 +843,84 @@ fn test_disk_limit_bounds_bytes_and_inodes() {
     );
     assert!(d.leftovers().is_empty(), "{:#?}", d.leftovers());
 }
+
+/// A process in a sandbox sends six ~15 MB chat requests at once to the LLM gateway: each is
+/// answered (200, or 429 past the 4 in flight a sandbox may have), and agentd's peak memory grows
+/// by less than a few bodies' worth (before the fix six 32 MiB bodies grew it by 1.27 GB).
+#[test]
+fn test_gateway_bodies_do_not_balloon_agentd() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = agentd_tests::daemon::MockLlm::start("true");
+    let d = Daemon::start(
+        &images,
+        &[
+            "--llm-base-url",
+            &llm.base_url,
+            "--gateway-port",
+            &agentd_tests::registry::free_port().to_string(),
+        ],
+    );
+    let r = d.call("POST", "/v1/sandboxes", Some(json!({"image": "opencode"})));
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), d.log());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    d.wait_state(&id, "ready", Duration::from_secs(120));
+    let hwm = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let pid = d.pid().unwrap();
+    let before = hwm(pid);
+    // The gateway's address and this sandbox's token, from OpenCode's config (bash's /dev/tcp
+    // speaks HTTP here: the image has no HTTP client).
+    let script = r#"
+pid=$(for p in /proc/[0-9]*; do case "$(tr '\0' ' ' < $p/cmdline 2>/dev/null)" in opencode*) echo ${p#/proc/}; break;; esac; done)
+cfg=$(tr '\0' '\n' < /proc/$pid/environ | sed -n 's/^OPENCODE_CONFIG_CONTENT=//p')
+key=$(printf %s "$cfg" | sed 's/.*"apiKey":"\([^"]*\)".*/\1/')
+addr=$(printf %s "$cfg" | sed 's|.*"baseURL":"http://\([^"/]*\)/v1".*|\1|')
+send() {
+  pre='{"model":"mock","messages":[{"role":"user","content":"'; post='"}]}'
+  exec 3<>/dev/tcp/${addr%:*}/${addr#*:}
+  { printf 'POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s' "$key" $(( ${#pre} + $1 + ${#post} )) "$pre"
+    head -c $1 /dev/zero | tr '\0' x; printf %s "$post"; } >&3
+  head -1 <&3 | tr -d '\r'
+  exec 3<&-
+}
+for i in 1 2 3 4 5 6; do send 15000000 > /tmp/status-$i & done
+wait
+cat /tmp/status-*
+"#;
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(json!({"command": ["bash", "-c", script], "uid": 1000, "timeout_secs": 120})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (out, err, end) = exec_lines(&r.body);
+    assert_eq!(end["exit_code"], 0, "{out}\n{err}");
+    let statuses: Vec<&str> = out.lines().collect();
+    assert_eq!(statuses.len(), 6, "{out}\n{err}");
+    for s in &statuses {
+        assert!(
+            s.contains(" 200 ") || s.contains(" 429 "),
+            "{out}\n{err}\n{}",
+            d.log()
+        );
+    }
+    assert!(statuses.iter().any(|s| s.contains(" 200 ")), "{out}");
+    let grown = hwm(pid).saturating_sub(before);
+    eprintln!(
+        "agentd's peak RSS grew by {} MiB: {statuses:?}",
+        grown >> 10
+    );
+    assert!(
+        grown < 200 << 10,
+        "agentd's peak RSS grew by {} MiB for six 15 MB bodies",
+        grown >> 10
+    );
+}
