@@ -11,7 +11,7 @@ use clap::Args;
 use serde::Deserialize;
 
 /// Default state dir: images, sandboxes and the database live here.
-pub const DEFAULT_STATE_DIR: &str = crate::image::DEFAULT_STATE_DIR;
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentd";
 /// Default API socket (root only).
 pub const DEFAULT_SOCKET: &str = "/run/agentd/agentd.sock";
 /// Default bridge name.

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::api::error::ApiError;
+use crate::error::Error;
 use crate::sandbox::{ExecOutput, Manager, Sandbox};
 
 /// How long output still in the pipes is read after the process ended: a background child
@@ -208,7 +208,7 @@ impl Manager {
     ) -> crate::sandbox::Result<ExecOutput> {
         let rec = sb.snapshot();
         if !rec.state.is_live() {
-            return Err(ApiError::Conflict(format!(
+            return Err(Error::Conflict(format!(
                 "sandbox {} is {}",
                 rec.id,
                 rec.state.as_str()
@@ -223,7 +223,7 @@ impl Manager {
         let started = self
             .start_exec(&rec.id, request, false)
             .await
-            .map_err(|e| ApiError::internal(format!("exec failed: {e}")))?;
+            .map_err(|e| Error::internal(format!("exec failed: {e}")))?;
         let (tx, mut rx) = mpsc::channel(16);
         let run = self.run_exec(started, None, Some(timeout), tx);
         let collect = async {

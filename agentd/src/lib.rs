@@ -1,30 +1,35 @@
 //! agentd: the daemon and its command-line client.
 //!
-//! Layout:
-//! - [`run`]: `agentd run`, the one-shot, daemonless mode for CI runners.
-//! - [`image`]: `agentd image ...`, the image store (pull, import, export, ls, rm, prune).
-//! - [`serve`]: `agentd serve`, the daemon: [`config`], [`db`] (state), [`sandbox`] (the
-//!   manager), [`net`] (bridge and veths), [`opencode`] (the server in each sandbox),
-//!   [`api`] (HTTP), [`gateway`] (the LLM gateway), [`metrics`], [`task`] (prompts handed to
-//!   agents until their checks pass) and [`workspace`] (what a task's agents work on).
-//! - [`client`]: `agentd sandbox ...`, the CLI client of the API; [`task_client`]:
-//!   `agentd task ...`.
+//! Services with two skins (see DESIGN.md):
+//! - Services, which never import a skin (a tidy test checks it) and answer with
+//!   [`error::Error`]: [`sandbox`] (the manager; [`sandbox::fs`] reaches into a rootfs without
+//!   trusting it), [`exec`], [`task`] (prompts handed to agents until their checks pass),
+//!   [`workspace`] (what a task's agents work on), [`opencode`] (the server in each sandbox),
+//!   [`image_spec`] (what an image's config gives a sandbox), [`net`] (bridge and veths),
+//!   [`db`] (state), [`metrics`], [`default_image`], [`walk`], and [`http`] (body plumbing for
+//!   everything that speaks HTTP).
+//! - The HTTP skin: [`api`] (routes, wire forms, statuses from service errors) and the LLM
+//!   [`gateway`] sandboxes talk to.
+//! - The CLI skin, [`cli`]: [`cli::run`] (`agentd run`, daemonless, for CI runners),
+//!   [`cli::image`] (`agentd image ...`), [`cli::sandbox`] (`agentd sandbox ...`),
+//!   [`cli::task`] (`agentd task ...`).
+//! - The wiring: [`serve`] (`agentd serve`: listeners, shutdown) and [`config`].
 
 pub mod api;
-pub mod client;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod default_image;
+pub mod error;
 pub mod exec;
 pub mod gateway;
-pub mod image;
+pub mod http;
+pub mod image_spec;
 pub mod metrics;
 pub mod net;
 pub mod opencode;
-pub mod run;
 pub mod sandbox;
 pub mod serve;
 pub mod task;
-pub mod task_client;
 pub mod walk;
 pub mod workspace;

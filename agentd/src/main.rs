@@ -16,15 +16,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run one command in a sandbox made from a rootfs dir or an image (no daemon needed).
-    Run(Box<agentd::run::RunArgs>),
+    Run(Box<agentd::cli::run::RunArgs>),
     /// Manage OCI images: pull, import, export, ls, inspect, rm, prune, verify.
-    Image(agentd::image::ImageArgs),
+    Image(agentd::cli::image::ImageArgs),
     /// Run the daemon: the HTTP API, sandboxes with OpenCode, the LLM gateway.
     Serve(Box<agentd::config::ServeArgs>),
     /// Manage sandboxes through a running daemon.
-    Sandbox(agentd::client::SandboxArgs),
+    Sandbox(agentd::cli::sandbox::SandboxArgs),
     /// Hand a prompt and a workspace to agents through a running daemon; see their results.
-    Task(agentd::task_client::TaskArgs),
+    Task(agentd::cli::task::TaskArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,7 +44,7 @@ fn main() -> ExitCode {
                 .unwrap_or("invalid arguments")
                 .trim_start_matches("error: ");
             eprintln!("agentd: {first} (see agentd --help)");
-            return ExitCode::from(agentd::run::EXIT_AGENTD_ERROR);
+            return ExitCode::from(agentd::cli::run::EXIT_AGENTD_ERROR);
         }
     };
     if let Command::Serve(args) = cli.command {
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
                 eprintln!("agentd: {e:#}");
-                ExitCode::from(agentd::run::EXIT_AGENTD_ERROR)
+                ExitCode::from(agentd::cli::run::EXIT_AGENTD_ERROR)
             }
         };
     }
@@ -70,17 +70,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Run(args) => agentd::run::run(*args),
-        Command::Image(args) => agentd::image::run(args),
-        Command::Sandbox(args) => agentd::client::run(args),
-        Command::Task(args) => agentd::task_client::run(args),
+        Command::Run(args) => agentd::cli::run::run(*args),
+        Command::Image(args) => agentd::cli::image::run(args),
+        Command::Sandbox(args) => agentd::cli::sandbox::run(args),
+        Command::Task(args) => agentd::cli::task::run(args),
         Command::Serve(_) => unreachable!("handled above"),
     };
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("agentd: {e:#}");
-            ExitCode::from(agentd::run::EXIT_AGENTD_ERROR)
+            ExitCode::from(agentd::cli::run::EXIT_AGENTD_ERROR)
         }
     }
 }

@@ -33,9 +33,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
-use crate::api::error::ApiError;
 use crate::config::Config;
 use crate::db::{Db, SANDBOXES};
+use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::net::Network;
 
@@ -54,7 +54,9 @@ pub const DEFAULT_IMAGE: &str = "opencode";
 const MODELS_CACHE: Duration = Duration::from_secs(60);
 
 /// What the manager's operations return.
-pub type Result<T> = std::result::Result<T, ApiError>;
+pub mod fs;
+
+pub type Result<T> = std::result::Result<T, Error>;
 
 /// Where a sandbox is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,8 +209,9 @@ impl SizeValue {
     fn bytes(&self, field: &str) -> Result<u64> {
         match self {
             SizeValue::Bytes(b) => Ok(*b),
-            SizeValue::Text(t) => agentd_runtime::parse_size(t)
-                .map_err(|e| ApiError::BadRequest(format!("{field}: {e}"))),
+            SizeValue::Text(t) => {
+                agentd_runtime::parse_size(t).map_err(|e| Error::Invalid(format!("{field}: {e}")))
+            }
         }
     }
 }
@@ -351,8 +354,8 @@ impl Drop for ActiveGuard {
 }
 
 /// The error for a request that gives both a command and OpenCode.
-fn exclusive_error() -> ApiError {
-    ApiError::BadRequest(
+fn exclusive_error() -> Error {
+    Error::Invalid(
         "command and opencode are exclusive: OpenCode is the command of an OpenCode sandbox".into(),
     )
 }
@@ -361,7 +364,7 @@ fn exclusive_error() -> ApiError {
 pub fn validate_env(env: &BTreeMap<String, String>) -> Result<()> {
     for k in env.keys() {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(ApiError::BadRequest(format!(
+            return Err(Error::Invalid(format!(
                 "invalid environment variable name {k:?}"
             )));
         }
@@ -373,7 +376,7 @@ pub fn validate_env(env: &BTreeMap<String, String>) -> Result<()> {
 pub fn validate_model(model: Option<&str>) -> Result<()> {
     match model {
         Some(m) if m.is_empty() || m.len() > 200 || m.chars().any(char::is_control) => Err(
-            ApiError::BadRequest("model must be 1-200 printable characters".into()),
+            Error::Invalid("model must be 1-200 printable characters".into()),
         ),
         _ => Ok(()),
     }
@@ -428,7 +431,7 @@ pub struct Manager {
     /// HTTP client for the sandboxes' OpenCode servers.
     pub http: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
-        crate::api::Body,
+        crate::http::Body,
     >,
 }
 
@@ -495,7 +498,7 @@ impl Manager {
         map.values()
             .find(|s| s.snapshot().name.as_deref() == Some(key))
             .cloned()
-            .ok_or_else(|| ApiError::NotFound(format!("no sandbox {key:?}")))
+            .ok_or_else(|| Error::NotFound(format!("no sandbox {key:?}")))
     }
 
     /// Writes the record durably; a failure is logged and returned.
@@ -503,7 +506,7 @@ impl Manager {
         let rec = sb.snapshot();
         self.db.put(SANDBOXES, &rec.id, &rec).map_err(|e| {
             tracing::error!(sandbox = %rec.id, error = %agentd_runtime::error_chain(&e), "failed to persist sandbox");
-            ApiError::from(e)
+            Error::from(e)
         })
     }
 
@@ -577,7 +580,7 @@ impl Manager {
         // Validate everything that needs no system call first.
         if let Some(n) = &req.network {
             if n != "none" {
-                return Err(ApiError::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "network {n:?} is not supported yet: use \"none\" (no egress)"
                 )));
             }
@@ -589,7 +592,7 @@ impl Manager {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
             {
-                return Err(ApiError::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "name must be 1-63 letters, digits, '-', '_' or '.', got {name:?}"
                 )));
             }
@@ -602,13 +605,13 @@ impl Manager {
         ] {
             let max = crate::config::MAX_SANDBOX_TIMEOUT_SECS;
             if value.is_some_and(|v| v > max) {
-                return Err(ApiError::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "{name} must be at most {max} (a year); 0 turns the idle timeout off"
                 )));
             }
         }
         if req.ttl_secs == Some(0) {
-            return Err(ApiError::BadRequest(
+            return Err(Error::Invalid(
                 "ttl_secs must be at least 1 (leave it out for no TTL)".into(),
             ));
         }
@@ -616,7 +619,7 @@ impl Manager {
         validate_model(req.model.as_deref())?;
         if let Some(cmd) = &req.command {
             if cmd.is_empty() || cmd[0].is_empty() {
-                return Err(ApiError::BadRequest("command must not be empty".into()));
+                return Err(Error::Invalid("command must not be empty".into()));
             }
         }
         let image_name = req
@@ -645,37 +648,40 @@ impl Manager {
         let name2 = image_name.clone();
         let store2 = store.clone();
         let opts2 = opts.clone();
-        let mut image = tokio::task::spawn_blocking(move || store2.rootfs(&name2, &opts2))
+        let unknown = |name: &str| {
+            Error::Invalid(format!(
+                "unknown image {name:?}: pull or import it first (POST /v1/images/pull, agentd image pull|import)"
+            ))
+        };
+        let store_error = |e: agentd_images::StoreError| match e {
+            agentd_images::StoreError::UnknownImage(_) => unknown(&image_name),
+            other => Error::internal(agentd_runtime::error_chain(&other)),
+        };
+        let image = match tokio::task::spawn_blocking(move || store2.rootfs(&name2, &opts2))
             .await
-            .map_err(ApiError::internal)?;
-        if matches!(image, Err(agentd_images::StoreError::UnknownImage(_)))
-            && image_name == crate::default_image::NAME
+            .map_err(Error::internal)?
         {
-            // The default image: built on first use (one build at a time).
-            let _building = self.build_lock.lock().await;
-            let name2 = image_name.clone();
-            let cache = self.config.build_cache.clone();
-            image = tokio::task::spawn_blocking(move || {
-                if store.resolve(&name2).is_err() {
-                    crate::default_image::build(&store, &cache)
-                        .map_err(|e| agentd_images::StoreError::UnknownImage(format!("{e:#}")))?;
-                }
-                store.rootfs(&name2, &opts)
-            })
-            .await
-            .map_err(ApiError::internal)?;
-        }
-        let image = image.map_err(|e| match e {
-                agentd_images::StoreError::UnknownImage(msg) if image_name == crate::default_image::NAME && msg.contains("default image") => {
-                    ApiError::Unavailable(msg)
-                }
-                agentd_images::StoreError::UnknownImage(_) => {
-                    ApiError::BadRequest(format!(
-                        "unknown image {image_name:?}: pull or import it first (POST /v1/images/pull, agentd image pull|import)"
-                    ))
-                }
-                other => ApiError::internal(agentd_runtime::error_chain(&other)),
-            })?;
+            Err(agentd_images::StoreError::UnknownImage(_))
+                if image_name == crate::default_image::NAME =>
+            {
+                // The default image: built on first use (one build at a time); a build that
+                // fails makes the request unavailable, with the build's reason.
+                let _building = self.build_lock.lock().await;
+                let name2 = image_name.clone();
+                let cache = self.config.build_cache.clone();
+                tokio::task::spawn_blocking(move || {
+                    if store.resolve(&name2).is_err() {
+                        crate::default_image::build(&store, &cache)
+                            .map_err(|e| Error::Unavailable(format!("{e:#}")))?;
+                    }
+                    Ok::<_, Error>(store.rootfs(&name2, &opts))
+                })
+                .await
+                .map_err(Error::internal)??
+                .map_err(store_error)?
+            }
+            other => other.map_err(store_error)?,
+        };
         let opencode = req.opencode.unwrap_or_else(|| {
             image
                 .config
@@ -688,16 +694,13 @@ impl Manager {
         if opencode {
             self.require_llm()?;
         }
-        let user = if image.config.user.is_empty() {
-            (0, 0)
-        } else {
-            crate::run::resolve_user(&image.lower_dirs, &image.config.user)
-                .map_err(|e| ApiError::BadRequest(format!("image {image_name}: {e:#}")))?
-        };
+        let defaults = crate::image_spec::defaults(&image)
+            .map_err(|e| Error::Invalid(format!("image {image_name}: {e:#}")))?;
+        let user = defaults.user;
         let args = if opencode {
             let cmd = crate::opencode::command();
-            if !crate::run::find_command(&image.lower_dirs, &cmd[0], &image.config.env) {
-                return Err(ApiError::BadRequest(format!(
+            if !crate::image_spec::find_command(&image.lower_dirs, &cmd[0], &image.config.env) {
+                return Err(Error::Invalid(format!(
                     "image {image_name} has no opencode binary on its PATH: use an OpenCode image or opencode: false"
                 )));
             }
@@ -722,12 +725,12 @@ impl Manager {
             )
         };
         if live >= self.config.max_sandboxes {
-            return Err(ApiError::Quota(format!(
+            return Err(Error::Quota(format!(
                 "agentd runs {live} sandboxes, its maximum (max_sandboxes): stop or delete one first"
             )));
         }
         if committed.saturating_add(memory) > self.config.max_memory {
-            return Err(ApiError::Quota(format!(
+            return Err(Error::Quota(format!(
                 "{memory} bytes more would commit {} of {} bytes of memory (max_memory): stop a sandbox or ask for less",
                 committed.saturating_add(memory),
                 self.config.max_memory
@@ -739,15 +742,13 @@ impl Manager {
                 .values()
                 .any(|s| s.snapshot().name.as_deref() == Some(name))
             {
-                return Err(ApiError::Conflict(format!(
-                    "a sandbox named {name:?} exists"
-                )));
+                return Err(Error::Conflict(format!("a sandbox named {name:?} exists")));
             }
         }
         let address = (0..)
             .map_while(|n| self.net.address(n))
             .find(|a| !used.contains(a))
-            .ok_or_else(|| ApiError::Quota("no free address in the sandbox subnet".into()))?;
+            .ok_or_else(|| Error::Quota("no free address in the sandbox subnet".into()))?;
         let id = random_hex(6);
         let secrets = opencode.then(|| OpenCodeSecrets {
             password: random_hex(24),
@@ -784,12 +785,8 @@ impl Manager {
         tracing::debug!(sandbox = %id, ms = started.elapsed().as_secs_f64() * 1e3, "create: image and record ready");
 
         // The spec.
-        let mut env = image.config.env.clone();
-        let mut set = |kv: String| {
-            let key = kv.split('=').next().unwrap_or_default().to_string();
-            env.retain(|e| e.split('=').next() != Some(key.as_str()));
-            env.push(kv);
-        };
+        let mut env = defaults.env;
+        let mut set = |kv: String| crate::image_spec::set_env(&mut env, kv);
         if let Some(s) = &secrets {
             for kv in crate::opencode::env(
                 &s.password,
@@ -806,11 +803,7 @@ impl Manager {
         let mut spec = SandboxSpec::new(args);
         spec.idle = spec.args.is_empty();
         spec.env = env;
-        spec.cwd = PathBuf::from(if image.config.workdir.is_empty() {
-            "/"
-        } else {
-            image.config.workdir.as_str()
-        });
+        spec.cwd = defaults.cwd;
         spec.uid = user.0;
         spec.gid = user.1;
         spec.hostname = format!("sb-{id}");
@@ -838,20 +831,20 @@ impl Manager {
             let write = tokio::task::spawn_blocking(move || me.persist(&sb2));
             let (started, written) = tokio::join!(start, write);
             started
-                .map_err(ApiError::internal)?
+                .map_err(Error::internal)?
                 .map_err(|e| {
                     let chain = agentd_runtime::error_chain(&e);
                     if chain.contains("os error 28") || chain.contains("No space left") {
-                        ApiError::InsufficientStorage(
+                        Error::NoSpace(
                             "agentd's disk is full: the sandbox was not created (free space on the state dir's filesystem and retry)".into(),
                         )
                     } else {
-                        ApiError::internal(chain)
+                        Error::internal(chain)
                     }
                 })?;
             // A sandbox whose record could not be saved is not acknowledged: the next start
             // would take it for debris. It is removed again and the create fails.
-            if let Err(e) = written.map_err(ApiError::internal).and_then(|r| r) {
+            if let Err(e) = written.map_err(Error::internal).and_then(|r| r) {
                 let client = self.runtime.client(&id);
                 let _ = tokio::task::spawn_blocking(move || {
                     let _ = client.kill(libc::SIGKILL);
@@ -966,7 +959,7 @@ impl Manager {
             }
             let req = hyper::Request::get(uri.clone())
                 .header(hyper::header::AUTHORIZATION, &auth)
-                .body(crate::api::empty())
+                .body(crate::http::empty())
                 .expect("valid request");
             let ok = matches!(
                 tokio::time::timeout(Duration::from_secs(2), self.http.request(req)).await,
@@ -1216,13 +1209,13 @@ impl Manager {
     /// The error for a call to a sandbox's shim that failed: if the sandbox was deleted or
     /// stopped meanwhile (a race with a stop or delete), a 404 or 409 that says so in our
     /// words; otherwise `what` with the shim's message, internals of the runtime left out.
-    pub fn shim_failed(&self, sb: &Sandbox, what: &str, error: &str) -> ApiError {
+    pub fn shim_failed(&self, sb: &Sandbox, what: &str, error: &str) -> Error {
         let rec = sb.snapshot();
         if self.get(&rec.id).is_err() {
-            return ApiError::NotFound(format!("sandbox {} was deleted", rec.id));
+            return Error::NotFound(format!("sandbox {} was deleted", rec.id));
         }
         if !rec.state.is_live() || rec.exit.is_some() {
-            return ApiError::Conflict(format!(
+            return Error::Conflict(format!(
                 "sandbox {} is {}",
                 rec.id,
                 if rec.exit.is_some() && rec.state.is_live() {
@@ -1235,12 +1228,12 @@ impl Manager {
         let internal = ["procfs", "please report", "libcontainer", "os error"];
         if internal.iter().any(|m| error.contains(m)) {
             tracing::warn!(sandbox = %rec.id, error, "{what} failed");
-            return ApiError::Conflict(format!(
+            return Error::Conflict(format!(
                 "{what} failed: sandbox {} did not accept it (is it stopping?)",
                 rec.id
             ));
         }
-        ApiError::BadRequest(format!("{what} failed: {error}"))
+        Error::Invalid(format!("{what} failed: {error}"))
     }
 
     /// Resolves once agentd is stopping (at once if it is).
@@ -1255,7 +1248,7 @@ impl Manager {
     /// would only fail at its first prompt, long after the request.
     pub fn require_llm(&self) -> Result<()> {
         if self.config.llm.is_none() {
-            return Err(ApiError::BadRequest(
+            return Err(Error::Invalid(
                 "agentd has no LLM upstream, so OpenCode would have nobody to ask: start agentd with --llm-base-url URL (or AGENTD_LLM_BASE_URL, or llm_base_url in agentd.toml), or create the sandbox with \"opencode\": false".into(),
             ));
         }
@@ -1290,7 +1283,7 @@ impl Manager {
                 if models.len() > 20 {
                     shown.push("...");
                 }
-                Err(ApiError::BadRequest(format!(
+                Err(Error::Invalid(format!(
                     "model {model:?} is not one the LLM upstream offers (its /models lists: {})",
                     shown.join(", ")
                 )))
@@ -1318,21 +1311,21 @@ impl Manager {
         };
         limits
             .validate()
-            .map_err(|e| ApiError::BadRequest(agentd_runtime::error_chain(&e)))?;
+            .map_err(|e| Error::Invalid(agentd_runtime::error_chain(&e)))?;
         if let Some(disk) = req.disk.as_ref().and(limits.disk_bytes) {
             // Sparse layers overcommit the host's disk by design, but one layer asked for
             // that is larger than the whole file system is no bound at all.
             if let Ok(fs) = nix::sys::statvfs::statvfs(&self.config.state_dir) {
                 let total = fs.blocks().saturating_mul(fs.fragment_size());
                 if disk > total {
-                    return Err(ApiError::BadRequest(format!(
+                    return Err(Error::Invalid(format!(
                         "limits.disk {disk} bytes is more than the file system of agentd's state dir holds ({total} bytes)"
                     )));
                 }
             }
         }
         if memory > self.config.max_memory {
-            return Err(ApiError::BadRequest(format!(
+            return Err(Error::Invalid(format!(
                 "limits.memory {memory} bytes is more than agentd may commit in total ({} bytes)",
                 self.config.max_memory
             )));
@@ -1344,7 +1337,7 @@ impl Manager {
     pub fn rootfs(&self, sb: &Sandbox) -> Result<(PathBuf, (u32, u32))> {
         let rec = sb.snapshot();
         if !rec.state.is_live() {
-            return Err(ApiError::Conflict(format!(
+            return Err(Error::Conflict(format!(
                 "sandbox {} is {}: its files are gone",
                 rec.id,
                 rec.state.as_str()

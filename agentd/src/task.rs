@@ -33,14 +33,14 @@ use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::api::error::ApiError;
 use crate::db::TASKS;
+use crate::error::Error;
 use crate::sandbox::{
     now_ms, random_hex, CreateSandbox, LimitsRequest, Manager, Sandbox, SandboxState, Usage,
 };
 use crate::workspace::{WorkspaceInfo, WorkspaceSpec};
 
-type Result<T> = std::result::Result<T, ApiError>;
+type Result<T> = std::result::Result<T, Error>;
 
 /// A task's time limit when the request gives none, seconds.
 pub const DEFAULT_TASK_TIMEOUT_SECS: u64 = 3600;
@@ -559,7 +559,7 @@ impl TaskManager {
         self.map()
             .get(id)
             .cloned()
-            .ok_or_else(|| ApiError::NotFound(format!("no task {id:?}")))
+            .ok_or_else(|| Error::NotFound(format!("no task {id:?}")))
     }
 
     fn persist(&self, task: &Task) {
@@ -577,10 +577,7 @@ impl TaskManager {
     /// Writes the record and says whether that worked (for changes a request waits on).
     fn persist_checked(&self, task: &Task) -> Result<()> {
         let rec = task.snapshot();
-        self.mgr
-            .db
-            .put(TASKS, &rec.id, &rec)
-            .map_err(ApiError::from)
+        self.mgr.db.put(TASKS, &rec.id, &rec).map_err(Error::from)
     }
 
     /// Appends an event (`kind` plus the fields of `data`) to the task's log and wakes readers.
@@ -673,14 +670,14 @@ impl TaskManager {
         let src = spooled.to_path_buf();
         let info = tokio::task::spawn_blocking(move || {
             std::fs::rename(&src, &p2)
-                .map_err(|e| ApiError::internal(format!("failed to store the upload: {e}")))?;
+                .map_err(|e| Error::internal(format!("failed to store the upload: {e}")))?;
             crate::workspace::check_upload(&p2).map_err(|e| {
                 let _ = std::fs::remove_file(&p2);
-                ApiError::BadRequest(e.to_string())
+                Error::Invalid(e.to_string())
             })
         })
         .await
-        .map_err(ApiError::internal)??;
+        .map_err(Error::internal)??;
         tracing::info!(upload = %id, entries = info.entries, bytes = info.bytes, "workspace uploaded");
         Ok((id, info))
     }
@@ -690,58 +687,58 @@ impl TaskManager {
     /// unless `git_allow_networks` says otherwise).
     pub async fn create(self: &Arc<Self>, req: CreateTask, tcp: bool) -> Result<TaskRecord> {
         if req.prompt.trim().is_empty() {
-            return Err(ApiError::BadRequest("prompt must not be empty".into()));
+            return Err(Error::Invalid("prompt must not be empty".into()));
         }
         if req.prompt.len() > MAX_PROMPT_BYTES {
-            return Err(ApiError::BadRequest(format!(
+            return Err(Error::Invalid(format!(
                 "prompt is longer than {MAX_PROMPT_BYTES} bytes"
             )));
         }
         let agents = req.agents.unwrap_or(1);
         if agents == 0 || agents > MAX_AGENTS {
-            return Err(ApiError::BadRequest(format!(
+            return Err(Error::Invalid(format!(
                 "agents must be between 1 and {MAX_AGENTS}"
             )));
         }
         if let Some(t) = req.timeout_secs {
             if t == 0 || t > MAX_TASK_TIMEOUT_SECS {
-                return Err(ApiError::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "timeout_secs must be between 1 and {MAX_TASK_TIMEOUT_SECS}"
                 )));
             }
         }
         if let Some(r) = req.max_rounds {
             if r == 0 || r > MAX_ROUNDS {
-                return Err(ApiError::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "max_rounds must be between 1 and {MAX_ROUNDS}"
                 )));
             }
             if req.check.is_none() {
-                return Err(ApiError::BadRequest(
+                return Err(Error::Invalid(
                     "max_rounds needs a check command (rounds repeat while the check fails)".into(),
                 ));
             }
         }
         if let Some(c) = &req.check {
             if c.trim().is_empty() || c.contains('\0') {
-                return Err(ApiError::BadRequest(
+                return Err(Error::Invalid(
                     "check must be a non-empty shell command".into(),
                 ));
             }
         }
         if req.grace_secs.is_some_and(|g| g > MAX_GRACE_SECS) {
-            return Err(ApiError::BadRequest(format!(
+            return Err(Error::Invalid(format!(
                 "grace_secs must be at most {MAX_GRACE_SECS}"
             )));
         }
         if let Some(t) = req.check_timeout_secs {
             if t == 0 || t > MAX_CHECK_TIMEOUT_SECS {
-                return Err(ApiError::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "check_timeout_secs must be between 1 and {MAX_CHECK_TIMEOUT_SECS}"
                 )));
             }
             if req.check.is_none() {
-                return Err(ApiError::BadRequest(
+                return Err(Error::Invalid(
                     "check_timeout_secs needs a check command".into(),
                 ));
             }
@@ -756,12 +753,12 @@ impl TaskManager {
         }
         req.workspace
             .validate()
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         self.mgr.limits(&req.limits)?;
         if let Some(image) = &req.image {
             // The default image is built on first use; any other must be in the store now.
             if image != crate::default_image::NAME && self.mgr.store.resolve(image).is_err() {
-                return Err(ApiError::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "unknown image {image:?}: pull or import it first (POST /v1/images/pull, agentd image pull|import)"
                 )));
             }
@@ -771,7 +768,7 @@ impl TaskManager {
         let dir = self.task_dir(&id);
         tokio::fs::create_dir_all(&dir)
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(Error::internal)?;
         let tar = dir.join("workspace.tar");
         let prepared = self
             .prepare_workspace(&req.workspace, &dir, &tar, tcp)
@@ -817,9 +814,9 @@ impl TaskManager {
         tcp: bool,
     ) -> Result<WorkspaceInfo> {
         let bad = |e: crate::workspace::WorkspaceError| match e {
-            crate::workspace::WorkspaceError::Write(e) => ApiError::internal(e),
-            crate::workspace::WorkspaceError::Forbidden(m) => ApiError::Forbidden(m),
-            other => ApiError::BadRequest(other.to_string()),
+            crate::workspace::WorkspaceError::Write(e) => Error::internal(e),
+            crate::workspace::WorkspaceError::Forbidden(m) => Error::Forbidden(m),
+            other => Error::Invalid(other.to_string()),
         };
         if let Some(path) = &spec.path {
             let (p, t, x) = (PathBuf::from(path), tar.to_path_buf(), spec.exclude.clone());
@@ -827,20 +824,20 @@ impl TaskManager {
                 crate::workspace::archive_host_dir(&p, &t, &x)
             })
             .await
-            .map_err(ApiError::internal)?
+            .map_err(Error::internal)?
             .map_err(bad);
         }
         if let Some(upload) = &spec.upload {
             let src = self.upload_path(upload);
             if tokio::fs::rename(&src, tar).await.is_err() {
-                return Err(ApiError::BadRequest(format!(
+                return Err(Error::Invalid(format!(
                     "no uploaded workspace {upload:?} (each upload serves one task; POST /v1/workspaces again)"
                 )));
             }
             let t = tar.to_path_buf();
             return tokio::task::spawn_blocking(move || crate::workspace::check_upload(&t))
                 .await
-                .map_err(ApiError::internal)?
+                .map_err(Error::internal)?
                 .map_err(bad);
         }
         let url = spec.git.as_deref().unwrap_or_default();
@@ -1270,7 +1267,7 @@ impl TaskManager {
             }
             match self.mgr.create(req.clone()).await {
                 Ok(r) => return self.mgr.get(&r.id).map_err(|e| e.to_string()),
-                Err(ApiError::Quota(msg)) => {
+                Err(Error::Quota(msg)) => {
                     // Finished attempts keep their sandboxes for inspection, but not at the
                     // cost of one that wants to work (else agents > max_sandboxes would wait
                     // for their own task's end).
@@ -1283,7 +1280,7 @@ impl TaskManager {
                     }
                     tokio::time::sleep(QUOTA_RETRY).await;
                 }
-                Err(ApiError::Internal(detail)) => {
+                Err(Error::Internal(detail)) => {
                     tracing::error!(task = %rec.id, attempt = n, error = %detail, "sandbox create failed");
                     return Err(format!("agentd could not create the sandbox: {detail}"));
                 }
@@ -1335,7 +1332,7 @@ impl TaskManager {
         tokio::task::spawn_blocking(move || -> std::io::Result<usize> {
             let root = std::fs::File::open(&rootfs)?;
             let f = std::io::BufReader::new(std::fs::File::open(&tar)?);
-            crate::api::files::extract_tar(&root, Path::new(WORKSPACE_DIR), f, owner)
+            crate::sandbox::fs::extract_tar(&root, Path::new(WORKSPACE_DIR), f, owner)
         })
         .await
         .map_err(|e| e.to_string())?
@@ -1663,9 +1660,9 @@ impl TaskManager {
         let payload = match body {
             Some(v) => {
                 req = req.header(hyper::header::CONTENT_TYPE, "application/json");
-                crate::api::full(serde_json::to_vec(&v).expect("json"))
+                crate::http::full(serde_json::to_vec(&v).expect("json"))
             }
-            None => crate::api::empty(),
+            None => crate::http::empty(),
         };
         let req = req.body(payload).map_err(|e| e.to_string())?;
         let resp = tokio::time::timeout(OPENCODE_TIMEOUT, async {
@@ -1704,7 +1701,7 @@ impl TaskManager {
     async fn event_stream(&self, sb: &Arc<Sandbox>) -> std::result::Result<SseReader, String> {
         let req = workspace_request(sb, hyper::Method::GET, "/event")?
             .header(hyper::header::ACCEPT, "text/event-stream")
-            .body(crate::api::empty())
+            .body(crate::http::empty())
             .map_err(|e| e.to_string())?;
         let resp = tokio::time::timeout(OPENCODE_TIMEOUT, self.mgr.http.request(req))
             .await
@@ -1728,7 +1725,7 @@ impl TaskManager {
     pub fn cancel(&self, task: &Arc<Task>) -> Result<()> {
         let rec = task.snapshot();
         if rec.state.is_terminal() {
-            return Err(ApiError::Conflict(format!(
+            return Err(Error::Conflict(format!(
                 "task {} is {} already",
                 rec.id,
                 rec.state.as_str()
@@ -2066,13 +2063,13 @@ fn failure(command: &str, out: &crate::sandbox::ExecOutput, limit: Duration) -> 
 fn validate_diff_exclude(patterns: &[String]) -> Result<()> {
     let (most, longest) = MAX_DIFF_EXCLUDE;
     if patterns.len() > most {
-        return Err(ApiError::BadRequest(format!(
+        return Err(Error::Invalid(format!(
             "diff_exclude has more than {most} patterns"
         )));
     }
     for p in patterns {
         if p.trim().is_empty() || p.len() > longest || p.chars().any(char::is_control) {
-            return Err(ApiError::BadRequest(format!(
+            return Err(Error::Invalid(format!(
                 "diff_exclude pattern {p:?} must be 1-{longest} printable characters"
             )));
         }

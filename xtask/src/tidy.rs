@@ -101,3 +101,63 @@ fn test_readme_test_command_matches_ci() {
         ".ci/run must run README's test command"
     );
 }
+
+/// agentd's services never import its skins: the HTTP API (`api/`) and the CLI (`cli/`,
+/// `main`), nor the daemon's wiring (`serve`). A service answers with
+/// its own error (`crate::error::Error`); the API maps it to a status.
+#[test]
+fn test_agentd_services_import_no_skin() {
+    let src = project_root().join("agentd/src");
+    let services = [
+        "sandbox.rs",
+        "sandbox",
+        "task.rs",
+        "exec.rs",
+        "workspace.rs",
+        "opencode.rs",
+        "net.rs",
+        "db.rs",
+        "metrics.rs",
+        "default_image.rs",
+        "image_spec.rs",
+        "walk.rs",
+        "error.rs",
+        "http.rs",
+    ];
+    let skins = [
+        "crate::api",
+        "crate::cli",
+        "crate::serve",
+        "crate::main",
+        "ApiError",
+    ];
+    let mut files = Vec::new();
+    for s in services {
+        let p = src.join(s);
+        if p.is_dir() {
+            rust_files(&p, &mut files);
+        } else {
+            assert!(p.is_file(), "{} is gone: update this list", p.display());
+            files.push(p);
+        }
+    }
+    let mut found = Vec::new();
+    for f in &files {
+        let text = fs::read_to_string(f).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim_start().starts_with("//") {
+                continue;
+            }
+            for skin in skins {
+                if line.contains(skin) {
+                    found.push(format!("{}:{}: {}", f.display(), i + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "services import a skin:\n{}",
+        found.join("\n")
+    );
+}

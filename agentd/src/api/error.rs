@@ -108,12 +108,23 @@ impl From<anyhow::Error> for ApiError {
 
 impl From<crate::db::DbError> for ApiError {
     fn from(e: crate::db::DbError) -> Self {
+        crate::error::Error::from(e).into()
+    }
+}
+
+/// Each kind of service error has its status.
+impl From<crate::error::Error> for ApiError {
+    fn from(e: crate::error::Error) -> Self {
+        use crate::error::Error;
         match e {
-            // Said plainly: the client can do something about it (free space, retry).
-            crate::db::DbError::NoSpace(_) => ApiError::InsufficientStorage(
-                "agentd's disk is full: the change was not saved (free space on the state dir's filesystem and retry)".into(),
-            ),
-            other => ApiError::Internal(agentd_runtime::error_chain(&other)),
+            Error::Invalid(m) => ApiError::BadRequest(m),
+            Error::Forbidden(m) => ApiError::Forbidden(m),
+            Error::NotFound(m) => ApiError::NotFound(m),
+            Error::Conflict(m) => ApiError::Conflict(m),
+            Error::Quota(m) => ApiError::Quota(m),
+            Error::NoSpace(m) => ApiError::InsufficientStorage(m),
+            Error::Unavailable(m) => ApiError::Unavailable(m),
+            Error::Internal(m) => ApiError::Internal(m),
         }
     }
 }

@@ -11,7 +11,6 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use super::{json, read_json, Body, BoxError};
-use crate::image::record_json;
 use crate::sandbox::Manager;
 use agentd_images::{Platform, Progress, ProgressEvent, PullOptions, Reference, UnpackOptions};
 
@@ -267,4 +266,20 @@ pub(crate) async fn dispatch(
             segs.join("/")
         ))),
     }
+}
+
+/// The wire form of an image (the API's answers and `agentd image ... --json`).
+pub fn record_json(record: &agentd_images::ImageRecord) -> serde_json::Value {
+    serde_json::json!({
+        "name": record.name,
+        "manifest": record.manifest,
+        "index": record.index,
+        "config_digest": record.config,
+        "platform": record.platform,
+        "size": record.size(),
+        "added": record.added,
+        "layers": record.layers.iter().map(|l| serde_json::json!({
+            "digest": l.digest, "media_type": l.media_type, "size": l.size, "diff_id": l.diff_id,
+        })).collect::<Vec<_>>(),
+    })
 }

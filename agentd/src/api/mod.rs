@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -30,36 +30,12 @@ use tokio::net::{TcpListener, UnixListener};
 use crate::sandbox::Manager;
 use error::ApiError;
 
-/// Error type of response bodies.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Every response (and proxied request) body.
-pub type Body = BoxBody<Bytes, BoxError>;
+pub use crate::http::{channel_body, empty, full, Body, BoxError, FrameSender};
 
 /// Largest JSON request body.
 pub const MAX_JSON_BODY: usize = 1 << 20;
 
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
-
-/// An empty body.
-pub fn empty() -> Body {
-    Full::new(Bytes::new()).map_err(|e| match e {}).boxed()
-}
-
-/// A body from bytes.
-pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|e| match e {}).boxed()
-}
-
-/// A frame sender for a streamed body (see [`channel_body`]).
-pub type FrameSender = tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, BoxError>>;
-
-/// A body that streams whatever is sent on the channel, until every sender is dropped.
-pub fn channel_body(
-    mut rx: tokio::sync::mpsc::Receiver<Result<hyper::body::Frame<Bytes>, BoxError>>,
-) -> Body {
-    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    BodyExt::boxed(http_body_util::StreamBody::new(stream))
-}
 
 /// One JSON value as a line of a JSON-lines (`application/x-ndjson`) body.
 pub fn json_line(v: &serde_json::Value) -> Result<hyper::body::Frame<Bytes>, BoxError> {

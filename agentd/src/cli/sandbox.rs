@@ -478,7 +478,7 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                                 code = u8::try_from(c.clamp(0, 255)).unwrap_or(255);
                             } else if let Some(e) = v["error"].as_str() {
                                 eprintln!("agentd: {e}");
-                                code = crate::run::EXIT_AGENTD_ERROR;
+                                code = crate::cli::run::EXIT_AGENTD_ERROR;
                             }
                             if v["timed_out"] == true {
                                 eprintln!("agentd: the command timed out and was killed");

@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use agentd_images::{ImageRootfs, Store, UnpackOptions};
-use agentd_runtime::spec::{IdMap, DEFAULT_PATH};
+use agentd_runtime::spec::IdMap;
+
+use crate::image_spec::{find_command, ImageDefaults};
 use agentd_runtime::{parse_size, BindMount, Limits, NetworkMode, Rootfs, Runtime, SandboxSpec};
 use anyhow::{bail, Context};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
@@ -29,7 +31,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "IMAGE")]
     pub image: Option<String>,
     /// agentd's state dir, whose image store (<dir>/images) --image reads.
-    #[arg(long, env = "AGENTD_STATE_DIR", default_value = crate::image::DEFAULT_STATE_DIR)]
+    #[arg(long, env = "AGENTD_STATE_DIR", default_value = crate::config::DEFAULT_STATE_DIR)]
     pub store_dir: PathBuf,
     /// Memory limit, like 256m or 2g; the command is OOM-killed above it (exit 137).
     #[arg(long, value_parser = parse_size_arg)]
@@ -155,69 +157,6 @@ fn load_image(state_dir: &Path, name: &str) -> anyhow::Result<ImageRootfs> {
         })
 }
 
-/// Reads `name` from `etc/<file>` of the topmost layer that has it (passwd or group format).
-fn lookup_id(layers: &[PathBuf], file: &str, name: &str) -> Option<(u32, u32)> {
-    let text = layers
-        .iter()
-        .find_map(|l| std::fs::read_to_string(l.join("etc").join(file)).ok())?;
-    text.lines().find_map(|line| {
-        let f: Vec<&str> = line.split(':').collect();
-        (f.len() >= 4 && f[0] == name)
-            .then(|| Some((f[2].parse().ok()?, f[3].parse().unwrap_or(0))))?
-    })
-}
-
-/// The image config's `user` (`uid`, `uid:gid`, `name` or `name:group`) as ids.
-pub(crate) fn resolve_user(layers: &[PathBuf], user: &str) -> anyhow::Result<(u32, u32)> {
-    let (u, g) = match user.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (user, None),
-    };
-    let (uid, primary_gid) = match u.parse::<u32>() {
-        Ok(uid) => (uid, uid),
-        Err(_) => lookup_id(layers, "passwd", u)
-            .with_context(|| format!("the image's user {u:?} is not in its /etc/passwd"))?,
-    };
-    let gid = match g {
-        None => primary_gid,
-        Some(g) => match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => lookup_id(layers, "group", g)
-                .map(|(gid, _)| gid)
-                .with_context(|| format!("the image's group {g:?} is not in its /etc/group"))?,
-        },
-    };
-    Ok((uid, gid))
-}
-
-/// Looks `cmd` up the way the sandbox's execvp will, but from the host in the rootfs (or the
-/// image's layers, topmost first, where a whiteout hides what is below), so that a missing
-/// command is a clear error before any sandbox exists.
-pub(crate) fn find_command(layers: &[PathBuf], cmd: &str, env: &[String]) -> bool {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let exists = |p: &Path| {
-        let rel = p.strip_prefix("/").unwrap_or(p);
-        for layer in layers {
-            if let Ok(meta) = layer.join(rel).symlink_metadata() {
-                // A 0/0 character device is an overlay whiteout: deleted by this layer.
-                return !(meta.file_type().is_char_device() && meta.rdev() == 0);
-            }
-        }
-        false
-    };
-    if cmd.contains('/') {
-        return exists(Path::new(cmd));
-    }
-    let path = env
-        .iter()
-        .rev()
-        .find_map(|e| e.strip_prefix("PATH="))
-        .unwrap_or(DEFAULT_PATH);
-    path.split(':')
-        .filter(|d| !d.is_empty())
-        .any(|d| exists(&Path::new(d).join(cmd)))
-}
-
 /// Runs `agentd run`; returns the process exit status.
 pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     if !nix::unistd::geteuid().is_root() && !args.print_oci_spec {
@@ -236,46 +175,42 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         (None, Some(image)) => Source::Image(Box::new(load_image(&args.store_dir, image)?)),
         (None, None) => bail!("give --rootfs DIR or --image IMAGE"),
     };
-    let (command, mut env, workdir, user) = match &source {
-        Source::Dir(_) => (args.command.clone(), Vec::new(), None, None),
+    let (command, defaults) = match &source {
+        Source::Dir(_) => (
+            args.command.clone(),
+            ImageDefaults {
+                env: Vec::new(),
+                cwd: PathBuf::from("/"),
+                user: (0, 0),
+            },
+        ),
         Source::Image(image) => {
             let config = &image.config;
-            let command = if args.command.is_empty() {
-                config
-                    .entrypoint
-                    .iter()
-                    .chain(&config.cmd)
-                    .cloned()
-                    .collect()
+            // A command replaces the image's cmd, not its entrypoint (as docker run does).
+            let args_or_cmd = if args.command.is_empty() {
+                &config.cmd
             } else {
-                config
-                    .entrypoint
-                    .iter()
-                    .chain(&args.command)
-                    .cloned()
-                    .collect()
+                &args.command
             };
-            let workdir = (!config.workdir.is_empty()).then(|| PathBuf::from(&config.workdir));
-            let user = (!config.user.is_empty()).then(|| config.user.clone());
-            (command, config.env.clone(), workdir, user)
+            let command = config
+                .entrypoint
+                .iter()
+                .chain(args_or_cmd)
+                .cloned()
+                .collect();
+            (command, crate::image_spec::defaults(image)?)
         }
     };
     if command.is_empty() {
         bail!("the image has no entrypoint or command: give one after --");
     }
-    env.extend(args.env.iter().cloned());
     let mut spec = SandboxSpec::new(command);
-    spec.env = env;
-    spec.cwd = args
-        .workdir
-        .clone()
-        .or(workdir)
-        .unwrap_or_else(|| PathBuf::from("/"));
-    if let (Some(user), Source::Image(image)) = (&user, &source) {
-        let (uid, gid) = resolve_user(&image.lower_dirs, user)?;
-        spec.uid = uid;
-        spec.gid = gid;
+    spec.env = defaults.env;
+    for kv in &args.env {
+        crate::image_spec::set_env(&mut spec.env, kv.clone());
     }
+    spec.cwd = args.workdir.clone().unwrap_or(defaults.cwd);
+    (spec.uid, spec.gid) = defaults.user;
     spec.hostname = args.hostname.clone();
     spec.uid_map = args.host_id_base.map(IdMap::unprivileged);
     spec.gid_map = spec.uid_map;

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use hyper::Method;
 
-use crate::client::{call, check};
+use crate::cli::sandbox::{call, check};
 
 /// `agentd task` arguments.
 #[derive(Debug, Args)]

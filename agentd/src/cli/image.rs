@@ -13,7 +13,9 @@ use agentd_images::{
 use anyhow::Context;
 
 /// Default state dir of agentd (the image store is `<state-dir>/images`).
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentd";
+pub use crate::config::DEFAULT_STATE_DIR;
+
+use crate::api::images::record_json;
 
 /// `agentd image` and its subcommands.
 #[derive(Debug, clap::Args)]
@@ -283,21 +285,6 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
-}
-
-pub(crate) fn record_json(record: &agentd_images::ImageRecord) -> serde_json::Value {
-    serde_json::json!({
-        "name": record.name,
-        "manifest": record.manifest,
-        "index": record.index,
-        "config_digest": record.config,
-        "platform": record.platform,
-        "size": record.size(),
-        "added": record.added,
-        "layers": record.layers.iter().map(|l| serde_json::json!({
-            "digest": l.digest, "media_type": l.media_type, "size": l.size, "diff_id": l.diff_id,
-        })).collect::<Vec<_>>(),
-    })
 }
 
 fn human_size(bytes: u64) -> String {

@@ -1,0 +1,8 @@
+//! The CLI skin: each command of the `agentd` binary that is not the daemon. `run` works
+//! without a daemon (CI runners); `image` works on the image store directly; `sandbox` and
+//! `task` are clients of the daemon's API over its socket (or TCP with a token).
+
+pub mod image;
+pub mod run;
+pub mod sandbox;
+pub mod task;
