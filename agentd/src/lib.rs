@@ -13,7 +13,8 @@
 //! - The CLI skin, [`cli`]: [`cli::run`] (`agentd run`, daemonless, for CI runners),
 //!   [`cli::image`] (`agentd image ...`), [`cli::sandbox`] (`agentd sandbox ...`),
 //!   [`cli::task`] (`agentd task ...`).
-//! - The wiring: [`serve`] (`agentd serve`: listeners, shutdown) and [`config`].
+//! - The wiring: [`serve`] (`agentd serve`: listeners, shutdown), [`config`], and
+//!   [`teardown`] (`agentd teardown`: removes what `serve` set up on the host).
 
 pub mod api;
 pub mod cli;
@@ -31,5 +32,6 @@ pub mod opencode;
 pub mod sandbox;
 pub mod serve;
 pub mod task;
+pub mod teardown;
 pub mod walk;
 pub mod workspace;

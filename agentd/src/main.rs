@@ -25,6 +25,9 @@ enum Command {
     Sandbox(agentd::cli::sandbox::SandboxArgs),
     /// Hand a prompt and a workspace to agents through a running daemon; see their results.
     Task(agentd::cli::task::TaskArgs),
+    /// Remove what `agentd serve` set up on this host (sandboxes, bridge, firewall chain,
+    /// cgroups; the state dir too with --purge). The daemon must be stopped.
+    Teardown(Box<agentd::teardown::TeardownArgs>),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Image(args) => agentd::cli::image::run(args),
         Command::Sandbox(args) => agentd::cli::sandbox::run(args),
         Command::Task(args) => agentd::cli::task::run(args),
+        Command::Teardown(args) => agentd::teardown::run(*args),
         Command::Serve(_) => unreachable!("handled above"),
     };
     match result {

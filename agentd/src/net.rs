@@ -145,6 +145,51 @@ impl Network {
         Ok(())
     }
 
+    /// Removes what [`Network::setup`] and [`Network::firewall`] made for `bridge`: the jump to
+    /// its chain, the chain, and the bridge (with any veth still on it). Returns what it
+    /// removed, one line each; what is already gone is not an error.
+    pub fn teardown(bridge: &str) -> io::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let chain = format!("AGENTD-{bridge}");
+        let ipt = |args: &[&str]| {
+            std::process::Command::new("iptables")
+                .arg("-w")
+                .args(args)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        let mut jumps = 0;
+        while ipt(&["-D", "INPUT", "-i", bridge, "-j", &chain]) {
+            jumps += 1;
+        }
+        if jumps > 0 {
+            removed.push(format!("iptables: the INPUT jump to {chain}"));
+        }
+        if ipt(&["-F", &chain]) && ipt(&["-X", &chain]) {
+            removed.push(format!("iptables: chain {chain}"));
+        }
+        let bridge_net = Network {
+            bridge: bridge.to_string(),
+            bridge_addr: Ipv4Addr::UNSPECIFIED,
+            subnet: Ipv4Addr::UNSPECIFIED,
+            prefix_len: 32,
+        };
+        for link in bridge_net.leftover_links(&[]) {
+            if let Ok(index) = netlink::link_index(&link) {
+                if netlink::delete_link(index).is_ok() {
+                    removed.push(format!("veth {link}"));
+                }
+            }
+        }
+        if let Ok(index) = netlink::link_index(bridge) {
+            netlink::delete_link(index).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot delete bridge {bridge}: {e}"))
+            })?;
+            removed.push(format!("bridge {bridge}"));
+        }
+        Ok(removed)
+    }
+
     /// The sandbox address with index `n` (0 is the subnet's third address).
     pub fn address(&self, n: u32) -> Option<Ipv4Addr> {
         let size = 1u64 << (32 - u32::from(self.prefix_len));

@@ -230,6 +230,24 @@ impl SandboxCgroup {
         Ok(())
     }
 
+    /// Removes the empty cgroup dirs of `parent` (a relative path like `agentd/serve`) under
+    /// every controller, deepest component first; returns those removed. A dir that still
+    /// holds cgroups (a live sandbox, another agentd's parent below it) stays.
+    pub fn remove_parent_dirs(parent: &str) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        let mut rel = Path::new(parent);
+        while let (Some(up), Some(name)) = (rel.parent(), rel.file_name()) {
+            let cg = SandboxCgroup::new(&up.to_string_lossy(), &name.to_string_lossy());
+            for d in cg.existing_dirs() {
+                if fs::remove_dir(&d).is_ok() {
+                    removed.push(d);
+                }
+            }
+            rel = up;
+        }
+        removed
+    }
+
     fn procs_file(&self) -> PathBuf {
         match self.version {
             CgroupVersion::V1 => self.v1("pids").join("cgroup.procs"),

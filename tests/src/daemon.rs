@@ -211,16 +211,13 @@ impl Daemon {
         d
     }
 
-    fn spawn(&mut self) {
+    /// `agentd <subcommand>` with this daemon's settings (dirs, socket, bridge, subnet, cgroup
+    /// parent, the extra flags).
+    fn command(&self, subcommand: &str) -> Command {
         // A subnet of its own per daemon of this test process (each has its own bridge).
         let n = (std::process::id() % 50) * 4 + u32::try_from(self.seq % 4).unwrap_or(0) + 20;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.state.path().join("agentd.log"))
-            .unwrap();
         let mut cmd = Command::new(crate::bin("agentd"));
-        cmd.arg("serve")
+        cmd.arg(subcommand)
             .arg("--state-dir")
             .arg(self.state.path())
             .arg("--images-dir")
@@ -231,8 +228,23 @@ impl Daemon {
             .args(["--subnet", &format!("10.211.{n}.0/24")])
             .args(["--cgroup-parent", &self.cgroup_parent])
             .args(&self.extra)
-            .env("AGENTD_SHIM", crate::bin("agentd-shim"))
-            .env("AGENTD_LOG", "info,agentd=debug")
+            .env("AGENTD_SHIM", crate::bin("agentd-shim"));
+        cmd
+    }
+
+    /// Runs `agentd teardown` with this daemon's settings and `extra` flags.
+    pub fn teardown(&self, extra: &[&str]) -> std::process::Output {
+        self.command("teardown").args(extra).output().unwrap()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state.path().join("agentd.log"))
+            .unwrap();
+        let mut cmd = self.command("serve");
+        cmd.env("AGENTD_LOG", "info,agentd=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

@@ -1,6 +1,7 @@
 //! `agentd serve` end to end: the real daemon, shims, OpenCode binary and kernel features, with
 //! a mock LLM upstream speaking OpenAI's streaming protocol.
 
+use std::process::Command;
 use std::time::Duration;
 
 use agentd_tests::daemon::{follow_until, Daemon, MockLlm};
@@ -682,4 +683,82 @@ fn test_images_api_pull_list_run_delete() {
     assert_eq!(r.status, 404, "{}", r.text());
     let left = d.leftovers();
     assert!(left.is_empty(), "leftovers: {left:#?}");
+}
+
+/// `agentd teardown` refuses while the daemon runs; once it is stopped, it removes every
+/// sandbox left (shim, mounts, disk, cgroups), the bridge, the firewall chain and the cgroup
+/// parents, and keeps the state dir unless `--purge`.
+#[test]
+fn test_teardown_removes_what_serve_set_up() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let port = agentd_tests::registry::free_port().to_string();
+    let mut d = Daemon::start(&images, &["--gateway-port", &port]);
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "opencode": false})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let shim = d.shim_pid(&id).expect("the sandbox's shim");
+
+    let out = d.teardown(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "{}",
+        agentd_tests::describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("agentd is running"),
+        "{}",
+        agentd_tests::describe(&out)
+    );
+
+    // Stopped: the sandbox runs on under its shim until teardown.
+    d.kill(libc::SIGTERM);
+    assert!(std::path::Path::new(&format!("/proc/{shim}")).exists());
+    let out = d.teardown(&[]);
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    for line in [
+        format!("removed sandbox {id}"),
+        format!("removed bridge {}", d.bridge),
+        format!("removed iptables: chain AGENTD-{}", d.bridge),
+    ] {
+        assert!(said.contains(&line), "{line:?} not in:\n{said}");
+    }
+    // The shim is gone (or a zombie until whoever adopted it reaps it).
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{shim}/stat"))
+            .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+    };
+    let waited = std::time::Instant::now();
+    while alive() && waited.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!alive(), "the shim {shim} still runs");
+    assert!(!std::path::Path::new("/sys/class/net")
+        .join(&d.bridge)
+        .exists());
+    let chain = Command::new("iptables")
+        .args(["-w", "-S", &format!("AGENTD-{}", d.bridge)])
+        .output()
+        .unwrap();
+    assert!(!chain.status.success(), "the chain is still there");
+    assert!(
+        agentd_tests::cgroup_parents(&d.cgroup_parent).is_empty(),
+        "{:?}",
+        agentd_tests::cgroup_parents(&d.cgroup_parent)
+    );
+    assert!(d.leftovers().is_empty(), "{:#?}", d.leftovers());
+    assert!(
+        d.state.path().join("agentd.redb").exists(),
+        "the state dir went without --purge"
+    );
+    // Again: nothing left to do, and --purge takes the state dir.
+    let out = d.teardown(&["--purge"]);
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    assert!(!d.state.path().exists());
 }
