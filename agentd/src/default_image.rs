@@ -1,8 +1,8 @@
 //! The default image, `opencode`, built on first use.
 //!
 //! `agentd serve` needs no set-up beyond itself: when a sandbox asks for the `opencode` image
-//! and the store has none, agentd builds it from the recipe compiled into the binary
-//! (rootfs-builder's `recipes/opencode.toml` and its files), with rootfs-builder's library:
+//! and the store has none, agentd builds it from rootfs-builder's embedded recipe
+//! (`rootfs_builder::embedded::opencode`, its `recipes/opencode.toml`), with its library:
 //! pinned Debian packages fetched with `apt-get download` and the pinned OpenCode binary with
 //! `npm pack`, every one checked against its recorded digest. Builds are cached in the build
 //! cache dir, so a rebuild after `agentd image rm opencode` costs the import only. One build
@@ -15,35 +15,11 @@ use anyhow::Context;
 /// The name the built image is recorded under.
 pub const NAME: &str = "opencode";
 
-/// The recipe and the files it refers to, relative to its dir.
-const RECIPE: &str = include_str!("../../rootfs-builder/recipes/opencode.toml");
-const FILES: &[(&str, &str)] = &[
-    (
-        "opencode/passwd",
-        include_str!("../../rootfs-builder/recipes/opencode/passwd"),
-    ),
-    (
-        "opencode/group",
-        include_str!("../../rootfs-builder/recipes/opencode/group"),
-    ),
-    (
-        "opencode/package-lock.json",
-        include_str!("../../rootfs-builder/recipes/opencode/package-lock.json"),
-    ),
-];
-
 /// Builds the default image into `store` from the embedded recipe, caching in `cache_dir`.
 pub fn build(store: &agentd_images::Store, cache_dir: &Path) -> anyhow::Result<()> {
-    let dir = cache_dir.join("recipe");
-    for (rel, text) in FILES {
-        let path = dir.join(rel);
-        std::fs::create_dir_all(path.parent().unwrap_or(&dir))?;
-        std::fs::write(&path, text)?;
-    }
-    let recipe_path = dir.join("opencode.toml");
-    std::fs::write(&recipe_path, RECIPE)?;
-    let recipe =
-        rootfs_builder::Recipe::load(&recipe_path).context("the embedded opencode recipe")?;
+    let recipe = rootfs_builder::embedded::opencode()
+        .load_into(&cache_dir.join("recipe"))
+        .context("the embedded opencode recipe")?;
     let started = std::time::Instant::now();
     tracing::info!(cache = %cache_dir.display(), "building the default image `opencode` (first use)");
     let options = rootfs_builder::BuildOptions {

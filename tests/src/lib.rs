@@ -239,7 +239,7 @@ impl Scope {
         c.arg("run")
             .arg("--rootfs")
             .arg(rootfs)
-            .arg("--state-dir")
+            .arg("--run-dir")
             .arg(self.state.path())
             .arg("--cgroup-parent")
             .arg(&self.cgroup_parent)
@@ -254,9 +254,9 @@ impl Scope {
     /// state dir `store`; the caller adds options and `-- CMD`.
     pub fn agentd_run_image(&self, image: &str, store: &Path) -> Command {
         let mut c = Command::new(bin("agentd"));
-        c.args(["run", "--image", image, "--store-dir"])
+        c.args(["run", "--image", image, "--state-dir"])
             .arg(store)
-            .arg("--state-dir")
+            .arg("--run-dir")
             .arg(self.state.path())
             .arg("--cgroup-parent")
             .arg(&self.cgroup_parent)

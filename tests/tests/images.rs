@@ -808,7 +808,7 @@ fn test_agentd_run_image_stacks_the_layers_and_cleans_up() {
         0
     );
     let unknown = Command::new(agentd_tests::bin("agentd"))
-        .args(["run", "--image", "nope:1", "--store-dir"])
+        .args(["run", "--image", "nope:1", "--state-dir"])
         .arg(&state)
         .output()
         .unwrap();

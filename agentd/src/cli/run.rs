@@ -30,9 +30,10 @@ pub struct RunArgs {
     /// environment, working dir and user are the defaults.
     #[arg(long, value_name = "IMAGE")]
     pub image: Option<String>,
-    /// agentd's state dir, whose image store (<dir>/images) --image reads.
-    #[arg(long, env = "AGENTD_STATE_DIR", default_value = crate::config::DEFAULT_STATE_DIR)]
-    pub store_dir: PathBuf,
+    /// agentd's state dir, whose image store (<dir>/images) --image reads (the same dir as
+    /// `agentd serve --state-dir` and `agentd image --state-dir`).
+    #[arg(long, alias = "store-dir", env = "AGENTD_STATE_DIR", default_value = crate::config::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
     /// Memory limit, like 256m or 2g; the command is OOM-killed above it (exit 137).
     #[arg(long, value_parser = parse_size_arg)]
     pub memory: Option<u64>,
@@ -68,9 +69,9 @@ pub struct RunArgs {
     /// Default: the first range of 65536 ids from 100000 up that no other sandbox uses.
     #[arg(long)]
     pub host_id_base: Option<u32>,
-    /// Directory for the sandbox's runtime state (removed when the command exits).
+    /// Directory for the sandbox's runtime state while it runs (removed when the command exits).
     #[arg(long, env = "AGENTD_RUN_STATE", default_value = agentd_runtime::client::DEFAULT_STATE_ROOT)]
-    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
     /// Cgroup parent under every controller; the sandbox's cgroup is <parent>/<id>.
     #[arg(long, env = "AGENTD_CGROUP_PARENT", default_value = agentd_runtime::cgroups::DEFAULT_CGROUP_PARENT)]
     pub cgroup_parent: String,
@@ -172,7 +173,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
             }
             Source::Dir(rootfs.clone())
         }
-        (None, Some(image)) => Source::Image(Box::new(load_image(&args.store_dir, image)?)),
+        (None, Some(image)) => Source::Image(Box::new(load_image(&args.state_dir, image)?)),
         (None, None) => bail!("give --rootfs DIR or --image IMAGE"),
     };
     let (command, defaults) = match &source {
@@ -237,7 +238,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         let rootfs = match &source {
             Source::Dir(dir) => std::fs::canonicalize(dir).context("cannot resolve the rootfs")?,
             Source::Image(_) => args
-                .state_dir
+                .run_dir
                 .join("print")
                 .join(agentd_runtime::layout::ROOTFS),
         };
@@ -271,7 +272,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         .context("cannot block signals")?;
 
     let id = format!("run-{}-{:x}", std::process::id(), nanos());
-    let runtime = Runtime::new(&args.state_dir)
+    let runtime = Runtime::new(&args.run_dir)
         .with_stop_timeout(args.stop_timeout)
         .with_cgroup_parent(&args.cgroup_parent);
     let sandbox = runtime
