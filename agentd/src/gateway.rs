@@ -212,33 +212,43 @@ async fn chat(
     tokio::spawn(async move {
         // Counted until the stream ends.
         let _in_flight = _in_flight;
-        let mut stream = resp.bytes_stream();
-        let mut pending = Vec::new();
-        let (mut prompt, mut completion) = (0, 0);
-        while let Some(chunk) = stream.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = tx.send(Err(Box::new(e))).await;
+        // The bytes go to the sandbox as they come; a copy of each chunk goes to the event
+        // parser, which keeps the last usage it sees. A stream the parser gives up on is
+        // still forwarded whole.
+        let (parse_tx, mut parse_rx) = mpsc::channel::<Result<Bytes, String>>(16);
+        let forward = async move {
+            let mut stream = resp.bytes_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(Box::new(e))).await;
+                        break;
+                    }
+                };
+                let _ = parse_tx.send(Ok(chunk.clone())).await;
+                if tx.send(Ok(Frame::data(chunk))).await.is_err() {
                     break;
                 }
-            };
-            pending.extend_from_slice(&chunk);
-            while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=pos).collect();
-                if let Some(data) = line.strip_prefix(b"data:") {
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii()) {
-                        let (p, c) = usage_of(&v);
-                        if p + c > 0 {
-                            (prompt, completion) = (p, c);
-                        }
+            }
+        };
+        let parse = async move {
+            let mut events = crate::http::sse_events(
+                futures_util::stream::poll_fn(move |cx| parse_rx.poll_recv(cx)),
+                crate::http::MAX_SSE_EVENT,
+            );
+            let mut usage = (0, 0);
+            while let Some(Ok(event)) = events.next().await {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&event.data) {
+                    let (p, c) = usage_of(&v);
+                    if p + c > 0 {
+                        usage = (p, c);
                     }
                 }
             }
-            if tx.send(Ok(Frame::data(chunk))).await.is_err() {
-                break;
-            }
-        }
+            usage
+        };
+        let ((), (prompt, completion)) = tokio::join!(forward, parse);
         record(&mgr, &sb, prompt, completion);
     });
     Ok(Response::builder()

@@ -1711,8 +1711,10 @@ impl TaskManager {
             return Err(format!("HTTP {}", resp.status().as_u16()));
         }
         let mut reader = SseReader {
-            body: resp.into_body(),
-            buf: Vec::new(),
+            events: crate::http::sse_events(
+                http_body_util::BodyExt::into_data_stream(resp.into_body()),
+                crate::http::MAX_SSE_EVENT,
+            ),
         };
         // The first event (server.connected) says the subscription is in place.
         match tokio::time::timeout(OPENCODE_TIMEOUT, reader.next()).await {
@@ -2133,57 +2135,34 @@ pub fn diff_stats(patch: &[u8]) -> DiffStats {
     s
 }
 
-/// Reads server-sent events from a response body, one JSON `data` payload at a time.
+/// OpenCode's server-sent events, one JSON `data` payload at a time.
 struct SseReader {
-    body: hyper::body::Incoming,
-    buf: Vec<u8>,
+    events: std::pin::Pin<
+        Box<
+            dyn futures_util::Stream<Item = std::result::Result<crate::http::SseEvent, String>>
+                + Send,
+        >,
+    >,
 }
 
 impl SseReader {
-    /// The next event's data as JSON; `None` when the stream ends.
+    /// The next event's data as JSON (events whose data is not JSON are skipped); `None` when
+    /// the stream ends or breaks.
     async fn next(&mut self) -> Option<serde_json::Value> {
+        use futures_util::StreamExt;
         loop {
-            if let Some(pos) = find_event_end(&self.buf) {
-                let block: Vec<u8> = self.buf.drain(..pos.0 + pos.1).collect();
-                let text = String::from_utf8_lossy(&block[..pos.0]);
-                let data: Vec<&str> = text
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data:"))
-                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                    .collect();
-                if data.is_empty() {
-                    continue;
-                }
-                if let Ok(v) = serde_json::from_str(&data.join("\n")) {
-                    return Some(v);
-                }
-                continue;
-            }
-            if self.buf.len() > 16 << 20 {
-                return None;
-            }
-            match self.body.frame().await {
-                Some(Ok(f)) => {
-                    if let Ok(d) = f.into_data() {
-                        self.buf.extend_from_slice(&d);
+            match self.events.next().await? {
+                Ok(ev) => {
+                    if let Ok(v) = serde_json::from_str(&ev.data) {
+                        return Some(v);
                     }
                 }
-                _ => return None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "OpenCode's event stream broke");
+                    return None;
+                }
             }
         }
-    }
-}
-
-/// Where the first event block ends: (its length, the separator's length).
-fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| (p, 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
     }
 }
 
@@ -2311,13 +2290,6 @@ mod tests {
             "{\"id\":1}\n{\"id\":2}\n"
         );
         assert_eq!(repair_events(&dir.path().join("none")), (0, None));
-    }
-
-    #[test]
-    fn test_sse_block_split() {
-        assert_eq!(find_event_end(b"data: 1\n\ndata: 2"), Some((7, 2)));
-        assert_eq!(find_event_end(b"data: 1\r\n\r\n"), Some((7, 4)));
-        assert_eq!(find_event_end(b"data: 1\n"), None);
     }
 
     #[test]

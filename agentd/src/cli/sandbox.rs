@@ -165,6 +165,31 @@ pub(crate) async fn call(
     body: Option<(Vec<u8>, &str)>,
     mut on_chunk: Option<ChunkFn<'_>>,
 ) -> anyhow::Result<Reply> {
+    let resp = send(socket, method, path, body).await?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut all = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            match on_chunk.as_mut() {
+                Some(f) if status.is_success() => f(&data),
+                _ => all.extend_from_slice(&data),
+            }
+        }
+    }
+    Ok(Reply {
+        status,
+        body: Bytes::from(all),
+    })
+}
+
+/// Sends one request over the socket; the response's body is the caller's to read.
+pub(crate) async fn send(
+    socket: &PathBuf,
+    method: Method,
+    path: &str,
+    body: Option<(Vec<u8>, &str)>,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| anyhow::anyhow!(connect_error(socket, &e)))?;
@@ -181,24 +206,9 @@ pub(crate) async fn call(
         }
         None => Vec::new(),
     };
-    let resp = sender
+    Ok(sender
         .send_request(req.body(Full::new(Bytes::from(payload)))?)
-        .await?;
-    let status = resp.status();
-    let mut body = resp.into_body();
-    let mut all = Vec::new();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            match on_chunk.as_mut() {
-                Some(f) if status.is_success() => f(&data),
-                _ => all.extend_from_slice(&data),
-            }
-        }
-    }
-    Ok(Reply {
-        status,
-        body: Bytes::from(all),
-    })
+        .await?)
 }
 
 pub(crate) fn check(reply: &Reply) -> anyhow::Result<serde_json::Value> {

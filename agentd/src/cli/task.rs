@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use hyper::Method;
 
-use crate::cli::sandbox::{call, check};
+use crate::cli::sandbox::{call, check, send};
 
 /// `agentd task` arguments.
 #[derive(Debug, Args)]
@@ -401,87 +401,78 @@ async fn follow(sock: &PathBuf, id: &str, agents: u32, json: bool) -> anyhow::Re
         .collect();
     let started = std::time::Instant::now();
     let mut drawn = 0usize;
-    let mut pending = Vec::new();
     // Read by the reconnect loop while the callback holds its borrow: cells.
     let last_id = std::cell::Cell::new(0u64);
     let finished = std::cell::Cell::new(false);
-    let mut on = |chunk: &[u8]| {
-        pending.extend_from_slice(chunk);
-        while let Some(p) = pending.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = pending.drain(..p + 2).collect();
-            let text = String::from_utf8_lossy(&block);
-            let Some(data) = text.lines().find_map(|l| l.strip_prefix("data: ")) else {
-                continue;
-            };
-            let Ok(ev) = serde_json::from_str::<serde_json::Value>(data) else {
-                continue;
-            };
-            last_id.set(ev["id"].as_u64().unwrap_or(last_id.get()));
-            if json {
-                println!("{ev}");
+    let mut on = |data: &str| {
+        let Ok(ev) = serde_json::from_str::<serde_json::Value>(data) else {
+            return;
+        };
+        last_id.set(ev["id"].as_u64().unwrap_or(last_id.get()));
+        if json {
+            println!("{ev}");
+        }
+        let kind = ev["type"].as_str().unwrap_or_default();
+        if kind == "task.finished" {
+            finished.set(true);
+        }
+        let n = ev["attempt"].as_u64().unwrap_or(0);
+        let line = match (kind, progress.get_mut(&n)) {
+            ("attempt.state", Some(p)) => {
+                p.state = ev["state"].as_str().unwrap_or("?").to_string();
+                p.round = ev["round"].as_u64().unwrap_or(p.round);
+                Some(format!("attempt {n}: {} (round {})", p.state, p.round))
             }
-            let kind = ev["type"].as_str().unwrap_or_default();
-            if kind == "task.finished" {
-                finished.set(true);
+            ("tool", Some(p)) => {
+                p.tools = ev["tool_calls"].as_u64().unwrap_or(p.tools);
+                let title = ev["title"].as_str().unwrap_or("");
+                if !title.is_empty() {
+                    p.last = format!("{}: {title}", ev["tool"].as_str().unwrap_or("tool"));
+                }
+                None
             }
-            let n = ev["attempt"].as_u64().unwrap_or(0);
-            let line = match (kind, progress.get_mut(&n)) {
-                ("attempt.state", Some(p)) => {
-                    p.state = ev["state"].as_str().unwrap_or("?").to_string();
-                    p.round = ev["round"].as_u64().unwrap_or(p.round);
-                    Some(format!("attempt {n}: {} (round {})", p.state, p.round))
-                }
-                ("tool", Some(p)) => {
-                    p.tools = ev["tool_calls"].as_u64().unwrap_or(p.tools);
-                    let title = ev["title"].as_str().unwrap_or("");
-                    if !title.is_empty() {
-                        p.last = format!("{}: {title}", ev["tool"].as_str().unwrap_or("tool"));
-                    }
-                    None
-                }
-                ("check", Some(p)) => {
-                    p.last = if ev["passed"] == true {
-                        "check passed".into()
-                    } else {
-                        format!("check failed (exit {})", ev["exit_code"])
-                    };
-                    Some(format!("attempt {n}: {}", p.last))
-                }
-                ("error", Some(p)) => {
-                    p.last = format!("error: {}", ev["message"].as_str().unwrap_or(""));
-                    Some(format!("attempt {n}: {}", p.last))
-                }
-                _ => None,
-            };
-            if json {
-                continue;
+            ("check", Some(p)) => {
+                p.last = if ev["passed"] == true {
+                    "check passed".into()
+                } else {
+                    format!("check failed (exit {})", ev["exit_code"])
+                };
+                Some(format!("attempt {n}: {}", p.last))
             }
-            let mut err = std::io::stderr().lock();
-            if tty {
-                // Redraw the block of attempt lines in place.
-                if drawn > 0 {
-                    let _ = write!(err, "\x1b[{drawn}A");
-                }
-                let secs = started.elapsed().as_secs();
-                for (n, p) in &progress {
-                    let mut last = p.last.replace('\n', " ");
-                    last.truncate(60);
-                    let _ = writeln!(
-                        err,
-                        "\x1b[2K  attempt {n:<2} {:<10} round {:<2} tools {:<3} {secs:>4}s  {last}",
-                        p.state, p.round, p.tools
-                    );
-                }
-                drawn = progress.len();
-            } else if let Some(l) = line {
-                let _ = writeln!(err, "{l}");
+            ("error", Some(p)) => {
+                p.last = format!("error: {}", ev["message"].as_str().unwrap_or(""));
+                Some(format!("attempt {n}: {}", p.last))
             }
+            _ => None,
+        };
+        if json {
+            return;
+        }
+        let mut err = std::io::stderr().lock();
+        if tty {
+            // Redraw the block of attempt lines in place.
+            if drawn > 0 {
+                let _ = write!(err, "\x1b[{drawn}A");
+            }
+            let secs = started.elapsed().as_secs();
+            for (n, p) in &progress {
+                let mut last = p.last.replace('\n', " ");
+                last.truncate(60);
+                let _ = writeln!(
+                    err,
+                    "\x1b[2K  attempt {n:<2} {:<10} round {:<2} tools {:<3} {secs:>4}s  {last}",
+                    p.state, p.round, p.tools
+                );
+            }
+            drawn = progress.len();
+        } else if let Some(l) = line {
+            let _ = writeln!(err, "{l}");
         }
     };
     loop {
         let path = format!("/v1/tasks/{id}/events?after={}", last_id.get());
         let streamed = tokio::select! {
-            r = call(sock, Method::GET, &path, None, Some(&mut on)) => Some(r),
+            r = read_events(sock, &path, &mut on) => Some(r),
             _ = tokio::signal::ctrl_c() => None,
         };
         match streamed {
@@ -504,6 +495,36 @@ async fn follow(sock: &PathBuf, id: &str, agents: u32, json: bool) -> anyhow::Re
             return Ok(());
         }
     }
+}
+
+/// Reads the server-sent events of `path`, handing each event's data to `on`; an error answer
+/// comes back as the reply.
+async fn read_events(
+    sock: &PathBuf,
+    path: &str,
+    on: &mut dyn FnMut(&str),
+) -> anyhow::Result<crate::cli::sandbox::Reply> {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    let resp = send(sock, Method::GET, path, None).await?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.into_body().collect().await?.to_bytes();
+        return Ok(crate::cli::sandbox::Reply { status, body });
+    }
+    let mut events = crate::http::sse_events(
+        resp.into_body().into_data_stream(),
+        crate::http::MAX_SSE_EVENT,
+    );
+    while let Some(event) = events.next().await {
+        on(&event
+            .map_err(|e| anyhow::anyhow!("the event stream broke: {e}"))?
+            .data);
+    }
+    Ok(crate::cli::sandbox::Reply {
+        status,
+        body: Default::default(),
+    })
 }
 
 fn print_result(id: &str, result: &serde_json::Value) {
