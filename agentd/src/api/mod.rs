@@ -250,22 +250,11 @@ pub async fn handle(mgr: Arc<Manager>, origin: Origin, req: Request<Incoming>) -
 }
 
 /// The route pattern of a path, for metrics (ids replaced by `{id}`).
+/// The route a request counts under in metrics: its pattern, or `unmatched`.
 fn route_name(segs: &[&str]) -> String {
-    match segs {
-        ["v1", "sandboxes", _, "opencode", ..] => "/v1/sandboxes/{id}/opencode/*".into(),
-        ["v1", "sandboxes", _, rest @ ..] if !rest.is_empty() => {
-            format!("/v1/sandboxes/{{id}}/{}", rest.join("/"))
-        }
-        ["v1", "sandboxes", _] => "/v1/sandboxes/{id}".into(),
-        ["v1", "tasks", _, "attempts", _, "diff"] => "/v1/tasks/{id}/attempts/{n}/diff".into(),
-        ["v1", "tasks", _, rest @ ..] if !rest.is_empty() => {
-            format!("/v1/tasks/{{id}}/{}", rest.join("/"))
-        }
-        ["v1", "tasks", _] => "/v1/tasks/{id}".into(),
-        ["v1", "images", "pull" | "import"] => format!("/{}", segs.join("/")),
-        ["v1", "images", _, ..] => "/v1/images/{name}".into(),
-        _ => format!("/{}", segs.join("/")),
-    }
+    openapi::route(segs)
+        .map_or("unmatched", |(pattern, _)| pattern)
+        .to_string()
 }
 
 async fn dispatch(
@@ -407,8 +396,9 @@ mod tests {
         );
         assert_eq!(
             route_name(&["v1", "sandboxes", "abc", "opencode", "session", "x"]),
-            "/v1/sandboxes/{id}/opencode/*"
+            "/v1/sandboxes/{id}/opencode/{path}"
         );
+        assert_eq!(route_name(&["v1", "anything", "random-123"]), "unmatched");
         assert_eq!(
             route_name(&["v1", "images", "docker.io/x:1"]),
             "/v1/images/{name}"

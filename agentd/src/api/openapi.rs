@@ -32,9 +32,15 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/tasks/{id}/attempts/{n}/diff", &["get"]),
 ];
 
-/// The methods routed for a request path (its segments), if any route has its shape: a
-/// `{name}` segment matches any one segment, a final `{path}` the rest.
+/// The methods routed for a request path (its segments), if any route has its shape.
 pub fn allowed_methods(segs: &[&str]) -> Option<&'static [&'static str]> {
+    route(segs).map(|(_, methods)| methods)
+}
+
+/// The route (its pattern and methods) a request path (its segments) has the shape of: a
+/// `{name}` segment matches any one segment, a final `{path}` the rest. Metrics count
+/// requests by this pattern, so arbitrary paths cannot grow their label set.
+pub fn route(segs: &[&str]) -> Option<(&'static str, &'static [&'static str])> {
     ROUTES.iter().find_map(|(pattern, methods)| {
         let parts: Vec<&str> = pattern.trim_start_matches('/').split('/').collect();
         let rest_wildcard = parts.last() == Some(&"{path}");
@@ -53,7 +59,7 @@ pub fn allowed_methods(segs: &[&str]) -> Option<&'static [&'static str]> {
                 .iter()
                 .zip(segs)
                 .all(|(p, s)| (p.starts_with('{') && !s.is_empty()) || p == s);
-        matches.then_some(*methods)
+        matches.then_some((*pattern, *methods))
     })
 }
 
