@@ -441,6 +441,46 @@ pub fn rank(attempts: &[Attempt]) -> Vec<&Attempt> {
     v
 }
 
+/// Most bytes of a task's events file. Past it, only the events that tell the task's course
+/// (states, checks, diffs, the end) are written; what an agent says or does (`tool`, `error`,
+/// `message`, which a hostile OpenCode could send without end) is dropped, and one
+/// `events.dropped` event says so.
+pub const MAX_EVENTS_BYTES: u64 = 64 << 20;
+
+/// Distinct tool calls followed per attempt and round (past it they are neither counted nor
+/// reported: a bound on what a sandbox can make agentd remember).
+const MAX_TOOL_PARTS: usize = 100_000;
+
+/// What a task's events file holds so far.
+#[derive(Default)]
+struct EventLog {
+    /// Its size, read from the file at the first event after a start.
+    bytes: Option<u64>,
+    /// Events dropped past [`MAX_EVENTS_BYTES`].
+    dropped: u64,
+}
+
+impl EventLog {
+    /// The event to write for one of `kind` when the file holds `bytes`: itself, the one
+    /// `events.dropped` notice, or nothing (dropped).
+    fn admit<'a>(
+        &mut self,
+        bytes: u64,
+        kind: &'a str,
+        data: serde_json::Value,
+    ) -> Option<(&'a str, serde_json::Value)> {
+        if bytes < MAX_EVENTS_BYTES || !matches!(kind, "tool" | "error" | "message") {
+            return Some((kind, data));
+        }
+        self.dropped += 1;
+        (self.dropped == 1).then(|| {
+            ("events.dropped", serde_json::json!({"message": format!(
+                "the events log reached {MAX_EVENTS_BYTES} bytes: from here on only states, checks, diffs and the end are logged"
+            )}))
+        })
+    }
+}
+
 /// A task in memory.
 pub struct Task {
     /// The record; persisted on every change. A std mutex: held to read or update fields,
@@ -448,8 +488,8 @@ pub struct Task {
     record: Mutex<TaskRecord>,
     /// Id of the last event written; SSE readers wait on it.
     events_tx: watch::Sender<u64>,
-    /// Serializes appends to the events file (id order = file order).
-    events_lock: Mutex<()>,
+    /// Serializes appends to the events file (id order = file order) and counts its bytes.
+    events_lock: Mutex<EventLog>,
     /// Set to `Cancelled`/`TimedOut` to end the running attempts.
     stop_tx: watch::Sender<Option<TaskState>>,
     /// Attempts whose sandbox create is under way (in a task of its own, which a cancel does
@@ -465,7 +505,7 @@ impl Task {
         Arc::new(Task {
             record: Mutex::new(record),
             events_tx: watch::channel(last_event).0,
-            events_lock: Mutex::new(()),
+            events_lock: Mutex::new(EventLog::default()),
             stop_tx: watch::channel(stop).0,
             creating: Mutex::new(HashSet::new()),
             finished_logged: std::sync::atomic::AtomicBool::new(false),
@@ -586,7 +626,14 @@ impl TaskManager {
         if !self.map().contains_key(&id) {
             return;
         }
-        let _guard = task.events_lock.lock().expect("events lock");
+        let mut log = task.events_lock.lock().expect("events lock");
+        let path = self.events_path(&id);
+        let bytes = *log
+            .bytes
+            .get_or_insert_with(|| std::fs::metadata(&path).map_or(0, |m| m.len()));
+        let Some((kind, data)) = log.admit(bytes, kind, data) else {
+            return;
+        };
         let seq = task.last_event() + 1;
         let mut ev = serde_json::json!({"id": seq, "type": kind, "time": now_ms()});
         if let (Some(obj), serde_json::Value::Object(extra)) = (ev.as_object_mut(), data) {
@@ -597,8 +644,11 @@ impl TaskManager {
         let written = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.events_path(&id))
+            .open(&path)
             .and_then(|mut f| f.write_all(&line));
+        if written.is_ok() {
+            log.bytes = Some(bytes + line.len() as u64);
+        }
         if let Err(e) = written {
             tracing::error!(task = %id, error = %e, "failed to write a task event");
             return;
@@ -608,6 +658,15 @@ impl TaskManager {
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         task.events_tx.send_replace(seq);
+    }
+
+    /// Changes a field of attempt `n` in memory only (saved with the next [`Self::update`] or
+    /// state change).
+    fn update_unsaved(&self, task: &Task, n: u32, f: impl FnOnce(&mut Attempt)) {
+        let mut r = task.record.lock().expect("task record lock");
+        if let Some(a) = r.attempts.iter_mut().find(|a| a.n == n) {
+            f(a);
+        }
     }
 
     /// Changes a field of attempt `n` and persists the task.
@@ -1467,12 +1526,16 @@ impl TaskManager {
                             .as_str()
                             .unwrap_or_default()
                             .to_string();
-                        if tools.get(&pid) == Some(&status) {
+                        if tools.get(&pid) == Some(&status)
+                            || (!tools.contains_key(&pid) && tools.len() >= MAX_TOOL_PARTS)
+                        {
                             continue;
                         }
                         tools.insert(pid.clone(), status.clone());
                         if counted.insert(pid) {
-                            self.update(task, n, |a| a.tool_calls += 1);
+                            // In memory only: the count is saved with the attempt's next
+                            // state change, not with a durable commit per tool call.
+                            self.update_unsaved(task, n, |a| a.tool_calls += 1);
                         }
                         let calls = self.attempt_snapshot(task, n).tool_calls;
                         let title = part["state"]["title"]
@@ -2290,6 +2353,29 @@ mod tests {
             "{\"id\":1}\n{\"id\":2}\n"
         );
         assert_eq!(repair_events(&dir.path().join("none")), (0, None));
+    }
+
+    #[test]
+    fn test_events_past_the_cap_keep_only_the_course() {
+        let mut log = EventLog::default();
+        let v = serde_json::json!({});
+        assert_eq!(log.admit(10, "tool", v.clone()).unwrap().0, "tool");
+        let full = MAX_EVENTS_BYTES;
+        assert_eq!(
+            log.admit(full, "tool", v.clone()).unwrap().0,
+            "events.dropped"
+        );
+        assert!(log.admit(full, "tool", v.clone()).is_none());
+        assert!(log.admit(full, "message", v.clone()).is_none());
+        assert_eq!(
+            log.admit(full, "attempt.state", v.clone()).unwrap().0,
+            "attempt.state"
+        );
+        assert_eq!(
+            log.admit(full, "task.finished", v).unwrap().0,
+            "task.finished"
+        );
+        assert_eq!(log.dropped, 3);
     }
 
     #[test]
