@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -880,27 +880,7 @@ impl Manager {
         let client = self.runtime.client(&id);
         // Watch both the sandbox's init and its shim: the init's exit ends the sandbox, and
         // so does the shim's death (nobody would reap, report or clean it up any more).
-        let pidfd = tokio::task::spawn_blocking(move || -> std::io::Result<(OwnedFd, OwnedFd)> {
-            let (pid, status) = client.state().map_err(std::io::Error::other)?;
-            if !matches!(status, SandboxStatus::Running) {
-                return Err(std::io::Error::other("not running"));
-            }
-            let fd = pidfd_open(pid)?;
-            // The init is the shim's child (libcontainer clones it with CLONE_PARENT).
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-            let ppid: i32 = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse().ok())
-                .ok_or_else(|| std::io::Error::other("cannot read the init's parent"))?;
-            let shim_fd = pidfd_open(ppid)?;
-            // The pids could have been reused before the pidfds were opened: ask again.
-            match client.state().map_err(std::io::Error::other)? {
-                (p, SandboxStatus::Running) if p == pid => Ok((fd, shim_fd)),
-                _ => Err(std::io::Error::other("exited while attaching")),
-            }
-        })
-        .await;
+        let pidfd = tokio::task::spawn_blocking(move || client.watch_fds()).await;
         let me = self.clone();
         let sb2 = sb.clone();
         tokio::spawn(async move {
@@ -1416,19 +1396,6 @@ pub fn log_tail(dir: &Path) -> String {
         }
     }
     out
-}
-
-fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags, no pointers; a non-negative result is a new fd.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
-    // SAFETY: fd was just returned by pidfd_open and is owned by nobody else.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    debug_assert!(owned.as_raw_fd() >= 0);
-    Ok(owned)
 }
 
 /// Compares secrets without leaking where they differ through timing.

@@ -679,6 +679,32 @@ impl ShimClient {
         }
     }
 
+    /// Pidfds of the sandbox's init and of its shim, to watch both without polling: the init's
+    /// exit ends the sandbox, and so does the shim's death. Fails when the sandbox is not
+    /// running. The init is the shim's child (libcontainer clones it with CLONE_PARENT); the
+    /// state is asked again after both are open, so a pid reused in between is caught.
+    pub fn watch_fds(&self) -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+        let (pid, status) = self.state()?;
+        if !matches!(status, SandboxStatus::Running) {
+            return Err(ClientError::Shim("the sandbox is not running".into()));
+        }
+        let init = pidfd_open(pid).map_err(io_err("cannot open the init's pidfd"))?;
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_err(io_err("cannot read the init's parent"))?;
+        let ppid: i32 = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| ClientError::Shim("cannot read the init's parent".into()))?;
+        let shim = pidfd_open(ppid).map_err(io_err("cannot open the shim's pidfd"))?;
+        match self.state()? {
+            (p, SandboxStatus::Running) if p == pid => Ok((init, shim)),
+            _ => Err(ClientError::Shim(
+                "the sandbox exited while attaching".into(),
+            )),
+        }
+    }
+
     /// Blocks until the sandbox's command exits.
     pub fn wait(&self) -> Result<ExitStatus> {
         match self.call(&Request::Wait, &[])? {
@@ -774,4 +800,16 @@ impl ShimClient {
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| io_err("cannot create a pipe")(e.into()))
+}
+
+fn pidfd_open(pid: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags, no pointers; a non-negative result is a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
+    // SAFETY: fd was just returned by pidfd_open and is owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
