@@ -5,26 +5,30 @@
 //! youki's libcontainer, which only ever runs inside the single-threaded `agentd-shim`. This
 //! crate knows nothing of images, HTTP or tokio.
 //!
-//! Layout:
+//! Layout (the private modules are the runtime's own business: agentd and CI runners use the
+//! public ones):
 //! - [`spec`]: the typed `SandboxSpec` and its OCI form (namespaces, limits, mounts, caps).
-//! - [`seccomp`]: the reviewed profile data in `runtime/profiles/`, compiled with seccompiler.
-//! - [`init`]: what runs inside: seccomp install and the sandbox's PID 1.
+//! - `seccomp` (private): the reviewed profile data in `runtime/profiles/`, compiled with
+//!   seccompiler.
+//! - `init` (private): what runs inside: seccomp install and the sandbox's PID 1.
 //! - [`cgroups`]: where cgroups live (v1 or v2), stats and OOM kills read back, leftover removal.
 //! - [`shim`]: the per-sandbox supervisor behind the `agentd-shim` binary.
 //! - [`client`]: start shims and talk to them ([`Runtime`], [`ShimClient`]).
-//! - [`proto`]: the private shim protocol.
+//! - `proto` (private): the shim protocol; its public types are re-exported below.
+//! - `rootfs`, `netns` (private): the overlay rootfs and the sandbox's network namespace.
 //! - [`disk`]: the bounded writable layer (a sparse ext4 image on a loop device).
+//! - [`netlink`]: the links agentd's bridge needs.
 //! - [`tree`]: removing a tree a sandbox wrote (iterative, any depth, no symlink followed).
 
 pub mod cgroups;
 pub mod client;
 pub mod disk;
-pub mod init;
+mod init;
 pub mod netlink;
-pub mod netns;
-pub mod proto;
-pub mod rootfs;
-pub mod seccomp;
+mod netns;
+mod proto;
+mod rootfs;
+mod seccomp;
 pub mod shim;
 pub mod spec;
 pub mod tree;

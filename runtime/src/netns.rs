@@ -19,11 +19,6 @@ use crate::spec::VethConfig;
 /// The name of the veth end inside a sandbox.
 pub const SANDBOX_LINK: &str = "eth0";
 
-/// Brings up `lo` in the network namespace of process `pid`.
-pub fn loopback_up(pid: Pid) -> io::Result<()> {
-    configure(pid, None)
-}
-
 /// Sets up the network namespace of process `pid`: `lo` up and, with `veth`, moves that link
 /// in as `eth0` with its address, up. Without a default route: the sandbox reaches its subnet
 /// (the bridge's address) and nothing else.

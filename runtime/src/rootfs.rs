@@ -54,12 +54,10 @@ impl From<PathBuf> for Rootfs {
 /// page).
 pub const MAX_LAYERS: usize = 128;
 
-/// A mounted overlay rootfs. Holds a shared lock on each layer dir (what the image store's prune
-/// looks for) as long as it lives: keep it for the sandbox's life.
+/// A mounted overlay rootfs (at `<dir>/rootfs`). Holds a shared lock on each layer dir (what
+/// the image store's prune looks for) as long as it lives: keep it for the sandbox's life.
 #[derive(Debug)]
 pub struct MountedOverlay {
-    /// The mount point, `<dir>/rootfs`.
-    pub merged: PathBuf,
     _layer_locks: Vec<Flock<File>>,
 }
 
@@ -153,7 +151,6 @@ fn mount_layers(dir: &Path, layers: &[PathBuf], root: (u32, u32)) -> io::Result<
         Some(data.as_str()),
     )?;
     Ok(MountedOverlay {
-        merged,
         _layer_locks: layer_locks,
     })
 }
