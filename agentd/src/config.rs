@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Default state dir: images, sandboxes and the database live here.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentd";
@@ -44,11 +44,15 @@ pub const DEFAULT_TASK_GRACE_SECS: u64 = 600;
 /// Model name OpenCode asks the gateway for when the config names none.
 pub const DEFAULT_LLM_MODEL: &str = "default";
 
-/// Flags of `agentd serve`; every one also has an `AGENTD_*` variable and a key in the file.
-#[derive(Debug, Args, Default)]
+/// The settings of `agentd serve`, one struct for all three sources: every field is a flag, an
+/// `AGENTD_*` variable and a key of the TOML file (`--config`). Flags and variables win over
+/// the file ([`ServeArgs::over`]).
+#[derive(Debug, Args, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ServeArgs {
     /// TOML config file with the same keys as these flags (underscores for dashes).
     #[arg(long, env = "AGENTD_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// State dir: database, images, sandboxes [default: /var/lib/agentd].
     #[arg(long, env = "AGENTD_STATE_DIR")]
@@ -121,32 +125,17 @@ pub struct ServeArgs {
     pub task_grace: Option<u64>,
 }
 
-/// The config file: the same keys as [`ServeArgs`].
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    state_dir: Option<PathBuf>,
-    images_dir: Option<PathBuf>,
-    socket: Option<PathBuf>,
-    listen: Option<SocketAddr>,
-    token_file: Option<PathBuf>,
-    llm_base_url: Option<String>,
-    llm_api_key_file: Option<PathBuf>,
-    llm_model: Option<String>,
-    bridge: Option<String>,
-    subnet: Option<String>,
-    gateway_port: Option<u16>,
-    max_sandboxes: Option<usize>,
-    max_memory: Option<String>,
-    sandbox_memory: Option<String>,
-    idle_timeout: Option<u64>,
-    sandbox_pids: Option<u64>,
-    sandbox_disk: Option<String>,
-    git_allow_networks: Option<Vec<String>>,
-    log_format: Option<String>,
-    cgroup_parent: Option<String>,
-    build_cache: Option<PathBuf>,
-    task_grace: Option<u64>,
+impl ServeArgs {
+    /// These settings over `file`'s: each one set here wins, the file fills in the rest.
+    pub fn over(self, file: ServeArgs) -> anyhow::Result<ServeArgs> {
+        let mut merged = serde_json::to_value(file)?;
+        if let (Some(m), serde_json::Value::Object(mine)) =
+            (merged.as_object_mut(), serde_json::to_value(self)?)
+        {
+            m.extend(mine.into_iter().filter(|(_, v)| !v.is_null()));
+        }
+        Ok(serde_json::from_value(merged)?)
+    }
 }
 
 /// Log output format.
@@ -246,24 +235,23 @@ impl Config {
                 let text = std::fs::read_to_string(path).with_context(|| {
                     format!("failed to read the config file {}", path.display())
                 })?;
-                toml::from_str::<FileConfig>(&text)
+                toml::from_str::<ServeArgs>(&text)
                     .with_context(|| format!("invalid config file {}", path.display()))?
             }
-            None => FileConfig::default(),
+            None => ServeArgs::default(),
         };
+        let args = args.over(file)?;
         // Paths are made absolute once: the shims, the overlay mounts and the layer checks
         // need absolute paths, whatever the daemon's working directory.
         let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
         let state_dir = abs(args
             .state_dir
-            .or(file.state_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)));
         let token_file = args
             .token_file
-            .or(file.token_file)
             .unwrap_or_else(|| state_dir.join("api-token"));
-        let llm_base_url = args.llm_base_url.or(file.llm_base_url);
-        let llm_key_file = args.llm_api_key_file.or(file.llm_api_key_file);
+        let llm_base_url = args.llm_base_url;
+        let llm_key_file = args.llm_api_key_file;
         let llm = match llm_base_url {
             None => {
                 if llm_key_file.is_some() {
@@ -285,15 +273,9 @@ impl Config {
                 })
             }
         };
-        let subnet_text = args
-            .subnet
-            .or(file.subnet)
-            .unwrap_or_else(|| DEFAULT_SUBNET.into());
+        let subnet_text = args.subnet.unwrap_or_else(|| DEFAULT_SUBNET.into());
         let (subnet, prefix_len) = parse_cidr(&subnet_text)?;
-        let bridge = args
-            .bridge
-            .or(file.bridge)
-            .unwrap_or_else(|| DEFAULT_BRIDGE.into());
+        let bridge = args.bridge.unwrap_or_else(|| DEFAULT_BRIDGE.into());
         if bridge.is_empty()
             || bridge.len() > 15
             || !bridge
@@ -307,19 +289,19 @@ impl Config {
             agentd_runtime::parse_size(&text).map_err(|e| anyhow::anyhow!("{what}: {e}"))
         };
         let host_mem = host_memory().unwrap_or(u64::MAX);
-        let max_memory = match args.max_memory.or(file.max_memory) {
+        let max_memory = match args.max_memory {
             None => host_mem,
             Some(v) => size("max_memory", Some(v), "")?,
         };
         let sandbox_memory = size(
             "sandbox_memory",
-            args.sandbox_memory.or(file.sandbox_memory),
+            args.sandbox_memory,
             DEFAULT_SANDBOX_MEMORY,
         )?;
         if sandbox_memory < agentd_runtime::spec::MIN_MEMORY_BYTES {
             bail!("sandbox_memory must be at least 4m");
         }
-        let sandbox_disk = match args.sandbox_disk.or(file.sandbox_disk) {
+        let sandbox_disk = match args.sandbox_disk {
             Some(v) if v.trim() == "none" => None,
             v => {
                 let d = size("sandbox_disk", v, DEFAULT_SANDBOX_DISK)?;
@@ -329,42 +311,25 @@ impl Config {
                 Some(d)
             }
         };
-        let log_format = match args
-            .log_format
-            .or(file.log_format)
-            .as_deref()
-            .unwrap_or("text")
-        {
+        let log_format = match args.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => bail!("log_format must be text or json, got {other:?}"),
         };
-        let max_sandboxes = args
-            .max_sandboxes
-            .or(file.max_sandboxes)
-            .unwrap_or(DEFAULT_MAX_SANDBOXES);
+        let max_sandboxes = args.max_sandboxes.unwrap_or(DEFAULT_MAX_SANDBOXES);
         if max_sandboxes == 0 {
             bail!("max_sandboxes must be at least 1");
         }
-        let gateway_port = args
-            .gateway_port
-            .or(file.gateway_port)
-            .unwrap_or(DEFAULT_GATEWAY_PORT);
+        let gateway_port = args.gateway_port.unwrap_or(DEFAULT_GATEWAY_PORT);
         if gateway_port == 0 {
             bail!("gateway_port must not be 0");
         }
         Ok(Config {
-            socket: abs(args
-                .socket
-                .or(file.socket)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))),
-            listen: args.listen.or(file.listen),
+            socket: abs(args.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))),
+            listen: args.listen,
             token_file,
             llm,
-            llm_model: args
-                .llm_model
-                .or(file.llm_model)
-                .unwrap_or_else(|| DEFAULT_LLM_MODEL.into()),
+            llm_model: args.llm_model.unwrap_or_else(|| DEFAULT_LLM_MODEL.into()),
             bridge,
             subnet,
             prefix_len,
@@ -373,10 +338,7 @@ impl Config {
             max_memory,
             sandbox_memory,
             idle_timeout: {
-                let t = args
-                    .idle_timeout
-                    .or(file.idle_timeout)
-                    .unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS);
+                let t = args.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS);
                 if t > MAX_SANDBOX_TIMEOUT_SECS {
                     bail!("idle_timeout must be at most {MAX_SANDBOX_TIMEOUT_SECS} s");
                 }
@@ -384,7 +346,6 @@ impl Config {
             },
             git_allow_networks: args
                 .git_allow_networks
-                .or(file.git_allow_networks)
                 .unwrap_or_default()
                 .iter()
                 .filter(|n| !n.trim().is_empty())
@@ -394,10 +355,7 @@ impl Config {
                 })
                 .collect::<anyhow::Result<_>>()?,
             sandbox_pids: {
-                let p = args
-                    .sandbox_pids
-                    .or(file.sandbox_pids)
-                    .unwrap_or(DEFAULT_SANDBOX_PIDS);
+                let p = args.sandbox_pids.unwrap_or(DEFAULT_SANDBOX_PIDS);
                 if p < 16 {
                     bail!("sandbox_pids must be at least 16, got {p}");
                 }
@@ -409,7 +367,6 @@ impl Config {
             cgroup_parent: {
                 let p = args
                     .cgroup_parent
-                    .or(file.cgroup_parent)
                     .unwrap_or_else(|| crate::sandbox::CGROUP_PARENT.into());
                 if p.is_empty()
                     || p.starts_with('/')
@@ -419,18 +376,11 @@ impl Config {
                 }
                 p
             },
-            task_grace: args
-                .task_grace
-                .or(file.task_grace)
-                .unwrap_or(DEFAULT_TASK_GRACE_SECS),
+            task_grace: args.task_grace.unwrap_or(DEFAULT_TASK_GRACE_SECS),
             build_cache: abs(args
                 .build_cache
-                .or(file.build_cache)
                 .unwrap_or_else(|| state_dir.join("build-cache"))),
-            images_dir: abs(args
-                .images_dir
-                .or(file.images_dir)
-                .unwrap_or_else(|| state_dir.join("images"))),
+            images_dir: abs(args.images_dir.unwrap_or_else(|| state_dir.join("images"))),
             state_dir,
         })
     }
@@ -510,6 +460,27 @@ mod tests {
             format!("{err:#}").contains("unknown field `stat_dir`"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn test_every_kind_of_key_goes_through_the_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agentd.toml");
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:7070\"\ngit_allow_networks = [\"10.0.0.0/8\"]\nsandbox_disk = \"20g\"\nsandbox_pids = 99\n",
+        )
+        .unwrap();
+        let c = Config::load(ServeArgs {
+            config: Some(f),
+            sandbox_disk: Some("none".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.listen, Some("127.0.0.1:7070".parse().unwrap()));
+        assert_eq!(c.git_allow_networks.len(), 1);
+        assert_eq!(c.sandbox_disk, None, "the flag wins over the file");
+        assert_eq!(c.sandbox_pids, 99);
     }
 
     #[test]
