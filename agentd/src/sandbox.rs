@@ -574,72 +574,15 @@ impl Manager {
             .cloned()
     }
 
-    /// Creates a sandbox; returns once it runs (OpenCode may still be starting).
-    pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> Result<SandboxRecord> {
-        let started = Instant::now();
-        // Validate everything that needs no system call first.
-        if let Some(n) = &req.network {
-            if n != "none" {
-                return Err(Error::Invalid(format!(
-                    "network {n:?} is not supported yet: use \"none\" (no egress)"
-                )));
-            }
-        }
-        if let Some(name) = &req.name {
-            if name.is_empty()
-                || name.len() > 63
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-            {
-                return Err(Error::Invalid(format!(
-                    "name must be 1-63 letters, digits, '-', '_' or '.', got {name:?}"
-                )));
-            }
-        }
-        validate_env(&req.env)?;
-        let limits = self.limits(&req.limits)?;
-        for (name, value) in [
-            ("ttl_secs", req.ttl_secs),
-            ("idle_timeout_secs", req.idle_timeout_secs),
-        ] {
-            let max = crate::config::MAX_SANDBOX_TIMEOUT_SECS;
-            if value.is_some_and(|v| v > max) {
-                return Err(Error::Invalid(format!(
-                    "{name} must be at most {max} (a year); 0 turns the idle timeout off"
-                )));
-            }
-        }
-        if req.ttl_secs == Some(0) {
-            return Err(Error::Invalid(
-                "ttl_secs must be at least 1 (leave it out for no TTL)".into(),
-            ));
-        }
-        let memory = limits.memory_bytes.unwrap_or(self.config.sandbox_memory);
-        validate_model(req.model.as_deref())?;
-        if let Some(cmd) = &req.command {
-            if cmd.is_empty() || cmd[0].is_empty() {
-                return Err(Error::Invalid("command must not be empty".into()));
-            }
-        }
-        let image_name = req
-            .image
-            .clone()
-            .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
-        if req.opencode == Some(true) && req.command.is_some() {
-            return Err(exclusive_error());
-        }
-        // Refused before the image is resolved (the default image may be built first).
-        if req.opencode == Some(true)
-            || (req.opencode.is_none() && req.command.is_none() && image_name == DEFAULT_IMAGE)
-        {
-            self.require_llm()?;
-        }
-        if let Some(model) = &req.model {
-            self.check_model(model).await?;
-        }
+    /// See [`validate_create`].
+    pub fn validate_create(&self, req: &CreateSandbox) -> Result<(Limits, String)> {
+        validate_create(&self.config, req)
+    }
 
-        // The image: layers with owners shifted into the daemon's id range (unpacked once).
+    /// The rootfs of image `image_name`: its layers with owners shifted into the daemon's id
+    /// range (unpacked once); the default image is built on first use.
+    async fn resolve_image(&self, image_name: &str) -> Result<agentd_images::ImageRootfs> {
+        let image_name = image_name.to_string();
         let store = self.store.clone();
         let opts = UnpackOptions {
             id_offset: self.config.id_base,
@@ -682,6 +625,20 @@ impl Manager {
             }
             other => other.map_err(store_error)?,
         };
+        Ok(image)
+    }
+
+    /// Creates a sandbox: validate, resolve the image, admit (quotas, address, record), spec,
+    /// start; returns once it runs (OpenCode may still be starting).
+    pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> Result<SandboxRecord> {
+        let started = Instant::now();
+        let (limits, image_name) = self.validate_create(&req)?;
+        let memory = limits.memory_bytes.unwrap_or(self.config.sandbox_memory);
+        if let Some(model) = &req.model {
+            self.check_model(model).await?;
+        }
+
+        let image = self.resolve_image(&image_name).await?;
         let opencode = req.opencode.unwrap_or_else(|| {
             image
                 .config
@@ -1224,15 +1181,9 @@ impl Manager {
         }
     }
 
-    /// Refuses what needs an LLM when agentd has no upstream: an OpenCode server without one
-    /// would only fail at its first prompt, long after the request.
+    /// Refuses OpenCode when agentd has no LLM upstream ([`require_llm`]).
     pub fn require_llm(&self) -> Result<()> {
-        if self.config.llm.is_none() {
-            return Err(Error::Invalid(
-                "agentd has no LLM upstream, so OpenCode would have nobody to ask: start agentd with --llm-base-url URL (or AGENTD_LLM_BASE_URL, or llm_base_url in agentd.toml), or create the sandbox with \"opencode\": false".into(),
-            ));
-        }
-        Ok(())
+        require_llm(&self.config)
     }
 
     /// Refuses a model the upstream does not list in its `/models` (when it answers that
@@ -1272,45 +1223,9 @@ impl Manager {
         }
     }
 
-    /// The limits a request asks for, with agentd's defaults, validated.
+    /// The limits a request asks for, with agentd's defaults, validated ([`limits_for`]).
     pub fn limits(&self, req: &LimitsRequest) -> Result<Limits> {
-        let memory = match &req.memory {
-            Some(m) => m.bytes("limits.memory")?,
-            None => self.config.sandbox_memory,
-        };
-        let disk = match &req.disk {
-            Some(d) => Some(d.bytes("limits.disk")?),
-            None => self.config.sandbox_disk,
-        };
-        let limits = Limits {
-            memory_bytes: Some(memory),
-            swap_bytes: None,
-            cpus: req.cpus,
-            pids: Some(req.pids.unwrap_or(self.config.sandbox_pids)),
-            disk_bytes: disk,
-        };
-        limits
-            .validate()
-            .map_err(|e| Error::Invalid(agentd_runtime::error_chain(&e)))?;
-        if let Some(disk) = req.disk.as_ref().and(limits.disk_bytes) {
-            // Sparse layers overcommit the host's disk by design, but one layer asked for
-            // that is larger than the whole file system is no bound at all.
-            if let Ok(fs) = nix::sys::statvfs::statvfs(&self.config.state_dir) {
-                let total = fs.blocks().saturating_mul(fs.fragment_size());
-                if disk > total {
-                    return Err(Error::Invalid(format!(
-                        "limits.disk {disk} bytes is more than the file system of agentd's state dir holds ({total} bytes)"
-                    )));
-                }
-            }
-        }
-        if memory > self.config.max_memory {
-            return Err(Error::Invalid(format!(
-                "limits.memory {memory} bytes is more than agentd may commit in total ({} bytes)",
-                self.config.max_memory
-            )));
-        }
-        Ok(limits)
+        limits_for(&self.config, req)
     }
 
     /// The rootfs mount of a live sandbox and the host ids of its user.
@@ -1398,10 +1313,195 @@ pub fn log_tail(dir: &Path) -> String {
     out
 }
 
+/// Checks a create request without touching the system (beyond the state dir's size for
+/// a disk limit): its limits with agentd's defaults, and the image it names.
+pub fn validate_create(config: &Config, req: &CreateSandbox) -> Result<(Limits, String)> {
+    if let Some(n) = &req.network {
+        if n != "none" {
+            return Err(Error::Invalid(format!(
+                "network {n:?} is not supported yet: use \"none\" (no egress)"
+            )));
+        }
+    }
+    if let Some(name) = &req.name {
+        if name.is_empty()
+            || name.len() > 63
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(Error::Invalid(format!(
+                "name must be 1-63 letters, digits, '-', '_' or '.', got {name:?}"
+            )));
+        }
+    }
+    validate_env(&req.env)?;
+    let limits = limits_for(config, &req.limits)?;
+    for (name, value) in [
+        ("ttl_secs", req.ttl_secs),
+        ("idle_timeout_secs", req.idle_timeout_secs),
+    ] {
+        let max = crate::config::MAX_SANDBOX_TIMEOUT_SECS;
+        if value.is_some_and(|v| v > max) {
+            return Err(Error::Invalid(format!(
+                "{name} must be at most {max} (a year); 0 turns the idle timeout off"
+            )));
+        }
+    }
+    if req.ttl_secs == Some(0) {
+        return Err(Error::Invalid(
+            "ttl_secs must be at least 1 (leave it out for no TTL)".into(),
+        ));
+    }
+    validate_model(req.model.as_deref())?;
+    if let Some(cmd) = &req.command {
+        if cmd.is_empty() || cmd[0].is_empty() {
+            return Err(Error::Invalid("command must not be empty".into()));
+        }
+    }
+    let image_name = req
+        .image
+        .clone()
+        .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+    if req.opencode == Some(true) && req.command.is_some() {
+        return Err(exclusive_error());
+    }
+    // Refused before the image is resolved (the default image may be built first).
+    if req.opencode == Some(true)
+        || (req.opencode.is_none() && req.command.is_none() && image_name == DEFAULT_IMAGE)
+    {
+        require_llm(config)?;
+    }
+    Ok((limits, image_name))
+}
+
+/// The limits a request asks for, with agentd's defaults, validated.
+pub fn limits_for(config: &Config, req: &LimitsRequest) -> Result<Limits> {
+    let memory = match &req.memory {
+        Some(m) => m.bytes("limits.memory")?,
+        None => config.sandbox_memory,
+    };
+    let disk = match &req.disk {
+        Some(d) => Some(d.bytes("limits.disk")?),
+        None => config.sandbox_disk,
+    };
+    let limits = Limits {
+        memory_bytes: Some(memory),
+        swap_bytes: None,
+        cpus: req.cpus,
+        pids: Some(req.pids.unwrap_or(config.sandbox_pids)),
+        disk_bytes: disk,
+    };
+    limits
+        .validate()
+        .map_err(|e| Error::Invalid(agentd_runtime::error_chain(&e)))?;
+    if let Some(disk) = req.disk.as_ref().and(limits.disk_bytes) {
+        // Sparse layers overcommit the host's disk by design, but one layer asked for
+        // that is larger than the whole file system is no bound at all.
+        if let Ok(fs) = nix::sys::statvfs::statvfs(&config.state_dir) {
+            let total = fs.blocks().saturating_mul(fs.fragment_size());
+            if disk > total {
+                return Err(Error::Invalid(format!(
+                    "limits.disk {disk} bytes is more than the file system of agentd's state dir holds ({total} bytes)"
+                )));
+            }
+        }
+    }
+    if memory > config.max_memory {
+        return Err(Error::Invalid(format!(
+            "limits.memory {memory} bytes is more than agentd may commit in total ({} bytes)",
+            config.max_memory
+        )));
+    }
+    Ok(limits)
+}
+
+/// Refuses what needs an LLM when agentd has no upstream: an OpenCode server without one
+/// would only fail at its first prompt, long after the request.
+pub fn require_llm(config: &Config) -> Result<()> {
+    if config.llm.is_none() {
+        return Err(Error::Invalid(
+            "agentd has no LLM upstream, so OpenCode would have nobody to ask: start agentd with --llm-base-url URL (or AGENTD_LLM_BASE_URL, or llm_base_url in agentd.toml), or create the sandbox with \"opencode\": false".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Compares secrets without leaking where they differ through timing.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path, llm: bool) -> Config {
+        Config::load(crate::config::ServeArgs {
+            state_dir: Some(dir.to_path_buf()),
+            llm_base_url: llm.then(|| "http://127.0.0.1:9/v1".to_string()),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn refused(config: &Config, req: serde_json::Value) -> String {
+        let req: CreateSandbox = serde_json::from_value(req).unwrap();
+        match validate_create(config, &req) {
+            Err(Error::Invalid(m)) => m,
+            other => panic!("expected a 400, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_create_validation_without_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path(), false);
+        assert!(refused(&c, serde_json::json!({})).contains("--llm-base-url"));
+        let plain = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({"opencode": false, "image": "x"});
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            v
+        };
+        for (extra, says) in [
+            (serde_json::json!({"name": "no spaces"}), "name must be"),
+            (serde_json::json!({"network": "nat"}), "not supported"),
+            (
+                serde_json::json!({"ttl_secs": 0}),
+                "ttl_secs must be at least 1",
+            ),
+            (serde_json::json!({"ttl_secs": u64::MAX}), "at most"),
+            (serde_json::json!({"limits": {"memory": "1k"}}), "memory"),
+            (serde_json::json!({"limits": {"disk": "1m"}}), "disk"),
+            (serde_json::json!({"limits": {"pids": 0}}), "pids"),
+            (
+                serde_json::json!({"command": []}),
+                "command must not be empty",
+            ),
+            (serde_json::json!({"env": {"A=B": "x"}}), "env"),
+        ] {
+            let m = refused(&c, plain(extra.clone()));
+            assert!(m.contains(says), "{extra}: {m}");
+        }
+        let c = config(dir.path(), true);
+        let m = refused(
+            &c,
+            serde_json::json!({"opencode": true, "command": ["true"]}),
+        );
+        assert!(m.contains("opencode"), "{m}");
+        let req: CreateSandbox = serde_json::from_value(
+            serde_json::json!({"image": "x", "opencode": false, "limits": {"memory": "64m", "disk": "20m"}}),
+        )
+        .unwrap();
+        let (limits, image) = validate_create(&c, &req).unwrap();
+        assert_eq!(image, "x");
+        assert_eq!(limits.memory_bytes, Some(64 << 20));
+        assert_eq!(limits.disk_bytes, Some(20 << 20));
+        assert_eq!(limits.pids, Some(crate::config::DEFAULT_SANDBOX_PIDS));
+    }
 }
