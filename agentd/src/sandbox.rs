@@ -196,7 +196,7 @@ impl SandboxRecord {
 }
 
 /// A size given as bytes or as text like `2g`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum SizeValue {
     /// Bytes.
@@ -217,7 +217,7 @@ impl SizeValue {
 }
 
 /// Requested limits.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsRequest {
     /// Memory limit (bytes or `2g`).
@@ -231,8 +231,9 @@ pub struct LimitsRequest {
     pub disk: Option<SizeValue>,
 }
 
-/// `POST /v1/sandboxes`.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `POST /v1/sandboxes`: what a sandbox is made of. Also its JSON Schema in the OpenAPI
+/// document (from these fields and their comments).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
     /// Image name or reference [default: opencode].

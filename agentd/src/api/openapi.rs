@@ -171,26 +171,22 @@ fn request_body(path: &str, method: &str) -> Option<Value> {
     })
 }
 
+/// The JSON Schema of a wire type, with nested types inlined (an OpenAPI document has no
+/// `$defs` of its own to point into).
+pub fn schema_of<T: schemars::JsonSchema>() -> Value {
+    let generator = schemars::generate::SchemaSettings::draft2020_12()
+        .with(|s| s.inline_subschemas = true)
+        .into_generator();
+    let mut v = generator.into_root_schema_for::<T>().to_value();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("$schema");
+        o.remove("title");
+    }
+    v
+}
+
 fn create_schema() -> Value {
-    json!({
-        "type": "object", "additionalProperties": false,
-        "properties": {
-            "image": {"type": "string", "default": "opencode"},
-            "name": {"type": "string"},
-            "env": {"type": "object", "additionalProperties": {"type": "string"}},
-            "limits": {"type": "object", "additionalProperties": false, "properties": {
-                "memory": {"oneOf": [{"type": "integer"}, {"type": "string", "examples": ["2g"]}]},
-                "cpus": {"type": "number"}, "pids": {"type": "integer"},
-                "disk": {"oneOf": [{"type": "integer"}, {"type": "string", "examples": ["10g"]}]}}},
-            "network": {"type": "string", "enum": ["none"]},
-            "idle_timeout_secs": {"type": "integer"},
-            "ttl_secs": {"type": "integer"},
-            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-            "opencode": {"type": "boolean"},
-            "command": {"type": "array", "items": {"type": "string"}},
-            "model": {"type": "string"}
-        }
-    })
+    schema_of::<crate::sandbox::CreateSandbox>()
 }
 
 fn task_schema() -> Value {
@@ -257,6 +253,22 @@ pub fn document() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_create_schema_comes_from_the_type() {
+        let s = create_schema();
+        eprintln!("{}", serde_json::to_string_pretty(&s).unwrap());
+        assert_eq!(s["type"], "object");
+        assert_eq!(s["additionalProperties"], false);
+        assert!(
+            s["properties"]["limits"]["properties"]["disk"].is_object(),
+            "{s}"
+        );
+        assert!(!s.to_string().contains("$ref"), "{s}");
+        assert!(s["properties"]["ttl_secs"]["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("Lifetime")));
+    }
 
     #[test]
     fn test_allowed_methods() {

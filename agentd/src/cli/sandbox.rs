@@ -221,6 +221,17 @@ pub(crate) fn check(reply: &Reply) -> anyhow::Result<serde_json::Value> {
     Ok(v)
 }
 
+/// A request body without the fields left unset (the API's defaults apply to them).
+fn without_nulls(mut v: serde_json::Value) -> serde_json::Value {
+    if let serde_json::Value::Object(m) = &mut v {
+        m.retain(|_, v| !v.is_null());
+        for v in m.values_mut() {
+            *v = without_nulls(v.take());
+        }
+    }
+    v
+}
+
 fn kv_map(
     items: &[String],
     what: &str,
@@ -292,41 +303,30 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             wait,
             command,
         } => {
-            let mut body = serde_json::json!({
-                "env": kv_map(&env, "--env")?,
-                "labels": kv_map(&labels, "--label")?,
-                "limits": {},
-            });
-            if let Some(i) = image {
-                body["image"] = i.into();
-            }
-            if let Some(n) = name {
-                body["name"] = n.into();
-            }
-            if let Some(m) = memory {
-                body["limits"]["memory"] = m.into();
-            }
-            if let Some(c) = cpus {
-                body["limits"]["cpus"] = c.into();
-            }
-            if let Some(p) = pids {
-                body["limits"]["pids"] = p.into();
-            }
-            if let Some(d) = disk {
-                body["limits"]["disk"] = d.into();
-            }
-            if let Some(t) = idle_timeout {
-                body["idle_timeout_secs"] = t.into();
-            }
-            if let Some(t) = ttl {
-                body["ttl_secs"] = t.into();
-            }
-            if no_opencode {
-                body["opencode"] = false.into();
-            }
-            if !command.is_empty() {
-                body["command"] = command.into();
-            }
+            use crate::sandbox::{CreateSandbox, LimitsRequest, SizeValue};
+            let to_map = |items: &[String], what: &str| -> anyhow::Result<_> {
+                Ok(kv_map(items, what)?
+                    .into_iter()
+                    .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string()))
+                    .collect())
+            };
+            let body = without_nulls(serde_json::to_value(CreateSandbox {
+                image,
+                name,
+                env: to_map(&env, "--env")?,
+                labels: to_map(&labels, "--label")?,
+                limits: LimitsRequest {
+                    memory: memory.map(SizeValue::Text),
+                    cpus,
+                    pids,
+                    disk: disk.map(SizeValue::Text),
+                },
+                idle_timeout_secs: idle_timeout,
+                ttl_secs: ttl,
+                opencode: no_opencode.then_some(false),
+                command: (!command.is_empty()).then_some(command),
+                ..CreateSandbox::default()
+            })?);
             let reply = call(
                 sock,
                 Method::POST,
