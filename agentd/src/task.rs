@@ -153,8 +153,9 @@ impl TaskState {
     }
 }
 
-/// `POST /v1/tasks`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `POST /v1/tasks`: a prompt and a workspace handed to agents. Also its JSON Schema in the
+/// OpenAPI document.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTask {
     /// What the agents are asked to do.

@@ -70,10 +70,10 @@ type Result<T> = std::result::Result<T, WorkspaceError>;
 
 /// Where a task's workspace comes from (`workspace` of `POST /v1/tasks`): exactly one of
 /// `path`, `upload` or `git`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkspaceSpec {
-    /// An absolute directory on agentd's host.
+    /// An absolute directory on agentd's host (on the Unix socket only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// The id `POST /v1/workspaces` returned for an uploaded tar.

@@ -190,30 +190,7 @@ fn create_schema() -> Value {
 }
 
 fn task_schema() -> Value {
-    json!({
-        "type": "object", "additionalProperties": false, "required": ["prompt", "workspace"],
-        "properties": {
-            "prompt": {"type": "string"},
-            "workspace": {"type": "object", "additionalProperties": false,
-                "description": "exactly one of path (host dir, Unix socket only), upload (POST /v1/workspaces) or git (+ ref)",
-                "properties": {"path": {"type": "string"}, "upload": {"type": "string"},
-                    "git": {"type": "string"}, "ref": {"type": "string"},
-                    "exclude": {"type": "array", "items": {"type": "string"},
-                        "description": "relative paths or names left out of a path or git workspace"}}},
-            "image": {"type": "string", "default": "opencode"},
-            "model": {"type": "string"},
-            "limits": create_schema()["properties"]["limits"].clone(),
-            "timeout_secs": {"type": "integer", "default": 3600},
-            "agents": {"type": "integer", "default": 1, "maximum": 16},
-            "check": {"type": "string"},
-            "max_rounds": {"type": "integer", "default": 3},
-            "check_timeout_secs": {"type": "integer", "default": 600},
-            "diff_exclude": {"type": "array", "items": {"type": "string"},
-                "description": "git exclude patterns left out of the diff, replacing the default list of caches and build outputs"},
-            "grace_secs": {"type": "integer"},
-            "labels": {"type": "object", "additionalProperties": {"type": "string"}}
-        }
-    })
+    schema_of::<crate::task::CreateTask>()
 }
 
 /// The document.

@@ -222,7 +222,7 @@ pub(crate) fn check(reply: &Reply) -> anyhow::Result<serde_json::Value> {
 }
 
 /// A request body without the fields left unset (the API's defaults apply to them).
-fn without_nulls(mut v: serde_json::Value) -> serde_json::Value {
+pub(crate) fn without_nulls(mut v: serde_json::Value) -> serde_json::Value {
     if let serde_json::Value::Object(m) = &mut v {
         m.retain(|_, v| !v.is_null());
         for v in m.values_mut() {

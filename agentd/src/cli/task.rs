@@ -152,51 +152,47 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             detach,
             prompt,
         } => {
-            let ws = match (&workspace, &git) {
+            let mut ws = crate::workspace::WorkspaceSpec {
+                exclude,
+                ..Default::default()
+            };
+            match (&workspace, git.clone()) {
                 (Some(dir), _) => {
                     // Absolute, but not resolved: agentd itself follows only symlinks root
                     // owns (resolving here, as root, would hide a link another user planted).
                     let abs = std::path::absolute(dir)
                         .with_context(|| format!("workspace {}", dir.display()))?;
-                    serde_json::json!({"path": abs})
+                    ws.path = Some(abs.to_string_lossy().into_owned());
                 }
                 (None, Some(url)) => {
-                    let mut w = serde_json::json!({"git": url});
-                    if let Some(r) = git_ref {
-                        w["ref"] = r.into();
-                    }
-                    w
+                    ws.git = Some(url);
+                    ws.git_ref = git_ref;
                 }
                 (None, None) => bail!("give --workspace DIR or --git URL"),
-            };
-            let mut ws = ws;
-            if !exclude.is_empty() {
-                ws["exclude"] = exclude.into();
             }
-            let mut body = serde_json::json!({"prompt": prompt, "workspace": ws, "agents": agents, "limits": {}});
-            let mut set = |k: &str, v: Option<serde_json::Value>| {
-                if let Some(v) = v {
-                    body[k] = v;
-                }
-            };
-            set("check", check_cmd.map(Into::into));
-            set("max_rounds", max_rounds.map(Into::into));
-            set("check_timeout_secs", check_timeout.map(Into::into));
-            if !diff_exclude.is_empty() {
-                let list: Vec<String> =
-                    diff_exclude.into_iter().filter(|p| !p.is_empty()).collect();
-                set("diff_exclude", Some(list.into()));
-            }
-            set("timeout_secs", timeout.map(Into::into));
-            set("model", model.map(Into::into));
-            set("image", image.map(Into::into));
-            set("grace_secs", grace.map(Into::into));
-            if let Some(m) = memory {
-                body["limits"]["memory"] = m.into();
-            }
-            if let Some(c) = cpus {
-                body["limits"]["cpus"] = c.into();
-            }
+            let body = crate::cli::sandbox::without_nulls(serde_json::to_value(
+                crate::task::CreateTask {
+                    prompt,
+                    workspace: ws,
+                    agents: Some(agents),
+                    check: check_cmd,
+                    max_rounds,
+                    check_timeout_secs: check_timeout,
+                    // `--diff-exclude ''` alone: no exclusions at all.
+                    diff_exclude: (!diff_exclude.is_empty())
+                        .then(|| diff_exclude.into_iter().filter(|p| !p.is_empty()).collect()),
+                    timeout_secs: timeout,
+                    model,
+                    image,
+                    grace_secs: grace,
+                    limits: crate::sandbox::LimitsRequest {
+                        memory: memory.map(crate::sandbox::SizeValue::Text),
+                        cpus,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )?);
             let v = check(
                 &call(
                     sock,
