@@ -112,6 +112,7 @@ fn test_agentd_services_import_no_skin() {
         "sandbox.rs",
         "sandbox",
         "task.rs",
+        "task",
         "exec.rs",
         "workspace.rs",
         "opencode.rs",

@@ -1,0 +1,348 @@
+//! What a task is: its request, its attempts and their states, check results, diff stats,
+//! the record that is persisted, and the order results are shown in. Data only: the service
+//! that drives tasks is the parent module.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use std::time::Duration;
+
+use super::{DEFAULT_MAX_ROUNDS, DEFAULT_TASK_TIMEOUT_SECS};
+use crate::sandbox::{LimitsRequest, Usage};
+use crate::workspace::{WorkspaceInfo, WorkspaceSpec};
+
+/// Where a task or an attempt is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting: not started, or agentd is at its sandbox or memory quota.
+    Queued,
+    /// The sandbox is made, OpenCode starts, the workspace goes in.
+    Starting,
+    /// The agent works.
+    Running,
+    /// The check command runs.
+    Checking,
+    /// Done: the agent finished (and the check passed).
+    Succeeded,
+    /// Done: an error, or the check still failed after the last round.
+    Failed,
+    /// Cancelled by a request.
+    Cancelled,
+    /// The task's time limit passed.
+    TimedOut,
+}
+
+impl TaskState {
+    /// Whether nothing more happens.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled | TaskState::TimedOut
+        )
+    }
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Starting => "starting",
+            TaskState::Running => "running",
+            TaskState::Checking => "checking",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+            TaskState::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// `POST /v1/tasks`: a prompt and a workspace handed to agents. Also its JSON Schema in the
+/// OpenAPI document.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTask {
+    /// What the agents are asked to do.
+    pub prompt: String,
+    /// Where the files come from.
+    pub workspace: WorkspaceSpec,
+    /// Image of the sandboxes [default: opencode].
+    pub image: Option<String>,
+    /// Model [default: agentd's `llm_model`].
+    pub model: Option<String>,
+    /// Limits of each sandbox.
+    #[serde(default)]
+    pub limits: LimitsRequest,
+    /// Time limit of the whole task, seconds [default: 3600].
+    pub timeout_secs: Option<u64>,
+    /// Parallel agents, each in its own sandbox [default: 1].
+    pub agents: Option<u32>,
+    /// Shell command run in `/workspace` after each round; exit 0 passes.
+    pub check: Option<String>,
+    /// Most rounds per agent (with a check) [default: 3].
+    pub max_rounds: Option<u32>,
+    /// Seconds the sandboxes are kept after the task ends [default: agentd's `task_grace`].
+    pub grace_secs: Option<u64>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Seconds the check may run before it is killed (that round's check then fails)
+    /// [default: 600].
+    pub check_timeout_secs: Option<u64>,
+    /// Git exclude patterns (`.gitignore` syntax) for files left out of the diff, on top of
+    /// the workspace's own `.gitignore` [default: [`DEFAULT_DIFF_EXCLUDE`], well-known caches
+    /// and build outputs; `[]` for none].
+    pub diff_exclude: Option<Vec<String>>,
+}
+
+/// The check's result of one round.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckResult {
+    /// The round it followed.
+    pub round: u32,
+    /// Exit status (`None`: lost or killed at the time limit).
+    pub exit_code: Option<i32>,
+    /// Exit status 0.
+    pub passed: bool,
+    /// The end of its output (stderr goes to stdout, so the order is kept).
+    pub output: String,
+    /// How long it ran, ms.
+    pub duration_ms: u64,
+    /// It was killed at `check_timeout_secs`.
+    #[serde(default)]
+    pub timed_out: bool,
+}
+
+/// Size of a diff.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiffStats {
+    /// Files changed.
+    pub files: u64,
+    /// Lines added.
+    pub additions: u64,
+    /// Lines removed.
+    pub deletions: u64,
+    /// Bytes of the patch.
+    pub bytes: u64,
+}
+
+/// Where an attempt's time went, ms.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Timings {
+    /// Request to sandbox running.
+    pub sandbox_ms: Option<u64>,
+    /// Sandbox running to OpenCode answering.
+    pub opencode_ready_ms: Option<u64>,
+    /// Workspace extracted and committed as the baseline.
+    pub workspace_ms: Option<u64>,
+    /// Each round's agent time (prompt to idle).
+    pub rounds_ms: Vec<u64>,
+    /// Each check's time.
+    pub checks_ms: Vec<u64>,
+    /// Collecting the diff.
+    pub diff_ms: Option<u64>,
+    /// Attempt start to end.
+    pub total_ms: Option<u64>,
+}
+
+/// One agent's try at the task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attempt {
+    /// 1-based number.
+    pub n: u32,
+    /// Where it is.
+    pub state: TaskState,
+    /// Its sandbox, once made.
+    pub sandbox: Option<String>,
+    /// Its OpenCode session.
+    pub session: Option<String>,
+    /// The baseline commit in `/workspace`.
+    pub baseline: Option<String>,
+    /// The current (or last) round, from 1.
+    pub round: u32,
+    /// The last round whose prompt was sent.
+    pub prompted: u32,
+    /// Tool calls the agent made.
+    pub tool_calls: u64,
+    /// Tokens through the gateway.
+    pub usage: Usage,
+    /// Unix ms of its start and end.
+    pub started_at: Option<u64>,
+    /// Unix ms of its end.
+    pub finished_at: Option<u64>,
+    /// Where its time went.
+    pub timings: Timings,
+    /// The agent's last message (its end if long).
+    pub final_message: Option<String>,
+    /// The last check.
+    pub check: Option<CheckResult>,
+    /// The diff's size (the patch is a file in the task's dir).
+    pub diff: Option<DiffStats>,
+    /// Why it failed, or a problem on the way.
+    pub error: Option<String>,
+    /// Something to know about a success (e.g. that the agent changed nothing).
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+impl Attempt {
+    pub(super) fn new(n: u32) -> Attempt {
+        Attempt {
+            n,
+            state: TaskState::Queued,
+            sandbox: None,
+            session: None,
+            baseline: None,
+            round: 1,
+            prompted: 0,
+            tool_calls: 0,
+            usage: Usage::default(),
+            started_at: None,
+            finished_at: None,
+            timings: Timings::default(),
+            final_message: None,
+            check: None,
+            diff: None,
+            error: None,
+            note: None,
+        }
+    }
+}
+
+/// A task as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// Id (12 hex chars).
+    pub id: String,
+    /// The request, validated (the workspace as given).
+    pub request: CreateTask,
+    /// What the workspace holds.
+    pub workspace: WorkspaceInfo,
+    /// Where it is (derived from the attempts once they run).
+    pub state: TaskState,
+    /// Unix ms.
+    pub created_at: u64,
+    /// Unix ms of the first start (the time limit counts from here).
+    pub started_at: Option<u64>,
+    /// Unix ms.
+    pub finished_at: Option<u64>,
+    /// The attempts.
+    pub attempts: Vec<Attempt>,
+    /// Cancelled or timed out: what the unfinished attempts end as.
+    pub stop: Option<TaskState>,
+    /// The sandboxes were deleted after the grace period.
+    pub sandboxes_removed: bool,
+    /// A DELETE was accepted: the task is being removed (resumed after a restart).
+    #[serde(default)]
+    pub deleting: bool,
+}
+
+impl TaskRecord {
+    pub(super) fn timeout(&self) -> Duration {
+        Duration::from_secs(
+            self.request
+                .timeout_secs
+                .unwrap_or(DEFAULT_TASK_TIMEOUT_SECS),
+        )
+    }
+
+    pub(super) fn max_rounds(&self) -> u32 {
+        if self.request.check.is_some() {
+            self.request.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS)
+        } else {
+            1
+        }
+    }
+
+    /// The state the attempts add up to.
+    pub(super) fn derived_state(&self) -> TaskState {
+        let states: Vec<TaskState> = self.attempts.iter().map(|a| a.state).collect();
+        if states.iter().all(|s| s.is_terminal()) {
+            if states.contains(&TaskState::Succeeded) {
+                TaskState::Succeeded
+            } else if let Some(s) = self.stop {
+                s
+            } else if states.contains(&TaskState::TimedOut) {
+                TaskState::TimedOut
+            } else {
+                TaskState::Failed
+            }
+        } else if states
+            .iter()
+            .any(|s| matches!(s, TaskState::Running | TaskState::Checking))
+        {
+            TaskState::Running
+        } else if states.contains(&TaskState::Starting) {
+            TaskState::Starting
+        } else {
+            TaskState::Queued
+        }
+    }
+
+    /// The public view.
+    pub fn view(&self) -> serde_json::Value {
+        let tokens = self.attempts.iter().fold((0, 0), |acc, a| {
+            (
+                acc.0 + a.usage.prompt_tokens,
+                acc.1 + a.usage.completion_tokens,
+            )
+        });
+        serde_json::json!({
+            "id": self.id,
+            "state": if self.deleting { "deleting" } else { self.state.as_str() },
+            "prompt": self.request.prompt,
+            "workspace": {"source": self.request.workspace, "entries": self.workspace.entries, "bytes": self.workspace.bytes, "skipped": self.workspace.skipped, "excluded": self.workspace.excluded},
+            "image": self.request.image.as_deref().unwrap_or(crate::sandbox::DEFAULT_IMAGE),
+            "model": self.request.model,
+            "agents": self.attempts.len(),
+            "check": self.request.check,
+            "max_rounds": self.max_rounds(),
+            "timeout_secs": self.timeout().as_secs(),
+            "labels": self.request.labels,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "rounds": self.attempts.iter().map(|a| u64::from(a.round)).sum::<u64>(),
+            "tool_calls": self.attempts.iter().map(|a| a.tool_calls).sum::<u64>(),
+            "usage": {"prompt_tokens": tokens.0, "completion_tokens": tokens.1},
+            "attempts": self.attempts.iter().map(attempt_view).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn attempt_view(a: &Attempt) -> serde_json::Value {
+    serde_json::json!({
+        "attempt": a.n,
+        "state": a.state.as_str(),
+        "sandbox": a.sandbox,
+        "round": a.round,
+        "tool_calls": a.tool_calls,
+        "usage": a.usage,
+        "started_at": a.started_at,
+        "finished_at": a.finished_at,
+        "timings": a.timings,
+        "final_message": a.final_message,
+        "check": a.check,
+        "diff": a.diff,
+        "has_patch": a.diff.as_ref().is_some_and(|d| d.bytes > 0),
+        "error": a.error,
+        "note": a.note,
+    })
+}
+
+/// The order results are shown in: passing checks (succeeded) first, then attempts with a
+/// non-empty diff, smaller diffs first, then by number.
+pub fn rank(attempts: &[Attempt]) -> Vec<&Attempt> {
+    let mut v: Vec<&Attempt> = attempts.iter().collect();
+    v.sort_by_key(|a| {
+        let size = a.diff.as_ref().map(|d| d.additions + d.deletions);
+        (
+            a.state != TaskState::Succeeded,
+            size.is_none_or(|s| s == 0),
+            size.unwrap_or(u64::MAX),
+            a.n,
+        )
+    });
+    v
+}
