@@ -173,8 +173,14 @@ struct LoopDevice {
 /// Attaches `file` to a free loop device with autoclear. Another process can take the free
 /// device between asking and configuring it (EBUSY): then ask again.
 fn attach_loop(file: &File) -> io::Result<LoopDevice> {
-    let control = open_rw(Path::new("/dev/loop-control"))
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot open /dev/loop-control: {e}")))?;
+    let control = open_rw(Path::new("/dev/loop-control")).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot open /dev/loop-control ({e}): a disk limit needs loop devices (modprobe loop), or run without one (agentd run --disk none, sandbox_disk = \"none\")"
+            ),
+        )
+    })?;
     let mut last = None;
     for _ in 0..64 {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number; `control`
