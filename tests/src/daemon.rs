@@ -363,6 +363,17 @@ impl Daemon {
         }
     }
 
+    /// Creates a plain sandbox (no OpenCode) of the opencode image; its id.
+    pub fn plain_sandbox(&self) -> String {
+        let r = self.call(
+            "POST",
+            "/v1/sandboxes",
+            Some(serde_json::json!({"image": "opencode", "opencode": false})),
+        );
+        assert_eq!(r.status, 201, "{}\n{}", r.text(), self.log());
+        r.json()["id"].as_str().unwrap().to_string()
+    }
+
     /// Runs a command in a sandbox: (exit code, stdout, stderr).
     pub fn exec(&self, id: &str, cmd: &[&str]) -> (i64, String, String) {
         let r = self.call(

@@ -694,13 +694,7 @@ fn test_teardown_removes_what_serve_set_up() {
     let Some(images) = store() else { return };
     let port = agentd_tests::registry::free_port().to_string();
     let mut d = Daemon::start(&images, &["--gateway-port", &port]);
-    let r = d.call(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"image": "opencode", "opencode": false})),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_string();
+    let id = d.plain_sandbox();
     let shim = d.shim_pid(&id).expect("the sandbox's shim");
 
     let out = d.teardown(&[]);

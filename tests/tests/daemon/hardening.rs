@@ -20,17 +20,6 @@ fn plain_daemon(images: &std::path::Path) -> Daemon {
     Daemon::start(images, &["--gateway-port", &port])
 }
 
-/// A plain sandbox (no OpenCode) of the opencode image; its id.
-fn plain_sandbox(d: &Daemon) -> String {
-    let r = d.call(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"image": "opencode", "opencode": false})),
-    );
-    assert_eq!(r.status, 201, "{}\n{}", r.text(), d.log());
-    r.json()["id"].as_str().unwrap().to_string()
-}
-
 /// Lines of an exec response: (stdout, stderr, the last line).
 fn exec_lines(body: &[u8]) -> (String, String, serde_json::Value) {
     let (mut out, mut err, mut end) = (String::new(), String::new(), json!(null));
@@ -83,7 +72,7 @@ fn test_exec_streams_takes_stdin_and_dies_with_its_client() {
     require_sandbox_support!();
     let Some(images) = store() else { return };
     let d = plain_daemon(&images);
-    let id = plain_sandbox(&d);
+    let id = d.plain_sandbox();
 
     // The shim's argv (the sandbox's PID 1 is a fork of it) names no host path, nor do the
     // overlay's options in the sandbox's mountinfo (its dirs are named by the shim's fds).
@@ -248,7 +237,7 @@ fn test_deep_tree_neither_crashes_agentd_nor_outlives_its_sandbox() {
     require_sandbox_support!();
     let Some(images) = store() else { return };
     let d = plain_daemon(&images);
-    let id = plain_sandbox(&d);
+    let id = d.plain_sandbox();
     // Built from the host side into the sandbox's rootfs, fd by fd (a shell in the sandbox
     // would fork a mkdir per level). Owned by host root: inside it is nobody's.
     let home = d
@@ -455,7 +444,7 @@ fn test_sigterm_is_quick_and_the_cli_says_what_is_wrong() {
     require_sandbox_support!();
     let Some(images) = store() else { return };
     let mut d = plain_daemon(&images);
-    let id = plain_sandbox(&d);
+    let id = d.plain_sandbox();
     let mut s = exec_stream(&d, &id, r#"{"command":["sleep","infinity"]}"#);
     std::thread::sleep(Duration::from_millis(500));
     let t = Instant::now();
@@ -656,7 +645,7 @@ fn test_full_disk_fails_requests_and_loses_nothing() {
             &agentd_tests::registry::free_port().to_string(),
         ],
     );
-    let a = plain_sandbox(&d);
+    let a = d.plain_sandbox();
     // Fill the disk.
     let filler = d.state.path().join("filler");
     {
@@ -690,7 +679,7 @@ fn test_full_disk_fails_requests_and_loses_nothing() {
     d.kill(libc::SIGKILL);
     d.start_again();
     assert_eq!(listed_ids(&d).contains(&a), a_listed, "{}", d.log());
-    let b = plain_sandbox(&d);
+    let b = d.plain_sandbox();
     let (code, _, _) = d.exec(&b, &["true"]);
     assert_eq!(code, 0);
     for id in listed_ids(&d) {
@@ -718,7 +707,7 @@ fn test_disk_limit_bounds_bytes_and_inodes() {
     let Some(images) = store() else { return };
     let d = plain_daemon(&images);
     // The default: 10g, shown by inspect and by df inside.
-    let id = plain_sandbox(&d);
+    let id = d.plain_sandbox();
     let v = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
     assert_eq!(v["limits"]["disk_bytes"], 10u64 << 30, "{v}");
     let (code, out, err) = d.exec(&id, &["sh", "-c", "df -k / | tail -1"]);
