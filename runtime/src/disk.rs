@@ -62,8 +62,10 @@ struct LoopConfig {
 }
 
 /// Makes the bounded file system for the overlay of `dir` and mounts it at `<dir>/overlay`.
-/// `root` owns its root dir (the sandbox's root on the host). Undone by [`unmount`].
-pub fn mount(dir: &Path, bytes: u64, root: (u32, u32)) -> io::Result<()> {
+/// Its root dir belongs to host root (mode 0755): the overlay's upper dir in it is the
+/// sandbox's, the log files beside it are not, and nothing of the sandbox's can plant a link
+/// there. Undone by [`unmount`].
+pub fn mount(dir: &Path, bytes: u64) -> io::Result<()> {
     if bytes < MIN_DISK_BYTES {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -82,7 +84,7 @@ pub fn mount(dir: &Path, bytes: u64, root: (u32, u32)) -> io::Result<()> {
         .open(&image)?;
     // Sparse: blocks are allocated on the host only as the sandbox writes.
     file.set_len(bytes)?;
-    mke2fs(&image, root)?;
+    mke2fs(&image)?;
     let device = attach_loop(&file)?;
     drop(file);
     let source = device.path.clone();
@@ -117,7 +119,7 @@ pub fn unmount(dir: &Path) -> io::Result<()> {
     }
 }
 
-fn mke2fs(image: &Path, root: (u32, u32)) -> io::Result<()> {
+fn mke2fs(image: &Path) -> io::Result<()> {
     let program = MKE2FS
         .iter()
         .map(Path::new)
@@ -138,10 +140,7 @@ fn mke2fs(image: &Path, root: (u32, u32)) -> io::Result<()> {
             "0",
         ])
         .arg("-E")
-        .arg(format!(
-            "lazy_itable_init=1,nodiscard,root_owner={}:{}",
-            root.0, root.1
-        ))
+        .arg("lazy_itable_init=1,nodiscard,root_owner=0:0")
         .arg(image)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -263,7 +262,7 @@ mod tests {
     #[test]
     fn test_refuses_a_tiny_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let e = mount(dir.path(), 1024, (0, 0)).unwrap_err();
+        let e = mount(dir.path(), 1024).unwrap_err();
         assert!(e.to_string().contains("minimum"), "{e}");
     }
 }

@@ -102,7 +102,7 @@ pub fn mount_overlay(
 ) -> io::Result<MountedOverlay> {
     validate_layers(layers).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     if let Some(bytes) = disk {
-        crate::disk::mount(dir, bytes, root)?;
+        crate::disk::mount(dir, bytes)?;
     }
     let mounted = mount_layers(dir, layers, root);
     if mounted.is_err() {
