@@ -828,3 +828,105 @@ fn join_netns(path: &Path) -> Result<()> {
         "{what}: is it a network namespace (ip netns add)?"
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{ClientError, ShimClient};
+    use crate::proto::ExitStatus;
+
+    /// Serves `replies.len()` connections on `listener` like the shim does: reads a request
+    /// (with its fds), hands it to `on_request`, sends the reply it returns.
+    fn fake_shim(
+        listener: UnixListener,
+        mut on_request: impl FnMut(Request, Option<Fds>) -> Option<Response> + Send + 'static,
+        connections: usize,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            for _ in 0..connections {
+                let (stream, _) = listener.accept().unwrap();
+                let (request, fds) = read_request(&stream).unwrap();
+                // `None`: close without answering, like a shim that died.
+                if let Some(response) = on_request(request, fds) {
+                    reply(stream, &response);
+                }
+            }
+        })
+    }
+
+    /// The protocol end to end, both ends as they ship, over a real Unix socket: a request
+    /// with three fds attached (SCM_RIGHTS) arrives whole and its fds work; replies come
+    /// back typed; an error reply and a silent close are errors the client names.
+    #[test]
+    fn test_shim_protocol_exec_fds_errors_and_silence() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("shim.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let server = fake_shim(
+            listener,
+            |request, fds| match request {
+                Request::Exec(req) => {
+                    assert_eq!(req.args, vec!["echo".to_string(), "hi".into()]);
+                    assert_eq!(req.env, vec!["A=1".to_string()]);
+                    assert_eq!(req.uid, Some(1000));
+                    let (_stdin, stdout, stderr) = fds.expect("three fds");
+                    File::from(stdout).write_all(b"out").unwrap();
+                    File::from(stderr).write_all(b"err").unwrap();
+                    Some(Response::ExecStarted {
+                        exec_id: 7,
+                        pid: 4242,
+                    })
+                }
+                Request::WaitExec { exec_id } => {
+                    assert_eq!(exec_id, 7);
+                    assert!(fds.is_none());
+                    Some(Response::Exited(ExitStatus {
+                        code: 3,
+                        oom_killed: false,
+                    }))
+                }
+                Request::Stats => Some(Response::Error("cgroup gone".into())),
+                Request::State => None,
+                other => panic!("unexpected request {other:?}"),
+            },
+            4,
+        );
+        let client = ShimClient::new(&socket);
+        let (status, out, err) = client
+            .exec_output(crate::ExecRequest {
+                args: vec!["echo".into(), "hi".into()],
+                env: vec!["A=1".into()],
+                cwd: None,
+                uid: Some(1000),
+            })
+            .unwrap();
+        assert_eq!(status.code, 3);
+        assert_eq!((out.as_slice(), err.as_slice()), (&b"out"[..], &b"err"[..]));
+        match client.stats() {
+            Err(ClientError::Shim(m)) => assert_eq!(m, "cgroup gone"),
+            other => panic!("expected the shim's error, got {other:?}"),
+        }
+        match client.state() {
+            Err(ClientError::Protocol(m)) => assert!(m.contains("closed"), "{m}"),
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+        server.join().unwrap();
+    }
+
+    /// A request larger than the shim accepts is refused, not read into memory without end.
+    #[test]
+    fn test_shim_refuses_oversized_requests() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            let big = Request::Exec(crate::ExecRequest {
+                args: vec!["x".repeat(2 * MAX_REQUEST)],
+                ..Default::default()
+            });
+            let _ = a.write_all(&serde_json::to_vec(&big).unwrap());
+        });
+        let e = read_request(&b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        drop(b);
+        writer.join().unwrap();
+    }
+}
