@@ -101,11 +101,19 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
-/// Panics when `AGENTD_E2E_REQUIRED` is set (`cargo xtask ci` sets it): in CI a test that
-/// cannot run fails instead of passing quietly.
+/// Whether every end-to-end test must run: `AGENTD_E2E=1` (`cargo xtask ci` and so
+/// `.ci/run` set it; `AGENTD_E2E_REQUIRED`, its old name, still counts). Then a test that
+/// cannot run here fails instead of passing quietly; otherwise it prints `SKIPPED: why`.
+pub fn e2e_required() -> bool {
+    std::env::var("AGENTD_E2E").is_ok_and(|v| v == "1")
+        || std::env::var_os("AGENTD_E2E_REQUIRED").is_some()
+}
+
+/// Panics when [`e2e_required`]: in CI a test that cannot run fails instead of passing
+/// quietly.
 pub fn required_or_skip() {
-    if std::env::var_os("AGENTD_E2E_REQUIRED").is_some() {
-        panic!("a test cannot run here (see the SKIPPED line) and AGENTD_E2E_REQUIRED is set");
+    if e2e_required() {
+        panic!("a test cannot run here (see the SKIPPED line) and AGENTD_E2E=1 is set");
     }
 }
 
@@ -114,9 +122,9 @@ pub fn required_or_skip() {
 macro_rules! require_sandbox_support {
     () => {
         if let Some(reason) = $crate::skip_reason() {
-            // `cargo xtask ci` sets this: there a test that cannot run is a failure.
-            if std::env::var_os("AGENTD_E2E_REQUIRED").is_some() {
-                panic!("cannot run: {reason} (AGENTD_E2E_REQUIRED is set)");
+            // `cargo xtask ci` sets AGENTD_E2E=1: there a test that cannot run is a failure.
+            if $crate::e2e_required() {
+                panic!("cannot run: {reason} (AGENTD_E2E=1 is set)");
             }
             eprintln!("SKIPPED: {reason}");
             return;

@@ -19,7 +19,7 @@ pub fn run() -> anyhow::Result<()> {
     crate::run(
         cargo()
             .args(["test", "--workspace", "--", "--test-threads=1"])
-            .env("AGENTD_E2E_REQUIRED", "1"),
+            .env("AGENTD_E2E", "1"),
     )?;
     crate::vm::run()
 }
