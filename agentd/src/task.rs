@@ -28,7 +28,6 @@
 //! workspace in and takes the diff out.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,6 +41,8 @@ use crate::sandbox::{now_ms, random_hex, CreateSandbox, Manager, Sandbox, Sandbo
 use crate::workspace::{WorkspaceInfo, WorkspaceSpec};
 
 mod agent;
+mod events;
+pub use events::MAX_EVENTS_BYTES;
 mod git;
 pub mod model;
 
@@ -117,74 +118,35 @@ const MAX_EVENT_RECONNECTS: u32 = 5;
 /// Pause between tries of a sandbox create refused by a quota.
 const QUOTA_RETRY: Duration = Duration::from_secs(2);
 
-/// Most bytes of a task's events file. Past it, only the events that tell the task's course
-/// (states, checks, diffs, the end) are written; what an agent says or does (`tool`, `error`,
-/// `message`, which a hostile OpenCode could send without end) is dropped, and one
-/// `events.dropped` event says so.
-pub const MAX_EVENTS_BYTES: u64 = 64 << 20;
-
 /// Distinct tool calls followed per attempt and round (past it they are neither counted nor
 /// reported: a bound on what a sandbox can make agentd remember).
 const MAX_TOOL_PARTS: usize = 100_000;
 
-/// What a task's events file holds so far.
-#[derive(Default)]
-struct EventLog {
-    /// Its size, read from the file at the first event after a start.
-    bytes: Option<u64>,
-    /// Events dropped past [`MAX_EVENTS_BYTES`].
-    dropped: u64,
-}
-
-impl EventLog {
-    /// The event to write for one of `kind` when the file holds `bytes`: itself, the one
-    /// `events.dropped` notice, or nothing (dropped).
-    fn admit<'a>(
-        &mut self,
-        bytes: u64,
-        kind: &'a str,
-        data: serde_json::Value,
-    ) -> Option<(&'a str, serde_json::Value)> {
-        if bytes < MAX_EVENTS_BYTES || !matches!(kind, "tool" | "error" | "message") {
-            return Some((kind, data));
-        }
-        self.dropped += 1;
-        (self.dropped == 1).then(|| {
-            ("events.dropped", serde_json::json!({"message": format!(
-                "the events log reached {MAX_EVENTS_BYTES} bytes: from here on only states, checks, diffs and the end are logged"
-            )}))
-        })
-    }
-}
-
 /// A task in memory.
 pub struct Task {
+    /// Its id (the record's, which never changes).
+    id: String,
     /// The record; persisted on every change. A std mutex: held to read or update fields,
     /// never across an await.
     record: Mutex<TaskRecord>,
-    /// Id of the last event written; SSE readers wait on it.
-    events_tx: watch::Sender<u64>,
-    /// Serializes appends to the events file (id order = file order) and counts its bytes.
-    events_lock: Mutex<EventLog>,
+    /// Its events log: what the writer thread needs, shared with it.
+    events: Arc<events::Log>,
     /// Set to `Cancelled`/`TimedOut` to end the running attempts.
     stop_tx: watch::Sender<Option<TaskState>>,
     /// Attempts whose sandbox create is under way (in a task of its own, which a cancel does
     /// not interrupt: a create stopped half-way would leave a sandbox nobody supervises).
     creating: Mutex<HashSet<u32>>,
-    /// `task.finished` is in the events log: readers past it end their streams.
-    finished_logged: std::sync::atomic::AtomicBool,
 }
 
 impl Task {
     fn new(record: TaskRecord, last_event: u64) -> Arc<Task> {
         let stop = record.stop;
         Arc::new(Task {
+            id: record.id.clone(),
+            events: Arc::new(events::Log::new(&record.id, last_event)),
             record: Mutex::new(record),
-            events_tx: watch::channel(last_event).0,
-            events_lock: Mutex::new(EventLog::default()),
             stop_tx: watch::channel(stop).0,
             creating: Mutex::new(HashSet::new()),
-            finished_logged: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -195,17 +157,18 @@ impl Task {
 
     /// Id of the last event.
     pub fn last_event(&self) -> u64 {
-        *self.events_tx.borrow()
+        *self.events.tx.borrow()
     }
 
     /// Wakes when an event is written.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.events_tx.subscribe()
+        self.events.tx.subscribe()
     }
 
     /// Whether a reader that has seen event `last` has seen the whole story.
     pub fn read_to_end(&self, last: u64) -> bool {
-        self.finished_logged
+        self.events
+            .finished
             .load(std::sync::atomic::Ordering::SeqCst)
             && last >= self.last_event()
     }
@@ -228,6 +191,8 @@ pub struct TaskManager {
     tasks: Mutex<HashMap<String, Arc<Task>>>,
     /// `<state>/tasks`.
     dir: PathBuf,
+    /// Appends events to the tasks' logs, off the async workers.
+    events: events::EventWriter,
 }
 
 impl TaskManager {
@@ -239,6 +204,7 @@ impl TaskManager {
             mgr,
             tasks: Mutex::new(HashMap::new()),
             dir,
+            events: events::EventWriter::start()?,
         }))
     }
 
@@ -296,44 +262,14 @@ impl TaskManager {
         self.mgr.db.put(TASKS, &rec.id, &rec).map_err(Error::from)
     }
 
-    /// Appends an event (`kind` plus the fields of `data`) to the task's log and wakes readers.
+    /// Queues an event (`kind` plus the fields of `data`) for the task's log; the writer
+    /// thread appends it and wakes readers. Never blocks. A deleted task logs nothing.
     fn emit(&self, task: &Task, kind: &str, data: serde_json::Value) {
-        let id = task.snapshot().id;
-        if !self.map().contains_key(&id) {
+        if !self.map().contains_key(&task.id) {
             return;
         }
-        let mut log = task.events_lock.lock().expect("events lock");
-        let path = self.events_path(&id);
-        let bytes = *log
-            .bytes
-            .get_or_insert_with(|| std::fs::metadata(&path).map_or(0, |m| m.len()));
-        let Some((kind, data)) = log.admit(bytes, kind, data) else {
-            return;
-        };
-        let seq = task.last_event() + 1;
-        let mut ev = serde_json::json!({"id": seq, "type": kind, "time": now_ms()});
-        if let (Some(obj), serde_json::Value::Object(extra)) = (ev.as_object_mut(), data) {
-            obj.extend(extra);
-        }
-        let mut line = serde_json::to_vec(&ev).expect("an event serializes");
-        line.push(b'\n');
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| f.write_all(&line));
-        if written.is_ok() {
-            log.bytes = Some(bytes + line.len() as u64);
-        }
-        if let Err(e) = written {
-            tracing::error!(task = %id, error = %e, "failed to write a task event");
-            return;
-        }
-        if kind == "task.finished" {
-            task.finished_logged
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-        task.events_tx.send_replace(seq);
+        self.events
+            .send(&task.events, self.events_path(&task.id), kind, data);
     }
 
     /// Changes a field of attempt `n` in memory only (saved with the next [`Self::update`] or
@@ -1151,10 +1087,11 @@ impl TaskManager {
                     owned.insert(s.clone());
                 }
             }
-            let (last, last_kind) = repair_events(&self.events_path(&rec.id));
+            let (last, last_kind) = events::repair_events(&self.events_path(&rec.id));
             let task = Task::new(rec.clone(), last);
             if last_kind.as_deref() == Some("task.finished") {
-                task.finished_logged
+                task.events
+                    .finished
                     .store(true, std::sync::atomic::Ordering::SeqCst);
             }
             self.map().insert(rec.id.clone(), task.clone());
@@ -1282,26 +1219,6 @@ impl TaskManager {
             .filter(|v| v["id"].as_u64().is_some_and(|i| i > after))
             .collect()
     }
-}
-
-/// Truncates a torn last line of an events log (a crash mid-write); returns the last event's
-/// id and type.
-fn repair_events(path: &Path) -> (u64, Option<String>) {
-    let Ok(data) = std::fs::read(path) else {
-        return (0, None);
-    };
-    let keep = data.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
-    if keep < data.len() {
-        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) {
-            let _ = f.set_len(u64::try_from(keep).unwrap_or(0));
-        }
-    }
-    data[..keep]
-        .split(|b| *b == b'\n')
-        .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["id"].as_u64()?, v["type"].as_str().map(String::from))))
-        .max_by_key(|(id, _)| *id)
-        .unwrap_or((0, None))
 }
 
 /// The prompt of the next round after a failed check.
@@ -1476,42 +1393,6 @@ mod tests {
             "{ex}"
         );
         assert_eq!(sh_quote("it's"), "'it'\\''s'");
-    }
-
-    #[test]
-    fn test_events_log_repair() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("events.jsonl");
-        std::fs::write(&p, "{\"id\":1}\n{\"id\":2}\n{\"id\":3,\"ty").unwrap();
-        assert_eq!(repair_events(&p), (2, None));
-        assert_eq!(
-            std::fs::read_to_string(&p).unwrap(),
-            "{\"id\":1}\n{\"id\":2}\n"
-        );
-        assert_eq!(repair_events(&dir.path().join("none")), (0, None));
-    }
-
-    #[test]
-    fn test_events_past_the_cap_keep_only_the_course() {
-        let mut log = EventLog::default();
-        let v = serde_json::json!({});
-        assert_eq!(log.admit(10, "tool", v.clone()).unwrap().0, "tool");
-        let full = MAX_EVENTS_BYTES;
-        assert_eq!(
-            log.admit(full, "tool", v.clone()).unwrap().0,
-            "events.dropped"
-        );
-        assert!(log.admit(full, "tool", v.clone()).is_none());
-        assert!(log.admit(full, "message", v.clone()).is_none());
-        assert_eq!(
-            log.admit(full, "attempt.state", v.clone()).unwrap().0,
-            "attempt.state"
-        );
-        assert_eq!(
-            log.admit(full, "task.finished", v).unwrap().0,
-            "task.finished"
-        );
-        assert_eq!(log.dropped, 3);
     }
 
     #[test]
