@@ -3,21 +3,23 @@
 //! errors and wire types belong to the API.
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 
 /// Error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every response (and proxied request) body.
-pub type Body = BoxBody<Bytes, BoxError>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// An empty body.
 pub fn empty() -> Body {
-    Full::new(Bytes::new()).map_err(|e| match e {}).boxed()
+    Full::new(Bytes::new())
+        .map_err(|e| match e {})
+        .boxed_unsync()
 }
 
 /// A body from bytes.
 pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|e| match e {}).boxed()
+    Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
 }
 
 /// A frame sender for a streamed body (see [`channel_body`]).
@@ -28,7 +30,7 @@ pub fn channel_body(
     mut rx: tokio::sync::mpsc::Receiver<Result<hyper::body::Frame<Bytes>, BoxError>>,
 ) -> Body {
     let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    BodyExt::boxed(http_body_util::StreamBody::new(stream))
+    BodyExt::boxed_unsync(http_body_util::StreamBody::new(stream))
 }
 
 /// Most bytes of one server-sent event (all its lines up to the blank line that ends it).

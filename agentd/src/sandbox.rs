@@ -59,7 +59,7 @@ pub mod fs;
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Where a sandbox is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SandboxState {
     /// Resources are being made.
@@ -96,7 +96,7 @@ impl SandboxState {
 }
 
 /// Token usage through the LLM gateway.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct Usage {
     /// Requests forwarded.
     pub requests: u64,
@@ -107,7 +107,7 @@ pub struct Usage {
 }
 
 /// How a sandbox ended.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct ExitInfo {
     /// Exit status of its command (128+N for signal N), if known.
     pub code: Option<i32>,
@@ -170,29 +170,6 @@ pub struct SandboxRecord {
     pub usage: Usage,
     /// How it ended.
     pub exit: Option<ExitInfo>,
-}
-
-impl SandboxRecord {
-    /// The public view.
-    pub fn view(&self) -> serde_json::Value {
-        serde_json::json!({
-            "id": self.id,
-            "name": self.name,
-            "image": self.image,
-            "image_digest": self.image_digest,
-            "state": self.state.as_str(),
-            "created_at": self.created_at,
-            "ready_at": self.ready_at,
-            "address": self.address.to_string(),
-            "limits": {"memory_bytes": self.memory_bytes, "cpus": self.cpus, "pids": self.pids, "disk_bytes": self.disk_bytes},
-            "idle_timeout_secs": self.idle_timeout_secs,
-            "ttl_secs": self.ttl_secs,
-            "labels": self.labels,
-            "opencode": self.opencode.is_some(),
-            "usage": self.usage,
-            "exit": self.exit,
-        })
-    }
 }
 
 /// A size given as bytes or as text like `2g`.
@@ -352,6 +329,24 @@ impl Drop for ActiveGuard {
         self.0.touch();
         self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// What a create decided before it holds anything: limits, image, command.
+struct Plan {
+    /// Validated limits.
+    limits: Limits,
+    /// Memory limit, bytes (the request's or the default).
+    memory: u64,
+    /// The image as requested.
+    image_name: String,
+    /// Its rootfs layers and config.
+    image: agentd_images::ImageRootfs,
+    /// OpenCode runs in it.
+    opencode: bool,
+    /// The image's env, workdir and user.
+    defaults: crate::image_spec::ImageDefaults,
+    /// What runs (OpenCode's command, the request's, or nothing: the sandbox idles).
+    args: Vec<String>,
 }
 
 /// The error for a request that gives both a command and OpenCode.
@@ -629,16 +624,42 @@ impl Manager {
         Ok(image)
     }
 
-    /// Creates a sandbox: validate, resolve the image, admit (quotas, address, record), spec,
-    /// start; returns once it runs (OpenCode may still be starting).
+    /// Creates a sandbox: validate and resolve the image ([`Self::plan`]), admit it (quotas,
+    /// address, record: [`Self::admit`]), write its spec ([`Self::spec`]) and start it
+    /// ([`Self::start`]); returns once it runs (OpenCode may still be starting).
     pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> Result<SandboxRecord> {
         let started = Instant::now();
-        let (limits, image_name) = self.validate_create(&req)?;
+        let plan = self.plan(&req).await?;
+        let (sb, secrets) = self.admit(&req, &plan).await?;
+        let id = sb.snapshot().id;
+        tracing::debug!(sandbox = %id, ms = started.elapsed().as_secs_f64() * 1e3, "create: image and record ready");
+        let spec = self.spec(&req, &plan, &id, secrets.as_ref());
+        if let Err(e) = self.start(&sb, &plan, spec).await {
+            self.net.remove_link(&id);
+            self.map().remove(&id);
+            let _ = self.db.delete(SANDBOXES, &id);
+            return Err(e);
+        }
+        tracing::debug!(sandbox = %id, ms = started.elapsed().as_secs_f64() * 1e3, "create: shim reports started");
+        self.metrics.observe_create(started.elapsed());
+        if plan.opencode {
+            self.set_state_lazy(&sb, SandboxState::Starting, |_| {});
+        } else {
+            self.set_state_lazy(&sb, SandboxState::Ready, |r| r.ready_at = Some(now_ms()));
+        }
+        tracing::info!(sandbox = %id, image = %plan.image_name, opencode = plan.opencode, "sandbox created");
+        self.clone().supervise(sb.clone()).await;
+        Ok(sb.snapshot())
+    }
+
+    /// Step 1 of a create: the request validated, its image resolved (built or unpacked if
+    /// need be) and what runs in it decided. Nothing is held yet.
+    async fn plan(&self, req: &CreateSandbox) -> Result<Plan> {
+        let (limits, image_name) = self.validate_create(req)?;
         let memory = limits.memory_bytes.unwrap_or(self.config.sandbox_memory);
         if let Some(model) = &req.model {
             self.check_model(model).await?;
         }
-
         let image = self.resolve_image(&image_name).await?;
         let opencode = req.opencode.unwrap_or_else(|| {
             image
@@ -654,7 +675,6 @@ impl Manager {
         }
         let defaults = crate::image_spec::defaults(&image)
             .map_err(|e| Error::Invalid(format!("image {image_name}: {e:#}")))?;
-        let user = defaults.user;
         let args = if opencode {
             let cmd = crate::opencode::command();
             if !crate::image_spec::find_command(&image.lower_dirs, &cmd[0], &image.config.env) {
@@ -666,9 +686,25 @@ impl Manager {
         } else {
             req.command.clone().unwrap_or_default()
         };
+        Ok(Plan {
+            limits,
+            memory,
+            image_name,
+            image,
+            opencode,
+            defaults,
+            args,
+        })
+    }
 
-        // Quotas, address and record, under the create lock.
-        let guard = self.create_lock.lock().await;
+    /// Step 2: quotas checked, an address and an id chosen and the record made, under the
+    /// create lock (so two creates cannot both take the last slot or the same address).
+    async fn admit(
+        &self,
+        req: &CreateSandbox,
+        plan: &Plan,
+    ) -> Result<(Arc<Sandbox>, Option<OpenCodeSecrets>)> {
+        let _guard = self.create_lock.lock().await;
         let (live, committed, used): (usize, u64, Vec<Ipv4Addr>) = {
             let map = self.map();
             let live: Vec<SandboxRecord> = map
@@ -682,6 +718,7 @@ impl Manager {
                 live.iter().map(|r| r.address).collect(),
             )
         };
+        let memory = plan.memory;
         if live >= self.config.max_sandboxes {
             return Err(Error::Quota(format!(
                 "agentd runs {live} sandboxes, its maximum (max_sandboxes): stop or delete one first"
@@ -708,44 +745,53 @@ impl Manager {
             .find(|a| !used.contains(a))
             .ok_or_else(|| Error::Quota("no free address in the sandbox subnet".into()))?;
         let id = random_hex(6);
-        let secrets = opencode.then(|| OpenCodeSecrets {
+        let secrets = plan.opencode.then(|| OpenCodeSecrets {
             password: random_hex(24),
             gateway_token: random_hex(24),
         });
         let record = SandboxRecord {
             id: id.clone(),
             name: req.name.clone(),
-            image: image_name.clone(),
-            image_digest: image.image.manifest.to_string(),
+            image: plan.image_name.clone(),
+            image_digest: plan.image.image.manifest.to_string(),
             state: SandboxState::Creating,
             created_at: now_ms(),
             ready_at: None,
             address,
             memory_bytes: memory,
             cpus: req.limits.cpus,
-            pids: limits.pids,
-            disk_bytes: limits.disk_bytes,
+            pids: plan.limits.pids,
+            disk_bytes: plan.limits.disk_bytes,
             idle_timeout_secs: req.idle_timeout_secs.unwrap_or(self.config.idle_timeout),
             ttl_secs: req.ttl_secs,
             labels: req.labels.clone(),
             opencode: secrets.clone(),
-            user,
+            user: plan.defaults.user,
             usage: Usage::default(),
             exit: None,
         };
         // The record (state `creating`) is written durably while the shim starts, in
-        // parallel: a crash before the write lands leaves a state dir without a record, which
-        // the next start removes; after it, the next start finds the record and reattaches
-        // if the shim runs. Later state changes of the create are written lazily.
+        // parallel (see [`Self::start`]): a crash before the write lands leaves a state dir
+        // without a record, which the next start removes; after it, the next start finds the
+        // record and reattaches if the shim runs. Later state changes of the create are
+        // written lazily.
         let sb = Sandbox::new(record);
-        self.map().insert(id.clone(), sb.clone());
-        drop(guard);
-        tracing::debug!(sandbox = %id, ms = started.elapsed().as_secs_f64() * 1e3, "create: image and record ready");
+        self.map().insert(id, sb.clone());
+        Ok((sb, secrets))
+    }
 
-        // The spec.
-        let mut env = defaults.env;
+    /// Step 3: the runtime's spec: the image's defaults, OpenCode's environment, the
+    /// request's environment, user namespaces and limits.
+    fn spec(
+        &self,
+        req: &CreateSandbox,
+        plan: &Plan,
+        id: &str,
+        secrets: Option<&OpenCodeSecrets>,
+    ) -> SandboxSpec {
+        let mut env = plan.defaults.env.clone();
         let mut set = |kv: String| crate::image_spec::set_env(&mut env, kv);
-        if let Some(s) = &secrets {
+        if let Some(s) = secrets {
             for kv in crate::opencode::env(
                 &s.password,
                 (self.net.bridge_addr, self.config.gateway_port),
@@ -758,78 +804,70 @@ impl Manager {
         for (k, v) in &req.env {
             set(format!("{k}={v}"));
         }
-        let mut spec = SandboxSpec::new(args);
+        let user = plan.defaults.user;
+        let mut spec = SandboxSpec::new(plan.args.clone());
         spec.idle = spec.args.is_empty();
         spec.env = env;
-        spec.cwd = defaults.cwd;
+        spec.cwd = plan.defaults.cwd.clone();
         spec.uid = user.0;
         spec.gid = user.1;
         spec.hostname = format!("sb-{id}");
         spec.uid_map = Some(IdMap::unprivileged(self.config.id_base));
         spec.gid_map = Some(IdMap::unprivileged(self.config.id_base));
-        spec.limits = limits;
+        spec.limits = plan.limits.clone();
         spec.readonly_rootfs = false;
+        spec
+    }
 
-        // Network, then the shim; undo in reverse on failure.
-        let result: Result<()> = async {
-            spec.network = NetworkMode::Veth(VethConfig {
-                host: Network::link_name(&id),
-                bridge: self.net.bridge.clone(),
-                address,
-                prefix_len: self.config.prefix_len,
-            });
-            let runtime = self.runtime.clone();
-            let id2 = id.clone();
-            let layers = image.lower_dirs.clone();
-            let start = tokio::task::spawn_blocking(move || {
-                runtime.create(&id2, Rootfs::Layers(layers), &spec, None)
-            });
-            let me = self.clone();
-            let sb2 = sb.clone();
-            let write = tokio::task::spawn_blocking(move || me.persist(&sb2));
-            let (started, written) = tokio::join!(start, write);
-            started
-                .map_err(Error::internal)?
-                .map_err(|e| {
-                    let chain = agentd_runtime::error_chain(&e);
-                    if chain.contains("os error 28") || chain.contains("No space left") {
-                        Error::NoSpace(
-                            "agentd's disk is full: the sandbox was not created (free space on the state dir's filesystem and retry)".into(),
-                        )
-                    } else {
-                        Error::internal(chain)
-                    }
-                })?;
-            // A sandbox whose record could not be saved is not acknowledged: the next start
-            // would take it for debris. It is removed again and the create fails.
-            if let Err(e) = written.map_err(Error::internal).and_then(|r| r) {
-                let client = self.runtime.client(&id);
-                let _ = tokio::task::spawn_blocking(move || {
-                    let _ = client.kill(libc::SIGKILL);
-                    client.delete()
-                })
-                .await;
-                return Err(e);
+    /// Step 4: the network link and the shim, while the record is written. On an error the
+    /// caller removes the link and the record; a started shim whose record could not be
+    /// saved is removed here.
+    async fn start(
+        self: &Arc<Self>,
+        sb: &Arc<Sandbox>,
+        plan: &Plan,
+        mut spec: SandboxSpec,
+    ) -> Result<()> {
+        let rec = sb.snapshot();
+        let id = rec.id.clone();
+        spec.network = NetworkMode::Veth(VethConfig {
+            host: Network::link_name(&id),
+            bridge: self.net.bridge.clone(),
+            address: rec.address,
+            prefix_len: self.config.prefix_len,
+        });
+        let runtime = self.runtime.clone();
+        let id2 = id.clone();
+        let layers = plan.image.lower_dirs.clone();
+        let start = tokio::task::spawn_blocking(move || {
+            runtime.create(&id2, Rootfs::Layers(layers), &spec, None)
+        });
+        let me = self.clone();
+        let sb2 = sb.clone();
+        let write = tokio::task::spawn_blocking(move || me.persist(&sb2));
+        let (started, written) = tokio::join!(start, write);
+        started.map_err(Error::internal)?.map_err(|e| {
+            let chain = agentd_runtime::error_chain(&e);
+            if chain.contains("os error 28") || chain.contains("No space left") {
+                Error::NoSpace(
+                    "agentd's disk is full: the sandbox was not created (free space on the state dir's filesystem and retry)".into(),
+                )
+            } else {
+                Error::internal(chain)
             }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            self.net.remove_link(&id);
-            self.map().remove(&id);
-            let _ = self.db.delete(SANDBOXES, &id);
+        })?;
+        // A sandbox whose record could not be saved is not acknowledged: the next start
+        // would take it for debris. It is removed again and the create fails.
+        if let Err(e) = written.map_err(Error::internal).and_then(|r| r) {
+            let client = self.runtime.client(&id);
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = client.kill(libc::SIGKILL);
+                client.delete()
+            })
+            .await;
             return Err(e);
         }
-        tracing::debug!(sandbox = %id, ms = started.elapsed().as_secs_f64() * 1e3, "create: shim reports started");
-        self.metrics.observe_create(started.elapsed());
-        if opencode {
-            self.set_state_lazy(&sb, SandboxState::Starting, |_| {});
-        } else {
-            self.set_state_lazy(&sb, SandboxState::Ready, |r| r.ready_at = Some(now_ms()));
-        }
-        tracing::info!(sandbox = %id, image = %image_name, opencode, "sandbox created");
-        self.clone().supervise(sb.clone()).await;
-        Ok(sb.snapshot())
+        Ok(())
     }
 
     /// Starts watching a running sandbox: its exit, and for OpenCode its readiness.

@@ -5,7 +5,7 @@
 use hyper::StatusCode;
 
 /// An error answered to an API client.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     /// The request is malformed or invalid (400).
     #[error("{0}")]
@@ -97,6 +97,16 @@ impl ApiError {
     /// An internal error from anything displayable, with its causes.
     pub fn internal(e: impl std::fmt::Display) -> Self {
         ApiError::Internal(format!("{e:#}"))
+    }
+}
+
+/// A handler's error becomes its status here; [`super::handle`] writes the body, which
+/// carries the request's id.
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        let mut response = self.status().into_response();
+        response.extensions_mut().insert(self);
+        response
     }
 }
 

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hyper::body::{Frame, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::body::Frame;
+use hyper::{Method, Response, StatusCode};
 
 use super::error::ApiError;
 use super::{Body, BoxError};
@@ -35,10 +35,9 @@ fn io_api(path: &str, e: io::Error) -> ApiError {
 pub(crate) async fn handle(
     mgr: &Arc<Manager>,
     sb: Arc<Sandbox>,
-    req: Request<Incoming>,
+    path: String,
+    req: super::Req,
 ) -> Result<Response<Body>, ApiError> {
-    let path = super::query_param(&req, "path")
-        .ok_or_else(|| ApiError::BadRequest("the path query parameter is required".into()))?;
     if !path.starts_with('/') {
         return Err(ApiError::BadRequest("path must be absolute".into()));
     }
@@ -70,7 +69,10 @@ pub(crate) async fn handle(
     .map_err(|e| io_api(&path, e))?;
     Ok(super::json(
         StatusCode::OK,
-        &serde_json::json!({"path": path, "entries": written}),
+        &super::types::Uploaded {
+            path,
+            entries: written as u64,
+        },
     ))
 }
 

@@ -3,45 +3,26 @@
 
 use std::sync::Arc;
 
+use axum::extract::State;
+use axum::Extension;
 use bytes::Bytes;
-use hyper::body::{Frame, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::body::Frame;
+use hyper::{Response, StatusCode};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
-use super::{json, read_json, Body, BoxError};
+use super::routes::{Params, Query};
+use super::types::{ImageList, ImageView, ImportQuery, ImportRequest, PullRequest, Removed};
+use super::{json, read_json, Body, BoxError, Origin, Req};
 use crate::sandbox::Manager;
 use agentd_images::{Platform, Progress, ProgressEvent, PullOptions, Reference, UnpackOptions};
-
-/// `POST /v1/images/pull`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PullBody {
-    /// Image reference.
-    reference: String,
-    /// Platform, os/arch[/variant].
-    platform: Option<String>,
-    /// Allow plain HTTP to a registry that is not on loopback.
-    #[serde(default)]
-    insecure: bool,
-}
-
-/// `POST /v1/images/import`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ImportBody {
-    /// Host path of an OCI layout (dir or tar) or a docker-archive tar.
-    path: String,
-    /// Name to record the image under.
-    name: Option<String>,
-}
 
 /// Largest image archive accepted as a request body.
 pub const MAX_IMPORT_BYTES: u64 = 64 << 30;
 
 /// Whether an import request carries the archive as its body (rather than a JSON host path).
-fn is_archive(req: &Request<Incoming>) -> bool {
+fn is_archive(req: &Req) -> bool {
     let ct = req
         .headers()
         .get(hyper::header::CONTENT_TYPE)
@@ -112,174 +93,163 @@ impl Progress for ChannelProgress {
     }
 }
 
-pub(crate) async fn dispatch(
-    mgr: &Arc<Manager>,
-    method: &Method,
-    segs: &[&str],
-    req: Request<Incoming>,
-    tcp: bool,
-) -> Result<Response<Body>, ApiError> {
-    let unpack = UnpackOptions {
+/// A handler's answer.
+type Reply = Result<Response<Body>, ApiError>;
+
+/// How images are unpacked for this daemon's sandboxes.
+fn unpack_options(mgr: &Manager) -> UnpackOptions {
+    UnpackOptions {
         id_offset: mgr.config.id_base,
         ..UnpackOptions::default()
-    };
-    match (method, segs) {
-        (&Method::GET, []) => {
-            let store = mgr.store.clone();
-            let images = tokio::task::spawn_blocking(move || store.images())
-                .await
-                .map_err(ApiError::internal)?
-                .map_err(store_err)?;
-            let list: Vec<_> = images.iter().map(record_json).collect();
-            Ok(json(StatusCode::OK, &serde_json::json!({ "images": list })))
-        }
-        (&Method::POST, ["pull"]) => {
-            let body: PullBody = read_json(req).await?;
-            let reference: Reference = body
-                .reference
-                .parse()
-                .map_err(|e| ApiError::BadRequest(format!("{e}")))?;
-            let platform: Platform = match &body.platform {
-                Some(p) => p
-                    .parse()
-                    .map_err(|e| ApiError::BadRequest(format!("{e}")))?,
-                None => Platform::default(),
-            };
-            let options = PullOptions {
-                platform,
-                insecure: body.insecure,
-                unpack: Some(unpack),
-                ..PullOptions::default()
-            };
-            let (tx, rx) = mpsc::channel(256);
-            let store = mgr.store.clone();
-            tokio::spawn(async move {
-                let progress = Arc::new(ChannelProgress(tx.clone()));
-                let result =
-                    agentd_images::registry::pull(&store, &reference, &options, progress).await;
-                let end = match result {
-                    Ok(rec) => serde_json::json!({"event": "complete", "image": record_json(&rec)}),
-                    Err(e) => {
-                        serde_json::json!({"event": "error", "error": {"code": "pull_failed", "message": agentd_runtime::error_chain(&e)}})
-                    }
-                };
-                let _ = tx.send(super::json_line(&end)).await;
-            });
-            Ok(Response::builder()
-                .header(hyper::header::CONTENT_TYPE, "application/x-ndjson")
-                .body(super::channel_body(rx))
-                .expect("valid response"))
-        }
-        (&Method::POST, ["import"]) => {
-            let archive = is_archive(&req);
-            let (path, name, upload) = if archive {
-                // The archive is the body, streamed to a file of agentd's own.
-                let name = super::query_param(&req, "name");
-                let (file, size) = super::spool_body(mgr, req, MAX_IMPORT_BYTES).await?;
-                if size == 0 {
-                    return Err(ApiError::BadRequest(
-                        "the body is empty: send the image archive (OCI layout or docker-archive tar)"
-                            .into(),
-                    ));
-                }
-                (file.0.clone(), name, Some(file))
-            } else {
-                let body: ImportBody = read_json(req).await?;
-                // Reading host files is a privilege of the root-only socket: a TCP token must
-                // not grant it (nor tell which paths exist).
-                if tcp {
-                    return Err(ApiError::Forbidden(
-                        "host paths are accepted on agentd's Unix socket only: over TCP send the archive as the body (Content-Type: application/x-tar, ?name=NAME)".into(),
-                    ));
-                }
-                let path = std::path::PathBuf::from(&body.path);
-                if !path.is_absolute() {
-                    return Err(ApiError::BadRequest(
-                        "path must be an absolute host path".into(),
-                    ));
-                }
-                if !path.exists() {
-                    return Err(ApiError::BadRequest(format!(
-                        "{}: no such file or directory",
-                        body.path
-                    )));
-                }
-                (path, body.name, None)
-            };
-            let store = mgr.store.clone();
-            let records = tokio::task::spawn_blocking(move || {
-                let recs = agentd_images::layout::import(
-                    &store,
-                    &path,
-                    name.as_deref(),
-                    &Platform::default(),
-                )?;
-                for r in &recs {
-                    store
-                        .rootfs(&r.name, &unpack)
-                        .map_err(agentd_images::LayoutError::from)?;
-                }
-                Ok::<_, agentd_images::LayoutError>(recs)
-            })
-            .await
-            .map_err(ApiError::internal)?
-            .map_err(|e| {
-                // Only agentd's own top-level message: the causes below it come from parsers
-                // (tar, JSON) that quote what they read, which must never reach the client.
-                tracing::debug!(error = %agentd_runtime::error_chain(&e), "image import failed");
-                ApiError::BadRequest(format!(
-                    "not an importable image (an OCI layout, dir or tar, or a docker-archive tar): {}",
-                    first_line(&e.to_string())
-                ))
-            });
-            drop(upload);
-            let records = records?;
-            let list: Vec<_> = records.iter().map(record_json).collect();
-            Ok(json(
-                StatusCode::CREATED,
-                &serde_json::json!({ "images": list }),
-            ))
-        }
-        (&Method::GET, name) if !name.is_empty() => {
-            let name = name.join("/");
-            let store = mgr.store.clone();
-            let rec = tokio::task::spawn_blocking(move || store.resolve(&name))
-                .await
-                .map_err(ApiError::internal)?
-                .map_err(store_err)?;
-            Ok(json(StatusCode::OK, &record_json(&rec)))
-        }
-        (&Method::DELETE, name) if !name.is_empty() => {
-            let name = name.join("/");
-            let store = mgr.store.clone();
-            let rec = tokio::task::spawn_blocking(move || store.remove_image(&name))
-                .await
-                .map_err(ApiError::internal)?
-                .map_err(store_err)?;
-            Ok(json(
-                StatusCode::OK,
-                &serde_json::json!({"removed": rec.name}),
-            ))
-        }
-        _ => Err(ApiError::NotFound(format!(
-            "no route {method} /v1/images/{}",
-            segs.join("/")
-        ))),
     }
 }
 
-/// The wire form of an image (the API's answers and `agentd image ... --json`).
-pub fn record_json(record: &agentd_images::ImageRecord) -> serde_json::Value {
-    serde_json::json!({
-        "name": record.name,
-        "manifest": record.manifest,
-        "index": record.index,
-        "config_digest": record.config,
-        "platform": record.platform,
-        "size": record.size(),
-        "added": record.added,
-        "layers": record.layers.iter().map(|l| serde_json::json!({
-            "digest": l.digest, "media_type": l.media_type, "size": l.size, "diff_id": l.diff_id,
-        })).collect::<Vec<_>>(),
+/// `GET /v1/images`.
+pub(crate) async fn list(State(mgr): State<Arc<Manager>>) -> Reply {
+    let store = mgr.store.clone();
+    let images = tokio::task::spawn_blocking(move || store.images())
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(store_err)?;
+    let images = images.iter().map(ImageView::from).collect();
+    Ok(json(StatusCode::OK, &ImageList { images }))
+}
+
+/// `POST /v1/images/pull`: progress as JSON lines.
+pub(crate) async fn pull(State(mgr): State<Arc<Manager>>, req: Req) -> Reply {
+    let unpack = unpack_options(&mgr);
+    let body: PullRequest = read_json(req).await?;
+    let reference: Reference = body
+        .reference
+        .parse()
+        .map_err(|e| ApiError::BadRequest(format!("{e}")))?;
+    let platform: Platform = match &body.platform {
+        Some(p) => p
+            .parse()
+            .map_err(|e| ApiError::BadRequest(format!("{e}")))?,
+        None => Platform::default(),
+    };
+    let options = PullOptions {
+        platform,
+        insecure: body.insecure,
+        unpack: Some(unpack),
+        ..PullOptions::default()
+    };
+    let (tx, rx) = mpsc::channel(256);
+    let store = mgr.store.clone();
+    tokio::spawn(async move {
+        let progress = Arc::new(ChannelProgress(tx.clone()));
+        let result = agentd_images::registry::pull(&store, &reference, &options, progress).await;
+        let end = match result {
+            Ok(rec) => serde_json::json!({"event": "complete", "image": ImageView::from(&rec)}),
+            Err(e) => {
+                serde_json::json!({"event": "error", "error": {"code": "pull_failed", "message": agentd_runtime::error_chain(&e)}})
+            }
+        };
+        let _ = tx.send(super::json_line(&end)).await;
+    });
+    Ok(Response::builder()
+        .header(hyper::header::CONTENT_TYPE, "application/x-ndjson")
+        .body(super::channel_body(rx))
+        .expect("valid response"))
+}
+
+/// `POST /v1/images/import`: an archive as the body, or a host path on the socket.
+pub(crate) async fn import(
+    State(mgr): State<Arc<Manager>>,
+    Extension(origin): Extension<Origin>,
+    Query(q): Query<ImportQuery>,
+    req: Req,
+) -> Reply {
+    let unpack = unpack_options(&mgr);
+    let tcp = origin.token.is_some();
+    let archive = is_archive(&req);
+    let (path, name, upload) = if archive {
+        // The archive is the body, streamed to a file of agentd's own.
+        let name = q.name;
+        let (file, size) = super::spool_body(&mgr, req, MAX_IMPORT_BYTES).await?;
+        if size == 0 {
+            return Err(ApiError::BadRequest(
+                "the body is empty: send the image archive (OCI layout or docker-archive tar)"
+                    .into(),
+            ));
+        }
+        (file.0.clone(), name, Some(file))
+    } else {
+        let body: ImportRequest = read_json(req).await?;
+        // Reading host files is a privilege of the root-only socket: a TCP token must
+        // not grant it (nor tell which paths exist).
+        if tcp {
+            return Err(ApiError::Forbidden(
+                "host paths are accepted on agentd's Unix socket only: over TCP send the archive as the body (Content-Type: application/x-tar, ?name=NAME)".into(),
+            ));
+        }
+        let path = std::path::PathBuf::from(&body.path);
+        if !path.is_absolute() {
+            return Err(ApiError::BadRequest(
+                "path must be an absolute host path".into(),
+            ));
+        }
+        if !path.exists() {
+            return Err(ApiError::BadRequest(format!(
+                "{}: no such file or directory",
+                body.path
+            )));
+        }
+        (path, body.name, None)
+    };
+    let store = mgr.store.clone();
+    let records = tokio::task::spawn_blocking(move || {
+        let recs =
+            agentd_images::layout::import(&store, &path, name.as_deref(), &Platform::default())?;
+        for r in &recs {
+            store
+                .rootfs(&r.name, &unpack)
+                .map_err(agentd_images::LayoutError::from)?;
+        }
+        Ok::<_, agentd_images::LayoutError>(recs)
     })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e| {
+        // Only agentd's own top-level message: the causes below it come from parsers
+        // (tar, JSON) that quote what they read, which must never reach the client.
+        tracing::debug!(error = %agentd_runtime::error_chain(&e), "image import failed");
+        ApiError::BadRequest(format!(
+            "not an importable image (an OCI layout, dir or tar, or a docker-archive tar): {}",
+            first_line(&e.to_string())
+        ))
+    });
+    drop(upload);
+    let records = records?;
+    let images = records.iter().map(ImageView::from).collect();
+    Ok(json(StatusCode::CREATED, &ImageList { images }))
+}
+
+/// An image's name from the path (`{*name}`: it may hold slashes, encoded or not).
+#[derive(Deserialize)]
+pub(crate) struct Name {
+    name: String,
+}
+
+/// `GET /v1/images/{name}`.
+pub(crate) async fn inspect(State(mgr): State<Arc<Manager>>, Params(p): Params<Name>) -> Reply {
+    let name = p.name;
+    let store = mgr.store.clone();
+    let rec = tokio::task::spawn_blocking(move || store.resolve(&name))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(store_err)?;
+    Ok(json(StatusCode::OK, &ImageView::from(&rec)))
+}
+
+/// `DELETE /v1/images/{name}`.
+pub(crate) async fn remove(State(mgr): State<Arc<Manager>>, Params(p): Params<Name>) -> Reply {
+    let name = p.name;
+    let store = mgr.store.clone();
+    let rec = tokio::task::spawn_blocking(move || store.remove_image(&name))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(store_err)?;
+    Ok(json(StatusCode::OK, &Removed { removed: rec.name }))
 }

@@ -52,8 +52,7 @@ pub fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
 pub(crate) async fn opencode(
     mgr: &Arc<Manager>,
     sb: Arc<Sandbox>,
-    _rest: &[&str],
-    req: Request<Incoming>,
+    req: super::Req,
 ) -> Result<Response<Body>, ApiError> {
     let rec = sb.snapshot();
     let Some(secrets) = rec.opencode.clone() else {
@@ -116,7 +115,9 @@ pub(crate) async fn opencode(
     );
     parts.uri = uri;
     parts.version = hyper::Version::HTTP_11;
-    let body = body.map_err(|e| -> super::BoxError { Box::new(e) }).boxed();
+    let body = body
+        .map_err(|e| -> super::BoxError { Box::new(e) })
+        .boxed_unsync();
     let upstream = Request::from_parts(parts, body);
     let resp = mgr.http.request(upstream).await.map_err(|e| {
         ApiError::BadGateway(format!(
@@ -134,7 +135,7 @@ pub(crate) async fn opencode(
         _guard: guard,
     }
     .map_err(|e| -> super::BoxError { Box::new(e) })
-    .boxed();
+    .boxed_unsync();
     Ok(Response::from_parts(parts, body))
 }
 

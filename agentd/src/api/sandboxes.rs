@@ -1,19 +1,23 @@
 //! `/v1/sandboxes`: create, list, inspect, stop, delete, exec (streamed), logs (with follow)
 //! and stats. Files and the OpenCode proxy have their own modules.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::State;
 use bytes::Bytes;
-use hyper::body::{Frame, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
-use serde::Deserialize;
+use hyper::body::Frame;
+use hyper::{Response, StatusCode};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
-use super::{json, read_json, Body, BoxError};
+use super::routes::{Id, Params, Query};
+use super::types::{
+    ExecLine, ExecRequest, FilesQuery, ListQuery, LogStream, LogsQuery, SandboxList, SandboxView,
+    Stats,
+};
+use super::{json, read_json, Body, BoxError, Req};
 use crate::exec::{Stream, Utf8Chunker};
 use crate::sandbox::{ActiveGuard, CreateSandbox, Manager, Sandbox, SandboxState};
 
@@ -23,80 +27,117 @@ pub const STOPPING: &str = "agentd is stopping: this stream ends here (sandboxes
 /// Longest exec timeout.
 pub const MAX_EXEC_TIMEOUT_SECS: u64 = 24 * 3600;
 
-pub(crate) async fn dispatch(
-    mgr: &Arc<Manager>,
-    method: &Method,
-    segs: &[&str],
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
-    match (method, segs) {
-        (&Method::GET, []) => {
-            let label = super::query_param(&req, "label");
-            let items: Vec<serde_json::Value> = mgr
-                .list()
-                .iter()
-                .map(|s| s.snapshot())
-                .filter(|r| match &label {
-                    None => true,
-                    Some(l) => {
-                        let (k, v) = l.split_once('=').unwrap_or((l, ""));
-                        r.labels.get(k).is_some_and(|x| v.is_empty() || x == v)
-                    }
-                })
-                .map(|r| r.view())
-                .collect();
-            Ok(json(
-                StatusCode::OK,
-                &serde_json::json!({ "sandboxes": items }),
-            ))
-        }
-        (&Method::POST, []) => {
-            let body: CreateSandbox = read_json(req).await?;
-            // In a task of its own: hyper drops this future when the client goes away, and a
-            // create stopped half-way would leave a sandbox nobody supervises.
-            let mgr2 = mgr.clone();
-            let rec = tokio::spawn(async move { mgr2.create(body).await })
-                .await
-                .map_err(ApiError::internal)??;
-            Ok(json(StatusCode::CREATED, &rec.view()))
-        }
-        (_, []) => Err(ApiError::MethodNotAllowed(
-            "use GET or POST on /v1/sandboxes".into(),
-        )),
-        (_, [id, rest @ ..]) => {
-            let sb = mgr.get(id)?;
-            // Any request to the sandbox counts as activity for its idle timeout, except
-            // reading its status (a dashboard polling it must not keep it alive).
-            if !(method == Method::GET && rest.is_empty()) {
-                sb.touch();
-            }
-            match (method, rest) {
-                (&Method::GET, []) => Ok(json(StatusCode::OK, &sb.snapshot().view())),
-                (&Method::DELETE, []) => {
-                    mgr.delete(&sb).await?;
-                    Ok(Response::builder()
-                        .status(StatusCode::NO_CONTENT)
-                        .body(super::empty())
-                        .expect("valid response"))
-                }
-                (&Method::POST, ["stop"]) => {
-                    mgr.stop(&sb, "stopped by request").await;
-                    Ok(json(StatusCode::OK, &sb.snapshot().view()))
-                }
-                (&Method::POST, ["exec"]) => exec(mgr, sb, req).await,
-                (&Method::GET, ["logs"]) => logs(mgr, sb, &req).await,
-                (&Method::GET, ["stats"]) => stats(mgr, &sb).await,
-                (&Method::GET | &Method::PUT, ["files"]) => {
-                    super::files::handle(mgr, sb, req).await
-                }
-                (_, ["opencode", ..]) => super::proxy::opencode(mgr, sb, &rest[1..], req).await,
-                _ => Err(ApiError::NotFound(format!(
-                    "no route {method} /v1/sandboxes/{id}/{}",
-                    rest.join("/")
-                ))),
-            }
-        }
+/// A handler's answer.
+type Reply = Result<Response<Body>, ApiError>;
+
+/// The sandbox a request names. Any request to it counts as activity for its idle timeout,
+/// except reading its status (a dashboard polling it must not keep it alive).
+fn named(mgr: &Manager, id: &str, touch: bool) -> Result<Arc<Sandbox>, ApiError> {
+    let sb = mgr.get(id)?;
+    if touch {
+        sb.touch();
     }
+    Ok(sb)
+}
+
+/// `GET /v1/sandboxes[?label=key=value]`.
+pub(crate) async fn list(State(mgr): State<Arc<Manager>>, Query(q): Query<ListQuery>) -> Reply {
+    let label = q.label;
+    let sandboxes = mgr
+        .list()
+        .iter()
+        .map(|s| s.snapshot())
+        .filter(|r| match &label {
+            None => true,
+            Some(l) => {
+                let (k, v) = l.split_once('=').unwrap_or((l, ""));
+                r.labels.get(k).is_some_and(|x| v.is_empty() || x == v)
+            }
+        })
+        .map(|r| SandboxView::from(&r))
+        .collect();
+    Ok(json(StatusCode::OK, &SandboxList { sandboxes }))
+}
+
+/// `POST /v1/sandboxes`.
+pub(crate) async fn create(State(mgr): State<Arc<Manager>>, req: Req) -> Reply {
+    let body: CreateSandbox = read_json(req).await?;
+    // In a task of its own: hyper drops this future when the client goes away, and a
+    // create stopped half-way would leave a sandbox nobody supervises.
+    let rec = tokio::spawn(async move { mgr.create(body).await })
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(json(StatusCode::CREATED, &SandboxView::from(&rec)))
+}
+
+/// `GET /v1/sandboxes/{id}`.
+pub(crate) async fn inspect(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let sb = named(&mgr, &p.id, false)?;
+    Ok(json(StatusCode::OK, &SandboxView::from(&sb.snapshot())))
+}
+
+/// `DELETE /v1/sandboxes/{id}`.
+pub(crate) async fn delete(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let sb = named(&mgr, &p.id, true)?;
+    mgr.delete(&sb).await?;
+    Ok(Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(super::empty())
+        .expect("valid response"))
+}
+
+/// `POST /v1/sandboxes/{id}/stop`.
+pub(crate) async fn stop(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let sb = named(&mgr, &p.id, true)?;
+    mgr.stop(&sb, "stopped by request").await;
+    Ok(json(StatusCode::OK, &SandboxView::from(&sb.snapshot())))
+}
+
+/// `POST /v1/sandboxes/{id}/exec`.
+pub(crate) async fn exec_route(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Id>,
+    req: Req,
+) -> Reply {
+    let sb = named(&mgr, &p.id, true)?;
+    exec(&mgr, sb, req).await
+}
+
+/// `GET /v1/sandboxes/{id}/logs`.
+pub(crate) async fn logs_route(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Id>,
+    Query(q): Query<LogsQuery>,
+) -> Reply {
+    let sb = named(&mgr, &p.id, true)?;
+    logs(&mgr, sb, q.follow, q.stream).await
+}
+
+/// `GET /v1/sandboxes/{id}/stats`.
+pub(crate) async fn stats_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let sb = named(&mgr, &p.id, true)?;
+    stats(&mgr, &sb).await
+}
+
+/// `GET` and `PUT /v1/sandboxes/{id}/files?path=`.
+pub(crate) async fn files(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Id>,
+    Query(q): Query<FilesQuery>,
+    req: Req,
+) -> Reply {
+    let sb = named(&mgr, &p.id, true)?;
+    super::files::handle(&mgr, sb, q.path, req).await
+}
+
+/// Any method on `/v1/sandboxes/{id}/opencode[/{path}]`.
+pub(crate) async fn opencode(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Id>,
+    req: Req,
+) -> Reply {
+    let sb = named(&mgr, &p.id, true)?;
+    super::proxy::opencode(&mgr, sb, req).await
 }
 
 fn require_live(sb: &Sandbox) -> Result<(), ApiError> {
@@ -120,35 +161,14 @@ async fn stats(mgr: &Arc<Manager>, sb: &Arc<Sandbox>) -> Result<Response<Body>, 
         .map_err(|e| mgr.shim_failed(sb, "stats", &e.to_string()))?;
     Ok(json(
         StatusCode::OK,
-        &serde_json::json!({
-            "memory_bytes": stats.memory_bytes,
-            "memory_peak_bytes": stats.memory_peak_bytes,
-            "cpu_usec": stats.cpu_usec,
-            "pids": stats.pids,
-            "cpu_throttled_periods": stats.cpu_throttled_periods,
-        }),
+        &Stats {
+            memory_bytes: stats.memory_bytes,
+            memory_peak_bytes: stats.memory_peak_bytes,
+            cpu_usec: stats.cpu_usec,
+            pids: stats.pids,
+            cpu_throttled_periods: stats.cpu_throttled_periods,
+        },
     ))
-}
-
-/// `POST .../exec` body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExecBody {
-    /// Command and arguments.
-    command: Vec<String>,
-    /// Extra environment.
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    /// Working directory.
-    cwd: Option<String>,
-    /// Seconds before the process is killed [default: none].
-    timeout_secs: Option<u64>,
-    /// Uid inside the sandbox [default: the sandbox's user].
-    uid: Option<u32>,
-    /// The bytes after the JSON request (and one newline) are the process's stdin
-    /// [default: false, stdin is /dev/null].
-    #[serde(default)]
-    stdin: bool,
 }
 
 fn stream_response(
@@ -168,12 +188,8 @@ fn stream_response(
 /// The body is the JSON request; with `"stdin": true` the bytes after it (and one `\n`) are
 /// the process's stdin, streamed as they arrive, closed at the body's end. A client that
 /// goes away kills the process.
-async fn exec(
-    mgr: &Arc<Manager>,
-    sb: Arc<Sandbox>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
-    let (body, stdin): (ExecBody, _) = read_exec_request(req).await?;
+async fn exec(mgr: &Arc<Manager>, sb: Arc<Sandbox>, req: Req) -> Result<Response<Body>, ApiError> {
+    let (body, stdin): (ExecRequest, _) = read_exec_request(req).await?;
     require_live(&sb)?;
     if body.command.is_empty() || body.command[0].is_empty() {
         return Err(ApiError::BadRequest("command must not be empty".into()));
@@ -253,14 +269,13 @@ async fn exec(
         if *mgr.shutdown.borrow() {
             return;
         }
-        let mut line = serde_json::json!({
-            "exit_code": end.code,
-            "timed_out": end.timed_out,
-            "oom_killed": end.oom_killed,
-        });
-        if let Some(e) = end.error {
-            line["error"] = e.into();
-        }
+        let line = ExecLine {
+            exit_code: end.code,
+            timed_out: Some(end.timed_out),
+            oom_killed: Some(end.oom_killed),
+            error: end.error,
+            ..ExecLine::default()
+        };
         let _ = tx.send(super::json_line(&line)).await;
     });
     Ok(stream_response("application/x-ndjson", rx))
@@ -272,14 +287,14 @@ const MAX_EXEC_HEAD: usize = 1 << 20;
 /// Reads an exec request: its JSON body and, when it asks for stdin, the rest of the body
 /// as a stream of chunks.
 async fn read_exec_request(
-    req: Request<Incoming>,
-) -> Result<(ExecBody, Option<mpsc::Receiver<Bytes>>), ApiError> {
+    req: Req,
+) -> Result<(ExecRequest, Option<mpsc::Receiver<Bytes>>), ApiError> {
     use http_body_util::BodyExt;
     let mut body = req.into_body();
     let mut buf: Vec<u8> = Vec::new();
     let mut ended = false;
     let (head, used) = loop {
-        let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<ExecBody>();
+        let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<ExecRequest>();
         match it.next() {
             Some(Ok(v)) => break (v, it.byte_offset()),
             Some(Err(e)) if !e.is_eof() || ended => {
@@ -362,25 +377,16 @@ async fn read_exec_request(
 async fn logs(
     mgr: &Arc<Manager>,
     sb: Arc<Sandbox>,
-    req: &Request<Incoming>,
+    follow: bool,
+    which: LogStream,
 ) -> Result<Response<Body>, ApiError> {
-    let follow = matches!(
-        super::query_param(req, "follow").as_deref(),
-        Some("true" | "1")
-    );
-    let which = super::query_param(req, "stream");
-    let streams: Vec<(&'static str, &'static str)> = match which.as_deref() {
-        None | Some("both") => vec![
+    let streams: Vec<(&'static str, &'static str)> = match which {
+        LogStream::Both => vec![
             ("stdout", agentd_runtime::layout::STDOUT),
             ("stderr", agentd_runtime::layout::STDERR),
         ],
-        Some("stdout") => vec![("stdout", agentd_runtime::layout::STDOUT)],
-        Some("stderr") => vec![("stderr", agentd_runtime::layout::STDERR)],
-        Some(other) => {
-            return Err(ApiError::BadRequest(format!(
-                "stream must be stdout, stderr or both, got {other:?}"
-            )))
-        }
+        LogStream::Stdout => vec![("stdout", agentd_runtime::layout::STDOUT)],
+        LogStream::Stderr => vec![("stderr", agentd_runtime::layout::STDERR)],
     };
     let (tx, rx) = mpsc::channel(64);
     let mgr = mgr.clone();
@@ -448,9 +454,10 @@ mod tests {
 
     #[test]
     fn test_exec_body_refuses_unknown_fields() {
-        let e = serde_json::from_str::<ExecBody>(r#"{"command":["ls"],"cmd":"x"}"#).unwrap_err();
+        let e = serde_json::from_str::<ExecRequest>(r#"{"command":["ls"],"cmd":"x"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field `cmd`"), "{e}");
-        let ok: ExecBody = serde_json::from_str(r#"{"command":["ls"],"timeout_secs":3}"#).unwrap();
+        let ok: ExecRequest =
+            serde_json::from_str(r#"{"command":["ls"],"timeout_secs":3}"#).unwrap();
         assert_eq!(ok.timeout_secs, Some(3));
         let frame = crate::api::json_line(&serde_json::json!({"a": 1}))
             .unwrap()

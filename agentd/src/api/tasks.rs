@@ -4,12 +4,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::State;
+use axum::Extension;
 use bytes::Bytes;
-use hyper::body::{Frame, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::body::Frame;
+use hyper::{Response, StatusCode};
+use serde::Deserialize;
 
 use super::error::ApiError;
-use super::{json, read_json, Body};
+use super::routes::{Id, Params, Query};
+use super::types::{EventsQuery, RankedAttempt, TaskList, TaskResult, TaskView, UploadedWorkspace};
+use super::{json, read_json, Body, Origin, Req};
+use crate::sandbox::Manager;
 use crate::task::{CreateTask, Task, TaskManager};
 
 /// Seconds between keep-alive comments on an idle event stream.
@@ -22,109 +28,141 @@ fn service(mgr: &crate::sandbox::Manager) -> Result<Arc<TaskManager>, ApiError> 
         .ok_or_else(|| ApiError::Unavailable("tasks are not available yet".into()))
 }
 
-/// `/v1/workspaces`: upload a tar for `workspace.upload`.
-pub(crate) async fn dispatch_workspaces(
-    mgr: &Arc<crate::sandbox::Manager>,
-    method: &Method,
-    segs: &[&str],
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
-    let tasks = service(mgr)?;
-    match (method, segs) {
-        (&Method::POST, []) => {
-            let (body, size) = super::spool_body(mgr, req, super::files::MAX_UPLOAD as u64).await?;
-            if size == 0 {
-                return Err(ApiError::BadRequest(
-                    "the body is empty: send the workspace as a tar".into(),
-                ));
-            }
-            let (id, info) = tasks.upload(&body.0).await?;
-            Ok(json(
-                StatusCode::CREATED,
-                &serde_json::json!({"upload": id, "entries": info.entries, "bytes": info.bytes}),
-            ))
-        }
-        _ => Err(ApiError::MethodNotAllowed(
-            "POST a tar to /v1/workspaces".into(),
-        )),
-    }
+/// A handler's answer.
+type Reply = Result<Response<Body>, ApiError>;
+
+/// A task's attempt in a path.
+#[derive(Deserialize)]
+pub(crate) struct Attempt {
+    id: String,
+    n: String,
 }
 
-/// `/v1/tasks/...`; `tcp` says the request came over TCP (host paths are refused there).
-pub(crate) async fn dispatch(
-    mgr: &Arc<crate::sandbox::Manager>,
-    method: &Method,
-    segs: &[&str],
-    req: Request<Incoming>,
-    tcp: bool,
-) -> Result<Response<Body>, ApiError> {
-    let tasks = service(mgr)?;
-    match (method, segs) {
-        (&Method::GET, []) => {
-            let items: Vec<serde_json::Value> = tasks
-                .list()
-                .iter()
-                .map(|t| {
-                    let mut v = t.snapshot().view();
-                    if let Some(o) = v.as_object_mut() {
-                        o.remove("attempts");
-                    }
-                    v
-                })
-                .collect();
-            Ok(json(StatusCode::OK, &serde_json::json!({ "tasks": items })))
-        }
-        (&Method::POST, []) => {
-            let body: CreateTask = read_json(req).await?;
-            if tcp && body.workspace.path.is_some() {
-                return Err(ApiError::Forbidden(
-                    "workspace.path (a host directory) is accepted on agentd's Unix socket only; over TCP upload a tar to POST /v1/workspaces and give workspace.upload, or give workspace.git".into(),
-                ));
-            }
-            let rec = tasks.create(body, tcp).await?;
-            Ok(json(StatusCode::CREATED, &rec.view()))
-        }
-        (_, []) => Err(ApiError::MethodNotAllowed(
-            "use GET or POST on /v1/tasks".into(),
-        )),
-        (_, [id, rest @ ..]) => {
-            let task = tasks.get(id)?;
-            match (method, rest) {
-                (&Method::GET, []) => Ok(json(StatusCode::OK, &task.snapshot().view())),
-                (&Method::DELETE, []) => {
-                    let rec = tasks.delete(&task)?;
-                    Ok(json(StatusCode::ACCEPTED, &rec.view()))
-                }
-                (&Method::POST, ["cancel"]) => {
-                    if task.snapshot().deleting {
-                        return Err(ApiError::Conflict(format!("task {id} is being deleted")));
-                    }
-                    tasks.cancel(&task)?;
-                    Ok(json(StatusCode::ACCEPTED, &task.snapshot().view()))
-                }
-                (&Method::GET, ["events"]) => Ok(events(tasks, task, &req)),
-                (&Method::GET, ["result"]) => result(&tasks, &task).await,
-                (&Method::GET, ["attempts", n, "diff"]) => diff(&tasks, &task, n).await,
-                _ => Err(ApiError::NotFound(format!(
-                    "no route {method} /v1/tasks/{id}/{}",
-                    rest.join("/")
-                ))),
-            }
-        }
+/// `POST /v1/workspaces`: upload a tar for `workspace.upload`.
+pub(crate) async fn upload_workspace(State(mgr): State<Arc<Manager>>, req: Req) -> Reply {
+    let tasks = service(&mgr)?;
+    let (body, size) = super::spool_body(&mgr, req, super::files::MAX_UPLOAD as u64).await?;
+    if size == 0 {
+        return Err(ApiError::BadRequest(
+            "the body is empty: send the workspace as a tar".into(),
+        ));
     }
+    let (id, info) = tasks.upload(&body.0).await?;
+    Ok(json(
+        StatusCode::CREATED,
+        &UploadedWorkspace {
+            upload: id,
+            entries: info.entries,
+            bytes: info.bytes,
+        },
+    ))
+}
+
+/// `GET /v1/tasks`.
+pub(crate) async fn list(State(mgr): State<Arc<Manager>>) -> Reply {
+    let tasks = service(&mgr)?;
+    let tasks = tasks
+        .list()
+        .iter()
+        .map(|t| TaskView::of(&t.snapshot(), false))
+        .collect();
+    Ok(json(StatusCode::OK, &TaskList { tasks }))
+}
+
+/// `POST /v1/tasks`; over TCP host paths are refused.
+pub(crate) async fn create(
+    State(mgr): State<Arc<Manager>>,
+    Extension(origin): Extension<Origin>,
+    req: Req,
+) -> Reply {
+    let tasks = service(&mgr)?;
+    let tcp = origin.token.is_some();
+    let body: CreateTask = read_json(req).await?;
+    if tcp && body.workspace.path.is_some() {
+        return Err(ApiError::Forbidden(
+            "workspace.path (a host directory) is accepted on agentd's Unix socket only; over TCP upload a tar to POST /v1/workspaces and give workspace.upload, or give workspace.git".into(),
+        ));
+    }
+    let rec = tasks.create(body, tcp).await?;
+    Ok(json(StatusCode::CREATED, &TaskView::of(&rec, true)))
+}
+
+/// The task service and the task a path names.
+fn named(mgr: &Manager, id: &str) -> Result<(Arc<TaskManager>, Arc<Task>), ApiError> {
+    let tasks = service(mgr)?;
+    let task = tasks.get(id)?;
+    Ok((tasks, task))
+}
+
+/// `GET /v1/tasks/{id}`.
+pub(crate) async fn inspect(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let (_, task) = named(&mgr, &p.id)?;
+    Ok(json(StatusCode::OK, &TaskView::of(&task.snapshot(), true)))
+}
+
+/// `DELETE /v1/tasks/{id}`.
+pub(crate) async fn delete(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let (tasks, task) = named(&mgr, &p.id)?;
+    let rec = tasks.delete(&task)?;
+    Ok(json(StatusCode::ACCEPTED, &TaskView::of(&rec, true)))
+}
+
+/// `POST /v1/tasks/{id}/cancel`.
+pub(crate) async fn cancel(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let (tasks, task) = named(&mgr, &p.id)?;
+    if task.snapshot().deleting {
+        return Err(ApiError::Conflict(format!(
+            "task {} is being deleted",
+            p.id
+        )));
+    }
+    tasks.cancel(&task)?;
+    Ok(json(
+        StatusCode::ACCEPTED,
+        &TaskView::of(&task.snapshot(), true),
+    ))
+}
+
+/// `GET /v1/tasks/{id}/events`.
+pub(crate) async fn events_route(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Id>,
+    Query(q): Query<EventsQuery>,
+    headers: hyper::HeaderMap,
+) -> Reply {
+    let (tasks, task) = named(&mgr, &p.id)?;
+    let last_event_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::BadRequest("Last-Event-ID must be an event id (a number)".into())
+                })?,
+        ),
+    };
+    Ok(events(tasks, task, last_event_id.or(q.after).unwrap_or(0)))
+}
+
+/// `GET /v1/tasks/{id}/result`.
+pub(crate) async fn result_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let (tasks, task) = named(&mgr, &p.id)?;
+    result(&tasks, &task).await
+}
+
+/// `GET /v1/tasks/{id}/attempts/{n}/diff`.
+pub(crate) async fn diff_route(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Attempt>,
+) -> Reply {
+    let (tasks, task) = named(&mgr, &p.id)?;
+    diff(&tasks, &task, &p.n).await
 }
 
 /// Server-sent events: every event after `Last-Event-ID` (or `?after=`), then new ones as
 /// they happen, until `task.finished`.
-fn events(tasks: Arc<TaskManager>, task: Arc<Task>, req: &Request<Incoming>) -> Response<Body> {
-    let after = req
-        .headers()
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| super::query_param(req, "after"))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+fn events(tasks: Arc<TaskManager>, task: Arc<Task>, after: u64) -> Response<Body> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         let id = task.snapshot().id;
@@ -189,34 +227,37 @@ async fn result(tasks: &TaskManager, task: &Task) -> Result<Response<Body>, ApiE
                 .and_then(|b| String::from_utf8(b).ok()),
             None => None,
         };
-        attempts.push(serde_json::json!({
-            "rank": i + 1,
-            "attempt": a.n,
-            "state": a.state.as_str(),
-            "sandbox": a.sandbox,
-            "rounds": a.round,
-            "tool_calls": a.tool_calls,
-            "final_message": a.final_message,
-            "check": a.check,
-            "diff": a.diff,
-            "has_patch": has_patch,
-            "patch": patch,
-            "patch_url": a.diff.as_ref().map(|_| format!("/v1/tasks/{}/attempts/{}/diff", rec.id, a.n)),
-            "usage": a.usage,
-            "timings": a.timings,
-            "error": a.error,
-            "note": a.note,
-        }));
+        attempts.push(RankedAttempt {
+            rank: i as u32 + 1,
+            attempt: a.n,
+            state: a.state,
+            sandbox: a.sandbox.clone(),
+            rounds: a.round,
+            tool_calls: a.tool_calls,
+            final_message: a.final_message.clone(),
+            check: a.check.clone(),
+            diff: a.diff.clone(),
+            has_patch,
+            patch,
+            patch_url: a
+                .diff
+                .as_ref()
+                .map(|_| format!("/v1/tasks/{}/attempts/{}/diff", rec.id, a.n)),
+            usage: a.usage.clone(),
+            timings: a.timings.clone(),
+            error: a.error.clone(),
+            note: a.note.clone(),
+        });
     }
     Ok(json(
         StatusCode::OK,
-        &serde_json::json!({
-            "id": rec.id,
-            "state": rec.state.as_str(),
-            "finished": rec.state.is_terminal(),
-            "attempts_with_patch": with_patch,
-            "attempts": attempts,
-        }),
+        &TaskResult {
+            id: rec.id.clone(),
+            state: rec.state,
+            finished: rec.state.is_terminal(),
+            attempts_with_patch: with_patch,
+            attempts,
+        },
     ))
 }
 

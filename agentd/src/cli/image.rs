@@ -15,7 +15,7 @@ use anyhow::Context;
 /// Default state dir of agentd (the image store is `<state-dir>/images`).
 pub use crate::config::DEFAULT_STATE_DIR;
 
-use crate::api::images::record_json;
+use crate::api::types::ImageView;
 
 /// `agentd image` and its subcommands.
 #[derive(Debug, clap::Args)]
@@ -148,7 +148,10 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
                 .with_context(|| format!("cannot pull {reference}"))?;
             progress.clear();
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&record_json(&record))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&ImageView::from(&record))?
+                );
             } else {
                 eprintln!(
                     "pulled {} in {:.1}s",
@@ -175,7 +178,10 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
                         .with_context(|| format!("cannot unpack {}", record.name))?;
                 }
                 if args.json {
-                    println!("{}", serde_json::to_string_pretty(&record_json(record))?);
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&ImageView::from(record))?
+                    );
                 } else {
                     eprintln!(
                         "imported {} in {:.1}s",
@@ -206,7 +212,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
         ImageCommand::Ls => {
             let images = store.images()?;
             if args.json {
-                let list: Vec<_> = images.iter().map(record_json).collect();
+                let list: Vec<_> = images.iter().map(ImageView::from).collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
@@ -227,7 +233,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
         ImageCommand::Inspect { image } => {
             let record = store.resolve(&image)?;
             let config = store.image_config(&record)?;
-            let mut json = record_json(&record);
+            let mut json = serde_json::to_value(ImageView::from(&record))?;
             json["config"] = serde_json::json!({
                 "entrypoint": config.entrypoint,
                 "cmd": config.cmd,

@@ -5,6 +5,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+
+use crate::api::types::{ExecLine, ExecRequest, SandboxList, SandboxView, Stats};
+use crate::sandbox::SandboxState;
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use http_body_util::{BodyExt, Full};
@@ -246,22 +249,26 @@ fn kv_map(
     Ok(m)
 }
 
-fn print_table(items: &[serde_json::Value]) {
+/// A checked reply as the wire type `T`.
+pub(crate) fn check_as<T: serde::de::DeserializeOwned>(reply: &Reply) -> anyhow::Result<T> {
+    serde_json::from_value(check(reply)?)
+        .context("agentd's answer is not what this CLI expects (a different agentd version?)")
+}
+
+fn print_table(items: &[SandboxView]) {
     println!(
         "{:<14} {:<16} {:<10} {:<16} {:<12} NAME",
         "ID", "IMAGE", "STATE", "ADDRESS", "TOKENS"
     );
     for s in items {
-        let tokens = s["usage"]["prompt_tokens"].as_u64().unwrap_or(0)
-            + s["usage"]["completion_tokens"].as_u64().unwrap_or(0);
         println!(
             "{:<14} {:<16} {:<10} {:<16} {:<12} {}",
-            s["id"].as_str().unwrap_or(""),
-            s["image"].as_str().unwrap_or(""),
-            s["state"].as_str().unwrap_or(""),
-            s["address"].as_str().unwrap_or(""),
-            tokens,
-            s["name"].as_str().unwrap_or("-"),
+            s.id,
+            s.image,
+            s.state.as_str(),
+            s.address,
+            s.usage.prompt_tokens + s.usage.completion_tokens,
+            s.name.as_deref().unwrap_or("-"),
         );
     }
 }
@@ -335,16 +342,16 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                 None,
             )
             .await?;
-            let mut v = check(&reply)?;
-            let id = v["id"].as_str().unwrap_or_default().to_string();
+            let mut v: SandboxView = check_as(&reply)?;
+            let id = v.id.clone();
             if wait {
                 let start = std::time::Instant::now();
-                while v["state"] == "starting" || v["state"] == "creating" {
+                while matches!(v.state, SandboxState::Starting | SandboxState::Creating) {
                     if start.elapsed() > std::time::Duration::from_secs(180) {
                         bail!("sandbox {id} is not ready after 180 s");
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    v = check(
+                    v = check_as(
                         &call(
                             sock,
                             Method::GET,
@@ -355,27 +362,28 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                         .await?,
                     )?;
                 }
-                if v["state"] != "ready" {
+                if v.state != SandboxState::Ready {
                     bail!(
                         "sandbox {id} is {}: {}",
-                        v["state"].as_str().unwrap_or("?"),
-                        v["exit"]["reason"].as_str().unwrap_or("")
+                        v.state.as_str(),
+                        v.exit.as_ref().map_or("", |e| e.reason.as_str())
                     );
                 }
             }
             if args.json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&v)?);
             } else {
                 println!("{id}");
             }
             Ok(0)
         }
         SandboxCommand::Ls => {
-            let v = check(&call(sock, Method::GET, "/v1/sandboxes", None, None).await?)?;
+            let v: SandboxList =
+                check_as(&call(sock, Method::GET, "/v1/sandboxes", None, None).await?)?;
             if args.json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&v)?);
             } else {
-                print_table(v["sandboxes"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+                print_table(&v.sandboxes);
             }
             Ok(0)
         }
@@ -394,7 +402,7 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             Ok(0)
         }
         SandboxCommand::Stats { id } => {
-            let v = check(
+            let v: Stats = check_as(
                 &call(
                     sock,
                     Method::GET,
@@ -405,13 +413,13 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                 .await?,
             )?;
             if args.json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&v)?);
             } else {
                 println!(
                     "memory {} MiB  cpu {:.2} s  tasks {}",
-                    v["memory_bytes"].as_u64().unwrap_or(0) >> 20,
-                    v["cpu_usec"].as_u64().unwrap_or(0) as f64 / 1e6,
-                    v["pids"].as_u64().unwrap_or(0)
+                    v.memory_bytes >> 20,
+                    v.cpu_usec as f64 / 1e6,
+                    v.pids
                 );
             }
             Ok(0)
@@ -453,13 +461,18 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             env,
             command,
         } => {
-            let mut body = serde_json::json!({"command": command, "env": kv_map(&env, "--env")?});
-            if let Some(c) = cwd {
-                body["cwd"] = c.into();
-            }
-            if let Some(t) = timeout {
-                body["timeout_secs"] = t.into();
-            }
+            let env = kv_map(&env, "--env")?
+                .into_iter()
+                .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string()))
+                .collect();
+            let body = without_nulls(serde_json::to_value(ExecRequest {
+                command,
+                env,
+                cwd,
+                timeout_secs: timeout,
+                uid: None,
+                stdin: false,
+            })?);
             let mut code = 0u8;
             let mut pending = Vec::new();
             let json_out = args.json;
@@ -471,26 +484,25 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                         let _ = std::io::stdout().write_all(&line);
                         continue;
                     }
-                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                    let Ok(v) = serde_json::from_slice::<ExecLine>(&line) else {
                         continue;
                     };
-                    match v["stream"].as_str() {
+                    let data = v.data.as_deref().unwrap_or("").as_bytes();
+                    match v.stream.as_deref() {
                         Some("stdout") => {
-                            let _ = std::io::stdout()
-                                .write_all(v["data"].as_str().unwrap_or("").as_bytes());
+                            let _ = std::io::stdout().write_all(data);
                         }
                         Some("stderr") => {
-                            let _ = std::io::stderr()
-                                .write_all(v["data"].as_str().unwrap_or("").as_bytes());
+                            let _ = std::io::stderr().write_all(data);
                         }
                         _ => {
-                            if let Some(c) = v["exit_code"].as_i64() {
+                            if let Some(c) = v.exit_code {
                                 code = u8::try_from(c.clamp(0, 255)).unwrap_or(255);
-                            } else if let Some(e) = v["error"].as_str() {
+                            } else if let Some(e) = &v.error {
                                 eprintln!("agentd: {e}");
                                 code = crate::cli::run::EXIT_AGENTD_ERROR;
                             }
-                            if v["timed_out"] == true {
+                            if v.timed_out == Some(true) {
                                 eprintln!("agentd: the command timed out and was killed");
                             }
                         }
@@ -515,11 +527,11 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                 pending.extend_from_slice(chunk);
                 while let Some(p) = pending.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = pending.drain(..=p).collect();
-                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                    let Ok(v) = serde_json::from_slice::<ExecLine>(&line) else {
                         continue;
                     };
-                    let data = v["data"].as_str().unwrap_or("").as_bytes();
-                    let _ = if v["stream"] == "stderr" {
+                    let data = v.data.as_deref().unwrap_or("").as_bytes();
+                    let _ = if v.stream.as_deref() == Some("stderr") {
                         std::io::stderr().write_all(data)
                     } else {
                         std::io::stdout().write_all(data)

@@ -9,7 +9,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use hyper::Method;
 
+use crate::api::types::{TaskList, TaskResult, TaskView};
 use crate::cli::sandbox::{call, check, send};
+use crate::sandbox::Usage;
+use crate::task::{CheckResult, DiffStats, TaskState};
 
 /// `agentd task` arguments.
 #[derive(Debug, Args)]
@@ -130,6 +133,12 @@ async fn get(sock: &PathBuf, path: &str) -> anyhow::Result<serde_json::Value> {
     check(&call(sock, Method::GET, path, None, None).await?)
 }
 
+/// `GET path` as the wire type `T`.
+async fn get_as<T: serde::de::DeserializeOwned>(sock: &PathBuf, path: &str) -> anyhow::Result<T> {
+    let v = get(sock, path).await?;
+    serde_json::from_value(v).with_context(|| format!("agentd's answer to GET {path} is not what this CLI expects (a different agentd version?)"))
+}
+
 async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
     let sock = &args.socket;
     match args.command {
@@ -193,7 +202,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                     ..Default::default()
                 },
             )?);
-            let v = check(
+            let v: TaskView = serde_json::from_value(check(
                 &call(
                     sock,
                     Method::POST,
@@ -202,8 +211,8 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                     None,
                 )
                 .await?,
-            )?;
-            let id = v["id"].as_str().unwrap_or_default().to_string();
+            )?)?;
+            let id = v.id;
             if detach {
                 println!("{id}");
                 return Ok(0);
@@ -216,44 +225,41 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                     .map(|w| w.display().to_string())
                     .or(git)
                     .unwrap_or_default(),
-                v["workspace"]["entries"].as_u64().unwrap_or(0)
+                v.workspace.entries
             );
             follow(sock, &id, agents, args.json).await?;
-            let result = get(sock, &format!("/v1/tasks/{id}/result")).await?;
+            let result: TaskResult = get_as(sock, &format!("/v1/tasks/{id}/result")).await?;
             if args.json {
-                println!("{result}");
+                println!("{}", serde_json::to_string(&result)?);
             } else {
                 print_result(&id, &result);
             }
-            Ok(if result["state"] == "succeeded" { 0 } else { 1 })
+            Ok(if result.state == TaskState::Succeeded {
+                0
+            } else {
+                1
+            })
         }
         TaskCommand::Ls => {
-            let v = get(sock, "/v1/tasks").await?;
+            let v: TaskList = get_as(sock, "/v1/tasks").await?;
             if args.json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&v)?);
                 return Ok(0);
             }
             println!(
                 "{:<14} {:<10} {:>6} {:>6} {:>6} {:>8}  PROMPT",
                 "ID", "STATE", "AGENTS", "ROUNDS", "TOOLS", "TOKENS"
             );
-            for t in v["tasks"].as_array().cloned().unwrap_or_default() {
-                let tokens = t["usage"]["prompt_tokens"].as_u64().unwrap_or(0)
-                    + t["usage"]["completion_tokens"].as_u64().unwrap_or(0);
-                let prompt: String = t["prompt"]
-                    .as_str()
-                    .unwrap_or("")
-                    .replace('\n', " ")
-                    .chars()
-                    .take(50)
-                    .collect();
+            for t in v.tasks {
+                let tokens = t.usage.prompt_tokens + t.usage.completion_tokens;
+                let prompt: String = t.prompt.replace('\n', " ").chars().take(50).collect();
                 println!(
                     "{:<14} {:<10} {:>6} {:>6} {:>6} {:>8}  {}",
-                    t["id"].as_str().unwrap_or(""),
-                    t["state"].as_str().unwrap_or(""),
-                    t["agents"],
-                    t["rounds"],
-                    t["tool_calls"],
+                    t.id,
+                    state_name(&t.state),
+                    t.agents,
+                    t.rounds,
+                    t.tool_calls,
                     tokens,
                     prompt
                 );
@@ -262,16 +268,27 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
         }
         TaskCommand::Show { id } => {
             let id = valid_id(&id)?;
-            let v = get(sock, &format!("/v1/tasks/{id}")).await?;
+            let v: TaskView = get_as(sock, &format!("/v1/tasks/{id}")).await?;
             if args.json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&v)?);
                 return Ok(0);
             }
-            println!("task {id}: {}", v["state"].as_str().unwrap_or("?"));
-            println!("prompt: {}", v["prompt"].as_str().unwrap_or(""));
-            for a in v["attempts"].as_array().cloned().unwrap_or_default() {
-                println!("  {}", attempt_line(&a));
-                if let Some(e) = a["error"].as_str() {
+            println!("task {id}: {}", state_name(&v.state));
+            println!("prompt: {}", v.prompt);
+            for a in v.attempts.unwrap_or_default() {
+                println!(
+                    "  {}",
+                    attempt_line(&Line {
+                        n: a.attempt,
+                        state: a.state,
+                        round: a.round,
+                        tool_calls: a.tool_calls,
+                        usage: &a.usage,
+                        diff: a.diff.as_ref(),
+                        check: a.check.as_ref(),
+                    })
+                );
+                if let Some(e) = a.error {
                     println!("    error: {e}");
                 }
             }
@@ -282,12 +299,11 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             let n = match attempt {
                 Some(n) => n,
                 None => {
-                    let r = get(sock, &format!("/v1/tasks/{id}/result")).await?;
-                    r["attempts"]
-                        .as_array()
-                        .and_then(|a| a.iter().find(|a| !a["diff"].is_null()))
-                        .and_then(|a| a["attempt"].as_u64())
-                        .and_then(|n| u32::try_from(n).ok())
+                    let r: TaskResult = get_as(sock, &format!("/v1/tasks/{id}/result")).await?;
+                    r.attempts
+                        .iter()
+                        .find(|a| a.diff.is_some())
+                        .map(|a| a.attempt)
                         .with_context(|| format!("no attempt of task {id} has a diff"))?
                 }
             };
@@ -342,26 +358,43 @@ async fn cancel(sock: &PathBuf, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One attempt as a line: state, round, tools, tokens, diff, last tool.
-fn attempt_line(a: &serde_json::Value) -> String {
-    let tokens = a["usage"]["prompt_tokens"].as_u64().unwrap_or(0)
-        + a["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+/// What a line about an attempt shows.
+struct Line<'a> {
+    n: u32,
+    state: TaskState,
+    round: u32,
+    tool_calls: u64,
+    usage: &'a Usage,
+    diff: Option<&'a DiffStats>,
+    check: Option<&'a CheckResult>,
+}
+
+/// A state's wire name.
+fn state_name<T: serde::Serialize>(s: &T) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// One attempt as a line: state, round, tools, tokens, diff, check.
+fn attempt_line(a: &Line<'_>) -> String {
     let mut line = format!(
         "attempt {:<2} {:<10} round {}  tools {}  tokens {}",
-        a["attempt"],
-        a["state"].as_str().unwrap_or("?"),
-        a["round"].as_u64().or(a["rounds"].as_u64()).unwrap_or(0),
-        a["tool_calls"].as_u64().unwrap_or(0),
-        tokens
+        a.n,
+        a.state.as_str(),
+        a.round,
+        a.tool_calls,
+        a.usage.prompt_tokens + a.usage.completion_tokens
     );
-    if let Some(d) = a["diff"].as_object() {
+    if let Some(d) = a.diff {
         line.push_str(&format!(
             "  diff +{} -{} in {} files",
-            d["additions"], d["deletions"], d["files"]
+            d.additions, d.deletions, d.files
         ));
     }
-    if let Some(c) = a["check"].as_object() {
-        line.push_str(if c["passed"] == true {
+    if let Some(c) = a.check {
+        line.push_str(if c.passed {
             "  check passed"
         } else {
             "  check failed"
@@ -523,32 +556,40 @@ async fn read_events(
     })
 }
 
-fn print_result(id: &str, result: &serde_json::Value) {
-    let attempts = result["attempts"].as_array().cloned().unwrap_or_default();
-    eprintln!("task {id}: {}", result["state"].as_str().unwrap_or("?"));
-    for a in &attempts {
-        eprintln!("  #{} {}", a["rank"], attempt_line(a));
-        if let Some(e) = a["error"].as_str() {
+fn print_result(id: &str, result: &TaskResult) {
+    eprintln!("task {id}: {}", result.state.as_str());
+    for a in &result.attempts {
+        let line = Line {
+            n: a.attempt,
+            state: a.state,
+            round: a.rounds,
+            tool_calls: a.tool_calls,
+            usage: &a.usage,
+            diff: a.diff.as_ref(),
+            check: a.check.as_ref(),
+        };
+        eprintln!("  #{} {}", a.rank, attempt_line(&line));
+        if let Some(e) = &a.error {
             eprintln!("     {e}");
         }
-        if let Some(note) = a["note"].as_str() {
+        if let Some(note) = &a.note {
             eprintln!("     note: {note}");
         }
     }
-    match attempts.iter().find(|a| a["has_patch"] == true) {
+    match result.attempts.iter().find(|a| a.has_patch) {
         Some(best) => {
-            if let Some(m) = best["final_message"].as_str() {
-                eprintln!("\nattempt {} says: {}", best["attempt"], m.trim());
+            if let Some(m) = &best.final_message {
+                eprintln!("\nattempt {} says: {}", best.attempt, m.trim());
             }
             eprintln!(
                 "\nthe diff of attempt {} follows; the others: agentd task diff {id} N\n",
-                best["attempt"]
+                best.attempt
             );
-            match best["patch"].as_str() {
+            match &best.patch {
                 Some(p) => print!("{p}"),
                 None => eprintln!(
                     "(not text: agentd task diff {id} {} > attempt.patch)",
-                    best["attempt"]
+                    best.attempt
                 ),
             }
         }

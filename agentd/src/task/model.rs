@@ -13,7 +13,7 @@ use crate::sandbox::{LimitsRequest, Usage};
 use crate::workspace::{WorkspaceInfo, WorkspaceSpec};
 
 /// Where a task or an attempt is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     /// Waiting: not started, or agentd is at its sandbox or memory quota.
@@ -97,7 +97,7 @@ pub struct CreateTask {
 }
 
 /// The check's result of one round.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct CheckResult {
     /// The round it followed.
     pub round: u32,
@@ -115,7 +115,7 @@ pub struct CheckResult {
 }
 
 /// Size of a diff.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct DiffStats {
     /// Files changed.
     pub files: u64,
@@ -128,7 +128,7 @@ pub struct DiffStats {
 }
 
 /// Where an attempt's time went, ms.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct Timings {
     /// Request to sandbox running.
     pub sandbox_ms: Option<u64>,
@@ -239,7 +239,7 @@ pub struct TaskRecord {
 }
 
 impl TaskRecord {
-    pub(super) fn timeout(&self) -> Duration {
+    pub(crate) fn timeout(&self) -> Duration {
         Duration::from_secs(
             self.request
                 .timeout_secs
@@ -247,7 +247,7 @@ impl TaskRecord {
         )
     }
 
-    pub(super) fn max_rounds(&self) -> u32 {
+    pub(crate) fn max_rounds(&self) -> u32 {
         if self.request.check.is_some() {
             self.request.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS)
         } else {
@@ -279,56 +279,6 @@ impl TaskRecord {
             TaskState::Queued
         }
     }
-
-    /// The public view.
-    pub fn view(&self) -> serde_json::Value {
-        let tokens = self.attempts.iter().fold((0, 0), |acc, a| {
-            (
-                acc.0 + a.usage.prompt_tokens,
-                acc.1 + a.usage.completion_tokens,
-            )
-        });
-        serde_json::json!({
-            "id": self.id,
-            "state": if self.deleting { "deleting" } else { self.state.as_str() },
-            "prompt": self.request.prompt,
-            "workspace": {"source": self.request.workspace, "entries": self.workspace.entries, "bytes": self.workspace.bytes, "skipped": self.workspace.skipped, "excluded": self.workspace.excluded},
-            "image": self.request.image.as_deref().unwrap_or(crate::sandbox::DEFAULT_IMAGE),
-            "model": self.request.model,
-            "agents": self.attempts.len(),
-            "check": self.request.check,
-            "max_rounds": self.max_rounds(),
-            "timeout_secs": self.timeout().as_secs(),
-            "labels": self.request.labels,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "rounds": self.attempts.iter().map(|a| u64::from(a.round)).sum::<u64>(),
-            "tool_calls": self.attempts.iter().map(|a| a.tool_calls).sum::<u64>(),
-            "usage": {"prompt_tokens": tokens.0, "completion_tokens": tokens.1},
-            "attempts": self.attempts.iter().map(attempt_view).collect::<Vec<_>>(),
-        })
-    }
-}
-
-fn attempt_view(a: &Attempt) -> serde_json::Value {
-    serde_json::json!({
-        "attempt": a.n,
-        "state": a.state.as_str(),
-        "sandbox": a.sandbox,
-        "round": a.round,
-        "tool_calls": a.tool_calls,
-        "usage": a.usage,
-        "started_at": a.started_at,
-        "finished_at": a.finished_at,
-        "timings": a.timings,
-        "final_message": a.final_message,
-        "check": a.check,
-        "diff": a.diff,
-        "has_patch": a.diff.as_ref().is_some_and(|d| d.bytes > 0),
-        "error": a.error,
-        "note": a.note,
-    })
 }
 
 /// The order results are shown in: passing checks (succeeded) first, then attempts with a

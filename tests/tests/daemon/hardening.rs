@@ -563,6 +563,10 @@ fn test_schemathesis_finds_nothing() {
             "--checks",
             "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,unsupported_method",
             "--generation-deterministic",
+            // Image names come back from GET /v1/images (now that its answer has a schema,
+            // schemathesis reuses them) and all hold a `/`, which it filters out of path
+            // parameters: for /v1/images/{name} too many of its examples are filtered.
+            "--suppress-health-check=filter_too_much",
             "--report-dir",
             reports.path().to_str().unwrap(),
         ])

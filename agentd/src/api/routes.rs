@@ -1,0 +1,280 @@
+//! Every operation of the API, written once: [`router`] routes them and the OpenAPI document
+//! ([`super::openapi`]) lists them, both from the one table the `routes!` macro makes, so a
+//! route cannot exist without its documentation or the other way round.
+//!
+//! Paths are axum's: `{name}` is one segment (percent-decoded), `{*name}` the rest of the
+//! path; the document writes both as `{name}`. A GET route answers HEAD too. A known path
+//! with another method is a 405 naming the methods it takes; anything else is a 404.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, MatchedPath, Path};
+use axum::http::request::Parts;
+use axum::routing::{on, MethodFilter};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::openapi::schema_of;
+use super::{images, openapi, sandboxes, tasks, types};
+use crate::sandbox::Manager;
+
+/// A JSON Schema, made when the document is.
+pub type Schema = fn() -> serde_json::Value;
+
+/// One operation: a method on a path, what it takes and what it answers.
+pub struct Route {
+    /// The method, upper case.
+    pub method: &'static str,
+    /// The path as axum routes it.
+    pub path: &'static str,
+    /// The query parameters (the properties of this schema), if any.
+    pub query: Option<Schema>,
+    /// The request body's media types and their schemas (none: no body).
+    pub input: &'static [(&'static str, Schema)],
+    /// The status of a success.
+    pub status: u16,
+    /// The success's media types and their schemas (none: no body, or not agentd's to say).
+    pub output: &'static [(&'static str, Schema)],
+    /// One line for the document.
+    pub summary: &'static str,
+}
+
+impl Route {
+    /// The path as the OpenAPI document writes it (`{*rest}` → `{rest}`).
+    pub fn doc_path(&self) -> String {
+        self.path.replace("{*", "{")
+    }
+}
+
+const JSON: &str = "application/json";
+const NDJSON: &str = "application/x-ndjson";
+const TAR: &str = "application/x-tar";
+const OCTETS: &str = "application/octet-stream";
+
+/// Bytes.
+fn binary() -> serde_json::Value {
+    serde_json::json!({"type": "string", "format": "binary"})
+}
+
+/// Text.
+fn text() -> serde_json::Value {
+    serde_json::json!({"type": "string"})
+}
+
+macro_rules! routes {
+    ($(
+        $method:ident $path:literal => $handler:path,
+        query $query:expr,
+        in [$($ict:ident: $ischema:expr),*],
+        out $status:literal [$($oct:ident: $oschema:expr),*],
+        $summary:literal;
+    )*) => {
+        /// Every operation, in the document's order.
+        pub static ROUTES: &[Route] = &[
+            $(Route {
+                method: stringify!($method),
+                path: $path,
+                query: $query,
+                input: &[$(($ict, $ischema)),*],
+                status: $status,
+                output: &[$(($oct, $oschema)),*],
+                summary: $summary,
+            },)*
+        ];
+
+        /// The router of every operation in [`ROUTES`].
+        pub fn router() -> Router<Arc<Manager>> {
+            Router::new()
+                $(.route($path, on(MethodFilter::$method, $handler)))*
+                .fallback(no_route)
+                .layer(axum::middleware::from_fn(label_route))
+        }
+    };
+}
+
+routes! {
+    GET "/v1/health" => health, query None, in [], out 200 [JSON: schema_of::<types::Health>],
+        "Liveness and version";
+    GET "/metrics" => metrics, query None, in [], out 200 [TEXT_METRICS: text],
+        "Prometheus metrics (text)";
+    GET "/v1/openapi.json" => openapi::serve, query None, in [], out 200 [JSON: openapi::any_object],
+        "This document";
+    GET "/v1/sandboxes" => sandboxes::list, query Some(schema_of::<types::ListQuery>), in [],
+        out 200 [JSON: schema_of::<types::SandboxList>],
+        "List sandboxes";
+    POST "/v1/sandboxes" => sandboxes::create, query None, in [JSON: schema_of::<crate::sandbox::CreateSandbox>],
+        out 201 [JSON: schema_of::<types::SandboxView>],
+        "Create a sandbox; returns once it runs (state starting or ready)";
+    GET "/v1/sandboxes/{id}" => sandboxes::inspect, query None, in [],
+        out 200 [JSON: schema_of::<types::SandboxView>],
+        "Inspect a sandbox (state, limits, token usage, exit)";
+    DELETE "/v1/sandboxes/{id}" => sandboxes::delete, query None, in [], out 204 [],
+        "Stop and forget a sandbox";
+    POST "/v1/sandboxes/{id}/stop" => sandboxes::stop, query None, in [],
+        out 200 [JSON: schema_of::<types::SandboxView>],
+        "Stop a sandbox (SIGTERM, then SIGKILL after 10 s)";
+    POST "/v1/sandboxes/{id}/exec" => sandboxes::exec_route, query None, in [JSON: schema_of::<types::ExecRequest>],
+        out 200 [NDJSON: schema_of::<types::ExecLine>],
+        "Run a command; output streams as JSON lines {stream,data} while it runs, then {exit_code,timed_out,oom_killed}; with \"stdin\": true the bytes after the JSON body and a newline are its stdin; a client that disconnects kills it";
+    GET "/v1/sandboxes/{id}/logs" => sandboxes::logs_route, query Some(schema_of::<types::LogsQuery>), in [],
+        out 200 [NDJSON: schema_of::<types::ExecLine>],
+        "stdout/stderr as JSON lines";
+    GET "/v1/sandboxes/{id}/stats" => sandboxes::stats_route, query None, in [],
+        out 200 [JSON: schema_of::<types::Stats>],
+        "Memory, CPU and task counts";
+    GET "/v1/sandboxes/{id}/files" => sandboxes::files, query Some(schema_of::<types::FilesQuery>), in [],
+        out 200 [OCTETS: binary, TAR: binary],
+        "Download a file, or a tar of a directory";
+    PUT "/v1/sandboxes/{id}/files" => sandboxes::files, query Some(schema_of::<types::FilesQuery>),
+        in [OCTETS: binary, TAR: binary], out 200 [JSON: schema_of::<types::Uploaded>],
+        "Upload a file, or with Content-Type application/x-tar a tar extracted into the directory";
+    GET "/v1/sandboxes/{id}/opencode" => sandboxes::opencode, query None, in [], out 200 [],
+        "The sandbox's OpenCode server's root";
+    GET "/v1/sandboxes/{id}/opencode/{*path}" => sandboxes::opencode, query None, in [], out 200 [],
+        "Any request to the sandbox's OpenCode server (SSE included)";
+    POST "/v1/sandboxes/{id}/opencode/{*path}" => sandboxes::opencode, query None, in [], out 200 [],
+        "Any request to the sandbox's OpenCode server";
+    PUT "/v1/sandboxes/{id}/opencode/{*path}" => sandboxes::opencode, query None, in [], out 200 [],
+        "Any request to the sandbox's OpenCode server";
+    PATCH "/v1/sandboxes/{id}/opencode/{*path}" => sandboxes::opencode, query None, in [], out 200 [],
+        "Any request to the sandbox's OpenCode server";
+    DELETE "/v1/sandboxes/{id}/opencode/{*path}" => sandboxes::opencode, query None, in [], out 200 [],
+        "Any request to the sandbox's OpenCode server";
+    GET "/v1/images" => images::list, query None, in [], out 200 [JSON: schema_of::<types::ImageList>],
+        "List images";
+    POST "/v1/images/pull" => images::pull, query None, in [JSON: schema_of::<types::PullRequest>],
+        out 200 [NDJSON: schema_of::<types::PullLine>],
+        "Pull an image; progress as JSON lines, the last {event: complete|error}";
+    POST "/v1/images/import" => images::import, query Some(schema_of::<types::ImportQuery>),
+        in [TAR: binary, JSON: schema_of::<types::ImportRequest>],
+        out 201 [JSON: schema_of::<types::ImageList>],
+        "Import an OCI layout or docker-archive tar: the body (Content-Type application/x-tar, ?name=), or on the Unix socket only {path} of a host file";
+    GET "/v1/images/{*name}" => images::inspect, query None, in [], out 200 [JSON: schema_of::<types::ImageView>],
+        "Inspect an image (a name with slashes percent-encoded, or not)";
+    DELETE "/v1/images/{*name}" => images::remove, query None, in [], out 200 [JSON: schema_of::<types::Removed>],
+        "Remove an image";
+    POST "/v1/workspaces" => tasks::upload_workspace, query None, in [TAR: binary, OCTETS: binary],
+        out 201 [JSON: schema_of::<types::UploadedWorkspace>],
+        "Upload a workspace tar for a task; returns {upload} for workspace.upload (one task each)";
+    GET "/v1/tasks" => tasks::list, query None, in [], out 200 [JSON: schema_of::<types::TaskList>],
+        "List tasks";
+    POST "/v1/tasks" => tasks::create, query None, in [JSON: schema_of::<crate::task::CreateTask>],
+        out 201 [JSON: schema_of::<types::TaskView>],
+        "Create a task: prompt + workspace (path, upload or git) + agents, check, max_rounds, timeout_secs";
+    GET "/v1/tasks/{id}" => tasks::inspect, query None, in [], out 200 [JSON: schema_of::<types::TaskView>],
+        "Inspect a task: state, counters, attempts";
+    DELETE "/v1/tasks/{id}" => tasks::delete, query None, in [], out 202 [JSON: schema_of::<types::TaskView>],
+        "Delete a task, its sandboxes and results: 202 with state deleting at once (cancelled first if running), then 404 once gone; resumed after a restart";
+    POST "/v1/tasks/{id}/cancel" => tasks::cancel, query None, in [], out 202 [JSON: schema_of::<types::TaskView>],
+        "Cancel a task: sessions aborted, diffs kept, sandboxes stopped";
+    GET "/v1/tasks/{id}/events" => tasks::events_route, query Some(schema_of::<types::EventsQuery>), in [],
+        out 200 [SSE: text],
+        "Progress as server-sent events until task.finished; resume with Last-Event-ID (or ?after=)";
+    GET "/v1/tasks/{id}/result" => tasks::result_route, query None, in [], out 200 [JSON: schema_of::<types::TaskResult>],
+        "Attempts ranked (passing checks first, then smaller diffs) with messages, checks, patches, usage, timings";
+    GET "/v1/tasks/{id}/attempts/{n}/diff" => tasks::diff_route, query None, in [], out 200 [DIFF: text],
+        "Attempt n's patch against the baseline (text/x-diff, for git apply)";
+}
+
+const TEXT_METRICS: &str = "text/plain";
+const SSE: &str = "text/event-stream";
+const DIFF: &str = "text/x-diff";
+
+/// The route a request matched (its documented path), for metrics: a response carries it
+/// back to [`super::handle`]. Arbitrary paths count as `unmatched`, so clients cannot grow
+/// the metrics' label set.
+#[derive(Clone)]
+pub struct Matched(pub String);
+
+/// Notes the route a request matched on its response.
+async fn label_route(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let matched = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| Matched(m.as_str().replace("{*", "{")));
+    let mut response = next.run(req).await;
+    if let Some(m) = matched {
+        response.extensions_mut().insert(m);
+    }
+    response
+}
+
+/// A path's parameters as `T`; a value that does not decode is a 400 in agentd's error shape.
+pub struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(t)) => Ok(Params(t)),
+            Err(e) => Err(ApiError::BadRequest(format!("bad path: {}", e.body_text()))),
+        }
+    }
+}
+
+/// The query as `T`; one that does not decode is a 400 in agentd's error shape.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(t)) => Ok(Query(t)),
+            Err(e) => Err(ApiError::BadRequest(format!(
+                "bad query: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
+/// A path with an `{id}`.
+#[derive(Deserialize)]
+pub struct Id {
+    /// A sandbox's or a task's id (a sandbox's name works too).
+    pub id: String,
+}
+
+/// Paths no route matches.
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!(
+        "no route {method} {}; see GET /v1/openapi.json",
+        uri.path()
+    ))
+}
+
+/// `GET /v1/health`.
+async fn health() -> axum::response::Response<super::Body> {
+    super::json(
+        hyper::StatusCode::OK,
+        &serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
+    )
+}
+
+/// `GET /metrics`.
+async fn metrics(
+    axum::extract::State(mgr): axum::extract::State<Arc<Manager>>,
+) -> axum::response::Response<super::Body> {
+    let mut by_state = std::collections::BTreeMap::new();
+    for s in ["creating", "starting", "ready", "exited", "stopped"] {
+        by_state.insert(s, 0);
+    }
+    for sb in mgr.list() {
+        *by_state.entry(sb.snapshot().state.as_str()).or_default() += 1;
+    }
+    let mut text = mgr.metrics.render(&by_state);
+    if let Some(tasks) = mgr.tasks.get() {
+        text.push_str(&tasks.render_metrics());
+    }
+    axum::response::Response::builder()
+        .header(hyper::header::CONTENT_TYPE, "text/plain; version=0.0.4")
+        .body(super::full(text))
+        .expect("valid response")
+}
