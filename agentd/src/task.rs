@@ -41,6 +41,7 @@ use crate::sandbox::{now_ms, random_hex, CreateSandbox, Manager, Sandbox, Sandbo
 use crate::workspace::{WorkspaceInfo, WorkspaceSpec};
 
 mod agent;
+mod attempt;
 mod events;
 pub use events::MAX_EVENTS_BYTES;
 mod git;
@@ -839,32 +840,8 @@ impl TaskManager {
                 Ok(o) => o,
                 Err(e) => return Outcome::Lost(format!("the check could not run: {e}")),
             };
-            let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
-            output.push_str(&String::from_utf8_lossy(&out.stderr));
-            // Killed at its own limit (the task's is handled by the task's timeout).
-            let timed_out = out.timed_out && limit <= left;
-            if timed_out {
-                if !output.is_empty() && !output.ends_with('\n') {
-                    output.push('\n');
-                }
-                output.push_str(&format!(
-                    "agentd: the check timed out after {} s and was killed\n",
-                    limit.as_secs()
-                ));
-            }
-            if let Some(e) = &out.error {
-                output.push_str(&format!("agentd: {e}\n"));
-            }
-            let output = tail(&output, CHECK_OUTPUT_TAIL);
-            let passed = out.code == Some(0) && !out.timed_out;
-            let result = CheckResult {
-                round,
-                exit_code: out.code,
-                passed,
-                output,
-                duration_ms: ms(t.elapsed()),
-                timed_out,
-            };
+            let result = attempt::check_result(round, &out, limit, left, t.elapsed());
+            let (passed, timed_out) = (result.passed, result.timed_out);
             self.update(task, n, |a| {
                 a.timings.checks_ms.push(result.duration_ms);
                 a.check = Some(result.clone());
@@ -874,25 +851,13 @@ impl TaskManager {
                 "check",
                 serde_json::json!({"attempt": n, "round": round, "exit_code": result.exit_code, "passed": passed, "timed_out": timed_out, "output": result.output}),
             );
-            if passed {
-                return Outcome::Succeeded;
-            }
-            if round >= max_rounds {
-                let how = if timed_out {
-                    format!("timed out after {} s", limit.as_secs())
-                } else {
-                    match result.exit_code {
-                        Some(c) => format!("exit status {c}"),
-                        None => "no exit status".into(),
-                    }
-                };
-                return Outcome::Failed(format!(
-                    "the check still fails after {round} round{} (last: {how})",
-                    if round == 1 { "" } else { "s" }
-                ));
-            }
+            let next = match attempt::after_check(&result, max_rounds, limit) {
+                attempt::Next::Succeeded => return Outcome::Succeeded,
+                attempt::Next::Failed(why) => return Outcome::Failed(why),
+                attempt::Next::Round(next) => next,
+            };
             // The next round: the same session gets the check's output.
-            self.update(task, n, |a| a.round = round + 1);
+            self.update(task, n, |a| a.round = next);
             self.set_attempt_state(
                 task,
                 n,
