@@ -1117,6 +1117,7 @@ impl Manager {
             }
         }
         // Sandbox dirs of no live record (a crash mid-create): clean up.
+        // blocking-ok: reconcile runs once at start, before the API listens.
         if let Ok(entries) = std::fs::read_dir(self.config.sandboxes_dir()) {
             for e in entries.flatten() {
                 let id = e.file_name().to_string_lossy().to_string();
@@ -1126,9 +1127,14 @@ impl Manager {
                 }
                 if !live_ids.contains(&id) {
                     let client = self.runtime.client(&id);
-                    if self.runtime.shim_alive(&id) {
-                        let _ = client.delete();
-                    } else if let Err(err) = self.runtime.cleanup(&id) {
+                    let cleaned = if self.runtime.shim_alive(&id) {
+                        // blocking-ok: at start, before the API listens (as above).
+                        client.delete()
+                    } else {
+                        // blocking-ok: at start, before the API listens (as above).
+                        self.runtime.cleanup(&id)
+                    };
+                    if let Err(err) = cleaned {
                         tracing::warn!(sandbox = %id, error = %agentd_runtime::error_chain(&err), "leftover cleanup failed");
                     }
                     tracing::info!(sandbox = %id, "removed leftovers of a sandbox");

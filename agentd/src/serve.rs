@@ -76,6 +76,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::spawn(tasks.reaper());
     tracing::info!(socket = %socket.display(), state_dir = %mgr.config.state_dir.display(), "agentd serving");
     crate::api::serve(mgr.clone(), unix, tcp, shutdown_signal()).await;
+    // blocking-ok: the listeners are closed; agentd is stopping.
     let _ = std::fs::remove_file(&socket);
     // Open streams end with a line saying why; a moment for those lines to go out.
     let _ = mgr.shutdown.send(true);

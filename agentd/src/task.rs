@@ -1085,10 +1085,12 @@ impl TaskManager {
             }
         }
         // Dirs of tasks without a record (deleted before a crash).
+        // blocking-ok: reconcile runs once at start, before the API listens.
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name != "uploads" && self.get(&name).is_err() && e.path().is_dir() {
+                    // blocking-ok: at start, as above.
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
@@ -1102,6 +1104,7 @@ impl TaskManager {
             tokio::spawn(self.clone().run(task));
         }
         // Uploads no task took within a day.
+        // blocking-ok: at start, before the API listens.
         if let Ok(entries) = std::fs::read_dir(self.dir.join("uploads")) {
             for e in entries.flatten() {
                 let old = e
@@ -1111,6 +1114,7 @@ impl TaskManager {
                     .and_then(|m| m.elapsed().ok())
                     .is_some_and(|age| age > Duration::from_secs(24 * 3600));
                 if old {
+                    // blocking-ok: at start, as above.
                     let _ = std::fs::remove_file(e.path());
                 }
             }

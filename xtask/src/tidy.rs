@@ -162,3 +162,119 @@ fn test_agentd_services_import_no_skin() {
         found.join("\n")
     );
 }
+
+/// Calls that block the thread on the file system or the clock.
+const BLOCKING: [&str; 14] = [
+    "client.delete()",
+    "client.kill(",
+    "client.stats()",
+    "client.state()",
+    ".cleanup(&",
+    "std::fs::",
+    "File::open(",
+    "File::create(",
+    "OpenOptions::new()",
+    ".read_to_end(",
+    ".read_to_string(",
+    ".sync_all()",
+    "std::thread::sleep(",
+    ".write_all(",
+];
+
+/// The blocking calls written in the body of an `async fn` of `text`, outside the closures
+/// given to `spawn_blocking` or a thread, and not marked `// blocking-ok: why` on their line
+/// or the line above. A brace-counting scan, not a parser: good enough for rustfmt'ed code.
+fn blocking_in_async(text: &str) -> Vec<(usize, String)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let l = lines[i];
+        if !l.contains("async fn ") || l.trim_start().starts_with("//") {
+            i += 1;
+            continue;
+        }
+        let (mut depth, mut started, mut off_thread) = (0i64, false, Vec::<i64>::new());
+        let mut j = i;
+        while j < lines.len() {
+            let t = lines[j];
+            if t.contains("spawn_blocking")
+                || t.contains("thread::spawn")
+                || t.contains("thread::Builder")
+            {
+                off_thread.push(depth);
+            }
+            for ch in t.chars() {
+                match ch {
+                    '{' => {
+                        depth += 1;
+                        started = true;
+                    }
+                    '}' => {
+                        depth -= 1;
+                        if off_thread.last().is_some_and(|d| depth <= *d) {
+                            off_thread.pop();
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let code = t.trim_start();
+            let marked =
+                t.contains("blocking-ok:") || (j > 0 && lines[j - 1].contains("blocking-ok:"));
+            if j > i
+                && off_thread.is_empty()
+                && !code.starts_with("//")
+                && !t.contains(".await")
+                && !t.contains("tokio::fs::")
+                && !marked
+                && BLOCKING.iter().any(|b| t.contains(b))
+            {
+                found.push((j + 1, code.to_string()));
+            }
+            if started && depth == 0 {
+                break;
+            }
+            j += 1;
+        }
+        i = j + 1;
+    }
+    found
+}
+
+/// The daemon never blocks an async worker on the disk: file I/O in an `async fn` runs in
+/// `spawn_blocking` (or its own thread), or says why it may not (`// blocking-ok: why`).
+/// The CLI is left out: it is one user's process with nothing else to serve.
+#[test]
+fn test_agentd_blocks_no_async_worker() {
+    let mut files = Vec::new();
+    rust_files(&project_root().join("agentd/src"), &mut files);
+    let mut found = Vec::new();
+    for f in files
+        .iter()
+        .filter(|f| !f.components().any(|c| c.as_os_str() == "cli"))
+    {
+        let text = fs::read_to_string(f).unwrap();
+        // Unit tests block as they like.
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for (line, call) in blocking_in_async(code) {
+            found.push(format!("{}:{line}: {call}", f.display()));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "blocking calls on an async worker (move them into spawn_blocking, or mark them \
+         `// blocking-ok: why`):\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn test_blocking_in_async_finds_what_it_should() {
+    let text = "async fn a() {\n    let x = std::fs::read(p);\n    tokio::task::spawn_blocking(move || {\n        std::fs::write(p, b);\n    })\n    .await;\n    // blocking-ok: a tiny read\n    let y = std::fs::read(q);\n    f.write_all(b).await;\n}\nfn b() {\n    std::fs::read(p);\n}\n";
+    let found: Vec<usize> = blocking_in_async(text)
+        .into_iter()
+        .map(|(l, _)| l)
+        .collect();
+    assert_eq!(found, vec![2]);
+}

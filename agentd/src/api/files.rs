@@ -42,6 +42,7 @@ pub(crate) async fn handle(
         return Err(ApiError::BadRequest("path must be absolute".into()));
     }
     let (rootfs, owner) = mgr.rootfs(&sb)?;
+    // blocking-ok: opening the mounted rootfs's root dir is a lookup of a cached inode.
     let root = File::open(&rootfs)
         .map_err(|e| mgr.shim_failed(&sb, "opening the sandbox's files", &e.to_string()))?;
     let _guard = ActiveGuard::new(sb.clone());
