@@ -391,10 +391,12 @@ pub fn describe(out: &Output) -> String {
     )
 }
 
-/// The opencode image (tagged `opencode`), built once per test process into store `dir` under
-/// target/, shared by that process's tests (with a
-/// package cache under target/ that later runs reuse).
-pub fn opencode_store(dir: &str) -> Option<PathBuf> {
+/// A store holding the opencode image (`localhost/opencode:latest`), built by rootfs-builder
+/// from its recipe with the shared build cache, into `target/opencode-fixture`: once for all
+/// the test binaries of a run (an exclusive lock serializes them; a stamp of the recipe and
+/// the rootfs-builder binary says whether a store is current), and again only when one of
+/// them changed. None (with the reason printed) without npm or apt-get.
+pub fn opencode_store() -> Option<PathBuf> {
     static STORE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
     STORE
         .get_or_init(|| {
@@ -409,11 +411,30 @@ pub fn opencode_store(dir: &str) -> Option<PathBuf> {
                     return None;
                 }
             }
-            let state = target_dir().join(dir);
-            let _ = std::fs::remove_dir_all(&state);
+            let state = target_dir().join("opencode-fixture");
+            let lock = fs::File::create(target_dir().join("opencode-fixture.lock")).unwrap();
+            let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| e)
+                .unwrap();
             let recipe = crate::workspace_root().join("rootfs-builder/recipes/opencode.toml");
+            let builder = crate::bin("rootfs-builder");
+            // The binary's content, not its mtime: cargo relinks it when the test binaries
+            // and the harness's build unify features differently.
+            let sum = Command::new("sha256sum").arg(&builder).output().unwrap();
+            assert!(sum.status.success(), "{}", crate::describe(&sum));
+            let stamp = format!(
+                "{}\n{}",
+                fs::read_to_string(&recipe).unwrap(),
+                String::from_utf8_lossy(&sum.stdout)
+            );
+            let stamp_file = state.join("fixture.stamp");
+            if fs::read_to_string(&stamp_file).is_ok_and(|s| s == stamp) {
+                eprintln!("the opencode image fixture is current: reused");
+                return Some(state);
+            }
+            let _ = fs::remove_dir_all(&state);
             let started = std::time::Instant::now();
-            let build = Command::new(crate::bin("rootfs-builder"))
+            let build = Command::new(&builder)
                 .arg("build")
                 .arg(&recipe)
                 .arg("--store")
@@ -428,6 +449,7 @@ pub fn opencode_store(dir: &str) -> Option<PathBuf> {
                 started.elapsed().as_secs_f64(),
                 String::from_utf8_lossy(&build.stderr)
             );
+            fs::write(&stamp_file, stamp).unwrap();
             Some(state)
         })
         .clone()

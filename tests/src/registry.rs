@@ -29,9 +29,11 @@ pub fn tools_available() -> bool {
         return true;
     }
     eprintln!(
-        "skipped: {} not installed (.ci/run installs them)",
+        "SKIPPED: {} not installed (.ci/run installs them)",
         missing.join(", ")
     );
+    // Under AGENTD_E2E=1 a test that cannot run fails.
+    crate::required_or_skip();
     false
 }
 

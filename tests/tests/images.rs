@@ -15,6 +15,7 @@ use agentd_tests::registry::{run_tool, tools_available, tree, Auth, Layout, Prox
 fn skip() -> bool {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("SKIPPED: needs root (owners, whiteouts, overlay mounts)");
+        agentd_tests::required_or_skip();
         return true;
     }
     !tools_available()

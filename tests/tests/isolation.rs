@@ -242,6 +242,7 @@ fn test_network_namespace_new_or_joined() {
     require_sandbox_support!();
     let Some(netns) = TestNetns::new() else {
         eprintln!("SKIPPED: needs `ip netns add` (iproute2)");
+        agentd_tests::required_or_skip();
         return;
     };
     let scope = Scope::new("netns");

@@ -64,7 +64,7 @@ fn test_minimal_image_runs_under_agentd() {
 }
 
 fn opencode_store() -> Option<std::path::PathBuf> {
-    agentd_tests::opencode_store("opencode-fixture")
+    agentd_tests::opencode_store()
 }
 
 /// `agentd run --image opencode` with HOME and the XDG dirs on the sandbox's /tmp (the image's
