@@ -278,3 +278,41 @@ async fn metrics(
         .body(super::full(text))
         .expect("valid response")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    async fn label_of(router: &Router, path: &str) -> (u16, Option<String>) {
+        let req = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let r = router.clone().oneshot(req).await.unwrap();
+        (
+            r.status().as_u16(),
+            r.extensions().get::<Matched>().map(|m| m.0.clone()),
+        )
+    }
+
+    /// Metrics count requests by route pattern (a rest-of-path `{*p}` written `{p}`, as the
+    /// document does); a path no route has, however random, carries no label (`unmatched`).
+    #[tokio::test]
+    async fn test_requests_are_labelled_by_their_route_pattern() {
+        let router: Router = Router::new()
+            .route("/v1/things/{id}", get(|| async { "ok" }))
+            .route("/v1/things/{id}/raw/{*path}", get(|| async { "ok" }))
+            .fallback(no_route)
+            .layer(axum::middleware::from_fn(label_route));
+        assert_eq!(
+            label_of(&router, "/v1/things/abc").await,
+            (200, Some("/v1/things/{id}".into()))
+        );
+        assert_eq!(
+            label_of(&router, "/v1/things/abc/raw/x/y%2Fz").await,
+            (200, Some("/v1/things/{id}/raw/{path}".into()))
+        );
+        assert_eq!(label_of(&router, "/v1/random-7f3a/x").await, (404, None));
+    }
+}
