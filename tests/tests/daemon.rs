@@ -21,19 +21,13 @@ fn store() -> Option<std::path::PathBuf> {
     agentd_tests::opencode_store().map(|p| p.join("images"))
 }
 
-/// The whole path of a user: create an OpenCode sandbox, drive a session through the proxy
-/// (the agent's bash tool call comes from the mock LLM through agentd's gateway), read the
-/// file it wrote, see the tokens counted; then restart agentd (SIGTERM and SIGKILL) and find
-/// the sandbox still running, reattached, with its logs; isolation between sandboxes.
-#[test]
-fn test_opencode_session_restart_and_isolation() {
-    require_sandbox_support!();
-    let Some(images) = store() else { return };
-    let llm = MockLlm::start(&format!("echo agent-was-here > {FILE}"));
+/// A daemon whose LLM upstream is `llm`, listening on TCP too; its gateway port and its TCP
+/// address.
+fn opencode_daemon(images: &std::path::Path, llm: &MockLlm) -> (Daemon, u16, String) {
     let port = agentd_tests::registry::free_port();
     let listen = format!("127.0.0.1:{}", agentd_tests::registry::free_port());
-    let mut d = Daemon::start(
-        &images,
+    let d = Daemon::start(
+        images,
         &[
             "--llm-base-url",
             &llm.base_url,
@@ -43,20 +37,36 @@ fn test_opencode_session_restart_and_isolation() {
             &listen,
         ],
     );
+    (d, port, listen)
+}
 
-    let r = d.call(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"image": "opencode", "name": "a", "labels": {"t": "1"}})),
-    );
+/// An OpenCode sandbox, ready; its view.
+fn ready_opencode(d: &Daemon, body: serde_json::Value) -> serde_json::Value {
+    let r = d.call("POST", "/v1/sandboxes", Some(body));
     assert_eq!(r.status, 201, "{}\n{}", r.text(), d.log());
-    let a = r.json();
-    let id = a["id"].as_str().unwrap().to_string();
-    assert_eq!(a["opencode"], true);
-    let a = d.wait_state(&id, "ready", Duration::from_secs(120));
-    assert_eq!(a["state"], "ready", "{a}\n{}", d.log());
+    let v = r.json();
+    assert_eq!(v["opencode"], true, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let v = d.wait_state(&id, "ready", Duration::from_secs(120));
+    assert_eq!(v["state"], "ready", "{v}\n{}", d.log());
+    v
+}
 
-    // A session through the proxy, following the event stream until the agent is idle.
+/// The whole path of a user: an OpenCode sandbox, a session through the proxy (the agent's
+/// bash tool call comes from the mock LLM through agentd's gateway) followed on its event
+/// stream until idle, the file it wrote read through the files API, the tokens counted;
+/// then the official OpenCode SDK does the same through agentd's TCP listener.
+#[test]
+fn test_an_agent_session_through_the_proxy() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::start(&format!("echo agent-was-here > {FILE}"));
+    let (d, _, listen) = opencode_daemon(&images, &llm);
+    let a = ready_opencode(
+        &d,
+        json!({"image": "opencode", "name": "a", "labels": {"t": "1"}}),
+    );
+    let id = a["id"].as_str().unwrap().to_string();
     let r = d.call(
         "POST",
         &format!("/v1/sandboxes/{id}/opencode/session"),
@@ -88,8 +98,6 @@ fn test_opencode_session_restart_and_isolation() {
         d.log()
     );
     assert!(llm.requests.load(std::sync::atomic::Ordering::Relaxed) >= 2);
-
-    // The file the agent's tool call wrote, through the files API.
     let r = d.call(
         "GET",
         &format!("/v1/sandboxes/{id}/files?path={FILE}"),
@@ -107,7 +115,11 @@ fn test_opencode_session_restart_and_isolation() {
         a["usage"]["completion_tokens"].as_u64().unwrap() >= 7,
         "{a}"
     );
-    // The official OpenCode SDK, unchanged, through the proxy on agentd's TCP listener.
+    let metrics = d.call("GET", "/metrics", None).text();
+    assert!(
+        metrics.contains("agentd_sandboxes{state=\"ready\"} 1"),
+        "{metrics}"
+    );
     if let Some(sdk) = agentd_tests::opencode_sdk() {
         let script = sdk.join("session.mjs");
         std::fs::copy(
@@ -115,14 +127,13 @@ fn test_opencode_session_restart_and_isolation() {
             &script,
         )
         .unwrap();
-        let token = std::fs::read_to_string(d.state.path().join("api-token")).unwrap();
         let out = std::process::Command::new("node")
             .arg(&script)
             .env(
                 "BASE_URL",
                 format!("http://{listen}/v1/sandboxes/{id}/opencode"),
             )
-            .env("TOKEN", token.trim())
+            .env("TOKEN", d.token())
             .output()
             .unwrap();
         assert!(
@@ -135,13 +146,17 @@ fn test_opencode_session_restart_and_isolation() {
         assert_eq!(v["text"], "All done: the file is written.", "{v}");
         assert_eq!(v["tools"], json!(["bash"]), "{v}");
     }
-    let metrics = d.call("GET", "/metrics", None).text();
-    assert!(
-        metrics.contains("agentd_sandboxes{state=\"ready\"} 1"),
-        "{metrics}"
-    );
+    d.delete_all_and_check_clean();
+}
 
-    // Upload a file and read it back; a symlink planted inside cannot lead outside.
+/// An upload belongs to the sandbox's user, as its home does; a symlink planted inside
+/// leads to the sandbox's own files, never the host's.
+#[test]
+fn test_files_api_keeps_to_the_sandbox() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let d = small_daemon(&images, &[]);
+    let id = plain(&d, json!({}));
     let r = agentd_tests::daemon::request(
         &d.socket,
         "PUT",
@@ -164,18 +179,28 @@ fn test_opencode_session_restart_and_isolation() {
     );
     // /etc/hostname of the sandbox's own rootfs (none in the image), never the host's.
     assert_eq!(r.status, 404, "{}", r.text());
+    d.delete_all_and_check_clean();
+}
 
-    // A second, plain sandbox: A cannot reach B, but reaches agentd's gateway on the bridge.
-    // B runs OpenCode, listening on its port 4096 (agentd reaches it: the proxy answers).
-    let r = d.call(
+/// A sandbox reaches agentd's gateway on the bridge and nothing else: not another sandbox
+/// (B runs OpenCode on port 4096, which agentd itself reaches), not the host's other ports,
+/// not its loopback; agentd's API socket is not in its file system.
+#[test]
+fn test_a_sandbox_reaches_only_the_gateway() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::start("true");
+    let (d, port, _) = opencode_daemon(&images, &llm);
+    let a = d.call(
         "POST",
         "/v1/sandboxes",
-        Some(json!({"image": "opencode", "name": "b"})),
+        Some(json!({"image": "opencode", "opencode": false})),
     );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let b = r.json();
+    assert_eq!(a.status, 201, "{}", a.text());
+    let a = a.json();
+    let id = a["id"].as_str().unwrap().to_string();
+    let b = ready_opencode(&d, json!({"image": "opencode", "name": "b"}));
     let b_id = b["id"].as_str().unwrap().to_string();
-    d.wait_state(&b_id, "ready", Duration::from_secs(120));
     let r = d.call(
         "GET",
         &format!("/v1/sandboxes/{b_id}/opencode/global/health"),
@@ -194,26 +219,20 @@ fn test_opencode_session_restart_and_isolation() {
     let probe = |addr: &str, port: u16| {
         d.exec(&id, &["bash", "-c", &format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{addr}/{port}' && echo open || echo closed")]).1
     };
-    assert_eq!(
-        probe(&bridge_addr, port).trim(),
-        "open",
-        "the gateway is reachable"
-    );
-    assert_eq!(
-        probe(&b_addr, 4096).trim(),
-        "closed",
-        "sandbox A must not reach sandbox B"
-    );
-    assert_eq!(probe("127.0.0.1", 1).trim(), "closed");
-    // A host service on all addresses is not reachable from the sandbox (only the gateway is).
     let host_service = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let host_port = host_service.local_addr().unwrap().port();
-    assert_eq!(
-        probe(&bridge_addr, host_port).trim(),
-        "closed",
-        "the host's other ports are closed to sandboxes"
-    );
-    // agentd's API socket is not in the sandbox's filesystem.
+    let seen = [
+        ("the gateway", probe(&bridge_addr, port), "open"),
+        ("sandbox B", probe(&b_addr, 4096), "closed"),
+        ("the sandbox's loopback", probe("127.0.0.1", 1), "closed"),
+        ("a host service", probe(&bridge_addr, host_port), "closed"),
+    ];
+    let wrong: Vec<String> = seen
+        .iter()
+        .filter(|(_, got, want)| got.trim() != *want)
+        .map(|(what, got, want)| format!("{what}: {} (want {want})", got.trim()))
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}");
     let (_, out, _) = d.exec(
         &id,
         &[
@@ -226,10 +245,21 @@ fn test_opencode_session_restart_and_isolation() {
         ],
     );
     assert_eq!(out.trim(), "absent");
+    d.delete_all_and_check_clean();
+}
 
-    // Restart agentd with SIGTERM, then SIGKILL: the sandbox keeps running and is reattached.
+/// agentd restarted with SIGTERM, then SIGKILL: the OpenCode sandbox keeps running (the
+/// same process), is reattached and ready, its usage and its logs kept.
+#[test]
+fn test_a_restart_reattaches_running_sandboxes() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::start("true");
+    let (mut d, _, _) = opencode_daemon(&images, &llm);
+    let a = ready_opencode(&d, json!({"image": "opencode"}));
+    let id = a["id"].as_str().unwrap().to_string();
     let pid_before = d.exec(&id, &["sh", "-c", "echo $PPID"]).1;
-    let usage_before = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json()["usage"].clone();
+    let usage_before = a["usage"].clone();
     for signal in [libc::SIGTERM, libc::SIGKILL] {
         d.restart(signal);
         let a2 = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
@@ -245,7 +275,7 @@ fn test_opencode_session_restart_and_isolation() {
         assert_eq!(d.exec(&id, &["sh", "-c", "echo $PPID"]).1, pid_before);
         assert_eq!(a2["usage"], usage_before, "usage persists");
     }
-    // The logs of OpenCode are complete across the restarts (it logs its listening line).
+    // OpenCode's logs are complete across the restarts (it logs its listening line).
     let logs = d
         .call("GET", &format!("/v1/sandboxes/{id}/logs"), None)
         .text();
@@ -253,18 +283,37 @@ fn test_opencode_session_restart_and_isolation() {
         logs.contains("opencode server listening") || logs.contains("listening"),
         "{logs}"
     );
+    d.delete_all_and_check_clean();
+}
 
-    // Kill B's shim: B is reported exited and cleaned.
-    let shim_pid = d.shim_pid(&b_id).expect("B's shim");
+/// A sandbox whose shim is killed is reported exited and cleaned up.
+#[test]
+fn test_a_dead_shim_is_reported() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let d = small_daemon(&images, &[]);
+    let id = plain(&d, json!({}));
+    let shim_pid = d.shim_pid(&id).expect("the shim");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(shim_pid),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let b2 = d.wait_state(&b_id, "exited", Duration::from_secs(30));
-    assert_eq!(b2["state"], "exited", "{b2}");
+    let v = d.wait_state(&id, "exited", Duration::from_secs(30));
+    assert_eq!(v["state"], "exited", "{v}");
+    d.delete_all_and_check_clean();
+}
 
-    // OpenCode dies in A: the sandbox shows it, with the reason and the log tail.
+/// OpenCode dying in its sandbox ends the sandbox, with the reason and its log tail; the
+/// logs outlive it.
+#[test]
+fn test_opencode_dying_ends_its_sandbox_with_the_reason() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::start("true");
+    let (d, _, _) = opencode_daemon(&images, &llm);
+    let a = ready_opencode(&d, json!({"image": "opencode"}));
+    let id = a["id"].as_str().unwrap().to_string();
     let kill_opencode = "for p in /proc/[0-9]*; do case \"$(tr '\\0' ' ' < $p/cmdline 2>/dev/null)\" in opencode*) kill -9 ${p#/proc/};; esac; done";
     let r = d.call(
         "POST",
@@ -285,72 +334,67 @@ fn test_opencode_session_restart_and_isolation() {
     );
     let logs = d.call("GET", &format!("/v1/sandboxes/{id}/logs"), None);
     assert_eq!(logs.status, 200, "logs outlive the sandbox");
-
-    // Stop and delete everything: nothing of ours is left.
-    for s in [&id, &b_id] {
-        let r = d.call("DELETE", &format!("/v1/sandboxes/{s}"), None);
-        assert_eq!(r.status, 204, "{}", r.text());
-    }
-    let left = d.leftovers();
-    assert!(left.is_empty(), "leftovers: {left:#?}\n{}", d.log());
+    d.delete_all_and_check_clean();
 }
 
-/// Bad input gets a 4xx with a message, never a 500 or a leaked resource; TCP needs a token;
-/// quotas answer 429.
+/// A daemon without OpenCode sandboxes (they need no LLM) and with small quotas: at most
+/// 2 sandboxes and 3 GiB of memory; `extra` flags on top.
+fn small_daemon(images: &std::path::Path, extra: &[&str]) -> Daemon {
+    let gateway = agentd_tests::registry::free_port().to_string();
+    let mut args = vec![
+        "--max-sandboxes",
+        "2",
+        "--max-memory",
+        "3g",
+        "--gateway-port",
+        &gateway,
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start(images, &args)
+}
+
+/// A sandbox without OpenCode; its id.
+fn plain(d: &Daemon, extra: serde_json::Value) -> String {
+    let mut body = json!({"image": "opencode", "opencode": false});
+    if let (Some(b), Some(x)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(x.clone());
+    }
+    let r = d.call("POST", "/v1/sandboxes", Some(body));
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+/// Bad create requests get a 400 that says what is wrong, never a 500 or a leaked resource;
+/// an unknown sandbox is a 404.
 #[test]
-fn test_bad_requests_quotas_and_tcp_token() {
+fn test_bad_create_requests_get_400_with_the_reason() {
     require_sandbox_support!();
     let Some(images) = store() else { return };
-    let port = agentd_tests::registry::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let d = Daemon::start(
-        &images,
-        &[
-            "--listen",
-            &listen,
-            "--max-sandboxes",
-            "2",
-            "--max-memory",
-            "3g",
-            "--gateway-port",
-            &agentd_tests::registry::free_port().to_string(),
-        ],
-    );
+    let d = small_daemon(&images, &[]);
     let bad = [
-        ("not json", 400, "invalid JSON"),
+        ("not json", "invalid JSON"),
         (
             r#"{"image":"opencode","memroy":"1g"}"#,
-            400,
             "unknown field `memroy`",
         ),
-        (
-            r#"{"image":"no-such-image"}"#,
-            400,
-            "pull or import it first",
-        ),
+        (r#"{"image":"no-such-image"}"#, "pull or import it first"),
         (
             r#"{"image":"opencode","limits":{"memory":"1k"}}"#,
-            400,
             "below the minimum",
         ),
         (
             r#"{"image":"opencode","limits":{"memory":"100t"}}"#,
-            400,
             "in total",
         ),
-        (r#"{"image":"opencode","limits":{"cpus":-1}}"#, 400, "cpus"),
-        (
-            r#"{"image":"opencode","network":"nat"}"#,
-            400,
-            "not supported",
-        ),
+        (r#"{"image":"opencode","limits":{"cpus":-1}}"#, "cpus"),
+        (r#"{"image":"opencode","network":"nat"}"#, "not supported"),
         (
             r#"{"image":"opencode","opencode":true,"command":["x"]}"#,
-            400,
             "exclusive",
         ),
     ];
-    for (body, status, msg) in bad {
+    let mut wrong = Vec::new();
+    for (body, msg) in bad {
         let r = agentd_tests::daemon::request(
             &d.socket,
             "POST",
@@ -358,25 +402,36 @@ fn test_bad_requests_quotas_and_tcp_token() {
             Some(body.as_bytes()),
             "application/json",
         );
-        assert_eq!(r.status, status, "{body}: {}", r.text());
         let m = r.json()["error"]["message"]
             .as_str()
             .unwrap_or_default()
             .to_string();
-        assert!(m.contains(msg), "{body}: {m}");
+        // Every case is checked before the test fails, so one failure hides no other.
+        if r.status != 400 || !m.contains(msg) {
+            wrong.push(format!("{body}: {} {m}", r.status));
+        }
     }
+    assert!(wrong.is_empty(), "wrong answers:\n{}", wrong.join("\n"));
     let r = d.call("GET", "/v1/sandboxes/nope", None);
     assert_eq!(
         (r.status, r.json()["error"]["code"].as_str()),
         (404, Some("not_found"))
     );
-    let r = d.call(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"image": "opencode", "opencode": false})),
+    assert_eq!(
+        d.call("GET", "/v1/sandboxes", None).json()["sandboxes"],
+        json!([])
     );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_string();
+    let left = d.leftovers();
+    assert!(left.is_empty(), "leftovers: {left:#?}");
+}
+
+/// Past max_memory or max_sandboxes a create is a 429 naming the quota; what fits is made.
+#[test]
+fn test_quotas_answer_429_naming_the_limit() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let d = small_daemon(&images, &[]);
+    plain(&d, json!({}));
     // 2g (the default) + 2g > 3g: memory quota; 2g + 512m fits; then the sandbox count.
     let r = d.call(
         "POST",
@@ -385,67 +440,82 @@ fn test_bad_requests_quotas_and_tcp_token() {
     );
     assert_eq!(r.status, 429, "{}", r.text());
     assert!(r.text().contains("max_memory"), "{}", r.text());
-    let r = d.call(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"image": "opencode", "opencode": false, "limits": {"memory": "512m"}})),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let second = r.json()["id"].as_str().unwrap().to_string();
+    plain(&d, json!({"limits": {"memory": "512m"}}));
     let r = d.call(
         "POST",
         "/v1/sandboxes",
         Some(json!({"image": "opencode", "opencode": false, "limits": {"memory": "64m"}})),
     );
     assert_eq!(r.status, 429, "{}", r.text());
-    assert!(r.text().contains("max_sandboxes"));
-    assert_eq!(
-        d.call("DELETE", &format!("/v1/sandboxes/{second}"), None)
-            .status,
-        204
-    );
-    // Exec: a timeout kills the process.
+    assert!(r.text().contains("max_sandboxes"), "{}", r.text());
+    d.delete_all_and_check_clean();
+}
+
+/// An exec past its timeout_secs is killed and says so.
+#[test]
+fn test_exec_timeout_kills_the_process() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let d = small_daemon(&images, &[]);
+    let id = plain(&d, json!({}));
+    let started = std::time::Instant::now();
     let r = d.call(
         "POST",
         &format!("/v1/sandboxes/{id}/exec"),
         Some(json!({"command": ["sleep", "30"], "timeout_secs": 1})),
     );
     assert!(r.text().contains("\"timed_out\":true"), "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    d.delete_all_and_check_clean();
+}
 
-    // TCP: 401 without the token, 200 with it.
-    let mut s = std::net::TcpStream::connect(&listen).unwrap();
+/// On TCP every request needs the bearer token: 401 without it, 200 with it.
+#[test]
+fn test_tcp_needs_the_token() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let listen = format!("127.0.0.1:{}", agentd_tests::registry::free_port());
+    let d = small_daemon(&images, &["--listen", &listen]);
     use std::io::{Read, Write};
-    write!(
-        s,
-        "GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
+    let get = |auth: &str| {
+        let mut s = std::net::TcpStream::connect(&listen).unwrap();
+        write!(
+            s,
+            "GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw
+    };
+    let raw = get("");
+    assert!(raw.starts_with("HTTP/1.1 401"), "{raw}");
+    let raw = get("Authorization: Bearer not-the-token\r\n");
     assert!(raw.starts_with("HTTP/1.1 401"), "{raw}");
     let token = std::fs::read_to_string(d.state.path().join("api-token")).unwrap();
-    let mut s = std::net::TcpStream::connect(&listen).unwrap();
-    write!(s, "GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", token.trim()).unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
+    let raw = get(&format!("Authorization: Bearer {}\r\n", token.trim()));
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
-    // Idle timeout and TTL stop sandboxes and free their resources (status reads are not
-    // activity).
-    let r = d.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
-    assert_eq!(r.status, 204);
-    for (body, reason) in [
+}
+
+/// The idle timeout and the TTL each stop a sandbox and free its resources (reading its
+/// status is not activity).
+#[test]
+fn test_idle_timeout_or_ttl_stops_a_sandbox() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let d = small_daemon(&images, &[]);
+    for (extra, reason) in [
+        (json!({"idle_timeout_secs": 2}), "idle timeout"),
         (
-            json!({"image": "opencode", "opencode": false, "idle_timeout_secs": 2}),
-            "idle timeout",
-        ),
-        (
-            json!({"image": "opencode", "opencode": false, "idle_timeout_secs": 0, "ttl_secs": 2}),
+            json!({"idle_timeout_secs": 0, "ttl_secs": 2}),
             "ttl expired",
         ),
     ] {
-        let r = d.call("POST", "/v1/sandboxes", Some(body));
-        assert_eq!(r.status, 201, "{}", r.text());
-        let sid = r.json()["id"].as_str().unwrap().to_string();
+        let sid = plain(&d, extra);
         let v = d.wait_state(&sid, "stopped", Duration::from_secs(20));
         assert_eq!(
             (v["state"].as_str(), v["exit"]["reason"].as_str()),
@@ -459,13 +529,15 @@ fn test_bad_requests_quotas_and_tcp_token() {
             204
         );
     }
-    let r = d.call(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"image": "opencode", "opencode": false})),
-    );
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    // The CLI client over the socket.
+}
+
+/// `agentd sandbox` over the socket: create, ls, exec (its status and both streams pass
+/// through), cp both ways, a clear error for an unknown sandbox, rm.
+#[test]
+fn test_cli_client_over_the_socket() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let d = small_daemon(&images, &[]);
     let cli = |args: &[&str]| {
         std::process::Command::new(agentd_tests::bin("agentd"))
             .arg("sandbox")
@@ -474,8 +546,6 @@ fn test_bad_requests_quotas_and_tcp_token() {
             .output()
             .unwrap()
     };
-    let r = d.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
-    assert_eq!(r.status, 204);
     let out = cli(&[
         "create",
         "--image",
@@ -526,16 +596,6 @@ fn test_bad_requests_quotas_and_tcp_token() {
     );
     let out = cli(&["rm", "cli1"]);
     assert!(out.status.success(), "{}", agentd_tests::describe(&out));
-    let r = d.call(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"image": "opencode", "opencode": false})),
-    );
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    let doc = d.call("GET", "/v1/openapi.json", None).json();
-    assert_eq!(doc["openapi"], "3.1.0");
-    let r = d.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
-    assert_eq!(r.status, 204);
     let left = d.leftovers();
     assert!(left.is_empty(), "leftovers: {left:#?}");
 }
@@ -583,7 +643,10 @@ fn test_default_image_built_on_first_use() {
     );
     let id = r.json()["id"].as_str().unwrap().to_string();
     let (code, out, _) = d.exec(&id, &["opencode", "--version"]);
-    assert_eq!((code, out.trim()), (0, agentd_tests::OPENCODE_VERSION));
+    assert_eq!(
+        (code, out.trim()),
+        (0, agentd_tests::opencode_version().as_str())
+    );
     assert_eq!(
         d.call("DELETE", &format!("/v1/sandboxes/{id}"), None)
             .status,

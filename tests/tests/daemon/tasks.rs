@@ -151,20 +151,15 @@ fn git_apply(dir: &Path, patch: &[u8]) {
     );
 }
 
-/// One agent, no check: the CLI runs the task and prints the diff; the result, the events
-/// (resumed with Last-Event-ID without gaps), the patch (applies to a fresh copy of the
-/// workspace), and the sandbox removed after the grace period. Bad workspaces get 400s.
+/// Workspaces agentd cannot use and bad task requests get a 400 that says why, and leave
+/// nothing behind.
 #[test]
-fn test_task_single_agent_cli_diff_events_and_bad_workspaces() {
+fn test_bad_task_requests_get_400_with_the_reason() {
     require_sandbox_support!();
     let Some(images) = store() else { return };
-    let llm = MockLlm::start(
-        "echo 'written by the agent' > answer.txt && printf 'one\\nTWO\\nthree\\n' > src/lib.txt && rm README.md",
-    );
-    let d = daemon(&images, &llm, &["--task-grace", "3"]);
+    let llm = MockLlm::start("true");
+    let d = daemon(&images, &llm, &[]);
     let ws = make_workspace();
-
-    // Workspaces agentd cannot use.
     let bad = |workspace: serde_json::Value, want: &str| {
         let r = d.call(
             "POST",
@@ -250,6 +245,20 @@ fn test_task_single_agent_cli_diff_events_and_bad_workspaces() {
             .all(|e| e.unwrap().file_name() == "uploads"),
         "a refused task left its dir behind"
     );
+}
+
+/// One agent, no check: the CLI runs the task and prints the diff; the result, the events
+/// (resumed with Last-Event-ID without gaps), the patch (applies to a fresh copy of the
+/// workspace), and the sandbox removed after the grace period.
+#[test]
+fn test_task_single_agent_from_the_cli() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::start(
+        "echo 'written by the agent' > answer.txt && printf 'one\\nTWO\\nthree\\n' > src/lib.txt && rm README.md",
+    );
+    let d = daemon(&images, &llm, &["--task-grace", "3"]);
+    let ws = make_workspace();
 
     // The CLI: request to result, progress on stderr, the diff on stdout.
     let started = Instant::now();
