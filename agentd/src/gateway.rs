@@ -261,7 +261,7 @@ async fn chat(
 
 /// The model ids the upstream's `GET <base>/models` lists; `None` when it does not answer
 /// that with OpenAI's list shape within a few seconds (then nothing is refused for it).
-pub async fn upstream_models(upstream: &crate::config::LlmUpstream) -> Option<Vec<String>> {
+pub async fn upstream_models(upstream: &crate::daemon::config::LlmUpstream) -> Option<Vec<String>> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(5))

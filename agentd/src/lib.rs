@@ -13,12 +13,13 @@
 //! - The CLI skin, [`cli`]: [`cli::run`] (`agentd run`, daemonless, for CI runners),
 //!   [`cli::image`] (`agentd image ...`), [`cli::sandbox`] (`agentd sandbox ...`),
 //!   [`cli::task`] (`agentd task ...`).
-//! - The wiring: [`serve`] (`agentd serve`: listeners, shutdown), [`config`], and
-//!   [`teardown`] (`agentd teardown`: removes what `serve` set up on the host).
+//! - The wiring, [`daemon`]: [`daemon::serve`] (`agentd serve`: listeners, shutdown),
+//!   [`daemon::config`] (one struct for flags, environment and TOML, which the services
+//!   read), and [`daemon::teardown`] (`agentd teardown`: removes what `serve` set up).
 
 pub mod api;
 pub mod cli;
-pub mod config;
+pub mod daemon;
 pub mod db;
 pub mod default_image;
 pub mod error;
@@ -30,8 +31,6 @@ pub mod metrics;
 pub mod net;
 pub mod opencode;
 pub mod sandbox;
-pub mod serve;
 pub mod task;
-pub mod teardown;
 pub mod walk;
 pub mod workspace;

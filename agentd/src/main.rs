@@ -20,14 +20,14 @@ enum Command {
     /// Manage OCI images: pull, import, export, ls, inspect, rm, prune, verify.
     Image(agentd::cli::image::ImageArgs),
     /// Run the daemon: the HTTP API, sandboxes with OpenCode, the LLM gateway.
-    Serve(Box<agentd::config::ServeArgs>),
+    Serve(Box<agentd::daemon::config::ServeArgs>),
     /// Manage sandboxes through a running daemon.
     Sandbox(agentd::cli::sandbox::SandboxArgs),
     /// Hand a prompt and a workspace to agents through a running daemon; see their results.
     Task(agentd::cli::task::TaskArgs),
     /// Remove what `agentd serve` set up on this host (sandboxes, bridge, firewall chain,
     /// cgroups; the state dir too with --purge). The daemon must be stopped.
-    Teardown(Box<agentd::teardown::TeardownArgs>),
+    Teardown(Box<agentd::daemon::teardown::TeardownArgs>),
 }
 
 fn main() -> ExitCode {
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         }
     };
     if let Command::Serve(args) = cli.command {
-        return match agentd::serve::run(*args) {
+        return match agentd::daemon::serve::run(*args) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
                 eprintln!("agentd: {e:#}");
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         Command::Image(args) => agentd::cli::image::run(args),
         Command::Sandbox(args) => agentd::cli::sandbox::run(args),
         Command::Task(args) => agentd::cli::task::run(args),
-        Command::Teardown(args) => agentd::teardown::run(*args),
+        Command::Teardown(args) => agentd::daemon::teardown::run(*args),
         Command::Serve(_) => unreachable!("handled above"),
     };
     match result {

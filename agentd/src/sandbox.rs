@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::daemon::config::Config;
 use crate::db::{Db, SANDBOXES};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -1386,7 +1386,7 @@ pub fn validate_create(config: &Config, req: &CreateSandbox) -> Result<(Limits, 
         ("ttl_secs", req.ttl_secs),
         ("idle_timeout_secs", req.idle_timeout_secs),
     ] {
-        let max = crate::config::MAX_SANDBOX_TIMEOUT_SECS;
+        let max = crate::daemon::config::MAX_SANDBOX_TIMEOUT_SECS;
         if value.is_some_and(|v| v > max) {
             return Err(Error::Invalid(format!(
                 "{name} must be at most {max} (a year); 0 turns the idle timeout off"
@@ -1485,7 +1485,7 @@ mod tests {
     use super::*;
 
     fn config(dir: &Path, llm: bool) -> Config {
-        Config::load(crate::config::ServeArgs {
+        Config::load(crate::daemon::config::ServeArgs {
             state_dir: Some(dir.to_path_buf()),
             llm_base_url: llm.then(|| "http://127.0.0.1:9/v1".to_string()),
             ..Default::default()
@@ -1547,6 +1547,9 @@ mod tests {
         assert_eq!(image, "x");
         assert_eq!(limits.memory_bytes, Some(64 << 20));
         assert_eq!(limits.disk_bytes, Some(20 << 20));
-        assert_eq!(limits.pids, Some(crate::config::DEFAULT_SANDBOX_PIDS));
+        assert_eq!(
+            limits.pids,
+            Some(crate::daemon::config::DEFAULT_SANDBOX_PIDS)
+        );
     }
 }

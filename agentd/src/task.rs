@@ -889,7 +889,7 @@ impl TaskManager {
                     .as_secs()
                     .saturating_add(grace)
                     .saturating_add(600)
-                    .min(crate::config::MAX_SANDBOX_TIMEOUT_SECS),
+                    .min(crate::daemon::config::MAX_SANDBOX_TIMEOUT_SECS),
             ),
             labels,
             opencode: Some(true),

@@ -793,8 +793,10 @@ fn lower_dirs_in(mountinfo: &str) -> BTreeSet<PathBuf> {
     dirs
 }
 
-/// Writes a small file atomically: temp file in the same dir, fsync, rename, fsync the dir.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes a small file atomically (mode 0600): a temp file in the same dir, fsync, rename,
+/// fsync the dir. A crash leaves the old file or the new one, never a torn one. (Also
+/// rootfs-builder's, for its cache.)
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().expect("atomic writes target a file in a dir");
     let tmp = dir.join(format!(
         ".{}.tmp-{}",

@@ -3,7 +3,7 @@
 //! a tar of one, or straight into agentd's image store.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -118,12 +118,9 @@ impl Cache {
     }
 }
 
+/// The image store's atomic write (temp file, fsync, rename, fsync the dir).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f = fs::File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
-    f.write_all(bytes).map_err(io_err("cannot write", &tmp))?;
-    f.sync_all().map_err(io_err("cannot sync", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("cannot rename", &tmp))
+    Ok(agentd_images::store::write_atomic(path, bytes)?)
 }
 
 /// Progress of a build, one event per step.

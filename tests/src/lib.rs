@@ -482,7 +482,7 @@ pub fn opencode_sdk() -> Option<PathBuf> {
                     "--prefix",
                 ])
                 .arg(&dir)
-                .arg(format!("@opencode-ai/sdk@{OPENCODE_VERSION}"))
+                .arg(format!("@opencode-ai/sdk@{}", opencode_version()))
                 .output()
                 .unwrap();
             assert!(
@@ -496,5 +496,17 @@ pub fn opencode_sdk() -> Option<PathBuf> {
     .clone()
 }
 
-/// The OpenCode version the opencode recipe pins (the SDK is installed at the same version).
-pub const OPENCODE_VERSION: &str = "1.18.33";
+/// The OpenCode version the opencode recipe pins (its `dev.agentd.opencode.version` label;
+/// the SDK is installed at the same version): read from the recipe, so a version bump is one
+/// edit there.
+pub fn opencode_version() -> String {
+    let recipe = workspace_root().join("rootfs-builder/recipes/opencode.toml");
+    let text = fs::read_to_string(&recipe).unwrap();
+    let key = "\"dev.agentd.opencode.version\" = \"";
+    let start = text
+        .find(key)
+        .expect("the recipe labels its OpenCode version")
+        + key.len();
+    let end = text[start..].find('"').expect("a quoted version") + start;
+    text[start..end].to_string()
+}

@@ -112,7 +112,7 @@ fn test_opencode_image_serves_health_without_network() {
     assert!(out.status.success(), "{}", describe(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines[0], "1.18.33", "{stdout}");
+    assert_eq!(lines[0], agentd_tests::opencode_version(), "{stdout}");
     assert_eq!(lines[1], "agent");
     assert!(
         lines[2].starts_with("git version 2.") && lines[3].starts_with("ripgrep "),
@@ -137,7 +137,10 @@ fn test_opencode_image_serves_health_without_network() {
         "the sandbox reached outside: {stdout}"
     );
     assert!(
-        stdout.contains(r#"{"healthy":true,"version":"1.18.33"}"#),
+        stdout.contains(&format!(
+            r#"{{"healthy":true,"version":"{}"}}"#,
+            agentd_tests::opencode_version()
+        )),
         "{stdout}"
     );
     scope.assert_clean();

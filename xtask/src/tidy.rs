@@ -128,7 +128,8 @@ fn test_agentd_services_import_no_skin() {
     let skins = [
         "crate::api",
         "crate::cli",
-        "crate::serve",
+        "crate::daemon::serve",
+        "crate::daemon::teardown",
         "crate::main",
         "ApiError",
     ];

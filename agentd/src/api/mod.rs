@@ -1,5 +1,6 @@
-//! The HTTP API: listeners, authentication, routing by `(method, path segments)`, and the
-//! shared response helpers. One file per resource holds its handlers.
+//! The HTTP API: listeners, authentication, the axum router of [`routes`] (the one table
+//! of operations, which the OpenAPI document comes from too), the wire types of [`types`],
+//! and the shared response helpers. One file per resource holds its handlers.
 //!
 //! The Unix socket is root-only (mode 0600 in a 0700 dir); on TCP every request needs
 //! `Authorization: Bearer <token>`. Request bodies are capped; errors are

@@ -13,7 +13,7 @@ use agentd_images::{
 use anyhow::Context;
 
 /// Default state dir of agentd (the image store is `<state-dir>/images`).
-pub use crate::config::DEFAULT_STATE_DIR;
+pub use crate::daemon::config::DEFAULT_STATE_DIR;
 
 use crate::api::types::ImageView;
 

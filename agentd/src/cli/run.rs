@@ -32,7 +32,7 @@ pub struct RunArgs {
     pub image: Option<String>,
     /// agentd's state dir, whose image store (<dir>/images) --image reads (the same dir as
     /// `agentd serve --state-dir` and `agentd image --state-dir`).
-    #[arg(long, alias = "store-dir", env = "AGENTD_STATE_DIR", default_value = crate::config::DEFAULT_STATE_DIR)]
+    #[arg(long, alias = "store-dir", env = "AGENTD_STATE_DIR", default_value = crate::daemon::config::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// Memory limit, like 256m or 2g; the command is OOM-killed above it (exit 137).
     #[arg(long, value_parser = parse_size_arg)]
@@ -219,12 +219,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         memory_bytes: args.memory,
         swap_bytes: None,
         cpus: args.cpus,
-        pids: Some(args.pids.unwrap_or(crate::config::DEFAULT_SANDBOX_PIDS)),
+        pids: Some(
+            args.pids
+                .unwrap_or(crate::daemon::config::DEFAULT_SANDBOX_PIDS),
+        ),
         disk_bytes: match args.disk {
             Some(DiskArg::Unbounded) => None,
             Some(DiskArg::Bytes(b)) => Some(b),
             None => Some(
-                agentd_runtime::parse_size(crate::config::DEFAULT_SANDBOX_DISK)
+                agentd_runtime::parse_size(crate::daemon::config::DEFAULT_SANDBOX_DISK)
                     .expect("the default disk size parses"),
             ),
         },

@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 #[derive(Debug, Args)]
 pub struct SandboxArgs {
     /// The daemon's API socket.
-    #[arg(long, env = "AGENTD_SOCKET", default_value = crate::config::DEFAULT_SOCKET, global = true)]
+    #[arg(long, env = "AGENTD_SOCKET", default_value = crate::daemon::config::DEFAULT_SOCKET, global = true)]
     socket: PathBuf,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]

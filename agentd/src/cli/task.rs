@@ -18,7 +18,7 @@ use crate::task::{CheckResult, DiffStats, TaskState};
 #[derive(Debug, Args)]
 pub struct TaskArgs {
     /// The daemon's API socket.
-    #[arg(long, env = "AGENTD_SOCKET", default_value = crate::config::DEFAULT_SOCKET, global = true)]
+    #[arg(long, env = "AGENTD_SOCKET", default_value = crate::daemon::config::DEFAULT_SOCKET, global = true)]
     socket: PathBuf,
     /// Print JSON instead of text.
     #[arg(long, global = true)]

@@ -6,7 +6,7 @@ use anyhow::Context;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::config::{Config, LogFormat, ServeArgs};
+use crate::daemon::config::{Config, LogFormat, ServeArgs};
 use crate::sandbox::Manager;
 
 /// How long the runtime waits for blocking work when agentd stops.
@@ -140,7 +140,7 @@ fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
 fn load_or_make_token(config: &Config) -> anyhow::Result<String> {
     let path = &config.token_file;
     if path.exists() {
-        return crate::config::read_secret(path);
+        return crate::daemon::config::read_secret(path);
     }
     let token = crate::sandbox::random_hex(32);
     if let Some(dir) = path.parent() {

@@ -10,7 +10,7 @@ use agentd_runtime::{Runtime, SandboxCgroup};
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::config::{Config, ServeArgs};
+use crate::daemon::config::{Config, ServeArgs};
 
 /// `agentd teardown`.
 #[derive(Debug, Args)]
