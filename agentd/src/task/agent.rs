@@ -51,8 +51,7 @@ impl TaskManager {
             // Resumed after a restart: the session may have gone idle while nobody watched.
             idle_now = self.session_idle(sb, session).await;
         }
-        let mut tools: HashMap<String, String> = HashMap::new();
-        let mut counted: HashSet<String> = HashSet::new();
+        let mut watch = super::attempt::RoundWatch::new(session);
         let mut error: Option<String> = None;
         let mut state_rx = sb.state_tx.subscribe();
         let mut reconnects = 0;
@@ -88,63 +87,35 @@ impl TaskManager {
                         .unwrap_or_else(|| "OpenCode's event stream ended".into());
                     return Err(Outcome::Lost(format!("the agent stopped: {why}")));
                 };
-                let props = &ev["properties"];
-                match ev["type"].as_str().unwrap_or_default() {
-                    "message.part.updated" => {
-                        let part = &props["part"];
-                        if part["sessionID"] != session || part["type"] != "tool" {
-                            continue;
-                        }
-                        let pid = part["id"].as_str().unwrap_or_default().to_string();
-                        let status = part["state"]["status"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_string();
-                        if tools.get(&pid) == Some(&status)
-                            || (!tools.contains_key(&pid) && tools.len() >= MAX_TOOL_PARTS)
-                        {
-                            continue;
-                        }
-                        tools.insert(pid.clone(), status.clone());
-                        if counted.insert(pid) {
+                match watch.see(&ev) {
+                    super::attempt::Seen::Nothing => {}
+                    super::attempt::Seen::Tool {
+                        new,
+                        tool,
+                        status,
+                        title,
+                    } => {
+                        if new {
                             // In memory only: the count is saved with the attempt's next
                             // state change, not with a durable commit per tool call.
                             self.update_unsaved(task, n, |a| a.tool_calls += 1);
                         }
                         let calls = self.attempt_snapshot(task, n).tool_calls;
-                        let title = part["state"]["title"]
-                            .as_str()
-                            .or_else(|| part["state"]["input"]["description"].as_str())
-                            .unwrap_or_default();
                         self.emit(
-                        task,
-                        "tool",
-                        serde_json::json!({"attempt": n, "round": round, "tool": part["tool"], "status": status, "title": tail(title, 200), "tool_calls": calls}),
-                    );
+                            task,
+                            "tool",
+                            serde_json::json!({"attempt": n, "round": round, "tool": tool, "status": status, "title": title, "tool_calls": calls}),
+                        );
                     }
-                    "session.error" => {
-                        if props["sessionID"].as_str().is_some_and(|s| s != session) {
-                            continue;
-                        }
-                        let e = &props["error"];
-                        let msg = e["data"]["message"]
-                            .as_str()
-                            .or_else(|| e["name"].as_str())
-                            .unwrap_or("unknown error");
-                        error = Some(tail(msg, 1000));
+                    super::attempt::Seen::Error(msg) => {
                         self.emit(
                             task,
                             "error",
-                            serde_json::json!({"attempt": n, "round": round, "message": error}),
+                            serde_json::json!({"attempt": n, "round": round, "message": msg}),
                         );
+                        error = Some(msg);
                     }
-                    "session.idle" if props["sessionID"] == session => break,
-                    "session.status"
-                        if props["sessionID"] == session && props["status"]["type"] == "idle" =>
-                    {
-                        break
-                    }
-                    _ => {}
+                    super::attempt::Seen::Idle => break,
                 }
             }
         }

@@ -1,11 +1,111 @@
-//! The decisions of an attempt's rounds, as pure functions the driver
-//! ([`super::TaskManager`]'s `drive`) follows: what a check's run means ([`check_result`])
-//! and what comes after it ([`after_check`]). No I/O here, so each rule has a unit test.
+//! The decisions of an attempt's rounds, as pure state the driver ([`super::TaskManager`]'s
+//! `drive` and `agent_round`) follows: what each OpenCode event means for the round
+//! ([`RoundWatch`]), what a check's run means ([`check_result`]) and what comes after it
+//! ([`after_check`]). No I/O here, so each rule has a unit test, with OpenCode's events as
+//! the JSON it sends.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use super::{tail, CheckResult, CHECK_OUTPUT_TAIL};
+use super::{tail, CheckResult, CHECK_OUTPUT_TAIL, MAX_TOOL_PARTS};
 use crate::sandbox::ExecOutput;
+
+/// What an OpenCode event means for the round that follows one session.
+#[derive(Debug, PartialEq)]
+pub(super) enum Seen {
+    /// Nothing for this round (another session's event, a repeat, an event of no interest).
+    Nothing,
+    /// A tool call of the session changed status; `new`: the first time this call is seen
+    /// (it counts once).
+    Tool {
+        /// First sight of this call.
+        new: bool,
+        /// The tool's name, as OpenCode sent it.
+        tool: serde_json::Value,
+        /// Its status (`pending`, `running`, `completed`, `error`).
+        status: String,
+        /// What it does, in at most 200 bytes.
+        title: String,
+    },
+    /// The session reported an error (its message, at most 1000 bytes).
+    Error(String),
+    /// The session is idle: the round's agent work is done.
+    Idle,
+}
+
+/// The tool calls of one round seen so far, bounded by [`MAX_TOOL_PARTS`]: a hostile
+/// OpenCode cannot make agentd remember without end.
+pub(super) struct RoundWatch {
+    session: String,
+    /// Each call's last status.
+    tools: HashMap<String, String>,
+    /// Calls counted.
+    counted: HashSet<String>,
+}
+
+impl RoundWatch {
+    /// A watch of `session`'s events.
+    pub(super) fn new(session: &str) -> RoundWatch {
+        RoundWatch {
+            session: session.to_string(),
+            tools: HashMap::new(),
+            counted: HashSet::new(),
+        }
+    }
+
+    /// What `ev` (one event of OpenCode's `/event` stream) means.
+    pub(super) fn see(&mut self, ev: &serde_json::Value) -> Seen {
+        let props = &ev["properties"];
+        let ours = |v: &serde_json::Value| v.as_str() == Some(self.session.as_str());
+        match ev["type"].as_str().unwrap_or_default() {
+            "message.part.updated" => {
+                let part = &props["part"];
+                if !ours(&part["sessionID"]) || part["type"] != "tool" {
+                    return Seen::Nothing;
+                }
+                let id = part["id"].as_str().unwrap_or_default().to_string();
+                let status = part["state"]["status"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if self.tools.get(&id) == Some(&status)
+                    || (!self.tools.contains_key(&id) && self.tools.len() >= MAX_TOOL_PARTS)
+                {
+                    return Seen::Nothing;
+                }
+                self.tools.insert(id.clone(), status.clone());
+                let title = part["state"]["title"]
+                    .as_str()
+                    .or_else(|| part["state"]["input"]["description"].as_str())
+                    .unwrap_or_default();
+                Seen::Tool {
+                    new: self.counted.insert(id),
+                    tool: part["tool"].clone(),
+                    status,
+                    title: tail(title, 200),
+                }
+            }
+            // An error that names no session is the server's, so this session's too.
+            "session.error"
+                if props["sessionID"]
+                    .as_str()
+                    .is_none_or(|s| s == self.session) =>
+            {
+                let e = &props["error"];
+                let msg = e["data"]["message"]
+                    .as_str()
+                    .or_else(|| e["name"].as_str())
+                    .unwrap_or("unknown error");
+                Seen::Error(tail(msg, 1000))
+            }
+            "session.idle" if ours(&props["sessionID"]) => Seen::Idle,
+            "session.status" if ours(&props["sessionID"]) && props["status"]["type"] == "idle" => {
+                Seen::Idle
+            }
+            _ => Seen::Nothing,
+        }
+    }
+}
 
 /// What an attempt does after a round's check.
 #[derive(Debug, PartialEq, Eq)]
@@ -91,6 +191,139 @@ mod tests {
             truncated: false,
             error: None,
         }
+    }
+
+    /// A tool part event as OpenCode sends it.
+    fn tool(session: &str, id: &str, status: &str) -> serde_json::Value {
+        serde_json::json!({"type": "message.part.updated", "properties": {"part": {
+            "id": id, "sessionID": session, "type": "tool", "tool": "bash",
+            "state": {"status": status, "input": {"description": "runs the tests"}}
+        }}})
+    }
+
+    /// A session's tool calls count once each however often their status changes; repeats,
+    /// other sessions' events and other part types count nothing.
+    #[test]
+    fn test_tool_calls_count_once_per_call() {
+        let mut w = RoundWatch::new("s1");
+        let seen = |w: &mut RoundWatch, ev| match w.see(&ev) {
+            Seen::Tool {
+                new, status, title, ..
+            } => Some((new, status, title)),
+            Seen::Nothing => None,
+            other => panic!("{other:?}"),
+        };
+        let t = || "runs the tests".to_string();
+        assert_eq!(
+            seen(&mut w, tool("s1", "p1", "pending")),
+            Some((true, "pending".into(), t()))
+        );
+        assert_eq!(seen(&mut w, tool("s1", "p1", "pending")), None, "a repeat");
+        assert_eq!(
+            seen(&mut w, tool("s1", "p1", "running")),
+            Some((false, "running".into(), t()))
+        );
+        assert_eq!(
+            seen(&mut w, tool("s1", "p1", "completed")),
+            Some((false, "completed".into(), t()))
+        );
+        assert_eq!(
+            seen(&mut w, tool("s2", "p9", "pending")),
+            None,
+            "another session"
+        );
+        let mut text = tool("s1", "p2", "pending");
+        text["properties"]["part"]["type"] = "text".into();
+        assert_eq!(seen(&mut w, text), None, "not a tool");
+        assert_eq!(
+            seen(&mut w, tool("s1", "p2", "running")).map(|s| s.0),
+            Some(true)
+        );
+    }
+
+    /// Past MAX_TOOL_PARTS distinct calls, new ones are neither remembered nor counted; the
+    /// known ones still report their status.
+    #[test]
+    fn test_tool_calls_are_bounded() {
+        let mut w = RoundWatch::new("s");
+        for i in 0..MAX_TOOL_PARTS {
+            assert!(matches!(
+                w.see(&tool("s", &format!("p{i}"), "running")),
+                Seen::Tool { new: true, .. }
+            ));
+        }
+        assert_eq!(w.see(&tool("s", "one-more", "running")), Seen::Nothing);
+        assert!(matches!(
+            w.see(&tool("s", "p0", "completed")),
+            Seen::Tool { new: false, .. }
+        ));
+        assert_eq!(w.tools.len(), MAX_TOOL_PARTS);
+    }
+
+    /// The round ends on its session's idle (either event OpenCode sends for it); errors of
+    /// the session, or of no session, are the round's; another session's are not.
+    #[test]
+    fn test_idle_and_errors_of_the_session() {
+        let mut w = RoundWatch::new("s1");
+        let ev =
+            |t: &str, props: serde_json::Value| serde_json::json!({"type": t, "properties": props});
+        assert_eq!(
+            w.see(&ev("session.idle", serde_json::json!({"sessionID": "s2"}))),
+            Seen::Nothing
+        );
+        assert_eq!(
+            w.see(&ev("session.idle", serde_json::json!({"sessionID": "s1"}))),
+            Seen::Idle
+        );
+        assert_eq!(
+            w.see(&ev(
+                "session.status",
+                serde_json::json!({"sessionID": "s1", "status": {"type": "busy"}})
+            )),
+            Seen::Nothing
+        );
+        assert_eq!(
+            w.see(&ev(
+                "session.status",
+                serde_json::json!({"sessionID": "s1", "status": {"type": "idle"}})
+            )),
+            Seen::Idle
+        );
+        let error = serde_json::json!({"name": "ProviderAuthError", "data": {"message": "no key"}});
+        assert_eq!(
+            w.see(&ev(
+                "session.error",
+                serde_json::json!({"sessionID": "s1", "error": error})
+            )),
+            Seen::Error("no key".into())
+        );
+        assert_eq!(
+            w.see(&ev(
+                "session.error",
+                serde_json::json!({"error": {"name": "UnknownError"}})
+            )),
+            Seen::Error("UnknownError".into())
+        );
+        assert_eq!(
+            w.see(&ev(
+                "session.error",
+                serde_json::json!({"sessionID": "s2", "error": error})
+            )),
+            Seen::Nothing
+        );
+        let long = "e".repeat(5000);
+        match w.see(&ev(
+            "session.error",
+            serde_json::json!({"sessionID": "s1", "error": {"data": {"message": long}}}),
+        )) {
+            Seen::Error(m) => assert_eq!(m.len(), 1000),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            w.see(&serde_json::json!({"type": "server.connected"})),
+            Seen::Nothing
+        );
+        assert_eq!(w.see(&serde_json::json!("not an object")), Seen::Nothing);
     }
 
     const MIN: Duration = Duration::from_secs(60);
