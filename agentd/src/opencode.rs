@@ -12,6 +12,8 @@
 //!
 //! The plugin install is pre-seeded in the image (rootfs-builder's opencode recipe).
 
+pub mod client;
+
 use std::net::Ipv4Addr;
 use std::time::Duration;
 

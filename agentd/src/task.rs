@@ -32,7 +32,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
 use tokio::sync::watch;
 
 use crate::db::TASKS;
@@ -110,8 +109,6 @@ pub const DEFAULT_DIFF_EXCLUDE: &[&str] = &[
 ];
 /// Most `diff_exclude` patterns, and the longest.
 const MAX_DIFF_EXCLUDE: (usize, usize) = (256, 256);
-/// How long a request to OpenCode (other than the event stream) may take.
-const OPENCODE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the baseline commit and the diff may take.
 const GIT_IN_SANDBOX_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often a round's event stream may be opened again after OpenCode closed it.
@@ -650,15 +647,10 @@ impl TaskManager {
                 };
                 if let Some(sb) = &sb {
                     // Stop the agent, keep what it did, then stop the sandbox.
-                    if let Some(session) = self.attempt_snapshot(&task, n).session {
-                        let _ = self
-                            .opencode(
-                                sb,
-                                hyper::Method::POST,
-                                &format!("/session/{session}/abort"),
-                                Some(serde_json::json!({})),
-                            )
-                            .await;
+                    if let (Some(session), Ok(agent)) =
+                        (self.attempt_snapshot(&task, n).session, self.agent(sb))
+                    {
+                        let _ = agent.abort(&session).await;
                     }
                     // Best effort: what the agent did so far, if it can be read in time.
                     let _ = tokio::time::timeout(
@@ -776,23 +768,15 @@ impl TaskManager {
             Some(s) => s,
             None => {
                 let title = format!("agentd task {} attempt {n}", rec.id);
-                match self
-                    .opencode(
-                        &sb,
-                        hyper::Method::POST,
-                        "/session",
-                        Some(serde_json::json!({ "title": title })),
-                    )
-                    .await
-                {
-                    Ok(v) => match v["id"].as_str() {
-                        Some(s) => {
-                            let s = s.to_string();
-                            self.update(task, n, |a| a.session = Some(s.clone()));
-                            s
-                        }
-                        None => return Outcome::Failed("OpenCode made no session".into()),
-                    },
+                let made = match self.agent(&sb) {
+                    Ok(agent) => agent.create_session(&title).await,
+                    Err(e) => Err(e),
+                };
+                match made {
+                    Ok(s) => {
+                        self.update(task, n, |a| a.session = Some(s.clone()));
+                        s
+                    }
                     Err(e) => return Outcome::Failed(format!("OpenCode refused a session: {e}")),
                 }
             }

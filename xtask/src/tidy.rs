@@ -116,6 +116,8 @@ fn test_agentd_services_import_no_skin() {
         "exec.rs",
         "workspace.rs",
         "opencode.rs",
+        "opencode",
+        "daemon/config.rs",
         "net.rs",
         "db.rs",
         "metrics.rs",

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::opencode::client::Client;
 
 impl TaskManager {
     /// One round of the agent: prompt (unless a resumed round sent it already), then follow
@@ -20,9 +21,10 @@ impl TaskManager {
         let a = self.attempt_snapshot(task, n);
         let round = a.round;
         let t = Instant::now();
+        let agent = self.agent(sb).map_err(Outcome::Failed)?;
         // Subscribe before prompting: the idle event cannot be missed.
-        let mut events = self
-            .event_stream(sb)
+        let mut events = agent
+            .events()
             .await
             .map_err(|e| Outcome::Failed(format!("OpenCode's event stream: {e}")))?;
         let mut idle_now = false;
@@ -32,15 +34,10 @@ impl TaskManager {
             } else {
                 follow_up(rec.request.check.as_deref().unwrap_or(""), a.check.as_ref())
             };
-            let body = serde_json::json!({"parts": [{"type": "text", "text": text}]});
-            self.opencode(
-                sb,
-                hyper::Method::POST,
-                &format!("/session/{session}/prompt_async"),
-                Some(body),
-            )
-            .await
-            .map_err(|e| Outcome::Failed(format!("OpenCode refused the prompt: {e}")))?;
+            agent
+                .prompt(session, &text)
+                .await
+                .map_err(|e| Outcome::Failed(format!("OpenCode refused the prompt: {e}")))?;
             self.update(task, n, |a| a.prompted = round);
             self.emit(
                 task,
@@ -49,7 +46,7 @@ impl TaskManager {
             );
         } else {
             // Resumed after a restart: the session may have gone idle while nobody watched.
-            idle_now = self.session_idle(sb, session).await;
+            idle_now = agent.is_idle(session).await;
         }
         let mut watch = super::attempt::RoundWatch::new(session);
         let mut error: Option<String> = None;
@@ -72,9 +69,9 @@ impl TaskManager {
                     if sb.snapshot().state.is_live() && reconnects < MAX_EVENT_RECONNECTS {
                         reconnects += 1;
                         tokio::time::sleep(Duration::from_millis(500)).await;
-                        if let Ok(e) = self.event_stream(sb).await {
+                        if let Ok(e) = agent.events().await {
                             events = e;
-                            if self.session_idle(sb, session).await {
+                            if agent.is_idle(session).await {
                                 break;
                             }
                             continue;
@@ -120,7 +117,10 @@ impl TaskManager {
             }
         }
         let round_ms = ms(t.elapsed());
-        let message = self.last_message(sb, session).await;
+        let message = agent
+            .last_message(session)
+            .await
+            .map(|m| tail(&m, MAX_MESSAGE_BYTES));
         let usage = sb.snapshot().usage;
         self.update(task, n, |a| {
             a.timings.rounds_ms.push(round_ms);
@@ -142,148 +142,17 @@ impl TaskManager {
         }
     }
 
-    /// Whether OpenCode reports the session idle (not busy or retrying).
-    pub(super) async fn session_idle(&self, sb: &Arc<Sandbox>, session: &str) -> bool {
-        match self
-            .opencode(sb, hyper::Method::GET, "/session/status", None)
-            .await
-        {
-            Ok(v) => !matches!(v[session]["type"].as_str(), Some("busy" | "retry")),
-            Err(_) => false,
-        }
+    /// The typed client of the sandbox's OpenCode, scoped to the workspace.
+    pub(super) fn agent(&self, sb: &Sandbox) -> std::result::Result<Client, String> {
+        let rec = sb.snapshot();
+        let secrets = rec.opencode.ok_or("not an OpenCode sandbox")?;
+        Ok(Client::new(
+            &self.mgr.http,
+            rec.address,
+            &secrets.password,
+            WORKSPACE_DIR,
+        ))
     }
-
-    /// The text of the session's last assistant message.
-    pub(super) async fn last_message(&self, sb: &Arc<Sandbox>, session: &str) -> Option<String> {
-        let v = self
-            .opencode(
-                sb,
-                hyper::Method::GET,
-                &format!("/session/{session}/message"),
-                None,
-            )
-            .await
-            .ok()?;
-        let text = v
-            .as_array()?
-            .iter()
-            .rev()
-            .filter(|m| m["info"]["role"] == "assistant")
-            .map(|m| {
-                m["parts"]
-                    .as_array()
-                    .map(|parts| {
-                        parts
-                            .iter()
-                            .filter(|p| p["type"] == "text")
-                            .filter_map(|p| p["text"].as_str())
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    })
-                    .unwrap_or_default()
-            })
-            .find(|t| !t.trim().is_empty())?;
-        Some(tail(&text, MAX_MESSAGE_BYTES))
-    }
-
-    /// A request to a sandbox's OpenCode (scoped to the workspace); the JSON answer.
-    pub(super) async fn opencode(
-        &self,
-        sb: &Arc<Sandbox>,
-        method: hyper::Method,
-        path: &str,
-        body: Option<serde_json::Value>,
-    ) -> std::result::Result<serde_json::Value, String> {
-        let mut req = workspace_request(sb, method, path)?;
-        let payload = match body {
-            Some(v) => {
-                req = req.header(hyper::header::CONTENT_TYPE, "application/json");
-                crate::http::full(serde_json::to_vec(&v).expect("json"))
-            }
-            None => crate::http::empty(),
-        };
-        let req = req.body(payload).map_err(|e| e.to_string())?;
-        let resp = tokio::time::timeout(OPENCODE_TIMEOUT, async {
-            let resp = self
-                .mgr
-                .http
-                .request(req)
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = resp.status();
-            let bytes = http_body_util::Limited::new(resp.into_body(), 64 << 20)
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            Ok::<_, String>((status, bytes))
-        })
-        .await
-        .map_err(|_| "no answer in time".to_string())??;
-        let (status, bytes) = resp;
-        if !status.is_success() {
-            return Err(format!(
-                "HTTP {}: {}",
-                status.as_u16(),
-                tail(&String::from_utf8_lossy(&bytes), 300)
-            ));
-        }
-        if bytes.is_empty() {
-            return Ok(serde_json::Value::Null);
-        }
-        serde_json::from_slice(&bytes).or(Ok(serde_json::Value::Null))
-    }
-
-    /// OpenCode's event stream for the workspace, once its first event arrived (the server
-    /// subscribed us).
-    pub(super) async fn event_stream(
-        &self,
-        sb: &Arc<Sandbox>,
-    ) -> std::result::Result<SseReader, String> {
-        let req = workspace_request(sb, hyper::Method::GET, "/event")?
-            .header(hyper::header::ACCEPT, "text/event-stream")
-            .body(crate::http::empty())
-            .map_err(|e| e.to_string())?;
-        let resp = tokio::time::timeout(OPENCODE_TIMEOUT, self.mgr.http.request(req))
-            .await
-            .map_err(|_| "no answer in time".to_string())?
-            .map_err(|e| e.to_string())?;
-        if !resp.status().is_success() {
-            return Err(format!("HTTP {}", resp.status().as_u16()));
-        }
-        let mut reader = SseReader {
-            events: crate::http::sse_events(
-                http_body_util::BodyExt::into_data_stream(resp.into_body()),
-                crate::http::MAX_SSE_EVENT,
-            ),
-        };
-        // The first event (server.connected) says the subscription is in place.
-        match tokio::time::timeout(OPENCODE_TIMEOUT, reader.next()).await {
-            Ok(Some(_)) => Ok(reader),
-            _ => Err("no first event".into()),
-        }
-    }
-}
-
-/// A request to `path` of a sandbox's OpenCode, scoped to the workspace directory, with the
-/// server's credentials.
-pub(super) fn workspace_request(
-    sb: &Sandbox,
-    method: hyper::Method,
-    path: &str,
-) -> std::result::Result<hyper::http::request::Builder, String> {
-    let rec = sb.snapshot();
-    let secrets = rec.opencode.ok_or("not an OpenCode sandbox")?;
-    let sep = if path.contains('?') { '&' } else { '?' };
-    let uri = format!(
-        "http://{}:{}{path}{sep}directory=%2Fworkspace",
-        rec.address,
-        crate::opencode::PORT
-    );
-    Ok(hyper::Request::builder().method(method).uri(uri).header(
-        hyper::header::AUTHORIZATION,
-        crate::opencode::basic_auth(&secrets.password),
-    ))
 }
 
 /// Waits until a sandbox's OpenCode answers.
@@ -307,37 +176,6 @@ pub(super) async fn wait_ready(sb: &Arc<Sandbox>) -> std::result::Result<(), Str
         }
         if rx.changed().await.is_err() {
             return Err("the sandbox went away".into());
-        }
-    }
-}
-
-/// OpenCode's server-sent events, one JSON `data` payload at a time.
-pub(super) struct SseReader {
-    events: std::pin::Pin<
-        Box<
-            dyn futures_util::Stream<Item = std::result::Result<crate::http::SseEvent, String>>
-                + Send,
-        >,
-    >,
-}
-
-impl SseReader {
-    /// The next event's data as JSON (events whose data is not JSON are skipped); `None` when
-    /// the stream ends or breaks.
-    pub(super) async fn next(&mut self) -> Option<serde_json::Value> {
-        use futures_util::StreamExt;
-        loop {
-            match self.events.next().await? {
-                Ok(ev) => {
-                    if let Ok(v) = serde_json::from_str(&ev.data) {
-                        return Some(v);
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "OpenCode's event stream broke");
-                    return None;
-                }
-            }
         }
     }
 }
