@@ -9,8 +9,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 use crate::sandbox::now_ms;
@@ -39,7 +39,7 @@ impl Counts {
         kind: &'a str,
         data: serde_json::Value,
     ) -> Option<(&'a str, serde_json::Value)> {
-        if bytes < MAX_EVENTS_BYTES || !matches!(kind, "tool" | "error" | "message") {
+        if bytes < MAX_EVENTS_BYTES || !droppable(kind) {
             return Some((kind, data));
         }
         self.dropped += 1;
@@ -83,34 +83,60 @@ struct Job {
     data: serde_json::Value,
 }
 
+/// Most events waiting for the writer before what an agent says or does (`tool`, `error`,
+/// `message`) is dropped at once: a sandbox whose OpenCode sends events faster than they are
+/// written cannot grow agentd's memory. The events that tell a task's course are always
+/// queued (a task has a bounded number of them).
+const MAX_QUEUED: usize = 10_000;
+
+/// Whether an event of `kind` is what an agent says or does (dropped first).
+fn droppable(kind: &str) -> bool {
+    matches!(kind, "tool" | "error" | "message")
+}
+
 /// The handle of the writer thread (it ends when the handle is dropped).
 pub(super) struct EventWriter {
     tx: std::sync::mpsc::Sender<Job>,
+    /// Events sent and not yet written.
+    queued: Arc<AtomicUsize>,
 }
 
 impl EventWriter {
     /// Starts the writer thread.
     pub(super) fn start() -> std::io::Result<EventWriter> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let writer = EventWriter {
+            tx,
+            queued: Arc::new(AtomicUsize::new(0)),
+        };
+        let queued = writer.queued.clone();
         std::thread::Builder::new()
             .name("agentd-events".into())
             .spawn(move || {
                 for job in rx {
                     write(&job);
+                    queued.fetch_sub(1, Ordering::SeqCst);
                 }
             })?;
-        Ok(EventWriter { tx })
+        Ok(writer)
     }
 
-    /// Queues an event for `task`'s log at `path`.
+    /// Queues an event for `task`'s log at `path` (or drops an agent's event while
+    /// [`MAX_QUEUED`] wait).
     pub(super) fn send(&self, log: &Arc<Log>, path: PathBuf, kind: &str, data: serde_json::Value) {
+        if droppable(kind) && self.queued.load(Ordering::SeqCst) >= MAX_QUEUED {
+            tracing::debug!(task = %log.id, kind, "the events writer is behind: an agent event is dropped");
+            return;
+        }
         let job = Job {
             log: log.clone(),
             path,
             kind: kind.to_string(),
             data,
         };
+        self.queued.fetch_add(1, Ordering::SeqCst);
         if self.tx.send(job).is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
             tracing::error!("the task events writer is gone: an event is lost");
         }
     }
@@ -176,6 +202,29 @@ pub(super) fn repair_events(path: &Path) -> (u64, Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With the writer stuck (nobody receives), agent events stop being queued at
+    /// MAX_QUEUED; the task's course events still are.
+    #[test]
+    fn test_a_writer_that_is_behind_drops_agent_events_only() {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let w = EventWriter {
+            tx,
+            queued: Arc::new(AtomicUsize::new(0)),
+        };
+        let log = Arc::new(Log::new("t", 0));
+        let path = PathBuf::from("/nonexistent/events.jsonl");
+        for _ in 0..MAX_QUEUED + 50 {
+            w.send(&log, path.clone(), "tool", serde_json::json!({}));
+        }
+        w.send(&log, path.clone(), "message", serde_json::json!({}));
+        w.send(&log, path.clone(), "attempt.state", serde_json::json!({}));
+        w.send(&log, path, "task.finished", serde_json::json!({}));
+        let kinds: Vec<String> = rx.try_iter().map(|j| j.kind).collect();
+        assert_eq!(kinds.len(), MAX_QUEUED + 2);
+        assert_eq!(&kinds[MAX_QUEUED..], ["attempt.state", "task.finished"]);
+        assert_eq!(w.queued.load(Ordering::SeqCst), MAX_QUEUED + 2);
+    }
 
     #[test]
     fn test_events_past_the_cap_keep_only_the_course() {
