@@ -6,8 +6,8 @@
 //!   trusting it), [`exec`], [`task`] (prompts handed to agents until their checks pass),
 //!   [`workspace`] (what a task's agents work on), [`opencode`] (the server in each sandbox),
 //!   [`image_spec`] (what an image's config gives a sandbox), [`net`] (bridge and veths),
-//!   [`db`] (state), [`metrics`], [`default_image`], [`walk`], and [`http`] (body plumbing for
-//!   everything that speaks HTTP).
+//!   [`db`] (state), [`metrics`], [`default_image`], [`walk`], [`text`], and [`http`] (body
+//!   plumbing for everything that speaks HTTP).
 //! - The HTTP skin: [`api`] (routes, wire forms, statuses from service errors) and the LLM
 //!   [`gateway`] sandboxes talk to.
 //! - The CLI skin, [`cli`]: [`cli::run`] (`agentd run`, daemonless, for CI runners),
@@ -32,5 +32,6 @@ pub mod net;
 pub mod opencode;
 pub mod sandbox;
 pub mod task;
+pub mod text;
 pub mod walk;
 pub mod workspace;

@@ -37,6 +37,7 @@ use tokio::sync::watch;
 use crate::db::TASKS;
 use crate::error::Error;
 use crate::sandbox::{now_ms, random_hex, CreateSandbox, Manager, Sandbox, SandboxState, Usage};
+use crate::text::tail;
 use crate::workspace::{WorkspaceInfo, WorkspaceSpec};
 
 mod agent;
@@ -1216,18 +1217,6 @@ fn failure(command: &str, out: &crate::sandbox::ExecOutput, limit: Duration) -> 
     } else {
         format!("`{command}` {how}: {stderr}")
     }
-}
-
-/// The last `max` bytes of `s` (on a char boundary).
-fn tail(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut start = s.len() - max;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    s[start..].to_string()
 }
 
 fn ms(d: Duration) -> u64 {

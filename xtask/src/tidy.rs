@@ -124,6 +124,7 @@ fn test_agentd_services_import_no_skin() {
         "default_image.rs",
         "image_spec.rs",
         "walk.rs",
+        "text.rs",
         "error.rs",
         "http.rs",
     ];

@@ -44,7 +44,7 @@ pub struct Route {
 impl Route {
     /// The path as the OpenAPI document writes it (`{*rest}` → `{rest}`).
     pub fn doc_path(&self) -> String {
-        self.path.replace("{*", "{")
+        doc_path(self.path)
     }
 }
 
@@ -182,6 +182,11 @@ const TEXT_METRICS: &str = "text/plain";
 const SSE: &str = "text/event-stream";
 const DIFF: &str = "text/x-diff";
 
+/// An axum path as the OpenAPI document writes it: `{*rest}` → `{rest}`.
+fn doc_path(axum_path: &str) -> String {
+    axum_path.replace("{*", "{")
+}
+
 /// The route a request matched (its documented path), for metrics: a response carries it
 /// back to [`super::handle`]. Arbitrary paths count as `unmatched`, so clients cannot grow
 /// the metrics' label set.
@@ -196,7 +201,7 @@ async fn label_route(
     let matched = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|m| Matched(m.as_str().replace("{*", "{")));
+        .map(|m| Matched(doc_path(m.as_str())));
     let mut response = next.run(req).await;
     if let Some(m) = matched {
         response.extensions_mut().insert(m);

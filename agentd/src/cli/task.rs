@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use hyper::Method;
 
 use crate::api::types::{TaskList, TaskResult, TaskView};
-use crate::cli::sandbox::{call, check, send};
+use crate::cli::sandbox::{call, check, check_as, send};
 use crate::sandbox::Usage;
 use crate::task::{CheckResult, DiffStats, TaskState};
 
@@ -129,14 +129,9 @@ fn valid_id(id: &str) -> anyhow::Result<&str> {
     Ok(id)
 }
 
-async fn get(sock: &PathBuf, path: &str) -> anyhow::Result<serde_json::Value> {
-    check(&call(sock, Method::GET, path, None, None).await?)
-}
-
 /// `GET path` as the wire type `T`.
 async fn get_as<T: serde::de::DeserializeOwned>(sock: &PathBuf, path: &str) -> anyhow::Result<T> {
-    let v = get(sock, path).await?;
-    serde_json::from_value(v).with_context(|| format!("agentd's answer to GET {path} is not what this CLI expects (a different agentd version?)"))
+    check_as(&call(sock, Method::GET, path, None, None).await?)
 }
 
 async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
@@ -202,7 +197,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                     ..Default::default()
                 },
             )?);
-            let v: TaskView = serde_json::from_value(check(
+            let v: TaskView = check_as(
                 &call(
                     sock,
                     Method::POST,
@@ -211,7 +206,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                     None,
                 )
                 .await?,
-            )?)?;
+            )?;
             let id = v.id;
             if detach {
                 println!("{id}");

@@ -81,12 +81,8 @@ impl Client {
         .await
         .map_err(|_| "no answer in time".to_string())??;
         if !status.is_success() {
-            let text = String::from_utf8_lossy(&bytes);
-            let mut start = text.len().saturating_sub(300);
-            while !text.is_char_boundary(start) {
-                start += 1;
-            }
-            return Err(format!("HTTP {}: {}", status.as_u16(), &text[start..]));
+            let text = crate::text::tail(&String::from_utf8_lossy(&bytes), 300);
+            return Err(format!("HTTP {}: {text}", status.as_u16()));
         }
         Ok(serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
     }

@@ -114,7 +114,7 @@ impl EventWriter {
             .name("agentd-events".into())
             .spawn(move || {
                 for job in rx {
-                    write(&job);
+                    write(job);
                     queued.fetch_sub(1, Ordering::SeqCst);
                 }
             })?;
@@ -143,13 +143,13 @@ impl EventWriter {
 }
 
 /// Appends one event (`kind` plus the fields of `data`) and wakes the task's readers.
-fn write(job: &Job) {
+fn write(job: Job) {
     let task = &job.log;
     let mut log = task.counts.lock().expect("events counts lock");
     let bytes = *log
         .bytes
         .get_or_insert_with(|| std::fs::metadata(&job.path).map_or(0, |m| m.len()));
-    let Some((kind, data)) = log.admit(bytes, &job.kind, job.data.clone()) else {
+    let Some((kind, data)) = log.admit(bytes, &job.kind, job.data) else {
         return;
     };
     let seq = *task.tx.borrow() + 1;
