@@ -2,6 +2,7 @@
 //! without a daemon (CI runners); `image` works on the image store directly; `sandbox` and
 //! `task` are clients of the daemon's API over its socket (or TCP with a token).
 
+mod apply;
 pub mod image;
 pub mod run;
 pub mod sandbox;

@@ -48,8 +48,8 @@ mod git;
 pub mod model;
 
 use agent::wait_ready;
-pub use git::diff_stats;
 use git::validate_diff_exclude;
+pub use git::{commit_message, diff_stats, is_commit_id, mbox};
 pub use model::*;
 
 type Result<T> = std::result::Result<T, Error>;
@@ -752,10 +752,11 @@ impl TaskManager {
             let ready_ms = ms(ready_wait.elapsed());
             let t = Instant::now();
             match self.put_workspace(&rec, &sb).await {
-                Ok(baseline) => {
+                Ok((baseline, source)) => {
                     let ws_ms = ms(t.elapsed());
                     self.update(task, n, |a| {
                         a.baseline = Some(baseline);
+                        a.source = source;
                         a.timings.opencode_ready_ms = Some(ready_ms);
                         a.timings.workspace_ms = Some(ws_ms);
                     });

@@ -176,11 +176,14 @@ routes! {
         "Attempts ranked (passing checks first, then smaller diffs) with messages, checks, patches, usage, timings";
     GET "/v1/tasks/{id}/attempts/{n}/diff" => tasks::diff_route, query None, in [], out 200 [DIFF: text],
         "Attempt n's patch against the baseline (text/x-diff, for git apply)";
+    GET "/v1/tasks/{id}/attempts/{n}/patch" => tasks::patch_route, query None, in [], out 200 [MBOX: text],
+        "Attempt n's change as a git format-patch message (application/mbox, for git am): the task and its prompt in the commit message";
 }
 
 const TEXT_METRICS: &str = "text/plain";
 const SSE: &str = "text/event-stream";
 const DIFF: &str = "text/x-diff";
+const MBOX: &str = "application/mbox";
 
 /// An axum path as the OpenAPI document writes it: `{*rest}` → `{rest}`.
 fn doc_path(axum_path: &str) -> String {

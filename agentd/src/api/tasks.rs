@@ -160,6 +160,28 @@ pub(crate) async fn diff_route(
     diff(&tasks, &task, &p.n).await
 }
 
+/// `GET /v1/tasks/{id}/attempts/{n}/patch`.
+pub(crate) async fn patch_route(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Attempt>,
+) -> Reply {
+    let (tasks, task) = named(&mgr, &p.id)?;
+    let (n, data) = read_diff(&tasks, &task, &p.n).await?;
+    let rec = task.snapshot();
+    let date = rec
+        .attempts
+        .iter()
+        .find(|a| a.n == n)
+        .and_then(|a| a.finished_at)
+        .unwrap_or(rec.created_at);
+    let message = crate::task::commit_message(&rec.id, n, &rec.request.prompt);
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(hyper::header::CONTENT_TYPE, "application/mbox")
+        .body(super::full(crate::task::mbox(&message, date, &data)))
+        .expect("valid response"))
+}
+
 /// Server-sent events: every event after `Last-Event-ID` (or `?after=`), then new ones as
 /// they happen, until `task.finished`.
 fn events(tasks: Arc<TaskManager>, task: Arc<Task>, after: u64) -> Response<Body> {
@@ -263,6 +285,16 @@ async fn result(tasks: &TaskManager, task: &Task) -> Result<Response<Body>, ApiE
 
 /// Attempt `n`'s patch, as `git apply` takes it.
 async fn diff(tasks: &TaskManager, task: &Task, n: &str) -> Result<Response<Body>, ApiError> {
+    let (_, data) = read_diff(tasks, task, n).await?;
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(hyper::header::CONTENT_TYPE, "text/x-diff")
+        .body(super::full(data))
+        .expect("valid response"))
+}
+
+/// Attempt `n` (as the path gave it) and its stored patch.
+async fn read_diff(tasks: &TaskManager, task: &Task, n: &str) -> Result<(u32, Vec<u8>), ApiError> {
     let rec = task.snapshot();
     let n: u32 = n
         .parse()
@@ -284,9 +316,5 @@ async fn diff(tasks: &TaskManager, task: &Task, n: &str) -> Result<Response<Body
             )))
         }
     };
-    Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header(hyper::header::CONTENT_TYPE, "text/x-diff")
-        .body(super::full(data))
-        .expect("valid response"))
+    Ok((n, data))
 }

@@ -299,6 +299,10 @@ pub struct AttemptView {
     pub diff: Option<DiffStats>,
     /// It changed something.
     pub has_patch: bool,
+    /// The commit the workspace was at, when it was a git repository: `agentd task apply`
+    /// branches from it.
+    #[serde(default)]
+    pub source_commit: Option<String>,
     /// Why it failed, or a problem on the way.
     pub error: Option<String>,
     /// Something to know about a success.
@@ -321,6 +325,7 @@ impl From<&Attempt> for AttemptView {
             check: a.check.clone(),
             diff: a.diff.clone(),
             has_patch: a.diff.as_ref().is_some_and(|d| d.bytes > 0),
+            source_commit: a.source.clone(),
             error: a.error.clone(),
             note: a.note.clone(),
         }

@@ -101,6 +101,24 @@ enum TaskCommand {
         /// Attempt number.
         attempt: Option<u32>,
     },
+    /// Put an attempt's change (default: the best one) into a local git repository as a
+    /// commit on a new branch; the working tree and the current branch are not touched.
+    Apply {
+        /// Task id.
+        id: String,
+        /// Attempt number.
+        attempt: Option<u32>,
+        /// The branch to create [default: agentd/ID-N].
+        #[arg(long)]
+        branch: Option<String>,
+        /// The repository [default: the current directory].
+        #[arg(long, default_value = ".")]
+        repo: PathBuf,
+        /// The commit to branch from [default: the commit the workspace was at, when this
+        /// repository has it; else HEAD].
+        #[arg(long)]
+        base: Option<String>,
+    },
     /// Cancel a task.
     Cancel {
         /// Task id.
@@ -314,6 +332,87 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                 check(&reply)?;
             }
             std::io::stdout().write_all(&reply.body)?;
+            Ok(0)
+        }
+        TaskCommand::Apply {
+            id,
+            attempt,
+            branch,
+            repo,
+            base,
+        } => {
+            let id = valid_id(&id)?;
+            let view: TaskView = get_as(sock, &format!("/v1/tasks/{id}")).await?;
+            let n = match attempt {
+                Some(n) => n,
+                None => {
+                    let r: TaskResult = get_as(sock, &format!("/v1/tasks/{id}/result")).await?;
+                    r.attempts
+                        .iter()
+                        .find(|a| a.has_patch)
+                        .map(|a| a.attempt)
+                        .with_context(|| format!("no attempt of task {id} changed anything"))?
+                }
+            };
+            let a = view
+                .attempts
+                .iter()
+                .flatten()
+                .find(|a| a.attempt == n)
+                .with_context(|| format!("task {id} has no attempt {n}"))?;
+            if !a.has_patch {
+                bail!(
+                    "attempt {n} of task {id} changed nothing{}",
+                    a.error
+                        .as_deref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                );
+            }
+            let reply = call(
+                sock,
+                Method::GET,
+                &format!("/v1/tasks/{id}/attempts/{n}/diff"),
+                None,
+                None,
+            )
+            .await?;
+            if !reply.status.is_success() {
+                check(&reply)?;
+            }
+            let branch = branch.unwrap_or_else(|| format!("agentd/{id}-{n}"));
+            let message = crate::task::commit_message(id, n, &view.prompt);
+            let source = a
+                .source_commit
+                .as_deref()
+                .filter(|s| crate::task::is_commit_id(s));
+            let done = super::apply::apply(&super::apply::Apply {
+                repo: &repo,
+                branch: &branch,
+                base: base.as_deref(),
+                source,
+                message: &message,
+                patch: &reply.body,
+            })?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"branch": branch, "commit": done.commit, "base": done.base})
+                );
+            } else {
+                println!(
+                    "branch {branch}: commit {} on {}{}\n  see it: git -C {} log -p {}..{branch}",
+                    super::apply::short(&done.commit),
+                    super::apply::short(&done.base),
+                    if done.from_source {
+                        " (the commit the workspace was at)"
+                    } else {
+                        ""
+                    },
+                    repo.display(),
+                    super::apply::short(&done.base),
+                );
+            }
             Ok(0)
         }
         TaskCommand::Cancel { id } => {

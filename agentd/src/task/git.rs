@@ -8,12 +8,13 @@ use std::sync::Arc;
 use super::*;
 
 impl TaskManager {
-    /// Extracts the workspace to `/workspace` and commits it; returns the baseline commit.
+    /// Extracts the workspace to `/workspace` and commits it; returns the baseline commit
+    /// and, when the workspace was a repository with commits, the commit it was at.
     pub(super) async fn put_workspace(
         &self,
         rec: &TaskRecord,
         sb: &Arc<Sandbox>,
-    ) -> std::result::Result<String, String> {
+    ) -> std::result::Result<(String, Option<String>), String> {
         let (rootfs, owner) = self.mgr.rootfs(sb).map_err(|e| e.to_string())?;
         let tar = self.task_dir(&rec.id).join("workspace.tar");
         tokio::task::spawn_blocking(move || -> std::io::Result<usize> {
@@ -30,6 +31,7 @@ impl TaskManager {
         let script = format!(
             "set -e\n\
             [ -e .git ] || git init -q\n\
+            echo \"source $(git rev-parse -q --verify HEAD || true)\"\n\
             ex=$(git rev-parse --git-path info/exclude)\n\
             mkdir -p \"$(dirname \"$ex\")\"\n\
             printf '%s' {} >> \"$ex\"\n\
@@ -52,13 +54,20 @@ impl TaskManager {
             .map_err(|e| format!("the baseline commit could not run: {e}"))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let sha = stdout.lines().last().unwrap_or_default().trim().to_string();
-        if out.code != Some(0) || sha.len() < 40 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if out.code != Some(0) || !is_commit_id(&sha) {
             return Err(format!(
                 "the baseline commit failed (is git in the image?): {}",
                 failure("git add -A && git commit", &out, GIT_IN_SANDBOX_TIMEOUT)
             ));
         }
-        Ok(sha)
+        // What the sandbox says is data: only a commit id is kept.
+        let source = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("source "))
+            .map(str::trim)
+            .filter(|s| is_commit_id(s))
+            .map(String::from);
+        Ok((sha, source))
     }
 
     /// Reads the diff against the baseline and stores it; its stats, or why there is none
@@ -132,6 +141,78 @@ impl TaskManager {
     }
 }
 
+/// Whether `s` has the shape of a full commit id (SHA-1 or SHA-256).
+pub fn is_commit_id(s: &str) -> bool {
+    matches!(s.len(), 40 | 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The longest first line of the prompt a commit subject keeps.
+const SUBJECT_CHARS: usize = 60;
+
+/// The longest prompt a commit message quotes, bytes.
+const MESSAGE_PROMPT_BYTES: usize = 4096;
+
+/// The commit message for attempt `n` of task `id`: a subject naming the task and the
+/// prompt's first line, then the prompt (its end if long).
+pub fn commit_message(id: &str, n: u32, prompt: &str) -> String {
+    let first = prompt.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let first = first.trim();
+    let mut subject: String = first.chars().take(SUBJECT_CHARS).collect();
+    if subject.len() < first.len() {
+        subject.push_str("...");
+    }
+    let quoted = if prompt.len() > MESSAGE_PROMPT_BYTES {
+        let mut cut = MESSAGE_PROMPT_BYTES;
+        while !prompt.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!("{}\n[...]", &prompt[..cut])
+    } else {
+        prompt.trim_end().to_string()
+    };
+    format!("agentd task {id}/{n}: {subject}\n\nPrompt:\n\n{quoted}\n\nMade by attempt {n} of agentd task {id}.\n")
+}
+
+/// Attempt `n`'s patch as one `git format-patch` message (an mbox `git am` takes):
+/// `message` from [`commit_message`], `date_ms` the commit's date, `patch` the diff.
+pub fn mbox(message: &str, date_ms: u64, patch: &[u8]) -> Vec<u8> {
+    let (subject, body) = message.split_once("\n\n").unwrap_or((message, ""));
+    let date =
+        httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_millis(date_ms));
+    let mut out = format!(
+        "From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n\
+         From: agentd <agentd@localhost>\n\
+         Date: {date}\n\
+         Subject: [PATCH] {}\n\
+         MIME-Version: 1.0\n\
+         Content-Type: text/plain; charset=UTF-8\n\
+         Content-Transfer-Encoding: 8bit\n\n\
+         {}\n---\n",
+        encode_header(subject),
+        // A line of body that looks like a new message's start would split the mbox.
+        body.trim_end().replace("\nFrom ", "\n>From ")
+    )
+    .into_bytes();
+    out.extend_from_slice(patch);
+    if !patch.ends_with(b"\n") && !patch.is_empty() {
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"-- \nagentd\n\n");
+    out
+}
+
+/// A header value as RFC 2047 asks: ASCII as is, anything else base64 in UTF-8.
+fn encode_header(s: &str) -> String {
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return s.to_string();
+    }
+    use base64::Engine as _;
+    format!(
+        "=?UTF-8?B?{}?=",
+        base64::engine::general_purpose::STANDARD.encode(s)
+    )
+}
+
 /// Checks `diff_exclude` patterns: they become lines of `.git/info/exclude`.
 pub(super) fn validate_diff_exclude(patterns: &[String]) -> Result<()> {
     let (most, longest) = MAX_DIFF_EXCLUDE;
@@ -188,4 +269,60 @@ pub fn diff_stats(patch: &[u8]) -> DiffStats {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_commit_message_names_the_task_and_quotes_the_prompt() {
+        let m = commit_message("abc123", 2, "\n  fix the parser\nit drops the last line\n");
+        assert!(
+            m.starts_with("agentd task abc123/2: fix the parser\n\nPrompt:\n\n"),
+            "{m}"
+        );
+        assert!(m.contains("it drops the last line"), "{m}");
+        let long = "x".repeat(100);
+        let m = commit_message("abc123", 1, &long);
+        assert_eq!(
+            m.lines().next().unwrap(),
+            format!("agentd task abc123/1: {}...", "x".repeat(SUBJECT_CHARS))
+        );
+        let huge = "é".repeat(MESSAGE_PROMPT_BYTES);
+        let m = commit_message("abc123", 1, &huge);
+        assert!(m.len() < MESSAGE_PROMPT_BYTES + 300, "{}", m.len());
+        assert!(m.contains("[...]"));
+    }
+
+    #[test]
+    fn test_mbox_is_one_format_patch_message() {
+        let m = commit_message("abc123", 1, "grüße\nFrom here on, fix it");
+        let patch = b"diff --git a/x b/x\n--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n";
+        let out = String::from_utf8(mbox(&m, 0, patch)).unwrap();
+        let mut lines = out.lines();
+        assert_eq!(
+            lines.next().unwrap(),
+            "From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001"
+        );
+        assert!(
+            out.contains("\nDate: Thu, 01 Jan 1970 00:00:00 GMT\n"),
+            "{out}"
+        );
+        // Not ASCII: the subject is RFC 2047 encoded.
+        assert!(out.contains("\nSubject: [PATCH] =?UTF-8?B?"), "{out}");
+        // A body line that would start a new message is escaped.
+        assert!(out.contains("\n>From here on"), "{out}");
+        assert!(out.contains("\n---\ndiff --git a/x b/x\n"), "{out}");
+        assert!(out.ends_with("+b\n-- \nagentd\n\n"), "{out}");
+    }
+
+    #[test]
+    fn test_commit_ids() {
+        assert!(is_commit_id(&"a".repeat(40)));
+        assert!(is_commit_id(&"0".repeat(64)));
+        assert!(!is_commit_id(&"a".repeat(39)));
+        assert!(!is_commit_id(&"g".repeat(40)));
+        assert!(!is_commit_id("HEAD"));
+    }
 }

@@ -159,6 +159,10 @@ pub struct Attempt {
     pub session: Option<String>,
     /// The baseline commit in `/workspace`.
     pub baseline: Option<String>,
+    /// The commit the workspace was at when it was a git repository (the baseline's
+    /// parent): where `agentd task apply` branches from.
+    #[serde(default)]
+    pub source: Option<String>,
     /// The current (or last) round, from 1.
     pub round: u32,
     /// The last round whose prompt was sent.
@@ -194,6 +198,7 @@ impl Attempt {
             sandbox: None,
             session: None,
             baseline: None,
+            source: None,
             round: 1,
             prompted: 0,
             tool_calls: 0,

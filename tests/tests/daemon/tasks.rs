@@ -349,6 +349,70 @@ fn test_task_single_agent_from_the_cli() {
         .unwrap();
     assert_eq!(cli_diff.stdout, patch);
 
+    // `task apply`: a branch in the user's repository, nothing else touched.
+    let repo = copy_dir(ws.path());
+    git(repo.path(), &["init", "-q", "-b", "main"]);
+    git(repo.path(), &["add", "-A"]);
+    git(repo.path(), &["commit", "-q", "-m", "mine"]);
+    std::fs::write(repo.path().join("notes.txt"), "uncommitted work\n").unwrap();
+    let head = git(repo.path(), &["rev-parse", "HEAD"]);
+    let out = task_apply(&d, &id, repo.path(), &[]);
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    let branch = format!("agentd/{id}-1");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("branch {branch}: commit")),
+        "{}",
+        agentd_tests::describe(&out)
+    );
+    assert_eq!(git(repo.path(), &["rev-parse", "HEAD"]), head);
+    assert_eq!(git(repo.path(), &["branch", "--show-current"]), "main\n");
+    assert_eq!(
+        git(repo.path(), &["status", "--porcelain"]),
+        "?? notes.txt\n",
+        "the working tree and the index are untouched"
+    );
+    assert!(!repo.path().join("answer.txt").exists());
+    assert_eq!(
+        git(repo.path(), &["show", &format!("{branch}:answer.txt")]),
+        "written by the agent\n"
+    );
+    assert_eq!(
+        git(repo.path(), &["rev-parse", &format!("{branch}~1")]),
+        head
+    );
+    let subject = git(repo.path(), &["log", "-1", "--format=%s%n%an", &branch]);
+    assert_eq!(
+        subject,
+        format!("agentd task {id}/1: write answer.txt and shout two\nagentd\n")
+    );
+    let changed = git(repo.path(), &["diff", "--name-status", "HEAD", &branch]);
+    assert_eq!(changed, "D\tREADME.md\nA\tanswer.txt\nM\tsrc/lib.txt\n");
+    // The branch exists now: a second apply refuses and says what to do.
+    let again = task_apply(&d, &id, repo.path(), &[]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("exists already"),
+        "{}",
+        agentd_tests::describe(&again)
+    );
+    // The mbox form: `git am` takes it, with the same message.
+    let mbox = d.call("GET", &format!("/v1/tasks/{id}/attempts/1/patch"), None);
+    assert_eq!(mbox.status, 200, "{}", mbox.text());
+    let mbox_path = repo.path().join("..").join(format!("{id}.mbox"));
+    std::fs::write(&mbox_path, &mbox.body).unwrap();
+    git(repo.path(), &["switch", "-q", "-c", "from-mbox"]);
+    git(repo.path(), &["am", "-q", mbox_path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&mbox_path);
+    assert_eq!(
+        git(repo.path(), &["diff", &branch, "from-mbox"]),
+        "",
+        "git am of the mbox makes the same tree"
+    );
+    assert_eq!(
+        git(repo.path(), &["log", "-1", "--format=%s", "from-mbox"]),
+        format!("agentd task {id}/1: write answer.txt and shout two\n")
+    );
+
     // Events: the whole story, then a resume after event k gives k+1.. without gaps.
     let all = events(&d, &id, None);
     let k = kinds(&all);
@@ -477,7 +541,8 @@ impl Drop for GitDaemon {
     }
 }
 
-fn git(dir: &Path, args: &[&str]) {
+/// `git args` in `dir` (as user t), which must succeed; its stdout.
+fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .args(["-c", "user.name=t", "-c", "user.email=t@t"])
         .args(args)
@@ -489,6 +554,18 @@ fn git(dir: &Path, args: &[&str]) {
         "git {args:?}: {}",
         agentd_tests::describe(&out)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `agentd task apply` of task `id` into the repository `repo` with `extra` arguments.
+fn task_apply(d: &Daemon, id: &str, repo: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(agentd_tests::bin("agentd"))
+        .args(["task", "apply", id, "--repo"])
+        .arg(repo)
+        .args(extra)
+        .env("AGENTD_SOCKET", &d.socket)
+        .output()
+        .unwrap()
 }
 
 /// A check that fails in round 1 and passes after the agent's second round (the follow-up
@@ -581,6 +658,20 @@ fn test_task_check_rounds_git_workspace_and_parallel_ranking() {
         patch.contains("+fixed") && !patch.contains("feature.txt"),
         "{patch}"
     );
+    // The workspace's commit is known, and `task apply` branches from it even though the
+    // repository here has `main` checked out.
+    let feature = git(&repo, &["rev-parse", "feature"]);
+    assert_eq!(a["source_commit"].as_str(), Some(feature.trim()), "{a:#}");
+    let out = task_apply(&d, &id, &repo, &["--branch", "agent-fix"]);
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("the commit the workspace was at"),
+        "{}",
+        agentd_tests::describe(&out)
+    );
+    assert_eq!(git(&repo, &["rev-parse", "agent-fix~1"]), feature);
+    assert_eq!(git(&repo, &["show", "agent-fix:answer.txt"]), "fixed\n");
+    assert_eq!(git(&repo, &["branch", "--show-current"]), "main\n");
     let r = d.call(
         "POST",
         "/v1/tasks",
