@@ -207,6 +207,20 @@ impl Manager {
         timeout: Duration,
         max_output: usize,
     ) -> crate::sandbox::Result<ExecOutput> {
+        self.exec_collect_each(sb, args, cwd, timeout, max_output, &mut |_, _| {})
+            .await
+    }
+
+    /// [`Self::exec_collect`] that also hands every chunk of output to `each` as it comes.
+    pub async fn exec_collect_each(
+        &self,
+        sb: &Arc<Sandbox>,
+        args: Vec<String>,
+        cwd: Option<&str>,
+        timeout: Duration,
+        max_output: usize,
+        each: &mut (dyn FnMut(Stream, &[u8]) + Send),
+    ) -> crate::sandbox::Result<ExecOutput> {
         let rec = sb.snapshot();
         if !rec.state.is_live() {
             return Err(Error::Conflict(format!(
@@ -230,6 +244,7 @@ impl Manager {
         let collect = async {
             let mut tails = [Tail::new(max_output), Tail::new(max_output)];
             while let Some((stream, data)) = rx.recv().await {
+                each(stream, &data);
                 tails[usize::from(stream == Stream::Stderr)].push(&data);
             }
             tails

@@ -42,10 +42,12 @@ use crate::workspace::{WorkspaceInfo, WorkspaceSpec};
 
 mod agent;
 mod attempt;
+pub mod environment;
 mod events;
 pub use events::MAX_EVENTS_BYTES;
 mod git;
 pub mod model;
+mod setup;
 
 use agent::wait_ready;
 use git::validate_diff_exclude;
@@ -84,6 +86,11 @@ pub const DEFAULT_CHECK_TIMEOUT_SECS: u64 = 600;
 pub const MAX_GRACE_SECS: u64 = 30 * 24 * 3600;
 /// Longest check time limit, seconds.
 pub const MAX_CHECK_TIMEOUT_SECS: u64 = 24 * 3600;
+/// How long the setup may run when the request does not say, seconds: installing a
+/// project's dependencies takes minutes, not hours.
+pub const DEFAULT_SETUP_TIMEOUT_SECS: u64 = 1800;
+/// Longest setup command, bytes.
+pub const MAX_SETUP_BYTES: usize = 64 * 1024;
 /// Files left out of every diff unless the task says otherwise: caches and build outputs
 /// that checks and toolchains write and nobody wants in a patch. Git exclude syntax; they
 /// apply to untracked files only (a repository that tracks such a file keeps it).
@@ -416,6 +423,21 @@ impl TaskManager {
         if let Some(ex) = &req.diff_exclude {
             validate_diff_exclude(ex)?;
         }
+        if let Some(s) = &req.setup {
+            setup::validate(s)?;
+        }
+        if let Some(t) = req.setup_timeout_secs {
+            if t == 0 || t > MAX_TASK_TIMEOUT_SECS {
+                return Err(Error::Invalid(format!(
+                    "setup_timeout_secs must be between 1 and {MAX_TASK_TIMEOUT_SECS}"
+                )));
+            }
+            if req.setup.is_none() {
+                return Err(Error::Invalid(
+                    "setup_timeout_secs needs a setup command".into(),
+                ));
+            }
+        }
         crate::sandbox::validate_model(req.model.as_deref())?;
         self.mgr.require_llm()?;
         if let Some(model) = &req.model {
@@ -425,15 +447,9 @@ impl TaskManager {
             .validate()
             .map_err(|e| Error::Invalid(e.to_string()))?;
         self.mgr.limits(&req.limits)?;
-        if let Some(image) = &req.image {
-            // The default image is built on first use; any other must be in the store now.
-            if image != crate::default_image::NAME && self.mgr.store.resolve(image).is_err() {
-                return Err(Error::Invalid(format!(
-                    "unknown image {image:?}: pull or import it first (POST /v1/images/pull, agentd image pull|import)"
-                )));
-            }
-        }
+        self.check_image(req.image.as_deref(), None)?;
 
+        let mut req = req;
         let id = random_hex(6);
         let dir = self.task_dir(&id);
         tokio::fs::create_dir_all(&dir)
@@ -443,16 +459,50 @@ impl TaskManager {
         let prepared = self
             .prepare_workspace(&req.workspace, &dir, &tar, tcp)
             .await;
-        let info = match prepared {
-            Ok(info) => info,
-            Err(e) => {
+        // The repository's own environment fills what the request leaves open.
+        let environment = match prepared {
+            Ok(_) if req.ignore_environment => Ok(None),
+            Ok(_) => {
+                let t = tar.clone();
+                tokio::task::spawn_blocking(move || environment::read(&t))
+                    .await
+                    .map_err(Error::internal)
+                    .and_then(|r| r.map_err(|e| Error::Invalid(e.to_string())))
+            }
+            Err(_) => Ok(None),
+        };
+        let checked = environment.and_then(|env| {
+            if let Some(env) = &env {
+                if req.image.is_none() && env.image.is_some() {
+                    self.check_image(env.image.as_deref(), Some(&env.file))?;
+                    req.image = env.image.clone();
+                }
+                if req.setup.is_none() {
+                    if let Some(s) = &env.setup {
+                        setup::validate(s).map_err(|e| {
+                            Error::Invalid(format!("the workspace's {}: {e}", env.file))
+                        })?;
+                        req.setup = Some(s.clone());
+                        req.setup_timeout_secs = req.setup_timeout_secs.or(env.setup_timeout_secs);
+                    }
+                }
+            }
+            Ok(env)
+        });
+        let (info, environment) = match (prepared, checked) {
+            (Ok(info), Ok(env)) => (info, env),
+            (Err(e), _) | (_, Err(e)) => {
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 return Err(e);
             }
         };
+        if let Some(env) = &environment {
+            tracing::info!(task = %id, file = %env.file, image = ?env.image, setup = env.setup.is_some(), "the workspace defines its environment");
+        }
         let record = TaskRecord {
             id: id.clone(),
             request: req,
+            environment,
             workspace: info,
             state: TaskState::Queued,
             created_at: now_ms(),
@@ -474,6 +524,29 @@ impl TaskManager {
         tracing::info!(task = %id, agents, "task created");
         tokio::spawn(self.clone().run(task.clone()));
         Ok(task.snapshot())
+    }
+
+    /// Checks that `image` (if any) can be used: the default image is built on first use,
+    /// any other must be in the store now. `file`: the workspace file that named it.
+    fn check_image(&self, image: Option<&str>, file: Option<&str>) -> Result<()> {
+        let Some(image) = image else { return Ok(()) };
+        if image == crate::default_image::NAME || self.mgr.store.resolve(image).is_ok() {
+            return Ok(());
+        }
+        let named = match file {
+            Some(f) => {
+                format!("the workspace's {f} names image {image:?}, which agentd does not have")
+            }
+            None => format!("unknown image {image:?}"),
+        };
+        Err(Error::Invalid(format!(
+            "{named}: pull or import it first (POST /v1/images/pull, agentd image pull|import){}",
+            if file.is_some() {
+                ", or give image in the request"
+            } else {
+                ""
+            }
+        )))
     }
 
     async fn prepare_workspace(
@@ -764,6 +837,13 @@ impl TaskManager {
                 Err(why) => return Outcome::Failed(why),
             }
         }
+        if let Some(setup) = &rec.request.setup {
+            if self.attempt_snapshot(task, n).setup.is_none() {
+                if let Err(why) = self.setup(task, n, &sb, setup, deadline_ms).await {
+                    return why;
+                }
+            }
+        }
 
         // 3. The session.
         let session = match self.attempt_snapshot(task, n).session {
@@ -826,7 +906,7 @@ impl TaskManager {
                 Ok(o) => o,
                 Err(e) => return Outcome::Lost(format!("the check could not run: {e}")),
             };
-            let result = attempt::check_result(round, &out, limit, left, t.elapsed());
+            let result = attempt::check_result("check", round, &out, limit, left, t.elapsed());
             let (passed, timed_out) = (result.passed, result.timed_out);
             self.update(task, n, |a| {
                 a.timings.checks_ms.push(result.duration_ms);
@@ -1258,6 +1338,7 @@ mod tests {
         let mut r = TaskRecord {
             id: "t".into(),
             request: CreateTask::default(),
+            environment: None,
             workspace: WorkspaceInfo::default(),
             state: TaskState::Queued,
             created_at: 0,

@@ -258,6 +258,7 @@ async fn result(tasks: &TaskManager, task: &Task) -> Result<Response<Body>, ApiE
             tool_calls: a.tool_calls,
             final_message: a.final_message.clone(),
             check: a.check.clone(),
+            setup: a.setup.clone(),
             diff: a.diff.clone(),
             has_patch,
             patch,

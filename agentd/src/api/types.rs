@@ -9,7 +9,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::sandbox::{ExitInfo, SandboxRecord, SandboxState, Usage};
-use crate::task::model::{Attempt, CheckResult, DiffStats, TaskRecord, TaskState, Timings};
+use crate::task::model::{
+    Attempt, CheckResult, DiffStats, SetupResult, TaskRecord, TaskState, Timings,
+};
 use crate::workspace::WorkspaceSpec;
 
 /// `GET /v1/health`.
@@ -295,6 +297,9 @@ pub struct AttemptView {
     pub final_message: Option<String>,
     /// The last check.
     pub check: Option<CheckResult>,
+    /// The setup's result, once it ran.
+    #[serde(default)]
+    pub setup: Option<SetupResult>,
     /// The diff's size.
     pub diff: Option<DiffStats>,
     /// It changed something.
@@ -323,6 +328,7 @@ impl From<&Attempt> for AttemptView {
             timings: a.timings.clone(),
             final_message: a.final_message.clone(),
             check: a.check.clone(),
+            setup: a.setup.clone(),
             diff: a.diff.clone(),
             has_patch: a.diff.as_ref().is_some_and(|d| d.bytes > 0),
             source_commit: a.source.clone(),
@@ -390,6 +396,13 @@ pub struct TaskView {
     pub agents: u64,
     /// The check command.
     pub check: Option<String>,
+    /// The setup command.
+    #[serde(default)]
+    pub setup: Option<String>,
+    /// What the workspace's `.agentd.toml` or devcontainer defined (the request's own
+    /// fields win over it).
+    #[serde(default)]
+    pub environment: Option<crate::task::environment::Environment>,
     /// Most rounds per agent.
     pub max_rounds: u32,
     /// Time limit, seconds.
@@ -445,6 +458,8 @@ impl TaskView {
             model: t.request.model.clone(),
             agents: t.attempts.len() as u64,
             check: t.request.check.clone(),
+            setup: t.request.setup.clone(),
+            environment: t.environment.clone(),
             max_rounds: t.max_rounds(),
             timeout_secs: t.timeout().as_secs(),
             labels: t.request.labels.clone(),
@@ -488,6 +503,9 @@ pub struct RankedAttempt {
     pub final_message: Option<String>,
     /// The last check.
     pub check: Option<CheckResult>,
+    /// The setup's result, once it ran.
+    #[serde(default)]
+    pub setup: Option<SetupResult>,
     /// The diff's size.
     pub diff: Option<DiffStats>,
     /// It changed something.

@@ -59,6 +59,16 @@ enum TaskCommand {
         /// Seconds the check may run before it is killed [default: 600].
         #[arg(long)]
         check_timeout: Option<u64>,
+        /// Command run once in /workspace before the agent starts (e.g. `npm ci`); a
+        /// failure fails the attempt [default: the workspace's .agentd.toml or devcontainer].
+        #[arg(long)]
+        setup: Option<String>,
+        /// Seconds the setup may run before it is killed [default: 1800].
+        #[arg(long)]
+        setup_timeout: Option<u64>,
+        /// Leave the workspace's .agentd.toml and devcontainer.json unread.
+        #[arg(long)]
+        ignore_environment: bool,
         /// Leave files matching this git pattern out of the diff (repeatable; replaces the
         /// default list of caches and build outputs; `--diff-exclude ''` for none).
         #[arg(long)]
@@ -164,6 +174,9 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             check: check_cmd,
             max_rounds,
             check_timeout,
+            setup,
+            setup_timeout,
+            ignore_environment,
             diff_exclude,
             timeout,
             model,
@@ -200,6 +213,9 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                     check: check_cmd,
                     max_rounds,
                     check_timeout_secs: check_timeout,
+                    setup,
+                    setup_timeout_secs: setup_timeout,
+                    ignore_environment,
                     // `--diff-exclude ''` alone: no exclusions at all.
                     diff_exclude: (!diff_exclude.is_empty())
                         .then(|| diff_exclude.into_iter().filter(|p| !p.is_empty()).collect()),
@@ -561,6 +577,25 @@ async fn follow(sock: &PathBuf, id: &str, agents: u32, json: bool) -> anyhow::Re
                     format!("check failed (exit {})", ev["exit_code"])
                 };
                 Some(format!("attempt {n}: {}", p.last))
+            }
+            ("setup", Some(p)) => {
+                p.last = match ev["state"].as_str() {
+                    Some("running") => "setup running".into(),
+                    Some("passed") => format!("setup done in {} ms", ev["duration_ms"]),
+                    _ if ev["timed_out"] == true => "setup timed out".into(),
+                    _ => format!("setup failed (exit {})", ev["exit_code"]),
+                };
+                Some(format!("attempt {n}: {}", p.last))
+            }
+            ("setup.output", Some(p)) => {
+                // The last line of what the setup prints, as progress.
+                if let Some(l) = ev["text"]
+                    .as_str()
+                    .and_then(|t| t.lines().rfind(|l| !l.trim().is_empty()))
+                {
+                    p.last = format!("setup: {}", l.trim());
+                }
+                None
             }
             ("error", Some(p)) => {
                 p.last = format!("error: {}", ev["message"].as_str().unwrap_or(""));

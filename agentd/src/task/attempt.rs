@@ -118,11 +118,13 @@ pub(super) enum Next {
     Round(u32),
 }
 
-/// The result of round `round`'s check from its run: `limit` is the check's own time limit,
-/// `left` what was left of the task's (the run was killed at the smaller one), `took` how
-/// long it ran. A check killed at the task's limit is not "timed out" (the task's timeout
-/// handles that); its output says why it ended, never more than the tail agentd keeps.
+/// The result of round `round`'s check (or of the setup, `what`) from its run: `limit` is
+/// the command's own time limit, `left` what was left of the task's (the run was killed at
+/// the smaller one), `took` how long it ran. A run killed at the task's limit is not "timed
+/// out" (the task's timeout handles that); its output says why it ended, never more than
+/// the tail agentd keeps.
 pub(super) fn check_result(
+    what: &str,
     round: u32,
     out: &ExecOutput,
     limit: Duration,
@@ -137,7 +139,7 @@ pub(super) fn check_result(
             output.push('\n');
         }
         output.push_str(&format!(
-            "agentd: the check timed out after {} s and was killed\n",
+            "agentd: the {what} timed out after {} s and was killed\n",
             limit.as_secs()
         ));
     }
@@ -331,26 +333,33 @@ mod tests {
 
     #[test]
     fn test_a_passing_check_ends_the_attempt_in_any_round() {
-        let r = check_result(1, &run(Some(0), "ok\n", false), MIN, HOUR, MIN);
+        let r = check_result("check", 1, &run(Some(0), "ok\n", false), MIN, HOUR, MIN);
         assert!(r.passed && !r.timed_out);
         assert_eq!(after_check(&r, 3, MIN), Next::Succeeded);
-        let r = check_result(3, &run(Some(0), "", false), MIN, HOUR, MIN);
+        let r = check_result("check", 3, &run(Some(0), "", false), MIN, HOUR, MIN);
         assert_eq!(after_check(&r, 3, MIN), Next::Succeeded);
     }
 
     #[test]
     fn test_a_failing_check_starts_the_next_round_until_the_last() {
-        let r = check_result(1, &run(Some(1), "1 failed\n", false), MIN, HOUR, MIN);
+        let r = check_result(
+            "check",
+            1,
+            &run(Some(1), "1 failed\n", false),
+            MIN,
+            HOUR,
+            MIN,
+        );
         assert!(!r.passed);
         assert_eq!(after_check(&r, 3, MIN), Next::Round(2));
-        let r = check_result(2, &run(Some(1), "", false), MIN, HOUR, MIN);
+        let r = check_result("check", 2, &run(Some(1), "", false), MIN, HOUR, MIN);
         assert_eq!(after_check(&r, 3, MIN), Next::Round(3));
-        let r = check_result(3, &run(Some(2), "", false), MIN, HOUR, MIN);
+        let r = check_result("check", 3, &run(Some(2), "", false), MIN, HOUR, MIN);
         assert_eq!(
             after_check(&r, 3, MIN),
             Next::Failed("the check still fails after 3 rounds (last: exit status 2)".into())
         );
-        let r = check_result(1, &run(Some(1), "", false), MIN, HOUR, MIN);
+        let r = check_result("check", 1, &run(Some(1), "", false), MIN, HOUR, MIN);
         assert_eq!(
             after_check(&r, 1, MIN),
             Next::Failed("the check still fails after 1 round (last: exit status 1)".into())
@@ -361,7 +370,7 @@ mod tests {
     /// Killed at the task's limit: neither (the task's timeout tells that story).
     #[test]
     fn test_timeouts_are_the_checks_own_or_the_tasks() {
-        let r = check_result(1, &run(None, "working", true), MIN, HOUR, MIN);
+        let r = check_result("check", 1, &run(None, "working", true), MIN, HOUR, MIN);
         assert!(r.timed_out && !r.passed);
         assert!(
             r.output
@@ -373,11 +382,11 @@ mod tests {
             after_check(&r, 1, MIN),
             Next::Failed("the check still fails after 1 round (last: timed out after 60 s)".into())
         );
-        let r = check_result(1, &run(None, "", true), HOUR, MIN, MIN);
+        let r = check_result("check", 1, &run(None, "", true), HOUR, MIN, MIN);
         assert!(!r.timed_out && !r.passed, "{r:?}");
         assert!(!r.output.contains("timed out"), "{}", r.output);
         // Exit 0 at the moment of a kill is no pass.
-        let r = check_result(1, &run(Some(0), "", true), MIN, HOUR, MIN);
+        let r = check_result("check", 1, &run(Some(0), "", true), MIN, HOUR, MIN);
         assert!(!r.passed);
     }
 
@@ -385,7 +394,7 @@ mod tests {
     fn test_a_lost_check_says_why_and_keeps_only_the_tail() {
         let mut out = run(None, &"x".repeat(3 * CHECK_OUTPUT_TAIL), false);
         out.error = Some("the sandbox ended".into());
-        let r = check_result(2, &out, MIN, HOUR, Duration::from_millis(1500));
+        let r = check_result("check", 2, &out, MIN, HOUR, Duration::from_millis(1500));
         assert_eq!((r.round, r.exit_code, r.duration_ms), (2, None, 1500));
         assert!(
             r.output.ends_with("agentd: the sandbox ended\n"),

@@ -70,6 +70,40 @@ impl TaskManager {
         Ok((sha, source))
     }
 
+    /// Commits what the setup changed on top of the baseline; the new baseline.
+    pub(super) async fn commit_setup(
+        &self,
+        sb: &Arc<Sandbox>,
+    ) -> std::result::Result<String, String> {
+        let command = "git add -A && git -c user.name=agentd -c user.email=agentd@localhost \
+            -c commit.gpgsign=false commit -q --allow-empty --no-verify -m 'agentd setup' \
+            && git rev-parse HEAD";
+        let out = self
+            .mgr
+            .exec_collect(
+                sb,
+                vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    format!("set -e\n{command}\n"),
+                ],
+                Some(WORKSPACE_DIR),
+                GIT_IN_SANDBOX_TIMEOUT,
+                64 * 1024,
+            )
+            .await
+            .map_err(|e| format!("the setup's changes could not be committed: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let sha = stdout.lines().last().unwrap_or_default().trim().to_string();
+        if out.code != Some(0) || !is_commit_id(&sha) {
+            return Err(format!(
+                "committing the setup's changes failed: {}",
+                failure("git add -A && git commit", &out, GIT_IN_SANDBOX_TIMEOUT)
+            ));
+        }
+        Ok(sha)
+    }
+
     /// Reads the diff against the baseline and stores it; its stats, or why there is none
     /// (the command, how it ended, the end of its stderr).
     pub(super) async fn collect_diff(

@@ -90,6 +90,17 @@ pub struct CreateTask {
     /// Seconds the check may run before it is killed (that round's check then fails)
     /// [default: 600].
     pub check_timeout_secs: Option<u64>,
+    /// Shell command run once in `/workspace` after the workspace lands and before the
+    /// agent starts (e.g. `pip install -e .`, `npm ci`); its output is streamed as
+    /// `setup.output` events; a failure fails the attempt with its output. What it changes
+    /// is part of the baseline, not of the diff [default: the workspace's `.agentd.toml` or
+    /// devcontainer, if any].
+    pub setup: Option<String>,
+    /// Seconds the setup may run before it is killed (the attempt then fails) [default: 1800].
+    pub setup_timeout_secs: Option<u64>,
+    /// Leave the workspace's `.agentd.toml` and devcontainer definition unread.
+    #[serde(default)]
+    pub ignore_environment: bool,
     /// Git exclude patterns (`.gitignore` syntax) for files left out of the diff, on top of
     /// the workspace's own `.gitignore` [default: [`DEFAULT_DIFF_EXCLUDE`], well-known caches
     /// and build outputs; `[]` for none].
@@ -111,6 +122,21 @@ pub struct CheckResult {
     pub duration_ms: u64,
     /// It was killed at `check_timeout_secs`.
     #[serde(default)]
+    pub timed_out: bool,
+}
+
+/// How the setup command went.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+pub struct SetupResult {
+    /// Exit status (`None`: lost or killed at the time limit).
+    pub exit_code: Option<i32>,
+    /// Exit status 0.
+    pub passed: bool,
+    /// The end of its output (stderr goes to stdout, so the order is kept).
+    pub output: String,
+    /// How long it ran, ms.
+    pub duration_ms: u64,
+    /// It was killed at `setup_timeout_secs`.
     pub timed_out: bool,
 }
 
@@ -136,6 +162,9 @@ pub struct Timings {
     pub opencode_ready_ms: Option<u64>,
     /// Workspace extracted and committed as the baseline.
     pub workspace_ms: Option<u64>,
+    /// The setup command, and committing what it changed into the baseline.
+    #[serde(default)]
+    pub setup_ms: Option<u64>,
     /// Each round's agent time (prompt to idle).
     pub rounds_ms: Vec<u64>,
     /// Each check's time.
@@ -181,6 +210,9 @@ pub struct Attempt {
     pub final_message: Option<String>,
     /// The last check.
     pub check: Option<CheckResult>,
+    /// The setup's result, once it ran to its end.
+    #[serde(default)]
+    pub setup: Option<SetupResult>,
     /// The diff's size (the patch is a file in the task's dir).
     pub diff: Option<DiffStats>,
     /// Why it failed, or a problem on the way.
@@ -208,6 +240,7 @@ impl Attempt {
             timings: Timings::default(),
             final_message: None,
             check: None,
+            setup: None,
             diff: None,
             error: None,
             note: None,
@@ -224,6 +257,9 @@ pub struct TaskRecord {
     pub request: CreateTask,
     /// What the workspace holds.
     pub workspace: WorkspaceInfo,
+    /// The environment the workspace defined (what of it the request left open was used).
+    #[serde(default)]
+    pub environment: Option<super::environment::Environment>,
     /// Where it is (derived from the attempts once they run).
     pub state: TaskState,
     /// Unix ms.

@@ -568,6 +568,144 @@ fn task_apply(d: &Daemon, id: &str, repo: &Path, extra: &[&str]) -> std::process
         .unwrap()
 }
 
+/// The workspace's `.agentd.toml` gives the setup: it runs once before the agent, its
+/// output streams as events, what it changes is in the baseline (not the diff); a request's
+/// own setup wins, and a failing one fails the attempt with its output before any prompt;
+/// a devcontainer naming an image agentd lacks is refused at create with the file named.
+#[test]
+fn test_task_setup_and_the_workspace_environment() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::start("cat .setup-stamp > seen.txt && echo four >> src/lib.txt");
+    let d = daemon(&images, &llm, &["--task-grace", "1"]);
+    let ws = make_workspace();
+    std::fs::write(
+        ws.path().join(".agentd.toml"),
+        "# how agents get this project ready\nsetup = \"echo installing deps; mkdir -p node_modules/dep && echo dep > node_modules/dep/index.js; echo stamp > .setup-stamp; echo warn-on-stderr >&2\"\n",
+    )
+    .unwrap();
+    let path = ws.path().to_str().unwrap();
+    let id = create(
+        &d,
+        json!({"prompt": "use what setup made", "workspace": {"path": path}, "check": "test -f .setup-stamp"}),
+    );
+    let v = wait_done(&d, &id, Duration::from_secs(180));
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    assert_eq!(v["environment"]["file"], ".agentd.toml", "{v:#}");
+    assert!(
+        v["setup"].as_str().unwrap().contains("installing deps"),
+        "{v:#}"
+    );
+    let a = &v["attempts"][0];
+    assert_eq!(a["setup"]["passed"], true, "{a:#}");
+    assert_eq!(a["setup"]["exit_code"], 0, "{a:#}");
+    assert!(
+        a["setup"]["output"]
+            .as_str()
+            .unwrap()
+            .contains("warn-on-stderr"),
+        "{a:#}"
+    );
+    assert!(a["timings"]["setup_ms"].as_u64().is_some(), "{a:#}");
+    let evs = events(&d, &id, None);
+    let k = kinds(&evs);
+    let at = |kind: &str| {
+        k.iter()
+            .position(|x| x == kind)
+            .unwrap_or_else(|| panic!("no {kind} in {k:?}"))
+    };
+    assert!(
+        at("setup") < at("prompt"),
+        "the setup runs before the agent: {k:?}"
+    );
+    let streamed: String = evs
+        .iter()
+        .filter(|e| e["type"] == "setup.output")
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert!(streamed.contains("installing deps"), "{streamed:?}");
+    assert!(
+        evs.iter()
+            .any(|e| e["type"] == "setup" && e["state"] == "passed"),
+        "{evs:#?}"
+    );
+    // The agent saw the setup's file; the diff has the agent's work only.
+    let patch = d
+        .call("GET", &format!("/v1/tasks/{id}/attempts/1/diff"), None)
+        .text();
+    assert!(
+        patch.contains("+stamp") && patch.contains("seen.txt"),
+        "{patch}"
+    );
+    assert!(patch.contains("+four"), "{patch}");
+    assert!(
+        !patch.contains(".setup-stamp") && !patch.contains("node_modules"),
+        "{patch}"
+    );
+
+    // The request's setup wins; a failure ends the attempt before any prompt.
+    let prompts_before = llm.requests_seen().len();
+    let id = create(
+        &d,
+        json!({"prompt": "never sent", "workspace": {"path": path},
+               "setup": "echo resolving; echo 'ERROR: no matching distribution for left-pad' >&2; exit 3"}),
+    );
+    let v = wait_done(&d, &id, Duration::from_secs(120));
+    assert_eq!(v["state"], "failed", "{v:#}");
+    let a = &v["attempts"][0];
+    let error = a["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("the setup failed (exit status 3)"),
+        "{a:#}"
+    );
+    assert!(
+        error.contains("no matching distribution for left-pad"),
+        "{a:#}"
+    );
+    assert_eq!(a["setup"]["passed"], false, "{a:#}");
+    assert!(!kinds(&events(&d, &id, None)).contains(&"prompt".to_string()));
+    assert_eq!(llm.requests_seen().len(), prompts_before, "no LLM request");
+
+    // `ignore_environment`: no setup at all.
+    let id = create(
+        &d,
+        json!({"prompt": "no setup", "workspace": {"path": path}, "ignore_environment": true}),
+    );
+    let v = wait_done(&d, &id, Duration::from_secs(120));
+    assert_eq!(v["state"], "succeeded", "{v:#}");
+    assert!(v["environment"].is_null() && v["setup"].is_null(), "{v:#}");
+    assert!(v["attempts"][0]["setup"].is_null(), "{v:#}");
+
+    // A devcontainer naming an image agentd lacks: refused, saying which file and what to do.
+    std::fs::remove_file(ws.path().join(".agentd.toml")).unwrap();
+    std::fs::create_dir(ws.path().join(".devcontainer")).unwrap();
+    std::fs::write(
+        ws.path().join(".devcontainer/devcontainer.json"),
+        "{\n  // from the team\n  \"image\": \"example.test/devcontainers/python:3\",\n  \"postCreateCommand\": \"pip install -e .\",\n}\n",
+    )
+    .unwrap();
+    let tasks_dir = || {
+        std::fs::read_dir(d.state.path().join("tasks"))
+            .unwrap()
+            .count()
+    };
+    let before = tasks_dir();
+    let r = d.call(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"prompt": "x", "workspace": {"path": path}})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let text = r.text();
+    assert!(
+        text.contains(".devcontainer/devcontainer.json") && text.contains("agentd image pull"),
+        "{text}"
+    );
+    assert_eq!(tasks_dir(), before, "the refused task left nothing");
+    delete_all(&d);
+    assert_eq!(d.leftovers(), Vec::<String>::new());
+}
+
 /// A check that fails in round 1 and passes after the agent's second round (the follow-up
 /// carried the check's output), on a workspace cloned from a git URL at a branch; then three
 /// parallel agents on an uploaded tar: three different diffs, the passing one ranked first.

@@ -1,0 +1,258 @@
+//! The setup step: a command run once in `/workspace` after the workspace lands and before
+//! the agent starts (installing the project's dependencies, say). Its output is streamed as
+//! `setup.output` events while it runs (bounded: [`SETUP_STREAM_BYTES`] per attempt), its
+//! result is kept on the attempt, and what it changed is committed into the baseline, so the
+//! diff shows the agent's work only. A failing setup fails the attempt with its output.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::exec::Stream;
+
+/// Most bytes of one attempt's setup output sent as events; the rest is only counted (the
+/// end of it is kept in the attempt's `setup.output`).
+const SETUP_STREAM_BYTES: usize = 1 << 20;
+
+/// Most bytes of the setup's output quoted in the attempt's error.
+const ERROR_TAIL: usize = 2048;
+
+/// Checks a setup command.
+pub(super) fn validate(command: &str) -> Result<()> {
+    if command.trim().is_empty() || command.contains('\0') || command.len() > MAX_SETUP_BYTES {
+        return Err(Error::Invalid(format!(
+            "setup must be a non-empty shell command of at most {MAX_SETUP_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+impl TaskManager {
+    /// Runs the setup of attempt `n` in its sandbox and commits what it changed into the
+    /// baseline; the attempt's outcome when it fails.
+    pub(super) async fn setup(
+        &self,
+        task: &Arc<Task>,
+        n: u32,
+        sb: &Arc<Sandbox>,
+        command: &str,
+        deadline_ms: u64,
+    ) -> std::result::Result<(), Outcome> {
+        let rec = task.snapshot();
+        let limit = Duration::from_secs(
+            rec.request
+                .setup_timeout_secs
+                .unwrap_or(DEFAULT_SETUP_TIMEOUT_SECS),
+        );
+        let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()).max(1000));
+        self.emit(
+            task,
+            "setup",
+            serde_json::json!({"attempt": n, "state": "running"}),
+        );
+        let t = Instant::now();
+        let mut stream = Streamed::new(SETUP_STREAM_BYTES);
+        let mut each = |_: Stream, data: &[u8]| {
+            match stream.push(data) {
+            Chunk::Text(text) => self.emit(
+                task,
+                "setup.output",
+                serde_json::json!({"attempt": n, "text": text}),
+            ),
+            Chunk::Cut => self.emit(
+                task,
+                "setup.output",
+                serde_json::json!({"attempt": n, "text": "", "truncated": true,
+                    "message": format!("more than {SETUP_STREAM_BYTES} bytes of output: the rest is not streamed (its end is in the attempt's setup.output)")}),
+            ),
+            Chunk::Nothing => {}
+        }
+        };
+        let out = self
+            .mgr
+            .exec_collect_each(
+                sb,
+                // stderr into stdout: the output keeps its order.
+                vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    format!("{{\n{command}\n}} 2>&1"),
+                ],
+                Some(WORKSPACE_DIR),
+                left.min(limit),
+                CHECK_OUTPUT_TAIL,
+                &mut each,
+            )
+            .await
+            .map_err(|e| Outcome::Lost(format!("the setup could not run: {e}")))?;
+        if let Chunk::Text(text) = stream.finish() {
+            self.emit(
+                task,
+                "setup.output",
+                serde_json::json!({"attempt": n, "text": text}),
+            );
+        }
+        let r = attempt::check_result("setup", 0, &out, limit, left, t.elapsed());
+        let result = SetupResult {
+            exit_code: r.exit_code,
+            passed: r.passed,
+            output: r.output,
+            duration_ms: r.duration_ms,
+            timed_out: r.timed_out,
+        };
+        self.emit(
+            task,
+            "setup",
+            serde_json::json!({"attempt": n, "state": if result.passed { "passed" } else { "failed" },
+                "exit_code": result.exit_code, "timed_out": result.timed_out, "duration_ms": result.duration_ms}),
+        );
+        if !result.passed {
+            let how = if result.timed_out {
+                format!("timed out after {} s", limit.as_secs())
+            } else {
+                match result.exit_code {
+                    Some(c) => format!("exit status {c}"),
+                    None => "no exit status".into(),
+                }
+            };
+            let why = format!(
+                "the setup failed ({how}); its output ends with:\n{}",
+                tail(&result.output, ERROR_TAIL)
+            );
+            self.update(task, n, |a| a.setup = Some(result));
+            return Err(Outcome::Failed(why));
+        }
+        // What the setup changed belongs to the baseline (ignored and excluded files stay
+        // out of both, as they do of the diff).
+        let baseline = self.commit_setup(sb).await.map_err(Outcome::Failed)?;
+        let ms = ms(t.elapsed());
+        self.update(task, n, |a| {
+            a.setup = Some(result);
+            a.baseline = Some(baseline);
+            a.timings.setup_ms = Some(ms);
+        });
+        Ok(())
+    }
+}
+
+/// What to send of a chunk of output.
+#[derive(Debug, PartialEq)]
+enum Chunk {
+    /// This text.
+    Text(String),
+    /// The cap was just reached: say so once.
+    Cut,
+    /// Nothing (an incomplete character kept for the next chunk, or past the cap).
+    Nothing,
+}
+
+/// Output turned into text as it comes: characters split between chunks are kept whole,
+/// and at most `cap` bytes are sent.
+struct Streamed {
+    /// The start of a character whose end is in the next chunk.
+    carry: Vec<u8>,
+    /// Bytes sent so far.
+    sent: usize,
+    /// Most bytes sent.
+    cap: usize,
+}
+
+impl Streamed {
+    fn new(cap: usize) -> Streamed {
+        Streamed {
+            carry: Vec::new(),
+            sent: 0,
+            cap,
+        }
+    }
+
+    /// The text of `data` to send now.
+    fn push(&mut self, data: &[u8]) -> Chunk {
+        if self.sent >= self.cap {
+            return Chunk::Nothing;
+        }
+        self.carry.extend_from_slice(data);
+        let keep = incomplete_tail(&self.carry);
+        let whole = self.carry.len() - keep;
+        let room = self.cap - self.sent;
+        if whole > room {
+            self.sent = self.cap;
+            self.carry.clear();
+            return Chunk::Cut;
+        }
+        let rest = self.carry.split_off(whole);
+        let text = String::from_utf8_lossy(&self.carry).into_owned();
+        self.carry = rest;
+        self.sent += whole;
+        if text.is_empty() {
+            Chunk::Nothing
+        } else {
+            Chunk::Text(text)
+        }
+    }
+
+    /// What is left when the output ends (an incomplete character, replaced).
+    fn finish(&mut self) -> Chunk {
+        if self.carry.is_empty() || self.sent >= self.cap {
+            return Chunk::Nothing;
+        }
+        let text = String::from_utf8_lossy(&self.carry).into_owned();
+        self.carry.clear();
+        Chunk::Text(text)
+    }
+}
+
+/// How many bytes at the end of `b` start a UTF-8 character that is not complete yet.
+fn incomplete_tail(b: &[u8]) -> usize {
+    for back in 1..=b.len().min(3) {
+        let byte = b[b.len() - back];
+        if byte & 0b1100_0000 == 0b1000_0000 {
+            continue; // a continuation byte: look further back
+        }
+        let need = match byte {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => 1,
+        };
+        return if need > back { back } else { 0 };
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_streamed_keeps_characters_whole() {
+        let mut s = Streamed::new(1000);
+        let e = "é".as_bytes();
+        assert_eq!(s.push(&[b'a', e[0]]), Chunk::Text("a".into()));
+        assert_eq!(s.push(&[e[1], b'b']), Chunk::Text("éb".into()));
+        let euro = "€".as_bytes();
+        assert_eq!(s.push(&euro[..1]), Chunk::Nothing);
+        assert_eq!(s.push(&euro[1..2]), Chunk::Nothing);
+        assert_eq!(s.push(&euro[2..]), Chunk::Text("€".into()));
+        // Bad bytes are replaced, not kept forever.
+        assert_eq!(s.push(&[0xff, b'c']), Chunk::Text("\u{fffd}c".into()));
+        assert_eq!(s.push(&euro[..2]), Chunk::Nothing);
+        assert_eq!(s.finish(), Chunk::Text("\u{fffd}".into()));
+    }
+
+    #[test]
+    fn test_streamed_stops_at_the_cap_and_says_so_once() {
+        let mut s = Streamed::new(10);
+        assert_eq!(s.push(b"12345"), Chunk::Text("12345".into()));
+        assert_eq!(s.push(b"123456"), Chunk::Cut);
+        assert_eq!(s.push(b"1"), Chunk::Nothing);
+        assert_eq!(s.finish(), Chunk::Nothing);
+    }
+
+    #[test]
+    fn test_setup_commands_are_checked() {
+        assert!(validate("pip install -e .").is_ok());
+        assert!(validate("  ").is_err());
+        assert!(validate("a\0b").is_err());
+        assert!(validate(&"x".repeat(MAX_SETUP_BYTES + 1)).is_err());
+    }
+}
