@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use crate::api::conn;
 use crate::api::error::ApiError;
 use crate::api::{json, Body, BoxError};
+use crate::net::PeerSlot;
 use crate::sandbox::{Manager, Sandbox};
 
 /// Largest request body (prompts with long histories: a 200k-token conversation with tool
@@ -54,7 +55,11 @@ pub async fn serve(mgr: Arc<Manager>, listener: TcpListener) {
             continue;
         };
         // One sandbox cannot take every slot: a few connections each are what OpenCode uses.
-        let Some(mine) = PeerSlot::take(&per_sandbox, peer.ip()) else {
+        let Some(mine) = PeerSlot::take(
+            &per_sandbox,
+            peer.ip(),
+            conn::MAX_GATEWAY_CONNECTIONS_PER_SANDBOX,
+        ) else {
             tracing::debug!(%peer, "gateway: too many connections from one sandbox");
             continue;
         };
@@ -80,42 +85,6 @@ pub async fn serve(mgr: Arc<Manager>, listener: TcpListener) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
-    }
-}
-
-/// A connection counted against its sandbox's (its address's) share of the gateway.
-struct PeerSlot {
-    counts: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
-    peer: IpAddr,
-}
-
-impl PeerSlot {
-    fn take(
-        counts: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
-        peer: IpAddr,
-    ) -> Option<PeerSlot> {
-        let mut map = counts.lock().expect("gateway counts lock");
-        let n = map.entry(peer).or_default();
-        if *n >= conn::MAX_GATEWAY_CONNECTIONS_PER_SANDBOX {
-            return None;
-        }
-        *n += 1;
-        Some(PeerSlot {
-            counts: counts.clone(),
-            peer,
-        })
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut map = self.counts.lock().expect("gateway counts lock");
-        if let Some(n) = map.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.peer);
-            }
-        }
     }
 }
 

@@ -22,6 +22,7 @@ pub mod cli;
 pub mod daemon;
 pub mod db;
 pub mod default_image;
+pub mod egress;
 pub mod error;
 pub mod exec;
 pub mod gateway;

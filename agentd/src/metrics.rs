@@ -54,6 +54,9 @@ struct Inner {
     create: Histogram,
     ready: Histogram,
     gateway_tokens: BTreeMap<&'static str, u64>,
+    /// Egress proxy connections by verdict, and their bytes.
+    egress: BTreeMap<&'static str, u64>,
+    egress_bytes: u64,
 }
 
 impl Metrics {
@@ -87,6 +90,15 @@ impl Metrics {
         *i.gateway_tokens.entry("completion").or_default() += completion;
     }
 
+    /// One connection through the egress proxy (`allowed` or refused) and its bytes.
+    pub fn count_egress(&self, allowed: bool, bytes: u64) {
+        let mut i = self.inner();
+        *i.egress
+            .entry(if allowed { "allowed" } else { "denied" })
+            .or_default() += 1;
+        i.egress_bytes += bytes;
+    }
+
     /// The Prometheus text, with the sandbox counts by state.
     pub fn render(&self, sandboxes_by_state: &BTreeMap<&'static str, u64>) -> String {
         let i = self.inner();
@@ -118,6 +130,15 @@ impl Metrics {
         for (kind, n) in &i.gateway_tokens {
             let _ = writeln!(out, "agentd_llm_tokens_total{{kind=\"{kind}\"}} {n}");
         }
+        out.push_str("# HELP agentd_egress_connections_total Connections sandboxes asked the egress proxy for, by verdict.\n# TYPE agentd_egress_connections_total counter\n");
+        for (verdict, n) in &i.egress {
+            let _ = writeln!(
+                out,
+                "agentd_egress_connections_total{{verdict=\"{verdict}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP agentd_egress_bytes_total Bytes through the egress proxy, both ways.\n# TYPE agentd_egress_bytes_total counter\n");
+        let _ = writeln!(out, "agentd_egress_bytes_total {}", i.egress_bytes);
         out
     }
 }
@@ -132,6 +153,8 @@ mod tests {
         m.count_request("/v1/sandboxes", 201);
         m.observe_create(Duration::from_millis(30));
         m.count_tokens(5, 7);
+        m.count_egress(false, 0);
+        m.count_egress(true, 100);
         let mut states = BTreeMap::new();
         states.insert("ready", 2);
         let text = m.render(&states);
@@ -142,5 +165,7 @@ mod tests {
         assert!(text.contains("agentd_sandbox_create_seconds_bucket{le=\"0.05\"} 1"));
         assert!(text.contains("agentd_sandbox_create_seconds_bucket{le=\"0.025\"} 0"));
         assert!(text.contains("agentd_llm_tokens_total{kind=\"completion\"} 7"));
+        assert!(text.contains("agentd_egress_connections_total{verdict=\"denied\"} 1"));
+        assert!(text.contains("agentd_egress_bytes_total 100"));
     }
 }

@@ -14,10 +14,51 @@
 //! [`Network::remove_link`] deletes a pair that survived, and [`Network::leftover_links`]
 //! lists pairs that belong to no live sandbox after a crash.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
 
 use agentd_runtime::netlink;
+
+/// A connection counted against its sandbox's (its address's) share of a server on the
+/// bridge (the gateway, the egress proxy); the count drops when it is dropped.
+pub struct PeerSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    peer: IpAddr,
+}
+
+impl PeerSlot {
+    /// A slot for `peer`, unless it holds `max` already. A std mutex: one map update.
+    pub fn take(
+        counts: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+        peer: IpAddr,
+        max: usize,
+    ) -> Option<PeerSlot> {
+        let mut map = counts.lock().expect("peer counts lock");
+        let n = map.entry(peer).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: counts.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().expect("peer counts lock");
+        if let Some(n) = map.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.peer);
+            }
+        }
+    }
+}
 
 /// Prefix of the host-side veth names ("agentd host"), followed by 10 chars of the sandbox id.
 pub const HOST_PREFIX: &str = "adh";
@@ -87,12 +128,12 @@ impl Network {
         format!("AGENTD-{}", self.bridge)
     }
 
-    /// Lets sandboxes reach only the gateway port on the host: packets arriving from the
+    /// Lets sandboxes reach only `ports` (the gateway's, the egress proxy's) on the host: packets arriving from the
     /// bridge go through agentd's own iptables chain, which accepts replies and the gateway
     /// and drops the rest. Without it, any service listening on the host's 0.0.0.0 would be
     /// reachable from every sandbox at the bridge's address. The chain and its jump belong to
     /// the bridge and are (re)made at every start.
-    pub fn firewall(&self, gateway_port: u16) -> io::Result<()> {
+    pub fn firewall(&self, ports: &[u16]) -> io::Result<()> {
         let chain = self.chain();
         let ipt = |args: &[&str]| -> io::Result<bool> {
             tracing::debug!(?args, "iptables");
@@ -116,22 +157,24 @@ impl Network {
                 )));
             }
         }
-        let port = gateway_port.to_string();
-        let rules: [&[&str]; 3] = [
-            &[
-                "-A",
-                &chain,
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ],
-            &["-A", &chain, "-p", "tcp", "--dport", &port, "-j", "ACCEPT"],
-            &["-A", &chain, "-j", "DROP"],
-        ];
-        for r in rules {
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let mut rules: Vec<Vec<&str>> = vec![vec![
+            "-A",
+            &chain,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "ESTABLISHED,RELATED",
+            "-j",
+            "ACCEPT",
+        ]];
+        for port in &ports {
+            rules.push(vec![
+                "-A", &chain, "-p", "tcp", "--dport", port, "-j", "ACCEPT",
+            ]);
+        }
+        rules.push(vec!["-A", &chain, "-j", "DROP"]);
+        for r in &rules {
             if !ipt(r)? {
                 return Err(io::Error::other(format!("iptables: cannot add {r:?}")));
             }

@@ -178,6 +178,9 @@ pub struct SandboxRecord {
     pub usage: Usage,
     /// How it ended.
     pub exit: Option<ExitInfo>,
+    /// What it may reach beyond agentd.
+    #[serde(default)]
+    pub network: crate::egress::NetworkPolicy,
 }
 
 /// A size given as bytes or as text like `2g`.
@@ -231,8 +234,9 @@ pub struct CreateSandbox {
     /// Limits.
     #[serde(default)]
     pub limits: LimitsRequest,
-    /// Network mode: only `none` (no egress) for now.
-    pub network: Option<String>,
+    /// Egress: `"none"` or a policy (`{"mode": "allowlist", "allow": ["host", ...]}`)
+    /// [default: none, only the LLM gateway].
+    pub network: Option<NetworkRequest>,
     /// Idle timeout, seconds (0: never).
     pub idle_timeout_secs: Option<u64>,
     /// Lifetime, seconds.
@@ -246,6 +250,46 @@ pub struct CreateSandbox {
     pub command: Option<Vec<String>>,
     /// Model OpenCode uses through the gateway [default: agentd's `llm_model`].
     pub model: Option<String>,
+}
+
+/// A create's `network`: a mode name, or a policy.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum NetworkRequest {
+    /// `none`, `allowlist` (with nothing allowed yet) or `open`.
+    Mode(crate::egress::EgressMode),
+    /// A mode and its allow list.
+    Policy(crate::egress::NetworkPolicy),
+}
+
+impl<'de> Deserialize<'de> for NetworkRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let v = serde_json::Value::deserialize(d)?;
+        let said = |e: serde_json::Error| {
+            D::Error::custom(format!(
+                "network: {e} (give \"none\", \"allowlist\" or {{\"mode\": \"allowlist\", \"allow\": [\"host\", ...]}})"
+            ))
+        };
+        match v {
+            serde_json::Value::String(_) => serde_json::from_value(v).map(NetworkRequest::Mode),
+            _ => serde_json::from_value(v).map(NetworkRequest::Policy),
+        }
+        .map_err(said)
+    }
+}
+
+impl NetworkRequest {
+    /// The policy this asks for.
+    pub fn policy(&self) -> crate::egress::NetworkPolicy {
+        match self {
+            NetworkRequest::Mode(mode) => crate::egress::NetworkPolicy {
+                mode: *mode,
+                allow: Vec::new(),
+            },
+            NetworkRequest::Policy(p) => p.clone(),
+        }
+    }
 }
 
 /// What a command run to completion with [`Manager::exec_collect`] did.
@@ -280,6 +324,8 @@ pub struct Sandbox {
     pub state_tx: watch::Sender<SandboxState>,
     /// Set by the first [`Manager::finish`]: its resources are being freed.
     ending: std::sync::atomic::AtomicBool,
+    /// Its connections through the egress proxy (in memory: a restart starts it again).
+    pub egress: crate::egress::EgressLog,
 }
 
 impl Sandbox {
@@ -306,6 +352,7 @@ impl Sandbox {
             gateway_requests: AtomicUsize::new(0),
             state_tx,
             ending: std::sync::atomic::AtomicBool::new(false),
+            egress: crate::egress::EgressLog::default(),
         })
     }
 
@@ -433,7 +480,7 @@ impl Manager {
         })?;
         let net = Network::setup(&config.bridge, config.subnet, config.prefix_len)
             .context("failed to set up the sandbox bridge")?;
-        net.firewall(config.gateway_port)
+        net.firewall(&[config.gateway_port, config.egress_port])
             .context("failed to keep sandboxes off the host's ports")?;
         let runtime =
             Runtime::new(config.sandboxes_dir()).with_cgroup_parent(config.cgroup_parent.clone());
@@ -536,6 +583,53 @@ impl Manager {
         if let Err(e) = self.db.put_lazy(SANDBOXES, &rec.id, rec) {
             tracing::error!(sandbox = %rec.id, error = %agentd_runtime::error_chain(&e), "failed to persist sandbox");
         }
+    }
+
+    /// The live sandbox at address `ip`.
+    pub fn by_address(&self, ip: std::net::IpAddr) -> Option<Arc<Sandbox>> {
+        let std::net::IpAddr::V4(ip) = ip else {
+            return None;
+        };
+        self.map()
+            .values()
+            .find(|s| {
+                let r = s.record.lock().expect("sandbox record lock");
+                r.state.is_live() && r.address == ip
+            })
+            .cloned()
+    }
+
+    /// Replaces the allow list of a live sandbox in allowlist mode (checked as at create);
+    /// the proxy applies it to the next connection.
+    pub fn set_egress_allow(
+        &self,
+        sb: &Sandbox,
+        allow: Vec<String>,
+    ) -> Result<crate::egress::NetworkPolicy> {
+        let mut rec = sb.snapshot();
+        if !rec.state.is_live() {
+            return Err(Error::Conflict(format!(
+                "sandbox {} is {}",
+                rec.id,
+                rec.state.as_str()
+            )));
+        }
+        if rec.network.mode != crate::egress::EgressMode::Allowlist {
+            return Err(Error::Conflict(format!(
+                "sandbox {} has network mode {}: an allow list needs mode allowlist, chosen at create",
+                rec.id,
+                rec.network.mode.as_str()
+            )));
+        }
+        let policy = crate::egress::NetworkPolicy {
+            mode: rec.network.mode,
+            allow,
+        };
+        crate::egress::compile(&policy, &self.config.egress_presets).map_err(Error::Invalid)?;
+        rec.network = policy.clone();
+        self.db.put(SANDBOXES, &rec.id, &rec).map_err(Error::from)?;
+        sb.record.lock().expect("sandbox record lock").network = policy.clone();
+        Ok(policy)
     }
 
     /// The sandbox whose OpenCode presents `token` to the gateway from `from`.

@@ -426,6 +426,9 @@ impl TaskManager {
         if let Some(s) = &req.setup {
             setup::validate(s)?;
         }
+        if let Some(n) = &req.network {
+            crate::egress::compile(n, &self.mgr.config.egress_presets).map_err(Error::Invalid)?;
+        }
         if let Some(t) = req.setup_timeout_secs {
             if t == 0 || t > MAX_TASK_TIMEOUT_SECS {
                 return Err(Error::Invalid(format!(
@@ -960,6 +963,11 @@ impl TaskManager {
             labels,
             opencode: Some(true),
             model: rec.request.model.clone(),
+            network: rec
+                .request
+                .network
+                .clone()
+                .map(crate::sandbox::NetworkRequest::Policy),
             ..CreateSandbox::default()
         };
         let mut waiting = false;

@@ -563,7 +563,8 @@ impl std::str::FromStr for Network {
 }
 
 impl Network {
-    fn contains(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is in this network.
+    pub fn contains(&self, ip: IpAddr) -> bool {
         let bits = |ip: IpAddr| -> (u128, u32) {
             match ip {
                 IpAddr::V4(v) => (u128::from(u32::from(v)), 32),

@@ -119,6 +119,7 @@ fn test_agentd_services_import_no_skin() {
         "opencode",
         "daemon/config.rs",
         "net.rs",
+        "egress.rs",
         "db.rs",
         "metrics.rs",
         "default_image.rs",

@@ -121,6 +121,12 @@ routes! {
     GET "/v1/sandboxes/{id}/logs" => sandboxes::logs_route, query Some(schema_of::<types::LogsQuery>), in [],
         out 200 [NDJSON: schema_of::<types::ExecLine>],
         "stdout/stderr as JSON lines";
+    GET "/v1/sandboxes/{id}/egress" => sandboxes::egress, query None, in [],
+        out 200 [JSON: schema_of::<types::EgressView>],
+        "The sandbox's egress policy and its newest connections through the proxy (host, port, allowed, bytes)";
+    PUT "/v1/sandboxes/{id}/egress" => sandboxes::set_egress, query None, in [JSON: schema_of::<types::EgressRequest>],
+        out 200 [JSON: schema_of::<types::EgressView>],
+        "Replace a running allowlist sandbox's allow list; the next connection follows it";
     GET "/v1/sandboxes/{id}/stats" => sandboxes::stats_route, query None, in [],
         out 200 [JSON: schema_of::<types::Stats>],
         "Memory, CPU and task counts";

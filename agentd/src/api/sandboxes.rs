@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 use super::error::ApiError;
 use super::routes::{Id, Params, Query};
 use super::types::{
-    ExecLine, ExecRequest, FilesQuery, ListQuery, LogStream, LogsQuery, SandboxList, SandboxView,
-    Stats,
+    EgressRequest, EgressView, ExecLine, ExecRequest, FilesQuery, ListQuery, LogStream, LogsQuery,
+    SandboxList, SandboxView, Stats,
 };
 use super::{json, read_json, Body, BoxError, Req};
 use crate::exec::{Stream, Utf8Chunker};
@@ -74,6 +74,41 @@ pub(crate) async fn create(State(mgr): State<Arc<Manager>>, req: Req) -> Reply {
 pub(crate) async fn inspect(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
     let sb = named(&mgr, &p.id, false)?;
     Ok(json(StatusCode::OK, &SandboxView::from(&sb.snapshot())))
+}
+
+/// `GET /v1/sandboxes/{id}/egress`.
+pub(crate) async fn egress(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let sb = named(&mgr, &p.id, false)?;
+    Ok(json(
+        StatusCode::OK,
+        &EgressView {
+            network: sb.snapshot().network,
+            log: sb.egress.entries(),
+        },
+    ))
+}
+
+/// `PUT /v1/sandboxes/{id}/egress`.
+pub(crate) async fn set_egress(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Id>,
+    req: Req,
+) -> Reply {
+    let sb = named(&mgr, &p.id, true)?;
+    let body: EgressRequest = read_json(req).await?;
+    let mgr2 = mgr.clone();
+    let sb2 = sb.clone();
+    // The record is written durably before the change shows.
+    let network = tokio::task::spawn_blocking(move || mgr2.set_egress_allow(&sb2, body.allow))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(json(
+        StatusCode::OK,
+        &EgressView {
+            network,
+            log: sb.egress.entries(),
+        },
+    ))
 }
 
 /// `DELETE /v1/sandboxes/{id}`.

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::egress::{EgressEntry, NetworkPolicy};
 use crate::sandbox::{ExitInfo, SandboxRecord, SandboxState, Usage};
 use crate::task::model::{
     Attempt, CheckResult, DiffStats, SetupResult, TaskRecord, TaskState, Timings,
@@ -69,6 +70,9 @@ pub struct SandboxView {
     pub usage: Usage,
     /// How it ended, once it has.
     pub exit: Option<ExitInfo>,
+    /// What it may reach beyond agentd.
+    #[serde(default)]
+    pub network: NetworkPolicy,
 }
 
 impl From<&SandboxRecord> for SandboxView {
@@ -94,8 +98,27 @@ impl From<&SandboxRecord> for SandboxView {
             opencode: r.opencode.is_some(),
             usage: r.usage.clone(),
             exit: r.exit.clone(),
+            network: r.network.clone(),
         }
     }
+}
+
+/// `GET` and `PUT /v1/sandboxes/{id}/egress`: the policy and the newest connections.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct EgressView {
+    /// The policy.
+    pub network: NetworkPolicy,
+    /// Connections through the proxy, oldest first (the newest 512 since agentd started).
+    pub log: Vec<EgressEntry>,
+}
+
+/// `PUT /v1/sandboxes/{id}/egress`: a new allow list (mode allowlist only).
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EgressRequest {
+    /// Hosts (`example.org`, `*.example.org`, `host:port`) or preset names.
+    #[schemars(length(max = 256))]
+    pub allow: Vec<String>,
 }
 
 /// `GET /v1/sandboxes`.
@@ -403,6 +426,9 @@ pub struct TaskView {
     /// fields win over it).
     #[serde(default)]
     pub environment: Option<crate::task::environment::Environment>,
+    /// What its sandboxes may reach beyond agentd.
+    #[serde(default)]
+    pub network: NetworkPolicy,
     /// Most rounds per agent.
     pub max_rounds: u32,
     /// Time limit, seconds.
@@ -460,6 +486,7 @@ impl TaskView {
             check: t.request.check.clone(),
             setup: t.request.setup.clone(),
             environment: t.environment.clone(),
+            network: t.request.network.clone().unwrap_or_default(),
             max_rounds: t.max_rounds(),
             timeout_secs: t.timeout().as_secs(),
             labels: t.request.labels.clone(),

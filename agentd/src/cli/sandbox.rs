@@ -64,6 +64,10 @@ enum SandboxCommand {
         /// Do not start OpenCode even if the image has it.
         #[arg(long)]
         no_opencode: bool,
+        /// Let the sandbox reach this host (`example.org`, `*.example.org`, `host:port`) or
+        /// preset through agentd's egress proxy (repeatable; implies network mode allowlist).
+        #[arg(long = "allow")]
+        allow: Vec<String>,
         /// Wait until the sandbox is ready (OpenCode answers).
         #[arg(long)]
         wait: bool,
@@ -307,6 +311,7 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             idle_timeout,
             ttl,
             no_opencode,
+            allow,
             wait,
             command,
         } => {
@@ -332,6 +337,7 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                 ttl_secs: ttl,
                 opencode: no_opencode.then_some(false),
                 command: (!command.is_empty()).then_some(command),
+                network: allowlist(allow).map(crate::sandbox::NetworkRequest::Policy),
                 ..CreateSandbox::default()
             })?);
             let reply = call(
@@ -572,4 +578,12 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             }
         }
     }
+}
+
+/// The policy `--allow` asks for: allowlist mode with these entries (none: the default).
+pub fn allowlist(allow: Vec<String>) -> Option<crate::egress::NetworkPolicy> {
+    (!allow.is_empty()).then_some(crate::egress::NetworkPolicy {
+        mode: crate::egress::EgressMode::Allowlist,
+        allow,
+    })
 }

@@ -69,6 +69,11 @@ enum TaskCommand {
         /// Leave the workspace's .agentd.toml and devcontainer.json unread.
         #[arg(long)]
         ignore_environment: bool,
+        /// Let the agents (and the setup and check) reach this host (`example.org`,
+        /// `*.example.org`, `host:port`) or preset through agentd's egress proxy (repeatable;
+        /// implies network mode allowlist).
+        #[arg(long = "allow")]
+        allow: Vec<String>,
         /// Leave files matching this git pattern out of the diff (repeatable; replaces the
         /// default list of caches and build outputs; `--diff-exclude ''` for none).
         #[arg(long)]
@@ -177,6 +182,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             setup,
             setup_timeout,
             ignore_environment,
+            allow,
             diff_exclude,
             timeout,
             model,
@@ -216,6 +222,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                     setup,
                     setup_timeout_secs: setup_timeout,
                     ignore_environment,
+                    network: crate::cli::sandbox::allowlist(allow),
                     // `--diff-exclude ''` alone: no exclusions at all.
                     diff_exclude: (!diff_exclude.is_empty())
                         .then(|| diff_exclude.into_iter().filter(|p| !p.is_empty()).collect()),

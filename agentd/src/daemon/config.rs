@@ -21,6 +21,8 @@ pub const DEFAULT_BRIDGE: &str = "agentd0";
 pub const DEFAULT_SUBNET: &str = "10.209.0.0/16";
 /// Port of the LLM gateway on the bridge address.
 pub const DEFAULT_GATEWAY_PORT: u16 = 4199;
+/// Port of the egress proxy on the bridge address (next to the gateway's).
+pub const DEFAULT_EGRESS_PORT: u16 = 4198;
 /// Most sandboxes at once.
 pub const DEFAULT_MAX_SANDBOXES: usize = 64;
 /// Memory limit of a sandbox that asks for none: OpenCode needs about 500 MiB after a prompt.
@@ -87,6 +89,23 @@ pub struct ServeArgs {
     /// Port of the LLM gateway on the bridge address [default: 4199].
     #[arg(long, env = "AGENTD_GATEWAY_PORT")]
     pub gateway_port: Option<u16>,
+    /// Port of the egress proxy (allowlist mode) on the bridge address [default: 4198].
+    #[arg(long, env = "AGENTD_EGRESS_PORT")]
+    pub egress_port: Option<u16>,
+    /// A named list of hosts a sandbox's network.allow (or --allow) may name at once:
+    /// NAME=HOST[,HOST...], e.g. pkgs=registry.example,*.cdn.example (repeatable; in TOML a
+    /// list of such strings) [default: none].
+    #[arg(
+        long = "egress-preset",
+        env = "AGENTD_EGRESS_PRESETS",
+        value_delimiter = ';'
+    )]
+    pub egress_presets: Option<Vec<String>>,
+    /// Internal networks the egress proxy may connect to, comma-separated CIDRs (e.g. a
+    /// package mirror at 10.1.2.3/32) [default: none: loopback, private, link-local and
+    /// metadata addresses are refused].
+    #[arg(long, env = "AGENTD_EGRESS_ALLOW_NETWORKS", value_delimiter = ',')]
+    pub egress_allow_networks: Option<Vec<String>>,
     /// Most sandboxes at once [default: 64].
     #[arg(long, env = "AGENTD_MAX_SANDBOXES")]
     pub max_sandboxes: Option<usize>,
@@ -181,6 +200,12 @@ pub struct Config {
     pub prefix_len: u8,
     /// Gateway port on the bridge address.
     pub gateway_port: u16,
+    /// Egress proxy port on the bridge address.
+    pub egress_port: u16,
+    /// Named host lists for allow lists.
+    pub egress_presets: std::collections::BTreeMap<String, Vec<String>>,
+    /// Internal networks the egress proxy may connect to.
+    pub egress_allow_networks: Vec<crate::workspace::Network>,
     /// Most sandboxes at once.
     pub max_sandboxes: usize,
     /// Most memory committed in total, bytes.
@@ -324,6 +349,39 @@ impl Config {
         if gateway_port == 0 {
             bail!("gateway_port must not be 0");
         }
+        let egress_port = args.egress_port.unwrap_or(DEFAULT_EGRESS_PORT);
+        if egress_port == 0 || egress_port == gateway_port {
+            bail!("egress_port must not be 0 nor the gateway's port");
+        }
+        let mut egress_presets = std::collections::BTreeMap::new();
+        for p in args
+            .egress_presets
+            .iter()
+            .flatten()
+            .filter(|p| !p.trim().is_empty())
+        {
+            let (name, hosts) = p
+                .split_once('=')
+                .with_context(|| format!("egress preset {p:?}: write NAME=HOST[,HOST...]"))?;
+            let name = name.trim();
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                bail!("egress preset {p:?}: the name must be letters, digits, '-' or '_'");
+            }
+            let hosts: Vec<String> = hosts
+                .split(',')
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .collect();
+            for h in &hosts {
+                h.parse::<crate::egress::Rule>()
+                    .map_err(|e| anyhow::anyhow!("egress preset {name}: {e}"))?;
+            }
+            egress_presets.insert(name.to_string(), hosts);
+        }
         Ok(Config {
             socket: abs(args.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))),
             listen: args.listen,
@@ -334,6 +392,12 @@ impl Config {
             subnet,
             prefix_len,
             gateway_port,
+            egress_port,
+            egress_presets,
+            egress_allow_networks: networks(
+                "egress_allow_networks",
+                args.egress_allow_networks.as_deref(),
+            )?,
             max_sandboxes,
             max_memory,
             sandbox_memory,
@@ -344,16 +408,7 @@ impl Config {
                 }
                 t
             },
-            git_allow_networks: args
-                .git_allow_networks
-                .unwrap_or_default()
-                .iter()
-                .filter(|n| !n.trim().is_empty())
-                .map(|n| {
-                    n.parse()
-                        .map_err(|e: String| anyhow::anyhow!("git_allow_networks: {e}"))
-                })
-                .collect::<anyhow::Result<_>>()?,
+            git_allow_networks: networks("git_allow_networks", args.git_allow_networks.as_deref())?,
             sandbox_pids: {
                 let p = args.sandbox_pids.unwrap_or(DEFAULT_SANDBOX_PIDS);
                 if p < 16 {
@@ -422,6 +477,18 @@ fn host_memory() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// A list of CIDRs from a setting named `what` (empty entries skipped).
+fn networks(what: &str, list: Option<&[String]>) -> anyhow::Result<Vec<crate::workspace::Network>> {
+    list.unwrap_or_default()
+        .iter()
+        .filter(|n| !n.trim().is_empty())
+        .map(|n| {
+            n.parse()
+                .map_err(|e: String| anyhow::anyhow!("{what}: {e}"))
+        })
+        .collect()
 }
 
 #[cfg(test)]

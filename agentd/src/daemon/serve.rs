@@ -69,6 +69,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         )
     })?;
     tokio::spawn(crate::gateway::serve(mgr.clone(), gateway));
+    let egress_addr = (mgr.net.bridge_addr, mgr.config.egress_port);
+    let egress = TcpListener::bind(egress_addr).await.with_context(|| {
+        format!(
+            "failed to listen on the egress proxy address {}:{} (egress_port)",
+            egress_addr.0, egress_addr.1
+        )
+    })?;
+    tokio::spawn(crate::egress::serve(mgr.clone(), egress));
     tokio::spawn(mgr.clone().reaper());
     let tasks = crate::task::TaskManager::new(mgr.clone())?;
     let _ = mgr.tasks.set(tasks.clone());

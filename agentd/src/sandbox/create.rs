@@ -207,6 +207,7 @@ impl Manager {
             user: plan.defaults.user,
             usage: Usage::default(),
             exit: None,
+            network: req.network.as_ref().map(|n| n.policy()).unwrap_or_default(),
         };
         // The record (state `creating`) is written durably while the shim starts, in
         // parallel (see [`Self::start`]): a crash before the write lands leaves a state dir
@@ -236,6 +237,14 @@ impl Manager {
                 &s.gateway_token,
                 req.model.as_deref().unwrap_or(&self.config.llm_model),
             ) {
+                set(kv);
+            }
+        }
+        let allowlist = req.network.as_ref().map(|n| n.policy().mode)
+            == Some(crate::egress::EgressMode::Allowlist);
+        if allowlist {
+            let proxy = format!("{}:{}", self.net.bridge_addr, self.config.egress_port);
+            for kv in crate::egress::proxy_env(&proxy, &self.net.bridge_addr.to_string()) {
                 set(kv);
             }
         }
@@ -338,11 +347,7 @@ fn exclusive_error() -> Error {
 /// a disk limit): its limits with agentd's defaults, and the image it names.
 pub fn validate_create(config: &Config, req: &CreateSandbox) -> Result<(Limits, String)> {
     if let Some(n) = &req.network {
-        if n != "none" {
-            return Err(Error::Invalid(format!(
-                "network {n:?} is not supported yet: use \"none\" (no egress)"
-            )));
-        }
+        crate::egress::compile(&n.policy(), &config.egress_presets).map_err(Error::Invalid)?;
     }
     if let Some(name) = &req.name {
         if name.is_empty()
@@ -470,6 +475,25 @@ mod tests {
     }
 
     #[test]
+    fn test_network_requests_parse_or_say_what_to_give() {
+        let net = |v: serde_json::Value| {
+            serde_json::from_value::<crate::sandbox::NetworkRequest>(v).map(|n| n.policy())
+        };
+        assert_eq!(net(serde_json::json!("none")).unwrap(), Default::default());
+        let p = net(serde_json::json!({"mode": "allowlist", "allow": ["a.example"]})).unwrap();
+        assert_eq!(p.mode, crate::egress::EgressMode::Allowlist);
+        let e = net(serde_json::json!("nat")).unwrap_err().to_string();
+        assert!(
+            e.contains("network: unknown variant `nat`") && e.contains("allowlist"),
+            "{e}"
+        );
+        let e = net(serde_json::json!({"mode": "allowlist", "hosts": []}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `hosts`"), "{e}");
+    }
+
+    #[test]
     fn test_create_validation_without_root() {
         let dir = tempfile::tempdir().unwrap();
         let c = config(dir.path(), false);
@@ -483,7 +507,11 @@ mod tests {
         };
         for (extra, says) in [
             (serde_json::json!({"name": "no spaces"}), "name must be"),
-            (serde_json::json!({"network": "nat"}), "not supported"),
+            (serde_json::json!({"network": "open"}), "not available yet"),
+            (
+                serde_json::json!({"network": {"mode": "allowlist", "allow": ["a b"]}}),
+                "not a host",
+            ),
             (
                 serde_json::json!({"ttl_secs": 0}),
                 "ttl_secs must be at least 1",

@@ -98,6 +98,9 @@ pub struct CreateTask {
     pub setup: Option<String>,
     /// Seconds the setup may run before it is killed (the attempt then fails) [default: 1800].
     pub setup_timeout_secs: Option<u64>,
+    /// What the sandboxes (agent, setup and check) may reach beyond agentd [default: mode
+    /// none, only the LLM gateway].
+    pub network: Option<crate::egress::NetworkPolicy>,
     /// Leave the workspace's `.agentd.toml` and devcontainer definition unread.
     #[serde(default)]
     pub ignore_environment: bool,

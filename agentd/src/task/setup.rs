@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::exec::Stream;
+use crate::exec::{Stream, Utf8Chunker};
 
 /// Most bytes of one attempt's setup output sent as events; the rest is only counted (the
 /// end of it is kept in the attempt's `setup.output`).
@@ -145,11 +145,10 @@ enum Chunk {
     Nothing,
 }
 
-/// Output turned into text as it comes: characters split between chunks are kept whole,
-/// and at most `cap` bytes are sent.
+/// Output turned into text as it comes (characters split between chunks are kept whole by
+/// [`Utf8Chunker`]), at most `cap` bytes of it.
 struct Streamed {
-    /// The start of a character whose end is in the next chunk.
-    carry: Vec<u8>,
+    text: Utf8Chunker,
     /// Bytes sent so far.
     sent: usize,
     /// Most bytes sent.
@@ -159,9 +158,25 @@ struct Streamed {
 impl Streamed {
     fn new(cap: usize) -> Streamed {
         Streamed {
-            carry: Vec::new(),
+            text: Utf8Chunker::default(),
             sent: 0,
             cap,
+        }
+    }
+
+    fn admit(&mut self, text: String) -> Chunk {
+        if self.sent >= self.cap {
+            return Chunk::Nothing;
+        }
+        if text.len() > self.cap - self.sent {
+            self.sent = self.cap;
+            return Chunk::Cut;
+        }
+        self.sent += text.len();
+        if text.is_empty() {
+            Chunk::Nothing
+        } else {
+            Chunk::Text(text)
         }
     }
 
@@ -170,53 +185,15 @@ impl Streamed {
         if self.sent >= self.cap {
             return Chunk::Nothing;
         }
-        self.carry.extend_from_slice(data);
-        let keep = incomplete_tail(&self.carry);
-        let whole = self.carry.len() - keep;
-        let room = self.cap - self.sent;
-        if whole > room {
-            self.sent = self.cap;
-            self.carry.clear();
-            return Chunk::Cut;
-        }
-        let rest = self.carry.split_off(whole);
-        let text = String::from_utf8_lossy(&self.carry).into_owned();
-        self.carry = rest;
-        self.sent += whole;
-        if text.is_empty() {
-            Chunk::Nothing
-        } else {
-            Chunk::Text(text)
-        }
+        let text = self.text.push(data);
+        self.admit(text)
     }
 
     /// What is left when the output ends (an incomplete character, replaced).
     fn finish(&mut self) -> Chunk {
-        if self.carry.is_empty() || self.sent >= self.cap {
-            return Chunk::Nothing;
-        }
-        let text = String::from_utf8_lossy(&self.carry).into_owned();
-        self.carry.clear();
-        Chunk::Text(text)
+        let text = self.text.finish();
+        self.admit(text)
     }
-}
-
-/// How many bytes at the end of `b` start a UTF-8 character that is not complete yet.
-fn incomplete_tail(b: &[u8]) -> usize {
-    for back in 1..=b.len().min(3) {
-        let byte = b[b.len() - back];
-        if byte & 0b1100_0000 == 0b1000_0000 {
-            continue; // a continuation byte: look further back
-        }
-        let need = match byte {
-            0xC0..=0xDF => 2,
-            0xE0..=0xEF => 3,
-            0xF0..=0xF7 => 4,
-            _ => 1,
-        };
-        return if need > back { back } else { 0 };
-    }
-    0
 }
 
 #[cfg(test)]
@@ -230,11 +207,6 @@ mod tests {
         assert_eq!(s.push(&[b'a', e[0]]), Chunk::Text("a".into()));
         assert_eq!(s.push(&[e[1], b'b']), Chunk::Text("éb".into()));
         let euro = "€".as_bytes();
-        assert_eq!(s.push(&euro[..1]), Chunk::Nothing);
-        assert_eq!(s.push(&euro[1..2]), Chunk::Nothing);
-        assert_eq!(s.push(&euro[2..]), Chunk::Text("€".into()));
-        // Bad bytes are replaced, not kept forever.
-        assert_eq!(s.push(&[0xff, b'c']), Chunk::Text("\u{fffd}c".into()));
         assert_eq!(s.push(&euro[..2]), Chunk::Nothing);
         assert_eq!(s.finish(), Chunk::Text("\u{fffd}".into()));
     }

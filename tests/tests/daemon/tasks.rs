@@ -581,13 +581,16 @@ fn test_task_setup_and_the_workspace_environment() {
     let ws = make_workspace();
     std::fs::write(
         ws.path().join(".agentd.toml"),
-        "# how agents get this project ready\nsetup = \"echo installing deps; mkdir -p node_modules/dep && echo dep > node_modules/dep/index.js; echo stamp > .setup-stamp; echo warn-on-stderr >&2\"\n",
+        "# how agents get this project ready\nsetup = \"echo installing deps through $HTTPS_PROXY; mkdir -p node_modules/dep && echo dep > node_modules/dep/index.js; echo stamp > .setup-stamp; echo warn-on-stderr >&2\"\n",
     )
     .unwrap();
     let path = ws.path().to_str().unwrap();
+    // In allowlist mode: the setup sees the proxy, and OpenCode still reaches the gateway
+    // directly (NO_PROXY).
     let id = create(
         &d,
-        json!({"prompt": "use what setup made", "workspace": {"path": path}, "check": "test -f .setup-stamp"}),
+        json!({"prompt": "use what setup made", "workspace": {"path": path}, "check": "test -f .setup-stamp",
+               "network": {"mode": "allowlist", "allow": ["pkgs.example"]}}),
     );
     let v = wait_done(&d, &id, Duration::from_secs(180));
     assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
@@ -623,7 +626,11 @@ fn test_task_setup_and_the_workspace_environment() {
         .filter(|e| e["type"] == "setup.output")
         .filter_map(|e| e["text"].as_str())
         .collect();
-    assert!(streamed.contains("installing deps"), "{streamed:?}");
+    assert!(
+        streamed.contains("installing deps through http://"),
+        "{streamed:?}"
+    );
+    assert_eq!(v["network"]["allow"], json!(["pkgs.example"]), "{v:#}");
     assert!(
         evs.iter()
             .any(|e| e["type"] == "setup" && e["state"] == "passed"),
