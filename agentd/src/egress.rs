@@ -399,6 +399,17 @@ fn finish(mgr: &Manager, sb: &crate::sandbox::Sandbox, entry: EgressEntry) {
     tracing::debug!(host = %entry.host, port = entry.port, allowed = entry.allowed, bytes_out = entry.bytes_out, bytes_in = entry.bytes_in, "egress");
     mgr.metrics
         .count_egress(entry.allowed, entry.bytes_out + entry.bytes_in);
+    // A task's sandbox: the connection is one of the task's events too.
+    let labels = sb.snapshot().labels;
+    if let (Some(tasks), Some(task), Some(n)) = (
+        mgr.tasks.get(),
+        labels.get(crate::task::TASK_LABEL),
+        labels
+            .get(crate::task::ATTEMPT_LABEL)
+            .and_then(|n| n.parse::<u32>().ok()),
+    ) {
+        tasks.note_egress(task, n, &entry);
+    }
     sb.egress.push(entry);
 }
 

@@ -278,6 +278,17 @@ impl TaskManager {
             .send(&task.events, self.events_path(&task.id), kind, data);
     }
 
+    /// Logs a connection attempt `n` of task `id` made through the egress proxy.
+    pub fn note_egress(&self, id: &str, n: u32, entry: &crate::egress::EgressEntry) {
+        let Ok(task) = self.get(id) else { return };
+        self.emit(
+            &task,
+            "egress",
+            serde_json::json!({"attempt": n, "method": entry.method, "host": entry.host, "port": entry.port,
+                "allowed": entry.allowed, "reason": entry.reason, "bytes_out": entry.bytes_out, "bytes_in": entry.bytes_in}),
+        );
+    }
+
     /// Changes a field of attempt `n` in memory only (saved with the next [`Self::update`] or
     /// state change).
     fn update_unsaved(&self, task: &Task, n: u32, f: impl FnOnce(&mut Attempt)) {

@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use crate::sandbox::now_ms;
 
 /// Most bytes of a task's events file. Past it, only the events that tell the task's course
-/// (states, checks, diffs, the end) are written; what an agent says or does (`tool`, `error`,
-/// `message`, which a hostile OpenCode could send without end) is dropped, and one
-/// `events.dropped` event says so.
+/// (states, checks, diffs, the end) are written; what an agent or its sandbox says or does
+/// (`tool`, `error`, `message`, `setup.output`, `egress`, which a hostile sandbox could send
+/// without end) is dropped, and one `events.dropped` event says so.
 pub const MAX_EVENTS_BYTES: u64 = 64 << 20;
 
 /// What a task's events file holds so far.
@@ -91,7 +91,10 @@ const MAX_QUEUED: usize = 10_000;
 
 /// Whether an event of `kind` is what an agent says or does (dropped first).
 fn droppable(kind: &str) -> bool {
-    matches!(kind, "tool" | "error" | "message")
+    matches!(
+        kind,
+        "tool" | "error" | "message" | "setup.output" | "egress"
+    )
 }
 
 /// The handle of the writer thread (it ends when the handle is dropped).

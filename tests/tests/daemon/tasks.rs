@@ -581,7 +581,7 @@ fn test_task_setup_and_the_workspace_environment() {
     let ws = make_workspace();
     std::fs::write(
         ws.path().join(".agentd.toml"),
-        "# how agents get this project ready\nsetup = \"echo installing deps through $HTTPS_PROXY; mkdir -p node_modules/dep && echo dep > node_modules/dep/index.js; echo stamp > .setup-stamp; echo warn-on-stderr >&2\"\n",
+        "# how agents get this project ready\nsetup = \"echo installing deps through $HTTPS_PROXY; git ls-remote https://denied.example/r.git >/dev/null 2>&1 || echo refused; mkdir -p node_modules/dep && echo dep > node_modules/dep/index.js; echo stamp > .setup-stamp; echo warn-on-stderr >&2\"\n",
     )
     .unwrap();
     let path = ws.path().to_str().unwrap();
@@ -631,6 +631,14 @@ fn test_task_setup_and_the_workspace_environment() {
         "{streamed:?}"
     );
     assert_eq!(v["network"]["allow"], json!(["pkgs.example"]), "{v:#}");
+    // What the setup tried to reach is in the task's events.
+    assert!(streamed.contains("refused"), "{streamed:?}");
+    assert!(
+        evs.iter().any(|e| e["type"] == "egress"
+            && e["host"] == "denied.example"
+            && e["allowed"] == false),
+        "{evs:#?}"
+    );
     assert!(
         evs.iter()
             .any(|e| e["type"] == "setup" && e["state"] == "passed"),
