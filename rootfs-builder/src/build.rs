@@ -571,7 +571,9 @@ fn fetch_deb(cache: &Cache, deb: &crate::recipe::Deb) -> std::result::Result<Vec
     if !out.status.success() {
         let _ = fs::remove_dir_all(&work);
         return Err(format!(
-            "apt-get download {spec} failed (run apt-get update, or pin a version this host's archive has: apt-cache policy {}): {}",
+            "apt-get download {spec} failed: the archive no longer has (or this host does not know) the pinned version {} of {} (run apt-get update; for a step with `packages`, refresh the lock: rootfs-builder lock RECIPE; for `debs`, pin a version apt-cache policy {} shows): {}",
+            deb.version,
+            deb.package,
             deb.package,
             String::from_utf8_lossy(&out.stderr).trim()
         ));

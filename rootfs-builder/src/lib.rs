@@ -7,11 +7,13 @@
 //! - [`layer`]: reproducible layer tars, and unpacking Debian packages into them.
 //! - [`build`]: steps to layers (cached), config, manifest; output as an OCI layout, a tar of
 //!   one, or into agentd's image store.
+//! - [`lock`]: a step's `packages` resolved to their pinned closure in a lock file.
 //! - [`embedded`]: the recipes compiled into the crate (agentd's default image).
 
 pub mod build;
 pub mod embedded;
 pub mod layer;
+pub mod lock;
 pub mod recipe;
 
 pub use build::{

@@ -49,6 +49,8 @@ pub enum RecipeError {
         step: String,
         message: String,
     },
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
 }
 
 /// A parsed, validated recipe.
@@ -105,6 +107,10 @@ fn scratch() -> String {
 pub struct Step {
     /// Name shown in progress output.
     pub name: String,
+    /// Debian packages by name: their dependency closure is pinned in the recipe's lock file
+    /// (`rootfs-builder lock RECIPE`) and unpacked like `debs`.
+    #[serde(default)]
+    pub packages: Vec<String>,
     /// Debian packages whose files are unpacked (maintainer scripts are not run).
     #[serde(default)]
     pub debs: Vec<Deb>,
@@ -154,7 +160,7 @@ pub struct NpmFile {
 }
 
 /// A pinned Debian package.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Deb {
     /// Package name.
@@ -253,7 +259,27 @@ impl Recipe {
         })?;
         let mut recipe = Recipe::parse(&text, path)?;
         recipe.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // Steps that name packages get their pinned closure from the lock file.
+        if recipe.steps.iter().any(|s| !s.packages.is_empty()) {
+            let lock = crate::lock::read(path)?;
+            for step in &mut recipe.steps {
+                if !step.packages.is_empty() {
+                    let debs =
+                        crate::lock::debs_for(lock.as_ref(), path, &step.name, &step.packages)?;
+                    step.debs.extend(debs);
+                }
+            }
+        }
         Ok(recipe)
+    }
+
+    /// The steps that name packages, as `(name, packages)`: what a lock resolves.
+    pub fn package_steps(&self) -> Vec<(String, Vec<String>)> {
+        self.steps
+            .iter()
+            .filter(|s| !s.packages.is_empty())
+            .map(|s| (s.name.clone(), s.packages.clone()))
+            .collect()
     }
 
     /// Parses and validates recipe text; `path` is only for messages.
@@ -318,7 +344,18 @@ impl Recipe {
                         .map_err(|m| invalid(name, m))?;
                 }
             }
+            if let Some(bad) = step
+                .packages
+                .iter()
+                .find(|p| !crate::lock::valid_package(p))
+            {
+                return Err(invalid(
+                    name,
+                    format!("package {bad:?} is not a Debian package name"),
+                ));
+            }
             if step.debs.is_empty()
+                && step.packages.is_empty()
                 && step.dirs.is_empty()
                 && step.files.is_empty()
                 && step.symlinks.is_empty()

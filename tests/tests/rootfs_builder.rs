@@ -205,3 +205,76 @@ fn test_a_base_pulled_from_a_registry() {
     );
     scope.assert_clean();
 }
+
+/// A recipe that names packages: `rootfs-builder lock` resolves them with this host's apt to
+/// their closure pinned by version and sha256; a build without the lock, or with a lock made
+/// for other packages, says how to refresh it; with the lock it builds, and the image runs
+/// what the packages brought.
+#[test]
+fn test_lock_resolves_packages_and_builds_from_the_lock() {
+    require_sandbox_support!();
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("shell.toml");
+    let write_recipe = |packages: &str| {
+        std::fs::write(
+            &recipe,
+            format!(
+                "[image]\nbase = \"scratch\"\nenv = [\"PATH=/usr/bin:/bin\"]\ncmd = [\"/bin/dash\", \"-c\", \"echo hi\"]\n\n\
+                 [[step]]\nname = \"debian\"\npackages = [{packages}]\nexclude = [\"/usr/share/doc\", \"/usr/share/man\"]\n\n\
+                 [[step]]\nname = \"dirs\"\ndirs = [{{ path = \"/tmp\", mode = \"1777\" }}, {{ path = \"/proc\" }}, {{ path = \"/sys\" }}, {{ path = \"/dev\" }}]\n"
+            ),
+        )
+        .unwrap();
+    };
+    let state = tmp.path().join("state");
+    let cache = tmp.path().join("cache");
+    let builder = |command: &str| {
+        let mut cmd = Command::new(agentd_tests::bin("rootfs-builder"));
+        cmd.arg(command).arg(&recipe);
+        if command == "build" {
+            cmd.arg("--store").arg(&state).arg("--cache").arg(&cache);
+        }
+        cmd.output().unwrap()
+    };
+    write_recipe("\"dash\"");
+    let no_lock = builder("build");
+    assert!(!no_lock.status.success());
+    let said = String::from_utf8_lossy(&no_lock.stderr).to_string();
+    assert!(
+        said.contains("shell.lock does not exist") && said.contains("rootfs-builder lock"),
+        "{said}"
+    );
+    let lock = builder("lock");
+    assert!(lock.status.success(), "{}", describe(&lock));
+    let text = std::fs::read_to_string(tmp.path().join("shell.lock")).unwrap();
+    // dash and its closure (libc6 at least), each with a version and a sha256.
+    for p in ["\"dash\"", "\"libc6\""] {
+        assert!(text.contains(&format!("package = {p}")), "{text}");
+    }
+    assert_eq!(
+        text.matches("package = ").count(),
+        text.matches("sha256 = ").count()
+    );
+    let built = builder("build");
+    assert!(built.status.success(), "{}", describe(&built));
+    let scope = Scope::new("rootfs-builder-lock");
+    let out = scope
+        .agentd_run_image("shell", &state)
+        .args(["--", "/bin/dash", "-c", "echo locked-and-built"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "locked-and-built"
+    );
+    // Other packages than the lock was made for: refused with the command to run.
+    write_recipe("\"dash\", \"sed\"");
+    let stale = builder("build");
+    assert!(!stale.status.success());
+    assert!(
+        String::from_utf8_lossy(&stale.stderr).contains("other packages"),
+        "{}",
+        describe(&stale)
+    );
+}

@@ -1,4 +1,5 @@
-//! `rootfs-builder build RECIPE [--output PATH | --store STATE_DIR] [--tag NAME]`.
+//! `rootfs-builder build RECIPE [--output PATH | --store STATE_DIR] [--tag NAME]` and
+//! `rootfs-builder lock RECIPE`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,18 +43,27 @@ enum Cmd {
         #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
         source_date_epoch: u64,
     },
+    /// Resolve the recipe's `packages` with this host's apt to their dependency closure and
+    /// write (or refresh) the lock file beside it (NAME.lock for NAME.toml).
+    Lock {
+        /// The recipe (TOML).
+        recipe: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
-    let Cmd::Build {
-        recipe,
-        output,
-        store,
-        tag,
-        cache,
-        source_date_epoch,
-    } = Cli::parse().command;
-    match run(recipe, output, store, tag, cache, source_date_epoch) {
+    let done = match Cli::parse().command {
+        Cmd::Build {
+            recipe,
+            output,
+            store,
+            tag,
+            cache,
+            source_date_epoch,
+        } => run(recipe, output, store, tag, cache, source_date_epoch),
+        Cmd::Lock { recipe } => lock(&recipe),
+    };
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rootfs-builder: {e:#}");
@@ -113,5 +123,35 @@ fn run(
         );
     }
     println!("{}", image.digest());
+    Ok(())
+}
+
+/// `rootfs-builder lock RECIPE`.
+fn lock(recipe: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(recipe)
+        .with_context(|| format!("cannot read recipe {}", recipe.display()))?;
+    let parsed = Recipe::parse(&text, recipe)?;
+    let steps = parsed.package_steps();
+    if steps.is_empty() {
+        anyhow::bail!(
+            "{} has no step with `packages`: nothing to lock",
+            recipe.display()
+        );
+    }
+    let started = Instant::now();
+    let lock = rootfs_builder::lock::write(recipe, &steps)?;
+    for s in &lock.steps {
+        eprintln!(
+            "step {}: {} packages -> {} pinned debs",
+            s.name,
+            s.packages.len(),
+            s.debs.len()
+        );
+    }
+    eprintln!(
+        "wrote {} in {:.1} s",
+        rootfs_builder::lock::lock_path(recipe).display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
