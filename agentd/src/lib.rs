@@ -17,6 +17,7 @@
 //!   [`daemon::config`] (one struct for flags, environment and TOML, which the services
 //!   read), and [`daemon::teardown`] (`agentd teardown`: removes what `serve` set up).
 
+pub mod agent_layer;
 pub mod api;
 pub mod cli;
 pub mod daemon;

@@ -389,7 +389,18 @@ fn test_bad_create_requests_get_400_with_the_reason() {
             "in total",
         ),
         (r#"{"image":"opencode","limits":{"cpus":-1}}"#, "cpus"),
-        (r#"{"image":"opencode","network":"nat"}"#, "not supported"),
+        (
+            r#"{"image":"opencode","network":"nat"}"#,
+            "unknown variant `nat`",
+        ),
+        (
+            r#"{"image":"opencode","network":"open"}"#,
+            "not available yet",
+        ),
+        (
+            r#"{"image":"opencode","network":{"mode":"none","allow":["x.example"]}}"#,
+            "needs mode allowlist",
+        ),
         (
             r#"{"image":"opencode","opencode":true,"command":["x"]}"#,
             "exclusive",

@@ -120,6 +120,7 @@ fn test_agentd_services_import_no_skin() {
         "daemon/config.rs",
         "net.rs",
         "egress.rs",
+        "agent_layer.rs",
         "db.rs",
         "metrics.rs",
         "default_image.rs",

@@ -113,14 +113,16 @@ impl Manager {
         }
         let defaults = crate::image_spec::defaults(&image)
             .map_err(|e| Error::Invalid(format!("image {image_name}: {e:#}")))?;
+        let mut agent = None;
         let args = if opencode {
             let cmd = crate::opencode::command();
-            if !crate::image_spec::find_command(&image.lower_dirs, &cmd[0], &image.config.env) {
-                return Err(Error::Invalid(format!(
-                    "image {image_name} has no opencode binary on its PATH: use an OpenCode image or opencode: false"
-                )));
+            if crate::image_spec::find_command(&image.lower_dirs, &cmd[0], &image.config.env) {
+                cmd
+            } else {
+                // An image that never heard of OpenCode: agentd's agent layer brings it.
+                agent = Some(self.agent_layer(&image_name, &image).await?);
+                crate::agent_layer::command()
             }
-            cmd
         } else {
             req.command.clone().unwrap_or_default()
         };
@@ -132,7 +134,42 @@ impl Manager {
             opencode,
             defaults,
             args,
+            agent,
         })
+    }
+
+    /// The agent layer for a sandbox of `image` (which lacks OpenCode), made from the default
+    /// image on first use; refused for images it cannot run in.
+    async fn agent_layer(
+        &self,
+        image_name: &str,
+        image: &agentd_images::ImageRootfs,
+    ) -> Result<std::path::PathBuf> {
+        let env = &image.config.env;
+        let has = |p: &str| crate::image_spec::find_command(&image.lower_dirs, p, env);
+        if has("/lib/ld-musl-x86_64.so.1") {
+            return Err(Error::Invalid(format!(
+                "image {image_name} is musl-based: agentd's OpenCode layer needs glibc (use a glibc image, or one that carries OpenCode)"
+            )));
+        }
+        if !has("/bin/sh") {
+            return Err(Error::Invalid(format!(
+                "image {image_name} has no /bin/sh: OpenCode (and its shell tool) needs one"
+            )));
+        }
+        let default = self.resolve_image(crate::default_image::NAME).await?;
+        let version = default
+            .config
+            .labels
+            .get(crate::opencode::IMAGE_LABEL)
+            .cloned()
+            .unwrap_or_default();
+        let state = self.config.state_dir.clone();
+        let layers = default.lower_dirs.clone();
+        tokio::task::spawn_blocking(move || crate::agent_layer::ensure(&state, &version, &layers))
+            .await
+            .map_err(Error::internal)?
+            .map_err(|e| Error::internal(format!("the agent layer could not be made: {e}")))
     }
 
     /// Step 2: quotas checked, an address and an id chosen and the record made, under the
@@ -240,6 +277,11 @@ impl Manager {
                 set(kv);
             }
         }
+        if plan.agent.is_some() {
+            for kv in crate::agent_layer::env(&plan.defaults.env) {
+                set(kv);
+            }
+        }
         let allowlist = req.network.as_ref().map(|n| n.policy().mode)
             == Some(crate::egress::EgressMode::Allowlist);
         if allowlist {
@@ -263,6 +305,13 @@ impl Manager {
         spec.gid_map = Some(IdMap::unprivileged(self.config.id_base));
         spec.limits = plan.limits.clone();
         spec.readonly_rootfs = false;
+        if let Some(layer) = &plan.agent {
+            spec.mounts.push(agentd_runtime::BindMount {
+                source: layer.clone(),
+                target: crate::agent_layer::MOUNT.into(),
+                readonly: true,
+            });
+        }
         spec
     }
 
@@ -334,6 +383,8 @@ struct Plan {
     defaults: crate::image_spec::ImageDefaults,
     /// What runs (OpenCode's command, the request's, or nothing: the sandbox idles).
     args: Vec<String>,
+    /// The agent layer to mount, for OpenCode in an image that lacks it.
+    agent: Option<std::path::PathBuf>,
 }
 
 /// The error for a request that gives both a command and OpenCode.

@@ -721,6 +721,108 @@ fn test_task_setup_and_the_workspace_environment() {
     assert_eq!(d.leftovers(), Vec::<String>::new());
 }
 
+/// Builds `rootfs-builder/recipes/python.toml` (a Debian python3 image without OpenCode,
+/// from its lock file) and imports it into `d` as `python`.
+fn import_python_image(d: &Daemon) {
+    let out_dir = tempfile::Builder::new()
+        .prefix("agentd-python-image-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let tar = out_dir.path().join("python.tar");
+    let t = Instant::now();
+    let out = Command::new(agentd_tests::bin("rootfs-builder"))
+        .arg("build")
+        .arg(agentd_tests::workspace_root().join("rootfs-builder/recipes/python.toml"))
+        .arg("--output")
+        .arg(&tar)
+        .args(["--tag", "python", "--cache"])
+        .arg(agentd_tests::target_dir().join("rootfs-builder-cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    eprintln!("python image built in {:.1} s", t.elapsed().as_secs_f64());
+    let r = d.call(
+        "POST",
+        "/v1/images/import",
+        Some(json!({"path": tar.to_str().unwrap(), "name": "python"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+/// Any image is an agent image: a Debian python3 image that never heard of OpenCode gets
+/// agentd's OpenCode layer (read-only at /opt/agentd), keeps its own env and workdir, and a
+/// Python project's own test command runs there as the check; the repository's
+/// `.agentd.toml` picks the image and a setup; `task apply` makes the branch whose tests pass
+/// on the host.
+#[test]
+fn test_task_on_an_image_without_opencode() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::start("sed -i 's/return a - b/return a + b/' calc.py");
+    let d = daemon(&images, &llm, &["--task-grace", "60"]);
+    import_python_image(&d);
+    let ws = tempfile::Builder::new()
+        .prefix("agentd-py-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let p = ws.path();
+    std::fs::write(p.join("calc.py"), "def add(a, b):\n    return a - b\n").unwrap();
+    std::fs::write(
+        p.join("test_calc.py"),
+        "import unittest\nfrom calc import add\n\nclass T(unittest.TestCase):\n    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n",
+    )
+    .unwrap();
+    std::fs::write(
+        p.join(".agentd.toml"),
+        "image = \"python\"\nsetup = \"python3 -m venv /tmp/venv && /tmp/venv/bin/python -c 'import sys; print(\\\"venv\\\", sys.version_info[0])'\"\n",
+    )
+    .unwrap();
+    git(p, &["init", "-q", "-b", "main"]);
+    git(p, &["add", "-A"]);
+    git(p, &["commit", "-q", "-m", "a bug"]);
+    let id = create(
+        &d,
+        json!({"prompt": "fix add", "workspace": {"path": p.to_str().unwrap()},
+               "check": "python3 -m unittest -q 2>&1"}),
+    );
+    let v = wait_done(&d, &id, Duration::from_secs(300));
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    assert_eq!(v["image"], "python", "{v:#}");
+    let a = &v["attempts"][0];
+    assert_eq!(a["check"]["passed"], true, "{a:#}");
+    assert!(
+        a["setup"]["output"].as_str().unwrap().contains("venv 3"),
+        "{a:#}"
+    );
+    report_timings(&v);
+    // The image's own env and workdir, OpenCode from the read-only layer.
+    let sb = a["sandbox"].as_str().unwrap();
+    let (_, out, _) = d.exec(
+        sb,
+        &[
+            "sh",
+            "-c",
+            "echo $LANG; pwd; command -v opencode; touch /opt/agentd/x 2>&1 || echo read-only",
+        ],
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "C.UTF-8", "{out}");
+    assert_eq!(lines[1], "/workspace", "{out}");
+    assert_eq!(lines[2], "/opt/agentd/bin/opencode", "{out}");
+    assert!(out.contains("read-only"), "{out}");
+    // The branch's tests pass on the host.
+    let out = task_apply(&d, &id, p, &["--branch", "fixed"]);
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    git(p, &["checkout", "-q", "fixed"]);
+    let t = Command::new("python3")
+        .args(["-m", "unittest", "-q"])
+        .current_dir(p)
+        .output()
+        .unwrap();
+    assert!(t.status.success(), "{}", agentd_tests::describe(&t));
+    delete_all(&d);
+}
+
 /// A check that fails in round 1 and passes after the agent's second round (the follow-up
 /// carried the check's output), on a workspace cloned from a git URL at a branch; then three
 /// parallel agents on an uploaded tar: three different diffs, the passing one ranked first.
