@@ -8,7 +8,7 @@ use anyhow::Context;
 use crate::{cargo, project_root, run};
 
 /// The recipes built, in order.
-const RECIPES: &[&str] = &["minimal", "opencode"];
+const RECIPES: &[&str] = &["minimal", "opencode", "python"];
 
 /// Builds every recipe into the store.
 pub fn images(args: &[&str]) -> anyhow::Result<()> {
