@@ -497,6 +497,10 @@ fn fetch_npm(
     Ok(bytes)
 }
 
+/// What a build error says when the host's archive lacks a pinned .deb version (a lock made
+/// elsewhere or before a security update): the cue to refresh the lock.
+pub const DROPPED_PIN: &str = "the archive no longer has";
+
 /// Downloads every package of a step that is not cached yet with one `apt-get download` (one
 /// run per package costs about a second each), and caches those whose sha256 the recipe pins.
 /// Anything missing or different is left to `fetch_deb`, which says what is wrong.
@@ -571,7 +575,7 @@ fn fetch_deb(cache: &Cache, deb: &crate::recipe::Deb) -> std::result::Result<Vec
     if !out.status.success() {
         let _ = fs::remove_dir_all(&work);
         return Err(format!(
-            "apt-get download {spec} failed: the archive no longer has (or this host does not know) the pinned version {} of {} (run apt-get update; for a step with `packages`, refresh the lock: rootfs-builder lock RECIPE; for `debs`, pin a version apt-cache policy {} shows): {}",
+            "apt-get download {spec} failed: {DROPPED_PIN} (or this host does not know) the pinned version {} of {} (run apt-get update; for a step with `packages`, refresh the lock: rootfs-builder lock RECIPE; for `debs`, pin a version apt-cache policy {} shows): {}",
             deb.version,
             deb.package,
             deb.package,

@@ -32,6 +32,7 @@ pub fn opencode() -> EmbeddedRecipe {
                 "opencode/package-lock.json",
                 include_str!("../recipes/opencode/package-lock.json"),
             ),
+            ("opencode.lock", include_str!("../recipes/opencode.lock")),
         ],
     }
 }

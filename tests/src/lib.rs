@@ -393,8 +393,8 @@ pub fn describe(out: &Output) -> String {
 
 /// A store holding the opencode image (`localhost/opencode:latest`), built by rootfs-builder
 /// from its recipe with the shared build cache, into `target/opencode-fixture`: once for all
-/// the test binaries of a run (an exclusive lock serializes them; a stamp of the recipe and
-/// the rootfs-builder binary says whether a store is current), and again only when one of
+/// the test binaries of a run (an exclusive lock serializes them; a stamp of the recipe, its
+/// lock file and the rootfs-builder binary says whether a store is current), and again only when one of
 /// them changed. None (with the reason printed) without npm or apt-get.
 pub fn opencode_store() -> Option<PathBuf> {
     static STORE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
@@ -423,8 +423,9 @@ pub fn opencode_store() -> Option<PathBuf> {
             let sum = Command::new("sha256sum").arg(&builder).output().unwrap();
             assert!(sum.status.success(), "{}", crate::describe(&sum));
             let stamp = format!(
-                "{}\n{}",
+                "{}\n{}\n{}",
                 fs::read_to_string(&recipe).unwrap(),
+                fs::read_to_string(recipe.with_extension("lock")).unwrap(),
                 String::from_utf8_lossy(&sum.stdout)
             );
             let stamp_file = state.join("fixture.stamp");

@@ -614,7 +614,9 @@ fn test_cli_client_over_the_socket() {
 }
 
 /// With an empty store, the first sandbox of the default image builds it (from the recipe
-/// compiled into agentd, with a warm build cache here) and starts.
+/// compiled into agentd, with a warm build cache here) and starts. The lock it last used
+/// pins a libc6 the archive does not have (as after a security update): the build refreshes
+/// the lock with the host's apt, keeps it, and succeeds.
 #[test]
 fn test_default_image_built_on_first_use() {
     require_sandbox_support!();
@@ -624,6 +626,31 @@ fn test_default_image_built_on_first_use() {
     }
     let images = tempfile::tempdir_in("/var/tmp").unwrap();
     let cache = agentd_tests::target_dir().join("rootfs-builder-cache");
+    let lock = std::fs::read_to_string(
+        agentd_tests::workspace_root().join("rootfs-builder/recipes/opencode.lock"),
+    )
+    .unwrap();
+    let libc = lock
+        .split("[[step.debs]]")
+        .find(|d| d.contains("package = \"libc6\""))
+        .unwrap()
+        .to_string();
+    let gone = libc
+        .lines()
+        .map(|l| {
+            if l.starts_with("version") {
+                "version = \"0.0-gone\"".to_string()
+            } else if l.starts_with("sha256") {
+                format!("sha256 = \"{}\"", "0".repeat(64))
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::create_dir_all(cache.join("recipe")).unwrap();
+    let local = cache.join("recipe/opencode.lock.local");
+    std::fs::write(&local, lock.replace(&libc, &format!("{gone}\n\n"))).unwrap();
     let d = Daemon::start(
         images.path(),
         &[
@@ -654,6 +681,14 @@ fn test_default_image_built_on_first_use() {
         "{}",
         d.log()
     );
+    assert!(
+        d.log().contains("refreshing the default image's lock"),
+        "{}",
+        d.log()
+    );
+    let kept = std::fs::read_to_string(&local).unwrap();
+    assert!(!kept.contains("0.0-gone"), "{kept}");
+    assert!(kept.contains("package = \"libc6\""), "{kept}");
     let id = r.json()["id"].as_str().unwrap().to_string();
     let (code, out, _) = d.exec(&id, &["opencode", "--version"]);
     assert_eq!(
