@@ -95,6 +95,15 @@ pub fn ensure(state_dir: &Path, version: &str, layers: &[PathBuf]) -> io::Result
     if dir.join("bin/agentd-opencode").exists() {
         return Ok(dir);
     }
+    // One maker at a time (parallel creates of a task's attempts): the others wait, then
+    // find the layer made.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _making = MAKING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if dir.join("bin/agentd-opencode").exists() {
+        return Ok(dir);
+    }
     std::fs::create_dir_all(&root)?;
     let part = root.join(format!(".{version}.part-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&part);

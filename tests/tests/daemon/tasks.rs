@@ -823,6 +823,163 @@ fn test_task_on_an_image_without_opencode() {
     delete_all(&d);
 }
 
+/// `python3 -c CODE` on the host; its stdout.
+fn host_python(code: &str) -> String {
+    let out = Command::new("python3").args(["-c", code]).output().unwrap();
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A real project nobody here wrote, fetched from the package index this machine uses (the
+/// `six` 1.16.0 sdist), with a bug injected: two agents on the Debian python image, a setup
+/// that installs the tests' one extra dependency (pytest) with pip through the egress
+/// allowlist (the index's hosts as pip itself names them), the project's own tests as the
+/// check; then `task apply` and the tests pass on the host.
+#[test]
+fn test_task_on_a_real_python_project_with_setup_through_the_allowlist() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let dl = tempfile::Builder::new()
+        .prefix("agentd-sdist-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            "six==1.16.0",
+            "-d",
+        ])
+        .arg(dl.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    let ws = dl.path().join("six");
+    std::fs::create_dir(&ws).unwrap();
+    let out = Command::new("tar")
+        .args([
+            "-xzf",
+            "six-1.16.0.tar.gz",
+            "--strip-components=1",
+            "-C",
+            "six",
+        ])
+        .current_dir(dl.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    let src = std::fs::read_to_string(ws.join("six.py")).unwrap();
+    assert_eq!(src.matches("return s.encode(\"latin-1\")").count(), 1);
+    std::fs::write(
+        ws.join("six.py"),
+        src.replace("return s.encode(\"latin-1\")", "return s.encode(\"utf-8\")"),
+    )
+    .unwrap();
+    // This machine reaches its registries through a TLS proxy whose CA only the host's own
+    // bundle has (Debian's pip in the image reads /etc/ssl/certs, which no maintainer script
+    // made): the host's bundle rides along in the workspace.
+    std::fs::copy(
+        "/etc/ssl/certs/ca-certificates.crt",
+        ws.join(".host-ca.pem"),
+    )
+    .unwrap();
+    git(&ws, &["init", "-q", "-b", "main"]);
+    git(&ws, &["add", "-A"]);
+    git(&ws, &["commit", "-q", "-m", "six 1.16.0 with a bug"]);
+
+    // The index's hosts as pip names them; on this machine they resolve into a reserved range,
+    // which the admin's setting lets the proxy reach.
+    let hosts: Vec<String> = host_python(
+        "from pip._internal.models.index import PyPI\nimport urllib.parse\nprint(urllib.parse.urlsplit(PyPI.url).hostname, PyPI.file_storage_domain)",
+    )
+    .split_whitespace()
+    .map(String::from)
+    .collect();
+    let mut networks = Vec::new();
+    for h in &hosts {
+        for a in std::net::ToSocketAddrs::to_socket_addrs(&(h.as_str(), 443)).unwrap() {
+            networks.push(format!("{}/32", a.ip()));
+        }
+    }
+    let llm = MockLlm::start("sed -i 's/s.encode(\"utf-8\")/s.encode(\"latin-1\")/' six.py");
+    let d = daemon(
+        &images,
+        &llm,
+        &[
+            "--task-grace",
+            "1",
+            "--egress-allow-networks",
+            &networks.join(","),
+        ],
+    );
+    import_python_image(&d);
+    let check = "/tmp/venv/bin/python -m pytest -q -p no:cacheprovider test_six.py -k 'not test_move_items' 2>&1 | tail -3; exit ${PIPESTATUS[0]}";
+    let id = create(
+        &d,
+        json!({"prompt": "test_b fails: fix six.b", "workspace": {"path": ws.to_str().unwrap()},
+               "image": "python", "agents": 2,
+               "network": {"mode": "allowlist", "allow": hosts},
+               "setup": SIX_SETUP,
+               "check": format!("bash -c {}", shell_words(check))}),
+    );
+    let v = wait_done(&d, &id, Duration::from_secs(600));
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    for a in v["attempts"].as_array().unwrap() {
+        assert_eq!(a["state"], "succeeded", "{a:#}");
+        assert_eq!(a["setup"]["passed"], true, "{a:#}");
+        assert_eq!(a["check"]["passed"], true, "{a:#}");
+        eprintln!(
+            "attempt {}: setup (venv + pip install pytest through the proxy) {} ms, check {:?} ms",
+            a["attempt"], a["timings"]["setup_ms"], a["timings"]["checks_ms"]
+        );
+    }
+    let evs = events(&d, &id, None);
+    assert!(
+        evs.iter().any(|e| e["type"] == "egress"
+            && e["host"] == hosts[0].as_str()
+            && e["allowed"] == true),
+        "no allowed connection to the index: {:#?}",
+        evs.iter()
+            .filter(|e| e["type"] == "egress")
+            .collect::<Vec<_>>()
+    );
+    report_timings(&v);
+    let out = task_apply(&d, &id, &ws, &[]);
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    git(&ws, &["checkout", "-q", &format!("agentd/{id}-1")]);
+    let t = Command::new("python3")
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "test_six.py",
+            "-k",
+            "test_b or test_u",
+        ])
+        .current_dir(&ws)
+        .output()
+        .unwrap();
+    assert!(t.status.success(), "{}", agentd_tests::describe(&t));
+    delete_all(&d);
+}
+
+/// The setup of the six task: a venv and pytest from the index through the proxy, trusting
+/// the CA bundle the workspace carries (see the test: this machine's registries present a
+/// certificate of a CA only its own bundle has).
+const SIX_SETUP: &str = "python3 -m venv /tmp/venv && PIP_CERT=/workspace/.host-ca.pem /tmp/venv/bin/pip install -q --disable-pip-version-check pytest";
+
+/// `s` as one single-quoted shell word.
+fn shell_words(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 /// A check that fails in round 1 and passes after the agent's second round (the follow-up
 /// carried the check's output), on a workspace cloned from a git URL at a branch; then three
 /// parallel agents on an uploaded tar: three different diffs, the passing one ranked first.
