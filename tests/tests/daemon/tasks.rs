@@ -722,8 +722,10 @@ fn test_task_setup_and_the_workspace_environment() {
 }
 
 /// Builds `rootfs-builder/recipes/python.toml` (a Debian python3 image without OpenCode,
-/// from its lock file) and imports it into `d` as `python`.
-fn import_python_image(d: &Daemon) {
+/// from its lock file) and imports it into `d` as `python`; or, with `registry`, pushes it
+/// to that registry on loopback and has `d` pull it, as any third-party image. Its name in
+/// `d`.
+fn python_image(d: &Daemon, registry: Option<&agentd_tests::registry::Registry>) -> String {
     let out_dir = tempfile::Builder::new()
         .prefix("agentd-python-image-")
         .tempdir_in("/var/tmp")
@@ -741,16 +743,35 @@ fn import_python_image(d: &Daemon) {
         .unwrap();
     assert!(out.status.success(), "{}", agentd_tests::describe(&out));
     eprintln!("python image built in {:.1} s", t.elapsed().as_secs_f64());
+    if let Some(registry) = registry {
+        registry.push(
+            &format!("oci-archive:{}:python", tar.display()),
+            "third/python:1",
+        );
+        let reference = format!("{}/third/python:1", registry.addr);
+        let r = d.call(
+            "POST",
+            "/v1/images/pull",
+            Some(json!({"reference": reference})),
+        );
+        assert!(
+            r.status == 200 && r.text().contains("\"event\":\"complete\""),
+            "{}",
+            r.text()
+        );
+        return reference;
+    }
     let r = d.call(
         "POST",
         "/v1/images/import",
         Some(json!({"path": tar.to_str().unwrap(), "name": "python"})),
     );
     assert_eq!(r.status, 201, "{}", r.text());
+    "python".into()
 }
 
-/// Any image is an agent image: a Debian python3 image that never heard of OpenCode gets
-/// agentd's OpenCode layer (read-only at /opt/agentd), keeps its own env and workdir, and a
+/// Any image is an agent image: a Debian python3 image that never heard of OpenCode, pulled
+/// from a registry on loopback, gets agentd's OpenCode layer (read-only at /opt/agentd), keeps its own env and workdir, and a
 /// Python project's own test command runs there as the check; the repository's
 /// `.agentd.toml` picks the image and a setup; `task apply` makes the branch whose tests pass
 /// on the host.
@@ -759,8 +780,12 @@ fn test_task_on_an_image_without_opencode() {
     require_sandbox_support!();
     let Some(images) = store() else { return };
     let llm = MockLlm::start("sed -i 's/return a - b/return a + b/' calc.py");
+    if !agentd_tests::registry::tools_available() {
+        return;
+    }
     let d = daemon(&images, &llm, &["--task-grace", "60"]);
-    import_python_image(&d);
+    let registry = agentd_tests::registry::Registry::start();
+    let image = python_image(&d, Some(&registry));
     let ws = tempfile::Builder::new()
         .prefix("agentd-py-")
         .tempdir_in("/var/tmp")
@@ -774,7 +799,8 @@ fn test_task_on_an_image_without_opencode() {
     .unwrap();
     std::fs::write(
         p.join(".agentd.toml"),
-        "image = \"python\"\nsetup = \"python3 -m venv /tmp/venv && /tmp/venv/bin/python -c 'import sys; print(\\\"venv\\\", sys.version_info[0])'\"\n",
+        format!("image = \"{image}\"\n")
+            + "setup = \"python3 -m venv /tmp/venv && /tmp/venv/bin/python -c 'import sys; print(\\\"venv\\\", sys.version_info[0])'\"\n",
     )
     .unwrap();
     git(p, &["init", "-q", "-b", "main"]);
@@ -787,7 +813,7 @@ fn test_task_on_an_image_without_opencode() {
     );
     let v = wait_done(&d, &id, Duration::from_secs(300));
     assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
-    assert_eq!(v["image"], "python", "{v:#}");
+    assert_eq!(v["image"], image.as_str(), "{v:#}");
     let a = &v["attempts"][0];
     assert_eq!(a["check"]["passed"], true, "{a:#}");
     assert!(
@@ -917,7 +943,7 @@ fn test_task_on_a_real_python_project_with_setup_through_the_allowlist() {
             &networks.join(","),
         ],
     );
-    import_python_image(&d);
+    python_image(&d, None);
     let check = "/tmp/venv/bin/python -m pytest -q -p no:cacheprovider test_six.py -k 'not test_move_items' 2>&1 | tail -3; exit ${PIPESTATUS[0]}";
     let id = create(
         &d,
