@@ -181,6 +181,9 @@ pub struct SandboxRecord {
     /// What it may reach beyond agentd.
     #[serde(default)]
     pub network: crate::egress::NetworkPolicy,
+    /// Its setup, if the create gave one.
+    #[serde(default)]
+    pub setup: Option<SandboxSetup>,
 }
 
 /// A size given as bytes or as text like `2g`.
@@ -250,6 +253,38 @@ pub struct CreateSandbox {
     pub command: Option<Vec<String>>,
     /// Model OpenCode uses through the gateway [default: agentd's `llm_model`].
     pub model: Option<String>,
+    /// Shell command run once in the image's working directory after the sandbox starts
+    /// (and OpenCode answers); the sandbox stays `starting` until it ends, and a failure
+    /// stops the sandbox with the end of its output as the reason.
+    pub setup: Option<String>,
+    /// Seconds the setup may run before it is killed [default: 1800].
+    pub setup_timeout_secs: Option<u64>,
+}
+
+/// How the setup command went.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+pub struct SetupResult {
+    /// Exit status (`None`: lost or killed at the time limit).
+    pub exit_code: Option<i32>,
+    /// Exit status 0.
+    pub passed: bool,
+    /// The end of its output (stderr goes to stdout, so the order is kept).
+    pub output: String,
+    /// How long it ran, ms.
+    pub duration_ms: u64,
+    /// It was killed at `setup_timeout_secs`.
+    pub timed_out: bool,
+}
+
+/// A sandbox's setup: the command and, once it ended, how.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SandboxSetup {
+    /// The command.
+    pub command: String,
+    /// Its time limit, seconds.
+    pub timeout_secs: u64,
+    /// How it went, once it ended.
+    pub result: Option<SetupResult>,
 }
 
 /// A create's `network`: a mode name, or a policy.

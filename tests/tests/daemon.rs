@@ -366,6 +366,47 @@ fn plain(d: &Daemon, extra: serde_json::Value) -> String {
     r.json()["id"].as_str().unwrap().to_string()
 }
 
+/// A sandbox's setup runs before it is ready (its result in the view, what it did there for
+/// the next exec); a failing setup stops the sandbox with its output as the reason.
+#[test]
+fn test_sandbox_setup_runs_before_ready() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let d = small_daemon(&images, &[]);
+    let id = plain(
+        &d,
+        json!({"setup": "echo preparing; echo prepared > /tmp/prepared; sleep 1", "limits": {"memory": "512m"}}),
+    );
+    let v = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
+    assert_eq!(
+        v["state"], "starting",
+        "not ready while the setup runs: {v:#}"
+    );
+    let v = d.wait_state(&id, "ready", Duration::from_secs(60));
+    assert_eq!(v["setup"]["result"]["passed"], true, "{v:#}");
+    assert!(
+        v["setup"]["result"]["output"]
+            .as_str()
+            .unwrap()
+            .contains("preparing"),
+        "{v:#}"
+    );
+    assert_eq!(d.exec(&id, &["cat", "/tmp/prepared"]).1, "prepared\n");
+    let bad = plain(
+        &d,
+        json!({"setup": "echo 'E: cannot reach the mirror' >&2; exit 3", "limits": {"memory": "512m"}}),
+    );
+    let v = d.wait_state(&bad, "stopped", Duration::from_secs(60));
+    let reason = v["exit"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("the setup failed (exit status 3)")
+            && reason.contains("cannot reach the mirror"),
+        "{v:#}"
+    );
+    assert_eq!(v["setup"]["result"]["exit_code"], 3, "{v:#}");
+    d.delete_all_and_check_clean();
+}
+
 /// Bad create requests get a 400 that says what is wrong, never a 500 or a leaked resource;
 /// an unknown sandbox is a 404.
 #[test]

@@ -73,6 +73,9 @@ pub struct SandboxView {
     /// What it may reach beyond agentd.
     #[serde(default)]
     pub network: NetworkPolicy,
+    /// Its setup command and, once it ended, how it went.
+    #[serde(default)]
+    pub setup: Option<crate::sandbox::SandboxSetup>,
 }
 
 impl From<&SandboxRecord> for SandboxView {
@@ -99,6 +102,7 @@ impl From<&SandboxRecord> for SandboxView {
             usage: r.usage.clone(),
             exit: r.exit.clone(),
             network: r.network.clone(),
+            setup: r.setup.clone(),
         }
     }
 }

@@ -64,6 +64,10 @@ enum SandboxCommand {
         /// Do not start OpenCode even if the image has it.
         #[arg(long)]
         no_opencode: bool,
+        /// Command run once in the image's working directory before the sandbox is ready; a
+        /// failure stops the sandbox.
+        #[arg(long)]
+        setup: Option<String>,
         /// Let the sandbox reach this host (`example.org`, `*.example.org`, `host:port`) or
         /// preset through agentd's egress proxy (repeatable; implies network mode allowlist).
         #[arg(long = "allow")]
@@ -311,6 +315,7 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             idle_timeout,
             ttl,
             no_opencode,
+            setup,
             allow,
             wait,
             command,
@@ -338,6 +343,7 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                 opencode: no_opencode.then_some(false),
                 command: (!command.is_empty()).then_some(command),
                 network: allowlist(allow).map(crate::sandbox::NetworkRequest::Policy),
+                setup,
                 ..CreateSandbox::default()
             })?);
             let reply = call(
@@ -352,9 +358,11 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             let id = v.id.clone();
             if wait {
                 let start = std::time::Instant::now();
+                // OpenCode's start, and the setup's own time limit if it has one.
+                let patience = 180 + v.setup.as_ref().map_or(0, |s| s.timeout_secs);
                 while matches!(v.state, SandboxState::Starting | SandboxState::Creating) {
-                    if start.elapsed() > std::time::Duration::from_secs(180) {
-                        bail!("sandbox {id} is not ready after 180 s");
+                    if start.elapsed() > std::time::Duration::from_secs(patience) {
+                        bail!("sandbox {id} is not ready after {patience} s");
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     v = check_as(

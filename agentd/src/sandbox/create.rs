@@ -80,7 +80,7 @@ impl Manager {
         }
         tracing::debug!(sandbox = %id, ms = started.elapsed().as_secs_f64() * 1e3, "create: shim reports started");
         self.metrics.observe_create(started.elapsed());
-        if plan.opencode {
+        if plan.opencode || req.setup.is_some() {
             self.set_state_lazy(&sb, SandboxState::Starting, |_| {});
         } else {
             self.set_state_lazy(&sb, SandboxState::Ready, |r| r.ready_at = Some(now_ms()));
@@ -245,6 +245,13 @@ impl Manager {
             usage: Usage::default(),
             exit: None,
             network: req.network.as_ref().map(|n| n.policy()).unwrap_or_default(),
+            setup: req.setup.clone().map(|command| SandboxSetup {
+                command,
+                timeout_secs: req
+                    .setup_timeout_secs
+                    .unwrap_or(crate::task::DEFAULT_SETUP_TIMEOUT_SECS),
+                result: None,
+            }),
         };
         // The record (state `creating`) is written durably while the shim starts, in
         // parallel (see [`Self::start`]): a crash before the write lands leaves a state dir
@@ -399,6 +406,28 @@ fn exclusive_error() -> Error {
 pub fn validate_create(config: &Config, req: &CreateSandbox) -> Result<(Limits, String)> {
     if let Some(n) = &req.network {
         crate::egress::compile(&n.policy(), &config.egress_presets).map_err(Error::Invalid)?;
+    }
+    if let Some(s) = &req.setup {
+        if s.trim().is_empty() || s.contains('\0') || s.len() > crate::task::MAX_SETUP_BYTES {
+            return Err(Error::Invalid(format!(
+                "setup must be a non-empty shell command of at most {} bytes",
+                crate::task::MAX_SETUP_BYTES
+            )));
+        }
+    }
+    match (req.setup_timeout_secs, &req.setup) {
+        (Some(t), Some(_)) if t == 0 || t > crate::daemon::config::MAX_SANDBOX_TIMEOUT_SECS => {
+            return Err(Error::Invalid(format!(
+                "setup_timeout_secs must be between 1 and {}",
+                crate::daemon::config::MAX_SANDBOX_TIMEOUT_SECS
+            )))
+        }
+        (Some(_), None) => {
+            return Err(Error::Invalid(
+                "setup_timeout_secs needs a setup command".into(),
+            ))
+        }
+        _ => {}
     }
     if let Some(name) = &req.name {
         if name.is_empty()

@@ -35,6 +35,9 @@ impl Manager {
                     if rec.opencode.is_some() {
                         // Check OpenCode again in the background.
                         self.set_state(&sb, SandboxState::Starting, |_| {});
+                    } else if rec.setup.as_ref().is_some_and(|s| s.result.is_none()) {
+                        // Its setup had not ended: it runs again.
+                        self.set_state(&sb, SandboxState::Starting, |_| {});
                     } else if rec.state == SandboxState::Creating {
                         // Its create finished but the lazy write of `ready` was lost.
                         self.set_state(&sb, SandboxState::Ready, |r| r.ready_at = Some(now_ms()));

@@ -42,14 +42,65 @@ impl Manager {
             me.finish(&sb2, None).await;
         });
         if sb.snapshot().state == SandboxState::Starting {
-            tokio::spawn(self.wait_opencode(sb));
+            tokio::spawn(self.start_up(sb));
         }
     }
 
-    async fn wait_opencode(self: Arc<Self>, sb: Arc<Sandbox>) {
+    /// A starting sandbox becomes ready: OpenCode answers (if it runs one), then its setup
+    /// (if any, and not run to its end yet) passes.
+    async fn start_up(self: Arc<Self>, sb: Arc<Sandbox>) {
+        if sb.snapshot().opencode.is_some() && !self.clone().wait_opencode(sb.clone()).await {
+            return;
+        }
+        let rec = sb.snapshot();
+        if let Some(setup) = rec.setup.filter(|s| s.result.is_none()) {
+            let t = Instant::now();
+            let limit = Duration::from_secs(setup.timeout_secs);
+            let out = self
+                .exec_collect(
+                    &sb,
+                    vec![
+                        "/bin/sh".into(),
+                        "-c".into(),
+                        format!("{{\n{}\n}} 2>&1", setup.command),
+                    ],
+                    None,
+                    limit,
+                    SETUP_OUTPUT_TAIL,
+                )
+                .await;
+            let out = match out {
+                Ok(o) => o,
+                Err(e) => {
+                    // Stopped or gone meanwhile: nothing more to do.
+                    tracing::debug!(sandbox = %rec.id, error = %e, "setup did not run");
+                    return;
+                }
+            };
+            let result = setup_result(&out, limit, t.elapsed());
+            let passed = result.passed;
+            let why = (!passed).then(|| setup_failure(&result, limit));
+            self.set_state(&sb, SandboxState::Starting, |r| {
+                if let Some(s) = &mut r.setup {
+                    s.result = Some(result);
+                }
+            });
+            if let Some(why) = why {
+                tracing::info!(sandbox = %rec.id, "setup failed: stopping the sandbox");
+                self.stop(&sb, &why).await;
+                return;
+            }
+        }
+        if sb.snapshot().state == SandboxState::Starting {
+            self.set_state(&sb, SandboxState::Ready, |r| r.ready_at = Some(now_ms()));
+        }
+    }
+
+    /// Waits for OpenCode's health check; whether it answered (else the sandbox is stopped).
+    async fn wait_opencode(self: Arc<Self>, sb: Arc<Sandbox>) -> bool {
         let rec = sb.snapshot();
         let Some(secrets) = rec.opencode.clone() else {
-            return;
+            return true;
         };
         let uri: hyper::Uri = match format!(
             "http://{}:{}/global/health",
@@ -59,14 +110,14 @@ impl Manager {
         .parse()
         {
             Ok(u) => u,
-            Err(_) => return,
+            Err(_) => return false,
         };
         let auth = crate::opencode::basic_auth(&secrets.password);
         let deadline = Instant::now() + crate::opencode::READY_TIMEOUT;
         let mut state_rx = sb.state_tx.subscribe();
         while Instant::now() < deadline {
             if !sb.snapshot().state.is_live() {
-                return;
+                return false;
             }
             let req = hyper::Request::get(uri.clone())
                 .header(hyper::header::AUTHORIZATION, &auth)
@@ -78,11 +129,10 @@ impl Manager {
             );
             if ok {
                 let started = rec.created_at;
-                self.set_state(&sb, SandboxState::Ready, |r| r.ready_at = Some(now_ms()));
                 self.metrics
                     .observe_ready(Duration::from_millis(now_ms().saturating_sub(started)));
                 tracing::info!(sandbox = %rec.id, "opencode ready");
-                return;
+                return true;
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -92,6 +142,7 @@ impl Manager {
         tracing::warn!(sandbox = %rec.id, "opencode did not become ready in time");
         self.stop(&sb, "opencode did not answer its health check in time")
             .await;
+        false
     }
 
     /// Stops a live sandbox: SIGTERM, then everything is killed after [`STOP_GRACE`].
@@ -293,4 +344,41 @@ pub fn log_tail(dir: &Path) -> String {
         }
     }
     out
+}
+
+/// Bytes of a sandbox setup's output kept (its end).
+const SETUP_OUTPUT_TAIL: usize = 8 * 1024;
+
+/// A setup's result from its run (`limit`: its time limit; `took`: how long it ran).
+fn setup_result(out: &ExecOutput, limit: Duration, took: Duration) -> SetupResult {
+    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.timed_out {
+        output.push_str(&format!(
+            "\nagentd: the setup timed out after {} s and was killed\n",
+            limit.as_secs()
+        ));
+    }
+    if let Some(e) = &out.error {
+        output.push_str(&format!("agentd: {e}\n"));
+    }
+    SetupResult {
+        exit_code: out.code,
+        passed: out.code == Some(0) && !out.timed_out,
+        output: crate::text::tail(&output, SETUP_OUTPUT_TAIL),
+        duration_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+        timed_out: out.timed_out,
+    }
+}
+
+/// Why a sandbox whose setup failed was stopped.
+fn setup_failure(r: &SetupResult, limit: Duration) -> String {
+    let how = match (r.timed_out, r.exit_code) {
+        (true, _) => format!("timed out after {} s", limit.as_secs()),
+        (false, Some(c)) => format!("exit status {c}"),
+        (false, None) => "no exit status".into(),
+    };
+    format!(
+        "the setup failed ({how}); its output ends with:\n{}",
+        crate::text::tail(&r.output, 2048)
+    )
 }

@@ -128,20 +128,7 @@ pub struct CheckResult {
     pub timed_out: bool,
 }
 
-/// How the setup command went.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
-pub struct SetupResult {
-    /// Exit status (`None`: lost or killed at the time limit).
-    pub exit_code: Option<i32>,
-    /// Exit status 0.
-    pub passed: bool,
-    /// The end of its output (stderr goes to stdout, so the order is kept).
-    pub output: String,
-    /// How long it ran, ms.
-    pub duration_ms: u64,
-    /// It was killed at `setup_timeout_secs`.
-    pub timed_out: bool,
-}
+pub use crate::sandbox::SetupResult;
 
 /// Size of a diff.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
