@@ -589,6 +589,68 @@ async fn refuse(stream: &mut TcpStream, status: u16, body: &str) -> std::io::Res
     stream.shutdown().await
 }
 
+/// Where the CA bundle of [`install_ca`] is mounted in allowlist sandboxes (a directory).
+pub const CA_MOUNT: &str = "/etc/agentd-ca";
+
+/// Largest CA bundle accepted.
+const MAX_CA_BYTES: u64 = 4 << 20;
+
+/// The state dir's copy of the admin's CA bundle (mounted read-only into allowlist
+/// sandboxes), if there is one.
+pub fn ca_dir(state_dir: &std::path::Path) -> std::path::PathBuf {
+    state_dir.join("egress-ca")
+}
+
+/// Copies the admin's CA bundle `file` into the state dir (a copy agentd owns: the file
+/// given may change or go), or removes an old copy when none is given. Checked: a regular
+/// file of PEM certificates, at most 4 MiB.
+pub fn install_ca(
+    state_dir: &std::path::Path,
+    file: Option<&std::path::Path>,
+) -> std::io::Result<()> {
+    let dir = ca_dir(state_dir);
+    let Some(file) = file else {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    };
+    let meta = std::fs::metadata(file)?;
+    if !meta.is_file() || meta.len() > MAX_CA_BYTES {
+        return Err(std::io::Error::other(format!(
+            "{} must be a PEM file of at most {MAX_CA_BYTES} bytes",
+            file.display()
+        )));
+    }
+    let pem = std::fs::read(file)?;
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err(std::io::Error::other(format!(
+            "{} holds no PEM certificate",
+            file.display()
+        )));
+    }
+    std::fs::create_dir_all(&dir)?;
+    let tmp = dir.join("ca.pem.part");
+    std::fs::write(&tmp, &pem)?;
+    std::fs::rename(&tmp, dir.join("ca.pem"))
+}
+
+/// The variables that make the usual tools trust the bundle at [`CA_MOUNT`].
+pub fn ca_env() -> Vec<String> {
+    let pem = format!("{CA_MOUNT}/ca.pem");
+    [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "PIP_CERT",
+        "CURL_CA_BUNDLE",
+        "GIT_SSL_CAINFO",
+        "NODE_EXTRA_CA_CERTS",
+        "NPM_CONFIG_CAFILE",
+        "CARGO_HTTP_CAINFO",
+    ]
+    .iter()
+    .map(|k| format!("{k}={pem}"))
+    .collect()
+}
+
 /// The proxy variables a sandbox in allowlist mode gets (`proxy`: `host:port` of this proxy,
 /// `gateway`: the gateway's host, reached directly).
 pub fn proxy_env(proxy: &str, gateway: &str) -> Vec<String> {
@@ -667,6 +729,32 @@ mod tests {
                 .unwrap_err()
                 .contains("presets: pkgs")
         );
+    }
+
+    #[test]
+    fn test_ca_bundles_are_checked_and_copied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let not_pem = tmp.path().join("x.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        assert!(install_ca(&state, Some(&not_pem))
+            .unwrap_err()
+            .to_string()
+            .contains("no PEM certificate"));
+        let pem = tmp.path().join("ca.pem");
+        std::fs::write(
+            &pem,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        install_ca(&state, Some(&pem)).unwrap();
+        assert!(ca_dir(&state).join("ca.pem").is_file());
+        install_ca(&state, None).unwrap();
+        assert!(
+            !ca_dir(&state).exists(),
+            "no bundle given: the old copy goes"
+        );
+        assert!(ca_env().contains(&"SSL_CERT_FILE=/etc/agentd-ca/ca.pem".to_string()));
     }
 
     #[test]

@@ -506,6 +506,8 @@ impl Manager {
         std::fs::create_dir_all(config.state_dir.join("logs"))?;
         // Uploads under way when agentd stopped are debris.
         let _ = std::fs::remove_dir_all(config.state_dir.join("tmp"));
+        crate::egress::install_ca(&config.state_dir, config.egress_ca_file.as_deref())
+            .context("egress_ca_file")?;
         let db = Db::open(&config.db_path())?;
         let store = Store::open(config.images_dir()).with_context(|| {
             format!(

@@ -106,6 +106,11 @@ pub struct ServeArgs {
     /// metadata addresses are refused].
     #[arg(long, env = "AGENTD_EGRESS_ALLOW_NETWORKS", value_delimiter = ',')]
     pub egress_allow_networks: Option<Vec<String>>,
+    /// A CA bundle (PEM) that sandboxes in allowlist mode trust instead of their image's, for
+    /// a TLS-inspecting proxy in front of this host: give a full bundle (e.g. this host's
+    /// /etc/ssl/certs/ca-certificates.crt). Copied into the state dir at start [default: none].
+    #[arg(long, env = "AGENTD_EGRESS_CA_FILE")]
+    pub egress_ca_file: Option<PathBuf>,
     /// Most sandboxes at once [default: 64].
     #[arg(long, env = "AGENTD_MAX_SANDBOXES")]
     pub max_sandboxes: Option<usize>,
@@ -206,6 +211,8 @@ pub struct Config {
     pub egress_presets: std::collections::BTreeMap<String, Vec<String>>,
     /// Internal networks the egress proxy may connect to.
     pub egress_allow_networks: Vec<crate::workspace::Network>,
+    /// The CA bundle allowlist sandboxes trust, as given.
+    pub egress_ca_file: Option<PathBuf>,
     /// Most sandboxes at once.
     pub max_sandboxes: usize,
     /// Most memory committed in total, bytes.
@@ -398,6 +405,7 @@ impl Config {
                 "egress_allow_networks",
                 args.egress_allow_networks.as_deref(),
             )?,
+            egress_ca_file: args.egress_ca_file.map(abs),
             max_sandboxes,
             max_memory,
             sandbox_memory,

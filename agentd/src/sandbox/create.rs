@@ -296,6 +296,11 @@ impl Manager {
             for kv in crate::egress::proxy_env(&proxy, &self.net.bridge_addr.to_string()) {
                 set(kv);
             }
+            if self.config.egress_ca_file.is_some() {
+                for kv in crate::egress::ca_env() {
+                    set(kv);
+                }
+            }
         }
         for (k, v) in &req.env {
             set(format!("{k}={v}"));
@@ -312,6 +317,13 @@ impl Manager {
         spec.gid_map = Some(IdMap::unprivileged(self.config.id_base));
         spec.limits = plan.limits.clone();
         spec.readonly_rootfs = false;
+        if allowlist && self.config.egress_ca_file.is_some() {
+            spec.mounts.push(agentd_runtime::BindMount {
+                source: crate::egress::ca_dir(&self.config.state_dir),
+                target: crate::egress::CA_MOUNT.into(),
+                readonly: true,
+            });
+        }
         if let Some(layer) = &plan.agent {
             spec.mounts.push(agentd_runtime::BindMount {
                 source: layer.clone(),

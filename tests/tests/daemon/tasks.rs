@@ -906,14 +906,6 @@ fn test_task_on_a_real_python_project_with_setup_through_the_allowlist() {
         src.replace("return s.encode(\"latin-1\")", "return s.encode(\"utf-8\")"),
     )
     .unwrap();
-    // This machine reaches its registries through a TLS proxy whose CA only the host's own
-    // bundle has (Debian's pip in the image reads /etc/ssl/certs, which no maintainer script
-    // made): the host's bundle rides along in the workspace.
-    std::fs::copy(
-        "/etc/ssl/certs/ca-certificates.crt",
-        ws.join(".host-ca.pem"),
-    )
-    .unwrap();
     git(&ws, &["init", "-q", "-b", "main"]);
     git(&ws, &["add", "-A"]);
     git(&ws, &["commit", "-q", "-m", "six 1.16.0 with a bug"]);
@@ -933,6 +925,8 @@ fn test_task_on_a_real_python_project_with_setup_through_the_allowlist() {
         }
     }
     let llm = MockLlm::start("sed -i 's/s.encode(\"utf-8\")/s.encode(\"latin-1\")/' six.py");
+    // This machine reaches its registries through a TLS proxy whose CA only the host's own
+    // bundle has: the admin's setting hands that bundle to allowlist sandboxes.
     let d = daemon(
         &images,
         &llm,
@@ -941,6 +935,8 @@ fn test_task_on_a_real_python_project_with_setup_through_the_allowlist() {
             "1",
             "--egress-allow-networks",
             &networks.join(","),
+            "--egress-ca-file",
+            "/etc/ssl/certs/ca-certificates.crt",
         ],
     );
     python_image(&d, None);
@@ -996,10 +992,9 @@ fn test_task_on_a_real_python_project_with_setup_through_the_allowlist() {
     delete_all(&d);
 }
 
-/// The setup of the six task: a venv and pytest from the index through the proxy, trusting
-/// the CA bundle the workspace carries (see the test: this machine's registries present a
-/// certificate of a CA only its own bundle has).
-const SIX_SETUP: &str = "python3 -m venv /tmp/venv && PIP_CERT=/workspace/.host-ca.pem /tmp/venv/bin/pip install -q --disable-pip-version-check pytest";
+/// The setup of the six task: a venv and pytest from the index through the proxy.
+const SIX_SETUP: &str =
+    "python3 -m venv /tmp/venv && /tmp/venv/bin/pip install -q --disable-pip-version-check pytest";
 
 /// `s` as one single-quoted shell word.
 fn shell_words(s: &str) -> String {
