@@ -513,8 +513,8 @@ fn split_authority(a: &str, default: Option<u16>) -> Result<(String, u16), Strin
     Ok((host, port))
 }
 
-/// Resolves `host` once and connects to its first address if every address is public (or
-/// in `allowed`); `Err((status, why))` otherwise.
+/// Resolves `host` once and, if every address is public (or in `allowed`), connects to the
+/// first of them that answers; `Err((status, why))` otherwise.
 async fn connect(
     host: &str,
     port: u16,
@@ -524,9 +524,9 @@ async fn connect(
         .await
         .map_err(|e| (502, format!("{host} does not resolve: {e}")))?
         .collect();
-    let Some(first) = addrs.first().copied() else {
+    if addrs.is_empty() {
         return Err((502, format!("{host} has no address")));
-    };
+    }
     for a in &addrs {
         if crate::workspace::is_internal(a.ip()) && !allowed.iter().any(|n| n.contains(a.ip())) {
             return Err((
@@ -538,12 +538,14 @@ async fn connect(
             ));
         }
     }
-    TcpStream::connect(first).await.map_err(|e| {
-        (
-            502,
-            format!("cannot connect to {host}:{port} ({first}): {e}"),
-        )
-    })
+    let mut last = String::new();
+    for a in &addrs {
+        match TcpStream::connect(a).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = format!("{a}: {e}"),
+        }
+    }
+    Err((502, format!("cannot connect to {host}:{port} ({last})")))
 }
 
 /// Copies both ways until both ends are done or nothing moves for [`IDLE_TIMEOUT`]; the

@@ -62,7 +62,7 @@ mod reconcile;
 mod supervise;
 
 pub use create::{limits_for, require_llm, validate_create};
-pub use supervise::log_tail;
+pub use supervise::{how_it_ended, log_tail, setup_failure};
 
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -343,18 +343,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                         .with_context(|| format!("no attempt of task {id} has a diff"))?
                 }
             };
-            let reply = call(
-                sock,
-                Method::GET,
-                &format!("/v1/tasks/{id}/attempts/{n}/diff"),
-                None,
-                None,
-            )
-            .await?;
-            if !reply.status.is_success() {
-                check(&reply)?;
-            }
-            std::io::stdout().write_all(&reply.body)?;
+            std::io::stdout().write_all(&attempt_diff(sock, id, n).await?)?;
             Ok(0)
         }
         TaskCommand::Apply {
@@ -392,17 +381,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                         .unwrap_or_default()
                 );
             }
-            let reply = call(
-                sock,
-                Method::GET,
-                &format!("/v1/tasks/{id}/attempts/{n}/diff"),
-                None,
-                None,
-            )
-            .await?;
-            if !reply.status.is_success() {
-                check(&reply)?;
-            }
+            let patch = attempt_diff(sock, id, n).await?;
             let branch = branch.unwrap_or_else(|| format!("agentd/{id}-{n}"));
             let message = crate::task::commit_message(id, n, &view.prompt);
             let source = a
@@ -415,7 +394,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                 base: base.as_deref(),
                 source,
                 message: &message,
-                patch: &reply.body,
+                patch: &patch,
             })?;
             if args.json {
                 println!(
@@ -467,6 +446,22 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// Attempt `n`'s patch.
+async fn attempt_diff(sock: &PathBuf, id: &str, n: u32) -> anyhow::Result<Vec<u8>> {
+    let reply = call(
+        sock,
+        Method::GET,
+        &format!("/v1/tasks/{id}/attempts/{n}/diff"),
+        None,
+        None,
+    )
+    .await?;
+    if !reply.status.is_success() {
+        check(&reply)?;
+    }
+    Ok(reply.body.to_vec())
 }
 
 async fn cancel(sock: &PathBuf, id: &str) -> anyhow::Result<()> {

@@ -370,15 +370,21 @@ fn setup_result(out: &ExecOutput, limit: Duration, took: Duration) -> SetupResul
     }
 }
 
-/// Why a sandbox whose setup failed was stopped.
-fn setup_failure(r: &SetupResult, limit: Duration) -> String {
-    let how = match (r.timed_out, r.exit_code) {
+/// How a command with time limit `limit` ended, for messages.
+pub fn how_it_ended(timed_out: bool, exit_code: Option<i32>, limit: Duration) -> String {
+    match (timed_out, exit_code) {
         (true, _) => format!("timed out after {} s", limit.as_secs()),
         (false, Some(c)) => format!("exit status {c}"),
         (false, None) => "no exit status".into(),
-    };
+    }
+}
+
+/// Why a setup (a sandbox's or a task attempt's) failed: how it ended and the end of its
+/// output.
+pub fn setup_failure(r: &SetupResult, limit: Duration) -> String {
     format!(
-        "the setup failed ({how}); its output ends with:\n{}",
+        "the setup failed ({}); its output ends with:\n{}",
+        how_it_ended(r.timed_out, r.exit_code, limit),
         crate::text::tail(&r.output, 2048)
     )
 }

@@ -166,14 +166,7 @@ pub(super) fn after_check(result: &CheckResult, max_rounds: u32, limit: Duration
     if round < max_rounds {
         return Next::Round(round + 1);
     }
-    let how = if result.timed_out {
-        format!("timed out after {} s", limit.as_secs())
-    } else {
-        match result.exit_code {
-            Some(c) => format!("exit status {c}"),
-            None => "no exit status".into(),
-        }
-    };
+    let how = crate::sandbox::how_it_ended(result.timed_out, result.exit_code, limit);
     Next::Failed(format!(
         "the check still fails after {round} round{} (last: {how})",
         if round == 1 { "" } else { "s" }

@@ -41,25 +41,10 @@ impl TaskManager {
             git rev-parse HEAD\n",
             sh_quote(&exclude_file(&rec.request))
         );
-        let out = self
-            .mgr
-            .exec_collect(
-                sb,
-                vec!["/bin/sh".into(), "-c".into(), script],
-                Some(WORKSPACE_DIR),
-                GIT_IN_SANDBOX_TIMEOUT,
-                64 * 1024,
-            )
+        let (sha, stdout) = self
+            .commit_in_sandbox(sb, script, "the baseline commit")
             .await
-            .map_err(|e| format!("the baseline commit could not run: {e}"))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let sha = stdout.lines().last().unwrap_or_default().trim().to_string();
-        if out.code != Some(0) || !is_commit_id(&sha) {
-            return Err(format!(
-                "the baseline commit failed (is git in the image?): {}",
-                failure("git add -A && git commit", &out, GIT_IN_SANDBOX_TIMEOUT)
-            ));
-        }
+            .map_err(|e| format!("{e} (is git in the image?)"))?;
         // What the sandbox says is data: only a commit id is kept.
         let source = stdout
             .lines()
@@ -75,33 +60,44 @@ impl TaskManager {
         &self,
         sb: &Arc<Sandbox>,
     ) -> std::result::Result<String, String> {
-        let command = "git add -A && git -c user.name=agentd -c user.email=agentd@localhost \
-            -c commit.gpgsign=false commit -q --allow-empty --no-verify -m 'agentd setup' \
-            && git rev-parse HEAD";
+        let script = "set -e\ngit add -A\n\
+            git -c user.name=agentd -c user.email=agentd@localhost -c commit.gpgsign=false \
+              commit -q --allow-empty --no-verify -m 'agentd setup'\n\
+            git rev-parse HEAD\n";
+        let (sha, _) = self
+            .commit_in_sandbox(sb, script.into(), "committing the setup's changes")
+            .await?;
+        Ok(sha)
+    }
+
+    /// Runs `script` (which ends by printing a commit id) in `/workspace`: the commit and
+    /// all it printed, or why it failed (`what` names the step).
+    async fn commit_in_sandbox(
+        &self,
+        sb: &Arc<Sandbox>,
+        script: String,
+        what: &str,
+    ) -> std::result::Result<(String, String), String> {
         let out = self
             .mgr
             .exec_collect(
                 sb,
-                vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    format!("set -e\n{command}\n"),
-                ],
+                vec!["/bin/sh".into(), "-c".into(), script],
                 Some(WORKSPACE_DIR),
                 GIT_IN_SANDBOX_TIMEOUT,
                 64 * 1024,
             )
             .await
-            .map_err(|e| format!("the setup's changes could not be committed: {e}"))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
+            .map_err(|e| format!("{what} could not run: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let sha = stdout.lines().last().unwrap_or_default().trim().to_string();
         if out.code != Some(0) || !is_commit_id(&sha) {
             return Err(format!(
-                "committing the setup's changes failed: {}",
+                "{what} failed: {}",
                 failure("git add -A && git commit", &out, GIT_IN_SANDBOX_TIMEOUT)
             ));
         }
-        Ok(sha)
+        Ok((sha, stdout))
     }
 
     /// Reads the diff against the baseline and stores it; its stats, or why there is none

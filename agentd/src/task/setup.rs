@@ -13,9 +13,6 @@ use crate::exec::{Stream, Utf8Chunker};
 /// end of it is kept in the attempt's `setup.output`).
 const SETUP_STREAM_BYTES: usize = 1 << 20;
 
-/// Most bytes of the setup's output quoted in the attempt's error.
-const ERROR_TAIL: usize = 2048;
-
 /// Checks a setup command.
 pub(super) fn validate(command: &str) -> Result<()> {
     if command.trim().is_empty() || command.contains('\0') || command.len() > MAX_SETUP_BYTES {
@@ -106,18 +103,7 @@ impl TaskManager {
                 "exit_code": result.exit_code, "timed_out": result.timed_out, "duration_ms": result.duration_ms}),
         );
         if !result.passed {
-            let how = if result.timed_out {
-                format!("timed out after {} s", limit.as_secs())
-            } else {
-                match result.exit_code {
-                    Some(c) => format!("exit status {c}"),
-                    None => "no exit status".into(),
-                }
-            };
-            let why = format!(
-                "the setup failed ({how}); its output ends with:\n{}",
-                tail(&result.output, ERROR_TAIL)
-            );
+            let why = crate::sandbox::setup_failure(&result, limit);
             self.update(task, n, |a| a.setup = Some(result));
             return Err(Outcome::Failed(why));
         }
