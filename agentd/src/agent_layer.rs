@@ -105,8 +105,14 @@ pub fn ensure(state_dir: &Path, version: &str, layers: &[PathBuf]) -> io::Result
         return Ok(dir);
     }
     std::fs::create_dir_all(&root)?;
+    // A maker that crashed left its `.part` dir (a copy of a 185 MB binary): one agentd owns
+    // the state dir and makers take turns, so every `.part` here is debris.
+    for entry in std::fs::read_dir(&root)?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
     let part = root.join(format!(".{version}.part-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&part);
     let made = (|| -> io::Result<()> {
         std::fs::create_dir_all(part.join("bin"))?;
         std::fs::create_dir_all(part.join("seed"))?;
@@ -216,6 +222,7 @@ mod tests {
         let state = tmp.path().join("state");
         let layers = [top.clone(), bottom.clone()];
         std::fs::create_dir_all(state.join("agent-layer/0.9")).unwrap();
+        std::fs::create_dir_all(state.join("agent-layer/.1.0.part-1/bin")).unwrap();
         let dir = ensure(&state, "1.0", &layers).unwrap();
         assert_eq!(
             std::fs::read_to_string(dir.join("bin/opencode")).unwrap(),
@@ -228,6 +235,10 @@ mod tests {
         assert!(
             !state.join("agent-layer/0.9").exists(),
             "the old version is removed"
+        );
+        assert!(
+            !state.join("agent-layer/.1.0.part-1").exists(),
+            "a crashed maker's debris is removed"
         );
         assert_eq!(ensure(&state, "1.0", &layers).unwrap(), dir);
         // A link planted where the binary should be is not followed.
