@@ -17,7 +17,7 @@
 //! crash leaves no half layer in use.
 
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Where the layer is mounted in the sandbox.
@@ -162,15 +162,29 @@ pub fn ensure(state_dir: &Path, version: &str, layers: &[PathBuf]) -> io::Result
     Ok(dir)
 }
 
-/// Copies `rel` from the topmost layer that has it (a regular file, never a link) to `dest`.
+/// Copies `rel` from the topmost layer that has it (a regular file) to `dest`. The layers
+/// are whatever image is named `opencode` in the store (an admin may have imported one): each
+/// path is resolved inside its layer dir ([`crate::sandbox::fs::open_in_root`]), so a symlink
+/// a layer carries never leads to a host file, and the file itself is never a link.
 fn copy_from_layers(layers: &[PathBuf], rel: &str, dest: &Path, mode: u32) -> io::Result<()> {
     for layer in layers {
         let src = layer.join(rel);
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&src)
-        {
+        let root = match std::fs::File::open(layer) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", layer.display()),
+                ))
+            }
+        };
+        let file = match crate::sandbox::fs::open_in_root(
+            &root,
+            Path::new(rel),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+            0,
+        ) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", src.display()))),
@@ -247,6 +261,20 @@ mod tests {
         let e = ensure(&state, "2.0", &layers).unwrap_err();
         assert!(e.to_string().contains("usr/local/bin/opencode"), "{e}");
         assert!(!state.join("agent-layer/2.0").exists());
+        // Nor a link in the middle of the path: it resolves inside the layer, where the host's
+        // file is not (so the lower layer's binary is taken).
+        std::fs::remove_dir_all(top.join("usr")).unwrap();
+        let host = tmp.path().join("host/bin");
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::write(host.join("rg"), "a host file").unwrap();
+        std::fs::create_dir_all(top.join("usr")).unwrap();
+        std::os::unix::fs::symlink(&host, top.join("usr/bin")).unwrap();
+        let dir = ensure(&state, "3.0", &layers).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("bin/rg")).unwrap(), "rg");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("bin/opencode")).unwrap(),
+            "bottom"
+        );
         assert!(ensure(&state, "../x", &layers).is_err());
     }
 }
