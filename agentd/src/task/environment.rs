@@ -90,7 +90,9 @@ struct AgentdToml {
 pub fn read(tar: &Path) -> Result<Option<Environment>, EnvironmentError> {
     let mut found: Vec<(String, String)> = Vec::new();
     let mut archive = tar::Archive::new(std::io::BufReader::new(std::fs::File::open(tar)?));
-    for entry in archive.entries()? {
+    // Seeking past file contents: only the headers (and the two small files) are read,
+    // not the whole workspace again.
+    for entry in archive.entries_with_seek()? {
         let entry = entry?;
         let path = entry.path()?.to_string_lossy().into_owned();
         let name = path.trim_start_matches("./").to_string();
