@@ -334,14 +334,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             let id = valid_id(&id)?;
             let n = match attempt {
                 Some(n) => n,
-                None => {
-                    let r: TaskResult = get_as(sock, &format!("/v1/tasks/{id}/result")).await?;
-                    r.attempts
-                        .iter()
-                        .find(|a| a.diff.is_some())
-                        .map(|a| a.attempt)
-                        .with_context(|| format!("no attempt of task {id} has a diff"))?
-                }
+                None => best_attempt(sock, id, |a| a.diff.is_some(), "has a diff").await?,
             };
             std::io::stdout().write_all(&attempt_diff(sock, id, n).await?)?;
             Ok(0)
@@ -357,14 +350,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             let view: TaskView = get_as(sock, &format!("/v1/tasks/{id}")).await?;
             let n = match attempt {
                 Some(n) => n,
-                None => {
-                    let r: TaskResult = get_as(sock, &format!("/v1/tasks/{id}/result")).await?;
-                    r.attempts
-                        .iter()
-                        .find(|a| a.has_patch)
-                        .map(|a| a.attempt)
-                        .with_context(|| format!("no attempt of task {id} changed anything"))?
-                }
+                None => best_attempt(sock, id, |a| a.has_patch, "changed anything").await?,
             };
             let a = view
                 .attempts
@@ -446,6 +432,22 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// The best ranked attempt of task `id` for which `fits` holds; an error saying no attempt
+/// `what` otherwise.
+async fn best_attempt(
+    sock: &PathBuf,
+    id: &str,
+    fits: impl Fn(&crate::api::types::RankedAttempt) -> bool,
+    what: &str,
+) -> anyhow::Result<u32> {
+    let r: TaskResult = get_as(sock, &format!("/v1/tasks/{id}/result")).await?;
+    r.attempts
+        .iter()
+        .find(|a| fits(a))
+        .map(|a| a.attempt)
+        .with_context(|| format!("no attempt of task {id} {what}"))
 }
 
 /// Attempt `n`'s patch.
