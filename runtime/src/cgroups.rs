@@ -39,6 +39,9 @@ pub enum CgroupError {
     /// Processes stayed in the cgroup after being killed.
     #[error("processes remain in cgroup {0} after SIGKILL")]
     Busy(PathBuf),
+    /// The freezer did not reach the state asked for in time.
+    #[error("the freezer {0} did not finish in time")]
+    Freeze(PathBuf),
 }
 
 type Result<T> = std::result::Result<T, CgroupError>;
@@ -194,6 +197,46 @@ impl SandboxCgroup {
                     cpu_throttled_periods: keyed(&cpu_stat, "nr_throttled")?.unwrap_or(0),
                 })
             }
+        }
+    }
+
+    /// Freezes (`true`) or thaws the sandbox's processes and waits until the kernel says it
+    /// is done (a frozen sandbox runs nothing and writes nothing): v1's `freezer.state`, v2's
+    /// `cgroup.freeze`. A freeze not done within [`KILL_TIMEOUT`] is undone and an error.
+    pub fn freeze(&self, frozen: bool) -> Result<()> {
+        let (file, value, done): (PathBuf, &str, Box<dyn Fn(&str) -> bool>) = match self.version {
+            CgroupVersion::V1 => (
+                self.v1("freezer").join("freezer.state"),
+                if frozen { "FROZEN" } else { "THAWED" },
+                Box::new(move |s: &str| s.trim() == if frozen { "FROZEN" } else { "THAWED" }),
+            ),
+            CgroupVersion::V2 => (
+                self.v2().join("cgroup.freeze"),
+                if frozen { "1" } else { "0" },
+                Box::new(move |_: &str| {
+                    let events = self.v2().join("cgroup.events");
+                    keyed(&events, "frozen").ok().flatten() == Some(u64::from(frozen))
+                }),
+            ),
+        };
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| CgroupError::Io { path, source }
+        };
+        fs::write(&file, value).map_err(io(&file))?;
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        loop {
+            let state = fs::read_to_string(&file).map_err(io(&file))?;
+            if done(&state) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                if frozen {
+                    let _ = self.freeze(false);
+                }
+                return Err(CgroupError::Freeze(file));
+            }
+            thread::sleep(Duration::from_millis(2));
         }
     }
 
