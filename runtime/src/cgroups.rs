@@ -204,30 +204,30 @@ impl SandboxCgroup {
     /// is done (a frozen sandbox runs nothing and writes nothing): v1's `freezer.state`, v2's
     /// `cgroup.freeze`. A freeze not done within [`KILL_TIMEOUT`] is undone and an error.
     pub fn freeze(&self, frozen: bool) -> Result<()> {
-        let (file, value, done): (PathBuf, &str, Box<dyn Fn(&str) -> bool>) = match self.version {
+        let (file, value) = match self.version {
             CgroupVersion::V1 => (
                 self.v1("freezer").join("freezer.state"),
                 if frozen { "FROZEN" } else { "THAWED" },
-                Box::new(move |s: &str| s.trim() == if frozen { "FROZEN" } else { "THAWED" }),
             ),
             CgroupVersion::V2 => (
                 self.v2().join("cgroup.freeze"),
                 if frozen { "1" } else { "0" },
-                Box::new(move |_: &str| {
-                    let events = self.v2().join("cgroup.events");
-                    keyed(&events, "frozen").ok().flatten() == Some(u64::from(frozen))
-                }),
             ),
         };
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| CgroupError::Io { path, source }
-        };
-        fs::write(&file, value).map_err(io(&file))?;
+        fs::write(&file, value).map_err(|source| CgroupError::Io {
+            path: file.clone(),
+            source,
+        })?;
         let deadline = Instant::now() + KILL_TIMEOUT;
         loop {
-            let state = fs::read_to_string(&file).map_err(io(&file))?;
-            if done(&state) {
+            // v1 says FREEZING until every task is frozen; v2 says so in cgroup.events.
+            let done = match self.version {
+                CgroupVersion::V1 => read(&file)?.trim() == value,
+                CgroupVersion::V2 => {
+                    keyed(&self.v2().join("cgroup.events"), "frozen")? == Some(u64::from(frozen))
+                }
+            };
+            if done {
                 return Ok(());
             }
             if Instant::now() > deadline {

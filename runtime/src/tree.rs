@@ -241,14 +241,8 @@ pub fn copy_layer(src: &Path, dest: &Path) -> io::Result<CopyStats> {
             continue;
         };
         let (src_dir, dst_dir) = (level.src.as_raw_fd(), level.dst.as_raw_fd());
-        let st = match nix::sys::stat::fstatat(
-            Some(src_dir),
-            name.as_c_str(),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        ) {
-            Ok(st) => st,
-            Err(e) => return Err(e.into()),
-        };
+        let st =
+            nix::sys::stat::fstatat(Some(src_dir), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)?;
         match st.st_mode & libc::S_IFMT {
             libc::S_IFDIR => {
                 if stack.len() > MAX_COPY_DEPTH {
