@@ -259,6 +259,11 @@ pub struct CreateSandbox {
     pub setup: Option<String>,
     /// Seconds the setup may run before it is killed [default: 1800].
     pub setup_timeout_secs: Option<u64>,
+    /// A layer (a host dir) stacked on top of the image's: a task's prepared workspace.
+    /// Never on the wire: host paths are agentd's own.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub base_layer: Option<std::path::PathBuf>,
 }
 
 /// How the setup command went.
@@ -550,6 +555,48 @@ impl Manager {
         let mut v: Vec<_> = self.map().values().cloned().collect();
         v.sort_by_key(|s| s.snapshot().created_at);
         v
+    }
+
+    /// Copies what the live sandbox `sb` wrote into its rootfs (its writable layer; not what
+    /// is in `/tmp`, a tmpfs, nor its processes) into the new dir `dest`, with the sandbox
+    /// frozen meanwhile: a layer for sandboxes made with `base_layer`.
+    pub async fn take_layer(
+        &self,
+        sb: &Arc<Sandbox>,
+        dest: &Path,
+    ) -> Result<agentd_runtime::tree::CopyStats> {
+        let rec = sb.snapshot();
+        if !rec.state.is_live() {
+            return Err(Error::Conflict(format!(
+                "sandbox {} is {}: only a running sandbox's files can be taken",
+                rec.id,
+                rec.state.as_str()
+            )));
+        }
+        let runtime = self.runtime.clone();
+        let dest = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let cgroup = runtime.cgroup(&rec.id);
+            cgroup
+                .freeze(true)
+                .map_err(|e| Error::internal(agentd_runtime::error_chain(&e)))?;
+            let copied = agentd_runtime::tree::copy_layer(&runtime.upper_dir(&rec.id), &dest);
+            let thawed = cgroup.freeze(false);
+            let stats = copied.map_err(|e| {
+                if e.raw_os_error() == Some(libc::ENOSPC) {
+                    Error::NoSpace(format!(
+                        "agentd's disk is full: sandbox {}'s files could not be copied",
+                        rec.id
+                    ))
+                } else {
+                    Error::internal(format!("copying sandbox {}'s files: {e}", rec.id))
+                }
+            })?;
+            thawed.map_err(|e| Error::internal(agentd_runtime::error_chain(&e)))?;
+            Ok(stats)
+        })
+        .await
+        .map_err(Error::internal)?
     }
 
     /// A sandbox by id or name.

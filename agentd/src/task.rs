@@ -47,6 +47,7 @@ mod events;
 pub use events::MAX_EVENTS_BYTES;
 mod git;
 pub mod model;
+mod prepare;
 mod setup;
 
 use agent::wait_ready;
@@ -523,6 +524,7 @@ impl TaskManager {
             started_at: None,
             finished_at: None,
             attempts: (1..=agents).map(Attempt::new).collect(),
+            prepared: None,
             stop: None,
             sandboxes_removed: false,
             deleting: false,
@@ -623,6 +625,19 @@ impl TaskManager {
         }
         self.persist(&task);
         let rec = task.snapshot();
+        let pending = |a: &Attempt| !a.state.is_terminal() && a.sandbox.is_none();
+        if Self::shares_setup(&rec) && rec.attempts.iter().any(pending) {
+            let deadline_ms = rec
+                .started_at
+                .unwrap_or_else(now_ms)
+                .saturating_add(u64::try_from(rec.timeout().as_millis()).unwrap_or(u64::MAX));
+            if let Err((state, why)) = self.prepare(&task, deadline_ms).await {
+                for a in rec.attempts.iter().filter(|a| !a.state.is_terminal()) {
+                    self.finish_attempt(&task, a.n, state, Some(why.clone()));
+                }
+            }
+        }
+        let rec = task.snapshot();
         let mut handles = Vec::new();
         for a in rec.attempts.iter().filter(|a| !a.state.is_terminal()) {
             handles.push((a.n, tokio::spawn(self.clone().attempt(task.clone(), a.n))));
@@ -662,33 +677,15 @@ impl TaskManager {
                 a.started_at = Some(now_ms());
             }
         });
-        let mut stop_rx = task.stop_tx.subscribe();
-        let stopped = async {
-            loop {
-                if let Some(s) = *stop_rx.borrow_and_update() {
-                    return s;
-                }
-                if stop_rx.changed().await.is_err() {
-                    return std::future::pending().await;
-                }
-            }
-        };
         let outcome = tokio::select! {
             o = self.clone().drive(&task, n, deadline_ms) => Ok(o),
-            s = stopped => Err(s),
+            s = prepare::stop_signal(task.stop_tx.subscribe()) => Err(s),
             _ = tokio::time::sleep(left) => Err(TaskState::TimedOut),
         };
         if let Err(s) = outcome {
             // A create under way finishes on its own (and records its sandbox): wait for it,
             // so that the sandbox is stopped below rather than left running.
-            task.stop_tx.send_if_modified(|cur| {
-                if cur.is_none() {
-                    *cur = Some(s);
-                    true
-                } else {
-                    false
-                }
-            });
+            prepare::set_stop(&task, s);
             let waited = Instant::now();
             while task.creating.lock().expect("creating lock").contains(&n)
                 && waited.elapsed() < Duration::from_secs(180)
@@ -947,7 +944,9 @@ impl TaskManager {
         }
     }
 
-    /// Creates the attempt's sandbox, waiting (queued) while agentd is at a quota.
+    /// Creates the sandbox of attempt `n` (on the prepared layer, if the task has one), or
+    /// with `n` 0 the preparation's (no OpenCode), waiting (queued) while agentd is at a
+    /// quota.
     async fn create_sandbox(
         &self,
         task: &Arc<Task>,
@@ -956,8 +955,15 @@ impl TaskManager {
     ) -> std::result::Result<Arc<Sandbox>, String> {
         let grace = rec.request.grace_secs.unwrap_or(self.mgr.config.task_grace);
         let mut labels = rec.request.labels.clone();
+        let prepare = n == 0;
         labels.insert(TASK_LABEL.into(), rec.id.clone());
+        // 0 is the preparation: its setup and egress events say attempt 0 too.
         labels.insert(ATTEMPT_LABEL.into(), n.to_string());
+        let base_layer = rec
+            .prepared
+            .as_ref()
+            .filter(|p| !prepare && p.state == model::PreparedState::Ready)
+            .map(|_| self.layer_path(&rec.id));
         let req = CreateSandbox {
             image: rec.request.image.clone(),
             limits: rec.request.limits.clone(),
@@ -972,8 +978,9 @@ impl TaskManager {
                     .min(crate::daemon::config::MAX_SANDBOX_TIMEOUT_SECS),
             ),
             labels,
-            opencode: Some(true),
-            model: rec.request.model.clone(),
+            opencode: Some(!prepare),
+            model: rec.request.model.clone().filter(|_| !prepare),
+            base_layer,
             network: rec
                 .request
                 .network
@@ -1108,7 +1115,9 @@ impl TaskManager {
             self.map().insert(rec.id.clone(), task.clone());
             return;
         }
-        let _ = tokio::fs::remove_dir_all(self.task_dir(&rec.id)).await;
+        // The prepared layer in it is a tree a sandbox wrote: removed without recursion.
+        let dir = self.task_dir(&rec.id);
+        let _ = tokio::task::spawn_blocking(move || agentd_runtime::tree::remove_tree(&dir)).await;
         tracing::info!(task = %rec.id, "task deleted");
     }
 
@@ -1123,6 +1132,7 @@ impl TaskManager {
             .expect("task record lock")
             .sandboxes_removed = true;
         self.persist(task);
+        self.remove_prepared(task).await;
     }
 
     /// After a start: load the tasks, resume the unfinished ones, delete task sandboxes no
@@ -1136,6 +1146,9 @@ impl TaskManager {
                 if let Some(s) = &a.sandbox {
                     owned.insert(s.clone());
                 }
+            }
+            if let Some(s) = rec.prepared.as_ref().and_then(|p| p.sandbox.as_ref()) {
+                owned.insert(s.clone());
             }
             let (last, last_kind) = events::repair_events(&self.events_path(&rec.id));
             let task = Task::new(rec.clone(), last);
@@ -1175,8 +1188,9 @@ impl TaskManager {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name != "uploads" && self.get(&name).is_err() && e.path().is_dir() {
-                    // blocking-ok: at start, as above.
-                    let _ = std::fs::remove_dir_all(e.path());
+                    // blocking-ok: at start, as above (a prepared layer in it is a tree a
+                    // sandbox wrote: removed without recursion).
+                    let _ = agentd_runtime::tree::remove_tree(&e.path());
                 }
             }
         }
@@ -1222,6 +1236,9 @@ impl TaskManager {
                 if r.state.is_terminal() && !r.sandboxes_removed && due {
                     tracing::info!(task = %r.id, "grace period over: removing the task's sandboxes");
                     self.remove_sandboxes(&task).await;
+                } else if r.sandboxes_removed && r.prepared.as_ref().is_some_and(|p| !p.removed) {
+                    // A sandbox still held the layer: try again.
+                    self.remove_prepared(&task).await;
                 }
             }
         }
@@ -1364,6 +1381,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             attempts: vec![Attempt::new(1), Attempt::new(2)],
+            prepared: None,
             stop: None,
             sandboxes_removed: false,
             deleting: false,

@@ -188,6 +188,13 @@ impl Runtime {
         self.state_root.join(id)
     }
 
+    /// The writable layer (the overlay's upper dir) of sandbox `id`, while it runs.
+    pub fn upper_dir(&self, id: &str) -> PathBuf {
+        self.sandbox_dir(id)
+            .join(crate::layout::OVERLAY)
+            .join(crate::rootfs::UPPER)
+    }
+
     /// The cgroups of sandbox `id`.
     pub fn cgroup(&self, id: &str) -> SandboxCgroup {
         SandboxCgroup::new(&self.cgroup_parent, id)

@@ -50,6 +50,9 @@ impl From<PathBuf> for Rootfs {
     }
 }
 
+/// The upper dir's name in `<dir>/overlay`.
+pub const UPPER: &str = "upper";
+
 /// Most layers one overlay takes (the kernel's limit is 500; the mount data must also fit a
 /// page).
 pub const MAX_LAYERS: usize = 128;
@@ -114,7 +117,7 @@ pub fn mount_overlay(
 fn mount_layers(dir: &Path, layers: &[PathBuf], root: (u32, u32)) -> io::Result<MountedOverlay> {
     let overlay = dir.join(layout::OVERLAY);
     let (upper, work, merged) = (
-        overlay.join("upper"),
+        overlay.join(UPPER),
         overlay.join("work"),
         dir.join(layout::ROOTFS),
     );

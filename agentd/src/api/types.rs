@@ -451,6 +451,10 @@ pub struct TaskView {
     pub tool_calls: u64,
     /// Tokens of all attempts.
     pub usage: TokenCount,
+    /// The setup run once for every agent (a setup with several agents), and the layer the
+    /// attempts start from (left out of lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<crate::task::Prepared>,
     /// The attempts (left out of lists).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<Vec<AttemptView>>,
@@ -503,6 +507,7 @@ impl TaskView {
                 prompt_tokens,
                 completion_tokens,
             },
+            prepared: t.prepared.clone().filter(|_| with_attempts),
             attempts: with_attempts.then(|| t.attempts.iter().map(AttemptView::from).collect()),
         }
     }

@@ -66,6 +66,10 @@ enum TaskCommand {
         /// Seconds the setup may run before it is killed [default: 1800].
         #[arg(long)]
         setup_timeout: Option<u64>,
+        /// Run the setup in each agent's sandbox instead of once for all (for a setup that
+        /// starts services: processes do not carry over from the shared one).
+        #[arg(long)]
+        setup_per_agent: bool,
         /// Leave the workspace's .agentd.toml and devcontainer.json unread.
         #[arg(long)]
         ignore_environment: bool,
@@ -181,6 +185,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             check_timeout,
             setup,
             setup_timeout,
+            setup_per_agent,
             ignore_environment,
             allow,
             diff_exclude,
@@ -221,6 +226,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                     check_timeout_secs: check_timeout,
                     setup,
                     setup_timeout_secs: setup_timeout,
+                    setup_once: setup_per_agent.then_some(false),
                     ignore_environment,
                     network: crate::cli::sandbox::allowlist(allow),
                     // `--diff-exclude ''` alone: no exclusions at all.
@@ -601,6 +607,17 @@ async fn follow(sock: &PathBuf, id: &str, agents: u32, json: bool) -> anyhow::Re
                 }
                 None
             }
+            // The setup shared by every agent (a task with several): attempt 0.
+            ("setup", None) if n == 0 => Some(match ev["state"].as_str() {
+                Some("running") => "setup running (once, for every agent)".into(),
+                Some("passed") => format!("setup done in {} ms", ev["duration_ms"]),
+                _ if ev["timed_out"] == true => "setup timed out".into(),
+                _ => format!("setup failed (exit {})", ev["exit_code"]),
+            }),
+            ("prepare", None) if ev["state"] == "ready" => Some(format!(
+                "every agent starts from the prepared workspace ({} files, {} bytes, kept in {} ms)",
+                ev["files"], ev["bytes"], ev["layer_ms"]
+            )),
             ("error", Some(p)) => {
                 p.last = format!("error: {}", ev["message"].as_str().unwrap_or(""));
                 Some(format!("attempt {n}: {}", p.last))

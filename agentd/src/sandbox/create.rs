@@ -111,6 +111,7 @@ impl Manager {
         if opencode {
             self.require_llm()?;
         }
+        let mut image = image;
         let defaults = crate::image_spec::defaults(&image)
             .map_err(|e| Error::Invalid(format!("image {image_name}: {e:#}")))?;
         let mut agent = None;
@@ -126,6 +127,10 @@ impl Manager {
         } else {
             req.command.clone().unwrap_or_default()
         };
+        if let Some(layer) = &req.base_layer {
+            // On top of the image's layers (which stay below it, shared).
+            image.lower_dirs.insert(0, layer.clone());
+        }
         Ok(Plan {
             limits,
             memory,

@@ -98,6 +98,10 @@ pub struct CreateTask {
     pub setup: Option<String>,
     /// Seconds the setup may run before it is killed (the attempt then fails) [default: 1800].
     pub setup_timeout_secs: Option<u64>,
+    /// With several agents: run the setup once, in a sandbox of its own, and start every
+    /// agent from a copy-on-write layer of what it left in the rootfs (not `/tmp`, not its
+    /// processes); false runs it in each agent's sandbox [default: true].
+    pub setup_once: Option<bool>,
     /// What the sandboxes (agent, setup and check) may reach beyond agentd [default: mode
     /// none, only the LLM gateway].
     pub network: Option<crate::egress::NetworkPolicy>,
@@ -238,6 +242,72 @@ impl Attempt {
     }
 }
 
+/// Where a task's shared preparation is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PreparedState {
+    /// The workspace and the setup are being put in place.
+    Running,
+    /// Its layer is ready: the attempts start from it.
+    Ready,
+    /// It failed (and so did the attempts).
+    Failed,
+}
+
+/// The preparation a task with a setup and several agents shares: the workspace and the
+/// setup, run once in a sandbox of its own; what they left in its rootfs becomes a layer every
+/// attempt's sandbox starts from, copy-on-write.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+pub struct Prepared {
+    /// Where it is.
+    pub state: PreparedState,
+    /// The sandbox it runs in (deleted once its layer is taken; kept after a failure).
+    pub sandbox: Option<String>,
+    /// The baseline commit in `/workspace`, setup included.
+    pub baseline: Option<String>,
+    /// The commit the workspace was at, when it was a git repository.
+    pub source: Option<String>,
+    /// The setup's result.
+    pub setup: Option<SetupResult>,
+    /// Request to sandbox running, ms.
+    pub sandbox_ms: Option<u64>,
+    /// Workspace extracted and committed, ms.
+    pub workspace_ms: Option<u64>,
+    /// The setup and its commit, ms.
+    pub setup_ms: Option<u64>,
+    /// Copying the sandbox's files into the layer, ms.
+    pub layer_ms: Option<u64>,
+    /// Files (and links) in the layer.
+    pub layer_files: Option<u64>,
+    /// Bytes of file content in the layer.
+    pub layer_bytes: Option<u64>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The layer is gone (every sandbox that used it is).
+    #[serde(default)]
+    pub removed: bool,
+}
+
+impl Prepared {
+    pub(super) fn new() -> Prepared {
+        Prepared {
+            state: PreparedState::Running,
+            sandbox: None,
+            baseline: None,
+            source: None,
+            setup: None,
+            sandbox_ms: None,
+            workspace_ms: None,
+            setup_ms: None,
+            layer_ms: None,
+            layer_files: None,
+            layer_bytes: None,
+            error: None,
+            removed: false,
+        }
+    }
+}
+
 /// A task as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskRecord {
@@ -260,6 +330,9 @@ pub struct TaskRecord {
     pub finished_at: Option<u64>,
     /// The attempts.
     pub attempts: Vec<Attempt>,
+    /// The shared preparation (a setup with several agents).
+    #[serde(default)]
+    pub prepared: Option<Prepared>,
     /// Cancelled or timed out: what the unfinished attempts end as.
     pub stop: Option<TaskState>,
     /// The sandboxes were deleted after the grace period.

@@ -34,6 +34,35 @@ impl TaskManager {
         command: &str,
         deadline_ms: u64,
     ) -> std::result::Result<(), Outcome> {
+        match self.run_setup(task, n, sb, command, deadline_ms).await {
+            Ok(done) => {
+                self.update(task, n, |a| {
+                    a.setup = Some(done.result);
+                    a.baseline = Some(done.baseline);
+                    a.timings.setup_ms = Some(done.ms);
+                });
+                Ok(())
+            }
+            Err((outcome, result)) => {
+                if result.is_some() {
+                    self.update(task, n, |a| a.setup = result);
+                }
+                Err(outcome)
+            }
+        }
+    }
+
+    /// Runs a setup in `sb` (for attempt `n`, or 0: the task's shared preparation, which is
+    /// what its events then say) and commits what it changed into the baseline. On a
+    /// failure: why, and the setup's result if it ran to its end.
+    pub(super) async fn run_setup(
+        &self,
+        task: &Arc<Task>,
+        n: u32,
+        sb: &Arc<Sandbox>,
+        command: &str,
+        deadline_ms: u64,
+    ) -> std::result::Result<SetupDone, (Outcome, Option<SetupResult>)> {
         let rec = task.snapshot();
         let limit = Duration::from_secs(
             rec.request
@@ -80,7 +109,7 @@ impl TaskManager {
                 &mut each,
             )
             .await
-            .map_err(|e| Outcome::Lost(format!("the setup could not run: {e}")))?;
+            .map_err(|e| (Outcome::Lost(format!("the setup could not run: {e}")), None))?;
         if let Chunk::Text(text) = stream.finish() {
             self.emit(
                 task,
@@ -104,20 +133,27 @@ impl TaskManager {
         );
         if !result.passed {
             let why = crate::sandbox::setup_failure(&result, limit);
-            self.update(task, n, |a| a.setup = Some(result));
-            return Err(Outcome::Failed(why));
+            return Err((Outcome::Failed(why), Some(result)));
         }
         // What the setup changed belongs to the baseline (ignored and excluded files stay
         // out of both, as they do of the diff).
-        let baseline = self.commit_setup(sb).await.map_err(Outcome::Failed)?;
-        let ms = ms(t.elapsed());
-        self.update(task, n, |a| {
-            a.setup = Some(result);
-            a.baseline = Some(baseline);
-            a.timings.setup_ms = Some(ms);
-        });
-        Ok(())
+        let baseline = match self.commit_setup(sb).await {
+            Ok(b) => b,
+            Err(why) => return Err((Outcome::Failed(why), Some(result))),
+        };
+        Ok(SetupDone {
+            result,
+            baseline,
+            ms: ms(t.elapsed()),
+        })
     }
+}
+
+/// A setup that passed: its result, the baseline with what it changed, its time (ms).
+pub(super) struct SetupDone {
+    pub result: SetupResult,
+    pub baseline: String,
+    pub ms: u64,
 }
 
 /// What to send of a chunk of output.

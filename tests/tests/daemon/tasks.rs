@@ -725,6 +725,126 @@ fn test_task_setup_and_the_workspace_environment() {
 /// from its lock file) and imports it into `d` as `python`; or, with `registry`, pushes it
 /// to that registry on loopback and has `d` pull it, as any third-party image. Its name in
 /// `d`.
+/// A setup with three agents runs once, in a sandbox of its own: every attempt starts from a
+/// copy-on-write layer of what it left in the rootfs (not `/tmp`), with the setup in its
+/// baseline; the layer goes with the task's sandboxes. A failing shared setup fails every
+/// attempt before any prompt; `setup_once: false` runs it in each sandbox.
+#[test]
+fn test_task_setup_runs_once_for_every_agent() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::start(
+        "cat $HOME/.cache/dep.txt .setup-stamp > seen.txt; test -e /tmp/from-setup && echo tmp-carried >> seen.txt; echo four >> src/lib.txt",
+    );
+    let d = daemon(&images, &llm, &["--task-grace", "2"]);
+    let ws = make_workspace();
+    let path = ws.path().to_str().unwrap();
+    let setup = "echo setup-ran; echo built > $HOME/.cache/dep.txt; echo t > /tmp/from-setup; echo stamp > .setup-stamp; dd if=/dev/zero of=$HOME/.cache/blob bs=1M count=4 2>/dev/null";
+    let id = create(
+        &d,
+        json!({"prompt": "use what setup made", "workspace": {"path": path}, "agents": 3,
+               "setup": setup, "check": "test -s seen.txt"}),
+    );
+    // While the attempts run, their sandboxes stack the layer.
+    let layer = d.state.path().join("tasks").join(&id).join("prepared");
+    let v = wait_done(&d, &id, Duration::from_secs(240));
+    report_timings(&v);
+    assert_eq!(
+        v["state"],
+        "succeeded",
+        "{v:#}
+{}",
+        d.log()
+    );
+    let p = &v["prepared"];
+    eprintln!("prepared: {p}");
+    assert_eq!(p["state"], "ready", "{v:#}");
+    assert!(p["sandbox"].is_null(), "its sandbox is deleted: {p:#}");
+    assert!(p["layer_bytes"].as_u64().unwrap() >= 4 << 20, "{p:#}");
+    assert_eq!(p["setup"]["passed"], true, "{p:#}");
+    assert!(layer.is_dir(), "the layer stays while the sandboxes do");
+    let evs = events(&d, &id, None);
+    let setups: Vec<&serde_json::Value> = evs
+        .iter()
+        .filter(|e| e["type"] == "setup" && e["state"] == "running")
+        .collect();
+    assert_eq!(setups.len(), 1, "one setup for three agents: {evs:#?}");
+    assert_eq!(setups[0]["attempt"], 0, "{evs:#?}");
+    assert!(
+        evs.iter().any(|e| e["type"] == "setup.output"
+            && e["text"].as_str().unwrap_or("").contains("setup-ran")),
+        "{evs:#?}"
+    );
+    let mut sandboxes = std::collections::BTreeSet::new();
+    for a in v["attempts"].as_array().unwrap() {
+        assert_eq!(a["state"], "succeeded", "{a:#}");
+        assert_eq!(a["setup"]["passed"], true, "{a:#}");
+        assert!(a["timings"]["setup_ms"].is_null(), "it ran no setup: {a:#}");
+        sandboxes.insert(a["sandbox"].as_str().unwrap().to_string());
+        let n = a["attempt"].as_u64().unwrap();
+        let patch = d
+            .call("GET", &format!("/v1/tasks/{id}/attempts/{n}/diff"), None)
+            .text();
+        // The setup's files outside and inside the workspace reached every agent; /tmp did
+        // not; the diff has the agent's work only.
+        assert!(
+            patch.contains("+built") && patch.contains("+stamp"),
+            "{patch}"
+        );
+        assert!(!patch.contains("tmp-carried"), "{patch}");
+        assert!(
+            patch.contains("+four") && !patch.contains(".setup-stamp"),
+            "{patch}"
+        );
+    }
+    assert_eq!(sandboxes.len(), 3, "{v:#}");
+    // After the grace period the sandboxes go, then the layer.
+    wait_for(&d, &id, "removed layer", |v| {
+        v["prepared"]["removed"] == true
+    });
+    assert!(!layer.exists());
+
+    // A failing shared setup fails every attempt with its output, before any prompt.
+    let prompts_before = llm.requests_seen().len();
+    let id = create(
+        &d,
+        json!({"prompt": "never sent", "workspace": {"path": path}, "agents": 2,
+               "setup": "echo 'ERROR: no matching distribution for left-pad' >&2; exit 3"}),
+    );
+    let v = wait_done(&d, &id, Duration::from_secs(120));
+    assert_eq!(v["state"], "failed", "{v:#}");
+    assert_eq!(v["prepared"]["state"], "failed", "{v:#}");
+    for a in v["attempts"].as_array().unwrap() {
+        let error = a["error"].as_str().unwrap();
+        assert!(
+            error.starts_with("the setup failed (exit status 3)") && error.contains("left-pad"),
+            "{a:#}"
+        );
+        assert_eq!(a["setup"]["passed"], false, "{a:#}");
+        assert!(a["sandbox"].is_null(), "{a:#}");
+    }
+    assert_eq!(llm.requests_seen().len(), prompts_before, "no LLM request");
+
+    // setup_once: false: each attempt runs its own.
+    let id = create(
+        &d,
+        json!({"prompt": "each", "workspace": {"path": path}, "agents": 2, "setup_once": false,
+               "setup": setup}),
+    );
+    let v = wait_done(&d, &id, Duration::from_secs(240));
+    assert_eq!(v["state"], "succeeded", "{v:#}");
+    assert!(v["prepared"].is_null(), "{v:#}");
+    let evs = events(&d, &id, None);
+    let mut ran: Vec<u64> = evs
+        .iter()
+        .filter(|e| e["type"] == "setup" && e["state"] == "running")
+        .filter_map(|e| e["attempt"].as_u64())
+        .collect();
+    ran.sort();
+    assert_eq!(ran, [1, 2], "{evs:#?}");
+    delete_all(&d);
+}
+
 fn python_image(d: &Daemon, registry: Option<&agentd_tests::registry::Registry>) -> String {
     let out_dir = tempfile::Builder::new()
         .prefix("agentd-python-image-")
