@@ -30,7 +30,12 @@ const RUNS: usize = 50;
 const OPENCODE_RUNS: usize = 5;
 
 /// One HTTP request over the daemon's socket: (status, body).
-fn call(socket: &Path, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+pub(crate) fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
     let mut s = UnixStream::connect(socket)?;
     write!(
         s,
@@ -53,19 +58,19 @@ fn call(socket: &Path, method: &str, path: &str, body: &str) -> anyhow::Result<(
     Ok((status, body))
 }
 
-fn json(body: &str) -> serde_json::Value {
+pub(crate) fn json(body: &str) -> serde_json::Value {
     // Chunked bodies are not used by these endpoints (full JSON answers).
     serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
 }
 
-fn median_ms(v: &mut [Duration]) -> f64 {
+pub(crate) fn median_ms(v: &mut [Duration]) -> f64 {
     v.sort();
     v[v.len() / 2].as_secs_f64() * 1000.0
 }
 
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
 }
 
 impl Drop for Daemon {
@@ -137,7 +142,9 @@ fn shims_under(sandboxes: &Path) -> Vec<u32> {
 }
 
 /// Runs the benchmark.
-pub fn sandbox() -> anyhow::Result<()> {
+/// Release builds of the binaries and the bench's images (`names`), in `target/bench/<what>`:
+/// (release dir, bench dir, images dir).
+pub(crate) fn prepare(what: &str, names: &[&str]) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     let root = project_root();
     run(cargo().args([
         "build",
@@ -151,12 +158,12 @@ pub fn sandbox() -> anyhow::Result<()> {
         "--bins",
     ]))?;
     let release = root.join("target/release");
-    let bench = root.join("target/bench/sandbox");
+    let bench = root.join("target/bench").join(what);
     let state = bench.join("state");
     let _ = fs::remove_dir_all(&state);
     fs::create_dir_all(&state)?;
     let store_state = bench.join("images");
-    for name in ["minimal", "opencode"] {
+    for name in names {
         run(Command::new(release.join("rootfs-builder"))
             .arg("build")
             .arg(root.join(format!("rootfs-builder/recipes/{name}.toml")))
@@ -166,7 +173,18 @@ pub fn sandbox() -> anyhow::Result<()> {
             .arg(root.join("target/rootfs-builder-cache")))
         .with_context(|| format!("cannot build the {name} image"))?;
     }
-    let images = store_state.join("images");
+    Ok((release, bench, store_state.join("images")))
+}
+
+/// Starts a release agentd of its own on `bench/state` with `extra` arguments; it is stopped
+/// and its bridge, rules and cgroups removed when the result drops.
+pub(crate) fn start_daemon(
+    release: &Path,
+    bench: &Path,
+    images: &Path,
+    extra: &[&str],
+) -> anyhow::Result<Daemon> {
+    let state = bench.join("state");
     let socket = state.join("agentd.sock");
     let log = fs::File::create(bench.join("agentd.log"))?;
     let child = Command::new(release.join("agentd"))
@@ -174,7 +192,7 @@ pub fn sandbox() -> anyhow::Result<()> {
         .arg("--state-dir")
         .arg(&state)
         .arg("--images-dir")
-        .arg(&images)
+        .arg(images)
         .arg("--socket")
         .arg(&socket)
         .args([
@@ -185,21 +203,8 @@ pub fn sandbox() -> anyhow::Result<()> {
             "--cgroup-parent",
             CGROUP_PARENT,
         ])
-        .args([
-            "--max-sandboxes",
-            "200",
-            "--idle-timeout",
-            "0",
-            "--gateway-port",
-            "4197",
-            // OpenCode sandboxes need an upstream to be configured; (b) never prompts, so
-            // nothing needs to listen there.
-            "--llm-base-url",
-            "http://127.0.0.1:9/v1",
-            // Sandboxes without a disk limit too: (a) measures what the limit adds.
-            "--sandbox-disk",
-            "none",
-        ])
+        .args(["--max-sandboxes", "200", "--idle-timeout", "0"])
+        .args(extra)
         .env("AGENTD_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -223,6 +228,29 @@ pub fn sandbox() -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(daemon)
+}
+
+pub fn sandbox() -> anyhow::Result<()> {
+    let (release, bench, images) = prepare("sandbox", &["minimal", "opencode"])?;
+    let state = bench.join("state");
+    let socket = state.join("agentd.sock");
+    let daemon = start_daemon(
+        &release,
+        &bench,
+        &images,
+        &[
+            "--gateway-port",
+            "4197",
+            // OpenCode sandboxes need an upstream to be configured; (b) never prompts, so
+            // nothing needs to listen there.
+            "--llm-base-url",
+            "http://127.0.0.1:9/v1",
+            // Sandboxes without a disk limit too: (a) measures what the limit adds.
+            "--sandbox-disk",
+            "none",
+        ],
+    )?;
     let create = |body: &str| -> anyhow::Result<(Duration, String)> {
         let t = Instant::now();
         let (st, b) = call(&socket, "POST", "/v1/sandboxes", body)?;

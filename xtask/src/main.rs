@@ -14,6 +14,7 @@
 
 mod bench;
 mod bench_sandbox;
+mod bench_setup;
 mod bench_unpack;
 mod ci;
 mod images;
@@ -28,7 +29,7 @@ use std::process::Command;
 use anyhow::{bail, Context};
 
 const USAGE: &str =
-    "usage: cargo xtask <ci | vm-test | bench start | bench unpack | bench sandbox | images [--store DIR]>";
+    "usage: cargo xtask <ci | vm-test | bench start | bench unpack | bench sandbox | bench setup | images [--store DIR]>";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         ["bench", "start"] => bench::start(),
         ["bench", "unpack"] => bench_unpack::unpack(),
         ["bench", "sandbox"] => bench_sandbox::sandbox(),
+        ["bench", "setup"] => bench_setup::setup(),
         ["images", rest @ ..] => images::images(rest),
         ["bench", ..] => bail!("unknown benchmark; {USAGE}"),
         _ => bail!("{USAGE}"),
