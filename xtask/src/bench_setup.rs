@@ -5,7 +5,9 @@
 //! attempt `running`, the prompt sent).
 //!
 //! The setup stands in for an install: 1,500 files of 4 KiB written by as many processes
-//! (ignored by git, like `node_modules`) and a shell loop of CPU work. The LLM upstream is not
+//! (ignored by git, like `node_modules`) and a shell loop of CPU work, light (about 2 s alone)
+//! and heavy (about 3 times that, like `pip install` of a test tool through the egress proxy
+//! measured here). The LLM upstream is not
 //! there (nothing is prompted beyond the first request): each run is cancelled once every
 //! agent works.
 
@@ -19,13 +21,21 @@ use crate::bench_sandbox::{call, json, median_ms, prepare, start_daemon};
 
 const AGENTS: usize = 3;
 const RUNS: usize = 3;
-const SETUP: &str = "mkdir -p node_modules && i=0; while [ $i -lt 1500 ]; do head -c 4096 /dev/urandom > node_modules/f$i; i=$((i+1)); done; n=0; while [ $n -lt 300000 ]; do n=$((n+1)); done; echo installed";
+/// The setup, with `loops` iterations of CPU work.
+fn setup_command(loops: u32) -> String {
+    format!("mkdir -p node_modules && i=0; while [ $i -lt 1500 ]; do head -c 4096 /dev/urandom > node_modules/f$i; i=$((i+1)); done; n=0; while [ $n -lt {loops} ]; do n=$((n+1)); done; echo installed")
+}
 
 /// One task; (create -> every agent at work, the preparation's timings if shared).
-fn one(socket: &Path, ws: &Path, once: bool) -> anyhow::Result<(Duration, serde_json::Value)> {
+fn one(
+    socket: &Path,
+    ws: &Path,
+    setup: &str,
+    once: bool,
+) -> anyhow::Result<(Duration, serde_json::Value)> {
     let body = serde_json::json!({
         "prompt": "bench", "workspace": {"path": ws}, "agents": AGENTS,
-        "setup": SETUP, "setup_once": once, "grace_secs": 0,
+        "setup": setup, "setup_once": once, "grace_secs": 0,
     });
     let (st, b) = call(socket, "POST", "/v1/tasks", &body.to_string())?;
     if st != 201 {
@@ -105,33 +115,40 @@ pub fn setup() -> anyhow::Result<()> {
     fs::write(ws.join(".gitignore"), "node_modules/\n")?;
     fs::write(ws.join("src/lib.txt"), "one\ntwo\n")?;
     // Warm-up: the default image's layers unpacked with shifted owners.
-    one(&daemon.socket, &ws, true).context("warm-up")?;
-    let (mut shared, mut each) = (Vec::new(), Vec::new());
-    let mut prepared = serde_json::Value::Null;
-    for _ in 0..RUNS {
-        let (t, p) = one(&daemon.socket, &ws, true)?;
-        shared.push(t);
-        prepared = p;
-        each.push(one(&daemon.socket, &ws, false)?.0);
+    one(&daemon.socket, &ws, &setup_command(1000), true).context("warm-up")?;
+    let mut results = Vec::new();
+    for (name, loops) in [("light", 300_000), ("heavy", 3_000_000)] {
+        let setup = setup_command(loops);
+        let (mut shared, mut each) = (Vec::new(), Vec::new());
+        let mut prepared = serde_json::Value::Null;
+        for _ in 0..RUNS {
+            let (t, p) = one(&daemon.socket, &ws, &setup, true)?;
+            shared.push(t);
+            prepared = p;
+            each.push(one(&daemon.socket, &ws, &setup, false)?.0);
+        }
+        results.push((name, median_ms(&mut shared), median_ms(&mut each), prepared));
     }
     drop(daemon);
-    let (s, e) = (median_ms(&mut shared), median_ms(&mut each));
     println!("\nbench setup (release builds, this machine): {AGENTS} agents, median of {RUNS}");
     println!("create -> every agent at work:");
-    println!("    setup once, shared     {s:8.0} ms");
-    println!(
-        "    setup in each sandbox  {e:8.0} ms   shared/each = {:.2}x (saves {:.0} ms)",
-        s / e,
-        e - s
-    );
-    println!(
-        "    the shared preparation: sandbox {} ms, workspace {} ms, setup {} ms, layer {} ms ({} files, {} bytes)",
-        prepared["sandbox_ms"],
-        prepared["workspace_ms"],
-        prepared["setup_ms"],
-        prepared["layer_ms"],
-        prepared["layer_files"],
-        prepared["layer_bytes"]
-    );
+    for (name, s, e, prepared) in results {
+        println!("  {name} setup:");
+        println!("    setup once, shared     {s:8.0} ms");
+        println!(
+            "    setup in each sandbox  {e:8.0} ms   shared/each = {:.2}x (saves {:.0} ms)",
+            s / e,
+            e - s
+        );
+        println!(
+            "    the shared preparation: sandbox {} ms, workspace {} ms, setup {} ms, layer {} ms ({} files, {} bytes)",
+            prepared["sandbox_ms"],
+            prepared["workspace_ms"],
+            prepared["setup_ms"],
+            prepared["layer_ms"],
+            prepared["layer_files"],
+            prepared["layer_bytes"]
+        );
+    }
     Ok(())
 }

@@ -114,6 +114,11 @@ impl TaskManager {
         let Some(p) = task.snapshot().prepared else {
             return Err((TaskState::Failed, "internal error: nothing prepared".into()));
         };
+        // Ready before a restart, with its sandbox not yet deleted.
+        if let Some(sb) = p.sandbox.as_ref().and_then(|id| self.mgr.get(id).ok()) {
+            let _ = self.mgr.delete(&sb).await;
+            self.update_prepared(task, |p| p.sandbox = None);
+        }
         for a in rec.attempts.iter() {
             if a.state.is_terminal() || a.sandbox.is_some() || a.baseline.is_some() {
                 continue;
