@@ -19,6 +19,7 @@
 
 pub mod agent_layer;
 pub mod api;
+pub mod cache;
 pub mod cli;
 pub mod daemon;
 pub mod db;

@@ -264,6 +264,11 @@ pub struct CreateSandbox {
     #[serde(skip)]
     #[schemars(skip)]
     pub base_layer: Option<std::path::PathBuf>,
+    /// A dependency cache (a host dir) bound read-write at [`crate::cache::MOUNT`], with the
+    /// environment that points package managers at it. Never on the wire.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub cache: Option<std::path::PathBuf>,
 }
 
 /// How the setup command went.

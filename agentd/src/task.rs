@@ -200,6 +200,10 @@ pub struct TaskManager {
     dir: PathBuf,
     /// Appends events to the tasks' logs, off the async workers.
     events: events::EventWriter,
+    /// Dependency caches (None: turned off).
+    caches: Option<Arc<crate::cache::Caches>>,
+    /// The cache each preparation under way holds, by task id.
+    held_caches: Mutex<HashMap<String, crate::cache::MountedCache>>,
 }
 
 impl TaskManager {
@@ -207,11 +211,17 @@ impl TaskManager {
     pub fn new(mgr: Arc<Manager>) -> anyhow::Result<Arc<TaskManager>> {
         let dir = mgr.config.state_dir.join("tasks");
         std::fs::create_dir_all(dir.join("uploads"))?;
+        let caches = mgr
+            .config
+            .dependency_cache
+            .map(|bytes| Arc::new(crate::cache::Caches::new(&mgr.config.state_dir, bytes)));
         Ok(Arc::new(TaskManager {
             mgr,
             tasks: Mutex::new(HashMap::new()),
             dir,
             events: events::EventWriter::start()?,
+            caches,
+            held_caches: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -959,6 +969,15 @@ impl TaskManager {
         labels.insert(TASK_LABEL.into(), rec.id.clone());
         // 0 is the preparation: its setup and egress events say attempt 0 too.
         labels.insert(ATTEMPT_LABEL.into(), n.to_string());
+        let cache = prepare
+            .then(|| {
+                self.held_caches
+                    .lock()
+                    .expect("cache lock")
+                    .get(&rec.id)
+                    .map(|c| c.dir.clone())
+            })
+            .flatten();
         let base_layer = rec
             .prepared
             .as_ref()
@@ -981,6 +1000,7 @@ impl TaskManager {
             opencode: Some(!prepare),
             model: rec.request.model.clone().filter(|_| !prepare),
             base_layer,
+            cache,
             network: rec
                 .request
                 .network
@@ -1139,6 +1159,10 @@ impl TaskManager {
     /// attempt owns (a crash between the create and the record), drop stale uploads.
     pub async fn reconcile(self: &Arc<Self>) -> anyhow::Result<()> {
         let records: Vec<TaskRecord> = self.mgr.db.list(TASKS)?;
+        if let Some(c) = &self.caches {
+            // blocking-ok: reconcile runs once at start, before the API listens.
+            c.reconcile();
+        }
         let mut owned = HashSet::new();
         let mut resume = Vec::new();
         for rec in records {

@@ -108,6 +108,69 @@ pub fn mount(dir: &Path, bytes: u64) -> io::Result<()> {
     })
 }
 
+/// Mounts the volume `image` at `at` (`nodev,nosuid,noexec`): an ext4 file system in a sparse
+/// file of `bytes`, made first if the file does not exist (or holds no file system ext4
+/// mounts: a volume is disposable). Its root dir belongs to host root (mode 0755) until the
+/// caller hands it on. Undone by unmounting `at` ([`unmount_at`]); the loop device goes with
+/// the mount (autoclear).
+pub fn mount_volume(image: &Path, at: &Path, bytes: u64) -> io::Result<()> {
+    if bytes < MIN_DISK_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a volume of {bytes} bytes is below the minimum of 16m"),
+        ));
+    }
+    fs::create_dir_all(at)?;
+    let mut made = false;
+    let file = match OpenOptions::new().read(true).write(true).open(image) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            made = true;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(image)?;
+            f.set_len(bytes)?;
+            mke2fs(image)?;
+            f
+        }
+        Err(e) => return Err(e),
+    };
+    let flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    let mount = |file: &File| -> io::Result<()> {
+        let device = attach_loop(file)?;
+        let mounted = nix::mount::mount(
+            Some(&device.path),
+            at,
+            Some("ext4"),
+            flags,
+            Some("noinit_itable"),
+        );
+        drop(device);
+        mounted.map_err(io::Error::from)
+    };
+    match mount(&file) {
+        Ok(()) => Ok(()),
+        Err(e) if made => Err(e),
+        Err(_) => {
+            // Not a file system any more (a crash while it was made): start it again.
+            drop(file);
+            fs::remove_file(image)?;
+            mount_volume(image, at, bytes)
+        }
+    }
+}
+
+/// Unmounts what is mounted at `at` (lazily); nothing mounted is not an error.
+pub fn unmount_at(at: &Path) -> io::Result<()> {
+    match nix::mount::umount2(at, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Unmounts `<dir>/overlay` if a disk is mounted there (lazily, like the overlay above it; the
 /// loop device goes with the last user).
 pub fn unmount(dir: &Path) -> io::Result<()> {

@@ -121,6 +121,7 @@ fn test_agentd_services_import_no_skin() {
         "net.rs",
         "egress.rs",
         "agent_layer.rs",
+        "cache.rs",
         "db.rs",
         "metrics.rs",
         "default_image.rs",

@@ -451,7 +451,7 @@ pub struct TaskView {
     pub tool_calls: u64,
     /// Tokens of all attempts.
     pub usage: TokenCount,
-    /// The setup run once for every agent (a setup with several agents), and the layer the
+    /// The setup run once for every agent (a task with a setup), and the layer the
     /// attempts start from (left out of lists).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prepared: Option<crate::task::Prepared>,

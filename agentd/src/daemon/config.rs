@@ -34,6 +34,8 @@ pub const DEFAULT_SANDBOX_PIDS: u64 = 2048;
 /// Writable layer of a sandbox that asks for no disk limit (bytes and, one per 16 KiB, inodes;
 /// see `agentd_runtime::disk`). Sparse: the host pays for what is written, not for the limit.
 pub const DEFAULT_SANDBOX_DISK: &str = "10g";
+/// Size of each dependency cache when the config names none.
+pub const DEFAULT_DEPENDENCY_CACHE: &str = "4g";
 /// Longest `ttl_secs` and `idle_timeout_secs`: a year.
 pub const MAX_SANDBOX_TIMEOUT_SECS: u64 = 366 * 24 * 3600;
 /// Seconds without API traffic after which a sandbox is stopped and removed.
@@ -147,6 +149,10 @@ pub struct ServeArgs {
     /// Seconds a finished task's sandboxes are kept for inspection, then removed [default: 600].
     #[arg(long, env = "AGENTD_TASK_GRACE")]
     pub task_grace: Option<u64>,
+    /// Size of each dependency cache (pip, npm, uv, yarn downloads kept for the next setup of
+    /// the same repository and image), or `none` for no caches [default: 4g].
+    #[arg(long, env = "AGENTD_DEPENDENCY_CACHE")]
+    pub dependency_cache: Option<String>,
 }
 
 impl ServeArgs {
@@ -237,6 +243,8 @@ pub struct Config {
     pub build_cache: PathBuf,
     /// Seconds a finished task's sandboxes are kept.
     pub task_grace: u64,
+    /// Size of each dependency cache; None: no caches.
+    pub dependency_cache: Option<u64>,
 }
 
 impl Config {
@@ -343,6 +351,16 @@ impl Config {
                 Some(d)
             }
         };
+        let dependency_cache = match args.dependency_cache {
+            Some(v) if v.trim() == "none" => None,
+            v => {
+                let d = size("dependency_cache", v, DEFAULT_DEPENDENCY_CACHE)?;
+                if d < agentd_runtime::disk::MIN_DISK_BYTES {
+                    bail!("dependency_cache must be at least 16m (or none), got {d} bytes");
+                }
+                Some(d)
+            }
+        };
         let log_format = match args.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -440,6 +458,7 @@ impl Config {
                 p
             },
             task_grace: args.task_grace.unwrap_or(DEFAULT_TASK_GRACE_SECS),
+            dependency_cache,
             build_cache: abs(args
                 .build_cache
                 .unwrap_or_else(|| state_dir.join("build-cache"))),

@@ -307,6 +307,11 @@ impl Manager {
                 }
             }
         }
+        if req.cache.is_some() {
+            for kv in crate::cache::env() {
+                set(kv);
+            }
+        }
         for (k, v) in &req.env {
             set(format!("{k}={v}"));
         }
@@ -327,6 +332,13 @@ impl Manager {
                 source: crate::egress::ca_dir(&self.config.state_dir),
                 target: crate::egress::CA_MOUNT.into(),
                 readonly: true,
+            });
+        }
+        if let Some(cache) = &req.cache {
+            spec.mounts.push(agentd_runtime::BindMount {
+                source: cache.clone(),
+                target: crate::cache::MOUNT.into(),
+                readonly: false,
             });
         }
         if let Some(layer) = &plan.agent {

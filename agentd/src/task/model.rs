@@ -98,9 +98,9 @@ pub struct CreateTask {
     pub setup: Option<String>,
     /// Seconds the setup may run before it is killed (the attempt then fails) [default: 1800].
     pub setup_timeout_secs: Option<u64>,
-    /// With several agents: run the setup once, in a sandbox of its own, and start every
-    /// agent from a copy-on-write layer of what it left in the rootfs (not `/tmp`, not its
-    /// processes); false runs it in each agent's sandbox [default: true].
+    /// Run the setup once, in a sandbox of its own (with the repository's dependency cache),
+    /// and start every agent from a copy-on-write layer of what it left in the rootfs (not
+    /// `/tmp`, not its processes); false runs it in each agent's sandbox [default: true].
     pub setup_once: Option<bool>,
     /// What the sandboxes (agent, setup and check) may reach beyond agentd [default: mode
     /// none, only the LLM gateway].
@@ -254,14 +254,14 @@ pub enum PreparedState {
     Failed,
 }
 
-/// The preparation a task with a setup and several agents shares: the workspace and the
-/// setup, run once in a sandbox of its own; what they left in its rootfs becomes a layer every
+/// The preparation the attempts of a task with a setup share: the workspace and the setup,
+/// run once in a sandbox of its own; what they left in its rootfs becomes a layer every
 /// attempt's sandbox starts from, copy-on-write.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct Prepared {
     /// Where it is.
     pub state: PreparedState,
-    /// The sandbox it runs in (deleted once its layer is taken; kept after a failure).
+    /// The sandbox it runs in (deleted once its layer is taken, or once it failed).
     pub sandbox: Option<String>,
     /// The baseline commit in `/workspace`, setup included.
     pub baseline: Option<String>,
@@ -283,6 +283,10 @@ pub struct Prepared {
     pub layer_bytes: Option<u64>,
     /// Why it failed.
     pub error: Option<String>,
+    /// The setup had the repository's dependency cache: true when an earlier setup filled
+    /// it, false when it was made now [absent: no cache].
+    #[serde(default)]
+    pub cache_reused: Option<bool>,
     /// The layer is gone (every sandbox that used it is).
     #[serde(default)]
     pub removed: bool,
@@ -303,6 +307,7 @@ impl Prepared {
             layer_files: None,
             layer_bytes: None,
             error: None,
+            cache_reused: None,
             removed: false,
         }
     }
@@ -330,7 +335,7 @@ pub struct TaskRecord {
     pub finished_at: Option<u64>,
     /// The attempts.
     pub attempts: Vec<Attempt>,
-    /// The shared preparation (a setup with several agents).
+    /// The shared preparation (a task with a setup).
     #[serde(default)]
     pub prepared: Option<Prepared>,
     /// Cancelled or timed out: what the unfinished attempts end as.

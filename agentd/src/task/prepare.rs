@@ -1,5 +1,5 @@
-//! A task's shared preparation. With a setup and several agents, the workspace and the setup
-//! run once, in a sandbox of their own without OpenCode (no agent's state lands in it); that
+//! A task's shared preparation. With a setup, the workspace and the setup run once, in a
+//! sandbox of their own without OpenCode (no agent's state lands in it); that
 //! sandbox is frozen, what it wrote into its rootfs is copied into a layer in the task's dir,
 //! and it is deleted. Each attempt's sandbox stacks the layer on the image's layers
 //! (copy-on-write: what an agent changes lands in its own upper dir) and starts with its
@@ -7,6 +7,9 @@
 //!
 //! What carries over is what the setup left in the rootfs: not `/tmp` (a tmpfs), not the
 //! processes it started (`setup_once: false` runs the setup in every sandbox instead).
+//!
+//! The setup there has the repository's dependency cache, when agentd keeps them (see
+//! [`crate::cache`]): only this sandbox ever mounts it, never an agent's.
 //!
 //! The layer belongs to the task. It is removed once the task's sandboxes are (after the
 //! grace period, or on delete) and no sandbox holds it: the shim of every sandbox stacked on
@@ -30,9 +33,7 @@ impl TaskManager {
 
     /// Whether the attempts of the task share one preparation.
     pub(super) fn shares_setup(rec: &TaskRecord) -> bool {
-        rec.request.setup.is_some()
-            && rec.attempts.len() > 1
-            && rec.request.setup_once != Some(false)
+        rec.request.setup.is_some() && rec.request.setup_once != Some(false)
     }
 
     fn update_prepared(&self, task: &Task, f: impl FnOnce(&mut Prepared)) {
@@ -95,7 +96,15 @@ impl TaskManager {
                 }
             };
             if let Some((state, why)) = failed {
+                // The setup's output is in the events and on the attempts: the sandbox goes
+                // now, and with it its hold on the cache.
+                let sandbox = task.snapshot().prepared.and_then(|p| p.sandbox);
+                if let Some(sb) = sandbox.and_then(|id| self.mgr.get(&id).ok()) {
+                    let _ = self.mgr.delete(&sb).await;
+                }
+                self.release_cache(&rec.id).await;
                 self.update_prepared(task, |p| {
+                    p.sandbox = None;
                     p.state = PreparedState::Failed;
                     p.error = Some(why.clone());
                 });
@@ -127,6 +136,8 @@ impl TaskManager {
                 a.baseline = p.baseline.clone();
                 a.source = p.source.clone();
                 a.setup = p.setup.clone();
+                // The attempt waited for it.
+                a.timings.setup_ms = p.setup_ms;
             });
         }
         self.persist(task);
@@ -155,15 +166,23 @@ impl TaskManager {
             .await
             .map_err(|e| Outcome::Lost(e.to_string()))?
             .map_err(|e| Outcome::Lost(format!("a previous prepared layer stays: {e}")))?;
-        task.record.lock().expect("task record lock").prepared = Some(Prepared::new());
+        let mut prepared = Prepared::new();
+        prepared.cache_reused = self.acquire_cache(&rec).await;
+        let cache_reused = prepared.cache_reused;
+        task.record.lock().expect("task record lock").prepared = Some(prepared);
         self.persist(task);
-        self.emit(task, "prepare", serde_json::json!({"state": "running"}));
+        self.emit(
+            task,
+            "prepare",
+            serde_json::json!({"state": "running", "cache_reused": cache_reused}),
+        );
 
         let begun = Instant::now();
         task.creating.lock().expect("creating lock").insert(0);
         let created = self.create_sandbox(task, &rec, 0).await;
         task.creating.lock().expect("creating lock").remove(&0);
         let sb = created.map_err(Outcome::Lost)?;
+        self.give_cache(&rec.id, &sb).await;
         let ms_now = ms(begun.elapsed());
         self.update_prepared(task, |p| {
             p.sandbox = Some(sb.snapshot().id);
@@ -220,6 +239,7 @@ impl TaskManager {
             tracing::warn!(task = %rec.id, error = %e, "the preparation's sandbox could not be deleted");
         } else {
             self.update_prepared(task, |p| p.sandbox = None);
+            self.release_cache(&rec.id).await;
         }
         self.emit(
             task,
@@ -241,6 +261,7 @@ impl TaskManager {
         if let Some(sb) = p.sandbox.as_ref().and_then(|id| self.mgr.get(id).ok()) {
             let _ = self.mgr.delete(&sb).await;
         }
+        self.release_cache(&rec.id).await;
         let path = self.layer_path(&rec.id);
         let removed = tokio::task::spawn_blocking(move || {
             let dir = match std::fs::File::open(&path) {
@@ -261,6 +282,77 @@ impl TaskManager {
                 p.removed = true;
                 p.sandbox = None;
             });
+        }
+    }
+}
+
+impl TaskManager {
+    /// Mounts the dependency cache of the task's image and workspace origin for its
+    /// preparation: whether an earlier setup filled it; None without one (turned off, an
+    /// uploaded workspace, or in use by another preparation).
+    async fn acquire_cache(&self, rec: &TaskRecord) -> Option<bool> {
+        let caches = self.caches.clone()?;
+        let ws = &rec.request.workspace;
+        let origin = match (&ws.git, &ws.path) {
+            (Some(url), _) => format!("git {url}"),
+            (None, Some(path)) => format!("path {path}"),
+            _ => return None,
+        };
+        let image = rec
+            .request
+            .image
+            .clone()
+            .unwrap_or_else(|| crate::sandbox::DEFAULT_IMAGE.to_string());
+        let key = crate::cache::Caches::key(&image, &origin);
+        let got = tokio::task::spawn_blocking(move || caches.acquire(&key, &origin)).await;
+        match got {
+            Ok(Ok(Some(cache))) => {
+                let reused = cache.reused;
+                self.held_caches
+                    .lock()
+                    .expect("cache lock")
+                    .insert(rec.id.clone(), cache);
+                Some(reused)
+            }
+            Ok(Ok(None)) => {
+                tracing::info!(task = %rec.id, "the dependency cache is in use: this setup runs without it");
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(task = %rec.id, error = %e, "the dependency cache could not be mounted: this setup runs without it");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Hands the task's cache to the user of the preparation's sandbox `sb`.
+    async fn give_cache(&self, id: &str, sb: &Arc<Sandbox>) {
+        let (uid, gid) = sb.snapshot().user;
+        let base = self.mgr.config.id_base;
+        let dir = self
+            .held_caches
+            .lock()
+            .expect("cache lock")
+            .get(id)
+            .map(|c| c.dir.clone());
+        if let Some(dir) = dir {
+            let owner = (base.saturating_add(uid), base.saturating_add(gid));
+            let given = tokio::task::spawn_blocking(move || {
+                std::os::unix::fs::chown(&dir, Some(owner.0), Some(owner.1))
+            })
+            .await;
+            if !matches!(given, Ok(Ok(()))) {
+                tracing::warn!(task = %id, "the dependency cache could not be handed to the sandbox's user");
+            }
+        }
+    }
+
+    /// Unmounts the cache the task's preparation held, if any (its sandbox is gone).
+    async fn release_cache(&self, id: &str) {
+        let held = self.held_caches.lock().expect("cache lock").remove(id);
+        if let (Some(cache), Some(caches)) = (held, self.caches.clone()) {
+            let _ = tokio::task::spawn_blocking(move || caches.release(cache)).await;
         }
     }
 }

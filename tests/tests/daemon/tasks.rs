@@ -734,12 +734,13 @@ fn test_task_setup_runs_once_for_every_agent() {
     require_sandbox_support!();
     let Some(images) = store() else { return };
     let llm = MockLlm::start(
-        "cat $HOME/.cache/dep.txt .setup-stamp > seen.txt; test -e /tmp/from-setup && echo tmp-carried >> seen.txt; echo four >> src/lib.txt",
+        "cat $HOME/.cache/dep.txt .setup-stamp > seen.txt; test -e /tmp/from-setup && echo tmp-carried >> seen.txt; test -e /var/cache/agentd/pip -o -n \"$PIP_CACHE_DIR\" && echo cache-visible >> seen.txt; echo four >> src/lib.txt",
     );
     let d = daemon(&images, &llm, &["--task-grace", "2"]);
     let ws = make_workspace();
     let path = ws.path().to_str().unwrap();
-    let setup = "echo setup-ran; echo built > $HOME/.cache/dep.txt; echo t > /tmp/from-setup; echo stamp > .setup-stamp; dd if=/dev/zero of=$HOME/.cache/blob bs=1M count=4 2>/dev/null";
+    // The dependency cache (PIP_CACHE_DIR): empty the first time, filled the next.
+    let setup = "echo setup-ran; if test -e $PIP_CACHE_DIR/wheel; then echo cache-hit; else echo cache-miss; mkdir -p $PIP_CACHE_DIR && echo w > $PIP_CACHE_DIR/wheel; fi; echo built > $HOME/.cache/dep.txt; echo t > /tmp/from-setup; echo stamp > .setup-stamp; dd if=/dev/zero of=$HOME/.cache/blob bs=1M count=4 2>/dev/null";
     let id = create(
         &d,
         json!({"prompt": "use what setup made", "workspace": {"path": path}, "agents": 3,
@@ -762,6 +763,14 @@ fn test_task_setup_runs_once_for_every_agent() {
     assert!(p["sandbox"].is_null(), "its sandbox is deleted: {p:#}");
     assert!(p["layer_bytes"].as_u64().unwrap() >= 4 << 20, "{p:#}");
     assert_eq!(p["setup"]["passed"], true, "{p:#}");
+    assert_eq!(p["cache_reused"], false, "a new cache: {p:#}");
+    assert!(
+        p["setup"]["output"]
+            .as_str()
+            .unwrap()
+            .contains("cache-miss"),
+        "{p:#}"
+    );
     assert!(layer.is_dir(), "the layer stays while the sandboxes do");
     let evs = events(&d, &id, None);
     let setups: Vec<&serde_json::Value> = evs
@@ -779,7 +788,10 @@ fn test_task_setup_runs_once_for_every_agent() {
     for a in v["attempts"].as_array().unwrap() {
         assert_eq!(a["state"], "succeeded", "{a:#}");
         assert_eq!(a["setup"]["passed"], true, "{a:#}");
-        assert!(a["timings"]["setup_ms"].is_null(), "it ran no setup: {a:#}");
+        assert_eq!(
+            a["timings"]["setup_ms"], p["setup_ms"],
+            "it waited for it: {a:#}"
+        );
         sandboxes.insert(a["sandbox"].as_str().unwrap().to_string());
         let n = a["attempt"].as_u64().unwrap();
         let patch = d
@@ -793,6 +805,10 @@ fn test_task_setup_runs_once_for_every_agent() {
         );
         assert!(!patch.contains("tmp-carried"), "{patch}");
         assert!(
+            !patch.contains("cache-visible"),
+            "agents never see the cache: {patch}"
+        );
+        assert!(
             patch.contains("+four") && !patch.contains(".setup-stamp"),
             "{patch}"
         );
@@ -803,6 +819,29 @@ fn test_task_setup_runs_once_for_every_agent() {
         v["prepared"]["removed"] == true
     });
     assert!(!layer.exists());
+
+    // One agent, the same repository: its setup finds what the first one cached.
+    let id = create(
+        &d,
+        json!({"prompt": "again", "workspace": {"path": path}, "setup": setup}),
+    );
+    let v = wait_done(&d, &id, Duration::from_secs(240));
+    assert_eq!(v["state"], "succeeded", "{v:#}");
+    let p = &v["prepared"];
+    assert_eq!(p["cache_reused"], true, "{p:#}");
+    assert!(
+        p["setup"]["output"].as_str().unwrap().contains("cache-hit"),
+        "{p:#}"
+    );
+    // Another repository never sees it.
+    let other = make_workspace();
+    let id = create(
+        &d,
+        json!({"prompt": "other", "workspace": {"path": other.path().to_str().unwrap()}, "setup": setup}),
+    );
+    let v = wait_done(&d, &id, Duration::from_secs(240));
+    assert_eq!(v["state"], "succeeded", "{v:#}");
+    assert_eq!(v["prepared"]["cache_reused"], false, "{v:#}");
 
     // A failing shared setup fails every attempt with its output, before any prompt.
     let prompts_before = llm.requests_seen().len();
@@ -1095,6 +1134,24 @@ fn test_task_on_a_real_python_project_with_setup_through_the_allowlist() {
             .collect::<Vec<_>>()
     );
     report_timings(&v);
+    let first = v["prepared"]["setup_ms"].clone();
+    // The same repository again, with the repository's dependency cache (pip stores only
+    // responses that say they may be cached: this machine's index mirror sends no caching
+    // headers, so here pip downloads again).
+    let again = create(
+        &d,
+        json!({"prompt": "test_b fails: fix six.b", "workspace": {"path": ws.to_str().unwrap()},
+               "image": "python", "network": {"mode": "allowlist", "allow": hosts},
+               "setup": SIX_SETUP}),
+    );
+    let v2 = wait_done(&d, &again, Duration::from_secs(600));
+    assert_eq!(v2["state"], "succeeded", "{v2:#}");
+    let p = &v2["prepared"];
+    assert_eq!(p["cache_reused"], true, "{p:#}");
+    eprintln!(
+        "six setup (venv + pip install pytest): first {first} ms (empty cache), again {} ms (cache reused)",
+        p["setup_ms"]
+    );
     let out = task_apply(&d, &id, &ws, &[]);
     assert!(out.status.success(), "{}", agentd_tests::describe(&out));
     git(&ws, &["checkout", "-q", &format!("agentd/{id}-1")]);
