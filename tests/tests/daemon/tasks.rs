@@ -736,7 +736,7 @@ fn test_task_setup_runs_once_for_every_agent() {
     let llm = MockLlm::start(
         "cat $HOME/.cache/dep.txt .setup-stamp > seen.txt; test -e /tmp/from-setup && echo tmp-carried >> seen.txt; test -e /var/cache/agentd/pip -o -n \"$PIP_CACHE_DIR\" && echo cache-visible >> seen.txt; echo four >> src/lib.txt",
     );
-    let d = daemon(&images, &llm, &["--task-grace", "2"]);
+    let mut d = daemon(&images, &llm, &["--task-grace", "2"]);
     let ws = make_workspace();
     let path = ws.path().to_str().unwrap();
     // The dependency cache (PIP_CACHE_DIR): empty the first time, filled the next.
@@ -881,6 +881,30 @@ fn test_task_setup_runs_once_for_every_agent() {
         .collect();
     ran.sort();
     assert_eq!(ran, [1, 2], "{evs:#?}");
+
+    // agentd is killed while the shared setup runs: the restarted agentd starts the
+    // preparation over (its old sandbox deleted, the cache unmounted) and the task succeeds.
+    let id = create(
+        &d,
+        json!({"prompt": "after a restart", "workspace": {"path": path}, "agents": 2,
+               "setup": "echo started; sleep 4; echo done > $HOME/.cache/dep.txt; echo stamp > .setup-stamp"}),
+    );
+    wait_for(&d, &id, "setup under way", |v| {
+        v["prepared"]["workspace_ms"].as_u64().is_some()
+    });
+    d.restart(libc::SIGKILL);
+    let v = wait_done(&d, &id, Duration::from_secs(240));
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    assert_eq!(v["prepared"]["state"], "ready", "{v:#}");
+    let evs = events(&d, &id, None);
+    assert!(
+        kinds(&evs).contains(&"task.resumed".to_string()),
+        "{evs:#?}"
+    );
+    let patch = d
+        .call("GET", &format!("/v1/tasks/{id}/attempts/2/diff"), None)
+        .text();
+    assert!(patch.contains("+done"), "{patch}");
     delete_all(&d);
 }
 
