@@ -390,11 +390,17 @@ fn build_step(step: &Step, inputs: Vec<Vec<u8>>, cache: &Cache) -> Result<Layer>
     }
     for pkg in &step.npm {
         let tgz = fetch_npm(cache, pkg).map_err(step_err)?;
-        let mut wanted: std::collections::BTreeMap<String, &crate::recipe::NpmFile> = pkg
-            .files
-            .iter()
+        // A `src` ending in `/` takes the whole directory (every regular file below it).
+        let (dirs, files): (Vec<_>, Vec<_>) = pkg.files.iter().partition(|f| f.src.ends_with('/'));
+        let mut wanted: std::collections::BTreeMap<String, &crate::recipe::NpmFile> = files
+            .into_iter()
             .map(|f| (format!("package/{}", f.src.trim_start_matches('/')), f))
             .collect();
+        let dirs: Vec<(String, &crate::recipe::NpmFile)> = dirs
+            .into_iter()
+            .map(|f| (format!("package/{}", f.src.trim_start_matches('/')), f))
+            .collect();
+        let mut dir_files = vec![0usize; dirs.len()];
         let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(tgz.as_slice()));
         let read_err =
             |e: io::Error| step_err(format!("cannot read the {} tarball: {e}", pkg.package));
@@ -405,7 +411,37 @@ fn build_step(step: &Step, inputs: Vec<Vec<u8>>, cache: &Cache) -> Result<Layer>
                 .map_err(read_err)?
                 .to_string_lossy()
                 .into_owned();
-            if let Some(file) = wanted.remove(&path) {
+            let from_dir = dirs
+                .iter()
+                .enumerate()
+                .find_map(|(i, (prefix, f))| Some((i, path.strip_prefix(prefix.as_str())?, *f)));
+            if let Some((i, rest, dir)) = from_dir {
+                if !entry.header().entry_type().is_file() {
+                    continue;
+                }
+                if rest
+                    .split('/')
+                    .any(|c| c.is_empty() || c == "." || c == "..")
+                {
+                    return Err(step_err(format!(
+                        "{}@{}: refusing the path {path:?}",
+                        pkg.package, pkg.version
+                    )));
+                }
+                let exec = entry.header().mode().map_err(read_err)? & 0o111 != 0;
+                let mut bytes = Vec::new();
+                io::Read::read_to_end(&mut entry, &mut bytes).map_err(read_err)?;
+                layer.add(
+                    &format!("{}/{rest}", dir.dest.trim_end_matches('/')),
+                    Entry {
+                        kind: Kind::File(bytes),
+                        mode: if exec { 0o755 } else { 0o644 },
+                        uid: 0,
+                        gid: 0,
+                    },
+                );
+                dir_files[i] += 1;
+            } else if let Some(file) = wanted.remove(&path) {
                 let mut bytes = Vec::new();
                 io::Read::read_to_end(&mut entry, &mut bytes).map_err(read_err)?;
                 let mode = parse_mode(&file.mode).map_err(step_err)?;
@@ -423,6 +459,12 @@ fn build_step(step: &Step, inputs: Vec<Vec<u8>>, cache: &Cache) -> Result<Layer>
         if let Some(missing) = wanted.keys().next() {
             return Err(step_err(format!(
                 "{}@{} has no {missing}",
+                pkg.package, pkg.version
+            )));
+        }
+        if let Some(((missing, _), _)) = dirs.iter().zip(&dir_files).find(|(_, n)| **n == 0) {
+            return Err(step_err(format!(
+                "{}@{} has no files in {missing}",
                 pkg.package, pkg.version
             )));
         }
@@ -452,7 +494,10 @@ fn fetch_npm(
             return Ok(bytes);
         }
     }
-    let work = dir.join(format!("pack-{}", std::process::id()));
+    // Absolute: npm runs in it and is told to write there (a relative cache dir would name a
+    // path below itself).
+    let work = std::path::absolute(dir.join(format!("pack-{}", std::process::id())))
+        .map_err(|e| format!("cannot resolve the cache dir: {e}"))?;
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
     let spec = format!("{}@{}", pkg.package, pkg.version);
@@ -481,8 +526,10 @@ fn fetch_npm(
         }
         (true, None) => Err(format!("npm pack {spec} wrote no tarball")),
         (false, _) => Err(format!(
-            "npm pack {spec} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            "npm pack {spec} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
         )),
     };
     let _ = fs::remove_dir_all(&work);
@@ -770,6 +817,85 @@ pub fn import_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gzipped npm tarball of `files` (path below `package/`, mode, content) and its
+    /// `sha512-` integrity.
+    fn npm_tgz(files: &[(&str, u32, &str)]) -> (Vec<u8>, String) {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        for (path, mode, body) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(*mode);
+            h.set_entry_type(tar::EntryType::Regular);
+            // Set by hand: `set_path` refuses `..`, which a hostile tarball may hold.
+            let name = format!("package/{path}");
+            h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_cksum();
+            b.append(&h, body.as_bytes()).unwrap();
+        }
+        let tgz = b.into_inner().unwrap().finish().unwrap();
+        let integrity = format!(
+            "sha512-{}",
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha512::digest(&tgz))
+        );
+        (tgz, integrity)
+    }
+
+    fn npm_step(cache: &Cache, files: &[(&str, u32, &str)], take: &str) -> Result<Layer> {
+        use base64::Engine as _;
+        let (tgz, integrity) = npm_tgz(files);
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(integrity.strip_prefix("sha512-").unwrap())
+            .unwrap();
+        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        fs::create_dir_all(cache.dir.join("npm")).unwrap();
+        fs::write(cache.dir.join("npm").join(format!("{hex}.tgz")), &tgz).unwrap();
+        let step: Step = toml::from_str(&format!(
+            "name = \"n\"\nnpm = [{{ package = \"p\", version = \"1.0.0\", integrity = \"{integrity}\", files = [{take}] }}]\n"
+        ))
+        .unwrap();
+        build_step(&step, Vec::new(), cache)
+    }
+
+    #[test]
+    fn test_npm_dir_takes_every_file_below_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let files = [
+            ("bin/cli.js", 0o755, "#!/usr/bin/env node\n"),
+            ("lib/a.js", 0o644, "a"),
+            ("README.md", 0o644, "r"),
+        ];
+        let layer = npm_step(
+            &cache,
+            &files,
+            r#"{ src = "/", dest = "/usr/lib/node_modules/p" }"#,
+        )
+        .unwrap();
+        let cli = layer.get("usr/lib/node_modules/p/bin/cli.js").unwrap();
+        assert_eq!(cli.mode, 0o755);
+        assert_eq!(
+            layer.get("usr/lib/node_modules/p/lib/a.js").unwrap().mode,
+            0o644
+        );
+        assert!(layer.get("usr/lib/node_modules/p/README.md").is_some());
+        let layer = npm_step(&cache, &files, r#"{ src = "lib/", dest = "/opt/l" }"#).unwrap();
+        assert!(layer.get("opt/l/a.js").is_some() && layer.get("opt/l/cli.js").is_none());
+        let e = npm_step(&cache, &files, r#"{ src = "nothing/", dest = "/opt/n" }"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("has no files in package/nothing/"), "{e}");
+        let evil = [("lib/../../../etc/passwd", 0o644, "x")];
+        let e = npm_step(&cache, &evil, r#"{ src = "lib/", dest = "/opt/l" }"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("refusing the path"), "{e}");
+    }
 
     #[test]
     fn test_rfc3339() {

@@ -78,6 +78,11 @@ impl Layer {
         self.entries.insert(path, entry);
     }
 
+    /// The entry at `path` (relative to `/`).
+    pub fn get(&self, path: &str) -> Option<&Entry> {
+        self.entries.get(path)
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -142,7 +142,9 @@ pub struct NpmPackage {
     pub version: String,
     /// Subresource integrity of the tarball (`sha512-<base64>`).
     pub integrity: String,
-    /// Files to take, by path inside the package (without the tarball's `package/` prefix).
+    /// Files to take, by path inside the package (without the tarball's `package/` prefix);
+    /// a path ending in `/` takes every regular file below it (`""`-relative: `/` is the
+    /// whole package), executable ones 0755, the others 0644.
     pub files: Vec<NpmFile>,
 }
 

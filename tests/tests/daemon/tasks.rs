@@ -909,23 +909,33 @@ fn test_task_setup_runs_once_for_every_agent() {
 }
 
 fn python_image(d: &Daemon, registry: Option<&agentd_tests::registry::Registry>) -> String {
+    recipe_image(d, "python", registry)
+}
+
+/// Builds the image of `rootfs-builder/recipes/<name>.toml` and imports it as `name` (or
+/// pushes it to `registry` and pulls it from there).
+fn recipe_image(
+    d: &Daemon,
+    name: &str,
+    registry: Option<&agentd_tests::registry::Registry>,
+) -> String {
     let out_dir = tempfile::Builder::new()
-        .prefix("agentd-python-image-")
+        .prefix("agentd-recipe-image-")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let tar = out_dir.path().join("python.tar");
+    let tar = out_dir.path().join(format!("{name}.tar"));
     let t = Instant::now();
     let out = Command::new(agentd_tests::bin("rootfs-builder"))
         .arg("build")
-        .arg(agentd_tests::workspace_root().join("rootfs-builder/recipes/python.toml"))
+        .arg(agentd_tests::workspace_root().join(format!("rootfs-builder/recipes/{name}.toml")))
         .arg("--output")
         .arg(&tar)
-        .args(["--tag", "python", "--cache"])
+        .args(["--tag", name, "--cache"])
         .arg(agentd_tests::target_dir().join("rootfs-builder-cache"))
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", agentd_tests::describe(&out));
-    eprintln!("python image built in {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!("{name} image built in {:.1} s", t.elapsed().as_secs_f64());
     if let Some(registry) = registry {
         registry.push(
             &format!("oci-archive:{}:python", tar.display()),
@@ -947,10 +957,172 @@ fn python_image(d: &Daemon, registry: Option<&agentd_tests::registry::Registry>)
     let r = d.call(
         "POST",
         "/v1/images/import",
-        Some(json!({"path": tar.to_str().unwrap(), "name": "python"})),
+        Some(json!({"path": tar.to_str().unwrap(), "name": name})),
     );
     assert_eq!(r.status, 201, "{}", r.text());
-    "python".into()
+    name.into()
+}
+
+/// A real npm package (chalk 4.1.2, from the registry) with a bug, whose test needs its
+/// dependencies: the setup `npm ci` runs once through the allowlist (npm's own CA settings
+/// from `--egress-ca-file`), two agents fix it, `task apply` makes the branch, and `npm ci &&
+/// npm test` pass on the host. A second task of the same repository finds npm's downloads in
+/// its dependency cache.
+#[test]
+fn test_task_on_a_real_node_project_with_npm_ci_through_the_allowlist() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let dl = tempfile::Builder::new()
+        .prefix("agentd-npm-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let npm = |args: &[&str], dir: &Path| {
+        let out = Command::new("npm")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "npm {args:?}: {}",
+            agentd_tests::describe(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    npm(&["pack", "--silent", "chalk@4.1.2"], dl.path());
+    let ws = dl.path().join("chalk");
+    std::fs::create_dir(&ws).unwrap();
+    let out = Command::new("tar")
+        .args([
+            "-xzf",
+            "chalk-4.1.2.tgz",
+            "--strip-components=1",
+            "-C",
+            "chalk",
+        ])
+        .current_dir(dl.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    // Its own test tools (ava, xo, ...) are hundreds of packages: a test of its behaviour with
+    // Node's runner instead, which needs its runtime dependencies all the same.
+    let mut pkg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.join("package.json")).unwrap()).unwrap();
+    pkg.as_object_mut().unwrap().remove("devDependencies");
+    pkg["scripts"] = json!({"test": "node --test test/levels.test.js"});
+    std::fs::write(ws.join("package.json"), pkg.to_string()).unwrap();
+    std::fs::create_dir(ws.join("test")).unwrap();
+    std::fs::write(
+        ws.join("test/levels.test.js"),
+        "const test = require('node:test');\nconst assert = require('node:assert');\nconst chalk = require('..');\n\ntest('level 0 adds no codes', () => {\n  assert.strictEqual(new chalk.Instance({level: 0}).red('x'), 'x');\n});\n\ntest('level 1 colours', () => {\n  assert.strictEqual(new chalk.Instance({level: 1}).red('x'), '\\u001b[31mx\\u001b[39m');\n});\n",
+    )
+    .unwrap();
+    let src = std::fs::read_to_string(ws.join("source/index.js")).unwrap();
+    assert_eq!(src.matches("if (self.level <= 0 || !string) {").count(), 1);
+    std::fs::write(
+        ws.join("source/index.js"),
+        src.replace(
+            "if (self.level <= 0 || !string) {",
+            "if (self.level < 0 || !string) {",
+        ),
+    )
+    .unwrap();
+    npm(
+        &[
+            "install",
+            "--package-lock-only",
+            "--ignore-scripts",
+            "--no-audit",
+            "--no-fund",
+        ],
+        &ws,
+    );
+    std::fs::write(ws.join(".gitignore"), "node_modules/\n").unwrap();
+    git(&ws, &["init", "-q", "-b", "main"]);
+    git(&ws, &["add", "-A"]);
+    git(&ws, &["commit", "-q", "-m", "chalk 4.1.2 with a bug"]);
+
+    // The registry as npm names it; on this machine it resolves into a reserved range, which
+    // the admin's setting lets the proxy reach.
+    let registry = npm(&["config", "get", "registry"], dl.path());
+    let host = registry
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split(['/', ':']).next())
+        .unwrap()
+        .to_string();
+    let networks: Vec<String> = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), 443))
+        .unwrap()
+        .map(|a| format!("{}/32", a.ip()))
+        .collect();
+    let llm = MockLlm::start("sed -i 's/self.level < 0 ||/self.level <= 0 ||/' source/index.js");
+    let d = daemon(
+        &images,
+        &llm,
+        &[
+            "--task-grace",
+            "1",
+            "--egress-allow-networks",
+            &networks.join(","),
+            "--egress-ca-file",
+            "/etc/ssl/certs/ca-certificates.crt",
+        ],
+    );
+    recipe_image(&d, "node", None);
+    let setup = "npm ci --no-audit --no-fund";
+    let id = create(
+        &d,
+        json!({"prompt": "the level 0 test fails: fix it", "workspace": {"path": ws.to_str().unwrap()},
+               "image": "node", "agents": 2, "network": {"mode": "allowlist", "allow": [host]},
+               "setup": setup, "check": "npm test"}),
+    );
+    let v = wait_done(&d, &id, Duration::from_secs(600));
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    report_timings(&v);
+    let p = &v["prepared"];
+    assert_eq!(p["state"], "ready", "{v:#}");
+    assert_eq!(p["cache_reused"], false, "{p:#}");
+    assert!(
+        p["setup"]["output"].as_str().unwrap().contains("added"),
+        "{p:#}"
+    );
+    for a in v["attempts"].as_array().unwrap() {
+        assert_eq!(a["check"]["passed"], true, "{a:#}");
+        let patch = d
+            .call(
+                "GET",
+                &format!("/v1/tasks/{id}/attempts/{}/diff", a["attempt"]),
+                None,
+            )
+            .text();
+        assert!(
+            patch.contains("+\tif (self.level <= 0 || !string) {")
+                && !patch.contains("node_modules"),
+            "{patch}"
+        );
+    }
+    let first = p["setup_ms"].clone();
+    // The same repository again: npm ci takes the tarballs from the dependency cache.
+    let again = create(
+        &d,
+        json!({"prompt": "again", "workspace": {"path": ws.to_str().unwrap()},
+               "image": "node", "network": {"mode": "allowlist", "allow": [host]},
+               "setup": format!("{setup} --offline")}),
+    );
+    let v2 = wait_done(&d, &again, Duration::from_secs(600));
+    assert_eq!(v2["state"], "succeeded", "{v2:#}");
+    let p2 = &v2["prepared"];
+    assert_eq!(p2["cache_reused"], true, "{p2:#}");
+    eprintln!(
+        "npm ci: first {first} ms (empty cache), again {} ms (--offline: every tarball from the cache)",
+        p2["setup_ms"]
+    );
+    let out = task_apply(&d, &id, &ws, &[]);
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    git(&ws, &["checkout", "-q", &format!("agentd/{id}-1")]);
+    npm(&["ci", "--no-audit", "--no-fund"], &ws);
+    npm(&["test"], &ws);
+    delete_all(&d);
 }
 
 /// Any image is an agent image: a Debian python3 image that never heard of OpenCode, pulled
