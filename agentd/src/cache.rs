@@ -186,9 +186,31 @@ impl Caches {
 
     /// After a start: unmounts what a crash left mounted. Blocking.
     pub fn reconcile(&self) {
-        for e in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-            let _ = agentd_runtime::disk::unmount_at(&e.path().join("mnt"));
+        if let Some(state_dir) = self.dir.parent() {
+            for what in Caches::unmount_all(state_dir) {
+                tracing::info!("unmounted {what} left by a crash");
+            }
         }
+    }
+
+    /// Unmounts every cache of the state dir `state_dir` that is mounted; says which.
+    pub fn unmount_all(state_dir: &Path) -> Vec<String> {
+        let mut done = Vec::new();
+        for e in fs::read_dir(state_dir.join("caches"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let mnt = e.path().join("mnt");
+            // Mounted: a different device than its parent dir.
+            let dev = |p: &Path| fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+            if dev(&mnt).ok() != dev(&e.path()).ok()
+                && agentd_runtime::disk::unmount_at(&mnt).is_ok()
+            {
+                done.push(format!("dependency cache mount {}", mnt.display()));
+            }
+        }
+        done
     }
 }
 

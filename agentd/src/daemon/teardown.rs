@@ -50,6 +50,8 @@ pub fn run(args: TeardownArgs) -> anyhow::Result<u8> {
             removed.push(format!("sandbox {id}"));
         }
     }
+    // Dependency caches a crash left mounted (the sandboxes that used them are gone now).
+    removed.extend(crate::cache::Caches::unmount_all(&config.state_dir));
     removed.extend(crate::net::Network::teardown(&config.bridge)?);
     removed.extend(
         SandboxCgroup::remove_parent_dirs(&config.cgroup_parent)
