@@ -990,20 +990,7 @@ fn test_task_on_a_real_node_project_with_npm_ci_through_the_allowlist() {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     npm(&["pack", "--silent", "chalk@4.1.2"], dl.path());
-    let ws = dl.path().join("chalk");
-    std::fs::create_dir(&ws).unwrap();
-    let out = Command::new("tar")
-        .args([
-            "-xzf",
-            "chalk-4.1.2.tgz",
-            "--strip-components=1",
-            "-C",
-            "chalk",
-        ])
-        .current_dir(dl.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    let ws = untar(dl.path(), "chalk-4.1.2.tgz", "chalk");
     // Its own test tools (ava, xo, ...) are hundreds of packages: a test of its behaviour with
     // Node's runner instead, which needs its runtime dependencies all the same.
     let mut pkg: serde_json::Value =
@@ -1051,23 +1038,9 @@ fn test_task_on_a_real_node_project_with_npm_ci_through_the_allowlist() {
         .and_then(|r| r.split(['/', ':']).next())
         .unwrap()
         .to_string();
-    let networks: Vec<String> = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), 443))
-        .unwrap()
-        .map(|a| format!("{}/32", a.ip()))
-        .collect();
+    let networks = networks_of(std::slice::from_ref(&host));
     let llm = MockLlm::start("sed -i 's/self.level < 0 ||/self.level <= 0 ||/' source/index.js");
-    let d = daemon(
-        &images,
-        &llm,
-        &[
-            "--task-grace",
-            "1",
-            "--egress-allow-networks",
-            &networks.join(","),
-            "--egress-ca-file",
-            "/etc/ssl/certs/ca-certificates.crt",
-        ],
-    );
+    let d = registry_daemon(&images, &llm, &networks);
     recipe_image(&d, "node", None);
     let setup = "npm ci --no-audit --no-fund";
     let id = create(
@@ -1240,20 +1213,7 @@ fn test_task_on_a_real_python_project_with_setup_through_the_allowlist() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", agentd_tests::describe(&out));
-    let ws = dl.path().join("six");
-    std::fs::create_dir(&ws).unwrap();
-    let out = Command::new("tar")
-        .args([
-            "-xzf",
-            "six-1.16.0.tar.gz",
-            "--strip-components=1",
-            "-C",
-            "six",
-        ])
-        .current_dir(dl.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    let ws = untar(dl.path(), "six-1.16.0.tar.gz", "six");
     let src = std::fs::read_to_string(ws.join("six.py")).unwrap();
     assert_eq!(src.matches("return s.encode(\"latin-1\")").count(), 1);
     std::fs::write(
@@ -1273,27 +1233,9 @@ fn test_task_on_a_real_python_project_with_setup_through_the_allowlist() {
     .split_whitespace()
     .map(String::from)
     .collect();
-    let mut networks = Vec::new();
-    for h in &hosts {
-        for a in std::net::ToSocketAddrs::to_socket_addrs(&(h.as_str(), 443)).unwrap() {
-            networks.push(format!("{}/32", a.ip()));
-        }
-    }
+    let networks = networks_of(&hosts);
     let llm = MockLlm::start("sed -i 's/s.encode(\"utf-8\")/s.encode(\"latin-1\")/' six.py");
-    // This machine reaches its registries through a TLS proxy whose CA only the host's own
-    // bundle has: the admin's setting hands that bundle to allowlist sandboxes.
-    let d = daemon(
-        &images,
-        &llm,
-        &[
-            "--task-grace",
-            "1",
-            "--egress-allow-networks",
-            &networks.join(","),
-            "--egress-ca-file",
-            "/etc/ssl/certs/ca-certificates.crt",
-        ],
-    );
+    let d = registry_daemon(&images, &llm, &networks);
     python_image(&d, None);
     let check = ".venv/bin/python -m pytest -q -p no:cacheprovider test_six.py -k 'not test_move_items' 2>&1 | tail -3; exit ${PIPESTATUS[0]}";
     let id = create(
@@ -1373,6 +1315,47 @@ fn test_task_on_a_real_python_project_with_setup_through_the_allowlist() {
 /// pytest from the index through the proxy; run once and shared by the agents.
 const SIX_SETUP: &str =
     "python3 -m venv .venv && .venv/bin/pip install -q --disable-pip-version-check pytest";
+
+/// Unpacks `dir/tarball` (a package's tarball, one top dir) into `dir/name`.
+fn untar(dir: &Path, tarball: &str, name: &str) -> std::path::PathBuf {
+    let ws = dir.join(name);
+    std::fs::create_dir(&ws).unwrap();
+    let out = Command::new("tar")
+        .args(["-xzf", tarball, "--strip-components=1", "-C", name])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    ws
+}
+
+/// The addresses `hosts` resolve to, as /32 networks.
+fn networks_of(hosts: &[String]) -> Vec<String> {
+    let mut networks = Vec::new();
+    for h in hosts {
+        for a in std::net::ToSocketAddrs::to_socket_addrs(&(h.as_str(), 443)).unwrap() {
+            networks.push(format!("{}/32", a.ip()));
+        }
+    }
+    networks
+}
+
+/// A daemon whose egress proxy may reach `networks` (where this machine's package registries
+/// resolve: a reserved range) with the host's CA bundle (their TLS proxy's CA is only there).
+fn registry_daemon(images: &Path, llm: &MockLlm, networks: &[String]) -> Daemon {
+    daemon(
+        images,
+        llm,
+        &[
+            "--task-grace",
+            "1",
+            "--egress-allow-networks",
+            &networks.join(","),
+            "--egress-ca-file",
+            "/etc/ssl/certs/ca-certificates.crt",
+        ],
+    )
+}
 
 /// `s` as one single-quoted shell word.
 fn shell_words(s: &str) -> String {
