@@ -48,6 +48,8 @@ pub use events::MAX_EVENTS_BYTES;
 mod git;
 pub mod model;
 mod prepare;
+mod push;
+pub use push::{valid_branch, Pushed};
 mod setup;
 
 use agent::wait_ready;

@@ -691,6 +691,116 @@ pub async fn pin_git_url(raw: &str, allowed: &[Network]) -> Result<PinnedGit> {
     })
 }
 
+/// What [`push_patch`] is to push.
+pub struct Push<'a> {
+    /// The repository (as the task gave it).
+    pub url: &'a str,
+    /// The commit the change applies to (the workspace's commit).
+    pub source: &'a str,
+    /// The change, as `git apply` takes it (a file agentd wrote).
+    pub patch: &'a Path,
+    /// The commit message.
+    pub message: &'a str,
+    /// The branch to make; it must not exist there yet.
+    pub branch: &'a str,
+    /// A git credential-store file, if agentd was given one.
+    pub credentials: Option<&'a Path>,
+    /// For a push asked for over TCP: where git may connect ([`pin_git_url`]).
+    pub pin: Option<PinnedGit>,
+}
+
+/// Makes the change a commit on top of `source` and pushes it to `url` as a new branch: the
+/// remote's branches are fetched into a repository in `scratch` (emptied again), the patch is
+/// applied to `source`'s tree there (plumbing: no checkout, no hook), and the commit is pushed
+/// with `--force-with-lease=refs/heads/BRANCH:` (refused if the branch exists). Credentials
+/// come from `credentials` through git's `store` helper; nothing of them reaches a sandbox.
+/// Returns the commit.
+pub async fn push_patch(p: Push<'_>, scratch: &Path) -> Result<String> {
+    let repo = scratch.join("push");
+    let _ = tokio::fs::remove_dir_all(&repo).await;
+    let result = async {
+        let repo_s = repo.to_str().unwrap_or_default().to_string();
+        git("init", &["init", "-q", "--", &repo_s], None).await?;
+        let mut remote: Vec<String> = Vec::new();
+        let mut url = p.url.to_string();
+        if let Some(pin) = p.pin {
+            for c in pin.config {
+                remote.push("-c".into());
+                remote.push(c);
+            }
+            url = pin.url;
+        }
+        // Only the helper agentd names (none from the host's git config).
+        remote.push("-c".into());
+        remote.push("credential.helper=".into());
+        if let Some(f) = p.credentials {
+            let f = f.to_str().unwrap_or_default().replace('\'', "");
+            remote.push("-c".into());
+            remote.push(format!("credential.helper=store --file='{f}'"));
+        }
+        let args = |tail: &[&str]| -> Vec<String> {
+            let mut a = remote.clone();
+            a.extend(tail.iter().map(|s| s.to_string()));
+            a
+        };
+        let fetch = args(&[
+            "fetch",
+            "-q",
+            "--no-tags",
+            "--",
+            &url,
+            "+refs/heads/*:refs/remotes/origin/*",
+        ]);
+        let fetch: Vec<&str> = fetch.iter().map(String::as_str).collect();
+        git("fetch", &fetch, Some(&repo)).await?;
+        let source_commit = format!("{}^{{commit}}", p.source);
+        if git("cat-file", &["cat-file", "-e", &source_commit], Some(&repo))
+            .await
+            .is_err()
+        {
+            return Err(WorkspaceError::Invalid(format!(
+                "{} has no branch holding commit {} (the workspace's) any more: nothing to push onto",
+                p.url, p.source
+            )));
+        }
+        let patch = p.patch.to_str().unwrap_or_default();
+        git("read-tree", &["read-tree", p.source], Some(&repo)).await?;
+        git(
+            "apply",
+            &["apply", "--cached", "--whitespace=nowarn", "--", patch],
+            Some(&repo),
+        )
+        .await?;
+        let tree = git_out("write-tree", &["write-tree"], Some(&repo)).await?;
+        let commit = git_out(
+            "commit-tree",
+            &[
+                "-c",
+                "user.name=agentd",
+                "-c",
+                "user.email=agentd@localhost",
+                "commit-tree",
+                &tree,
+                "-p",
+                p.source,
+                "-m",
+                p.message,
+            ],
+            Some(&repo),
+        )
+        .await?;
+        let lease = format!("--force-with-lease=refs/heads/{}:", p.branch);
+        let refspec = format!("{commit}:refs/heads/{}", p.branch);
+        let push = args(&["push", "-q", "--no-verify", &lease, "--", &url, &refspec]);
+        let push: Vec<&str> = push.iter().map(String::as_str).collect();
+        git("push", &push, Some(&repo)).await?;
+        Ok(commit)
+    }
+    .await;
+    let _ = tokio::fs::remove_dir_all(&repo).await;
+    result
+}
+
 /// Clones `url` (at `git_ref`) on the host and archives the checkout, `.git` included, to
 /// `dest`. `scratch` is an empty dir agentd owns; it is emptied again. `pin`, for a URL from a
 /// TCP client, says where git may connect ([`pin_git_url`]).
@@ -778,6 +888,11 @@ pub async fn archive_git(
 
 /// Runs `git args` (in `cwd`), allowing only network protocols and never prompting.
 async fn git(what: &str, args: &[&str], cwd: Option<&PathBuf>) -> Result<()> {
+    git_out(what, args, cwd).await.map(|_| ())
+}
+
+/// Runs git like [`git`]; its stdout, trimmed.
+async fn git_out(what: &str, args: &[&str], cwd: Option<&PathBuf>) -> Result<String> {
     let mut cmd = tokio::process::Command::new("git");
     cmd.args(args)
         .env("GIT_ALLOW_PROTOCOL", GIT_PROTOCOLS)
@@ -811,7 +926,7 @@ async fn git(what: &str, args: &[&str], cwd: Option<&PathBuf>) -> Result<()> {
         Ok(Ok(out)) => out,
     };
     if out.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     let detail: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -184,6 +184,9 @@ routes! {
         "Attempt n's patch against the baseline (text/x-diff, for git apply)";
     GET "/v1/tasks/{id}/attempts/{n}/patch" => tasks::patch_route, query None, in [], out 200 [MBOX: text],
         "Attempt n's change as a git format-patch message (application/mbox, for git am): the task and its prompt in the commit message";
+    POST "/v1/tasks/{id}/attempts/{n}/push" => tasks::push_route, query None,
+        in [JSON: schema_of::<types::PushRequest>], out 200 [JSON: schema_of::<crate::task::Pushed>],
+        "Push attempt n's change to the task's git repository (a git-URL workspace) as a new branch, with agentd's git credentials file";
 }
 
 const TEXT_METRICS: &str = "text/plain";

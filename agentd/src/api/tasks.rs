@@ -182,6 +182,24 @@ pub(crate) async fn patch_route(
         .expect("valid response"))
 }
 
+/// `POST /v1/tasks/{id}/attempts/{n}/push`: attempt `n`'s change as a new branch of the
+/// task's git repository.
+pub(crate) async fn push_route(
+    State(mgr): State<Arc<Manager>>,
+    Extension(origin): Extension<Origin>,
+    Params(p): Params<Attempt>,
+    req: Req,
+) -> Reply {
+    let (tasks, task) = named(&mgr, &p.id)?;
+    let tcp = origin.token.is_some();
+    let body: super::types::PushRequest = read_json(req).await?;
+    let n: u32 =
+        p.n.parse()
+            .map_err(|_| ApiError::NotFound(format!("no attempt {:?} of task {}", p.n, p.id)))?;
+    let pushed = tasks.push(&task, n, body.branch, tcp).await?;
+    Ok(json(StatusCode::OK, &pushed))
+}
+
 /// Server-sent events: every event after `Last-Event-ID` (or `?after=`), then new ones as
 /// they happen, until `task.finished`.
 fn events(tasks: Arc<TaskManager>, task: Arc<Task>, after: u64) -> Response<Body> {

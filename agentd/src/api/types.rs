@@ -513,6 +513,15 @@ impl TaskView {
     }
 }
 
+/// `POST /v1/tasks/{id}/attempts/{n}/push`.
+#[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PushRequest {
+    /// The branch to make in the task's repository; it must not exist there
+    /// [default: agentd/<task>-<n>].
+    pub branch: Option<String>,
+}
+
 /// `GET /v1/tasks`.
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct TaskList {

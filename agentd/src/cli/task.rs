@@ -138,6 +138,17 @@ enum TaskCommand {
         #[arg(long)]
         base: Option<String>,
     },
+    /// Push an attempt's change (default: the best one) to the task's git repository (a git
+    /// URL workspace) as a new branch, with the credentials file agentd was given.
+    Push {
+        /// Task id.
+        id: String,
+        /// Attempt number.
+        attempt: Option<u32>,
+        /// The branch to create there [default: agentd/ID-N].
+        #[arg(long)]
+        branch: Option<String>,
+    },
     /// Cancel a task.
     Cancel {
         /// Task id.
@@ -405,6 +416,39 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                     },
                     repo.display(),
                     super::apply::short(&done.base),
+                );
+            }
+            Ok(0)
+        }
+        TaskCommand::Push {
+            id,
+            attempt,
+            branch,
+        } => {
+            let id = valid_id(&id)?;
+            let n = match attempt {
+                Some(n) => n,
+                None => best_attempt(sock, id, |a| a.has_patch, "changed anything").await?,
+            };
+            let body = serde_json::to_vec(&serde_json::json!({"branch": branch}))?;
+            let path = format!("/v1/tasks/{id}/attempts/{n}/push");
+            let reply = call(
+                sock,
+                Method::POST,
+                &path,
+                Some((body, "application/json")),
+                None,
+            )
+            .await?;
+            let v = check(&reply)?;
+            if args.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "pushed attempt {n} to {} as branch {} (commit {})",
+                    v["remote"].as_str().unwrap_or(""),
+                    v["branch"].as_str().unwrap_or(""),
+                    v["commit"].as_str().unwrap_or("")
                 );
             }
             Ok(0)

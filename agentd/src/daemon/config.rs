@@ -113,6 +113,10 @@ pub struct ServeArgs {
     /// /etc/ssl/certs/ca-certificates.crt). Copied into the state dir at start [default: none].
     #[arg(long, env = "AGENTD_EGRESS_CA_FILE")]
     pub egress_ca_file: Option<PathBuf>,
+    /// A git credential-store file (`https://user:token@host` lines, mode 0600) for pushing
+    /// attempts' branches to git-URL workspaces (`agentd task push`) [default: none].
+    #[arg(long, env = "AGENTD_GIT_CREDENTIALS")]
+    pub git_credentials: Option<PathBuf>,
     /// Most sandboxes at once [default: 64].
     #[arg(long, env = "AGENTD_MAX_SANDBOXES")]
     pub max_sandboxes: Option<usize>,
@@ -219,6 +223,8 @@ pub struct Config {
     pub egress_allow_networks: Vec<crate::workspace::Network>,
     /// The CA bundle allowlist sandboxes trust, as given.
     pub egress_ca_file: Option<PathBuf>,
+    /// The git credential-store file pushes use.
+    pub git_credentials: Option<PathBuf>,
     /// Most sandboxes at once.
     pub max_sandboxes: usize,
     /// Most memory committed in total, bytes.
@@ -351,6 +357,20 @@ impl Config {
                 Some(d)
             }
         };
+        let git_credentials = args.git_credentials.clone().map(abs);
+        if let Some(f) = &git_credentials {
+            let meta =
+                std::fs::metadata(f).with_context(|| format!("git_credentials {}", f.display()))?;
+            if !meta.is_file()
+                || std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0
+            {
+                bail!(
+                    "git_credentials {} must be a file only its owner reads: chmod 600 {}",
+                    f.display(),
+                    f.display()
+                );
+            }
+        }
         let dependency_cache = match args.dependency_cache {
             Some(v) if v.trim() == "none" => None,
             v => {
@@ -424,6 +444,7 @@ impl Config {
                 args.egress_allow_networks.as_deref(),
             )?,
             egress_ca_file: args.egress_ca_file.map(abs),
+            git_credentials,
             max_sandboxes,
             max_memory,
             sandbox_memory,

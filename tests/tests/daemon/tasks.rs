@@ -541,6 +541,257 @@ impl Drop for GitDaemon {
     }
 }
 
+/// A smart-HTTP git server on loopback: `git http-backend` behind a small CGI bridge, serving
+/// the repositories in `root`; reading is open, pushing needs Basic auth `user:password`.
+struct GitHttp {
+    url: String,
+}
+
+impl GitHttp {
+    fn start(root: &Path, user: &str, password: &str) -> GitHttp {
+        use base64::Engine as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let auth = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        let root = root.to_path_buf();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (root, auth) = (root.clone(), auth.clone());
+                std::thread::spawn(move || {
+                    let _ = GitHttp::serve(conn, &root, &auth);
+                });
+            }
+        });
+        GitHttp {
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// One request (the connection closes after it).
+    fn serve(conn: std::net::TcpStream, root: &Path, auth: &str) -> std::io::Result<()> {
+        use std::io::{BufRead, Read, Write};
+        let mut r = std::io::BufReader::new(conn.try_clone()?);
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let mut parts = line.split_whitespace();
+        let (method, target) = (
+            parts.next().unwrap_or("").to_string(),
+            parts.next().unwrap_or("").to_string(),
+        );
+        let mut headers = std::collections::HashMap::new();
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+        let len: usize = headers
+            .get("content-length")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            !headers.contains_key("transfer-encoding"),
+            "the test server takes Content-Length bodies only"
+        );
+        let mut body = vec![0; len];
+        r.read_exact(&mut body)?;
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let mut w = conn;
+        let push = query.contains("git-receive-pack") || path.ends_with("/git-receive-pack");
+        let authed = headers.get("authorization").map(String::as_str) == Some(auth);
+        if push && !authed {
+            w.write_all(b"HTTP/1.0 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\n\r\n")?;
+            return Ok(());
+        }
+        let mut cmd = Command::new("git");
+        cmd.arg("http-backend")
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("GIT_PROJECT_ROOT", root)
+            .env("GIT_HTTP_EXPORT_ALL", "1")
+            .env("REQUEST_METHOD", &method)
+            .env("PATH_INFO", path)
+            .env("QUERY_STRING", query)
+            .env("REMOTE_ADDR", "127.0.0.1")
+            .env("CONTENT_LENGTH", len.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        if let Some(t) = headers.get("content-type") {
+            cmd.env("CONTENT_TYPE", t);
+        }
+        if let Some(enc) = headers.get("content-encoding") {
+            cmd.env("HTTP_CONTENT_ENCODING", enc);
+        }
+        if authed {
+            cmd.env("REMOTE_USER", "agentd");
+        }
+        let mut child = cmd.spawn()?;
+        child.stdin.take().unwrap().write_all(&body)?;
+        let out = child.wait_with_output()?;
+        let split = out
+            .stdout
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| (i, 4))
+            .or_else(|| {
+                out.stdout
+                    .windows(2)
+                    .position(|w| w == b"\n\n")
+                    .map(|i| (i, 2))
+            })
+            .unwrap_or((out.stdout.len(), 0));
+        let head = String::from_utf8_lossy(&out.stdout[..split.0]).to_string();
+        let rest = &out.stdout[split.0 + split.1..];
+        let mut status = "200 OK".to_string();
+        let mut reply = String::new();
+        for h in head.lines() {
+            match h.strip_prefix("Status:") {
+                Some(s) => status = s.trim().to_string(),
+                None => reply.push_str(&format!("{h}\r\n")),
+            }
+        }
+        w.write_all(
+            format!(
+                "HTTP/1.0 {status}\r\n{reply}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                rest.len()
+            )
+            .as_bytes(),
+        )?;
+        w.write_all(rest)
+    }
+}
+
+/// Pushing an attempt's change to a git-URL workspace: with agentd's credentials file the
+/// branch appears in the repository, on the workspace's commit, with the agent's change; a
+/// wrong password, an existing branch, a bad name and a local workspace are refused with the
+/// reason; the CLI pushes too.
+#[test]
+fn test_task_push_to_a_git_url_with_credentials() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let base = tempfile::Builder::new()
+        .prefix("agentd-git-http-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let src = make_workspace();
+    git(src.path(), &["init", "-q", "-b", "main"]);
+    git(src.path(), &["add", "-A"]);
+    git(src.path(), &["commit", "-q", "-m", "start"]);
+    // Its stdout without the last newline.
+    let git = |dir: &Path, args: &[&str]| git(dir, args).trim_end().to_string();
+    let main = git(src.path(), &["rev-parse", "HEAD"]);
+    let bare = base.path().join("origin.git");
+    git(
+        base.path(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            src.path().to_str().unwrap(),
+            "origin.git",
+        ],
+    );
+    let server = GitHttp::start(base.path(), "agentd", "s3cret");
+    let creds = base.path().join("credentials");
+    let write_creds = |password: &str| {
+        std::fs::write(
+            &creds,
+            format!(
+                "{}\n",
+                server
+                    .url
+                    .replace("http://", &format!("http://agentd:{password}@"))
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+    };
+    write_creds("wrong");
+    let llm = MockLlm::start("echo four >> src/lib.txt");
+    let d = daemon(
+        &images,
+        &llm,
+        &["--git-credentials", creds.to_str().unwrap()],
+    );
+    let url = format!("{}/origin.git", server.url);
+    let id = create(&d, json!({"prompt": "add four", "workspace": {"git": url}}));
+    let v = wait_done(&d, &id, Duration::from_secs(180));
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    let push = |body: serde_json::Value| {
+        d.call(
+            "POST",
+            &format!("/v1/tasks/{id}/attempts/1/push"),
+            Some(body),
+        )
+    };
+    let r = push(json!({}));
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("git push failed"), "{}", r.text());
+    let branches = || git(&bare, &["branch", "--list"]);
+    assert!(!branches().contains("agentd/"), "{}", branches());
+
+    write_creds("s3cret");
+    let r = push(json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let p = r.json();
+    let branch = format!("agentd/{id}-1");
+    assert_eq!(p["branch"], branch.as_str(), "{p:#}");
+    assert_eq!(p["remote"], url.as_str(), "{p:#}");
+    let commit = p["commit"].as_str().unwrap();
+    assert_eq!(git(&bare, &["rev-parse", &branch]), commit);
+    assert_eq!(git(&bare, &["rev-parse", &format!("{commit}^")]), main);
+    let file = git(&bare, &["show", &format!("{commit}:src/lib.txt")]);
+    assert_eq!(file, "one\ntwo\nthree\nfour");
+    let subject = git(&bare, &["log", "-1", "--format=%s", commit]);
+    assert!(
+        subject.contains(&id) && subject.contains("add four"),
+        "{subject}"
+    );
+    // The same branch again: refused, the branch unchanged.
+    let r = push(json!({}));
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(git(&bare, &["rev-parse", &branch]), commit);
+    let r = push(json!({"branch": "../x"}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    // The CLI, to a branch of the caller's choosing.
+    let out = Command::new(agentd_tests::bin("agentd"))
+        .args(["task", "push", &id, "1", "--branch", "review/four"])
+        .env("AGENTD_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("as branch review/four"),
+        "{}",
+        agentd_tests::describe(&out)
+    );
+    assert_eq!(git(&bare, &["rev-parse", "review/four^"]), main);
+    // A local workspace has nowhere to push to.
+    let local = create(
+        &d,
+        json!({"prompt": "add four", "workspace": {"path": src.path()}}),
+    );
+    wait_done(&d, &local, Duration::from_secs(180));
+    let r = d.call(
+        "POST",
+        &format!("/v1/tasks/{local}/attempts/1/push"),
+        Some(json!({})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("agentd task apply"), "{}", r.text());
+    delete_all(&d);
+}
+
 /// `git args` in `dir` (as user t), which must succeed; its stdout.
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
