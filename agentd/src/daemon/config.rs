@@ -599,6 +599,30 @@ mod tests {
     }
 
     #[test]
+    fn test_git_credentials_must_be_private_and_caches_sized() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("credentials");
+        std::fs::write(&f, "https://u:t@git.example\n").unwrap();
+        let load = |dependency_cache: Option<&str>| {
+            Config::load(ServeArgs {
+                git_credentials: Some(f.clone()),
+                dependency_cache: dependency_cache.map(String::from),
+                ..Default::default()
+            })
+        };
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load(None).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = load(None).unwrap();
+        assert_eq!(c.git_credentials.as_deref(), Some(f.as_path()));
+        assert_eq!(c.dependency_cache, Some(4 << 30));
+        assert_eq!(load(Some("none")).unwrap().dependency_cache, None);
+        assert!(load(Some("1m")).is_err());
+    }
+
+    #[test]
     fn test_cidr() {
         assert_eq!(
             parse_cidr("10.1.0.0/16").unwrap(),
