@@ -753,6 +753,24 @@ pub async fn push_patch(p: Push<'_>, scratch: &Path) -> Result<String> {
         ]);
         let fetch: Vec<&str> = fetch.iter().map(String::as_str).collect();
         git("fetch", &fetch, Some(&repo)).await?;
+        // Checked here too (the lease below refuses it as well, except when the branch holds
+        // the very commit made now: then git says "up to date").
+        let existing = format!("refs/remotes/origin/{}", p.branch);
+        if let Ok(at) = git_out(
+            "rev-parse",
+            &["rev-parse", "--verify", "--quiet", &existing],
+            Some(&repo),
+        )
+        .await
+        {
+            return Err(WorkspaceError::Git {
+                what: "push".into(),
+                detail: format!(
+                    "branch {} exists in {} already (at {at}): pick another name",
+                    p.branch, p.url
+                ),
+            });
+        }
         let source_commit = format!("{}^{{commit}}", p.source);
         if git("cat-file", &["cat-file", "-e", &source_commit], Some(&repo))
             .await

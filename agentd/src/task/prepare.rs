@@ -188,6 +188,9 @@ impl TaskManager {
             p.sandbox = Some(sb.snapshot().id);
             p.sandbox_ms = Some(ms_now);
         });
+        // A cancel or the time limit ends the preparation between its steps (and the
+        // setup with its sandbox).
+        still_wanted(task)?;
         wait_ready(&sb).await.map_err(Outcome::Lost)?;
 
         let t = Instant::now();
@@ -201,6 +204,7 @@ impl TaskManager {
             p.source = source;
             p.workspace_ms = Some(ws_ms);
         });
+        still_wanted(task)?;
 
         let command = rec.request.setup.clone().unwrap_or_default();
         match self.run_setup(task, 0, &sb, &command, deadline_ms).await {
@@ -214,6 +218,7 @@ impl TaskManager {
                 return Err(outcome);
             }
         }
+        still_wanted(task)?;
 
         let t = Instant::now();
         let stats = match self.mgr.take_layer(&sb, &layer).await {
@@ -354,6 +359,14 @@ impl TaskManager {
         if let (Some(cache), Some(caches)) = (held, self.caches.clone()) {
             let _ = tokio::task::spawn_blocking(move || caches.release(cache)).await;
         }
+    }
+}
+
+/// Fails once the task is told to stop.
+fn still_wanted(task: &Task) -> std::result::Result<(), Outcome> {
+    match *task.stop_tx.borrow() {
+        Some(_) => Err(Outcome::Lost("the task stopped".into())),
+        None => Ok(()),
     }
 }
 

@@ -760,6 +760,7 @@ fn test_task_push_to_a_git_url_with_credentials() {
     // The same branch again: refused, the branch unchanged.
     let r = push(json!({}));
     assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("exists"), "{}", r.text());
     assert_eq!(git(&bare, &["rev-parse", &branch]), commit);
     let r = push(json!({"branch": "../x"}));
     assert_eq!(r.status, 400, "{}", r.text());
@@ -1156,6 +1157,28 @@ fn test_task_setup_runs_once_for_every_agent() {
         .call("GET", &format!("/v1/tasks/{id}/attempts/2/diff"), None)
         .text();
     assert!(patch.contains("+done"), "{patch}");
+
+    // A cancel while the shared setup runs ends it at once: its sandbox goes, every attempt
+    // is cancelled, no agent starts.
+    let id = create(
+        &d,
+        json!({"prompt": "never", "workspace": {"path": path}, "agents": 2, "setup": "sleep 300"}),
+    );
+    wait_for(&d, &id, "setup under way", |v| {
+        v["prepared"]["workspace_ms"].as_u64().is_some()
+    });
+    let t = Instant::now();
+    let r = d.call("POST", &format!("/v1/tasks/{id}/cancel"), None);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let v = wait_done(&d, &id, Duration::from_secs(60));
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert_eq!(v["state"], "cancelled", "{v:#}");
+    assert_eq!(v["prepared"]["state"], "failed", "{v:#}");
+    assert!(v["prepared"]["sandbox"].is_null(), "{v:#}");
+    for a in v["attempts"].as_array().unwrap() {
+        assert_eq!(a["state"], "cancelled", "{a:#}");
+        assert!(a["sandbox"].is_null(), "{a:#}");
+    }
     delete_all(&d);
 }
 
