@@ -691,6 +691,20 @@ pub async fn pin_git_url(raw: &str, allowed: &[Network]) -> Result<PinnedGit> {
     })
 }
 
+/// The URL git is given and its `-c` options: `url` as is, or as `pin` says.
+fn pinned(url: &str, pin: Option<PinnedGit>) -> (String, Vec<String>) {
+    match pin {
+        None => (url.to_string(), Vec::new()),
+        Some(p) => (
+            p.url,
+            p.config
+                .into_iter()
+                .flat_map(|c| ["-c".to_string(), c])
+                .collect(),
+        ),
+    }
+}
+
 /// What [`push_patch`] is to push.
 pub struct Push<'a> {
     /// The repository (as the task gave it).
@@ -721,15 +735,7 @@ pub async fn push_patch(p: Push<'_>, scratch: &Path) -> Result<String> {
     let result = async {
         let repo_s = repo.to_str().unwrap_or_default().to_string();
         git("init", &["init", "-q", "--", &repo_s], None).await?;
-        let mut remote: Vec<String> = Vec::new();
-        let mut url = p.url.to_string();
-        if let Some(pin) = p.pin {
-            for c in pin.config {
-                remote.push("-c".into());
-                remote.push(c);
-            }
-            url = pin.url;
-        }
+        let (url, mut remote) = pinned(p.url, p.pin);
         // Only the helper agentd names (none from the host's git config).
         remote.push("-c".into());
         remote.push("credential.helper=".into());
@@ -832,15 +838,7 @@ pub async fn archive_git(
 ) -> Result<WorkspaceInfo> {
     let checkout = scratch.join("checkout");
     let result = async {
-        let mut args: Vec<String> = Vec::new();
-        let mut url = url.to_string();
-        if let Some(p) = pin {
-            for c in p.config {
-                args.push("-c".into());
-                args.push(c);
-            }
-            url = p.url;
-        }
+        let (url, mut args) = pinned(url, pin);
         args.extend(
             [
                 "clone",

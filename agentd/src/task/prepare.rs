@@ -98,13 +98,9 @@ impl TaskManager {
             if let Some((state, why)) = failed {
                 // The setup's output is in the events and on the attempts: the sandbox goes
                 // now, and with it its hold on the cache.
-                let sandbox = task.snapshot().prepared.and_then(|p| p.sandbox);
-                if let Some(sb) = sandbox.and_then(|id| self.mgr.get(&id).ok()) {
-                    let _ = self.mgr.delete(&sb).await;
-                }
+                self.delete_prep_sandbox(task).await;
                 self.release_cache(&rec.id).await;
                 self.update_prepared(task, |p| {
-                    p.sandbox = None;
                     p.state = PreparedState::Failed;
                     p.error = Some(why.clone());
                 });
@@ -124,10 +120,7 @@ impl TaskManager {
             return Err((TaskState::Failed, "internal error: nothing prepared".into()));
         };
         // Ready before a restart, with its sandbox not yet deleted.
-        if let Some(sb) = p.sandbox.as_ref().and_then(|id| self.mgr.get(id).ok()) {
-            let _ = self.mgr.delete(&sb).await;
-            self.update_prepared(task, |p| p.sandbox = None);
-        }
+        self.delete_prep_sandbox(task).await;
         for a in rec.attempts.iter() {
             if a.state.is_terminal() || a.sandbox.is_some() || a.baseline.is_some() {
                 continue;
@@ -152,14 +145,7 @@ impl TaskManager {
     ) -> std::result::Result<(), Outcome> {
         let rec = task.snapshot();
         // Whatever a preparation cut short by a restart left: its sandbox and its layer.
-        if let Some(sb) = rec
-            .prepared
-            .as_ref()
-            .and_then(|p| p.sandbox.as_ref())
-            .and_then(|id| self.mgr.get(id).ok())
-        {
-            let _ = self.mgr.delete(&sb).await;
-        }
+        self.delete_prep_sandbox(task).await;
         let layer = self.layer_path(&rec.id);
         let l2 = layer.clone();
         tokio::task::spawn_blocking(move || agentd_runtime::tree::remove_tree(&l2))
@@ -256,6 +242,16 @@ impl TaskManager {
         Ok(())
     }
 
+    /// Deletes the preparation's sandbox, if it has one, and forgets it.
+    async fn delete_prep_sandbox(&self, task: &Arc<Task>) {
+        let sandbox = task.snapshot().prepared.and_then(|p| p.sandbox);
+        let Some(id) = sandbox else { return };
+        if let Ok(sb) = self.mgr.get(&id) {
+            let _ = self.mgr.delete(&sb).await;
+        }
+        self.update_prepared(task, |p| p.sandbox = None);
+    }
+
     /// Removes the task's prepared layer once no sandbox holds it (else a later call does).
     pub(super) async fn remove_prepared(&self, task: &Arc<Task>) {
         let rec = task.snapshot();
@@ -263,9 +259,7 @@ impl TaskManager {
         if p.removed {
             return;
         }
-        if let Some(sb) = p.sandbox.as_ref().and_then(|id| self.mgr.get(id).ok()) {
-            let _ = self.mgr.delete(&sb).await;
-        }
+        self.delete_prep_sandbox(task).await;
         self.release_cache(&rec.id).await;
         let path = self.layer_path(&rec.id);
         let removed = tokio::task::spawn_blocking(move || {
@@ -283,10 +277,7 @@ impl TaskManager {
         .await
         .unwrap_or(false);
         if removed {
-            self.update_prepared(task, |p| {
-                p.removed = true;
-                p.sandbox = None;
-            });
+            self.update_prepared(task, |p| p.removed = true);
         }
     }
 }
