@@ -2,7 +2,7 @@
 //!
 //! A sandbox has no route beyond the bridge, and agentd's firewall chain lets it reach only
 //! the gateway and this proxy on the host, so a tool that ignores the proxy fails at once
-//! (no route, no DNS). In `allowlist` mode the sandbox's environment names this proxy
+//! (no route, no DNS); mode `open` is agentd's userspace NAT ([`open`]). In `allowlist` mode the sandbox's environment names this proxy
 //! (`HTTP_PROXY`, `HTTPS_PROXY`, lower case too, `NO_PROXY` for the gateway), and the proxy
 //! forwards `CONNECT host:port` (HTTPS and anything tunnelled) and plain `http://` requests
 //! to hosts on the sandbox's allow list, resolving names itself (no DNS in the sandbox) and
@@ -26,6 +26,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::net::PeerSlot;
 use crate::sandbox::{now_ms, Manager};
+
+pub mod open;
 
 /// Most proxied connections at once.
 const MAX_CONNECTIONS: usize = 1024;
@@ -55,7 +57,7 @@ pub enum EgressMode {
     None,
     /// Hosts on the allow list, through agentd's HTTP(S) proxy.
     Allowlist,
-    /// Anything public (not available yet).
+    /// Any public address, through agentd's NAT (TCP, and DNS through agentd's relay).
     Open,
 }
 
@@ -75,7 +77,8 @@ impl EgressMode {
 #[serde(deny_unknown_fields)]
 pub struct NetworkPolicy {
     /// `none` (default: only the LLM gateway), `allowlist` (the hosts in `allow`, through
-    /// agentd's proxy) or `open`.
+    /// agentd's proxy) or `open` (any public address: TCP through agentd's NAT, DNS through
+    /// its relay; internal addresses refused).
     #[serde(default)]
     pub mode: EgressMode,
     /// Hosts (`example.org`, `*.example.org` for its subdomains, `host:port`; ports 80 and
@@ -151,10 +154,12 @@ fn valid_host(h: &str) -> bool {
         })
 }
 
-/// Checks a policy and expands its presets: the rules the proxy enforces.
+/// Checks a policy and expands its presets: the rules the proxy enforces. `open_enabled`:
+/// the admin lets sandboxes ask for mode open (`egress_open`).
 pub fn compile(
     policy: &NetworkPolicy,
     presets: &std::collections::BTreeMap<String, Vec<String>>,
+    open_enabled: bool,
 ) -> Result<Vec<Rule>, String> {
     if policy.allow.len() > MAX_ALLOW {
         return Err(format!("network.allow has more than {MAX_ALLOW} entries"));
@@ -163,11 +168,14 @@ pub fn compile(
         EgressMode::None if !policy.allow.is_empty() => {
             return Err("network.allow needs mode allowlist (none allows nothing)".into())
         }
-        EgressMode::Open => {
+        EgressMode::Open if !open_enabled => {
             return Err(
-                "network mode open is not available yet: use allowlist with the hosts the sandbox needs"
+                "network mode open is turned off on this agentd (egress_open = false): use allowlist with the hosts the sandbox needs"
                     .into(),
             )
+        }
+        EgressMode::Open if !policy.allow.is_empty() => {
+            return Err("network.allow needs mode allowlist (open allows every public address)".into())
         }
         _ => {}
     }
@@ -311,7 +319,7 @@ async fn handle(mgr: &Arc<Manager>, mut stream: TcpStream, peer: SocketAddr) {
         bytes_in: 0,
     };
     let rules = if policy.mode == EgressMode::Allowlist {
-        compile(&policy, &mgr.config.egress_presets).unwrap_or_default()
+        compile(&policy, &mgr.config.egress_presets, false).unwrap_or_default()
     } else {
         Vec::new()
     };
@@ -717,17 +725,28 @@ mod tests {
         let rules = compile(
             &p(EgressMode::Allowlist, &["pkgs", "c.example:8080"]),
             &presets,
+            true,
         )
         .unwrap();
         assert_eq!(rules.len(), 3);
-        assert!(compile(&p(EgressMode::None, &["a.example"]), &presets)
-            .unwrap_err()
-            .contains("allowlist"));
-        assert!(compile(&p(EgressMode::Open, &[]), &presets)
-            .unwrap_err()
-            .contains("not available yet"));
         assert!(
-            compile(&p(EgressMode::Allowlist, &["not a host"]), &presets)
+            compile(&p(EgressMode::None, &["a.example"]), &presets, true)
+                .unwrap_err()
+                .contains("allowlist")
+        );
+        assert!(compile(&p(EgressMode::Open, &[]), &presets, true)
+            .unwrap()
+            .is_empty());
+        assert!(compile(&p(EgressMode::Open, &[]), &presets, false)
+            .unwrap_err()
+            .contains("egress_open = false"));
+        assert!(
+            compile(&p(EgressMode::Open, &["a.example"]), &presets, true)
+                .unwrap_err()
+                .contains("allowlist")
+        );
+        assert!(
+            compile(&p(EgressMode::Allowlist, &["not a host"]), &presets, true)
                 .unwrap_err()
                 .contains("presets: pkgs")
         );

@@ -5,8 +5,9 @@
 //! *isolated* (`brport/isolated`): isolated ports cannot exchange frames, so sandbox A cannot
 //! reach sandbox B, only the bridge itself. IPv4 forwarding is off on the bridge
 //! (`conf/<bridge>/forwarding = 0`), so nothing a sandbox sends is routed beyond the host even
-//! when the host forwards between other interfaces, and sandboxes get no default route. IPv6
-//! is disabled on the bridge.
+//! when the host forwards between other interfaces. Sandboxes get no default route, except in
+//! network mode open, whose traffic agentd's NAT chain redirects to agentd itself (a userspace
+//! NAT, `egress::open`): still nothing is routed. IPv6 is disabled on the bridge.
 //!
 //! Ownership: the bridge outlives agentd's restarts (running sandboxes stay attached to it);
 //! a sandbox's pair is created by its shim between create and start (`NetworkMode::Veth`, the
@@ -128,12 +129,21 @@ impl Network {
         format!("AGENTD-{}", self.bridge)
     }
 
-    /// Lets sandboxes reach only `ports` (the gateway's, the egress proxy's) on the host: packets arriving from the
-    /// bridge go through agentd's own iptables chain, which accepts replies and the gateway
-    /// and drops the rest. Without it, any service listening on the host's 0.0.0.0 would be
-    /// reachable from every sandbox at the bridge's address. The chain and its jump belong to
-    /// the bridge and are (re)made at every start.
-    pub fn firewall(&self, ports: &[u16]) -> io::Result<()> {
+    /// The name of the `nat` chain that redirects open sandboxes' traffic to agentd.
+    fn nat_chain(bridge: &str) -> String {
+        format!("AGENTD-NAT-{bridge}")
+    }
+
+    /// Lets sandboxes reach only `ports` (the gateway's, the egress proxy's) and `nat_port`
+    /// (TCP and UDP) on the host: packets arriving from the bridge go through agentd's own
+    /// iptables chain, which accepts replies and those ports and drops the rest. Without it,
+    /// any service listening on the host's 0.0.0.0 would be reachable from every sandbox at
+    /// the bridge's address. With `nat_port`, agentd's `nat` chain redirects what sandboxes
+    /// send beyond the subnet (TCP) and their DNS queries (UDP port 53, to any address) to
+    /// that port on the bridge's address, where network mode open is served; only open
+    /// sandboxes have a route beyond the subnet. The chains and their jumps belong to the
+    /// bridge and are (re)made at every start; without `nat_port` the `nat` chain is removed.
+    pub fn firewall(&self, ports: &[u16], nat_port: Option<u16>) -> io::Result<()> {
         let chain = self.chain();
         let ipt = |args: &[&str]| -> io::Result<bool> {
             tracing::debug!(?args, "iptables");
@@ -158,6 +168,7 @@ impl Network {
             }
         }
         let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let nat = nat_port.map(|p| p.to_string());
         let mut rules: Vec<Vec<&str>> = vec![vec![
             "-A",
             &chain,
@@ -168,9 +179,14 @@ impl Network {
             "-j",
             "ACCEPT",
         ]];
-        for port in &ports {
+        for port in ports.iter().chain(&nat) {
             rules.push(vec![
                 "-A", &chain, "-p", "tcp", "--dport", port, "-j", "ACCEPT",
+            ]);
+        }
+        if let Some(port) = &nat {
+            rules.push(vec![
+                "-A", &chain, "-p", "udp", "--dport", port, "-j", "ACCEPT",
             ]);
         }
         rules.push(vec!["-A", &chain, "-j", "DROP"]);
@@ -185,7 +201,86 @@ impl Network {
                 "iptables: cannot add the jump to {chain}"
             )));
         }
+        let nat_chain = Self::nat_chain(&self.bridge);
+        let Some(port) = &nat else {
+            Self::remove_nat(&self.bridge);
+            return Ok(());
+        };
+        if !ipt(&["-t", "nat", "-N", &nat_chain])? && !ipt(&["-t", "nat", "-F", &nat_chain])? {
+            return Err(io::Error::other(format!(
+                "iptables: cannot flush chain {nat_chain} of table nat"
+            )));
+        }
+        let bridge_addr = self.bridge_addr.to_string();
+        let subnet = format!("{}/{}", self.subnet, self.prefix_len);
+        let rules: [Vec<&str>; 4] = [
+            // DNS to any address: the relay (it answers only open sandboxes).
+            vec![
+                "-A",
+                &nat_chain,
+                "-p",
+                "udp",
+                "--dport",
+                "53",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                port,
+            ],
+            // The gateway, the proxy and the firewall above: untouched.
+            vec!["-A", &nat_chain, "-d", &bridge_addr, "-j", "RETURN"],
+            vec!["-A", &nat_chain, "-d", &subnet, "-j", "RETURN"],
+            vec![
+                "-A",
+                &nat_chain,
+                "-p",
+                "tcp",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                port,
+            ],
+        ];
+        for r in &rules {
+            let r: Vec<&str> = [&["-t", "nat"][..], r].concat();
+            if !ipt(&r)? {
+                return Err(io::Error::other(format!("iptables: cannot add {r:?}")));
+            }
+        }
+        let jump = [
+            "-t",
+            "nat",
+            "PREROUTING",
+            "-i",
+            self.bridge.as_str(),
+            "-j",
+            nat_chain.as_str(),
+        ];
+        let with = |op: &'static str| -> Vec<&str> {
+            let mut v = vec!["-t", "nat", op];
+            v.extend_from_slice(&jump[2..]);
+            v
+        };
+        if !ipt(&with("-C"))? && !ipt(&with("-I"))? {
+            return Err(io::Error::other(format!(
+                "iptables: cannot add the jump to {nat_chain}"
+            )));
+        }
         Ok(())
+    }
+
+    /// Removes the `nat` chain of `bridge` and its jump; whether there was one.
+    fn remove_nat(bridge: &str) -> bool {
+        let chain = Self::nat_chain(bridge);
+        let ipt = |args: &[&str]| {
+            std::process::Command::new("iptables")
+                .arg("-w")
+                .args(args)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        while ipt(&["-t", "nat", "-D", "PREROUTING", "-i", bridge, "-j", &chain]) {}
+        ipt(&["-t", "nat", "-F", &chain]) && ipt(&["-t", "nat", "-X", &chain])
     }
 
     /// Removes what [`Network::setup`] and [`Network::firewall`] made for `bridge`: the jump to
@@ -210,6 +305,12 @@ impl Network {
         }
         if ipt(&["-F", &chain]) && ipt(&["-X", &chain]) {
             removed.push(format!("iptables: chain {chain}"));
+        }
+        if Self::remove_nat(bridge) {
+            removed.push(format!(
+                "iptables: chain {} of table nat and its jump",
+                Self::nat_chain(bridge)
+            ));
         }
         let bridge_net = Network {
             bridge: bridge.to_string(),

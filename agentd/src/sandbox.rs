@@ -313,7 +313,7 @@ impl<'de> Deserialize<'de> for NetworkRequest {
         let v = serde_json::Value::deserialize(d)?;
         let said = |e: serde_json::Error| {
             D::Error::custom(format!(
-                "network: {e} (give \"none\", \"allowlist\" or {{\"mode\": \"allowlist\", \"allow\": [\"host\", ...]}})"
+                "network: {e} (give \"none\", \"open\", \"allowlist\" or {{\"mode\": \"allowlist\", \"allow\": [\"host\", ...]}})"
             ))
         };
         match v {
@@ -527,8 +527,13 @@ impl Manager {
         })?;
         let net = Network::setup(&config.bridge, config.subnet, config.prefix_len)
             .context("failed to set up the sandbox bridge")?;
-        net.firewall(&[config.gateway_port, config.egress_port])
-            .context("failed to keep sandboxes off the host's ports")?;
+        net.firewall(
+            &[config.gateway_port, config.egress_port],
+            config.egress_open.then_some(config.egress_nat_port),
+        )
+        .context("failed to keep sandboxes off the host's ports")?;
+        crate::egress::open::write_resolv_conf(&config.state_dir, net.bridge_addr)
+            .context("failed to write the open sandboxes' resolv.conf")?;
         let runtime =
             Runtime::new(config.sandboxes_dir()).with_cgroup_parent(config.cgroup_parent.clone());
         let http =
@@ -714,7 +719,12 @@ impl Manager {
             mode: rec.network.mode,
             allow,
         };
-        crate::egress::compile(&policy, &self.config.egress_presets).map_err(Error::Invalid)?;
+        crate::egress::compile(
+            &policy,
+            &self.config.egress_presets,
+            self.config.egress_open,
+        )
+        .map_err(Error::Invalid)?;
         rec.network = policy.clone();
         self.db.put(SANDBOXES, &rec.id, &rec).map_err(Error::from)?;
         sb.record.lock().expect("sandbox record lock").network = policy.clone();

@@ -451,7 +451,12 @@ impl TaskManager {
             setup::validate(s)?;
         }
         if let Some(n) = &req.network {
-            crate::egress::compile(n, &self.mgr.config.egress_presets).map_err(Error::Invalid)?;
+            crate::egress::compile(
+                n,
+                &self.mgr.config.egress_presets,
+                self.mgr.config.egress_open,
+            )
+            .map_err(Error::Invalid)?;
         }
         if let Some(t) = req.setup_timeout_secs {
             if t == 0 || t > MAX_TASK_TIMEOUT_SECS {

@@ -1,5 +1,6 @@
 //! A minimal rtnetlink client: the few link and address operations sandboxes need (a bridge,
-//! veth pairs, moving a link into a sandbox's network namespace, IPv4 addresses).
+//! veth pairs, moving a link into a sandbox's network namespace, IPv4 addresses, a default
+//! route).
 //!
 //! Forking `ip(8)` costs milliseconds per call (MACHINE.md); a netlink request costs
 //! microseconds. Each call opens a `NETLINK_ROUTE` socket, sends one request with `NLM_F_ACK`
@@ -20,6 +21,13 @@ const NLM_F_CREATE: u16 = 0x400;
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
 const RTM_NEWADDR: u16 = 20;
+const RTM_NEWROUTE: u16 = 24;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+const RT_TABLE_MAIN: u8 = 254;
+const RTPROT_BOOT: u8 = 3;
+const RT_SCOPE_UNIVERSE: u8 = 0;
+const RTN_UNICAST: u8 = 1;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MASTER: u16 = 10;
@@ -267,6 +275,30 @@ pub fn add_ipv4(index: i32, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         other => other,
     }
+}
+
+/// Adds the IPv4 default route via `gateway` on link `index` (the link must be up and have an
+/// address on the gateway's subnet).
+pub fn add_default_route(index: i32, gateway: Ipv4Addr) -> io::Result<()> {
+    tracing::debug!(index, %gateway, "netlink: adding the default route");
+    let index = u32::try_from(index).map_err(|_| io::Error::other("bad link index"))?;
+    let mut m = Message::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL);
+    // struct rtmsg: family, dst_len (0: default), src_len, tos, table, protocol, scope, type,
+    // flags (u32).
+    m.buf.extend_from_slice(&[
+        libc::AF_INET as u8,
+        0,
+        0,
+        0,
+        RT_TABLE_MAIN,
+        RTPROT_BOOT,
+        RT_SCOPE_UNIVERSE,
+        RTN_UNICAST,
+    ]);
+    m.buf.extend_from_slice(&0u32.to_ne_bytes());
+    m.attr(RTA_GATEWAY, &gateway.octets())
+        .attr(RTA_OIF, &index.to_ne_bytes())
+        .send()
 }
 
 #[cfg(test)]

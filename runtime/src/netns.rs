@@ -20,8 +20,8 @@ use crate::spec::VethConfig;
 pub const SANDBOX_LINK: &str = "eth0";
 
 /// Sets up the network namespace of process `pid`: `lo` up and, with `veth`, moves that link
-/// in as `eth0` with its address, up. Without a default route: the sandbox reaches its subnet
-/// (the bridge's address) and nothing else.
+/// in as `eth0` with its address, up. A default route only when the config names a gateway;
+/// without one the sandbox reaches its subnet (the bridge's address) and nothing else.
 pub fn configure(pid: Pid, veth: Option<&VethConfig>) -> io::Result<()> {
     if let Some(v) = veth {
         let bridge = crate::netlink::link_index(&v.bridge)
@@ -96,5 +96,9 @@ fn set_lo_up(ns: &File) -> io::Result<()> {
 fn set_veth_up(v: &VethConfig) -> io::Result<()> {
     let index = crate::netlink::link_index(SANDBOX_LINK)?;
     crate::netlink::add_ipv4(index, v.address, v.prefix_len)?;
-    crate::netlink::set_up(index)
+    crate::netlink::set_up(index)?;
+    match v.gateway {
+        Some(gw) => crate::netlink::add_default_route(index, gw),
+        None => Ok(()),
+    }
 }

@@ -235,8 +235,12 @@ pub struct VethConfig {
     pub bridge: String,
     /// The sandbox's IPv4 address on it.
     pub address: std::net::Ipv4Addr,
-    /// Prefix length of the subnet (routes to the subnet only: no default route).
+    /// Prefix length of the subnet.
     pub prefix_len: u8,
+    /// The default route's gateway (agentd's bridge address, for sandboxes whose traffic
+    /// agentd forwards); `None`: routes to the subnet only, nothing beyond it.
+    #[serde(default)]
+    pub gateway: Option<std::net::Ipv4Addr>,
 }
 
 /// Which seccomp profile to install before the sandbox's command runs.

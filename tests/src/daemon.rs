@@ -459,6 +459,26 @@ impl Drop for Daemon {
             .output();
         let _ = Command::new("iptables").args(["-w", "-F", &chain]).output();
         let _ = Command::new("iptables").args(["-w", "-X", &chain]).output();
+        let nat = format!("AGENTD-NAT-{}", self.bridge);
+        let _ = Command::new("iptables")
+            .args([
+                "-w",
+                "-t",
+                "nat",
+                "-D",
+                "PREROUTING",
+                "-i",
+                &self.bridge,
+                "-j",
+                &nat,
+            ])
+            .output();
+        let _ = Command::new("iptables")
+            .args(["-w", "-t", "nat", "-F", &nat])
+            .output();
+        let _ = Command::new("iptables")
+            .args(["-w", "-t", "nat", "-X", &nat])
+            .output();
         for c in crate::cgroup_parents(&self.cgroup_parent) {
             let _ = std::fs::remove_dir(&c);
             if let Some(p) = c.parent() {

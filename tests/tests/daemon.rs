@@ -435,8 +435,8 @@ fn test_bad_create_requests_get_400_with_the_reason() {
             "unknown variant `nat`",
         ),
         (
-            r#"{"image":"opencode","network":"open"}"#,
-            "not available yet",
+            r#"{"image":"opencode","network":{"mode":"open","allow":["x.example"]}}"#,
+            "open allows every public address",
         ),
         (
             r#"{"image":"opencode","network":{"mode":"none","allow":["x.example"]}}"#,

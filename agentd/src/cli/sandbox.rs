@@ -72,6 +72,11 @@ enum SandboxCommand {
         /// preset through agentd's egress proxy (repeatable; implies network mode allowlist).
         #[arg(long = "allow")]
         allow: Vec<String>,
+        /// Network mode: none (only the LLM gateway), allowlist (the --allow hosts, through
+        /// agentd's proxy) or open (any public address through agentd's NAT; DNS works)
+        /// [default: none, or allowlist with --allow].
+        #[arg(long, value_parser = ["none", "allowlist", "open"])]
+        network: Option<String>,
         /// Wait until the sandbox is ready (OpenCode answers).
         #[arg(long)]
         wait: bool,
@@ -317,6 +322,7 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             no_opencode,
             setup,
             allow,
+            network,
             wait,
             command,
         } => {
@@ -342,7 +348,8 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                 ttl_secs: ttl,
                 opencode: no_opencode.then_some(false),
                 command: (!command.is_empty()).then_some(command),
-                network: allowlist(allow).map(crate::sandbox::NetworkRequest::Policy),
+                network: network_policy(network.as_deref(), allow)?
+                    .map(crate::sandbox::NetworkRequest::Policy),
                 setup,
                 ..CreateSandbox::default()
             })?);
@@ -588,10 +595,25 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
     }
 }
 
-/// The policy `--allow` asks for: allowlist mode with these entries (none: the default).
-pub fn allowlist(allow: Vec<String>) -> Option<crate::egress::NetworkPolicy> {
-    (!allow.is_empty()).then_some(crate::egress::NetworkPolicy {
-        mode: crate::egress::EgressMode::Allowlist,
-        allow,
-    })
+/// The policy `--network` and `--allow` ask for (`None`: agentd's default, mode none);
+/// `--allow` alone implies allowlist.
+pub fn network_policy(
+    mode: Option<&str>,
+    allow: Vec<String>,
+) -> anyhow::Result<Option<crate::egress::NetworkPolicy>> {
+    use crate::egress::EgressMode;
+    let mode = match mode {
+        None if allow.is_empty() => return Ok(None),
+        None | Some("allowlist") => EgressMode::Allowlist,
+        Some("open") => EgressMode::Open,
+        Some("none") => EgressMode::None,
+        Some(other) => bail!("--network must be none, allowlist or open, not {other:?}"),
+    };
+    if mode != EgressMode::Allowlist && !allow.is_empty() {
+        bail!(
+            "--allow needs network mode allowlist, not {} (drop --network or --allow)",
+            mode.as_str()
+        );
+    }
+    Ok(Some(crate::egress::NetworkPolicy { mode, allow }))
 }

@@ -78,6 +78,11 @@ enum TaskCommand {
         /// implies network mode allowlist).
         #[arg(long = "allow")]
         allow: Vec<String>,
+        /// Network mode of the agents, setup and check: none (only the LLM gateway),
+        /// allowlist (the --allow hosts, through agentd's proxy) or open (any public address
+        /// through agentd's NAT; DNS works) [default: none, or allowlist with --allow].
+        #[arg(long, value_parser = ["none", "allowlist", "open"])]
+        network: Option<String>,
         /// Leave files matching this git pattern out of the diff (repeatable; replaces the
         /// default list of caches and build outputs; `--diff-exclude ''` for none).
         #[arg(long)]
@@ -199,6 +204,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             setup_per_agent,
             ignore_environment,
             allow,
+            network,
             diff_exclude,
             timeout,
             model,
@@ -239,7 +245,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                     setup_timeout_secs: setup_timeout,
                     setup_once: setup_per_agent.then_some(false),
                     ignore_environment,
-                    network: crate::cli::sandbox::allowlist(allow),
+                    network: crate::cli::sandbox::network_policy(network.as_deref(), allow)?,
                     // `--diff-exclude ''` alone: no exclusions at all.
                     diff_exclude: (!diff_exclude.is_empty())
                         .then(|| diff_exclude.into_iter().filter(|p| !p.is_empty()).collect()),

@@ -23,6 +23,8 @@ pub const DEFAULT_SUBNET: &str = "10.209.0.0/16";
 pub const DEFAULT_GATEWAY_PORT: u16 = 4199;
 /// Port of the egress proxy on the bridge address (next to the gateway's).
 pub const DEFAULT_EGRESS_PORT: u16 = 4198;
+/// Default port of network mode open (TCP: the NAT; UDP: the DNS relay).
+pub const DEFAULT_EGRESS_NAT_PORT: u16 = 4197;
 /// Most sandboxes at once.
 pub const DEFAULT_MAX_SANDBOXES: usize = 64;
 /// Memory limit of a sandbox that asks for none: OpenCode needs about 500 MiB after a prompt.
@@ -94,6 +96,14 @@ pub struct ServeArgs {
     /// Port of the egress proxy (allowlist mode) on the bridge address [default: 4198].
     #[arg(long, env = "AGENTD_EGRESS_PORT")]
     pub egress_port: Option<u16>,
+    /// Port of network mode open on the bridge address: TCP for the NAT, UDP for the DNS
+    /// relay [default: 4197].
+    #[arg(long, env = "AGENTD_EGRESS_NAT_PORT")]
+    pub egress_nat_port: Option<u16>,
+    /// Whether sandboxes and tasks may ask for network mode open (any public address, through
+    /// agentd's NAT) [default: true].
+    #[arg(long, env = "AGENTD_EGRESS_OPEN")]
+    pub egress_open: Option<bool>,
     /// A named list of hosts a sandbox's network.allow (or --allow) may name at once:
     /// NAME=HOST[,HOST...], e.g. pkgs=registry.example,*.cdn.example (repeatable; in TOML a
     /// list of such strings) [default: none].
@@ -217,6 +227,10 @@ pub struct Config {
     pub gateway_port: u16,
     /// Egress proxy port on the bridge address.
     pub egress_port: u16,
+    /// Network mode open may be asked for.
+    pub egress_open: bool,
+    /// Network mode open's port on the bridge address (TCP and UDP).
+    pub egress_nat_port: u16,
     /// Named host lists for allow lists.
     pub egress_presets: std::collections::BTreeMap<String, Vec<String>>,
     /// Internal networks the egress proxy may connect to.
@@ -398,6 +412,11 @@ impl Config {
         if egress_port == 0 || egress_port == gateway_port {
             bail!("egress_port must not be 0 nor the gateway's port");
         }
+        let egress_nat_port = args.egress_nat_port.unwrap_or(DEFAULT_EGRESS_NAT_PORT);
+        if egress_nat_port == 0 || egress_nat_port == gateway_port || egress_nat_port == egress_port
+        {
+            bail!("egress_nat_port must not be 0, the gateway's port nor egress_port");
+        }
         let mut egress_presets = std::collections::BTreeMap::new();
         for p in args
             .egress_presets
@@ -438,6 +457,8 @@ impl Config {
             prefix_len,
             gateway_port,
             egress_port,
+            egress_open: args.egress_open.unwrap_or(true),
+            egress_nat_port,
             egress_presets,
             egress_allow_networks: networks(
                 "egress_allow_networks",

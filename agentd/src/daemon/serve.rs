@@ -77,6 +77,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         )
     })?;
     tokio::spawn(crate::egress::serve(mgr.clone(), egress));
+    if mgr.config.egress_open {
+        let nat_addr = (mgr.net.bridge_addr, mgr.config.egress_nat_port);
+        let what = || {
+            format!(
+                "failed to listen on network mode open's address {}:{} (egress_nat_port; egress_open = false turns the mode off)",
+                nat_addr.0, nat_addr.1
+            )
+        };
+        let nat = TcpListener::bind(nat_addr).await.with_context(what)?;
+        let dns = tokio::net::UdpSocket::bind(nat_addr)
+            .await
+            .with_context(what)?;
+        tokio::spawn(crate::egress::open::serve_tcp(mgr.clone(), nat));
+        tokio::spawn(crate::egress::open::serve_dns(mgr.clone(), dns));
+    }
     tokio::spawn(mgr.clone().reaper());
     let tasks = crate::task::TaskManager::new(mgr.clone())?;
     let _ = mgr.tasks.set(tasks.clone());

@@ -294,17 +294,18 @@ impl Manager {
                 set(kv);
             }
         }
-        let allowlist = req.network.as_ref().map(|n| n.policy().mode)
-            == Some(crate::egress::EgressMode::Allowlist);
+        let mode = req.network.as_ref().map(|n| n.policy().mode);
+        let allowlist = mode == Some(crate::egress::EgressMode::Allowlist);
+        let open = mode == Some(crate::egress::EgressMode::Open);
         if allowlist {
             let proxy = format!("{}:{}", self.net.bridge_addr, self.config.egress_port);
             for kv in crate::egress::proxy_env(&proxy, &self.net.bridge_addr.to_string()) {
                 set(kv);
             }
-            if self.config.egress_ca_file.is_some() {
-                for kv in crate::egress::ca_env() {
-                    set(kv);
-                }
+        }
+        if (allowlist || open) && self.config.egress_ca_file.is_some() {
+            for kv in crate::egress::ca_env() {
+                set(kv);
             }
         }
         if req.cache.is_some() {
@@ -327,10 +328,18 @@ impl Manager {
         spec.gid_map = Some(IdMap::unprivileged(self.config.id_base));
         spec.limits = plan.limits.clone();
         spec.readonly_rootfs = false;
-        if allowlist && self.config.egress_ca_file.is_some() {
+        if (allowlist || open) && self.config.egress_ca_file.is_some() {
             spec.mounts.push(agentd_runtime::BindMount {
                 source: crate::egress::ca_dir(&self.config.state_dir),
                 target: crate::egress::CA_MOUNT.into(),
+                readonly: true,
+            });
+        }
+        if open {
+            // The resolver is agentd's relay (the NAT chain sends it every DNS query anyway).
+            spec.mounts.push(agentd_runtime::BindMount {
+                source: crate::egress::open::resolv_conf(&self.config.state_dir),
+                target: "/etc/resolv.conf".into(),
                 readonly: true,
             });
         }
@@ -367,6 +376,9 @@ impl Manager {
             bridge: self.net.bridge.clone(),
             address: rec.address,
             prefix_len: self.config.prefix_len,
+            // Only open sandboxes have a way beyond the subnet (redirected to agentd's NAT).
+            gateway: (rec.network.mode == crate::egress::EgressMode::Open)
+                .then_some(self.net.bridge_addr),
         });
         let runtime = self.runtime.clone();
         let id2 = id.clone();
@@ -434,7 +446,8 @@ fn exclusive_error() -> Error {
 /// a disk limit): its limits with agentd's defaults, and the image it names.
 pub fn validate_create(config: &Config, req: &CreateSandbox) -> Result<(Limits, String)> {
     if let Some(n) = &req.network {
-        crate::egress::compile(&n.policy(), &config.egress_presets).map_err(Error::Invalid)?;
+        crate::egress::compile(&n.policy(), &config.egress_presets, config.egress_open)
+            .map_err(Error::Invalid)?;
     }
     if let Some(s) = &req.setup {
         if s.trim().is_empty() || s.contains('\0') || s.len() > crate::task::MAX_SETUP_BYTES {
@@ -616,7 +629,10 @@ mod tests {
         };
         for (extra, says) in [
             (serde_json::json!({"name": "no spaces"}), "name must be"),
-            (serde_json::json!({"network": "open"}), "not available yet"),
+            (
+                serde_json::json!({"network": {"mode": "open", "allow": ["a.example"]}}),
+                "needs mode allowlist",
+            ),
             (
                 serde_json::json!({"network": {"mode": "allowlist", "allow": ["a b"]}}),
                 "not a host",

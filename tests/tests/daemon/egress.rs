@@ -270,3 +270,134 @@ fn test_egress_allowlist_through_the_proxy() {
     assert_eq!(r.status, 409, "{}", r.text());
     d.delete_all_and_check_clean();
 }
+
+/// Network mode open: no proxy variables, DNS works inside (agentd's relay), TCP reaches a
+/// public address directly (git over HTTPS to the registry, through agentd's NAT), internal
+/// addresses and the host's own address are reset at once even when the admin allows their
+/// network, and every connection is in the egress log.
+#[test]
+fn test_egress_open_through_agentds_nat() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let registry = registry_host();
+    let addrs: Vec<std::net::IpAddr> =
+        std::net::ToSocketAddrs::to_socket_addrs(&(registry.as_str(), 443))
+            .unwrap()
+            .map(|a| a.ip())
+            .collect();
+    // The host's own address on the way to the registry.
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    probe.connect((addrs[0], 443)).unwrap();
+    let host_ip = probe.local_addr().unwrap().ip();
+    // The registry's addresses are in a reserved range here: the admin allows them, and the
+    // host's own address too (still refused: it is the host's).
+    let mut networks: Vec<String> = addrs.iter().map(|a| format!("{a}/32")).collect();
+    networks.push(format!("{host_ip}/32"));
+    let d = small_daemon(
+        &images,
+        &[
+            "--egress-allow-networks",
+            &networks.join(","),
+            "--egress-ca-file",
+            "/etc/ssl/certs/ca-certificates.crt",
+        ],
+    );
+    let id = plain(&d, json!({"network": "open"}));
+    let v = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
+    assert_eq!(v["network"]["mode"], "open", "{v:#}");
+    let (_, out, _) = d.exec(
+        &id,
+        &["sh", "-c", "echo \"[$HTTPS_PROXY]\"; cat /etc/resolv.conf"],
+    );
+    assert!(out.starts_with("[]\n"), "no proxy in mode open: {out}");
+    assert!(out.contains("nameserver 10."), "{out}");
+
+    // A name resolves inside and its address answers: git speaks TLS and HTTP to the
+    // registry (which is no git server: its answer is an HTTP error, after DNS, TCP and TLS).
+    let t = Instant::now();
+    let (code, _, err) = d.exec(
+        &id,
+        &[
+            "git",
+            "ls-remote",
+            &format!("https://{registry}/agentd-open-mode-probe.git"),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        !err.contains("Could not resolve") && !err.contains("Failed to connect"),
+        "{err}\n{}",
+        d.log()
+    );
+    assert!(
+        err.contains("not found") || err.contains("returned error"),
+        "the registry answered over HTTPS: {err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+
+    // Internal and own addresses: reset at once, allowed network or not.
+    for (target, port) in [
+        ("169.254.169.254".to_string(), 80),
+        ("10.1.2.3".to_string(), 80),
+        (host_ip.to_string(), 22),
+    ] {
+        let t = Instant::now();
+        let (code, out, err) = d.exec(
+            &id,
+            &[
+                "bash",
+                "-c",
+                &format!("exec 3<>/dev/tcp/{target}/{port} && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"),
+            ],
+        );
+        assert_ne!(code, 0, "{target}:{port} answered: {out}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{target}: {:?}",
+            t.elapsed()
+        );
+        assert!(
+            err.contains("reset") || err.contains("refused"),
+            "{target}: {err}"
+        );
+    }
+
+    let log = d
+        .call("GET", &format!("/v1/sandboxes/{id}/egress"), None)
+        .json();
+    let entries = log["log"].as_array().unwrap();
+    let find = |host: &str| {
+        entries
+            .iter()
+            .find(|e| e["host"] == host)
+            .unwrap_or_else(|| panic!("no entry for {host}: {log:#}"))
+    };
+    let git = find(&addrs[0].to_string());
+    assert_eq!(git["allowed"], true, "{log:#}");
+    assert_eq!(git["method"], "TCP", "{log:#}");
+    assert!(
+        git["bytes_in"].as_u64().unwrap() > 1000,
+        "a TLS server's certificates came back: {log:#}"
+    );
+    let meta = find("169.254.169.254");
+    assert_eq!(meta["allowed"], false);
+    assert!(
+        meta["reason"].as_str().unwrap().contains("internal"),
+        "{log:#}"
+    );
+    let own = find(&host_ip.to_string());
+    assert_eq!(own["allowed"], false);
+    assert!(
+        own["reason"].as_str().unwrap().contains("agentd's host"),
+        "{log:#}"
+    );
+
+    // Mode open is the admin's to turn off; a list of hosts needs allowlist.
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "opencode": false, "network": {"mode": "open", "allow": [registry]}})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    d.delete_all_and_check_clean();
+}
