@@ -332,6 +332,9 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("bin")).unwrap();
         std::os::unix::fs::symlink("/bin/busybox", dir.path().join("bin/sh")).unwrap();
         let layers = [dir.path().to_path_buf()];
+        // A dangling link is no command (execvp would fail too).
+        assert!(!find_command(&layers, "sh", &[]));
+        std::fs::write(dir.path().join("bin/busybox"), "").unwrap();
         assert!(find_command(&layers, "sh", &[]));
         assert!(find_command(&layers, "/bin/sh", &[]));
         assert!(!find_command(&layers, "nope", &[]));
