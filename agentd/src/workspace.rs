@@ -902,6 +902,66 @@ pub async fn archive_git(
     result
 }
 
+/// Most of git's stdout kept (what agentd reads from it is a commit id or a short list).
+const MAX_GIT_STDOUT: usize = 1 << 20;
+/// Most of git's stderr kept: its end (a remote can send any amount of `remote:` lines).
+const MAX_GIT_STDERR: usize = 64 << 10;
+
+/// Runs `cmd` to its end with stdout and stderr read while they are produced: stdout's first
+/// [`MAX_GIT_STDOUT`] bytes (more is an error: the rest is drained, not kept) and stderr's
+/// last [`MAX_GIT_STDERR`].
+async fn output_bounded(mut cmd: tokio::process::Command) -> io::Result<std::process::Output> {
+    use tokio::io::AsyncReadExt;
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let (Some(mut out), Some(mut err)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(io::Error::other("git's pipes were not made"));
+    };
+    let stdout = async {
+        let mut kept = Vec::new();
+        let mut buf = vec![0u8; 16 << 10];
+        let mut over = false;
+        loop {
+            let n = out.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            if kept.len() + n > MAX_GIT_STDOUT {
+                over = true;
+            } else {
+                kept.extend_from_slice(&buf[..n]);
+            }
+        }
+        if over {
+            return Err(io::Error::other(format!(
+                "git printed more than {MAX_GIT_STDOUT} bytes"
+            )));
+        }
+        Ok::<_, io::Error>(kept)
+    };
+    let stderr = async {
+        let mut kept: std::collections::VecDeque<u8> = std::collections::VecDeque::new();
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = err.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            kept.extend(&buf[..n]);
+            let excess = kept.len().saturating_sub(MAX_GIT_STDERR);
+            kept.drain(..excess);
+        }
+        Ok::<_, io::Error>(Vec::from(kept))
+    };
+    let (stdout, stderr, status) = tokio::join!(stdout, stderr, child.wait());
+    Ok(std::process::Output {
+        status: status?,
+        stdout: stdout?,
+        stderr: stderr?,
+    })
+}
+
 /// Runs `git args` (in `cwd`), allowing only network protocols and never prompting.
 async fn git(what: &str, args: &[&str], cwd: Option<&PathBuf>) -> Result<()> {
     git_out(what, args, cwd).await.map(|_| ())
@@ -920,7 +980,7 @@ async fn git_out(what: &str, args: &[&str], cwd: Option<&PathBuf>) -> Result<Str
     if let Some(d) = cwd {
         cmd.current_dir(d);
     }
-    let out = match tokio::time::timeout(GIT_TIMEOUT, cmd.output()).await {
+    let out = match tokio::time::timeout(GIT_TIMEOUT, output_bounded(cmd)).await {
         Err(_) => {
             return Err(WorkspaceError::Git {
                 what: what.into(),
@@ -1005,6 +1065,28 @@ mod tests {
         assert!(all.contains("8.8.8.8".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<Network>().is_err());
         assert!("nope".parse::<Network>().is_err());
+    }
+
+    #[tokio::test]
+    async fn test_git_output_is_read_bounded() {
+        let sh = |script: &str| {
+            let mut c = tokio::process::Command::new("sh");
+            c.args(["-c", script]);
+            c
+        };
+        // A chatty remote: 3 MB on stderr, the end kept.
+        let out = output_bounded(sh("head -c 3000000 /dev/zero >&2; echo last >&2; echo ok"))
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        assert_eq!(out.stdout, b"ok\n");
+        assert_eq!(out.stderr.len(), MAX_GIT_STDERR);
+        assert!(out.stderr.ends_with(b"last\n"));
+        // Too much on stdout: an error, after the process ended.
+        let e = output_bounded(sh("head -c 2000000 /dev/zero"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
     }
 
     #[tokio::test]
