@@ -1217,6 +1217,11 @@ impl TaskManager {
         // blocking-ok: reconcile runs once at start, before the API listens.
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for e in entries.flatten() {
+                // Git volumes a clone or push in progress at the crash left mounted.
+                // blocking-ok: at start, as above.
+                for r in crate::workspace::remove_git_volumes(&e.path()) {
+                    tracing::info!("removed {r} (a crash interrupted its clone or push)");
+                }
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name != "uploads" && self.get(&name).is_err() && e.path().is_dir() {
                     // blocking-ok: at start, as above (a prepared layer in it is a tree a

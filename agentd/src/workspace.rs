@@ -705,6 +705,104 @@ fn pinned(url: &str, pin: Option<PinnedGit>) -> (String, Vec<String>) {
     }
 }
 
+/// Size of the volume git works in for a clone or a push's fetch: a workspace's limit and a
+/// quarter more for the file system's own blocks and git's packs.
+const GIT_VOLUME_BYTES: u64 = MAX_WORKSPACE_BYTES + MAX_WORKSPACE_BYTES / 4;
+/// Files that volume has room for.
+const GIT_VOLUME_INODES: u64 = MAX_WORKSPACE_ENTRIES + MAX_WORKSPACE_ENTRIES / 4;
+/// Name prefix of git volumes (the mount dir; its image file adds `.img`).
+const GIT_VOLUME: &str = "git-vol-";
+
+/// A bounded file system git clones or fetches into (a remote decides how much it sends,
+/// and a small pack can check out to any size): an ext4 volume in a sparse file under the
+/// scratch dir, unmounted and removed by [`GitVolume::remove`], or after a crash by
+/// [`remove_git_volumes`].
+struct GitVolume {
+    at: PathBuf,
+    image: PathBuf,
+}
+
+impl GitVolume {
+    async fn mount(scratch: &Path) -> Result<GitVolume> {
+        let name = format!("{GIT_VOLUME}{}", crate::sandbox::random_hex(4));
+        let v = GitVolume {
+            at: scratch.join(&name),
+            image: scratch.join(format!("{name}.img")),
+        };
+        let (at, image) = (v.at.clone(), v.image.clone());
+        tokio::task::spawn_blocking(move || {
+            agentd_runtime::disk::mount_volume_with_inodes(
+                &image,
+                &at,
+                GIT_VOLUME_BYTES,
+                Some(GIT_VOLUME_INODES),
+            )
+        })
+        .await
+        .map_err(|e| WorkspaceError::Write(io::Error::other(e)))?
+        .map_err(|e| {
+            WorkspaceError::Write(io::Error::new(
+                e.kind(),
+                format!("cannot make the bounded volume git works in: {e}"),
+            ))
+        })?;
+        Ok(v)
+    }
+
+    async fn remove(self) {
+        let _ = tokio::task::spawn_blocking(move || remove_volume(&self.at, &self.image)).await;
+    }
+}
+
+/// Unmounts a git volume and removes its dir and image; whether it is gone.
+fn remove_volume(at: &Path, image: &Path) -> bool {
+    if let Err(e) = agentd_runtime::disk::unmount_at(at) {
+        tracing::warn!(path = %at.display(), error = %e, "cannot unmount a git volume");
+        return false;
+    }
+    // The volume's files went with the unmount; the dir under it is an empty mount point
+    // unless the volume never got mounted (then git never ran in it: its files are ours).
+    let _ = agentd_runtime::tree::remove_tree(at);
+    let _ = std::fs::remove_file(image);
+    true
+}
+
+/// Removes the git volumes a crash left in `dir` or in its `push-*` dirs (blocking); what
+/// it removed, one line each.
+pub fn remove_git_volumes(dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("push-") {
+            removed.extend(remove_git_volumes(&e.path()));
+        } else if name.starts_with(GIT_VOLUME)
+            && !name.ends_with(".img")
+            && remove_volume(&e.path(), &dir.join(format!("{name}.img")))
+        {
+            removed.push(format!("git volume {}", e.path().display()));
+        }
+    }
+    removed
+}
+
+/// The error for git failing in a [`GitVolume`]: a full volume says which limit was hit.
+fn volume_error(url: &str, e: WorkspaceError) -> WorkspaceError {
+    match e {
+        WorkspaceError::Git { detail, .. }
+            if detail.contains("No space left") || detail.contains("ENOSPC") =>
+        {
+            WorkspaceError::Invalid(format!(
+                "{url} is larger than agentd's workspace limit ({} MiB, {MAX_WORKSPACE_ENTRIES} files): {detail}",
+                MAX_WORKSPACE_BYTES >> 20
+            ))
+        }
+        other => other,
+    }
+}
+
 /// What [`push_patch`] is to push.
 pub struct Push<'a> {
     /// The repository (as the task gave it).
@@ -730,8 +828,8 @@ pub struct Push<'a> {
 /// come from `credentials` through git's `store` helper; nothing of them reaches a sandbox.
 /// Returns the commit.
 pub async fn push_patch(p: Push<'_>, scratch: &Path) -> Result<String> {
-    let repo = scratch.join("push");
-    let _ = tokio::fs::remove_dir_all(&repo).await;
+    let volume = GitVolume::mount(scratch).await?;
+    let repo = volume.at.join("push");
     let result = async {
         let repo_s = repo.to_str().unwrap_or_default().to_string();
         git("init", &["init", "-q", "--", &repo_s], None).await?;
@@ -758,7 +856,9 @@ pub async fn push_patch(p: Push<'_>, scratch: &Path) -> Result<String> {
             "+refs/heads/*:refs/remotes/origin/*",
         ]);
         let fetch: Vec<&str> = fetch.iter().map(String::as_str).collect();
-        git("fetch", &fetch, Some(&repo)).await?;
+        git("fetch", &fetch, Some(&repo))
+            .await
+            .map_err(|e| volume_error(p.url, e))?;
         // Checked here too (the lease below refuses it as well, except when the branch holds
         // the very commit made now: then git says "up to date").
         let existing = format!("refs/remotes/origin/{}", p.branch);
@@ -821,7 +921,7 @@ pub async fn push_patch(p: Push<'_>, scratch: &Path) -> Result<String> {
         Ok(commit)
     }
     .await;
-    let _ = tokio::fs::remove_dir_all(&repo).await;
+    volume.remove().await;
     result
 }
 
@@ -836,7 +936,9 @@ pub async fn archive_git(
     dest: &Path,
     pin: Option<PinnedGit>,
 ) -> Result<WorkspaceInfo> {
-    let checkout = scratch.join("checkout");
+    let volume = GitVolume::mount(scratch).await?;
+    let checkout = volume.at.join("checkout");
+    let given_url = url;
     let result = async {
         let (url, mut args) = pinned(url, pin);
         args.extend(
@@ -850,7 +952,9 @@ pub async fn archive_git(
             .map(String::from),
         );
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        git("clone", &args, None).await?;
+        git("clone", &args, None)
+            .await
+            .map_err(|e| volume_error(given_url, e))?;
         if let Some(r) = git_ref {
             // A branch of the remote, else a tag or commit.
             let remote = format!("origin/{r}");
@@ -878,10 +982,12 @@ pub async fn archive_git(
             )
             .await
             .map_err(|e| match e {
-                WorkspaceError::Git { detail, .. } => WorkspaceError::Invalid(format!(
-                    "workspace.ref {r:?} is not a branch, tag or commit of {url}: {detail}"
-                )),
-                other => other,
+                WorkspaceError::Git { detail, .. } if !detail.contains("No space left") => {
+                    WorkspaceError::Invalid(format!(
+                        "workspace.ref {r:?} is not a branch, tag or commit of {url}: {detail}"
+                    ))
+                }
+                other => volume_error(given_url, other),
             })?;
         }
         let (c, d, x) = (checkout.clone(), dest.to_path_buf(), exclude.to_vec());
@@ -898,7 +1004,7 @@ pub async fn archive_git(
         .map_err(|e| WorkspaceError::Write(io::Error::other(e)))?
     }
     .await;
-    let _ = tokio::fs::remove_dir_all(&checkout).await;
+    volume.remove().await;
     result
 }
 
@@ -1065,6 +1171,51 @@ mod tests {
         assert!(all.contains("8.8.8.8".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<Network>().is_err());
         assert!("nope".parse::<Network>().is_err());
+    }
+
+    #[tokio::test]
+    async fn test_git_volumes_are_bounded_and_removed_after_a_crash() {
+        if !nix::unistd::geteuid().is_root() {
+            panic!("this test mounts a volume: run it as root");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let push = dir.path().join("push-ab12");
+        std::fs::create_dir_all(&push).unwrap();
+        let mounted = |p: &Path| {
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .contains(&format!(" {} ", p.display()))
+        };
+        let v = GitVolume::mount(&push).await.unwrap();
+        assert!(mounted(&v.at));
+        let st = nix::sys::statvfs::statvfs(&v.at).unwrap();
+        let bytes = st.blocks() * st.fragment_size();
+        assert!(
+            bytes <= GIT_VOLUME_BYTES && bytes > MAX_WORKSPACE_BYTES,
+            "{bytes}"
+        );
+        assert!(st.files() >= MAX_WORKSPACE_ENTRIES, "{}", st.files());
+        std::fs::write(v.at.join("f"), "x").unwrap();
+        // A crash: the volume stays until the next start removes it.
+        let at = v.at.clone();
+        std::mem::forget(v);
+        let removed = remove_git_volumes(dir.path());
+        assert_eq!(removed.len(), 1, "{removed:?}");
+        assert!(!mounted(&at));
+        assert_eq!(std::fs::read_dir(&push).unwrap().count(), 0);
+        // A full volume says which limit was hit.
+        let e = volume_error(
+            "https://x.example/r.git",
+            WorkspaceError::Git {
+                what: "clone".into(),
+                detail: "fatal: write error: No space left on device".into(),
+            },
+        );
+        assert!(
+            e.to_string()
+                .contains("larger than agentd's workspace limit"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

@@ -84,7 +84,7 @@ pub fn mount(dir: &Path, bytes: u64) -> io::Result<()> {
         .open(&image)?;
     // Sparse: blocks are allocated on the host only as the sandbox writes.
     file.set_len(bytes)?;
-    mke2fs(&image)?;
+    mke2fs(&image, None)?;
     let device = attach_loop(&file)?;
     drop(file);
     let source = device.path.clone();
@@ -114,6 +114,17 @@ pub fn mount(dir: &Path, bytes: u64) -> io::Result<()> {
 /// caller hands it on. Undone by unmounting `at` ([`unmount_at`]); the loop device goes with
 /// the mount (autoclear).
 pub fn mount_volume(image: &Path, at: &Path, bytes: u64) -> io::Result<()> {
+    mount_volume_with_inodes(image, at, bytes, None)
+}
+
+/// As [`mount_volume`], with room for `inodes` files when given (mke2fs's default is one per
+/// 16 KiB).
+pub fn mount_volume_with_inodes(
+    image: &Path,
+    at: &Path,
+    bytes: u64,
+    inodes: Option<u64>,
+) -> io::Result<()> {
     if bytes < MIN_DISK_BYTES {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -133,7 +144,7 @@ pub fn mount_volume(image: &Path, at: &Path, bytes: u64) -> io::Result<()> {
                 .mode(0o600)
                 .open(image)?;
             f.set_len(bytes)?;
-            mke2fs(image)?;
+            mke2fs(image, inodes)?;
             f
         }
         Err(e) => return Err(e),
@@ -158,7 +169,7 @@ pub fn mount_volume(image: &Path, at: &Path, bytes: u64) -> io::Result<()> {
             // Not a file system any more (a crash while it was made): start it again.
             drop(file);
             fs::remove_file(image)?;
-            mount_volume(image, at, bytes)
+            mount_volume_with_inodes(image, at, bytes, inodes)
         }
     }
 }
@@ -182,13 +193,17 @@ pub fn unmount(dir: &Path) -> io::Result<()> {
     }
 }
 
-fn mke2fs(image: &Path) -> io::Result<()> {
+fn mke2fs(image: &Path, inodes: Option<u64>) -> io::Result<()> {
     let program = MKE2FS
         .iter()
         .map(Path::new)
         .find(|p| p.is_file())
         .unwrap_or(Path::new("mke2fs"));
-    let out = Command::new(program)
+    let mut cmd = Command::new(program);
+    if let Some(n) = inodes {
+        cmd.arg("-N").arg(n.to_string());
+    }
+    let out = cmd
         // No journal (see above), no blocks reserved for growing the file system (4 MiB of
         // metadata written per sandbox and half of mke2fs's time), none reserved for root.
         // metadata_csum (the default) stays: without it mke2fs zeroes every inode table.

@@ -52,6 +52,12 @@ pub fn run(args: TeardownArgs) -> anyhow::Result<u8> {
     }
     // Dependency caches a crash left mounted (the sandboxes that used them are gone now).
     removed.extend(crate::cache::Caches::unmount_all(&config.state_dir));
+    // Git volumes of a clone or push a crash interrupted.
+    if let Ok(tasks) = std::fs::read_dir(config.state_dir.join("tasks")) {
+        for t in tasks.flatten() {
+            removed.extend(crate::workspace::remove_git_volumes(&t.path()));
+        }
+    }
     removed.extend(crate::net::Network::teardown(&config.bridge)?);
     removed.extend(
         SandboxCgroup::remove_parent_dirs(&config.cgroup_parent)
