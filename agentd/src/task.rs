@@ -206,7 +206,12 @@ pub struct TaskManager {
     caches: Option<Arc<crate::cache::Caches>>,
     /// The cache each preparation under way holds, by task id.
     held_caches: Mutex<HashMap<String, crate::cache::MountedCache>>,
+    /// Clones and pushes under way (each has a git volume of its own).
+    git_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most clones and pushes at once (each may fill a 1.25 GiB volume and a core).
+pub const MAX_GIT_OPERATIONS: usize = 4;
 
 impl TaskManager {
     /// The service over `mgr`; call [`TaskManager::reconcile`] next.
@@ -224,7 +229,17 @@ impl TaskManager {
             events: events::EventWriter::start()?,
             caches,
             held_caches: Mutex::new(HashMap::new()),
+            git_slots: Arc::new(tokio::sync::Semaphore::new(MAX_GIT_OPERATIONS)),
         }))
+    }
+
+    /// A slot for a clone or a push, or an error saying to retry.
+    fn git_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.git_slots.clone().try_acquire_owned().map_err(|_| {
+            Error::Unavailable(format!(
+                "{MAX_GIT_OPERATIONS} git clones and pushes are under way: retry when one ends"
+            ))
+        })
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Task>>> {
@@ -626,6 +641,7 @@ impl TaskManager {
         } else {
             None
         };
+        let _slot = self.git_slot()?;
         crate::workspace::archive_git(url, spec.git_ref.as_deref(), &spec.exclude, dir, tar, pin)
             .await
             .map_err(bad)

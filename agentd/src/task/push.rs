@@ -94,6 +94,7 @@ impl TaskManager {
         } else {
             None
         };
+        let _slot = self.git_slot()?;
         let scratch = self
             .task_dir(&rec.id)
             .join(format!("push-{}", crate::sandbox::random_hex(4)));
