@@ -7,3 +7,4 @@ pub mod image;
 pub mod run;
 pub mod sandbox;
 pub mod task;
+mod terminal;

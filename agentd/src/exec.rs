@@ -4,13 +4,18 @@
 //!
 //! Both the exec API (which streams every chunk to the client) and the task runner (which
 //! keeps capped tails, [`Manager::exec_collect`]) go through [`Manager::run_exec`].
+//!
+//! An interactive exec ([`Manager::start_pty_exec`]) runs on a terminal of the sandbox's own
+//! devpts: agentd opens the sandbox's `/dev/pts/ptmx` below its init's root (`openat2`,
+//! `RESOLVE_IN_ROOT`: no link in the sandbox can lead it out), checks it is a ptmx, gets
+//! the other end with `TIOCGPTPEER` (no path lookup), gives that end to the process as
+//! stdin, stdout and stderr (it becomes its controlling terminal) and keeps the master.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::error::Error;
@@ -54,6 +59,70 @@ pub struct StartedExec {
     stdout: OwnedFd,
     /// The read end of its stderr.
     stderr: OwnedFd,
+}
+
+/// The master side of an interactive exec's terminal, for resizing it.
+pub struct Pty {
+    master: OwnedFd,
+}
+
+impl Pty {
+    /// Sets the terminal's size (the process gets SIGWINCH).
+    pub fn resize(&self, cols: u16, rows: u16) -> std::io::Result<()> {
+        rustix::termios::tcsetwinsize(
+            &self.master,
+            rustix::termios::Winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            },
+        )
+        .map_err(std::io::Error::from)
+    }
+}
+
+/// A new terminal in the devpts of the sandbox whose init is `pid`: (master, peer). The
+/// peer is owned by `owner` (host ids) with mode 0620, as a login's terminal.
+fn open_sandbox_pty(pid: i32, owner: (u32, u32)) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let root = rustix::fs::open(
+        format!("/proc/{pid}/root"),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    // Resolved below the sandbox's root whatever its links say; the devpts mount is crossed.
+    let master = rustix::fs::openat2(
+        &root,
+        "dev/pts/ptmx",
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_SYMLINKS,
+    )?;
+    let st = rustix::fs::fstat(&master)?;
+    let rdev = st.st_rdev;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::CharacterDevice
+        || rustix::fs::major(rdev) != 5
+        || rustix::fs::minor(rdev) != 2
+    {
+        return Err(std::io::Error::other(
+            "the sandbox's /dev/pts/ptmx is not a terminal multiplexer",
+        ));
+    }
+    rustix::pty::unlockpt(&master)?;
+    let peer = rustix::pty::ioctl_tiocgptpeer(
+        &master,
+        rustix::pty::OpenptFlags::RDWR | rustix::pty::OpenptFlags::NOCTTY,
+    )?;
+    rustix::fs::fchown(
+        &peer,
+        Some(rustix::fs::Uid::from_raw(owner.0)),
+        Some(rustix::fs::Gid::from_raw(owner.1)),
+    )?;
+    rustix::fs::fchmod(&peer, Mode::from_raw_mode(0o620))?;
+    // The peer is handed on; ours must not leak into anything agentd starts.
+    rustix::io::fcntl_setfd(&peer, rustix::io::FdFlags::CLOEXEC)?;
+    Ok((master, peer))
 }
 
 /// How an exec ended.
@@ -107,6 +176,60 @@ impl Manager {
             stdout: out_r,
             stderr: err_r,
         })
+    }
+
+    /// Starts `request` in sandbox `id` on a new terminal of the sandbox's (`cols` x `rows`),
+    /// as uid `uid` inside (the sandbox's user when `None`); [`Manager::run_exec`] follows it
+    /// (its stdout carries the terminal's output, stderr nothing; stdin is the terminal's
+    /// input). The [`Pty`] resizes the terminal.
+    pub async fn start_pty_exec(
+        &self,
+        sb: &Sandbox,
+        mut request: agentd_runtime::ExecRequest,
+        cols: u16,
+        rows: u16,
+    ) -> std::result::Result<(StartedExec, Pty), String> {
+        let rec = sb.snapshot();
+        let id = rec.id.clone();
+        let uid = request.uid.unwrap_or(rec.user.0);
+        let gid = if uid == rec.user.0 { rec.user.1 } else { uid };
+        let base = self.config.id_base;
+        request.env.push("TERM=xterm-256color".into());
+        let client = self.runtime.client(&id);
+        let (master, exec_id) = tokio::task::spawn_blocking(move || {
+            let (pid, _) = client.state().map_err(|e| e.to_string())?;
+            let (master, peer) = open_sandbox_pty(pid, (base + uid, base + gid))
+                .map_err(|e| format!("cannot open a terminal in the sandbox: {e}"))?;
+            // The init is the shim's unreaped child: if it is still the same pid now, the
+            // root opened above was its.
+            match client.state() {
+                Ok((p, agentd_runtime::SandboxStatus::Running)) if p == pid => {}
+                _ => return Err("the sandbox stopped".to_string()),
+            }
+            let tty = Pty { master };
+            tty.resize(cols, rows).map_err(|e| e.to_string())?;
+            let exec_id = client
+                .exec(request, peer.as_fd(), peer.as_fd(), peer.as_fd())
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((tty.master, exec_id))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| e.to_string());
+        // stderr: a pipe whose write end is closed at once (the terminal carries both).
+        let (none_r, none_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| e.to_string())?;
+        drop(none_w);
+        Ok((
+            StartedExec {
+                sandbox: id,
+                exec_id,
+                stdin: Some(dup(&master)?),
+                stdout: dup(&master)?,
+                stderr: none_r,
+            },
+            Pty { master },
+        ))
     }
 
     /// Follows a started process to its end. Every chunk of output is sent on `out` as it is
@@ -264,11 +387,12 @@ impl Manager {
 /// Reads one pipe to its end, sending each chunk on `out`; stops early when `out` is closed
 /// (dropping the read end then makes further writes fail with EPIPE, never block).
 async fn pump(fd: OwnedFd, stream: Stream, out: mpsc::Sender<(Stream, Bytes)>) {
-    let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+    let Ok(mut pipe) = FdIo::new(fd) else {
         return;
     };
     let mut buf = vec![0u8; CHUNK];
     loop {
+        // A terminal's master reads EIO once the process side is closed: the end too.
         match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
@@ -287,13 +411,50 @@ async fn pump(fd: OwnedFd, stream: Stream, out: mpsc::Sender<(Stream, Bytes)>) {
 /// Writes what arrives on `rx` to the process's stdin; closes it when `rx` ends or the
 /// process stops reading.
 async fn feed(mut rx: mpsc::Receiver<Bytes>, w: OwnedFd) {
-    let Ok(mut pipe) = tokio::net::unix::pipe::Sender::from_owned_fd(w) else {
+    let Ok(mut pipe) = FdIo::new(w) else {
         return;
     };
     while let Some(chunk) = rx.recv().await {
         if pipe.write_all(&chunk).await.is_err() {
             return;
         }
+    }
+}
+
+/// A pipe end or a terminal master, read and written without blocking a thread.
+struct FdIo(tokio::io::unix::AsyncFd<OwnedFd>);
+
+impl FdIo {
+    fn new(fd: OwnedFd) -> std::io::Result<FdIo> {
+        let flags = rustix::fs::fcntl_getfl(&fd)?;
+        rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK)?;
+        // SAFETY: an OwnedFd is open, and names the same file description, until it is
+        // dropped, which happens only when the AsyncFd that owns it is.
+        let registered = unsafe { tokio::io::unix::AsyncFd::register(fd) };
+        Ok(FdIo(registered.map_err(std::io::Error::from)?))
+    }
+
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let mut guard = self.0.readable().await?;
+            match guard.try_io(|fd| rustix::io::read(fd.get_ref(), &mut *buf).map_err(Into::into)) {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    async fn write_all(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            let mut guard = self.0.writable().await?;
+            match guard.try_io(|fd| rustix::io::write(fd.get_ref(), buf).map_err(Into::into)) {
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => buf = &buf[n..],
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
     }
 }
 

@@ -257,6 +257,16 @@ impl Executor for SandboxExecutor {
                 // its client gone) reaches the children it started too. Fails only for a
                 // group leader, which this fresh process is not.
                 let _ = nix::unistd::setsid();
+                // A terminal on stdin (an interactive exec: the caller opened it in the
+                // sandbox's own devpts) becomes the session's controlling terminal, for job
+                // control, ^C and hangup.
+                if nix::unistd::isatty(0).unwrap_or(false) {
+                    // SAFETY: TIOCSCTTY takes an int argument (0: do not steal it from another
+                    // session) and touches no memory of ours; fd 0 is open.
+                    unsafe {
+                        libc::ioctl(0, libc::TIOCSCTTY, 0);
+                    }
+                }
                 if let Some(id) = identity {
                     enter_user_namespace(id).map_err(ExecutorError::Other)?;
                 }

@@ -16,6 +16,8 @@ mod faults;
 mod hardening;
 #[path = "daemon/tasks.rs"]
 mod tasks;
+#[path = "daemon/terminal.rs"]
+mod terminal;
 
 const FILE: &str = "/home/agent/written-by-agent.txt";
 

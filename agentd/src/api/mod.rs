@@ -15,6 +15,7 @@ pub mod proxy;
 pub mod routes;
 pub mod sandboxes;
 pub mod tasks;
+pub mod terminal;
 pub mod types;
 
 use std::convert::Infallible;
@@ -308,6 +309,7 @@ fn spawn_conn<S>(
         });
         if let Err(e) = conn::http1()
             .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades()
             .await
         {
             tracing::debug!(error = %e, "connection ended with an error");

@@ -118,6 +118,8 @@ routes! {
     POST "/v1/sandboxes/{id}/exec" => sandboxes::exec_route, query None, in [JSON: schema_of::<types::ExecRequest>],
         out 200 [NDJSON: schema_of::<types::ExecLine>],
         "Run a command; output streams as JSON lines {stream,data} while it runs, then {exit_code,timed_out,oom_killed}; with \"stdin\": true the bytes after the JSON body and a newline are its stdin; a client that disconnects kills it";
+    GET "/v1/sandboxes/{id}/exec/ws" => sandboxes::exec_ws, query None, in [], out 101 [],
+        "Interactive exec over a WebSocket (with a terminal, or with streamed stdin): the first text message is the request {command, tty, cols, rows, env, cwd, uid, timeout_secs}; then binary messages are stdin and text messages controls ({\"resize\": {cols, rows}}, {\"eof\": true}); agentd sends the output as binary messages (without a terminal, a first byte 1 for stdout or 2 for stderr) and at the end {exit_code, timed_out, oom_killed}; a client that goes away kills the process";
     GET "/v1/sandboxes/{id}/logs" => sandboxes::logs_route, query Some(schema_of::<types::LogsQuery>), in [],
         out 200 [NDJSON: schema_of::<types::ExecLine>],
         "stdout/stderr as JSON lines";

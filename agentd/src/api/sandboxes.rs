@@ -138,6 +138,17 @@ pub(crate) async fn exec_route(
     exec(&mgr, sb, req).await
 }
 
+/// `GET /v1/sandboxes/{id}/exec/ws`: an interactive exec over a WebSocket.
+pub(crate) async fn exec_ws(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Id>,
+    req: Req,
+) -> Reply {
+    let sb = named(&mgr, &p.id, true)?;
+    require_live(&sb)?;
+    super::terminal::upgrade(mgr, sb, req).await
+}
+
 /// `GET /v1/sandboxes/{id}/logs`.
 pub(crate) async fn logs_route(
     State(mgr): State<Arc<Manager>>,

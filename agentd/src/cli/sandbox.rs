@@ -95,6 +95,12 @@ enum SandboxCommand {
     Exec {
         /// Id or name.
         id: String,
+        /// Keep stdin open: what this command reads goes to the process (over a WebSocket).
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// On a terminal (the local one in raw mode; its size follows the window).
+        #[arg(short = 't', long)]
+        tty: bool,
         /// Working directory.
         #[arg(long)]
         cwd: Option<String>,
@@ -106,6 +112,24 @@ enum SandboxCommand {
         env: Vec<String>,
         /// The command.
         #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// A login shell (or COMMAND) on a terminal in the sandbox; its exit status is this
+    /// command's.
+    Shell {
+        /// Id or name.
+        id: String,
+        /// Working directory.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Environment variable KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        /// Uid inside [default: the sandbox's user].
+        #[arg(long)]
+        uid: Option<u32>,
+        /// The command [default: bash -l if the image has bash, else sh -l].
+        #[arg(last = true)]
         command: Vec<String>,
     },
     /// Print a sandbox's output.
@@ -475,13 +499,39 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        SandboxCommand::Shell {
+            id,
+            cwd,
+            env,
+            uid,
+            command,
+        } => {
+            let request = without_nulls(serde_json::json!({
+                "command": command,
+                "env": kv_map(&env, "--env")?,
+                "cwd": cwd,
+                "uid": uid,
+            }));
+            crate::cli::terminal::run(sock, &enc(&id), request, true).await
+        }
         SandboxCommand::Exec {
             id,
+            interactive,
+            tty,
             cwd,
             timeout,
             env,
             command,
         } => {
+            if interactive || tty {
+                let request = without_nulls(serde_json::json!({
+                    "command": command,
+                    "env": kv_map(&env, "--env")?,
+                    "cwd": cwd,
+                    "timeout_secs": timeout,
+                }));
+                return crate::cli::terminal::run(sock, &enc(&id), request, tty).await;
+            }
             let env = kv_map(&env, "--env")?
                 .into_iter()
                 .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string()))
