@@ -8,6 +8,11 @@
 //! any header the `Connection` header names. What comes back is OpenCode's response, which is
 //! untrusted data: it is passed through, not interpreted, without hop-by-hop headers and
 //! without `Set-Cookie` (a sandbox must not set cookies on agentd's origin).
+//!
+//! A WebSocket upgrade (OpenCode's PTY, its live UI) goes to OpenCode on a connection of its
+//! own; when OpenCode switches protocols, agentd answers the client's upgrade with OpenCode's
+//! handshake headers and copies bytes both ways until either side closes (256 such tunnels
+//! at once; the sandbox counts as active meanwhile).
 
 use std::sync::Arc;
 
@@ -49,10 +54,26 @@ pub fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
     }
 }
 
+/// Most WebSocket tunnels through the proxy at once.
+const MAX_TUNNELS: usize = 256;
+
+static TUNNELS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_TUNNELS);
+
+/// Whether `headers` ask to switch to the WebSocket protocol.
+fn wants_websocket(headers: &hyper::HeaderMap) -> bool {
+    let has = |name: hyper::header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    has(hyper::header::UPGRADE, "websocket") && has(hyper::header::CONNECTION, "upgrade")
+}
+
 pub(crate) async fn opencode(
     mgr: &Arc<Manager>,
     sb: Arc<Sandbox>,
-    req: super::Req,
+    mut req: super::Req,
 ) -> Result<Response<Body>, ApiError> {
     let rec = sb.snapshot();
     let Some(secrets) = rec.opencode.clone() else {
@@ -102,6 +123,8 @@ pub(crate) async fn opencode(
     .map_err(|e| ApiError::BadRequest(format!("bad path: {e}")))?;
 
     let guard = ActiveGuard::new(sb.clone());
+    let websocket = wants_websocket(req.headers());
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(HOST);
@@ -118,6 +141,9 @@ pub(crate) async fn opencode(
     let body = body
         .map_err(|e| -> super::BoxError { Box::new(e) })
         .boxed_unsync();
+    if let Some(client_upgrade) = client_upgrade {
+        return tunnel(rec, parts, client_upgrade, guard).await;
+    }
     let upstream = Request::from_parts(parts, body);
     let resp = mgr.http.request(upstream).await.map_err(|e| {
         ApiError::BadGateway(format!(
@@ -137,6 +163,97 @@ pub(crate) async fn opencode(
     .map_err(|e| -> super::BoxError { Box::new(e) })
     .boxed_unsync();
     Ok(Response::from_parts(parts, body))
+}
+
+/// Sends a WebSocket handshake (`parts`, already stripped and credentialed) to the sandbox's
+/// OpenCode on a connection of its own and, if it switches protocols, joins the client's
+/// upgraded connection to it.
+async fn tunnel(
+    rec: crate::sandbox::SandboxRecord,
+    mut parts: hyper::http::request::Parts,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    guard: ActiveGuard,
+) -> Result<Response<Body>, ApiError> {
+    let permit = TUNNELS.try_acquire().map_err(|_| {
+        ApiError::Unavailable(format!(
+            "{MAX_TUNNELS} WebSocket tunnels are open: retry when one ends"
+        ))
+    })?;
+    let unreachable = |e: &dyn std::fmt::Display| {
+        ApiError::BadGateway(format!(
+            "sandbox {}'s OpenCode server did not answer: {e}",
+            rec.id
+        ))
+    };
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::net::TcpStream::connect((rec.address, crate::opencode::PORT)),
+    )
+    .await
+    .map_err(|_| unreachable(&"no connection in 10 s"))?
+    .map_err(|e| unreachable(&e))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+    tokio::spawn(conn.with_upgrades());
+    // The handshake's own headers go on (hop-by-hop ones were stripped above).
+    parts
+        .headers
+        .insert(hyper::header::CONNECTION, "upgrade".parse().expect("valid"));
+    parts
+        .headers
+        .insert(hyper::header::UPGRADE, "websocket".parse().expect("valid"));
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .parse()
+        .map_err(|e| ApiError::BadRequest(format!("bad path: {e}")))?;
+    parts.headers.insert(
+        hyper::header::HOST,
+        format!("{}:{}", rec.address, crate::opencode::PORT)
+            .parse()
+            .expect("valid"),
+    );
+    let req = Request::from_parts(parts, http_body_util::Empty::<bytes::Bytes>::new());
+    let mut resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+        // A refusal (404, 401, ...): OpenCode's answer as it is.
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(hyper::header::SET_COOKIE);
+        let body = GuardedBody {
+            inner: body,
+            _guard: guard,
+        }
+        .map_err(|e| -> super::BoxError { Box::new(e) })
+        .boxed_unsync();
+        return Ok(Response::from_parts(parts, body));
+    }
+    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+    let id = rec.id.clone();
+    tokio::spawn(async move {
+        let _held = (permit, guard);
+        let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
+            (Ok(c), Ok(u)) => (c, u),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(sandbox = %id, error = %e, "websocket tunnel: upgrade failed");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+        let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        tracing::debug!(sandbox = %id, ?copied, "websocket tunnel closed");
+    });
+    let (mut parts, _) = resp.into_parts();
+    parts.headers.remove(hyper::header::SET_COOKIE);
+    Ok(Response::from_parts(parts, super::empty()))
 }
 
 /// A body that holds an [`ActiveGuard`] until it is dropped.

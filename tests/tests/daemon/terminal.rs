@@ -199,3 +199,46 @@ fn test_interactive_exec_over_a_websocket() {
     );
     d.delete_all_and_check_clean();
 }
+
+/// OpenCode's own terminal (its PTY API, a WebSocket) through agentd's OpenCode proxy: the
+/// upgrade reaches OpenCode with its credentials, and keystrokes and output flow both ways.
+#[test]
+fn test_websockets_through_the_opencode_proxy() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = agentd_tests::daemon::MockLlm::start("true");
+    let (d, _, _) = super::opencode_daemon(&images, &llm);
+    let v = super::ready_opencode(&d, json!({"image": "opencode"}));
+    let id = v["id"].as_str().unwrap().to_string();
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/opencode/pty"),
+        Some(json!({"command": "/bin/sh", "title": "t"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let pty = r.json()["id"].as_str().unwrap().to_string();
+    let s = UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let (mut ws, resp) = tungstenite::client(
+        format!("ws://agentd/v1/sandboxes/{id}/opencode/pty/{pty}/connect"),
+        s,
+    )
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", d.log()));
+    assert_eq!(resp.status().as_u16(), 101);
+    send(&mut ws, Message::text("echo via-opencode-$((6*7))\n"));
+    read_until(&mut ws, "via-opencode-42");
+    drop(ws);
+    // A path OpenCode does not know: its own refusal, not a hang.
+    let s = UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let e = tungstenite::client(
+        format!("ws://agentd/v1/sandboxes/{id}/opencode/pty/nope/connect"),
+        s,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, tungstenite::HandshakeError::Failure(_)),
+        "{e:?}"
+    );
+    d.delete_all_and_check_clean();
+}
