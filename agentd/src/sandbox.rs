@@ -134,6 +134,10 @@ pub struct OpenCodeSecrets {
     pub password: String,
     /// The token OpenCode presents to agentd's LLM gateway.
     pub gateway_token: String,
+    /// The password `opencode attach` gives agentd for this sandbox's origin (not
+    /// OpenCode's: the sandbox never sees it). Empty for sandboxes made before it existed.
+    #[serde(default)]
+    pub attach_password: String,
 }
 
 /// A sandbox as stored in the database.

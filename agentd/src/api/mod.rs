@@ -11,6 +11,7 @@ pub mod error;
 pub mod files;
 pub mod images;
 pub mod openapi;
+pub mod origins;
 pub mod proxy;
 pub mod routes;
 pub mod sandboxes;
@@ -159,14 +160,24 @@ pub fn io_error(e: std::io::Error) -> ApiError {
 /// Answers one request: authentication, then the router ([`routes::router`]), then the
 /// error body (with the request id), the `405`'s message and the metrics.
 pub async fn handle(
-    mgr: &Manager,
+    mgr: &Arc<Manager>,
     router: Router,
     origin: Origin,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Response<Body> {
     let request_id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // A sandbox's origin (by Host): its own credentials, its own answers.
+    let req = match origins::serve(mgr, &origin, req.map(axum::body::Body::new)).await {
+        Ok(response) => {
+            mgr.metrics
+                .count_request("sandbox origin", response.status().as_u16());
+            return response;
+        }
+        Err(req) => req,
+    };
+    let mut req = req;
     if let Some(token) = &origin.token {
         let given = req
             .headers()
@@ -184,7 +195,7 @@ pub async fn handle(
         }
     }
     req.extensions_mut().insert(origin);
-    let response = match router.oneshot(req.map(axum::body::Body::new)).await {
+    let response = match router.oneshot(req).await {
         Ok(r) => r,
         Err(never) => match never {},
     };

@@ -70,10 +70,55 @@ fn wants_websocket(headers: &hyper::HeaderMap) -> bool {
     has(hyper::header::UPGRADE, "websocket") && has(hyper::header::CONNECTION, "upgrade")
 }
 
+/// Where a proxied request goes in the sandbox.
+pub(crate) struct Upstream {
+    /// The port on the sandbox's address.
+    pub port: u16,
+    /// The path and query to ask for there.
+    pub path_and_query: String,
+    /// `Authorization` to send (OpenCode's credentials), if any.
+    pub authorization: Option<String>,
+    /// Cookies go both ways, but agentd's own (a sandbox's origin, not agentd's API).
+    pub sandbox_origin: bool,
+}
+
+/// `/v1/sandboxes/{id}/opencode/{path}`: to the sandbox's OpenCode, with its credentials.
 pub(crate) async fn opencode(
     mgr: &Arc<Manager>,
     sb: Arc<Sandbox>,
-    mut req: super::Req,
+    req: super::Req,
+) -> Result<Response<Body>, ApiError> {
+    let raw_path = req.uri().path().to_string();
+    let path_and_query = below(&raw_path, 4, req.uri().query());
+    opencode_at(mgr, sb, req, path_and_query, false).await
+}
+
+/// The raw path without its first `segments` segments (`/` if nothing is left), and the query:
+/// encoded characters stay as they were.
+pub(crate) fn below(raw_path: &str, segments: usize, query: Option<&str>) -> String {
+    let end = raw_path
+        .match_indices('/')
+        .nth(segments)
+        .map(|(i, _)| i)
+        .unwrap_or(raw_path.len());
+    let mut p = raw_path[end..].to_string();
+    if p.is_empty() {
+        p.push('/');
+    }
+    if let Some(q) = query {
+        p.push('?');
+        p.push_str(q);
+    }
+    p
+}
+
+/// To the sandbox's OpenCode (ready) at `path_and_query`, with OpenCode's credentials.
+pub(crate) async fn opencode_at(
+    mgr: &Arc<Manager>,
+    sb: Arc<Sandbox>,
+    req: super::Req,
+    path_and_query: String,
+    sandbox_origin: bool,
 ) -> Result<Response<Body>, ApiError> {
     let rec = sb.snapshot();
     let Some(secrets) = rec.opencode.clone() else {
@@ -98,30 +143,65 @@ pub(crate) async fn opencode(
             )))
         }
     }
-    // Rebuild the path from the raw request so that encoded characters stay as they were.
-    let raw_path = req.uri().path().to_string();
-    let prefix_end = raw_path
-        .match_indices('/')
-        .nth(4)
-        .map(|(i, _)| i)
-        .unwrap_or(raw_path.len());
-    let mut upstream_path = raw_path[prefix_end..].to_string();
-    if upstream_path.is_empty() {
-        upstream_path.push('/');
-    }
-    let query = req
-        .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    let uri: hyper::Uri = format!(
-        "http://{}:{}{upstream_path}{query}",
-        rec.address,
-        crate::opencode::PORT
+    forward(
+        mgr,
+        sb,
+        req,
+        Upstream {
+            port: crate::opencode::PORT,
+            path_and_query,
+            authorization: Some(crate::opencode::basic_auth(&secrets.password)),
+            sandbox_origin,
+        },
     )
-    .parse()
-    .map_err(|e| ApiError::BadRequest(format!("bad path: {e}")))?;
+    .await
+}
 
+/// Any port of a live sandbox, without credentials.
+pub(crate) async fn port(
+    mgr: &Arc<Manager>,
+    sb: Arc<Sandbox>,
+    req: super::Req,
+    port: u16,
+    path_and_query: String,
+    sandbox_origin: bool,
+) -> Result<Response<Body>, ApiError> {
+    let rec = sb.snapshot();
+    if !matches!(rec.state, SandboxState::Ready | SandboxState::Starting) {
+        return Err(ApiError::Conflict(format!(
+            "sandbox {} is {}",
+            rec.id,
+            rec.state.as_str()
+        )));
+    }
+    if port == 0 {
+        return Err(ApiError::BadRequest("port must be 1 to 65535".into()));
+    }
+    forward(
+        mgr,
+        sb,
+        req,
+        Upstream {
+            port,
+            path_and_query,
+            authorization: None,
+            sandbox_origin,
+        },
+    )
+    .await
+}
+
+/// Forwards `req` to `up` in the sandbox (a WebSocket upgrade through [`tunnel`]).
+async fn forward(
+    mgr: &Arc<Manager>,
+    sb: Arc<Sandbox>,
+    mut req: super::Req,
+    up: Upstream,
+) -> Result<Response<Body>, ApiError> {
+    let rec = sb.snapshot();
+    let uri: hyper::Uri = format!("http://{}:{}{}", rec.address, up.port, up.path_and_query)
+        .parse()
+        .map_err(|e| ApiError::BadRequest(format!("bad path: {e}")))?;
     let guard = ActiveGuard::new(sb.clone());
     let websocket = wants_websocket(req.headers());
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
@@ -129,20 +209,25 @@ pub(crate) async fn opencode(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(HOST);
     parts.headers.remove(AUTHORIZATION);
-    parts.headers.remove(hyper::header::COOKIE);
-    parts.headers.insert(
-        AUTHORIZATION,
-        crate::opencode::basic_auth(&secrets.password)
-            .parse()
-            .expect("valid header"),
-    );
+    if up.sandbox_origin {
+        super::origins::strip_own_cookie(&mut parts.headers);
+    } else {
+        parts.headers.remove(hyper::header::COOKIE);
+    }
+    if let Some(a) = &up.authorization {
+        parts.headers.insert(
+            AUTHORIZATION,
+            a.parse()
+                .map_err(|_| ApiError::internal("bad credentials header"))?,
+        );
+    }
     parts.uri = uri;
     parts.version = hyper::Version::HTTP_11;
     let body = body
         .map_err(|e| -> super::BoxError { Box::new(e) })
         .boxed_unsync();
     if let Some(client_upgrade) = client_upgrade {
-        return tunnel(rec, parts, client_upgrade, guard).await;
+        return tunnel(rec, up.port, parts, client_upgrade, guard).await;
     }
     let upstream = Request::from_parts(parts, body);
     let resp = mgr.http.request(upstream).await.map_err(|e| {
@@ -153,7 +238,7 @@ pub(crate) async fn opencode(
     })?;
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(hyper::header::SET_COOKIE);
+    filter_set_cookie(&mut parts.headers, up.sandbox_origin);
     // The guard lives as long as the response body: a long event stream keeps the sandbox
     // from being reaped as idle.
     let body = GuardedBody {
@@ -170,6 +255,7 @@ pub(crate) async fn opencode(
 /// upgraded connection to it.
 async fn tunnel(
     rec: crate::sandbox::SandboxRecord,
+    port: u16,
     mut parts: hyper::http::request::Parts,
     client_upgrade: hyper::upgrade::OnUpgrade,
     guard: ActiveGuard,
@@ -187,7 +273,7 @@ async fn tunnel(
     };
     let stream = tokio::time::timeout(
         std::time::Duration::from_secs(10),
-        tokio::net::TcpStream::connect((rec.address, crate::opencode::PORT)),
+        tokio::net::TcpStream::connect((rec.address, port)),
     )
     .await
     .map_err(|_| unreachable(&"no connection in 10 s"))?
@@ -213,9 +299,7 @@ async fn tunnel(
         .map_err(|e| ApiError::BadRequest(format!("bad path: {e}")))?;
     parts.headers.insert(
         hyper::header::HOST,
-        format!("{}:{}", rec.address, crate::opencode::PORT)
-            .parse()
-            .expect("valid"),
+        format!("{}:{port}", rec.address).parse().expect("valid"),
     );
     let req = Request::from_parts(parts, http_body_util::Empty::<bytes::Bytes>::new());
     let mut resp = sender
@@ -254,6 +338,35 @@ async fn tunnel(
     let (mut parts, _) = resp.into_parts();
     parts.headers.remove(hyper::header::SET_COOKIE);
     Ok(Response::from_parts(parts, super::empty()))
+}
+
+/// Keeps a sandbox's `Set-Cookie` only on its own origin, and there only host-only cookies
+/// (no `Domain`: a cookie for the base domain would reach other sandboxes' origins) that are
+/// not agentd's.
+fn filter_set_cookie(headers: &mut hyper::HeaderMap, sandbox_origin: bool) {
+    let kept: Vec<hyper::header::HeaderValue> = if sandbox_origin {
+        headers
+            .get_all(hyper::header::SET_COOKIE)
+            .iter()
+            .filter(|v| {
+                v.to_str().is_ok_and(|s| {
+                    let name = s.split('=').next().unwrap_or("").trim();
+                    name != super::origins::SESSION_COOKIE
+                        && !s
+                            .split(';')
+                            .skip(1)
+                            .any(|a| a.trim().to_ascii_lowercase().starts_with("domain"))
+                })
+            })
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    headers.remove(hyper::header::SET_COOKIE);
+    for v in kept {
+        headers.append(hyper::header::SET_COOKIE, v);
+    }
 }
 
 /// A body that holds an [`ActiveGuard`] until it is dropped.

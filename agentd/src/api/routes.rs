@@ -150,6 +150,24 @@ routes! {
         "Any request to the sandbox's OpenCode server";
     DELETE "/v1/sandboxes/{id}/opencode/{*path}" => sandboxes::opencode, query None, in [], out 200 [],
         "Any request to the sandbox's OpenCode server";
+    GET "/v1/sandboxes/{id}/ports/{port}" => sandboxes::port, query None, in [], out 200 [],
+        "The root of a port inside the sandbox (HTTP, SSE, WebSocket), without credentials";
+    GET "/v1/sandboxes/{id}/ports/{port}/{*path}" => sandboxes::port, query None, in [], out 200 [],
+        "Any request to a port inside the sandbox (HTTP, SSE, WebSocket)";
+    POST "/v1/sandboxes/{id}/ports/{port}/{*path}" => sandboxes::port, query None, in [], out 200 [],
+        "Any request to a port inside the sandbox";
+    PUT "/v1/sandboxes/{id}/ports/{port}/{*path}" => sandboxes::port, query None, in [], out 200 [],
+        "Any request to a port inside the sandbox";
+    PATCH "/v1/sandboxes/{id}/ports/{port}/{*path}" => sandboxes::port, query None, in [], out 200 [],
+        "Any request to a port inside the sandbox";
+    DELETE "/v1/sandboxes/{id}/ports/{port}/{*path}" => sandboxes::port, query None, in [], out 200 [],
+        "Any request to a port inside the sandbox";
+    POST "/v1/sandboxes/{id}/tickets" => sandboxes::ticket, query Some(schema_of::<types::TicketQuery>), in [],
+        out 201 [JSON: schema_of::<types::TicketView>],
+        "A one-use ticket (60 s) that a browser exchanges for a session cookie on one of the sandbox's origins: open the url";
+    GET "/v1/sandboxes/{id}/attach" => sandboxes::attach, query None, in [],
+        out 200 [JSON: schema_of::<types::AttachView>],
+        "How opencode attach reaches the sandbox's OpenCode through agentd (its origin and attach password)";
     GET "/v1/images" => images::list, query None, in [], out 200 [JSON: schema_of::<types::ImageList>],
         "List images";
     POST "/v1/images/pull" => images::pull, query None, in [JSON: schema_of::<types::PullRequest>],
@@ -252,6 +270,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
             ))),
         }
     }
+}
+
+/// A path with an `{id}` and a `{port}`.
+#[derive(Deserialize)]
+pub struct IdPort {
+    /// A sandbox's id or name.
+    pub id: String,
+    /// A port inside it.
+    pub port: u16,
 }
 
 /// A path with an `{id}`.

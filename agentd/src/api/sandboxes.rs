@@ -149,6 +149,90 @@ pub(crate) async fn exec_ws(
     super::terminal::upgrade(mgr, sb, req).await
 }
 
+/// Any method on `/v1/sandboxes/{id}/ports/{port}[/{path}]`.
+pub(crate) async fn port(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<super::routes::IdPort>,
+    req: Req,
+) -> Reply {
+    let sb = named(&mgr, &p.id, true)?;
+    let path = super::proxy::below(req.uri().path(), 5, req.uri().query());
+    super::proxy::port(&mgr, sb, req, p.port, path, false).await
+}
+
+/// `POST /v1/sandboxes/{id}/tickets[?port=N]`.
+pub(crate) async fn ticket(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Id>,
+    Query(q): Query<super::types::TicketQuery>,
+) -> Reply {
+    let sb = named(&mgr, &p.id, false)?;
+    require_live(&sb)?;
+    let rec = sb.snapshot();
+    if q.port.is_none() && rec.opencode.is_none() {
+        return Err(ApiError::BadRequest(format!(
+            "sandbox {} runs no OpenCode: ask for a port's ticket (?port=N)",
+            rec.id
+        )));
+    }
+    if q.port == Some(0) {
+        return Err(ApiError::BadRequest("port must be 1 to 65535".into()));
+    }
+    let ticket = super::origins::new_ticket(&rec.id);
+    let host = super::origins::host_for(&rec.id, q.port, &mgr.config.origin_base);
+    let url = mgr.config.listen.map(|l| {
+        format!(
+            "http://{host}:{}/?{}={ticket}",
+            l.port(),
+            super::origins::TICKET_PARAM
+        )
+    });
+    Ok(json(
+        StatusCode::CREATED,
+        &super::types::TicketView {
+            ticket,
+            expires_in_secs: super::origins::TICKET_TTL.as_secs(),
+            host,
+            url,
+        },
+    ))
+}
+
+/// `GET /v1/sandboxes/{id}/attach`.
+pub(crate) async fn attach(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let sb = named(&mgr, &p.id, false)?;
+    let rec = sb.snapshot();
+    let Some(oc) = rec.opencode else {
+        return Err(ApiError::BadRequest(format!(
+            "sandbox {} runs no OpenCode server",
+            rec.id
+        )));
+    };
+    if oc.attach_password.is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "sandbox {} was made before attach existed: make a new one",
+            rec.id
+        )));
+    }
+    let host = super::origins::host_for(&rec.id, None, &mgr.config.origin_base);
+    let url = mgr
+        .config
+        .listen
+        .map(|l| format!("http://{host}:{}", l.port()));
+    let command = url
+        .as_ref()
+        .map(|u| format!("opencode attach {u} --password {}", oc.attach_password));
+    Ok(json(
+        StatusCode::OK,
+        &super::types::AttachView {
+            url,
+            username: "opencode".into(),
+            password: oc.attach_password,
+            command,
+        },
+    ))
+}
+
 /// `GET /v1/sandboxes/{id}/logs`.
 pub(crate) async fn logs_route(
     State(mgr): State<Arc<Manager>>,

@@ -668,6 +668,42 @@ pub enum LogStream {
     Both,
 }
 
+/// `POST /v1/sandboxes/{id}/tickets` query.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TicketQuery {
+    /// A port inside the sandbox: the ticket opens that port's origin [default: the
+    /// sandbox's OpenCode].
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u16>,
+}
+
+/// A ticket for one of a sandbox's origins.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TicketView {
+    /// The ticket: one use, within `expires_in_secs`.
+    pub ticket: String,
+    /// Seconds left to use it.
+    pub expires_in_secs: u64,
+    /// The origin's host (`{sandbox}.{base}` or `{port}-{sandbox}.{base}`).
+    pub host: String,
+    /// The URL to open in a browser (agentd's TCP listener), when agentd listens on TCP.
+    pub url: Option<String>,
+}
+
+/// How `opencode attach` reaches a sandbox's OpenCode through agentd.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct AttachView {
+    /// The sandbox's OpenCode origin on agentd's TCP listener, when agentd listens on TCP.
+    pub url: Option<String>,
+    /// Basic auth user name (any is accepted).
+    pub username: String,
+    /// Basic auth password: this sandbox's attach password (not OpenCode's own).
+    pub password: String,
+    /// The command to run, when agentd listens on TCP.
+    pub command: Option<String>,
+}
+
 /// `GET /v1/sandboxes/{id}/logs` query.
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct LogsQuery {

@@ -100,6 +100,11 @@ pub struct ServeArgs {
     /// relay [default: 4197].
     #[arg(long, env = "AGENTD_EGRESS_NAT_PORT")]
     pub egress_nat_port: Option<u16>,
+    /// The domain under which each sandbox has origins on the TCP listener:
+    /// `{sandbox}.{base}` (its OpenCode) and `{port}-{sandbox}.{base}` (a port inside)
+    /// [default: localhost, which browsers resolve to loopback without DNS].
+    #[arg(long, env = "AGENTD_ORIGIN_BASE")]
+    pub origin_base: Option<String>,
     /// Whether sandboxes and tasks may ask for network mode open (any public address, through
     /// agentd's NAT) [default: true].
     #[arg(long, env = "AGENTD_EGRESS_OPEN")]
@@ -229,6 +234,8 @@ pub struct Config {
     pub egress_port: u16,
     /// Network mode open may be asked for.
     pub egress_open: bool,
+    /// The domain of sandboxes' origins.
+    pub origin_base: String,
     /// Network mode open's port on the bridge address (TCP and UDP).
     pub egress_nat_port: u16,
     /// Named host lists for allow lists.
@@ -417,6 +424,21 @@ impl Config {
         {
             bail!("egress_nat_port must not be 0, the gateway's port nor egress_port");
         }
+        let origin_base = args
+            .origin_base
+            .unwrap_or_else(|| "localhost".into())
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        if origin_base.is_empty()
+            || origin_base.len() > 200
+            || !origin_base.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+        {
+            bail!("origin_base must be a domain name such as localhost or sandboxes.example.org, got {origin_base:?}");
+        }
         let mut egress_presets = std::collections::BTreeMap::new();
         for p in args
             .egress_presets
@@ -458,6 +480,7 @@ impl Config {
             gateway_port,
             egress_port,
             egress_open: args.egress_open.unwrap_or(true),
+            origin_base,
             egress_nat_port,
             egress_presets,
             egress_allow_networks: networks(

@@ -228,6 +228,7 @@ impl Manager {
         let secrets = plan.opencode.then(|| OpenCodeSecrets {
             password: random_hex(24),
             gateway_token: random_hex(24),
+            attach_password: random_hex(24),
         });
         let record = SandboxRecord {
             id: id.clone(),

@@ -298,6 +298,41 @@ fn forkbomb(secs: f64) {
     std::thread::sleep(Duration::from_secs(120));
 }
 
+/// A small web app on `port`: answers every request with its path and the cookies it got,
+/// and sets two cookies (one host-only, one for the whole `localhost` domain).
+fn http(port: u16) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    for c in l.incoming() {
+        let Ok(mut c) = c else { continue };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+            match c.read(&mut b) {
+                Ok(1) => head.push(b[0]),
+                _ => break,
+            }
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
+        let cookie = text
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("cookie")
+                    .then(|| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        let body = format!("hello from port {port} path={path} cookie=[{cookie}]\n");
+        let _ = write!(
+            c,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nSet-Cookie: app=1; Path=/\r\nSet-Cookie: wide=1; Domain=localhost; Path=/\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -317,6 +352,7 @@ fn main() {
                 .args(["sleep-ms", "200"])
                 .spawn();
         }
+        Some("http") => http(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(8080)),
         Some("sleep-ms") => std::thread::sleep(Duration::from_millis(
             args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100),
         )),

@@ -242,3 +242,261 @@ fn test_websockets_through_the_opencode_proxy() {
     );
     d.delete_all_and_check_clean();
 }
+
+/// One HTTP/1.1 request to agentd's TCP listener with this `Host`: (status, headers, body).
+fn over_tcp(
+    listen: &str,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+) -> (u16, Vec<(String, String)>, String) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: 0\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    // Chunked bodies are short here: the text is enough to search.
+    (status, headers, body.to_string())
+}
+
+fn header<'a>(h: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    h.iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+/// A sandbox's origins on agentd's TCP listener: `{port}-{id}.localhost` reaches a web app
+/// inside (and the path form on the API), a browser gets in with a one-use ticket exchanged
+/// for a host-only session cookie that never reaches the app, another origin cannot use that
+/// session to change things, the app cannot set cookies for other origins, `{id}.localhost`
+/// is the sandbox's OpenCode, and `opencode attach`'s Basic auth works there with the
+/// sandbox's attach password only.
+#[test]
+fn test_sandbox_origins_tickets_and_attach() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = agentd_tests::daemon::MockLlm::start("true");
+    let (d, _, listen) = super::opencode_daemon(&images, &llm);
+    let v = super::ready_opencode(&d, json!({"image": "opencode", "name": "web"}));
+    let id = v["id"].as_str().unwrap().to_string();
+    let probe = std::fs::read(agentd_tests::probe()).unwrap();
+    let r = agentd_tests::daemon::request(
+        &d.socket,
+        "PUT",
+        &format!("/v1/sandboxes/{id}/files?path=/home/agent/probe"),
+        Some(&probe),
+        "application/octet-stream",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (code, _, err) = d.exec(
+        &id,
+        &["sh", "-c", "chmod +x /home/agent/probe && (/home/agent/probe http 8080 </dev/null >/dev/null 2>&1 &) && sleep 0.5"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let port = listen.rsplit(':').next().unwrap();
+    let app = format!("8080-{id}.localhost:{port}");
+    let token = format!("Bearer {}", d.token());
+
+    // The path form, on the API (the socket here).
+    let r = d.call(
+        "GET",
+        &format!("/v1/sandboxes/{id}/ports/8080/x/y?z=1"),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text()
+            .contains("hello from port 8080 path=/x/y?z=1 cookie=[]"),
+        "{}",
+        r.text()
+    );
+
+    // The app's origin: nothing without a credential; the token works.
+    let (st, h, body) = over_tcp(&listen, &app, "GET", "/", &[]);
+    assert_eq!(st, 401, "{body}");
+    assert!(body.contains("tickets"), "{body}");
+    assert!(!header(&h, "www-authenticate").is_empty());
+    let (st, h, body) = over_tcp(
+        &listen,
+        &app,
+        "GET",
+        "/p",
+        &[("Authorization", token.clone())],
+    );
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains("path=/p"), "{body}");
+    // Its host-only cookie passes; one for the whole base domain does not.
+    let cookies = header(&h, "set-cookie");
+    assert_eq!(cookies, ["app=1; Path=/"], "{h:?}");
+    // By name too.
+    let (st, _, body) = over_tcp(
+        &listen,
+        &format!("8080-web.localhost:{port}"),
+        "GET",
+        "/",
+        &[("Authorization", token.clone())],
+    );
+    assert_eq!(st, 200, "{body}");
+
+    // A browser: a ticket's URL sets the session and drops the ticket from the URL.
+    let t = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/tickets?port=8080"),
+        None,
+    );
+    assert_eq!(t.status, 201, "{}", t.text());
+    let t = t.json();
+    let url = t["url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&format!("http://{app}/?agentd_ticket=")),
+        "{url}"
+    );
+    let path = &url[url.find("/?").unwrap()..];
+    let (st, h, _) = over_tcp(&listen, &app, "GET", path, &[]);
+    assert_eq!(st, 303, "{h:?}");
+    assert_eq!(header(&h, "location"), ["/"]);
+    let set = header(&h, "set-cookie")[0].to_string();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Lax") && !set.contains("Domain"),
+        "{set}"
+    );
+    let session = set.split(';').next().unwrap().to_string();
+    // A second use of the ticket: refused.
+    let (st, _, _) = over_tcp(&listen, &app, "GET", path, &[]);
+    assert_eq!(st, 401);
+    // The session works; agentd's cookie never reaches the app, the app's own does.
+    let (st, _, body) = over_tcp(
+        &listen,
+        &app,
+        "GET",
+        "/s",
+        &[("Cookie", format!("{session}; app=1"))],
+    );
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains("cookie=[app=1]"), "{body}");
+    // Another origin's page may not use it to change things; the app's own page may.
+    let (st, _, body) = over_tcp(
+        &listen,
+        &app,
+        "POST",
+        "/change",
+        &[
+            ("Cookie", session.clone()),
+            ("Origin", format!("http://other.localhost:{port}")),
+        ],
+    );
+    assert_eq!(st, 403, "{body}");
+    let (st, _, body) = over_tcp(
+        &listen,
+        &app,
+        "POST",
+        "/change",
+        &[
+            ("Cookie", session.clone()),
+            ("Origin", format!("http://{app}")),
+        ],
+    );
+    assert_eq!(st, 200, "{body}");
+    // The session is this sandbox's only.
+    let other = plain(&d, json!({"limits": {"memory": "256m"}}));
+    let (st, _, _) = over_tcp(
+        &listen,
+        &format!("8080-{other}.localhost:{port}"),
+        "GET",
+        "/",
+        &[("Cookie", session.clone())],
+    );
+    assert_eq!(st, 401);
+
+    // The OpenCode origin: OpenCode's own answers (its credentials added by agentd).
+    let oc = format!("{id}.localhost:{port}");
+    let (st, _, body) = over_tcp(
+        &listen,
+        &oc,
+        "GET",
+        "/session",
+        &[("Authorization", token.clone())],
+    );
+    assert_eq!(st, 200, "{body}");
+    // opencode attach's Basic auth: the attach password works there, and only there.
+    let a = d
+        .call("GET", &format!("/v1/sandboxes/{id}/attach"), None)
+        .json();
+    let pw = a["password"].as_str().unwrap().to_string();
+    assert_eq!(a["url"], format!("http://{oc}"), "{a}");
+    assert!(
+        a["command"]
+            .as_str()
+            .unwrap()
+            .starts_with("opencode attach http://"),
+        "{a}"
+    );
+    use base64::Engine;
+    let basic = |p: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("opencode:{p}"))
+        )
+    };
+    let (st, _, body) = over_tcp(
+        &listen,
+        &oc,
+        "GET",
+        "/session",
+        &[("Authorization", basic(&pw))],
+    );
+    assert_eq!(st, 200, "{body}");
+    let (st, _, _) = over_tcp(
+        &listen,
+        &oc,
+        "GET",
+        "/session",
+        &[("Authorization", basic("wrong"))],
+    );
+    assert_eq!(st, 401);
+    let (st, _, _) = over_tcp(&listen, &app, "GET", "/", &[("Authorization", basic(&pw))]);
+    assert_eq!(
+        st, 401,
+        "the attach password is for the OpenCode origin only"
+    );
+    // An unknown sandbox's origin says so; agentd's own API is untouched by the routing.
+    let (st, _, body) = over_tcp(
+        &listen,
+        &format!("nope.localhost:{port}"),
+        "GET",
+        "/",
+        &[("Authorization", token.clone())],
+    );
+    assert_eq!(st, 404, "{body}");
+    let (st, _, _) = over_tcp(
+        &listen,
+        &format!("localhost:{port}"),
+        "GET",
+        "/v1/sandboxes",
+        &[("Authorization", token.clone())],
+    );
+    assert_eq!(st, 200);
+    d.delete_all_and_check_clean();
+}
