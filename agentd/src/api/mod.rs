@@ -185,6 +185,7 @@ pub async fn handle(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if !given.is_some_and(|g| crate::sandbox::constant_time_eq(g.as_bytes(), token.as_bytes()))
+            && !origins::attach_allows(mgr, &path, req.headers())
         {
             let e = ApiError::Unauthorized(
                 "this endpoint needs Authorization: Bearer <token> (see agentd's token_file)"

@@ -190,25 +190,55 @@ fn credential(
             return Some(Credential::Api);
         }
     }
-    if let Some(basic) = auth.and_then(|a| a.strip_prefix("Basic ")) {
-        use base64::Engine;
-        let attach = sb
-            .snapshot()
-            .opencode
-            .map(|o| o.attach_password)
-            .filter(|p| !p.is_empty());
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(basic.trim())
-            .ok()
-            .and_then(|d| String::from_utf8(d).ok());
-        if let (true, Some(want), Some(pair)) = (opencode_origin, attach, decoded) {
-            let given = pair.split_once(':').map_or("", |(_, p)| p);
-            if constant_time_eq(given.as_bytes(), want.as_bytes()) {
-                return Some(Credential::Attach);
-            }
-        }
+    if opencode_origin && attach_password_given(headers, sb) {
+        return Some(Credential::Attach);
     }
     session_of(headers, &sb.snapshot().id).then_some(Credential::Cookie)
+}
+
+/// Whether `headers` carry sandbox `sb`'s attach password as Basic auth (any user name).
+fn attach_password_given(headers: &HeaderMap, sb: &Sandbox) -> bool {
+    use base64::Engine;
+    let Some(want) = sb
+        .snapshot()
+        .opencode
+        .map(|o| o.attach_password)
+        .filter(|p| !p.is_empty())
+    else {
+        return false;
+    };
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|a| a.strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|d| String::from_utf8(d).ok())
+        .is_some_and(|pair| {
+            let given = pair.split_once(':').map_or("", |(_, p)| p);
+            constant_time_eq(given.as_bytes(), want.as_bytes())
+        })
+}
+
+/// Whether a TCP request to the API may go on with a sandbox's attach password instead of
+/// agentd's token: only to `/v1/sandboxes/{id}/opencode[/...]` of that very sandbox (what
+/// `opencode attach` asks for when no DNS resolves the sandbox's origin).
+pub fn attach_allows(mgr: &Manager, path: &str, headers: &HeaderMap) -> bool {
+    let mut parts = path.split('/');
+    let (Some(""), Some("v1"), Some("sandboxes"), Some(id), Some("opencode")) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return false;
+    };
+    mgr.get(id)
+        .is_ok_and(|sb| attach_password_given(headers, &sb))
 }
 
 fn text(status: StatusCode, msg: &str) -> Response<Body> {

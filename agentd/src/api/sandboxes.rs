@@ -215,17 +215,33 @@ pub(crate) async fn attach(State(mgr): State<Arc<Manager>>, Params(p): Params<Id
         )));
     }
     let host = super::origins::host_for(&rec.id, None, &mgr.config.origin_base);
-    let url = mgr
+    let origin_url = mgr
         .config
         .listen
         .map(|l| format!("http://{host}:{}", l.port()));
-    let command = url
-        .as_ref()
-        .map(|u| format!("opencode attach {u} --password {}", oc.attach_password));
+    let url = mgr.config.listen.map(|l| {
+        let ip = if l.ip().is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            l.ip()
+        };
+        format!(
+            "http://{}/v1/sandboxes/{}/opencode",
+            std::net::SocketAddr::new(ip, l.port()),
+            rec.id
+        )
+    });
+    let command = url.as_ref().map(|u| {
+        format!(
+            "OPENCODE_SERVER_PASSWORD={} opencode attach {u}",
+            oc.attach_password
+        )
+    });
     Ok(json(
         StatusCode::OK,
         &super::types::AttachView {
             url,
+            origin_url,
             username: "opencode".into(),
             password: oc.attach_password,
             command,

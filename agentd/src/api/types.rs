@@ -694,8 +694,12 @@ pub struct TicketView {
 /// How `opencode attach` reaches a sandbox's OpenCode through agentd.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct AttachView {
-    /// The sandbox's OpenCode origin on agentd's TCP listener, when agentd listens on TCP.
+    /// The sandbox's OpenCode through agentd's TCP listener (`/v1/sandboxes/{id}/opencode`:
+    /// no DNS needed), when agentd listens on TCP.
     pub url: Option<String>,
+    /// The sandbox's OpenCode origin (`{id}.{origin_base}`), where DNS (or a browser)
+    /// resolves it, when agentd listens on TCP.
+    pub origin_url: Option<String>,
     /// Basic auth user name (any is accepted).
     pub username: String,
     /// Basic auth password: this sandbox's attach password (not OpenCode's own).

@@ -132,6 +132,15 @@ enum SandboxCommand {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// OpenCode's terminal UI on the sandbox's OpenCode, through agentd's TCP listener: runs
+    /// `opencode attach` (from PATH) with the sandbox's attach password, or prints how to.
+    Attach {
+        /// Id or name.
+        id: String,
+        /// Print the command instead of running it.
+        #[arg(long)]
+        print: bool,
+    },
     /// Print a sandbox's output.
     Logs {
         /// Id or name.
@@ -498,6 +507,37 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                 println!("{id}");
             }
             Ok(0)
+        }
+        SandboxCommand::Attach { id, print } => {
+            let reply = call(
+                sock,
+                Method::GET,
+                &format!("/v1/sandboxes/{}/attach", enc(&id)),
+                None,
+                None,
+            )
+            .await?;
+            let v = check(&reply)?;
+            let Some(url) = v["url"].as_str() else {
+                bail!("agentd does not listen on TCP: start it with --listen ADDR to attach");
+            };
+            let password = v["password"].as_str().unwrap_or_default();
+            let have = std::env::var_os("PATH")
+                .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("opencode").is_file()));
+            if print || !have {
+                if !have && !print {
+                    eprintln!("agentd: opencode is not on PATH; run this where it is:");
+                }
+                println!("OPENCODE_SERVER_PASSWORD={password} opencode attach {url}");
+                return Ok(0);
+            }
+            // The password goes in the environment, not on a command line others can read.
+            use std::os::unix::process::CommandExt;
+            let e = std::process::Command::new("opencode")
+                .args(["attach", url])
+                .env("OPENCODE_SERVER_PASSWORD", password)
+                .exec();
+            bail!("cannot run opencode: {e}")
         }
         SandboxCommand::Shell {
             id,

@@ -445,12 +445,17 @@ fn test_sandbox_origins_tickets_and_attach() {
         .call("GET", &format!("/v1/sandboxes/{id}/attach"), None)
         .json();
     let pw = a["password"].as_str().unwrap().to_string();
-    assert_eq!(a["url"], format!("http://{oc}"), "{a}");
+    assert_eq!(a["origin_url"], format!("http://{oc}"), "{a}");
+    assert_eq!(
+        a["url"],
+        format!("http://{listen}/v1/sandboxes/{id}/opencode"),
+        "{a}"
+    );
     assert!(
         a["command"]
             .as_str()
             .unwrap()
-            .starts_with("opencode attach http://"),
+            .starts_with("OPENCODE_SERVER_PASSWORD="),
         "{a}"
     );
     use base64::Engine;
@@ -481,6 +486,30 @@ fn test_sandbox_origins_tickets_and_attach() {
         st, 401,
         "the attach password is for the OpenCode origin only"
     );
+    // And on the API: this sandbox's OpenCode path only (where attach goes without DNS).
+    let api = format!("127.0.0.1:{port}");
+    let (st, _, body) = over_tcp(
+        &listen,
+        &api,
+        "GET",
+        &format!("/v1/sandboxes/{id}/opencode/session"),
+        &[("Authorization", basic(&pw))],
+    );
+    assert_eq!(st, 200, "{body}");
+    for path in [
+        "/v1/sandboxes".to_string(),
+        format!("/v1/sandboxes/{id}"),
+        format!("/v1/sandboxes/{other}/opencode/session"),
+    ] {
+        let (st, _, _) = over_tcp(
+            &listen,
+            &api,
+            "GET",
+            &path,
+            &[("Authorization", basic(&pw))],
+        );
+        assert_eq!(st, 401, "{path}");
+    }
     // An unknown sandbox's origin says so; agentd's own API is untouched by the routing.
     let (st, _, body) = over_tcp(
         &listen,
@@ -498,5 +527,99 @@ fn test_sandbox_origins_tickets_and_attach() {
         &[("Authorization", token.clone())],
     );
     assert_eq!(st, 200);
+    d.delete_all_and_check_clean();
+}
+
+/// The real `opencode attach` TUI, run by `agentd sandbox attach` in tmux (a server of the
+/// test's own), reaches the sandbox's OpenCode through agentd's TCP listener with the attach
+/// password: a prompt typed there gets the mock LLM's answer on screen.
+#[test]
+fn test_opencode_attach_in_tmux() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = agentd_tests::daemon::MockLlm::start("true");
+    let (d, _, _) = super::opencode_daemon(&images, &llm);
+    let v = super::ready_opencode(&d, json!({"image": "opencode"}));
+    let id = v["id"].as_str().unwrap().to_string();
+    // The OpenCode binary of the image, on PATH for the CLI.
+    let layers = images.join("layers/sha256");
+    let binary = std::fs::read_dir(&layers)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("usr/local/bin/opencode"))
+        .find(|p| p.is_file())
+        .expect("the opencode image's binary");
+    let home = tempfile::tempdir().unwrap();
+    let bin = home.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(&binary, bin.join("opencode")).unwrap();
+    let printed = Command::new(agentd_tests::bin("agentd"))
+        .args(["sandbox", "attach", &id, "--print"])
+        .env("AGENTD_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&printed.stdout).into_owned();
+    assert!(
+        line.starts_with("OPENCODE_SERVER_PASSWORD=") && line.contains("/opencode"),
+        "{line}"
+    );
+    let tmux_socket = format!("agentd-test-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .arg("-L")
+            .arg(&tmux_socket)
+            .args(args)
+            .output()
+            .expect("tmux (.ci/run installs it)")
+    };
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let command = format!(
+        "env HOME={h} XDG_CONFIG_HOME={h}/c XDG_DATA_HOME={h}/d XDG_STATE_HOME={h}/s XDG_CACHE_HOME={h}/k OPENCODE_DISABLE_AUTOUPDATE=1 OPENCODE_DISABLE_MODELS_FETCH=1 AGENTD_SOCKET={sock} PATH={path} {agentd} sandbox attach {id}",
+        h = home.path().display(),
+        sock = d.socket.display(),
+        agentd = agentd_tests::bin("agentd").display(),
+    );
+    let out = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "a",
+        "-x",
+        "160",
+        "-y",
+        "48",
+        &command,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let screen =
+        || String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "a"]).stdout).into_owned();
+    let wait_for = |what: &dyn Fn(&str) -> bool, secs: u64| {
+        let t = Instant::now();
+        loop {
+            let s = screen();
+            if what(&s) {
+                return s;
+            }
+            if t.elapsed() > Duration::from_secs(secs) {
+                let _ = tmux(&["kill-server"]);
+                panic!("the TUI never showed it; its screen:\n{s}\n{}", d.log());
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    // The TUI is up when its prompt box is drawn.
+    wait_for(&|s: &str| s.trim().lines().count() > 5, 60);
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = tmux(&["send-keys", "-t", "a", "-l", "write the file"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = tmux(&["send-keys", "-t", "a", "Enter"]);
+    let s = wait_for(&|s: &str| s.contains("All done"), 90);
+    let _ = tmux(&["kill-server"]);
+    assert!(s.contains("All done"), "{s}");
+    assert!(llm.requests.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     d.delete_all_and_check_clean();
 }
