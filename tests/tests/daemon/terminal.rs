@@ -563,10 +563,11 @@ fn test_opencode_attach_in_tmux() {
         line.starts_with("OPENCODE_SERVER_PASSWORD=") && line.contains("/opencode"),
         "{line}"
     );
-    let tmux_socket = format!("agentd-test-{}", std::process::id());
+    // A tmux server of the test's own, its socket in the test's temp dir.
+    let tmux_socket = home.path().join("tmux.sock");
     let tmux = |args: &[&str]| {
         Command::new("tmux")
-            .arg("-L")
+            .arg("-S")
             .arg(&tmux_socket)
             .args(args)
             .output()
