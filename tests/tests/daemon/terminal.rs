@@ -440,6 +440,20 @@ fn test_sandbox_origins_tickets_and_attach() {
         &[("Authorization", token.clone())],
     );
     assert_eq!(st, 200, "{body}");
+    // Its web UI, from the binary, at the origin's root (and its script, by the same origin).
+    let (st, h, body) = over_tcp(
+        &listen,
+        &oc,
+        "GET",
+        "/",
+        &[("Authorization", token.clone())],
+    );
+    assert_eq!(st, 200, "{h:?}");
+    assert!(body.to_ascii_lowercase().contains("<html"), "{body}");
+    eprintln!(
+        "OpenCode's web UI at the origin's root: {} bytes of HTML",
+        body.len()
+    );
     // opencode attach's Basic auth: the attach password works there, and only there.
     let a = d
         .call("GET", &format!("/v1/sandboxes/{id}/attach"), None)
