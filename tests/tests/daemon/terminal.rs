@@ -638,3 +638,99 @@ fn test_opencode_attach_in_tmux() {
     assert!(llm.requests.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     d.delete_all_and_check_clean();
 }
+
+/// Headless Chromium (Debian's, driven by Playwright from PyPI) opens ticket URLs of a
+/// sandbox's origins: a web app inside answers through its port's origin (agentd's cookie is
+/// HttpOnly and never reaches the app; the app's own cookie works, its domain-wide one is
+/// dropped), and the sandbox's OpenCode web UI loads through its origin. Screenshots go to
+/// `target/test-artifacts/browser`.
+#[test]
+fn test_a_browser_on_sandbox_origins() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let ready = Command::new("python3")
+        .args(["-c", "import playwright.sync_api"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && std::path::Path::new("/usr/bin/chromium").exists();
+    if !ready {
+        eprintln!(
+            "SKIPPED: needs python3 with playwright and /usr/bin/chromium (.ci/run installs them)"
+        );
+        agentd_tests::required_or_skip();
+        return;
+    }
+    let llm = agentd_tests::daemon::MockLlm::start("true");
+    let (d, _, listen) = super::opencode_daemon(&images, &llm);
+    let v = super::ready_opencode(&d, json!({"image": "opencode"}));
+    let id = v["id"].as_str().unwrap().to_string();
+    let probe = std::fs::read(agentd_tests::probe()).unwrap();
+    let r = agentd_tests::daemon::request(
+        &d.socket,
+        "PUT",
+        &format!("/v1/sandboxes/{id}/files?path=/home/agent/probe"),
+        Some(&probe),
+        "application/octet-stream",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (code, _, err) = d.exec(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "chmod +x /home/agent/probe && (/home/agent/probe http 3000 </dev/null >/dev/null 2>&1 &) && sleep 0.5",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let ticket = |q: &str| {
+        let r = d.call("POST", &format!("/v1/sandboxes/{id}/tickets{q}"), None);
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["url"].as_str().unwrap().to_string()
+    };
+    let shots = agentd_tests::target_dir().join("test-artifacts/browser");
+    let out = Command::new("python3")
+        .arg(agentd_tests::workspace_root().join("tests/browser/origins.py"))
+        .env("OPENCODE_URL", ticket(""))
+        .env("APP_URL", ticket("?port=3000"))
+        .env("SHOTS", &shots)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        agentd_tests::describe(&out),
+        d.log()
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let port = listen.rsplit(':').next().unwrap();
+    assert_eq!(
+        seen["app_url"],
+        format!("http://3000-{id}.localhost:{port}/"),
+        "{seen:#}"
+    );
+    assert_eq!(
+        seen["app_first"], "hello from port 3000 path=/ cookie=[]",
+        "{seen:#}"
+    );
+    assert_eq!(
+        seen["app_second"], "hello from port 3000 path=/ cookie=[app=1]",
+        "{seen:#}"
+    );
+    assert_eq!(seen["app_document_cookie"], "app=1", "{seen:#}");
+    assert_eq!(
+        seen["ui_url"],
+        format!("http://{id}.localhost:{port}/"),
+        "{seen:#}"
+    );
+    assert_eq!(seen["ui_title"], "OpenCode", "{seen:#}");
+    assert!(
+        seen["ui_text"]
+            .as_str()
+            .unwrap()
+            .contains("Create a session"),
+        "OpenCode's UI drew its (empty) session list from its API: {seen:#}"
+    );
+    eprintln!("the browser saw: {seen:#}");
+    assert!(shots.join("opencode-ui.png").is_file());
+    d.delete_all_and_check_clean();
+}
