@@ -43,13 +43,55 @@ pub fn command() -> Vec<String> {
 }
 
 /// The environment entries agentd adds for OpenCode.
+/// What OpenCode does when the agent wants a tool: `allow` it, `ask` a person (an approval),
+/// or `deny` it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Permission {
+    /// Run it.
+    Allow,
+    /// Ask a person first.
+    Ask,
+    /// Refuse it.
+    Deny,
+}
+
+/// Most entries of a permissions map.
+pub const MAX_PERMISSIONS: usize = 32;
+
+/// Checks a permissions map: OpenCode tool names (`bash`, `edit`, `webfetch`, ...).
+pub fn check_permissions(p: &std::collections::BTreeMap<String, Permission>) -> Result<(), String> {
+    if p.len() > MAX_PERMISSIONS {
+        return Err(format!(
+            "permissions has more than {MAX_PERMISSIONS} entries"
+        ));
+    }
+    for k in p.keys() {
+        if k.is_empty() || k.len() > 64 || !k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            return Err(format!(
+                "permissions: {k:?} is not an OpenCode tool name (bash, edit, webfetch, read, ...)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn env(
     password: &str,
     gateway: (Ipv4Addr, u16),
     gateway_token: &str,
     model: &str,
+    permissions: &std::collections::BTreeMap<String, Permission>,
 ) -> Vec<String> {
     let (addr, port) = gateway;
+    // agentd's defaults (nobody to ask), then the request's.
+    let mut permission =
+        serde_json::json!({ "edit": "allow", "bash": "allow", "webfetch": "allow" });
+    for (tool, p) in permissions {
+        permission[tool] = serde_json::to_value(p).unwrap_or_default();
+    }
     let config = serde_json::json!({
         "$schema": "https://opencode.ai/config.json",
         "provider": {
@@ -66,7 +108,7 @@ pub fn env(
         "model": format!("agentd/{model}"),
         "small_model": format!("agentd/{model}"),
         "enabled_providers": ["agentd"],
-        "permission": { "edit": "allow", "bash": "allow", "webfetch": "allow" },
+        "permission": permission,
         "share": "disabled",
         "autoupdate": false,
     });
@@ -98,7 +140,19 @@ mod tests {
 
     #[test]
     fn test_env_has_no_upstream_key_and_valid_config() {
-        let env = env("pw", (Ipv4Addr::new(10, 209, 0, 1), 4199), "gw-token", "m1");
+        let asks = [
+            ("bash".to_string(), Permission::Ask),
+            ("read".to_string(), Permission::Deny),
+        ]
+        .into_iter()
+        .collect();
+        let env = env(
+            "pw",
+            (Ipv4Addr::new(10, 209, 0, 1), 4199),
+            "gw-token",
+            "m1",
+            &asks,
+        );
         let content = env
             .iter()
             .find_map(|e| e.strip_prefix("OPENCODE_CONFIG_CONTENT="))
@@ -109,6 +163,15 @@ mod tests {
             "http://10.209.0.1:4199/v1"
         );
         assert_eq!(v["model"], "agentd/m1");
+        assert_eq!(
+            v["permission"],
+            serde_json::json!({"edit": "allow", "bash": "ask", "webfetch": "allow", "read": "deny"})
+        );
         assert_eq!(basic_auth("pw"), "Basic b3BlbmNvZGU6cHc=");
+        assert!(check_permissions(&asks).is_ok());
+        let bad = [("Bash!".to_string(), Permission::Ask)]
+            .into_iter()
+            .collect();
+        assert!(check_permissions(&bad).unwrap_err().contains("tool name"));
     }
 }

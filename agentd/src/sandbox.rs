@@ -257,6 +257,11 @@ pub struct CreateSandbox {
     pub command: Option<Vec<String>>,
     /// Model OpenCode uses through the gateway [default: agentd's `llm_model`].
     pub model: Option<String>,
+    /// OpenCode's permission per tool (`{"bash": "ask"}`): `allow`, `ask` (a person answers
+    /// through OpenCode's `/permission` API, or a task's approvals) or `deny` [default: edit,
+    /// bash and webfetch allowed; OpenCode's defaults for the rest].
+    #[serde(default)]
+    pub permissions: BTreeMap<String, crate::opencode::Permission>,
     /// Shell command run once in the image's working directory after the sandbox starts
     /// (and OpenCode answers); the sandbox stays `starting` until it ends, and a failure
     /// stops the sandbox with the end of its output as the reason.

@@ -41,6 +41,7 @@ use crate::text::tail;
 use crate::workspace::{WorkspaceInfo, WorkspaceSpec};
 
 mod agent;
+pub mod approvals;
 mod attempt;
 pub mod environment;
 mod events;
@@ -465,6 +466,7 @@ impl TaskManager {
         if let Some(s) = &req.setup {
             setup::validate(s)?;
         }
+        crate::opencode::check_permissions(&req.permissions).map_err(Error::Invalid)?;
         if let Some(n) = &req.network {
             crate::egress::compile(
                 n,
@@ -1022,6 +1024,7 @@ impl TaskManager {
             labels,
             opencode: Some(!prepare),
             model: rec.request.model.clone().filter(|_| !prepare),
+            permissions: rec.request.permissions.clone(),
             base_layer,
             cache,
             network: rec

@@ -198,6 +198,13 @@ routes! {
     GET "/v1/tasks/{id}/events" => tasks::events_route, query Some(schema_of::<types::EventsQuery>), in [],
         out 200 [SSE: text],
         "Progress as server-sent events until task.finished; resume with Last-Event-ID (or ?after=)";
+    GET "/v1/tasks/{id}/approvals" => tasks::approvals, query None, in [],
+        out 200 [JSON: schema_of::<types::ApprovalList>],
+        "What the task's agents ask permission for (tools the task's permissions set to ask), waiting for a person";
+    POST "/v1/tasks/{id}/approvals/{request}" => tasks::approve, query None,
+        in [JSON: schema_of::<crate::task::approvals::Answer>],
+        out 200 [JSON: schema_of::<crate::task::approvals::Approval>],
+        "Answer a permission request: once, always or reject (with a message for the agent)";
     GET "/v1/tasks/{id}/result" => tasks::result_route, query None, in [], out 200 [JSON: schema_of::<types::TaskResult>],
         "Attempts ranked (passing checks first, then smaller diffs) with messages, checks, patches, usage, timings";
     GET "/v1/tasks/{id}/attempts/{n}/diff" => tasks::diff_route, query None, in [], out 200 [DIFF: text],

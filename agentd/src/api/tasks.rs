@@ -38,6 +38,35 @@ pub(crate) struct Attempt {
     n: String,
 }
 
+/// A task's approval request in a path.
+#[derive(Deserialize)]
+pub(crate) struct Request {
+    id: String,
+    request: String,
+}
+
+/// `GET /v1/tasks/{id}/approvals`.
+pub(crate) async fn approvals(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let (tasks, task) = named(&mgr, &p.id)?;
+    let approvals = tasks.approvals(&task).await?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "approvals": approvals }),
+    ))
+}
+
+/// `POST /v1/tasks/{id}/approvals/{request}`.
+pub(crate) async fn approve(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Request>,
+    req: Req,
+) -> Reply {
+    let (tasks, task) = named(&mgr, &p.id)?;
+    let answer: crate::task::approvals::Answer = read_json(req).await?;
+    let approval = tasks.approve(&task, &p.request, answer).await?;
+    Ok(json(StatusCode::OK, &approval))
+}
+
 /// `POST /v1/workspaces`: upload a tar for `workspace.upload`.
 pub(crate) async fn upload_workspace(State(mgr): State<Arc<Manager>>, req: Req) -> Reply {
     let tasks = service(&mgr)?;

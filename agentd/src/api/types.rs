@@ -668,6 +668,13 @@ pub enum LogStream {
     Both,
 }
 
+/// `GET /v1/tasks/{id}/approvals`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ApprovalList {
+    /// The requests waiting for a person, of every running attempt.
+    pub approvals: Vec<crate::task::approvals::Approval>,
+}
+
 /// `POST /v1/sandboxes/{id}/tickets` query.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -83,6 +83,14 @@ enum TaskCommand {
         /// through agentd's NAT; DNS works) [default: none, or allowlist with --allow].
         #[arg(long, value_parser = ["none", "allowlist", "open"])]
         network: Option<String>,
+        /// Make the agents ask before using this OpenCode tool (`bash`, `edit`, `webfetch`,
+        /// ...; repeatable): answer with `agentd task approve` (`agentd task approvals` lists
+        /// what waits).
+        #[arg(long = "ask")]
+        ask: Vec<String>,
+        /// Forbid the agents this OpenCode tool (repeatable).
+        #[arg(long = "deny")]
+        deny: Vec<String>,
         /// Leave files matching this git pattern out of the diff (repeatable; replaces the
         /// default list of caches and build outputs; `--diff-exclude ''` for none).
         #[arg(long)]
@@ -154,6 +162,28 @@ enum TaskCommand {
         #[arg(long)]
         branch: Option<String>,
     },
+    /// What the task's agents wait for: permission requests to answer with `approve`.
+    Approvals {
+        /// Task id.
+        id: String,
+    },
+    /// Answer a permission request (`agentd task approvals` lists them): let it run once
+    /// (the default), always, or reject it.
+    Approve {
+        /// Task id.
+        id: String,
+        /// The request's id.
+        request: String,
+        /// Let this call and the same kind run from now on.
+        #[arg(long, conflicts_with = "reject")]
+        always: bool,
+        /// Refuse it.
+        #[arg(long)]
+        reject: bool,
+        /// What the agent is told when it is refused.
+        #[arg(long, requires = "reject")]
+        message: Option<String>,
+    },
     /// Cancel a task.
     Cancel {
         /// Task id.
@@ -205,6 +235,8 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             ignore_environment,
             allow,
             network,
+            ask,
+            deny,
             diff_exclude,
             timeout,
             model,
@@ -246,6 +278,14 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                     setup_once: setup_per_agent.then_some(false),
                     ignore_environment,
                     network: crate::cli::sandbox::network_policy(network.as_deref(), allow)?,
+                    permissions: ask
+                        .into_iter()
+                        .map(|t| (t, crate::opencode::Permission::Ask))
+                        .chain(
+                            deny.into_iter()
+                                .map(|t| (t, crate::opencode::Permission::Deny)),
+                        )
+                        .collect(),
                     // `--diff-exclude ''` alone: no exclusions at all.
                     diff_exclude: (!diff_exclude.is_empty())
                         .then(|| diff_exclude.into_iter().filter(|p| !p.is_empty()).collect()),
@@ -461,6 +501,75 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
         }
         TaskCommand::Cancel { id } => {
             cancel(sock, valid_id(&id)?).await?;
+            Ok(0)
+        }
+        TaskCommand::Approvals { id } => {
+            let id = valid_id(&id)?;
+            let reply = call(
+                sock,
+                Method::GET,
+                &format!("/v1/tasks/{id}/approvals"),
+                None,
+                None,
+            )
+            .await?;
+            let v = check(&reply)?;
+            let list = v["approvals"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("nothing waits for an answer");
+            }
+            for a in list {
+                let patterns: Vec<&str> = a["patterns"]
+                    .as_array()
+                    .map(|p| p.iter().filter_map(|s| s.as_str()).collect())
+                    .unwrap_or_default();
+                println!(
+                    "{}  attempt {}  {}: {}",
+                    a["id"].as_str().unwrap_or_default(),
+                    a["attempt"],
+                    a["permission"].as_str().unwrap_or_default(),
+                    patterns.join(" ")
+                );
+            }
+            Ok(0)
+        }
+        TaskCommand::Approve {
+            id,
+            request,
+            always,
+            reject,
+            message,
+        } => {
+            let id = valid_id(&id)?;
+            let reply = if reject {
+                "reject"
+            } else if always {
+                "always"
+            } else {
+                "once"
+            };
+            let body = crate::cli::sandbox::without_nulls(
+                serde_json::json!({"reply": reply, "message": message}),
+            );
+            let path = format!(
+                "/v1/tasks/{id}/approvals/{}",
+                url::form_urlencoded::byte_serialize(request.as_bytes()).collect::<String>()
+            );
+            let r = call(
+                sock,
+                Method::POST,
+                &path,
+                Some((body.to_string().into_bytes(), "application/json")),
+                None,
+            )
+            .await?;
+            let a = check(&r)?;
+            println!(
+                "answered {} ({}) of attempt {}: {reply}",
+                request,
+                a["permission"].as_str().unwrap_or_default(),
+                a["attempt"]
+            );
             Ok(0)
         }
         TaskCommand::Rm { ids } => {

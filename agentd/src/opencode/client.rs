@@ -20,6 +20,7 @@ pub type Http = hyper_util::client::legacy::Client<
 >;
 
 /// One sandbox's OpenCode, as seen from agentd.
+#[derive(Clone)]
 pub struct Client {
     http: Http,
     /// `http://ADDRESS:PORT`.
@@ -151,6 +152,39 @@ impl Client {
                     .unwrap_or_default()
             })
             .find(|t| !t.trim().is_empty())
+    }
+
+    /// The permission requests waiting for a person (OpenCode's `GET /permission`), at most
+    /// 100.
+    pub async fn permissions(&self) -> Result<Vec<serde_json::Value>, String> {
+        let v = self.call(hyper::Method::GET, "/permission", None).await?;
+        Ok(v.as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .take(100)
+            .collect())
+    }
+
+    /// Answers permission request `id`: `once`, `always` or `reject` (with a message for
+    /// the agent when rejecting).
+    pub async fn reply_permission(
+        &self,
+        id: &str,
+        reply: &str,
+        message: Option<&str>,
+    ) -> Result<(), String> {
+        let mut body = serde_json::json!({ "reply": reply });
+        if let Some(m) = message {
+            body["message"] = m.into();
+        }
+        self.call(
+            hyper::Method::POST,
+            &format!("/permission/{id}/reply"),
+            Some(body),
+        )
+        .await
+        .map(drop)
     }
 
     /// Stops what the session's agent is doing.

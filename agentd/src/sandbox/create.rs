@@ -286,6 +286,7 @@ impl Manager {
                 (self.net.bridge_addr, self.config.gateway_port),
                 &s.gateway_token,
                 req.model.as_deref().unwrap_or(&self.config.llm_model),
+                &req.permissions,
             ) {
                 set(kv);
             }
@@ -446,6 +447,7 @@ fn exclusive_error() -> Error {
 /// Checks a create request without touching the system (beyond the state dir's size for
 /// a disk limit): its limits with agentd's defaults, and the image it names.
 pub fn validate_create(config: &Config, req: &CreateSandbox) -> Result<(Limits, String)> {
+    crate::opencode::check_permissions(&req.permissions).map_err(Error::Invalid)?;
     if let Some(n) = &req.network {
         crate::egress::compile(&n.policy(), &config.egress_presets, config.egress_open)
             .map_err(Error::Invalid)?;

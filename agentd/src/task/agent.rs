@@ -112,6 +112,17 @@ impl TaskManager {
                         );
                         error = Some(msg);
                     }
+                    super::attempt::Seen::Approval { asked, id, what } => {
+                        // The round waits for a person; the event says what for.
+                        let mut ev = serde_json::json!({
+                            "attempt": n, "round": round, "request": id,
+                            "state": if asked { "asked" } else { "answered" },
+                        });
+                        if let (Some(e), Some(w)) = (ev.as_object_mut(), what.as_object()) {
+                            e.extend(w.clone());
+                        }
+                        self.emit(task, "approval", ev);
+                    }
                     super::attempt::Seen::Idle => break,
                 }
             }

@@ -29,6 +29,16 @@ pub(super) enum Seen {
     },
     /// The session reported an error (its message, at most 1000 bytes).
     Error(String),
+    /// The agent asks a person for a permission (`asked`), or it was answered.
+    Approval {
+        /// Asked (else answered).
+        asked: bool,
+        /// OpenCode's request id.
+        id: String,
+        /// What it asks for: the tool's permission (`bash`, `edit`, ...) and its patterns (at
+        /// most 10, 200 bytes each), or the reply.
+        what: serde_json::Value,
+    },
     /// The session is idle: the round's agent work is done.
     Idle,
 }
@@ -98,6 +108,29 @@ impl RoundWatch {
                     .unwrap_or("unknown error");
                 Seen::Error(tail(msg, 1000))
             }
+            "permission.asked" if ours(&props["sessionID"]) => Seen::Approval {
+                asked: true,
+                id: tail(props["id"].as_str().unwrap_or_default(), 100),
+                what: serde_json::json!({
+                    "permission": tail(props["permission"].as_str().unwrap_or_default(), 100),
+                    "patterns": props["patterns"]
+                        .as_array()
+                        .map(|p| {
+                            p.iter()
+                                .take(10)
+                                .map(|s| tail(s.as_str().unwrap_or_default(), 200))
+                                .collect::<Vec<_>>()
+                        })
+                        .unwrap_or_default(),
+                }),
+            },
+            "permission.replied" if ours(&props["sessionID"]) => Seen::Approval {
+                asked: false,
+                id: tail(props["requestID"].as_str().unwrap_or_default(), 100),
+                what: serde_json::json!({
+                    "reply": tail(props["reply"].as_str().unwrap_or_default(), 20),
+                }),
+            },
             "session.idle" if ours(&props["sessionID"]) => Seen::Idle,
             "session.status" if ours(&props["sessionID"]) && props["status"]["type"] == "idle" => {
                 Seen::Idle
@@ -233,6 +266,39 @@ mod tests {
         assert_eq!(
             seen(&mut w, tool("s1", "p2", "running")).map(|s| s.0),
             Some(true)
+        );
+    }
+
+    /// OpenCode's permission requests of the session (and their answers) are approvals, with
+    /// what they ask for capped; another session's are not.
+    #[test]
+    fn test_permission_requests_are_approvals() {
+        let mut w = RoundWatch::new("s1");
+        let asked = |session: &str| {
+            serde_json::json!({"type": "permission.asked", "properties": {
+                "id": "per_1", "sessionID": session, "permission": "bash",
+                "patterns": ["echo hi", "x".repeat(5000)], "metadata": {}, "always": []}})
+        };
+        match w.see(&asked("s1")) {
+            Seen::Approval { asked, id, what } => {
+                assert!(asked);
+                assert_eq!(id, "per_1");
+                assert_eq!(what["permission"], "bash");
+                assert_eq!(what["patterns"][0], "echo hi");
+                assert!(what["patterns"][1].as_str().unwrap().len() <= 200);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(w.see(&asked("s2")), Seen::Nothing);
+        let replied = serde_json::json!({"type": "permission.replied", "properties": {
+            "sessionID": "s1", "requestID": "per_1", "reply": "once"}});
+        assert_eq!(
+            w.see(&replied),
+            Seen::Approval {
+                asked: false,
+                id: "per_1".into(),
+                what: serde_json::json!({"reply": "once"})
+            }
         );
     }
 

@@ -71,6 +71,11 @@ pub struct CreateTask {
     pub image: Option<String>,
     /// Model [default: agentd's `llm_model`].
     pub model: Option<String>,
+    /// OpenCode's permission per tool (`{"bash": "ask"}`): `allow`, `ask` (the attempt waits
+    /// for an approval: `GET /v1/tasks/{id}/approvals`) or `deny` [default: edit, bash and
+    /// webfetch allowed].
+    #[serde(default)]
+    pub permissions: std::collections::BTreeMap<String, crate::opencode::Permission>,
     /// Limits of each sandbox.
     #[serde(default)]
     pub limits: LimitsRequest,

@@ -2079,3 +2079,87 @@ fn test_task_results_are_truthful() {
     );
     delete_all(&d);
 }
+
+/// A person in the loop: a task whose permissions make bash ask holds the agent's call until
+/// someone answers; the request is listed with its command (API and CLI), is an `approval`
+/// event, and an answer from the CLI lets the call run and the attempt succeed.
+#[test]
+fn test_task_approvals() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::start("echo approved > approved.txt");
+    let d = daemon(&images, &llm, &["--task-grace", "3"]);
+    let ws = make_workspace();
+    let id = create(
+        &d,
+        json!({
+            "prompt": "write approved.txt",
+            "workspace": {"path": ws.path()},
+            "check": "test -f approved.txt",
+            "permissions": {"bash": "ask"},
+        }),
+    );
+    // The request appears, naming the command.
+    let start = Instant::now();
+    let approvals = loop {
+        let v = d
+            .call("GET", &format!("/v1/tasks/{id}/approvals"), None)
+            .json();
+        let list = v["approvals"].as_array().cloned().unwrap_or_default();
+        if !list.is_empty() {
+            break list;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no approval request: {:#}\n{}",
+            d.call("GET", &format!("/v1/tasks/{id}"), None).json(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let a = &approvals[0];
+    assert_eq!(a["permission"], "bash", "{a:#}");
+    assert_eq!(a["attempt"], 1, "{a:#}");
+    assert!(a["patterns"].to_string().contains("echo approved"), "{a:#}");
+    // Nothing runs meanwhile.
+    std::thread::sleep(Duration::from_secs(2));
+    let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
+    assert_eq!(v["state"], "running", "{v:#}");
+    // The CLI lists it and answers it.
+    let cli = |args: &[&str]| {
+        Command::new(agentd_tests::bin("agentd"))
+            .arg("task")
+            .args(args)
+            .env("AGENTD_SOCKET", &d.socket)
+            .output()
+            .unwrap()
+    };
+    let request = a["id"].as_str().unwrap();
+    let out = cli(&["approvals", &id]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(request),
+        "{out:?}"
+    );
+    let r = d.call(
+        "POST",
+        &format!("/v1/tasks/{id}/approvals/per_nope"),
+        Some(json!({"reply": "once"})),
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    let out = cli(&["approve", &id, request]);
+    assert!(out.status.success(), "{out:?}");
+    let v = wait_done(&d, &id, Duration::from_secs(180));
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    let evs = events(&d, &id, None);
+    let approvals: Vec<&serde_json::Value> =
+        evs.iter().filter(|e| e["type"] == "approval").collect();
+    assert!(
+        approvals
+            .iter()
+            .any(|e| e["state"] == "asked" && e["permission"] == "bash")
+            && approvals.iter().any(|e| e["state"] == "replied"),
+        "{approvals:#?} {:?}",
+        kinds(&evs)
+    );
+    d.delete_all_and_check_clean();
+}
