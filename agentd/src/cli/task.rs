@@ -162,6 +162,16 @@ enum TaskCommand {
         #[arg(long)]
         branch: Option<String>,
     },
+    /// Follow a task as it runs: what the agents write, each tool call with its output,
+    /// approvals to answer, checks and states, from the start (until it ends; ^C stops
+    /// watching, not the task).
+    Watch {
+        /// Task id.
+        id: String,
+        /// Only this attempt.
+        #[arg(long)]
+        attempt: Option<u64>,
+    },
     /// What the task's agents wait for: permission requests to answer with `approve`.
     Approvals {
         /// Task id.
@@ -503,6 +513,11 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             cancel(sock, valid_id(&id)?).await?;
             Ok(0)
         }
+        TaskCommand::Watch { id, attempt } => {
+            let id = valid_id(&id)?.to_string();
+            watch(sock, &id, attempt).await?;
+            Ok(0)
+        }
         TaskCommand::Approvals { id } => {
             let id = valid_id(&id)?;
             let reply = call(
@@ -837,6 +852,108 @@ async fn follow(sock: &PathBuf, id: &str, agents: u32, json: bool) -> anyhow::Re
 
 /// Reads the server-sent events of `path`, handing each event's data to `on`; an error answer
 /// comes back as the reply.
+/// Prints task `id`'s events as a transcript until it ends.
+async fn watch(sock: &PathBuf, id: &str, only: Option<u64>) -> anyhow::Result<()> {
+    let last_id = std::cell::Cell::new(0u64);
+    let finished = std::cell::Cell::new(false);
+    // The attempt whose text is being written (a header line when it changes).
+    let mut writing: Option<u64> = None;
+    let mut on = |data: &str| {
+        let Ok(ev) = serde_json::from_str::<serde_json::Value>(data) else {
+            return;
+        };
+        last_id.set(ev["id"].as_u64().unwrap_or(last_id.get()));
+        let kind = ev["type"].as_str().unwrap_or_default();
+        if kind == "task.finished" {
+            finished.set(true);
+        }
+        let n = ev["attempt"].as_u64();
+        if only.is_some() && n.is_some() && n != only {
+            return;
+        }
+        let n = n.unwrap_or(0);
+        let s = |k: &str| ev[k].as_str().unwrap_or_default().to_string();
+        let mut out = std::io::stdout().lock();
+        if kind == "text" {
+            if writing != Some(n) {
+                let _ = writeln!(out, "\n[attempt {n}]");
+                writing = Some(n);
+            }
+            let _ = write!(out, "{}", s("text"));
+            let _ = out.flush();
+            return;
+        }
+        let line = match kind {
+            "task.state" => format!("task: {}", s("state")),
+            "attempt.state" => format!("attempt {n}: {} (round {})", s("state"), ev["round"]),
+            "tool" if ev.get("output").is_some() => {
+                let output = s("output");
+                let shown: Vec<&str> = output.lines().rev().take(12).collect();
+                let mut l = format!(
+                    "attempt {n}: {} {} [{}]",
+                    ev["tool"].as_str().unwrap_or("tool"),
+                    s("title"),
+                    s("status")
+                );
+                for o in shown.iter().rev() {
+                    l.push_str(&format!("\n    | {o}"));
+                }
+                l
+            }
+            "approval" if ev["state"] == "asked" => format!(
+                "attempt {n} asks to use {}: {}\n    answer: agentd task approve {id} {} [--always | --reject]",
+                s("permission"),
+                ev["patterns"]
+                    .as_array()
+                    .map(|p| p.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "))
+                    .unwrap_or_default(),
+                s("request")
+            ),
+            "approval" if ev["state"] == "replied" => {
+                format!("attempt {n}: request {} answered {}", s("request"), s("reply"))
+            }
+            "check" => {
+                if ev["passed"] == true {
+                    format!("attempt {n}: check passed")
+                } else {
+                    format!("attempt {n}: check failed (exit {})", ev["exit_code"])
+                }
+            }
+            "setup" => format!("attempt {n}: setup {}", s("state")),
+            "error" => format!("attempt {n}: error: {}", s("message")),
+            "diff" => format!("attempt {n}: diff of {} files", ev["files"]),
+            "task.finished" => format!("task finished: {}", s("state")),
+            _ => return,
+        };
+        if writing.is_some() {
+            let _ = writeln!(out);
+            writing = None;
+        }
+        let _ = writeln!(out, "{line}");
+    };
+    loop {
+        let path = format!("/v1/tasks/{id}/events?after={}", last_id.get());
+        let streamed = tokio::select! {
+            r = read_events(sock, &path, &mut on) => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        match streamed {
+            None => return Ok(()),
+            Some(Ok(reply)) if !reply.status.is_success() => {
+                check(&reply)?;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                eprintln!("lost the event stream ({e:#}); reconnecting");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+        if finished.get() {
+            return Ok(());
+        }
+    }
+}
+
 async fn read_events(
     sock: &PathBuf,
     path: &str,

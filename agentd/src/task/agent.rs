@@ -86,11 +86,19 @@ impl TaskManager {
                 };
                 match watch.see(&ev) {
                     super::attempt::Seen::Nothing => {}
+                    super::attempt::Seen::Text(text) => {
+                        self.emit(
+                            task,
+                            "text",
+                            serde_json::json!({"attempt": n, "round": round, "text": text}),
+                        );
+                    }
                     super::attempt::Seen::Tool {
                         new,
                         tool,
                         status,
                         title,
+                        ended,
                     } => {
                         if new {
                             // In memory only: the count is saved with the attempt's next
@@ -98,11 +106,12 @@ impl TaskManager {
                             self.update_unsaved(task, n, |a| a.tool_calls += 1);
                         }
                         let calls = self.attempt_snapshot(task, n).tool_calls;
-                        self.emit(
-                            task,
-                            "tool",
-                            serde_json::json!({"attempt": n, "round": round, "tool": tool, "status": status, "title": title, "tool_calls": calls}),
-                        );
+                        let mut ev = serde_json::json!({"attempt": n, "round": round, "tool": tool, "status": status, "title": title, "tool_calls": calls});
+                        if let Some((input, output)) = ended {
+                            ev["input"] = input;
+                            ev["output"] = output.into();
+                        }
+                        self.emit(task, "tool", ev);
                     }
                     super::attempt::Seen::Error(msg) => {
                         self.emit(

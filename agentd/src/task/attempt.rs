@@ -26,7 +26,13 @@ pub(super) enum Seen {
         status: String,
         /// What it does, in at most 200 bytes.
         title: String,
+        /// Once it ended: its input (JSON, at most 2 KiB) and the end of its output or
+        /// error (at most 4 KiB).
+        ended: Option<(serde_json::Value, String)>,
     },
+    /// The agent's text grew: the new part of it (at most 16 KiB), in pieces of a line or
+    /// 64 bytes at least (the rest comes with the next piece or the final message).
+    Text(String),
     /// The session reported an error (its message, at most 1000 bytes).
     Error(String),
     /// The agent asks a person for a permission (`asked`), or it was answered.
@@ -47,6 +53,8 @@ pub(super) enum Seen {
 /// OpenCode cannot make agentd remember without end.
 pub(super) struct RoundWatch {
     session: String,
+    /// Each text part's bytes already reported.
+    texts: HashMap<String, usize>,
     /// Each call's last status.
     tools: HashMap<String, String>,
     /// Calls counted.
@@ -58,6 +66,7 @@ impl RoundWatch {
     pub(super) fn new(session: &str) -> RoundWatch {
         RoundWatch {
             session: session.to_string(),
+            texts: HashMap::new(),
             tools: HashMap::new(),
             counted: HashSet::new(),
         }
@@ -68,6 +77,30 @@ impl RoundWatch {
         let props = &ev["properties"];
         let ours = |v: &serde_json::Value| v.as_str() == Some(self.session.as_str());
         match ev["type"].as_str().unwrap_or_default() {
+            "message.part.updated"
+                if ours(&props["part"]["sessionID"]) && props["part"]["type"] == "text" =>
+            {
+                let part = &props["part"];
+                let id = part["id"].as_str().unwrap_or_default().to_string();
+                let text = part["text"].as_str().unwrap_or_default();
+                if !self.texts.contains_key(&id) && self.texts.len() >= MAX_TOOL_PARTS {
+                    return Seen::Nothing;
+                }
+                let done = self.texts.get(&id).copied().unwrap_or(0);
+                let Some(new) = text.get(done..) else {
+                    return Seen::Nothing;
+                };
+                let ended = part["time"]["end"].is_number();
+                if new.is_empty() || (new.len() < 64 && !new.contains('\n') && !ended) {
+                    return Seen::Nothing;
+                }
+                self.texts.insert(id, text.len());
+                let mut piece = new.to_string();
+                if piece.len() > 16 * 1024 {
+                    piece = tail(&piece, 16 * 1024);
+                }
+                Seen::Text(piece)
+            }
             "message.part.updated" => {
                 let part = &props["part"];
                 if !ours(&part["sessionID"]) || part["type"] != "tool" {
@@ -88,11 +121,26 @@ impl RoundWatch {
                     .as_str()
                     .or_else(|| part["state"]["input"]["description"].as_str())
                     .unwrap_or_default();
+                let ended = matches!(status.as_str(), "completed" | "error").then(|| {
+                    let input = &part["state"]["input"];
+                    let input_text = input.to_string();
+                    let input = if input_text.len() <= 2048 {
+                        input.clone()
+                    } else {
+                        serde_json::Value::String(tail(&input_text, 2048))
+                    };
+                    let output = part["state"]["output"]
+                        .as_str()
+                        .or_else(|| part["state"]["error"].as_str())
+                        .unwrap_or_default();
+                    (input, tail(output, 4096))
+                });
                 Seen::Tool {
                     new: self.counted.insert(id),
                     tool: part["tool"].clone(),
                     status,
                     title: tail(title, 200),
+                    ended,
                 }
             }
             // An error that names no session is the server's, so this session's too.
@@ -267,6 +315,42 @@ mod tests {
             seen(&mut w, tool("s1", "p2", "running")).map(|s| s.0),
             Some(true)
         );
+    }
+
+    /// The agent's text comes in pieces (a line, or 64 bytes, or the part's end), each once;
+    /// an ended tool call carries its input and the end of its output.
+    #[test]
+    fn test_text_pieces_and_tool_results() {
+        let mut w = RoundWatch::new("s1");
+        let text = |t: &str, end: bool| {
+            let mut p = serde_json::json!({"id": "t1", "sessionID": "s1", "type": "text", "text": t, "time": {"start": 1}});
+            if end {
+                p["time"]["end"] = 2.into();
+            }
+            serde_json::json!({"type": "message.part.updated", "properties": {"part": p}})
+        };
+        assert_eq!(w.see(&text("Look", false)), Seen::Nothing);
+        assert_eq!(
+            w.see(&text("Looking at it\n", false)),
+            Seen::Text("Looking at it\n".into())
+        );
+        assert_eq!(w.see(&text("Looking at it\nDone", false)), Seen::Nothing);
+        assert_eq!(
+            w.see(&text("Looking at it\nDone.", true)),
+            Seen::Text("Done.".into())
+        );
+        let mut done = tool("s1", "p1", "completed");
+        done["properties"]["part"]["state"]["output"] = "x".repeat(10_000).into();
+        match w.see(&done) {
+            Seen::Tool {
+                ended: Some((input, output)),
+                ..
+            } => {
+                assert_eq!(input["description"], "runs the tests");
+                assert!(output.len() <= 4096);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// OpenCode's permission requests of the session (and their answers) are approvals, with

@@ -93,7 +93,7 @@ const MAX_QUEUED: usize = 10_000;
 fn droppable(kind: &str) -> bool {
     matches!(
         kind,
-        "tool" | "error" | "message" | "setup.output" | "egress"
+        "tool" | "text" | "error" | "message" | "setup.output" | "egress"
     )
 }
 

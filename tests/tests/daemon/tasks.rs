@@ -2161,5 +2161,28 @@ fn test_task_approvals() {
         "{approvals:#?} {:?}",
         kinds(&evs)
     );
+    // The live view: what the agent wrote, the tool call with its output, the approval.
+    let tool = evs
+        .iter()
+        .find(|e| e["type"] == "tool" && e["status"] == "completed")
+        .unwrap_or_else(|| panic!("{evs:#?}"));
+    assert!(
+        tool["input"].to_string().contains("echo approved"),
+        "{tool:#}"
+    );
+    assert!(tool.get("output").is_some(), "{tool:#}");
+    let out = cli(&["watch", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    for want in [
+        "asks to use bash",
+        &format!("agentd task approve {id} {request}"),
+        "[completed]",
+        "All done",
+        "check passed",
+        "task finished: succeeded",
+    ] {
+        assert!(text.contains(want), "no {want:?} in:\n{text}");
+    }
     d.delete_all_and_check_clean();
 }
