@@ -15,8 +15,8 @@
 //! egress log (bounded, in memory) and in metrics. Bounded: connections in all and per
 //! sandbox, the request head's size and time, connect time, idle time.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +24,6 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::net::PeerSlot;
 use crate::sandbox::{now_ms, Manager};
 
 pub mod open;
@@ -252,31 +251,17 @@ impl EgressLog {
 
 /// Serves the proxy on `listener` until the process ends.
 pub async fn serve(mgr: Arc<Manager>, listener: TcpListener) {
-    let all = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let per: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "egress: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = all.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "egress: at {MAX_CONNECTIONS} connections, refused one");
-            continue;
-        };
-        let Some(slot) = PeerSlot::take(&per, peer.ip(), MAX_CONNECTIONS_PER_SANDBOX) else {
-            tracing::debug!(%peer, "egress: too many connections from one sandbox");
-            continue;
-        };
-        let mgr = mgr.clone();
-        tokio::spawn(async move {
-            let _held = (permit, slot);
-            handle(&mgr, stream, peer).await;
-        });
-    }
+    crate::net::serve_bounded(
+        listener,
+        "egress",
+        MAX_CONNECTIONS,
+        MAX_CONNECTIONS_PER_SANDBOX,
+        move |stream, peer| {
+            let mgr = mgr.clone();
+            async move { handle(&mgr, stream, peer).await }
+        },
+    )
+    .await;
 }
 
 /// What the sandbox asked for.

@@ -61,6 +61,48 @@ impl Drop for PeerSlot {
     }
 }
 
+/// Accepts connections on `listener` for ever, at most `max` at once and `max_per` from one
+/// address (one sandbox), each handled by `handle` on a task of its own; a connection over a
+/// bound is reset at once. `what` names the server in the log.
+pub async fn serve_bounded<F, Fut>(
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    max: usize,
+    max_per: usize,
+    handle: F,
+) where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let all = Arc::new(tokio::sync::Semaphore::new(max));
+    let per: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "{what}: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = all.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "{what}: at {max} connections, refused one");
+            let _ = stream.set_zero_linger();
+            continue;
+        };
+        let Some(slot) = PeerSlot::take(&per, peer.ip(), max_per) else {
+            tracing::debug!(%peer, "{what}: too many connections from one sandbox");
+            let _ = stream.set_zero_linger();
+            continue;
+        };
+        let job = handle(stream, peer);
+        tokio::spawn(async move {
+            let _held = (permit, slot);
+            job.await;
+        });
+    }
+}
+
 /// Prefix of the host-side veth names ("agentd host"), followed by 10 chars of the sandbox id.
 pub const HOST_PREFIX: &str = "adh";
 

@@ -822,24 +822,46 @@ async fn follow(sock: &PathBuf, id: &str, agents: u32, json: bool) -> anyhow::Re
             let _ = writeln!(err, "{l}");
         }
     };
+    stream_events(sock, id, &last_id, &finished, &mut on, OnCtrlC::CancelTask).await
+}
+
+/// What ^C does while a task's events are followed.
+enum OnCtrlC {
+    /// Cancel the task (and follow it to its end).
+    CancelTask,
+    /// Stop following; the task goes on.
+    StopWatching,
+}
+
+/// Hands task `id`'s events after `last_id` to `on` until `finished` is set (by `on`, at
+/// `task.finished`), resuming after the last event when the connection drops or the daemon
+/// restarts.
+async fn stream_events(
+    sock: &PathBuf,
+    id: &str,
+    last_id: &std::cell::Cell<u64>,
+    finished: &std::cell::Cell<bool>,
+    on: &mut dyn FnMut(&str),
+    ctrl_c: OnCtrlC,
+) -> anyhow::Result<()> {
     loop {
         let path = format!("/v1/tasks/{id}/events?after={}", last_id.get());
         let streamed = tokio::select! {
-            r = read_events(sock, &path, &mut on) => Some(r),
+            r = read_events(sock, &path, on) => Some(r),
             _ = tokio::signal::ctrl_c() => None,
         };
-        match streamed {
-            None => {
+        match (streamed, &ctrl_c) {
+            (None, OnCtrlC::StopWatching) => return Ok(()),
+            (None, OnCtrlC::CancelTask) => {
                 eprintln!("cancelling task {id} ...");
                 // Already finished (409) is fine: the stream ends by itself.
                 cancel(sock, id).await.ok();
             }
-            Some(Ok(reply)) if !reply.status.is_success() => {
+            (Some(Ok(reply)), _) if !reply.status.is_success() => {
                 check(&reply)?;
             }
-            Some(Ok(_)) => {}
-            // The daemon restarted or the connection dropped: resume after the last event.
-            Some(Err(e)) => {
+            (Some(Ok(_)), _) => {}
+            (Some(Err(e)), _) => {
                 eprintln!("lost the event stream ({e:#}); reconnecting");
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
@@ -850,8 +872,6 @@ async fn follow(sock: &PathBuf, id: &str, agents: u32, json: bool) -> anyhow::Re
     }
 }
 
-/// Reads the server-sent events of `path`, handing each event's data to `on`; an error answer
-/// comes back as the reply.
 /// Prints task `id`'s events as a transcript until it ends.
 async fn watch(sock: &PathBuf, id: &str, only: Option<u64>) -> anyhow::Result<()> {
     let last_id = std::cell::Cell::new(0u64);
@@ -931,29 +951,19 @@ async fn watch(sock: &PathBuf, id: &str, only: Option<u64>) -> anyhow::Result<()
         }
         let _ = writeln!(out, "{line}");
     };
-    loop {
-        let path = format!("/v1/tasks/{id}/events?after={}", last_id.get());
-        let streamed = tokio::select! {
-            r = read_events(sock, &path, &mut on) => Some(r),
-            _ = tokio::signal::ctrl_c() => None,
-        };
-        match streamed {
-            None => return Ok(()),
-            Some(Ok(reply)) if !reply.status.is_success() => {
-                check(&reply)?;
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                eprintln!("lost the event stream ({e:#}); reconnecting");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-        }
-        if finished.get() {
-            return Ok(());
-        }
-    }
+    stream_events(
+        sock,
+        id,
+        &last_id,
+        &finished,
+        &mut on,
+        OnCtrlC::StopWatching,
+    )
+    .await
 }
 
+/// Reads the server-sent events of `path`, handing each event's data to `on`; an error answer
+/// comes back as the reply.
 async fn read_events(
     sock: &PathBuf,
     path: &str,

@@ -68,33 +68,17 @@ pub fn write_resolv_conf(
 
 /// Serves the NAT port until the process ends.
 pub async fn serve_tcp(mgr: Arc<Manager>, listener: TcpListener) {
-    let all = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let per: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "egress nat: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = all.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "egress nat: at {MAX_CONNECTIONS} connections, refused one");
-            reset(stream);
-            continue;
-        };
-        let Some(slot) = PeerSlot::take(&per, peer.ip(), MAX_CONNECTIONS_PER_SANDBOX) else {
-            tracing::debug!(%peer, "egress nat: too many connections from one sandbox");
-            reset(stream);
-            continue;
-        };
-        let mgr = mgr.clone();
-        tokio::spawn(async move {
-            let _held = (permit, slot);
-            handle(&mgr, stream, peer).await;
-        });
-    }
+    crate::net::serve_bounded(
+        listener,
+        "egress nat",
+        MAX_CONNECTIONS,
+        MAX_CONNECTIONS_PER_SANDBOX,
+        move |stream, peer| {
+            let mgr = mgr.clone();
+            async move { handle(&mgr, stream, peer).await }
+        },
+    )
+    .await;
 }
 
 /// Closes `stream` with a reset: the client sees its connection refused at once.

@@ -356,8 +356,9 @@ fn test_egress_open_through_agentds_nat() {
             "{target}: {:?}",
             t.elapsed()
         );
+        // The reset lands on the read, or on the write when it came first.
         assert!(
-            err.contains("reset") || err.contains("refused"),
+            err.contains("reset") || err.contains("refused") || err.contains("Broken pipe"),
             "{target}: {err}"
         );
     }

@@ -59,6 +59,41 @@ fn until_end(ws: &mut WebSocket<UnixStream>, tty: bool) -> (Vec<u8>, Vec<u8>, se
     (out, err, last)
 }
 
+/// A daemon on TCP with the mock LLM and a ready OpenCode sandbox (`extra` goes into its
+/// create request): the mock, the daemon, its TCP address and the sandbox's id.
+fn opencode_sandbox(
+    images: &std::path::Path,
+    extra: serde_json::Value,
+) -> (agentd_tests::daemon::MockLlm, Daemon, String, String) {
+    let llm = agentd_tests::daemon::MockLlm::start("true");
+    let (d, _, listen) = super::opencode_daemon(images, &llm);
+    let mut body = json!({"image": "opencode"});
+    if let (Some(b), Some(x)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(x.clone());
+    }
+    let v = super::ready_opencode(&d, body);
+    let id = v["id"].as_str().unwrap().to_string();
+    (llm, d, listen, id)
+}
+
+/// Starts the probe's web app on `port` in sandbox `id` (in the background).
+fn start_web_app(d: &Daemon, id: &str, port: u16) {
+    let probe = std::fs::read(agentd_tests::probe()).unwrap();
+    let r = agentd_tests::daemon::request(
+        &d.socket,
+        "PUT",
+        &format!("/v1/sandboxes/{id}/files?path=/home/agent/probe"),
+        Some(&probe),
+        "application/octet-stream",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let script = format!(
+        "chmod +x /home/agent/probe && (/home/agent/probe http {port} </dev/null >/dev/null 2>&1 &) && sleep 0.5"
+    );
+    let (code, _, err) = d.exec(id, &["sh", "-c", &script]);
+    assert_eq!(code, 0, "{err}");
+}
+
 fn send(ws: &mut WebSocket<UnixStream>, m: Message) {
     ws.send(m).unwrap();
 }
@@ -206,10 +241,7 @@ fn test_interactive_exec_over_a_websocket() {
 fn test_websockets_through_the_opencode_proxy() {
     require_sandbox_support!();
     let Some(images) = store() else { return };
-    let llm = agentd_tests::daemon::MockLlm::start("true");
-    let (d, _, _) = super::opencode_daemon(&images, &llm);
-    let v = super::ready_opencode(&d, json!({"image": "opencode"}));
-    let id = v["id"].as_str().unwrap().to_string();
+    let (_llm, d, _, id) = opencode_sandbox(&images, json!({}));
     let r = d.call(
         "POST",
         &format!("/v1/sandboxes/{id}/opencode/pty"),
@@ -297,24 +329,8 @@ fn header<'a>(h: &'a [(String, String)], name: &str) -> Vec<&'a str> {
 fn test_sandbox_origins_tickets_and_attach() {
     require_sandbox_support!();
     let Some(images) = store() else { return };
-    let llm = agentd_tests::daemon::MockLlm::start("true");
-    let (d, _, listen) = super::opencode_daemon(&images, &llm);
-    let v = super::ready_opencode(&d, json!({"image": "opencode", "name": "web"}));
-    let id = v["id"].as_str().unwrap().to_string();
-    let probe = std::fs::read(agentd_tests::probe()).unwrap();
-    let r = agentd_tests::daemon::request(
-        &d.socket,
-        "PUT",
-        &format!("/v1/sandboxes/{id}/files?path=/home/agent/probe"),
-        Some(&probe),
-        "application/octet-stream",
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let (code, _, err) = d.exec(
-        &id,
-        &["sh", "-c", "chmod +x /home/agent/probe && (/home/agent/probe http 8080 </dev/null >/dev/null 2>&1 &) && sleep 0.5"],
-    );
-    assert_eq!(code, 0, "{err}");
+    let (_llm, d, listen, id) = opencode_sandbox(&images, json!({"name": "web"}));
+    start_web_app(&d, &id, 8080);
     let port = listen.rsplit(':').next().unwrap();
     let app = format!("8080-{id}.localhost:{port}");
     let token = format!("Bearer {}", d.token());
@@ -551,10 +567,7 @@ fn test_sandbox_origins_tickets_and_attach() {
 fn test_opencode_attach_in_tmux() {
     require_sandbox_support!();
     let Some(images) = store() else { return };
-    let llm = agentd_tests::daemon::MockLlm::start("true");
-    let (d, _, _) = super::opencode_daemon(&images, &llm);
-    let v = super::ready_opencode(&d, json!({"image": "opencode"}));
-    let id = v["id"].as_str().unwrap().to_string();
+    let (llm, d, _, id) = opencode_sandbox(&images, json!({}));
     // The OpenCode binary of the image, on PATH for the CLI.
     let layers = images.join("layers/sha256");
     let binary = std::fs::read_dir(&layers)
@@ -660,28 +673,8 @@ fn test_a_browser_on_sandbox_origins() {
         agentd_tests::required_or_skip();
         return;
     }
-    let llm = agentd_tests::daemon::MockLlm::start("true");
-    let (d, _, listen) = super::opencode_daemon(&images, &llm);
-    let v = super::ready_opencode(&d, json!({"image": "opencode"}));
-    let id = v["id"].as_str().unwrap().to_string();
-    let probe = std::fs::read(agentd_tests::probe()).unwrap();
-    let r = agentd_tests::daemon::request(
-        &d.socket,
-        "PUT",
-        &format!("/v1/sandboxes/{id}/files?path=/home/agent/probe"),
-        Some(&probe),
-        "application/octet-stream",
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let (code, _, err) = d.exec(
-        &id,
-        &[
-            "sh",
-            "-c",
-            "chmod +x /home/agent/probe && (/home/agent/probe http 3000 </dev/null >/dev/null 2>&1 &) && sleep 0.5",
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
+    let (_llm, d, listen, id) = opencode_sandbox(&images, json!({}));
+    start_web_app(&d, &id, 3000);
     let ticket = |q: &str| {
         let r = d.call("POST", &format!("/v1/sandboxes/{id}/tickets{q}"), None);
         assert_eq!(r.status, 201, "{}", r.text());
