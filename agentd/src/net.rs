@@ -103,6 +103,16 @@ pub async fn serve_bounded<F, Fut>(
     }
 }
 
+/// Runs `iptables -w ARGS`; whether it succeeded (a rule or chain already gone is a `false`,
+/// not an error: removals use it).
+fn iptables_ok(args: &[&str]) -> bool {
+    std::process::Command::new("iptables")
+        .arg("-w")
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Prefix of the host-side veth names ("agentd host"), followed by 10 chars of the sandbox id.
 pub const HOST_PREFIX: &str = "adh";
 
@@ -314,13 +324,7 @@ impl Network {
     /// Removes the `nat` chain of `bridge` and its jump; whether there was one.
     fn remove_nat(bridge: &str) -> bool {
         let chain = Self::nat_chain(bridge);
-        let ipt = |args: &[&str]| {
-            std::process::Command::new("iptables")
-                .arg("-w")
-                .args(args)
-                .output()
-                .is_ok_and(|o| o.status.success())
-        };
+        let ipt = iptables_ok;
         while ipt(&["-t", "nat", "-D", "PREROUTING", "-i", bridge, "-j", &chain]) {}
         ipt(&["-t", "nat", "-F", &chain]) && ipt(&["-t", "nat", "-X", &chain])
     }
@@ -331,13 +335,7 @@ impl Network {
     pub fn teardown(bridge: &str) -> io::Result<Vec<String>> {
         let mut removed = Vec::new();
         let chain = format!("AGENTD-{bridge}");
-        let ipt = |args: &[&str]| {
-            std::process::Command::new("iptables")
-                .arg("-w")
-                .args(args)
-                .output()
-                .is_ok_and(|o| o.status.success())
-        };
+        let ipt = iptables_ok;
         let mut jumps = 0;
         while ipt(&["-D", "INPUT", "-i", bridge, "-j", &chain]) {
             jumps += 1;

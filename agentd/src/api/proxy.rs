@@ -60,7 +60,7 @@ const MAX_TUNNELS: usize = 256;
 static TUNNELS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_TUNNELS);
 
 /// Whether `headers` ask to switch to the WebSocket protocol.
-fn wants_websocket(headers: &hyper::HeaderMap) -> bool {
+pub(crate) fn wants_websocket(headers: &hyper::HeaderMap) -> bool {
     let has = |name: hyper::header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
             v.to_str()

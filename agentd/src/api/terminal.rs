@@ -89,13 +89,7 @@ pub const LOGIN_SHELL: [&str; 3] = [
 
 /// The key of a WebSocket handshake, if `headers` ask for one.
 fn websocket_key(headers: &HeaderMap) -> Result<String, ApiError> {
-    let has = |name: header::HeaderName, token: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
-    if !has(header::UPGRADE, "websocket") || !has(header::CONNECTION, "upgrade") {
+    if !super::proxy::wants_websocket(headers) {
         return Err(ApiError::BadRequest(
             "this is a WebSocket endpoint: connect with a WebSocket client (Upgrade: websocket)"
                 .into(),
