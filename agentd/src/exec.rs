@@ -10,6 +10,9 @@
 //! `RESOLVE_IN_ROOT`: no link in the sandbox can lead it out), checks it is a ptmx, gets
 //! the other end with `TIOCGPTPEER` (no path lookup), gives that end to the process as
 //! stdin, stdout and stderr (it becomes its controlling terminal) and keeps the master.
+//!
+//! [`Manager::connect_in_sandbox`] connects to a port on the sandbox's own loopback (a server
+//! that listens on 127.0.0.1 inside), from a socket made in the sandbox's network namespace.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -27,6 +30,26 @@ const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
 /// Bytes read from a pipe at once.
 const CHUNK: usize = 16 * 1024;
+
+/// The command of a login shell in an image that may or may not have bash.
+pub const LOGIN_SHELL: [&str; 3] = [
+    "/bin/sh",
+    "-c",
+    "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi",
+];
+
+/// Where an interactive client's output goes: [`Manager::relay_exec`] hands it each chunk.
+pub trait OutputSink {
+    /// Sends one chunk; false when the client can take no more (it went away).
+    fn send(
+        &mut self,
+        stream: Stream,
+        data: Bytes,
+    ) -> impl std::future::Future<Output = bool> + Send;
+}
+
+/// How long a connection to a port inside a sandbox may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which output a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +103,33 @@ impl Pty {
         )
         .map_err(std::io::Error::from)
     }
+}
+
+/// A TCP socket (non-blocking, close-on-exec, not connected) in the network namespace of
+/// the sandbox `client` serves. Runs on a thread made for it, which ends with this call: the
+/// thread enters the sandbox's namespace, and no thread of agentd's pools may be left there.
+fn socket_in_netns(client: &agentd_runtime::ShimClient) -> std::io::Result<OwnedFd> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let (pid, _) = client.state().map_err(std::io::Error::other)?;
+    // blocking-ok: a thread of its own (see above); /proc is no disk.
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    // The init is the shim's unreaped child: if it is still the same pid now, the namespace
+    // opened above was its.
+    match client.state() {
+        Ok((p, agentd_runtime::SandboxStatus::Running)) if p == pid => {}
+        _ => return Err(std::io::Error::other("the sandbox stopped")),
+    }
+    // setns(CLONE_NEWNET) moves this thread only; sockets keep the namespace they were made in.
+    rustix::thread::move_into_link_name_space(
+        ns.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )?;
+    Ok(rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?)
 }
 
 /// A new terminal in the devpts of the sandbox whose init is `pid`: (master, peer). The
@@ -230,6 +280,88 @@ impl Manager {
             },
             Pty { master },
         ))
+    }
+
+    /// Connects to `port` on the loopback of sandbox `sb` (a server inside that listens on
+    /// 127.0.0.1 or on every address), within [`CONNECT_TIMEOUT`].
+    pub async fn connect_in_sandbox(
+        &self,
+        sb: &Sandbox,
+        port: u16,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        let client = self.runtime.client(&sb.snapshot().id);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("agentd-netns".into())
+            .spawn(move || {
+                let _ = tx.send(socket_in_netns(&client));
+            })?;
+        let fd = rx
+            .await
+            .map_err(|_| std::io::Error::other("lost the namespace thread"))??;
+        let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
+        let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+        tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))?
+    }
+
+    /// Follows a started process as [`Manager::run_exec`] does for an interactive client: each
+    /// chunk of output goes to `sink` as it is read, until the process ends (then what it
+    /// wrote just before) or the client goes away (`sink` fails or `gone` fires; the process
+    /// is then killed and None returned).
+    pub async fn relay_exec(
+        &self,
+        started: StartedExec,
+        stdin: Option<mpsc::Receiver<Bytes>>,
+        timeout: Option<Duration>,
+        mut gone: tokio::sync::oneshot::Receiver<()>,
+        sink: &mut impl OutputSink,
+    ) -> Option<ExecEnd> {
+        let (out_tx, out_rx) = mpsc::channel::<(Stream, Bytes)>(16);
+        let run = self.run_exec(started, stdin, timeout, out_tx);
+        tokio::pin!(run);
+        let mut out_rx = Some(out_rx);
+        let mut out_open = true;
+        let mut client_gone = false;
+        let end = loop {
+            tokio::select! {
+                end = &mut run => break end,
+                chunk = async {
+                    match &mut out_rx {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                }, if out_open => {
+                    let Some((stream, data)) = chunk else {
+                        // The output ended; the process's end follows.
+                        out_open = false;
+                        continue;
+                    };
+                    if !sink.send(stream, data).await {
+                        // Nobody reads: run_exec kills the process once the output has no
+                        // reader.
+                        client_gone = true;
+                        out_rx = None;
+                    }
+                }
+                _ = &mut gone, if !client_gone => {
+                    client_gone = true;
+                    out_rx = None;
+                }
+            }
+        };
+        if end.abandoned || client_gone {
+            return None;
+        }
+        if let Some(mut r) = out_rx {
+            while let Ok((stream, data)) = r.try_recv() {
+                if !sink.send(stream, data).await {
+                    return None;
+                }
+            }
+        }
+        Some(end)
     }
 
     /// Follows a started process to its end. Every chunk of output is sent on `out` as it is

@@ -10,6 +10,8 @@
 //!   plumbing for everything that speaks HTTP).
 //! - The HTTP skin: [`api`] (routes, wire forms, statuses from service errors) and the LLM
 //!   [`gateway`] sandboxes talk to.
+//! - The SSH skin, [`ssh`]: shells, commands, SFTP and port forwarding for OpenSSH and
+//!   editors.
 //! - The CLI skin, [`cli`]: [`cli::run`] (`agentd run`, daemonless, for CI runners),
 //!   [`cli::image`] (`agentd image ...`), [`cli::sandbox`] (`agentd sandbox ...`),
 //!   [`cli::task`] (`agentd task ...`).
@@ -34,6 +36,7 @@ pub mod metrics;
 pub mod net;
 pub mod opencode;
 pub mod sandbox;
+pub mod ssh;
 pub mod task;
 pub mod text;
 pub mod walk;

@@ -473,11 +473,22 @@ pub fn now_ms() -> u64 {
 /// `n` random bytes as lowercase hex.
 pub fn random_hex(n: usize) -> String {
     let mut buf = vec![0u8; n];
+    fill_random(&mut buf);
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `N` random bytes.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    fill_random(&mut buf);
+    buf
+}
+
+fn fill_random(buf: &mut [u8]) {
     let ok = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, buf))
         .is_ok();
     assert!(ok, "cannot read /dev/urandom");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The sandbox service.

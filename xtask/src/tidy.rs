@@ -134,6 +134,7 @@ fn test_agentd_services_import_no_skin() {
     let skins = [
         "crate::api",
         "crate::cli",
+        "crate::ssh",
         "crate::daemon::serve",
         "crate::daemon::teardown",
         "crate::main",

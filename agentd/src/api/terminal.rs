@@ -80,13 +80,6 @@ struct Size {
     rows: u16,
 }
 
-/// The command of a login shell in an image that may or may not have bash.
-pub const LOGIN_SHELL: [&str; 3] = [
-    "/bin/sh",
-    "-c",
-    "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi",
-];
-
 /// The key of a WebSocket handshake, if `headers` ask for one.
 fn websocket_key(headers: &HeaderMap) -> Result<String, ApiError> {
     if !super::proxy::wants_websocket(headers) {
@@ -156,6 +149,27 @@ pub async fn upgrade(
 
 type Ws = tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
 
+/// The process's output as binary messages: as is on a terminal, else after a byte that
+/// says which stream.
+struct WsOut {
+    tx: futures_util::stream::SplitSink<Ws, Message>,
+    tty: bool,
+}
+
+impl crate::exec::OutputSink for WsOut {
+    async fn send(&mut self, stream: Stream, data: Bytes) -> bool {
+        let frame = if self.tty {
+            data
+        } else {
+            let mut f = Vec::with_capacity(data.len() + 1);
+            f.push(if stream == Stream::Stdout { 1 } else { 2 });
+            f.extend_from_slice(&data);
+            Bytes::from(f)
+        };
+        self.tx.send(Message::Binary(frame)).await.is_ok()
+    }
+}
+
 /// Sends `{"error": why}` and closes.
 async fn fail(ws: &mut Ws, why: &str) {
     let _ = ws
@@ -191,7 +205,10 @@ async fn session(mgr: Arc<Manager>, sb: Arc<Sandbox>, mut ws: Ws) {
         return fail(&mut ws, "cols and rows must be at least 1").await;
     }
     let command = if req.command.is_empty() {
-        LOGIN_SHELL.iter().map(|s| s.to_string()).collect()
+        crate::exec::LOGIN_SHELL
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     } else {
         req.command
     };
@@ -220,10 +237,9 @@ async fn session(mgr: Arc<Manager>, sb: Arc<Sandbox>, mut ws: Ws) {
         Ok(x) => x,
         Err(e) => return fail(&mut ws, &format!("cannot start the command: {e}")).await,
     };
-    let (mut tx, mut rx) = ws.split();
+    let (tx, mut rx) = ws.split();
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(16);
-    let (out_tx, out_rx) = mpsc::channel::<(Stream, Bytes)>(16);
-    let (gone_tx, mut gone_rx) = oneshot::channel::<()>();
+    let (gone_tx, gone_rx) = oneshot::channel::<()>();
     // The client's messages, on a task of their own: stdin may wait on the process while
     // its output must keep flowing.
     let tty = pty.is_some();
@@ -262,65 +278,16 @@ async fn session(mgr: Arc<Manager>, sb: Arc<Sandbox>, mut ws: Ws) {
         let _ = gone_tx.send(());
     });
     let timeout = req.timeout_secs.map(Duration::from_secs);
-    let run = mgr.run_exec(started, Some(in_rx), timeout, out_tx);
-    tokio::pin!(run);
-    let mut out_rx = Some(out_rx);
-    let mut out_open = true;
-    let mut client_gone = false;
-    let end = loop {
-        tokio::select! {
-            end = &mut run => break end,
-            chunk = async {
-                match &mut out_rx {
-                    Some(r) => r.recv().await,
-                    None => std::future::pending().await,
-                }
-            }, if out_open => {
-                let Some((stream, data)) = chunk else {
-                    // The output ended; the process's end follows.
-                    out_open = false;
-                    continue;
-                };
-                let frame = if tty {
-                    data
-                } else {
-                    let mut f = Vec::with_capacity(data.len() + 1);
-                    f.push(if stream == Stream::Stdout { 1 } else { 2 });
-                    f.extend_from_slice(&data);
-                    Bytes::from(f)
-                };
-                if tx.send(Message::Binary(frame)).await.is_err() {
-                    // Nobody reads: run_exec kills the process once the output has no reader.
-                    client_gone = true;
-                    out_rx = None;
-                }
-            }
-            _ = &mut gone_rx, if !client_gone => {
-                client_gone = true;
-                out_rx = None;
-            }
-        }
-    };
+    let mut sink = WsOut { tx, tty };
+    let end = mgr
+        .relay_exec(started, Some(in_rx), timeout, gone_rx, &mut sink)
+        .await;
     reader.abort();
-    if end.abandoned || client_gone {
+    let Some(end) = end else {
         tracing::debug!(sandbox = %id, "terminal: the client went away; the process was killed");
         return;
-    }
-    // What the process wrote just before it ended.
-    if let Some(mut r) = out_rx {
-        while let Ok((stream, data)) = r.try_recv() {
-            let frame = if tty {
-                data
-            } else {
-                let mut f = vec![if stream == Stream::Stdout { 1 } else { 2 }];
-                f.extend_from_slice(&data);
-                Bytes::from(f)
-            };
-            if tx.send(Message::Binary(frame)).await.is_err() {
-                return;
-            }
-        }
-    }
+    };
+    let mut tx = sink.tx;
     let last = match &end.error {
         Some(e) => serde_json::json!({"error": e}),
         None => serde_json::json!({

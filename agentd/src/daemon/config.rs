@@ -75,6 +75,14 @@ pub struct ServeArgs {
     /// File holding the bearer token for TCP [default: <state-dir>/api-token, made if missing].
     #[arg(long, env = "AGENTD_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Also serve SSH on this address: `ssh -p PORT SANDBOX@HOST` is a shell in the sandbox
+    /// (exec, SFTP and `-L` forwarding to the sandbox's ports too) [default: off].
+    #[arg(long, env = "AGENTD_SSH_LISTEN")]
+    pub ssh_listen: Option<SocketAddr>,
+    /// The public keys SSH accepts, in OpenSSH's authorized_keys format; read at every login
+    /// [default: <state-dir>/ssh/authorized_keys].
+    #[arg(long, env = "AGENTD_SSH_AUTHORIZED_KEYS")]
+    pub ssh_authorized_keys: Option<PathBuf>,
     /// OpenAI-compatible upstream the LLM gateway forwards to (e.g. https://host/v1).
     #[arg(long, env = "AGENTD_LLM_BASE_URL")]
     pub llm_base_url: Option<String>,
@@ -218,6 +226,10 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     /// Bearer token file for TCP.
     pub token_file: PathBuf,
+    /// Optional SSH listener address.
+    pub ssh_listen: Option<SocketAddr>,
+    /// The keys SSH accepts.
+    pub ssh_authorized_keys: PathBuf,
     /// LLM upstream, if configured.
     pub llm: Option<LlmUpstream>,
     /// Default model name.
@@ -472,6 +484,10 @@ impl Config {
             socket: abs(args.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))),
             listen: args.listen,
             token_file,
+            ssh_listen: args.ssh_listen,
+            ssh_authorized_keys: abs(args
+                .ssh_authorized_keys
+                .unwrap_or_else(|| state_dir.join("ssh").join("authorized_keys"))),
             llm,
             llm_model: args.llm_model.unwrap_or_else(|| DEFAULT_LLM_MODEL.into()),
             bridge,

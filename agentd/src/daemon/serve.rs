@@ -59,6 +59,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if config.llm.is_none() {
         tracing::warn!("no LLM upstream (--llm-base-url): OpenCode sandboxes and tasks will be refused until one is set");
     }
+    let ssh = match config.ssh_listen {
+        None => None,
+        Some(addr) => {
+            let key = crate::ssh::host_key(&config.state_dir)?;
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("failed to listen for SSH on {addr} (ssh_listen)"))?;
+            Some((l, key))
+        }
+    };
     let mgr = tokio::task::spawn_blocking(move || Manager::new(config)).await??;
     mgr.reconcile().await?;
     let gw_addr = (mgr.net.bridge_addr, mgr.config.gateway_port);
@@ -93,6 +103,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(crate::egress::open::serve_dns(mgr.clone(), dns));
     }
     tokio::spawn(mgr.clone().reaper());
+    if let Some((listener, key)) = ssh {
+        tokio::spawn(crate::ssh::serve(mgr.clone(), listener, key));
+    }
     let tasks = crate::task::TaskManager::new(mgr.clone())?;
     let _ = mgr.tasks.set(tasks.clone());
     tasks.reconcile().await?;

@@ -298,11 +298,11 @@ fn forkbomb(secs: f64) {
     std::thread::sleep(Duration::from_secs(120));
 }
 
-/// A small web app on `port`: answers every request with its path and the cookies it got,
-/// and sets two cookies (one host-only, one for the whole `localhost` domain).
-fn http(port: u16) {
+/// A small web app on `port` of `addr`: answers every request with its path and the cookies
+/// it got, and sets two cookies (one host-only, one for the whole `localhost` domain).
+fn http(port: u16, addr: &str) {
     use std::io::{Read, Write};
-    let l = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    let l = std::net::TcpListener::bind((addr, port)).expect("bind");
     for c in l.incoming() {
         let Ok(mut c) = c else { continue };
         let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
@@ -352,7 +352,10 @@ fn main() {
                 .args(["sleep-ms", "200"])
                 .spawn();
         }
-        Some("http") => http(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(8080)),
+        Some("http") => http(
+            args.get(2).and_then(|s| s.parse().ok()).unwrap_or(8080),
+            args.get(3).map_or("0.0.0.0", String::as_str),
+        ),
         Some("sleep-ms") => std::thread::sleep(Duration::from_millis(
             args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100),
         )),

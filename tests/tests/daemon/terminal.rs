@@ -78,6 +78,11 @@ fn opencode_sandbox(
 
 /// Starts the probe's web app on `port` in sandbox `id` (in the background).
 fn start_web_app(d: &Daemon, id: &str, port: u16) {
+    start_web_app_on(d, id, port, "0.0.0.0");
+}
+
+/// Starts the probe's web app on `port` of `addr` in sandbox `id` (in the background).
+pub(crate) fn start_web_app_on(d: &Daemon, id: &str, port: u16, addr: &str) {
     let probe = std::fs::read(agentd_tests::probe()).unwrap();
     let r = agentd_tests::daemon::request(
         &d.socket,
@@ -88,7 +93,7 @@ fn start_web_app(d: &Daemon, id: &str, port: u16) {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let script = format!(
-        "chmod +x /home/agent/probe && (/home/agent/probe http {port} </dev/null >/dev/null 2>&1 &) && sleep 0.5"
+        "chmod +x /home/agent/probe && (/home/agent/probe http {port} {addr} </dev/null >/dev/null 2>&1 &) && sleep 0.5"
     );
     let (code, _, err) = d.exec(id, &["sh", "-c", &script]);
     assert_eq!(code, 0, "{err}");
