@@ -45,6 +45,7 @@ pub mod approvals;
 mod attempt;
 pub mod environment;
 mod events;
+pub mod follow_up;
 pub use events::MAX_EVENTS_BYTES;
 mod git;
 pub mod model;
@@ -64,6 +65,8 @@ type Result<T> = std::result::Result<T, Error>;
 pub const DEFAULT_TASK_TIMEOUT_SECS: u64 = 3600;
 /// Longest task time limit, seconds.
 pub const MAX_TASK_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+/// How long an attempt may wait for a person with its time limit paused, by default.
+pub const DEFAULT_WAIT_TIMEOUT_SECS: u64 = 24 * 3600;
 /// Most parallel agents of one task.
 pub const MAX_AGENTS: u32 = 16;
 /// Rounds (agent turns, each followed by the check) when the request gives none.
@@ -357,6 +360,9 @@ impl TaskManager {
             r.state = r.derived_state();
             if r.state.is_terminal() && r.finished_at.is_none() {
                 r.finished_at = Some(now_ms());
+            } else if !r.state.is_terminal() {
+                // Reopened by a follow-up: the grace period starts at its new end.
+                r.finished_at = None;
             }
             (changed, (before != r.state).then_some(r.state), round)
         };
@@ -423,6 +429,14 @@ impl TaskManager {
                     "timeout_secs must be between 1 and {MAX_TASK_TIMEOUT_SECS}"
                 )));
             }
+        }
+        if req
+            .wait_timeout_secs
+            .is_some_and(|t| t > MAX_TASK_TIMEOUT_SECS)
+        {
+            return Err(Error::Invalid(format!(
+                "wait_timeout_secs must be at most {MAX_TASK_TIMEOUT_SECS}"
+            )));
         }
         if let Some(r) = req.max_rounds {
             if r == 0 || r > MAX_ROUNDS {
@@ -703,24 +717,32 @@ impl TaskManager {
     /// One attempt, bounded by the task's time limit and cancellation.
     async fn attempt(self: Arc<Self>, task: Arc<Task>, n: u32) {
         let rec = task.snapshot();
-        let started = rec.started_at.unwrap_or_else(now_ms);
-        let deadline_ms =
-            started.saturating_add(u64::try_from(rec.timeout().as_millis()).unwrap_or(u64::MAX));
-        let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
         self.update(&task, n, |a| {
             if a.started_at.is_none() {
                 a.started_at = Some(now_ms());
             }
         });
         let outcome = tokio::select! {
-            o = self.clone().drive(&task, n, deadline_ms) => Ok(o),
+            o = self.clone().drive(&task, n) => Ok(o),
             s = prepare::stop_signal(task.stop_tx.subscribe()) => Err(s),
-            _ = tokio::time::sleep(left) => Err(TaskState::TimedOut),
+            _ = self.time_limit(&task, n) => Err(TaskState::TimedOut),
         };
         if let Err(s) = outcome {
+            // The task stops with it, unless another attempt's time limit was paused while
+            // it waited for a person (that one has time left) or a follow-up reopened this
+            // one alone.
+            let now = now_ms();
+            let own_limit = self.attempt_snapshot(&task, n).limit_from.is_some()
+                || task
+                    .snapshot()
+                    .attempts
+                    .iter()
+                    .any(|a| a.n != n && !a.state.is_terminal() && a.waited_ms(now) > 0);
+            if s != TaskState::TimedOut || !own_limit {
+                prepare::set_stop(&task, s);
+            }
             // A create under way finishes on its own (and records its sandbox): wait for it,
             // so that the sandbox is stopped below rather than left running.
-            prepare::set_stop(&task, s);
             let waited = Instant::now();
             while task.creating.lock().expect("creating lock").contains(&n)
                 && waited.elapsed() < Duration::from_secs(180)
@@ -758,10 +780,24 @@ impl TaskManager {
             Ok(Outcome::Lost(why)) => self.finish_attempt(&task, n, TaskState::Failed, Some(why)),
             Err(state) => {
                 let why = if state == TaskState::TimedOut {
-                    format!(
+                    let a = self.attempt_snapshot(&task, n);
+                    let waited = a.waited_ms(now_ms()) / 1000;
+                    let mut why = format!(
                         "the task's time limit ({} s) passed",
                         rec.timeout().as_secs()
-                    )
+                    );
+                    if a.state == TaskState::Waiting {
+                        why.push_str(
+                            " while the agent waited for a person to answer a permission request",
+                        );
+                    }
+                    if waited > 0 {
+                        why.push_str(&format!(
+                            " ({waited} s of waiting for a person paused it, {} s at most)",
+                            rec.wait_timeout().as_secs()
+                        ));
+                    }
+                    why
                 } else {
                     "cancelled".to_string()
                 };
@@ -785,9 +821,48 @@ impl TaskManager {
         }
     }
 
+    /// Resolves when attempt `n` runs out of time: its deadline moves while it waits for a
+    /// person (see [`TaskRecord::deadline_ms`]), so it is looked at again at least every
+    /// second.
+    async fn time_limit(&self, task: &Task, n: u32) {
+        loop {
+            let now = now_ms();
+            let deadline = task
+                .snapshot()
+                .deadline_ms(&self.attempt_snapshot(task, n), now);
+            if now >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis((deadline - now).min(1000))).await;
+        }
+    }
+
+    /// Marks attempt `n` waiting for a person (its time limit paused) or not.
+    pub(super) fn set_waiting(&self, task: &Task, n: u32, waiting: bool, detail: Option<&str>) {
+        let now = now_ms();
+        self.update(task, n, |a| match (waiting, a.waiting_since) {
+            (true, None) => a.waiting_since = Some(now),
+            (false, Some(s)) => {
+                a.waited_ms = a.waited_ms.saturating_add(now.saturating_sub(s));
+                a.waiting_since = None;
+            }
+            _ => {}
+        });
+        let state = if waiting {
+            TaskState::Waiting
+        } else {
+            TaskState::Running
+        };
+        self.set_attempt_state(task, n, state, detail);
+    }
+
     fn finish_attempt(&self, task: &Task, n: u32, state: TaskState, why: Option<String>) {
         let usage = self.attempt_usage(task, n);
+        let now = now_ms();
         self.update(task, n, |a| {
+            if let Some(s) = a.waiting_since.take() {
+                a.waited_ms = a.waited_ms.saturating_add(now.saturating_sub(s));
+            }
             if let Some(u) = usage {
                 a.usage = u;
             }
@@ -812,7 +887,7 @@ impl TaskManager {
     }
 
     /// The attempt's steps; each one is persisted, so a resumed attempt skips what is done.
-    async fn drive(self: Arc<Self>, task: &Arc<Task>, n: u32, deadline_ms: u64) -> Outcome {
+    async fn drive(self: Arc<Self>, task: &Arc<Task>, n: u32) -> Outcome {
         let rec = task.snapshot();
         let a = self.attempt_snapshot(task, n);
         let begun = Instant::now();
@@ -885,6 +960,9 @@ impl TaskManager {
         }
         if let Some(setup) = &rec.request.setup {
             if self.attempt_snapshot(task, n).setup.is_none() {
+                let deadline_ms = task
+                    .snapshot()
+                    .deadline_ms(&self.attempt_snapshot(task, n), now_ms());
                 if let Err(why) = self.setup(task, n, &sb, setup, deadline_ms).await {
                     return why;
                 }
@@ -917,15 +995,28 @@ impl TaskManager {
             let round = a.round;
             if a.state != TaskState::Checking {
                 self.set_attempt_state(task, n, TaskState::Running, None);
-                match self.agent_round(task, n, &sb, &session, &rec).await {
-                    Ok(()) => {}
-                    Err(o) => return o,
+                if let Err(o) = self.agent_round(task, n, &sb, &session, &rec, None).await {
+                    return o;
+                }
+            }
+            // A person's follow-ups, sent as the agent's turn ended: each batch is one more
+            // turn before the check.
+            while let Some((text, count)) = self.follow_ups(task, n) {
+                self.set_attempt_state(task, n, TaskState::Running, Some("a follow-up"));
+                if let Err(o) = self
+                    .agent_round(task, n, &sb, &session, &rec, Some((&text, count)))
+                    .await
+                {
+                    return o;
                 }
             }
             let Some(check) = rec.request.check.clone() else {
                 return Outcome::Succeeded;
             };
             self.set_attempt_state(task, n, TaskState::Checking, None);
+            let deadline_ms = task
+                .snapshot()
+                .deadline_ms(&self.attempt_snapshot(task, n), now_ms());
             let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()).max(1000));
             let limit = Duration::from_secs(
                 rec.request
@@ -1306,6 +1397,7 @@ impl TaskManager {
             TaskState::Queued,
             TaskState::Starting,
             TaskState::Running,
+            TaskState::Waiting,
             TaskState::Checking,
             TaskState::Succeeded,
             TaskState::Failed,
@@ -1454,6 +1546,48 @@ mod tests {
         assert_eq!(r.derived_state(), TaskState::Failed);
         r.attempts[1].state = TaskState::Succeeded;
         assert_eq!(r.derived_state(), TaskState::Succeeded);
+        // Waiting for a person shows when nothing else works.
+        r.attempts[0].state = TaskState::Waiting;
+        r.attempts[1].state = TaskState::Starting;
+        assert_eq!(r.derived_state(), TaskState::Waiting);
+        r.attempts[1].state = TaskState::Running;
+        assert_eq!(r.derived_state(), TaskState::Running);
+    }
+
+    /// Waiting for a person moves an attempt's deadline, up to the wait timeout; a follow-up
+    /// counts from its own start.
+    #[test]
+    fn test_deadline_pauses_while_waiting() {
+        let r = TaskRecord {
+            id: "t".into(),
+            request: CreateTask {
+                timeout_secs: Some(10),
+                wait_timeout_secs: Some(3),
+                ..CreateTask::default()
+            },
+            environment: None,
+            workspace: WorkspaceInfo::default(),
+            state: TaskState::Running,
+            created_at: 0,
+            started_at: Some(1_000),
+            finished_at: None,
+            attempts: vec![],
+            prepared: None,
+            stop: None,
+            sandboxes_removed: false,
+            deleting: false,
+        };
+        let mut a = Attempt::new(1);
+        assert_eq!(r.deadline_ms(&a, 2_000), 11_000);
+        a.waited_ms = 1_000;
+        a.waiting_since = Some(5_000);
+        assert_eq!(r.deadline_ms(&a, 6_000), 13_000);
+        // 1 s + 4 s waited, credited 3 s at most.
+        assert_eq!(r.deadline_ms(&a, 9_000), 14_000);
+        a.limit_from = Some(50_000);
+        a.waited_ms = 0;
+        a.waiting_since = None;
+        assert_eq!(r.deadline_ms(&a, 50_000), 60_000);
     }
 
     #[test]

@@ -214,6 +214,10 @@ routes! {
     POST "/v1/tasks/{id}/attempts/{n}/push" => tasks::push_route, query None,
         in [JSON: schema_of::<types::PushRequest>], out 200 [JSON: schema_of::<crate::task::Pushed>],
         "Push attempt n's change to the task's git repository (a git-URL workspace) as a new branch, with agentd's git credentials file";
+    POST "/v1/tasks/{id}/attempts/{n}/messages" => tasks::say_route, query None,
+        in [JSON: schema_of::<crate::task::follow_up::FollowUp>],
+        out 202 [JSON: schema_of::<crate::task::follow_up::Said>],
+        "A person's follow-up to attempt n's agent: sent when its turn ends (before the check); a finished attempt whose sandbox is kept runs again for it (the check and the diff too)";
 }
 
 const TEXT_METRICS: &str = "text/plain";

@@ -229,6 +229,21 @@ pub(crate) async fn push_route(
     Ok(json(StatusCode::OK, &pushed))
 }
 
+/// `POST /v1/tasks/{id}/attempts/{n}/messages`: a follow-up to attempt `n`'s agent.
+pub(crate) async fn say_route(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Attempt>,
+    req: Req,
+) -> Reply {
+    let (tasks, task) = named(&mgr, &p.id)?;
+    let body: crate::task::follow_up::FollowUp = read_json(req).await?;
+    let n: u32 =
+        p.n.parse()
+            .map_err(|_| ApiError::NotFound(format!("no attempt {:?} of task {}", p.n, p.id)))?;
+    let said = tasks.say(&task, n, body.text).await?;
+    Ok(json(StatusCode::ACCEPTED, &said))
+}
+
 /// Server-sent events: every event after `Last-Event-ID` (or `?after=`), then new ones as
 /// they happen, until `task.finished`.
 fn events(tasks: Arc<TaskManager>, task: Arc<Task>, after: u64) -> Response<Body> {
@@ -250,8 +265,12 @@ fn events(tasks: Arc<TaskManager>, task: Arc<Task>, after: u64) -> Response<Body
                 }
                 last = n;
             }
-            // The end: task.finished sent now, or seen by this client before it reconnected.
-            if finished || task.read_to_end(last) || tasks.get(&id).is_err() {
+            // The end: task.finished sent now (unless a follow-up reopened the task since), or
+            // seen by this client before it reconnected.
+            if (finished && task.snapshot().state.is_terminal())
+                || task.read_to_end(last)
+                || tasks.get(&id).is_err()
+            {
                 return;
             }
             tokio::select! {

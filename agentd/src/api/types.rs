@@ -339,6 +339,12 @@ pub struct AttemptView {
     pub error: Option<String>,
     /// Something to know about a success.
     pub note: Option<String>,
+    /// Ms it waited for a person (permission requests), its time limit paused meanwhile.
+    #[serde(default)]
+    pub waited_ms: u64,
+    /// Follow-up messages not yet sent to its agent.
+    #[serde(default)]
+    pub follow_ups_pending: u64,
 }
 
 impl From<&Attempt> for AttemptView {
@@ -361,6 +367,8 @@ impl From<&Attempt> for AttemptView {
             source_commit: a.source.clone(),
             error: a.error.clone(),
             note: a.note.clone(),
+            waited_ms: a.waited_ms(crate::sandbox::now_ms()),
+            follow_ups_pending: a.follow_ups.len() as u64,
         }
     }
 }
@@ -375,6 +383,8 @@ pub enum TaskStateView {
     Starting,
     /// Agents work.
     Running,
+    /// Agents wait for a person (a permission request) and nothing else runs.
+    Waiting,
     /// Checks run.
     Checking,
     /// Done, with an attempt that succeeded.
@@ -395,6 +405,7 @@ impl From<TaskState> for TaskStateView {
             TaskState::Queued => TaskStateView::Queued,
             TaskState::Starting => TaskStateView::Starting,
             TaskState::Running => TaskStateView::Running,
+            TaskState::Waiting => TaskStateView::Waiting,
             TaskState::Checking => TaskStateView::Checking,
             TaskState::Succeeded => TaskStateView::Succeeded,
             TaskState::Failed => TaskStateView::Failed,

@@ -194,6 +194,18 @@ enum TaskCommand {
         #[arg(long, requires = "reject")]
         message: Option<String>,
     },
+    /// Tell an attempt's agent something (a follow-up in its session): sent when its turn
+    /// ends, before the check; a finished attempt whose sandbox is still kept runs again for
+    /// it (the agent, the check, the diff).
+    Say {
+        /// Task id.
+        id: String,
+        /// Attempt number.
+        attempt: u32,
+        /// The message (`-`: read it from stdin).
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
     /// Cancel a task.
     Cancel {
         /// Task id.
@@ -587,6 +599,41 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             );
             Ok(0)
         }
+        TaskCommand::Say { id, attempt, text } => {
+            let id = valid_id(&id)?;
+            let text = if text == ["-"] {
+                let mut s = String::new();
+                std::io::Read::read_to_string(
+                    &mut std::io::Read::take(
+                        std::io::stdin(),
+                        crate::task::follow_up::MAX_MESSAGE as u64 + 1,
+                    ),
+                    &mut s,
+                )?;
+                s
+            } else {
+                text.join(" ")
+            };
+            let body = serde_json::json!({ "text": text });
+            let r = call(
+                sock,
+                Method::POST,
+                &format!("/v1/tasks/{id}/attempts/{attempt}/messages"),
+                Some((body.to_string().into_bytes(), "application/json")),
+                None,
+            )
+            .await?;
+            let v = check(&r)?;
+            if v["reopened"] == true {
+                println!("attempt {attempt} runs again for it (follow it: agentd task watch {id} --attempt {attempt})");
+            } else {
+                println!(
+                    "queued for attempt {attempt}: its agent gets it when its turn ends ({} waiting)",
+                    v["pending"]
+                );
+            }
+            Ok(0)
+        }
         TaskCommand::Rm { ids } => {
             for id in ids {
                 let id = valid_id(&id)?;
@@ -724,6 +771,9 @@ async fn follow(sock: &PathBuf, id: &str, agents: u32, json: bool) -> anyhow::Re
         .collect();
     let started = std::time::Instant::now();
     let mut drawn = 0usize;
+    // A person at the terminal answers the agents' permission requests as they come.
+    let asked: Asked = Default::default();
+    let interactive = !json && std::io::stdin().is_terminal();
     // Read by the reconnect loop while the callback holds its borrow: cells.
     let last_id = std::cell::Cell::new(0u64);
     let finished = std::cell::Cell::new(false);
@@ -796,6 +846,37 @@ async fn follow(sock: &PathBuf, id: &str, agents: u32, json: bool) -> anyhow::Re
                 p.last = format!("error: {}", ev["message"].as_str().unwrap_or(""));
                 Some(format!("attempt {n}: {}", p.last))
             }
+            ("approval", _) if ev["state"] == "asked" => {
+                let request = ev["request"].as_str().unwrap_or_default().to_string();
+                let question = format!(
+                    "attempt {n} asks to use {}: {}",
+                    ev["permission"].as_str().unwrap_or("a tool"),
+                    ev["patterns"]
+                        .as_array()
+                        .map(|p| p.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "))
+                        .unwrap_or_default(),
+                );
+                let how = if interactive {
+                    asked.lock().expect("asked lock").push_back(request.clone());
+                    "allow it? [o]nce, [a]lways, [r]eject (Enter after the letter)".to_string()
+                } else {
+                    format!("answer: agentd task approve {id} {request} [--always | --reject]")
+                };
+                if !json {
+                    // Below the progress block, which is drawn again under it.
+                    let _ = writeln!(std::io::stderr(), "{question}\n    {how}");
+                    drawn = 0;
+                }
+                None
+            }
+            ("approval", _) if ev["state"] == "replied" => {
+                let request = ev["request"].as_str().unwrap_or_default();
+                asked
+                    .lock()
+                    .expect("asked lock")
+                    .retain(|r| r != request);
+                Some(format!("attempt {n}: request {request} answered {}", ev["reply"].as_str().unwrap_or("")))
+            }
             _ => None,
         };
         if json {
@@ -822,7 +903,73 @@ async fn follow(sock: &PathBuf, id: &str, agents: u32, json: bool) -> anyhow::Re
             let _ = writeln!(err, "{l}");
         }
     };
-    stream_events(sock, id, &last_id, &finished, &mut on, OnCtrlC::CancelTask).await
+    let answering = async {
+        if interactive {
+            answer_from_terminal(sock, id, &asked).await;
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        r = stream_events(sock, id, &last_id, &finished, &mut on, OnCtrlC::CancelTask) => r,
+        () = answering => Ok(()),
+    }
+}
+
+/// Permission requests asked while attached, oldest first.
+type Asked = std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>;
+
+/// Answers the oldest request in `asked` with each line typed at the terminal (`o`, `a`,
+/// `r`).
+async fn answer_from_terminal(sock: &PathBuf, id: &str, asked: &Asked) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(8);
+    // A thread of its own: a read of the terminal cannot be cancelled, and a detached thread
+    // does not keep the process from ending.
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(line) = rx.recv().await {
+        let reply = match line.trim().to_ascii_lowercase().as_str() {
+            "o" | "once" | "y" | "yes" => "once",
+            "a" | "always" => "always",
+            "r" | "reject" | "n" | "no" => "reject",
+            "" => continue,
+            _ => {
+                eprintln!("answer o (once), a (always) or r (reject)");
+                continue;
+            }
+        };
+        let Some(request) = asked.lock().expect("asked lock").front().cloned() else {
+            eprintln!("nothing waits for an answer");
+            continue;
+        };
+        let path = format!(
+            "/v1/tasks/{id}/approvals/{}",
+            url::form_urlencoded::byte_serialize(request.as_bytes()).collect::<String>()
+        );
+        let body = serde_json::json!({ "reply": reply }).to_string();
+        let answered = call(
+            sock,
+            Method::POST,
+            &path,
+            Some((body.into_bytes(), "application/json")),
+            None,
+        )
+        .await
+        .map_err(|e| format!("{e:#}"))
+        .and_then(|r| check(&r).map(drop).map_err(|e| format!("{e:#}")));
+        match answered {
+            Ok(()) => {
+                asked.lock().expect("asked lock").retain(|r| *r != request);
+                eprintln!("answered {request}: {reply}");
+            }
+            Err(e) => eprintln!("could not answer {request}: {e}"),
+        }
+    }
 }
 
 /// What ^C does while a task's events are followed.
@@ -942,6 +1089,7 @@ async fn watch(sock: &PathBuf, id: &str, only: Option<u64>) -> anyhow::Result<()
             "setup" => format!("attempt {n}: setup {}", s("state")),
             "error" => format!("attempt {n}: error: {}", s("message")),
             "diff" => format!("attempt {n}: diff of {} files", ev["files"]),
+            "follow_up" => format!("attempt {n}: a follow-up ({})", s("state")),
             "task.finished" => format!("task finished: {}", s("state")),
             _ => return,
         };

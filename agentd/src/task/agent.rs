@@ -7,9 +7,13 @@ use std::sync::Arc;
 use super::*;
 use crate::opencode::client::Client;
 
+/// Most open permission requests followed per round.
+const MAX_ASKED: usize = 1000;
+
 impl TaskManager {
     /// One round of the agent: prompt (unless a resumed round sent it already), then follow
-    /// the events until the session is idle.
+    /// the events until the session is idle. With `said`, that message is the prompt (a
+    /// person's, between rounds).
     pub(super) async fn agent_round(
         &self,
         task: &Arc<Task>,
@@ -17,6 +21,7 @@ impl TaskManager {
         sb: &Arc<Sandbox>,
         session: &str,
         rec: &TaskRecord,
+        said: Option<(&str, usize)>,
     ) -> std::result::Result<(), Outcome> {
         let a = self.attempt_snapshot(task, n);
         let round = a.round;
@@ -28,7 +33,18 @@ impl TaskManager {
             .await
             .map_err(|e| Outcome::Failed(format!("OpenCode's event stream: {e}")))?;
         let mut idle_now = false;
-        if a.prompted < round {
+        if let Some((text, count)) = said {
+            agent
+                .prompt(session, text)
+                .await
+                .map_err(|e| Outcome::Failed(format!("OpenCode refused the follow-up: {e}")))?;
+            self.sent_follow_ups(task, n, count);
+            self.emit(
+                task,
+                "prompt",
+                serde_json::json!({"attempt": n, "round": round, "bytes": text.len(), "follow_up": true}),
+            );
+        } else if a.prompted < round {
             let text = if round == 1 {
                 rec.request.prompt.clone()
             } else {
@@ -47,6 +63,20 @@ impl TaskManager {
         } else {
             // Resumed after a restart: the session may have gone idle while nobody watched.
             idle_now = agent.is_idle(session).await;
+        }
+        // Requests already waiting (a resumed round): the attempt waits for a person.
+        let mut asked: std::collections::HashSet<String> = agent
+            .permissions()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|p| p["sessionID"].as_str() == Some(session))
+            .filter_map(|p| p["id"].as_str().map(|s| tail(s, 100)))
+            .take(MAX_ASKED)
+            .collect();
+        let waiting = self.attempt_snapshot(task, n).waiting_since.is_some();
+        if !asked.is_empty() || waiting {
+            self.set_waiting(task, n, !asked.is_empty(), None);
         }
         let mut watch = super::attempt::RoundWatch::new(session);
         let mut error: Option<String> = None;
@@ -121,20 +151,43 @@ impl TaskManager {
                         );
                         error = Some(msg);
                     }
-                    super::attempt::Seen::Approval { asked, id, what } => {
+                    super::attempt::Seen::Approval {
+                        asked: is_ask,
+                        id,
+                        what,
+                    } => {
                         // The round waits for a person; the event says what for.
                         let mut ev = serde_json::json!({
                             "attempt": n, "round": round, "request": id,
-                            "state": if asked { "asked" } else { "answered" },
+                            "state": if is_ask { "asked" } else { "answered" },
                         });
                         if let (Some(e), Some(w)) = (ev.as_object_mut(), what.as_object()) {
                             e.extend(w.clone());
                         }
                         self.emit(task, "approval", ev);
+                        // Waiting while any request of the round is open; its time limit
+                        // is paused meanwhile.
+                        let before = asked.is_empty();
+                        if is_ask && asked.len() < MAX_ASKED {
+                            asked.insert(id);
+                        } else if !is_ask {
+                            asked.remove(&id);
+                        }
+                        if before != asked.is_empty() {
+                            let detail = if asked.is_empty() {
+                                "answered: the agent goes on"
+                            } else {
+                                "the agent waits for a person to answer a permission request"
+                            };
+                            self.set_waiting(task, n, !asked.is_empty(), Some(detail));
+                        }
                     }
                     super::attempt::Seen::Idle => break,
                 }
             }
+        }
+        if self.attempt_snapshot(task, n).waiting_since.is_some() {
+            self.set_waiting(task, n, false, None);
         }
         let round_ms = ms(t.elapsed());
         let message = agent

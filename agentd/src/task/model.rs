@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use std::time::Duration;
 
-use super::{DEFAULT_MAX_ROUNDS, DEFAULT_TASK_TIMEOUT_SECS};
+use super::{DEFAULT_MAX_ROUNDS, DEFAULT_TASK_TIMEOUT_SECS, DEFAULT_WAIT_TIMEOUT_SECS};
 use crate::sandbox::{LimitsRequest, Usage};
 use crate::workspace::{WorkspaceInfo, WorkspaceSpec};
 
@@ -22,6 +22,9 @@ pub enum TaskState {
     Starting,
     /// The agent works.
     Running,
+    /// The agent waits for a person to answer a permission request (the time limit is
+    /// paused meanwhile, up to `wait_timeout_secs`).
+    Waiting,
     /// The check command runs.
     Checking,
     /// Done: the agent finished (and the check passed).
@@ -49,6 +52,7 @@ impl TaskState {
             TaskState::Queued => "queued",
             TaskState::Starting => "starting",
             TaskState::Running => "running",
+            TaskState::Waiting => "waiting",
             TaskState::Checking => "checking",
             TaskState::Succeeded => "succeeded",
             TaskState::Failed => "failed",
@@ -79,8 +83,13 @@ pub struct CreateTask {
     /// Limits of each sandbox.
     #[serde(default)]
     pub limits: LimitsRequest,
-    /// Time limit of the whole task, seconds [default: 3600].
+    /// Time limit of the whole task, seconds [default: 3600]. A follow-up message to a
+    /// finished attempt gets this much again.
     pub timeout_secs: Option<u64>,
+    /// How long an attempt may wait for a person (a permission request) without its time
+    /// limit running, seconds in all; 0 lets the time limit run while it waits [default:
+    /// 86400].
+    pub wait_timeout_secs: Option<u64>,
     /// Parallel agents, each in its own sandbox [default: 1].
     pub agents: Option<u32>,
     /// Shell command run in `/workspace` after each round; exit 0 passes.
@@ -219,6 +228,19 @@ pub struct Attempt {
     /// Something to know about a success (e.g. that the agent changed nothing).
     #[serde(default)]
     pub note: Option<String>,
+    /// Unix ms since when it waits for a person, while it does.
+    #[serde(default)]
+    pub waiting_since: Option<u64>,
+    /// Ms it waited for a person before `waiting_since`.
+    #[serde(default)]
+    pub waited_ms: u64,
+    /// Unix ms its time limit counts from, when not the task's start (a follow-up's).
+    #[serde(default)]
+    pub limit_from: Option<u64>,
+    /// Follow-up messages not yet sent to its agent (`POST
+    /// /v1/tasks/{id}/attempts/{n}/messages`).
+    #[serde(default)]
+    pub follow_ups: Vec<String>,
 }
 
 impl Attempt {
@@ -243,7 +265,17 @@ impl Attempt {
             diff: None,
             error: None,
             note: None,
+            waiting_since: None,
+            waited_ms: 0,
+            limit_from: None,
+            follow_ups: Vec::new(),
         }
+    }
+
+    /// Ms it waited for a person, so far.
+    pub fn waited_ms(&self, now_ms: u64) -> u64 {
+        self.waited_ms
+            .saturating_add(self.waiting_since.map_or(0, |s| now_ms.saturating_sub(s)))
     }
 }
 
@@ -361,6 +393,26 @@ impl TaskRecord {
         )
     }
 
+    /// How long waiting for a person may pause an attempt's time limit.
+    pub(crate) fn wait_timeout(&self) -> Duration {
+        Duration::from_secs(
+            self.request
+                .wait_timeout_secs
+                .unwrap_or(DEFAULT_WAIT_TIMEOUT_SECS),
+        )
+    }
+
+    /// Unix ms at which attempt `a` runs out of time: its time limit from the task's start
+    /// (or its follow-up's), plus what it waited for a person (up to the wait timeout).
+    pub(crate) fn deadline_ms(&self, a: &Attempt, now_ms: u64) -> u64 {
+        let from = a.limit_from.or(self.started_at).unwrap_or(now_ms);
+        let limit = u64::try_from(self.timeout().as_millis()).unwrap_or(u64::MAX);
+        let credit = a
+            .waited_ms(now_ms)
+            .min(u64::try_from(self.wait_timeout().as_millis()).unwrap_or(u64::MAX));
+        from.saturating_add(limit).saturating_add(credit)
+    }
+
     pub(crate) fn max_rounds(&self) -> u32 {
         if self.request.check.is_some() {
             self.request.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS)
@@ -387,6 +439,8 @@ impl TaskRecord {
             .any(|s| matches!(s, TaskState::Running | TaskState::Checking))
         {
             TaskState::Running
+        } else if states.contains(&TaskState::Waiting) {
+            TaskState::Waiting
         } else if states.contains(&TaskState::Starting) {
             TaskState::Starting
         } else {

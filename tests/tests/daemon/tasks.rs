@@ -2080,34 +2080,20 @@ fn test_task_results_are_truthful() {
     delete_all(&d);
 }
 
-/// A person in the loop: a task whose permissions make bash ask holds the agent's call until
-/// someone answers; the request is listed with its command (API and CLI), is an `approval`
-/// event, and an answer from the CLI lets the call run and the attempt succeed.
-#[test]
-fn test_task_approvals() {
-    require_sandbox_support!();
-    let Some(images) = store() else { return };
-    let llm = MockLlm::start("echo approved > approved.txt");
-    let d = daemon(&images, &llm, &["--task-grace", "3"]);
-    let ws = make_workspace();
-    let id = create(
-        &d,
-        json!({
-            "prompt": "write approved.txt",
-            "workspace": {"path": ws.path()},
-            "check": "test -f approved.txt",
-            "permissions": {"bash": "ask"},
-        }),
-    );
-    // The request appears, naming the command.
+/// The permission requests of task `id` waiting for a person, once there is one other than
+/// `seen` (within 120 s).
+fn next_approvals(d: &Daemon, id: &str, seen: &[String]) -> Vec<serde_json::Value> {
     let start = Instant::now();
-    let approvals = loop {
+    loop {
         let v = d
             .call("GET", &format!("/v1/tasks/{id}/approvals"), None)
             .json();
         let list = v["approvals"].as_array().cloned().unwrap_or_default();
-        if !list.is_empty() {
-            break list;
+        if list
+            .iter()
+            .any(|a| !seen.iter().any(|s| a["id"].as_str() == Some(s.as_str())))
+        {
+            return list;
         }
         assert!(
             start.elapsed() < Duration::from_secs(120),
@@ -2116,15 +2102,56 @@ fn test_task_approvals() {
             d.log()
         );
         std::thread::sleep(Duration::from_millis(300));
-    };
+    }
+}
+
+/// A person in the loop: a task whose permissions make bash ask holds the agent's call until
+/// someone answers; the request is listed with its command (API and CLI), is an `approval`
+/// event, the attempt and the task say `waiting` and the time limit does not run meanwhile;
+/// a follow-up sent while it waits reaches the agent when its turn ends; answers from the CLI
+/// and the API let the calls run and the attempt succeed.
+#[test]
+fn test_task_approvals() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::start("echo approved > approved.txt");
+    let d = daemon(&images, &llm, &["--task-grace", "3"]);
+    let ws = make_workspace();
+    let created = Instant::now();
+    let id = create(
+        &d,
+        json!({
+            "prompt": "write approved.txt",
+            "workspace": {"path": ws.path()},
+            "check": "test -f approved.txt",
+            "permissions": {"bash": "ask"},
+            "timeout_secs": 40,
+        }),
+    );
+    // The request appears, naming the command.
+    let approvals = next_approvals(&d, &id, &[]);
     let a = &approvals[0];
     assert_eq!(a["permission"], "bash", "{a:#}");
     assert_eq!(a["attempt"], 1, "{a:#}");
     assert!(a["patterns"].to_string().contains("echo approved"), "{a:#}");
-    // Nothing runs meanwhile.
-    std::thread::sleep(Duration::from_secs(2));
+    // Nothing runs meanwhile: the attempt and the task wait, past the 40 s time limit.
+    std::thread::sleep(Duration::from_secs(45).saturating_sub(created.elapsed()));
     let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
-    assert_eq!(v["state"], "running", "{v:#}");
+    assert_eq!(v["state"], "waiting", "{v:#}");
+    assert_eq!(v["attempts"][0]["state"], "waiting", "{v:#}");
+    assert!(
+        v["attempts"][0]["waited_ms"].as_u64().unwrap() > 1000,
+        "{v:#}"
+    );
+    // A follow-up while it waits: kept for the end of the agent's turn.
+    let r = d.call(
+        "POST",
+        &format!("/v1/tasks/{id}/attempts/1/messages"),
+        Some(json!({"text": "FOLLOWUP: write it once more"})),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["reopened"], false);
+    assert_eq!(r.json()["pending"], 1);
     // The CLI lists it and answers it.
     let cli = |args: &[&str]| {
         Command::new(agentd_tests::bin("agentd"))
@@ -2148,8 +2175,25 @@ fn test_task_approvals() {
     assert_eq!(r.status, 404, "{}", r.text());
     let out = cli(&["approve", &id, request]);
     assert!(out.status.success(), "{out:?}");
+    // The follow-up's turn: the agent asks again; answered for good through the API.
+    let again = next_approvals(&d, &id, &[request.to_string()]);
+    let second = again[0]["id"].as_str().unwrap();
+    let r = d.call(
+        "POST",
+        &format!("/v1/tasks/{id}/approvals/{second}"),
+        Some(json!({"reply": "always"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
     let v = wait_done(&d, &id, Duration::from_secs(180));
     assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    assert!(
+        llm.requests_seen()
+            .iter()
+            .any(|r| agentd_tests::daemon::last_user_text(r)
+                .contains("FOLLOWUP: write it once more")),
+        "the follow-up never reached the agent"
+    );
+    assert_eq!(v["attempts"][0]["follow_ups_pending"], 0, "{v:#}");
     let evs = events(&d, &id, None);
     let approvals: Vec<&serde_json::Value> =
         evs.iter().filter(|e| e["type"] == "approval").collect();
@@ -2159,6 +2203,18 @@ fn test_task_approvals() {
             .any(|e| e["state"] == "asked" && e["permission"] == "bash")
             && approvals.iter().any(|e| e["state"] == "replied"),
         "{approvals:#?} {:?}",
+        kinds(&evs)
+    );
+    assert!(
+        evs.iter()
+            .any(|e| e["type"] == "attempt.state" && e["state"] == "waiting"),
+        "{:?}",
+        kinds(&evs)
+    );
+    assert!(
+        evs.iter()
+            .any(|e| e["type"] == "prompt" && e["follow_up"] == true),
+        "{:?}",
         kinds(&evs)
     );
     // The live view: what the agent wrote, the tool call with its output, the approval.
@@ -2184,5 +2240,112 @@ fn test_task_approvals() {
     ] {
         assert!(text.contains(want), "no {want:?} in:\n{text}");
     }
+    d.delete_all_and_check_clean();
+}
+
+/// Follow-ups to a finished attempt whose sandbox is kept (`agentd task say`): the attempt
+/// runs again for it (the agent gets the message in its session, the check runs again, the
+/// diff is taken again) and the task ends again; what cannot be reopened says why.
+#[test]
+fn test_task_follow_ups() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::scripted(|req| {
+        if agentd_tests::daemon::last_is_tool(req) {
+            agentd_tests::daemon::Turn::Text("Done.".into())
+        } else if agentd_tests::daemon::last_user_text(req).contains("FOLLOWUP") {
+            agentd_tests::daemon::Turn::Bash("echo more > followed.txt".into())
+        } else {
+            agentd_tests::daemon::Turn::Bash("echo first > first.txt".into())
+        }
+    });
+    let d = daemon(&images, &llm, &["--task-grace", "600"]);
+    let ws = make_workspace();
+    let id = create(
+        &d,
+        json!({
+            "prompt": "write first.txt",
+            "workspace": {"path": ws.path()},
+            "check": "test -f first.txt",
+        }),
+    );
+    let v = wait_done(&d, &id, Duration::from_secs(180));
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    let diff = |d: &Daemon| {
+        d.call("GET", &format!("/v1/tasks/{id}/attempts/1/diff"), None)
+            .text()
+    };
+    assert!(!diff(&d).contains("followed.txt"));
+
+    // Bad follow-ups.
+    let say = |n: &str, text: &str| {
+        d.call(
+            "POST",
+            &format!("/v1/tasks/{id}/attempts/{n}/messages"),
+            Some(json!({ "text": text })),
+        )
+    };
+    assert_eq!(say("2", "hi").status, 404);
+    assert_eq!(say("1", "  ").status, 400);
+
+    // From the CLI: the attempt runs again.
+    let out = Command::new(agentd_tests::bin("agentd"))
+        .args([
+            "task",
+            "say",
+            &id,
+            "1",
+            "FOLLOWUP:",
+            "also",
+            "write",
+            "followed.txt",
+        ])
+        .env("AGENTD_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("runs again"),
+        "{out:?}"
+    );
+    let start = Instant::now();
+    let v = loop {
+        let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
+        let evs = events(&d, &id, None);
+        let checks = evs.iter().filter(|e| e["type"] == "check").count();
+        if v["state"] == "succeeded" && checks >= 2 {
+            break v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{v:#}\n{:?}\n{}",
+            kinds(&evs),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(v["attempts"][0]["state"], "succeeded", "{v:#}");
+    assert!(diff(&d).contains("followed.txt"), "{}", diff(&d));
+    let evs = events(&d, &id, None);
+    assert!(
+        evs.iter()
+            .any(|e| e["type"] == "follow_up" && e["state"] == "reopened"),
+        "{:?}",
+        kinds(&evs)
+    );
+    assert_eq!(
+        evs.iter().filter(|e| e["type"] == "task.finished").count(),
+        2,
+        "{:?}",
+        kinds(&evs)
+    );
+
+    // Once the sandbox is gone, the attempt cannot run again.
+    let sandbox = v["attempts"][0]["sandbox"].as_str().unwrap().to_string();
+    let r = d.call("DELETE", &format!("/v1/sandboxes/{sandbox}"), None);
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = say("1", "FOLLOWUP again");
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("sandbox is gone"), "{}", r.text());
     d.delete_all_and_check_clean();
 }
