@@ -84,8 +84,8 @@ enum TaskCommand {
         #[arg(long, value_parser = ["none", "allowlist", "open"])]
         network: Option<String>,
         /// Make the agents ask before using this OpenCode tool (`bash`, `edit`, `webfetch`,
-        /// ...; repeatable): answer with `agentd task approve` (`agentd task approvals` lists
-        /// what waits).
+        /// ...; repeatable): answer at the terminal while attached, or with `agentd task
+        /// approve` (`agentd task approvals` lists what waits).
         #[arg(long = "ask")]
         ask: Vec<String>,
         /// Forbid the agents this OpenCode tool (repeatable).

@@ -2349,3 +2349,89 @@ fn test_task_follow_ups() {
     assert!(r.text().contains("sandbox is gone"), "{}", r.text());
     d.delete_all_and_check_clean();
 }
+
+/// `agentd task run --ask bash` on a terminal (tmux): the agent's permission request is asked
+/// there, a typed `o` answers it, and the task succeeds with the diff printed.
+#[test]
+fn test_task_run_asks_at_the_terminal() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::start("echo approved > approved.txt");
+    let d = daemon(&images, &llm, &["--task-grace", "3"]);
+    let ws = make_workspace();
+    let dir = tempfile::tempdir().unwrap();
+    let tmux_socket = dir.path().join("tmux.sock");
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .arg("-S")
+            .arg(&tmux_socket)
+            .args(args)
+            .output()
+            .expect("tmux (.ci/run installs it)")
+    };
+    let log = dir.path().join("out.txt");
+    let command = format!(
+        "env AGENTD_SOCKET={sock} {agentd} task run --ask bash --check 'test -f approved.txt' --workspace {ws} 'write approved.txt' > {log} ; echo EXIT=$? >> {log}; sleep 60",
+        sock = d.socket.display(),
+        agentd = agentd_tests::bin("agentd").display(),
+        ws = ws.path().display(),
+        log = log.display(),
+    );
+    let out = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "t",
+        "-x",
+        "160",
+        "-y",
+        "48",
+        &command,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let screen =
+        || String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "t"]).stdout).into_owned();
+    let t = Instant::now();
+    while !screen().contains("allow it?") {
+        if t.elapsed() > Duration::from_secs(120) {
+            let s = screen();
+            let _ = tmux(&["kill-server"]);
+            panic!("never asked; the screen:\n{s}\n{}", d.log());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        screen().contains("asks to use bash: echo approved"),
+        "{}",
+        screen()
+    );
+    let _ = tmux(&["send-keys", "-t", "t", "-l", "o"]);
+    let _ = tmux(&["send-keys", "-t", "t", "Enter"]);
+    let t = Instant::now();
+    let out = loop {
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        if out.contains("EXIT=") {
+            break out;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            let s = screen();
+            let _ = tmux(&["kill-server"]);
+            panic!("task run never ended; the screen:\n{s}\n{}", d.log());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let s = screen();
+    let _ = tmux(&["kill-server"]);
+    assert!(out.contains("EXIT=0"), "{out}\n{s}");
+    assert!(out.contains("+approved"), "{out}\n{s}");
+    let list = d.call("GET", "/v1/tasks", None).json();
+    let id = list["tasks"][0]["id"].as_str().unwrap().to_string();
+    let evs = events(&d, &id, None);
+    assert!(
+        evs.iter()
+            .any(|e| e["type"] == "approval" && e["state"] == "replied" && e["reply"] == "once"),
+        "{:?}\n{s}",
+        kinds(&evs)
+    );
+    d.delete_all_and_check_clean();
+}
