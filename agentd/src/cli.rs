@@ -8,3 +8,4 @@ pub mod run;
 pub mod sandbox;
 pub mod task;
 mod terminal;
+pub mod ui;

@@ -25,6 +25,8 @@ enum Command {
     Sandbox(agentd::cli::sandbox::SandboxArgs),
     /// Hand a prompt and a workspace to agents through a running daemon; see their results.
     Task(agentd::cli::task::TaskArgs),
+    /// Print a one-use login link for the web UI (agentd serve --listen serves it).
+    Ui(agentd::cli::ui::UiArgs),
     /// Remove what `agentd serve` set up on this host (sandboxes, bridge, firewall chain,
     /// cgroups; the state dir too with --purge). The daemon must be stopped.
     Teardown(Box<agentd::daemon::teardown::TeardownArgs>),
@@ -77,6 +79,7 @@ fn main() -> ExitCode {
         Command::Image(args) => agentd::cli::image::run(args),
         Command::Sandbox(args) => agentd::cli::sandbox::run(args),
         Command::Task(args) => agentd::cli::task::run(args),
+        Command::Ui(args) => agentd::cli::ui::run(args),
         Command::Teardown(args) => agentd::daemon::teardown::run(*args),
         Command::Serve(_) => unreachable!("handled above"),
     };

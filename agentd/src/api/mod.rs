@@ -18,6 +18,7 @@ pub mod sandboxes;
 pub mod tasks;
 pub mod terminal;
 pub mod types;
+pub mod ui;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -177,6 +178,12 @@ pub async fn handle(
         }
         Err(req) => req,
     };
+    // The web UI's pages, assets and login.
+    if ui::is_ui(&path) {
+        let response = ui::serve(&origin, req).await;
+        mgr.metrics.count_request("ui", response.status().as_u16());
+        return response;
+    }
     let mut req = req;
     if let Some(token) = &origin.token {
         let given = req
@@ -186,6 +193,7 @@ pub async fn handle(
             .and_then(|v| v.strip_prefix("Bearer "));
         if !given.is_some_and(|g| crate::sandbox::constant_time_eq(g.as_bytes(), token.as_bytes()))
             && !origins::attach_allows(mgr, &path, req.headers())
+            && !ui::allows(&req)
         {
             let e = ApiError::Unauthorized(
                 "this endpoint needs Authorization: Bearer <token> (see agentd's token_file)"

@@ -82,8 +82,9 @@ pub fn new_ticket(id: &str) -> String {
     t
 }
 
-/// Uses ticket `t` for sandbox `id`: a new session, or `None`.
-fn redeem(t: &str, id: &str) -> Option<String> {
+/// Uses ticket `t` for sandbox `id` (or another scope, such as the web UI's): a new
+/// session, or `None`.
+pub(crate) fn redeem(t: &str, id: &str) -> Option<String> {
     let mut s = store().lock().expect("origins lock");
     let (sandbox, until) = s.tickets.remove(t)?;
     if sandbox != id || until <= Instant::now() {
@@ -97,6 +98,36 @@ fn redeem(t: &str, id: &str) -> Option<String> {
         SESSION_TTL,
     );
     Some(session)
+}
+
+/// A new session for `scope` (the web UI's login with the token).
+pub(crate) fn new_session(scope: &str) -> String {
+    let session = crate::sandbox::random_hex(24);
+    let mut s = store().lock().expect("origins lock");
+    insert(
+        &mut s.sessions,
+        session.clone(),
+        scope.to_string(),
+        SESSION_TTL,
+    );
+    session
+}
+
+/// Whether `session` is a live session of `scope`.
+pub(crate) fn session_valid(session: &str, scope: &str) -> bool {
+    let s = store().lock().expect("origins lock");
+    s.sessions
+        .get(session)
+        .is_some_and(|(sc, until)| sc == scope && *until > Instant::now())
+}
+
+/// Ends `session` (a logout).
+pub(crate) fn forget_session(session: &str) {
+    store()
+        .lock()
+        .expect("origins lock")
+        .sessions
+        .remove(session);
 }
 
 fn session_of(headers: &HeaderMap, id: &str) -> bool {

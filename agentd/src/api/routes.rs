@@ -214,6 +214,9 @@ routes! {
     POST "/v1/tasks/{id}/attempts/{n}/push" => tasks::push_route, query None,
         in [JSON: schema_of::<types::PushRequest>], out 200 [JSON: schema_of::<crate::task::Pushed>],
         "Push attempt n's change to the task's git repository (a git-URL workspace) as a new branch, with agentd's git credentials file";
+    POST "/v1/ui/tickets" => super::ui::ticket_route, query None, in [],
+        out 201 [JSON: schema_of::<types::UiTicket>],
+        "A one-use login link for the web UI (60 s): what `agentd ui` prints";
     POST "/v1/tasks/{id}/attempts/{n}/messages" => tasks::say_route, query None,
         in [JSON: schema_of::<crate::task::follow_up::FollowUp>],
         out 202 [JSON: schema_of::<crate::task::follow_up::Said>],

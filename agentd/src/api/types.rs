@@ -679,6 +679,15 @@ pub enum LogStream {
     Both,
 }
 
+/// `POST /v1/ui/tickets`: a login link for the web UI.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct UiTicket {
+    /// Open it in a browser (once, within `expires_in_secs`).
+    pub url: String,
+    /// Seconds the link stays valid.
+    pub expires_in_secs: u64,
+}
+
 /// `GET /v1/tasks/{id}/approvals`.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct ApprovalList {

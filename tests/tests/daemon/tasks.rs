@@ -2435,3 +2435,201 @@ fn test_task_run_asks_at_the_terminal() {
     );
     d.delete_all_and_check_clean();
 }
+
+/// axe-core (npm, pinned) for the UI's accessibility check: packed once into the target dir.
+fn axe_core() -> std::path::PathBuf {
+    let dir = agentd_tests::target_dir().join("test-fixtures/axe-core-4.10.2");
+    let file = dir.join("package/axe.min.js");
+    if !file.exists() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new("npm")
+            .args(["pack", "--silent", "axe-core@4.10.2", "--pack-destination"])
+            .arg(&dir)
+            .output()
+            .expect("npm (.ci/run installs it)");
+        assert!(out.status.success(), "npm pack axe-core: {out:?}");
+        let out = Command::new("tar")
+            .arg("xzf")
+            .arg(dir.join("axe-core-4.10.2.tgz"))
+            .arg("-C")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    file
+}
+
+/// agentd's web UI in Debian's Chromium (Playwright), as a person uses it: a login link and
+/// the token; a task of two agents on a git repository with bash on ask, watched live, both
+/// requests answered in the page, the ranked diff (unified and split), an attempt's OpenCode
+/// UI, a terminal in its sandbox, the task deleted; axe-core finds no serious violation.
+/// Screenshots go to `target/test-artifacts/ui`.
+#[test]
+fn test_web_ui_in_a_browser() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let ready = Command::new("python3")
+        .args(["-c", "import playwright.sync_api"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && Path::new("/usr/bin/chromium").exists();
+    if !ready {
+        eprintln!(
+            "SKIPPED: needs python3 with playwright and /usr/bin/chromium (.ci/run installs them)"
+        );
+        agentd_tests::required_or_skip();
+        return;
+    }
+    let axe = axe_core();
+    let llm = MockLlm::start("echo approved > approved.txt");
+    let listen = format!("127.0.0.1:{}", agentd_tests::registry::free_port());
+    let d = daemon(
+        &images,
+        &llm,
+        &[
+            "--listen",
+            &listen,
+            "--git-allow-networks",
+            "127.0.0.0/8",
+            "--task-grace",
+            "600",
+        ],
+    );
+    let base = tempfile::Builder::new()
+        .prefix("agentd-git-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let repo = base.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("README.md"), "a small repository\n").unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "one"]);
+    let server = GitDaemon::start(base.path());
+    let out = Command::new(agentd_tests::bin("agentd"))
+        .arg("ui")
+        .env("AGENTD_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let login = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        login.starts_with(&format!("http://{listen}/ui/login?ticket=")),
+        "{login}"
+    );
+    let shots = agentd_tests::target_dir().join("test-artifacts/ui");
+    let out = Command::new("python3")
+        .arg(agentd_tests::workspace_root().join("tests/browser/ui.py"))
+        .env("BASE_URL", format!("http://{listen}"))
+        .env("TOKEN", d.token())
+        .env("LOGIN_URL", &login)
+        .env("GIT_URL", &server.url)
+        .env("AXE", &axe)
+        .env("SHOTS", &shots)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        agentd_tests::describe(&out),
+        d.log()
+    );
+    let seen: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("{}"),
+    )
+    .unwrap();
+    eprintln!("web UI: {seen}");
+    assert_eq!(seen["approvals_answered"], 2, "{seen:#}");
+    assert!(
+        seen["opencode_url"]
+            .as_str()
+            .is_some_and(|u| u.contains(".localhost:")),
+        "{seen:#}"
+    );
+    for shot in [
+        "new-task.png",
+        "approval.png",
+        "task-results.png",
+        "terminal.png",
+        "tasks.png",
+    ] {
+        let len = std::fs::metadata(shots.join(shot)).map_or(0, |m| m.len());
+        assert!(len > 10_000, "{shot}: {len} bytes");
+    }
+    // The session's limits, from a plain HTTP client: the cookie reads; a change needs the
+    // CSRF header and the UI's own origin; a sandbox's origin (same-site) is refused.
+    let raw = |req: String| -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&listen).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let body = json!({ "token": d.token() }).to_string();
+    let answer = raw(format!(
+        "POST /ui/login HTTP/1.1\r\nHost: {listen}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    let set = answer
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie: agentd_ui="))
+        .unwrap_or_else(|| panic!("{answer}"));
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    let cookie = set["set-cookie: ".len()..]
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let req = |method: &str, path: &str, extra: &str| {
+        raw(format!(
+            "{method} {path} HTTP/1.1\r\nHost: {listen}\r\nCookie: {cookie}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        ))
+    };
+    let status = |a: &str| a.split_whitespace().nth(1).unwrap_or("").to_string();
+    assert_eq!(status(&req("GET", "/v1/tasks", "")), "200");
+    assert_eq!(status(&req("POST", "/v1/tasks/nosuch/cancel", "")), "401");
+    let foreign = format!(
+        "Origin: http://3000-x.localhost:{}\r\n",
+        listen.rsplit(':').next().unwrap()
+    );
+    assert_eq!(
+        status(&req(
+            "POST",
+            "/v1/tasks/nosuch/cancel",
+            &format!("X-Agentd-CSRF: 1\r\n{foreign}")
+        )),
+        "401"
+    );
+    assert_eq!(
+        status(&req(
+            "POST",
+            "/v1/tasks/nosuch/cancel",
+            &format!("X-Agentd-CSRF: 1\r\nOrigin: http://{listen}\r\n")
+        )),
+        "404"
+    );
+    let page = req("GET", "/", "");
+    assert!(
+        page.to_ascii_lowercase()
+            .contains("content-security-policy: default-src 'none'; script-src 'self'"),
+        "{page}"
+    );
+
+    // The page's delete went through: the task is deleting or gone.
+    let id = seen["task"].as_str().unwrap();
+    let r = d.call("GET", &format!("/v1/tasks/{id}"), None);
+    assert!(
+        r.status == 404 || r.json()["state"] == "deleting",
+        "{}",
+        r.text()
+    );
+    d.delete_all_and_check_clean();
+}
