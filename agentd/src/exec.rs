@@ -132,6 +132,52 @@ fn socket_in_netns(client: &agentd_runtime::ShimClient) -> std::io::Result<Owned
     )?)
 }
 
+/// One listening TCP socket in a sandbox.
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+pub struct Listening {
+    /// The port.
+    pub port: u16,
+    /// It listens on loopback only (the sandbox's own 127.0.0.1 or ::1): reachable by
+    /// `ssh -L`, not by the port's origin or path form, which connect to the sandbox's address.
+    pub loopback_only: bool,
+}
+
+/// The listening TCP ports in `/proc/net/tcp` and `tcp6` text (the kernel's format).
+fn parse_listening(tables: &[String]) -> Vec<Listening> {
+    let mut ports: std::collections::BTreeMap<u16, bool> = std::collections::BTreeMap::new();
+    for table in tables {
+        for line in table.lines().skip(1) {
+            let mut f = line.split_whitespace();
+            let (Some(_), Some(local), Some(_), Some(state)) =
+                (f.next(), f.next(), f.next(), f.next())
+            else {
+                continue;
+            };
+            if state != "0A" {
+                continue;
+            }
+            let Some((addr, port)) = local.rsplit_once(':') else {
+                continue;
+            };
+            let Ok(port) = u16::from_str_radix(port, 16) else {
+                continue;
+            };
+            let loopback = addr == "0100007F" || addr == "00000000000000000000000001000000";
+            let only = ports.get(&port).copied().unwrap_or(true) && loopback;
+            ports.insert(port, only);
+        }
+    }
+    ports
+        .into_iter()
+        .map(|(port, loopback_only)| Listening {
+            port,
+            loopback_only,
+        })
+        .collect()
+}
+
 /// A new terminal in the devpts of the sandbox whose init is `pid`: (master, peer). The
 /// peer is owned by `owner` (host ids) with mode 0620, as a login's terminal.
 fn open_sandbox_pty(pid: i32, owner: (u32, u32)) -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -362,6 +408,32 @@ impl Manager {
             }
         }
         Some(end)
+    }
+
+    /// The TCP ports that listen in sandbox `sb` (read from its network namespace's
+    /// `/proc/<init>/net/tcp` and `tcp6`, 1 MiB each at most).
+    pub async fn listening_ports(&self, sb: &Sandbox) -> std::io::Result<Vec<Listening>> {
+        let client = self.runtime.client(&sb.snapshot().id);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let (pid, _) = client.state().map_err(std::io::Error::other)?;
+            let mut tables = Vec::new();
+            for t in ["tcp", "tcp6"] {
+                let mut text = String::new();
+                if let Ok(f) = std::fs::File::open(format!("/proc/{pid}/net/{t}")) {
+                    f.take(1 << 20).read_to_string(&mut text)?;
+                }
+                tables.push(text);
+            }
+            // The init is the shim's unreaped child: the same pid now means its tables.
+            match client.state() {
+                Ok((p, agentd_runtime::SandboxStatus::Running)) if p == pid => {}
+                _ => return Err(std::io::Error::other("the sandbox stopped")),
+            }
+            Ok(parse_listening(&tables))
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 
     /// Follows a started process to its end. Every chunk of output is sent on `out` as it is
@@ -668,6 +740,35 @@ fn incomplete_suffix(b: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_listening_ports_from_proc_net() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 00000000:1000 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1 1\n\
+   1: 0100007F:0BB8 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 2 1\n\
+   2: 0A000002:A0F2 0A000001:0FA7 01 00000000:00000000 00:00000000 00000000  1000        0 3 1\n"
+            .to_string();
+        let tcp6 = "  sl  local_address ...\n\
+   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 0 0 0 0 0 0 4\n"
+            .to_string();
+        assert_eq!(
+            parse_listening(&[tcp, tcp6]),
+            vec![
+                Listening {
+                    port: 3000,
+                    loopback_only: true
+                },
+                Listening {
+                    port: 4096,
+                    loopback_only: false
+                },
+                Listening {
+                    port: 8080,
+                    loopback_only: true
+                },
+            ]
+        );
+    }
 
     #[test]
     fn test_tail_keeps_the_end() {

@@ -604,6 +604,8 @@ async function sandboxView(id, terminalNow = false) {
       location.hash = "#/sandboxes";
     }) }, "Delete"));
   const termBox = h("div");
+  const listening = h("ul", { "aria-label": "Listening ports" });
+  const files = h("div");
   const port = h("input", { type: "number", min: 1, max: 65535, placeholder: "3000", id: "preview-port" });
   const path = h("input", { id: "file-path", value: "/workspace", size: 40 });
   const upload = h("input", { type: "file", id: "file-upload" });
@@ -616,20 +618,59 @@ async function sandboxView(id, terminalNow = false) {
     h("div", { class: "row" }, h("button", { type: "button", onclick: () => openTerminal(id, termBox) }, "Open a terminal")), termBox,
     h("h2", {}, "Resources"), h("div", { class: "grid2" }, cpu.root, mem.root, pids.root),
     h("h2", {}, "Preview a port"),
+    listening,
     h("div", { class: "row" }, h("label", { for: "preview-port", style: "margin:0" }, "Port"), port,
       h("button", { type: "button", onclick: () => port.value && openOrigin(id, Number(port.value)) }, "Open preview")),
     h("h2", {}, "Files"),
     h("div", { class: "row" }, h("label", { for: "file-path", style: "margin:0" }, "Path"), path,
-      h("button", { type: "button", onclick: () => { location.href = `/v1/sandboxes/${id}/files?path=${encodeURIComponent(path.value)}`; } }, "Download"),
-      h("label", { for: "file-upload", style: "margin:0" }, "Upload to that path"), upload),
+      h("button", { type: "button", onclick: () => listDir(path.value) }, "List"),
+      h("button", { type: "button", class: "quiet", onclick: () => { location.href = `/v1/sandboxes/${id}/files?path=${encodeURIComponent(path.value)}`; } }, "Download"),
+      h("label", { for: "file-upload", style: "margin:0" }, "Upload into it"), upload),
+    files,
     h("h2", {}, "Logs"), logs);
+  async function listDir(dir, quiet = false) {
+    const get = () => api("GET", `/v1/sandboxes/${id}/dir?path=${encodeURIComponent(dir)}`);
+    // The first listing falls back to / quietly (not every image has /workspace).
+    const v = quiet ? await get().catch(() => null) : await act(get);
+    if (!v) { if (quiet && dir !== "/") await listDir("/", true); return; }
+    path.value = v.path;
+    const join = (n) => (v.path.endsWith("/") ? v.path : v.path + "/") + n;
+    const up = v.path.replace(/\/[^/]+\/?$/, "") || "/";
+    const rows = v.entries.map((en) => h("tr", {},
+      h("td", {}, en.kind === "dir"
+        ? h("button", { type: "button", class: "quiet", onclick: () => listDir(join(en.name)) }, `${en.name}/`)
+        : en.kind === "file"
+          ? h("a", { href: `/v1/sandboxes/${id}/files?path=${encodeURIComponent(join(en.name))}`, download: en.name }, en.name)
+          : `${en.name} (${en.kind})`),
+      h("td", {}, en.kind === "file" ? `${en.size} B` : ""),
+      h("td", {}, when(en.mtime * 1000))));
+    files.replaceChildren(
+      h("table", {}, h("caption", { class: "sr-only" }, `Files in ${v.path}`),
+        h("thead", {}, h("tr", {}, ...["Name", "Size", "Changed"].map((t) => h("th", { scope: "col" }, t)))),
+        h("tbody", {}, v.path !== "/" ? h("tr", {}, h("td", { colspan: 3 }, h("button", { type: "button", class: "quiet", onclick: () => listDir(up) }, "Up one level"))) : null, ...rows)),
+      v.truncated ? h("p", { class: "muted" }, "More entries than shown.") : null);
+  }
   upload.addEventListener("change", () => act(async () => {
     const f = upload.files[0];
     if (!f) return;
     const type = f.name.endsWith(".tar") ? "application/x-tar" : "application/octet-stream";
-    await api("PUT", `/v1/sandboxes/${id}/files?path=${encodeURIComponent(path.value)}`, f, { type });
+    const dest = f.name.endsWith(".tar") ? path.value : (path.value.endsWith("/") ? path.value : path.value + "/") + f.name;
+    await api("PUT", `/v1/sandboxes/${id}/files?path=${encodeURIComponent(dest)}`, f, { type });
     toast(`Uploaded ${f.name}.`);
+    await listDir(path.value);
   }));
+  async function loadPorts() {
+    const v = await api("GET", `/v1/sandboxes/${id}/ports`);
+    listening.replaceChildren(...(v.ports || []).map((p) => h("li", {}, `Port ${p.port} `,
+      p.loopback_only
+        ? h("span", { class: "muted" }, "(listens on the sandbox's loopback only: use ssh -L)")
+        : h("button", { type: "button", class: "quiet", onclick: () => openOrigin(id, p.port) }, `Open port ${p.port}`))));
+  }
+  if (s.state === "ready" || s.state === "starting") {
+    act(loadPorts);
+    every(5000, loadPorts);
+    listDir(path.value, true);
+  }
   let last = null;
   every(2000, async () => {
     const st = await api("GET", `/v1/sandboxes/${id}/stats`);

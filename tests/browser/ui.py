@@ -153,7 +153,11 @@ def main() -> int:
         page.keyboard.type("echo term-$((6*7)) && cat /workspace/approved.txt\n")
         expect(page.locator(".xterm-rows")).to_contain_text("term-42", timeout=30_000)
         expect(page.locator(".xterm-rows")).to_contain_text("approved", timeout=30_000)
+        # Its files (the workspace the agent wrote in) and the ports that listen (OpenCode's).
+        expect(page.get_by_role("table", name="Files in /workspace")).to_contain_text("approved.txt")
+        expect(page.get_by_role("button", name="Open port 4096")).to_be_visible(timeout=15_000)
         page.screenshot(path=os.path.join(shots, "terminal.png"), full_page=True)
+        seen["axe_sandbox"] = axe(page, "sandbox", shots)
 
         # Delete the task.
         page.goto(f"{base}/#/tasks/{task_id}")

@@ -22,7 +22,7 @@ use crate::sandbox::{ActiveGuard, Manager, Sandbox};
 /// Largest upload.
 pub const MAX_UPLOAD: usize = 1 << 30;
 
-fn io_api(path: &str, e: io::Error) -> ApiError {
+pub(crate) fn io_api(path: &str, e: io::Error) -> ApiError {
     match e.kind() {
         io::ErrorKind::NotFound => ApiError::NotFound(format!("{path}: no such file or directory")),
         io::ErrorKind::PermissionDenied => {

@@ -135,6 +135,12 @@ routes! {
     GET "/v1/sandboxes/{id}/files" => sandboxes::files, query Some(schema_of::<types::FilesQuery>), in [],
         out 200 [OCTETS: binary, TAR: binary],
         "Download a file, or a tar of a directory";
+    GET "/v1/sandboxes/{id}/dir" => sandboxes::dir_route, query Some(schema_of::<types::FilesQuery>), in [],
+        out 200 [JSON: schema_of::<types::DirList>],
+        "List a directory: names, kinds, sizes, modes, times (links not followed; 10,000 entries at most)";
+    GET "/v1/sandboxes/{id}/ports" => sandboxes::ports_route, query None, in [],
+        out 200 [JSON: schema_of::<types::PortList>],
+        "The TCP ports that listen inside (open one with a ticket's ?port= or /ports/{port}/)";
     PUT "/v1/sandboxes/{id}/files" => sandboxes::files, query Some(schema_of::<types::FilesQuery>),
         in [OCTETS: binary, TAR: binary], out 200 [JSON: schema_of::<types::Uploaded>],
         "Upload a file, or with Content-Type application/x-tar a tar extracted into the directory";

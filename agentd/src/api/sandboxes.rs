@@ -265,6 +265,52 @@ pub(crate) async fn stats_route(State(mgr): State<Arc<Manager>>, Params(p): Para
     stats(&mgr, &sb).await
 }
 
+/// `GET /v1/sandboxes/{id}/dir?path=`.
+pub(crate) async fn dir_route(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Id>,
+    Query(q): Query<FilesQuery>,
+) -> Reply {
+    let sb = named(&mgr, &p.id, true)?;
+    if !q.path.starts_with('/') {
+        return Err(ApiError::BadRequest("path must be absolute".into()));
+    }
+    let (rootfs, _) = mgr.rootfs(&sb)?;
+    let path = q.path.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        let root = std::fs::File::open(&rootfs)?;
+        crate::sandbox::fs::list_dir(&root, std::path::Path::new(&path), 10_000)
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    let (entries, truncated) = listed.map_err(|e| super::files::io_api(&q.path, e))?;
+    Ok(json(
+        StatusCode::OK,
+        &super::types::DirList {
+            path: q.path,
+            entries,
+            truncated,
+        },
+    ))
+}
+
+/// `GET /v1/sandboxes/{id}/ports`.
+pub(crate) async fn ports_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let sb = named(&mgr, &p.id, true)?;
+    if !sb.snapshot().state.is_live() {
+        return Err(ApiError::Conflict(format!(
+            "sandbox {} is {}",
+            p.id,
+            sb.snapshot().state.as_str()
+        )));
+    }
+    let ports = mgr
+        .listening_ports(&sb)
+        .await
+        .map_err(|e| ApiError::Conflict(format!("cannot read sandbox {}'s sockets: {e}", p.id)))?;
+    Ok(json(StatusCode::OK, &super::types::PortList { ports }))
+}
+
 /// `GET` and `PUT /v1/sandboxes/{id}/files?path=`.
 pub(crate) async fn files(
     State(mgr): State<Arc<Manager>>,

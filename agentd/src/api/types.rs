@@ -679,6 +679,24 @@ pub enum LogStream {
     Both,
 }
 
+/// `GET /v1/sandboxes/{id}/dir`: a directory's entries.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct DirList {
+    /// The directory.
+    pub path: String,
+    /// Its entries, by name (10,000 at most).
+    pub entries: Vec<crate::sandbox::fs::DirEntry>,
+    /// It has more entries than listed.
+    pub truncated: bool,
+}
+
+/// `GET /v1/sandboxes/{id}/ports`: the TCP ports that listen inside.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct PortList {
+    /// The ports, in order.
+    pub ports: Vec<crate::exec::Listening>,
+}
+
 /// `POST /v1/ui/tickets`: a login link for the web UI.
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct UiTicket {

@@ -233,3 +233,57 @@ mod tests {
         assert_eq!(std::fs::read(root.path().join("dst/x/y")).unwrap(), b"hi");
     }
 }
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct DirEntry {
+    /// Its name.
+    pub name: String,
+    /// `file`, `dir`, `link` or `other`.
+    pub kind: String,
+    /// Bytes (of a file).
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Unix time (s) of the last change of its content.
+    pub mtime: i64,
+}
+
+/// The entries of directory `path` below `root` (never following the entries' links), sorted
+/// by name, at most `max` of them; true when there were more.
+pub(crate) fn list_dir(root: &File, path: &Path, max: usize) -> io::Result<(Vec<DirEntry>, bool)> {
+    use rustix::fs::{AtFlags, FileType};
+    let dir = open_in_root(root, path, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    let mut out = Vec::new();
+    let mut more = false;
+    for entry in rustix::fs::Dir::read_from(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        if out.len() >= max {
+            more = true;
+            break;
+        }
+        // An entry removed since it was listed is skipped.
+        let Ok(st) = rustix::fs::statat(&dir, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        let kind = match FileType::from_raw_mode(st.st_mode) {
+            FileType::RegularFile => "file",
+            FileType::Directory => "dir",
+            FileType::Symlink => "link",
+            _ => "other",
+        };
+        out.push(DirEntry {
+            name: String::from_utf8_lossy(name).into_owned(),
+            kind: kind.into(),
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mode: st.st_mode & 0o7777,
+            mtime: st.st_mtime,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((out, more))
+}
