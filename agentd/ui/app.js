@@ -545,8 +545,10 @@ function chart(label) {
       ctx.strokeStyle = getComputedStyle(document.body).getPropertyValue("--accent") || "#2952cc";
       ctx.lineWidth = 2;
       ctx.beginPath();
-      points.forEach((p, i) => {
-        const x = (i / 59) * (W - 4) + 2;
+      // One sample is a level line until the next.
+      const shown = points.length === 1 ? [points[0], points[0]] : points;
+      shown.forEach((p, i) => {
+        const x = (i / Math.max(shown.length - 1, 59)) * (W - 4) + 2;
         const y = H - 4 - (p / max) * (H - 8);
         if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
       });
@@ -648,7 +650,7 @@ async function sandboxView(id, terminalNow = false) {
       h("table", {}, h("caption", { class: "sr-only" }, `Files in ${v.path}`),
         h("thead", {}, h("tr", {}, ...["Name", "Size", "Changed"].map((t) => h("th", { scope: "col" }, t)))),
         h("tbody", {}, v.path !== "/" ? h("tr", {}, h("td", { colspan: 3 }, h("button", { type: "button", class: "quiet", onclick: () => listDir(up) }, "Up one level"))) : null, ...rows)),
-      v.truncated ? h("p", { class: "muted" }, "More entries than shown.") : null);
+      ...(v.truncated ? [h("p", { class: "muted" }, "More entries than shown.")] : []));
   }
   upload.addEventListener("change", () => act(async () => {
     const f = upload.files[0];
