@@ -173,6 +173,50 @@ async function tasksView() {
   every(3000, load);
 }
 
+/** The files of a zip archive as [{path, file}] (stored and deflated entries; a single
+ * top-level folder, as in a repository's download, is removed from the paths). */
+async function filesOfZip(zip) {
+  const buf = new Uint8Array(await zip.arrayBuffer());
+  const dv = new DataView(buf.buffer);
+  let end = -1;
+  for (let i = buf.length - 22; i >= Math.max(0, buf.length - 65557); i--) {
+    if (dv.getUint32(i, true) === 0x06054b50) { end = i; break; }
+  }
+  if (end < 0) throw new Error(`${zip.name} is not a zip archive`);
+  const count = dv.getUint16(end + 10, true);
+  let at = dv.getUint32(end + 16, true);
+  if (count === 0xffff || at === 0xffffffff) throw new Error("zip64 archives are not supported: use a tar");
+  const dec = new TextDecoder();
+  const out = [];
+  for (let k = 0; k < count; k++) {
+    if (dv.getUint32(at, true) !== 0x02014b50) throw new Error("a broken zip directory");
+    const method = dv.getUint16(at + 10, true);
+    const size = dv.getUint32(at + 20, true);
+    const nameLen = dv.getUint16(at + 28, true);
+    const extraLen = dv.getUint16(at + 30, true);
+    const commentLen = dv.getUint16(at + 32, true);
+    const mode = dv.getUint32(at + 38, true) >>> 16;
+    const local = dv.getUint32(at + 42, true);
+    const name = dec.decode(buf.subarray(at + 46, at + 46 + nameLen));
+    at += 46 + nameLen + extraLen + commentLen;
+    // Directories come with their files; links are left out.
+    if (name.endsWith("/") || (mode & 0o170000) === 0o120000) continue;
+    if (name.split("/").some((c) => c === "..") || name.startsWith("/")) throw new Error(`${name}: a path outside the workspace`);
+    const start = local + 30 + dv.getUint16(local + 26, true) + dv.getUint16(local + 28, true);
+    const raw = buf.subarray(start, start + size);
+    let data;
+    if (method === 0) data = raw;
+    else if (method === 8) data = new Uint8Array(await new Response(new Blob([raw]).stream().pipeThrough(new DecompressionStream("deflate-raw"))).arrayBuffer());
+    else throw new Error(`${name}: compression method ${method} is not supported`);
+    out.push({ path: name, file: new Blob([data]) });
+  }
+  const tops = new Set(out.map((f) => f.path.split("/")[0]));
+  if (tops.size === 1 && out.every((f) => f.path.includes("/"))) {
+    for (const f of out) f.path = f.path.slice(f.path.indexOf("/") + 1);
+  }
+  return out;
+}
+
 /** A ustar archive of `files` ([{path, file}]) for an upload. */
 async function tarOf(files) {
   const enc = new TextEncoder();
@@ -219,14 +263,14 @@ function field(id, label, input, hint) {
 
 async function newTaskView() {
   const prompt = h("textarea", { name: "prompt", required: true, placeholder: "What should the agents do?" });
-  const source = h("select", {}, h("option", { value: "git" }, "A git repository"), h("option", { value: "folder" }, "A folder from this computer"), h("option", { value: "tar" }, "A tar archive"));
+  const source = h("select", {}, h("option", { value: "git" }, "A git repository"), h("option", { value: "folder" }, "A folder from this computer"), h("option", { value: "tar" }, "A tar or zip archive"));
   const gitUrl = h("input", { type: "url", placeholder: "https://example.org/repo.git", size: 50 });
   const gitRef = h("input", { placeholder: "main" });
   const folder = h("input", { type: "file", webkitdirectory: true, multiple: true });
-  const tar = h("input", { type: "file", accept: ".tar,application/x-tar" });
+  const tar = h("input", { type: "file", accept: ".tar,.zip,application/x-tar,application/zip" });
   const gitBox = h("div", { class: "grid2" }, field("git-url", "Repository URL", gitUrl), field("git-ref", "Branch, tag or commit", gitRef, "Empty: the default branch."));
   const folderBox = h("div", { hidden: true }, field("folder", "Folder", folder, "Uploaded to agentd as a tar (.git included)."));
-  const tarBox = h("div", { hidden: true }, field("tar", "Tar archive", tar));
+  const tarBox = h("div", { hidden: true }, field("tar", "Archive", tar, "A .tar as is; a .zip is unpacked here and sent as a tar."));
   source.addEventListener("change", () => {
     gitBox.hidden = source.value !== "git";
     folderBox.hidden = source.value !== "folder";
@@ -272,8 +316,14 @@ async function newTaskView() {
           status.textContent = `Packing ${files.length} files…`;
           blob = await tarOf(files);
         } else {
-          if (!tar.files[0]) throw new Error("choose a tar archive");
-          blob = tar.files[0];
+          const f = tar.files[0];
+          if (!f) throw new Error("choose a tar or zip archive");
+          if (f.name.toLowerCase().endsWith(".zip")) {
+            status.textContent = "Unpacking the zip…";
+            blob = await tarOf(await filesOfZip(f));
+          } else {
+            blob = f;
+          }
         }
         status.textContent = `Uploading ${Math.round(blob.size / 1024)} KiB…`;
         const up = await api("POST", "/v1/workspaces", blob, { type: "application/x-tar" });

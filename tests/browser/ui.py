@@ -13,6 +13,7 @@ exits non-zero (an exception) on a failed check.
 import json
 import os
 import re
+import zipfile
 import sys
 import time
 
@@ -158,6 +159,28 @@ def main() -> int:
         expect(page.get_by_role("button", name="Open port 4096")).to_be_visible(timeout=15_000)
         page.screenshot(path=os.path.join(shots, "terminal.png"), full_page=True)
         seen["axe_sandbox"] = axe(page, "sandbox", shots)
+
+        # A task from a zip archive uploaded from this computer (unpacked in the page, sent as
+        # a tar): its files land in the workspace, without the archive's top folder.
+        zpath = os.path.join(shots, "project.zip")
+        with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.writestr("project-main/README.md", "zipped readme\n" * 50)
+            z.writestr("project-main/src/lib.py", "print('hi')\n")
+        page.goto(f"{base}/#/new")
+        page.get_by_label("Prompt").fill("write approved.txt")
+        page.get_by_label("From").select_option("tar")
+        page.get_by_label("Archive").set_input_files(zpath)
+        page.get_by_label("Agents in parallel").fill("1")
+        page.get_by_role("button", name="Start the task").click()
+        expect(page).to_have_url(re.compile(r"#/tasks/[0-9a-f]+$"), timeout=60_000)
+        zip_task = page.url.rsplit("/", 1)[1]
+        expect(page.get_by_role("heading", name=re.compile(f"Task {zip_task}"))).to_contain_text("succeeded", timeout=TIMEOUT)
+        v = page.request.get(f"{base}/v1/tasks/{zip_task}").json()
+        seen["zip_workspace"] = v["workspace"]
+        assert v["workspace"]["entries"] >= 2, v["workspace"]
+        page.get_by_role("article", name="Attempt 1").get_by_role("link", name="Terminal").click()
+        expect(page.get_by_role("table", name="Files in /workspace")).to_contain_text("README.md")
+        expect(page.get_by_role("table", name="Files in /workspace")).to_contain_text("src/")
 
         # Delete the task.
         page.goto(f"{base}/#/tasks/{task_id}")
