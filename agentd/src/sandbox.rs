@@ -58,6 +58,7 @@ const MODELS_CACHE: Duration = Duration::from_secs(60);
 /// What the manager's operations return.
 mod create;
 pub mod fs;
+mod pause;
 mod reconcile;
 mod supervise;
 
@@ -188,6 +189,26 @@ pub struct SandboxRecord {
     /// Its setup, if the create gave one.
     #[serde(default)]
     pub setup: Option<SandboxSetup>,
+    /// Unix time (ms) since when it is paused (its processes frozen), while it is.
+    #[serde(default)]
+    pub paused_at: Option<u64>,
+    /// What its idle timeout does.
+    #[serde(default)]
+    pub idle_action: IdleAction,
+}
+
+/// What a sandbox's idle timeout does.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum IdleAction {
+    /// Stop it.
+    #[default]
+    Stop,
+    /// Pause it (its processes frozen, resumed by the next request to it); stop it once it has
+    /// been idle twice as long.
+    Pause,
 }
 
 /// A size given as bytes or as text like `2g`.
@@ -246,6 +267,9 @@ pub struct CreateSandbox {
     pub network: Option<NetworkRequest>,
     /// Idle timeout, seconds (0: never).
     pub idle_timeout_secs: Option<u64>,
+    /// What the idle timeout does: `stop`, or `pause` (stopped after twice the timeout)
+    /// [default: stop].
+    pub idle_action: Option<IdleAction>,
     /// Lifetime, seconds.
     pub ttl_secs: Option<u64>,
     /// Labels.
@@ -380,6 +404,8 @@ pub struct Sandbox {
     ending: std::sync::atomic::AtomicBool,
     /// Its connections through the egress proxy (in memory: a restart starts it again).
     pub egress: crate::egress::EgressLog,
+    /// Held while it is paused or resumed: one freezer change at a time.
+    pub(crate) freezer: tokio::sync::Mutex<()>,
 }
 
 impl Sandbox {
@@ -407,6 +433,7 @@ impl Sandbox {
             state_tx,
             ending: std::sync::atomic::AtomicBool::new(false),
             egress: crate::egress::EgressLog::default(),
+            freezer: tokio::sync::Mutex::new(()),
         })
     }
 

@@ -368,6 +368,16 @@ fn unusable(gw: &Gateway, key: &str) -> Result<Arc<Sandbox>, String> {
     }
 }
 
+/// The sandbox a channel is about to use, resumed if it was paused; else what to say.
+async fn enter(gw: &Gateway, key: &str) -> Result<Arc<Sandbox>, String> {
+    let sb = unusable(gw, key)?;
+    gw.mgr
+        .wake(&sb)
+        .await
+        .map_err(|e| format!("agentd: cannot resume sandbox {key}: {e}"))?;
+    Ok(sb)
+}
+
 /// Whether `host` (of a `direct-tcpip` request) names the sandbox's own loopback.
 fn is_sandbox_host(host: &str, sb: &Sandbox) -> bool {
     let rec = sb.snapshot();
@@ -385,7 +395,7 @@ async fn forward(
     port: u32,
     reply: ChannelOpenHandle,
 ) {
-    let sb = match unusable(&gw, &key) {
+    let sb = match enter(&gw, &key).await {
         Ok(sb) => sb,
         Err(why) => {
             tracing::debug!(sandbox = key, why, "SSH: forward refused");
@@ -482,7 +492,7 @@ async fn session_channel(gw: Arc<Gateway>, key: String, mut ch: Channel<Msg>, ha
                 return run(&gw, &key, ch, Some(command), pty, env).await;
             }
             ChannelMsg::RequestSubsystem { want_reply, name } if name == "sftp" => {
-                match unusable(&gw, &key).and_then(|sb| sftp_session(&gw, sb)) {
+                match enter(&gw, &key).await.and_then(|sb| sftp_session(&gw, sb)) {
                     Ok(session) => {
                         if want_reply {
                             reply(true).await;
@@ -569,7 +579,7 @@ async fn run(
     pty: Option<(u16, u16)>,
     env: Vec<String>,
 ) {
-    let sb = match unusable(gw, key) {
+    let sb = match enter(gw, key).await {
         Ok(sb) => sb,
         Err(why) => return refuse(ch, &why).await,
     };

@@ -819,6 +819,15 @@ impl TaskManager {
                 self.finish_attempt(&task, n, state, Some(why));
             }
         }
+        // A finished attempt's sandbox is kept for its grace period (a person may look, or
+        // send a follow-up): paused meanwhile, so it takes no CPU. Any use resumes it.
+        if let Some(sb) = sb.filter(|s| s.snapshot().state == SandboxState::Ready) {
+            if self.attempt_snapshot(&task, n).state.is_terminal() {
+                if let Err(e) = self.mgr.pause(&sb).await {
+                    tracing::debug!(task = %rec.id, attempt = n, error = %e, "could not pause a finished attempt's sandbox");
+                }
+            }
+        }
     }
 
     /// Resolves when attempt `n` runs out of time: its deadline moves while it waits for a

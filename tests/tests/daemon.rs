@@ -14,6 +14,8 @@ mod egress;
 mod faults;
 #[path = "daemon/hardening.rs"]
 mod hardening;
+#[path = "daemon/pause.rs"]
+mod pause;
 #[path = "daemon/ssh.rs"]
 mod ssh;
 #[path = "daemon/tasks.rs"]

@@ -405,6 +405,7 @@ async fn serve_sandbox(
         }
     }
     sb.touch();
+    mgr.wake(&sb).await?;
     let path_and_query = req
         .uri()
         .path_and_query()

@@ -135,6 +135,12 @@ routes! {
     GET "/v1/sandboxes/{id}/files" => sandboxes::files, query Some(schema_of::<types::FilesQuery>), in [],
         out 200 [OCTETS: binary, TAR: binary],
         "Download a file, or a tar of a directory";
+    POST "/v1/sandboxes/{id}/pause" => sandboxes::pause_route, query None, in [],
+        out 200 [JSON: schema_of::<types::Paused>],
+        "Pause a sandbox: its processes frozen (no CPU) until it is resumed, or until a request uses it (exec, files, proxy, ports, origins, SSH)";
+    POST "/v1/sandboxes/{id}/resume" => sandboxes::resume_route, query None, in [],
+        out 200 [JSON: schema_of::<types::Paused>],
+        "Resume a paused sandbox (nothing to do when it is not paused)";
     GET "/v1/sandboxes/{id}/dir" => sandboxes::dir_route, query Some(schema_of::<types::FilesQuery>), in [],
         out 200 [JSON: schema_of::<types::DirList>],
         "List a directory: names, kinds, sizes, modes, times (links not followed; 10,000 entries at most)";

@@ -40,6 +40,39 @@ fn named(mgr: &Manager, id: &str, touch: bool) -> Result<Arc<Sandbox>, ApiError>
     Ok(sb)
 }
 
+/// The sandbox a request is about to use: touched, and resumed if it was paused.
+async fn used(mgr: &Manager, id: &str) -> Result<Arc<Sandbox>, ApiError> {
+    let sb = named(mgr, id, true)?;
+    mgr.wake(&sb).await?;
+    Ok(sb)
+}
+
+/// `POST /v1/sandboxes/{id}/pause`.
+pub(crate) async fn pause_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let sb = named(&mgr, &p.id, false)?;
+    let took = mgr.pause(&sb).await?;
+    Ok(json(
+        StatusCode::OK,
+        &super::types::Paused {
+            sandbox: SandboxView::from(&sb.snapshot()),
+            freezer_ms: took.as_secs_f64() * 1000.0,
+        },
+    ))
+}
+
+/// `POST /v1/sandboxes/{id}/resume`.
+pub(crate) async fn resume_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let sb = named(&mgr, &p.id, true)?;
+    let took = mgr.resume(&sb).await?;
+    Ok(json(
+        StatusCode::OK,
+        &super::types::Paused {
+            sandbox: SandboxView::from(&sb.snapshot()),
+            freezer_ms: took.map_or(0.0, |t| t.as_secs_f64() * 1000.0),
+        },
+    ))
+}
+
 /// `GET /v1/sandboxes[?label=key=value]`.
 pub(crate) async fn list(State(mgr): State<Arc<Manager>>, Query(q): Query<ListQuery>) -> Reply {
     let label = q.label;
@@ -94,7 +127,7 @@ pub(crate) async fn set_egress(
     Params(p): Params<Id>,
     req: Req,
 ) -> Reply {
-    let sb = named(&mgr, &p.id, true)?;
+    let sb = used(&mgr, &p.id).await?;
     let body: EgressRequest = read_json(req).await?;
     let mgr2 = mgr.clone();
     let sb2 = sb.clone();
@@ -113,7 +146,7 @@ pub(crate) async fn set_egress(
 
 /// `DELETE /v1/sandboxes/{id}`.
 pub(crate) async fn delete(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
-    let sb = named(&mgr, &p.id, true)?;
+    let sb = used(&mgr, &p.id).await?;
     mgr.delete(&sb).await?;
     Ok(Response::builder()
         .status(StatusCode::NO_CONTENT)
@@ -123,7 +156,7 @@ pub(crate) async fn delete(State(mgr): State<Arc<Manager>>, Params(p): Params<Id
 
 /// `POST /v1/sandboxes/{id}/stop`.
 pub(crate) async fn stop(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
-    let sb = named(&mgr, &p.id, true)?;
+    let sb = used(&mgr, &p.id).await?;
     mgr.stop(&sb, "stopped by request").await;
     Ok(json(StatusCode::OK, &SandboxView::from(&sb.snapshot())))
 }
@@ -134,7 +167,7 @@ pub(crate) async fn exec_route(
     Params(p): Params<Id>,
     req: Req,
 ) -> Reply {
-    let sb = named(&mgr, &p.id, true)?;
+    let sb = used(&mgr, &p.id).await?;
     exec(&mgr, sb, req).await
 }
 
@@ -144,7 +177,7 @@ pub(crate) async fn exec_ws(
     Params(p): Params<Id>,
     req: Req,
 ) -> Reply {
-    let sb = named(&mgr, &p.id, true)?;
+    let sb = used(&mgr, &p.id).await?;
     require_live(&sb)?;
     super::terminal::upgrade(mgr, sb, req).await
 }
@@ -155,7 +188,7 @@ pub(crate) async fn port(
     Params(p): Params<super::routes::IdPort>,
     req: Req,
 ) -> Reply {
-    let sb = named(&mgr, &p.id, true)?;
+    let sb = used(&mgr, &p.id).await?;
     let path = super::proxy::below(req.uri().path(), 5, req.uri().query());
     super::proxy::port(&mgr, sb, req, p.port, path, false).await
 }
@@ -255,13 +288,14 @@ pub(crate) async fn logs_route(
     Params(p): Params<Id>,
     Query(q): Query<LogsQuery>,
 ) -> Reply {
-    let sb = named(&mgr, &p.id, true)?;
+    let sb = used(&mgr, &p.id).await?;
     logs(&mgr, sb, q.follow, q.stream).await
 }
 
 /// `GET /v1/sandboxes/{id}/stats`.
 pub(crate) async fn stats_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
-    let sb = named(&mgr, &p.id, true)?;
+    // A status read: a paused sandbox stays paused (and its CPU time still).
+    let sb = named(&mgr, &p.id, false)?;
     stats(&mgr, &sb).await
 }
 
@@ -271,7 +305,7 @@ pub(crate) async fn dir_route(
     Params(p): Params<Id>,
     Query(q): Query<FilesQuery>,
 ) -> Reply {
-    let sb = named(&mgr, &p.id, true)?;
+    let sb = used(&mgr, &p.id).await?;
     if !q.path.starts_with('/') {
         return Err(ApiError::BadRequest("path must be absolute".into()));
     }
@@ -296,7 +330,7 @@ pub(crate) async fn dir_route(
 
 /// `GET /v1/sandboxes/{id}/ports`.
 pub(crate) async fn ports_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
-    let sb = named(&mgr, &p.id, true)?;
+    let sb = used(&mgr, &p.id).await?;
     if !sb.snapshot().state.is_live() {
         return Err(ApiError::Conflict(format!(
             "sandbox {} is {}",
@@ -318,7 +352,7 @@ pub(crate) async fn files(
     Query(q): Query<FilesQuery>,
     req: Req,
 ) -> Reply {
-    let sb = named(&mgr, &p.id, true)?;
+    let sb = used(&mgr, &p.id).await?;
     super::files::handle(&mgr, sb, q.path, req).await
 }
 
@@ -328,7 +362,7 @@ pub(crate) async fn opencode(
     Params(p): Params<Id>,
     req: Req,
 ) -> Reply {
-    let sb = named(&mgr, &p.id, true)?;
+    let sb = used(&mgr, &p.id).await?;
     super::proxy::opencode(&mgr, sb, req).await
 }
 

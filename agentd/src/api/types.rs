@@ -76,6 +76,15 @@ pub struct SandboxView {
     /// Its setup command and, once it ended, how it went.
     #[serde(default)]
     pub setup: Option<crate::sandbox::SandboxSetup>,
+    /// Its processes are frozen (`POST .../pause`; the next request that uses it resumes it).
+    #[serde(default)]
+    pub paused: bool,
+    /// Unix time (ms) since when it is paused.
+    #[serde(default)]
+    pub paused_at: Option<u64>,
+    /// What its idle timeout does.
+    #[serde(default)]
+    pub idle_action: crate::sandbox::IdleAction,
 }
 
 impl From<&SandboxRecord> for SandboxView {
@@ -103,6 +112,9 @@ impl From<&SandboxRecord> for SandboxView {
             exit: r.exit.clone(),
             network: r.network.clone(),
             setup: r.setup.clone(),
+            paused: r.paused_at.is_some(),
+            paused_at: r.paused_at,
+            idle_action: r.idle_action,
         }
     }
 }
@@ -677,6 +689,15 @@ pub enum LogStream {
     /// Both.
     #[default]
     Both,
+}
+
+/// `POST /v1/sandboxes/{id}/pause` and `/resume`.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Paused {
+    /// The sandbox now.
+    pub sandbox: SandboxView,
+    /// How long the freezer took, ms (0: nothing to do).
+    pub freezer_ms: f64,
 }
 
 /// `GET /v1/sandboxes/{id}/dir`: a directory's entries.

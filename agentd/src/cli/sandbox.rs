@@ -161,6 +161,16 @@ enum SandboxCommand {
         /// Destination.
         dst: String,
     },
+    /// Pause a sandbox: its processes frozen, no CPU, until resume or the next use of it.
+    Pause {
+        /// Id or name.
+        id: String,
+    },
+    /// Resume a paused sandbox.
+    Resume {
+        /// Id or name.
+        id: String,
+    },
     /// Stop a sandbox (its record stays until rm).
     Stop {
         /// Id or name.
@@ -478,6 +488,8 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        SandboxCommand::Pause { id } => pause_or_resume(sock, &enc(&id), "pause").await,
+        SandboxCommand::Resume { id } => pause_or_resume(sock, &enc(&id), "resume").await,
         SandboxCommand::Stop { id } => {
             check(
                 &call(
@@ -706,4 +718,28 @@ pub fn network_policy(
         );
     }
     Ok(Some(crate::egress::NetworkPolicy { mode, allow }))
+}
+
+/// `agentd sandbox pause|resume ID` (`id` already escaped for a path).
+async fn pause_or_resume(sock: &PathBuf, id: &str, what: &str) -> anyhow::Result<u8> {
+    let v = check(
+        &call(
+            sock,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/{what}"),
+            None,
+            None,
+        )
+        .await?,
+    )?;
+    println!(
+        "{id}: {} (the freezer took {:.1} ms)",
+        if v["sandbox"]["paused"] == true {
+            "paused"
+        } else {
+            "running"
+        },
+        v["freezer_ms"].as_f64().unwrap_or(0.0)
+    );
+    Ok(0)
 }

@@ -258,6 +258,8 @@ impl Manager {
                     .unwrap_or(crate::task::DEFAULT_SETUP_TIMEOUT_SECS),
                 result: None,
             }),
+            paused_at: None,
+            idle_action: req.idle_action.unwrap_or_default(),
         };
         // The record (state `creating`) is written durably while the shim starts, in
         // parallel (see [`Self::start`]): a crash before the write lands leaves a state dir

@@ -152,6 +152,10 @@ impl Manager {
             return;
         }
         tracing::info!(sandbox = %rec.id, reason, "stopping sandbox");
+        // A frozen process takes no signal: thawed first.
+        if let Err(e) = self.resume(sb).await {
+            tracing::warn!(sandbox = %rec.id, error = %e, "could not thaw a paused sandbox before stopping it");
+        }
         sb.record.lock().expect("sandbox record lock").exit = Some(ExitInfo {
             code: None,
             oom_killed: false,
@@ -267,18 +271,30 @@ impl Manager {
                 }
                 let idle_ms = now.saturating_sub(sb.last_activity.load(Ordering::Relaxed));
                 // Checked arithmetic: a stored limit too large for ms never expires.
+                let idle_for = |times: u64| {
+                    rec.idle_timeout_secs > 0
+                        && sb.active.load(Ordering::Relaxed) == 0
+                        && rec
+                            .idle_timeout_secs
+                            .checked_mul(1000 * times)
+                            .is_some_and(|ms| idle_ms > ms)
+                };
+                let pausing = rec.idle_action == crate::sandbox::IdleAction::Pause;
                 let reason = if rec.ttl_secs.is_some_and(|t| {
                     t.checked_mul(1000)
                         .is_some_and(|ms| now.saturating_sub(rec.created_at) > ms)
                 }) {
                     Some("ttl expired")
-                } else if rec.idle_timeout_secs > 0
-                    && sb.active.load(Ordering::Relaxed) == 0
-                    && rec
-                        .idle_timeout_secs
-                        .checked_mul(1000)
-                        .is_some_and(|ms| idle_ms > ms)
-                {
+                } else if pausing && rec.paused_at.is_none() && idle_for(1) {
+                    // Idle: paused first, stopped once idle twice as long.
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = me.pause(&sb).await {
+                            tracing::warn!(error = %e, "idle pause failed");
+                        }
+                    });
+                    continue;
+                } else if idle_for(if pausing { 2 } else { 1 }) {
                     Some("idle timeout")
                 } else {
                     None

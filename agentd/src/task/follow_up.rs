@@ -105,6 +105,10 @@ impl TaskManager {
                 "attempt {n}'s sandbox is gone (a finished task keeps its sandboxes for its grace_secs): start a new task, e.g. from its patch"
             )));
         }
+        // A finished attempt's sandbox is paused: resumed for the agent.
+        if let Some(sb) = a.sandbox.as_deref().and_then(|s| self.mgr.get(s).ok()) {
+            self.mgr.wake(&sb).await?;
+        }
         let now = now_ms();
         // Readers of its events follow it again, to its next task.finished.
         task.events

@@ -2276,6 +2276,12 @@ fn test_task_follow_ups() {
             .text()
     };
     assert!(!diff(&d).contains("followed.txt"));
+    // The finished attempt's sandbox is kept, paused (the follow-up below resumes it).
+    let sandbox = v["attempts"][0]["sandbox"].as_str().unwrap().to_string();
+    let sv = d
+        .call("GET", &format!("/v1/sandboxes/{sandbox}"), None)
+        .json();
+    assert_eq!(sv["paused"], true, "{sv:#}");
 
     // Bad follow-ups.
     let say = |n: &str, text: &str| {
