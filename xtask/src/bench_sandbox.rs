@@ -8,7 +8,9 @@
 //!     on the host (same binary, fresh HOME), median of 5 each;
 //! (c) host memory per idle sandbox, excluding the workload: the shim's PSS plus agentd's RSS
 //!     growth, over 20 sandboxes;
-//! (d) 50 sandboxes created concurrently: all must succeed; total wall time.
+//! (d) 50 sandboxes created concurrently: all must succeed; total wall time;
+//! (e) resume of a paused sandbox over the API (and the freezer's part), against `crun resume`
+//!     of a paused crun container, median of 50.
 //!
 //! Everything runs from release builds on a daemon of its own (state in target/bench/sandbox,
 //! bridge `adbench0`, cgroup parent `agentd-bench/serve`), removed at the end.
@@ -286,6 +288,26 @@ pub fn sandbox() -> anyhow::Result<()> {
     let a_agentd = median_ms(&mut agentd_times);
     let a_no_disk = median_ms(&mut no_disk_times);
     let crun = crun_times(&release, &images, &bench)?;
+    // (e) resume of a paused sandbox (the API's round trip, and the freezer's part of it).
+    let (_, id) = create(minimal)?;
+    let (mut resumes, mut freezer) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let (st, b) = call(&socket, "POST", &format!("/v1/sandboxes/{id}/pause"), "")?;
+        if st != 200 {
+            bail!("pause failed ({st}): {b}");
+        }
+        let t = Instant::now();
+        let (st, b) = call(&socket, "POST", &format!("/v1/sandboxes/{id}/resume"), "")?;
+        resumes.push(t.elapsed());
+        if st != 200 {
+            bail!("resume failed ({st}): {b}");
+        }
+        let ms = json(&b)["freezer_ms"].as_f64().unwrap_or(0.0);
+        freezer.push(Duration::from_secs_f64(ms / 1000.0));
+    }
+    delete(&id);
+    let e_resume = median_ms(&mut resumes);
+    let e_freezer = median_ms(&mut freezer);
     // (b) create -> OpenCode ready, against a bare opencode serve.
     let (b_agentd, b_bare) = opencode_times(&socket, &images, &bench)?;
     // (c) memory per idle sandbox.
@@ -344,7 +366,7 @@ pub fn sandbox() -> anyhow::Result<()> {
         a_agentd - a_no_disk
     );
     match crun {
-        Some(c) => println!(
+        Some((c, _)) => println!(
             "    crun run -d  {c:8.2} ms   agentd/crun = {:.2}x (goal: < 1)",
             a_agentd / c
         ),
@@ -367,6 +389,16 @@ pub fn sandbox() -> anyhow::Result<()> {
         "(d) {RUNS} creates at once: {ok}/{RUNS} succeeded in {:.2} s",
         d_total.as_secs_f64()
     );
+    println!("(e) resume of a paused sandbox, median of {RUNS}:");
+    println!(
+        "    agentd API   {e_resume:8.2} ms   (the freezer {e_freezer:.2} ms of it; goal: < 10 ms)"
+    );
+    if let Some((_, r)) = crun {
+        println!(
+            "    crun resume  {r:8.2} ms   agentd/crun = {:.2}x",
+            e_resume / r
+        );
+    }
     if ok != RUNS {
         bail!("{} of {RUNS} concurrent creates failed", RUNS - ok);
     }
@@ -375,7 +407,7 @@ pub fn sandbox() -> anyhow::Result<()> {
 
 /// `crun run -d` of the minimal image's layer with agentd's spec; median ms of create+start
 /// (the delete is not timed, as agentd's is not). None without crun.
-fn crun_times(release: &Path, images: &Path, bench: &Path) -> anyhow::Result<Option<f64>> {
+fn crun_times(release: &Path, images: &Path, bench: &Path) -> anyhow::Result<Option<(f64, f64)>> {
     let Some(crun) = crate::bench::which("crun") else {
         return Ok(None);
     };
@@ -440,7 +472,12 @@ fn crun_times(release: &Path, images: &Path, bench: &Path) -> anyhow::Result<Opt
         "umount /sys/fs/cgroup/unified 2>/dev/null; mount -t overlay overlay -o ro,lowerdir={lowerdir} {m} || exit 1; \
          for i in $(seq {RUNS}); do \
            s=$(date +%s%N); {crun} run -d --bundle {b} agentd-bench-crun </dev/null >/dev/null || exit 1; e=$(date +%s%N); \
-           echo $((e - s)); {crun} delete -f agentd-bench-crun >/dev/null 2>&1; done",
+           echo $((e - s)); {crun} delete -f agentd-bench-crun >/dev/null 2>&1; done; \
+         {crun} run -d --bundle {b} agentd-bench-crun </dev/null >/dev/null || exit 1; \
+         for i in $(seq {RUNS}); do \
+           {crun} pause agentd-bench-crun || exit 1; \
+           s=$(date +%s%N); {crun} resume agentd-bench-crun || exit 1; e=$(date +%s%N); \
+           echo R $((e - s)); done; {crun} delete -f agentd-bench-crun >/dev/null 2>&1",
         b = bundle.display(),
         m = merged.display()
     );
@@ -450,15 +487,21 @@ fn crun_times(release: &Path, images: &Path, bench: &Path) -> anyhow::Result<Opt
     if !out.status.success() {
         bail!("crun run failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let mut times: Vec<Duration> = String::from_utf8_lossy(&out.stdout)
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut times: Vec<Duration> = text
         .lines()
         .filter_map(|l| l.trim().parse::<u64>().ok())
         .map(Duration::from_nanos)
         .collect();
-    if times.is_empty() {
+    let mut resumes: Vec<Duration> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("R ")?.trim().parse::<u64>().ok())
+        .map(Duration::from_nanos)
+        .collect();
+    if times.is_empty() || resumes.is_empty() {
         bail!("crun printed no timings");
     }
-    Ok(Some(median_ms(&mut times)))
+    Ok(Some((median_ms(&mut times), median_ms(&mut resumes))))
 }
 
 /// Median ms of create -> ready through agentd, and of a bare `opencode serve` -> health.
