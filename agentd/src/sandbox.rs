@@ -57,6 +57,7 @@ const MODELS_CACHE: Duration = Duration::from_secs(60);
 
 /// What the manager's operations return.
 mod create;
+mod fork;
 pub mod fs;
 mod pause;
 mod reconcile;
@@ -192,6 +193,10 @@ pub struct SandboxRecord {
     /// Unix time (ms) since when it is paused (its processes frozen), while it is.
     #[serde(default)]
     pub paused_at: Option<u64>,
+    /// The layers stacked on its image's, topmost first (agentd's own dirs; a fork of it
+    /// stacks on them too).
+    #[serde(default)]
+    pub base_layers: Vec<std::path::PathBuf>,
     /// What its idle timeout does.
     #[serde(default)]
     pub idle_action: IdleAction,
@@ -292,11 +297,11 @@ pub struct CreateSandbox {
     pub setup: Option<String>,
     /// Seconds the setup may run before it is killed [default: 1800].
     pub setup_timeout_secs: Option<u64>,
-    /// A layer (a host dir) stacked on top of the image's: a task's prepared workspace.
-    /// Never on the wire: host paths are agentd's own.
+    /// Layers (host dirs) stacked on top of the image's, topmost first: a task's prepared
+    /// workspace, a fork's copy of its parent. Never on the wire: host paths are agentd's own.
     #[serde(skip)]
     #[schemars(skip)]
-    pub base_layer: Option<std::path::PathBuf>,
+    pub base_layers: Vec<std::path::PathBuf>,
     /// A dependency cache (a host dir) bound read-write at [`crate::cache::MOUNT`], with the
     /// environment that points package managers at it. Never on the wire.
     #[serde(skip)]

@@ -1125,7 +1125,7 @@ impl TaskManager {
             opencode: Some(!prepare),
             model: rec.request.model.clone().filter(|_| !prepare),
             permissions: rec.request.permissions.clone(),
-            base_layer,
+            base_layers: base_layer.into_iter().collect(),
             cache,
             network: rec
                 .request

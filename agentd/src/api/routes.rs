@@ -135,6 +135,9 @@ routes! {
     GET "/v1/sandboxes/{id}/files" => sandboxes::files, query Some(schema_of::<types::FilesQuery>), in [],
         out 200 [OCTETS: binary, TAR: binary],
         "Download a file, or a tar of a directory";
+    POST "/v1/sandboxes/{id}/fork" => sandboxes::fork_route, query None,
+        in [JSON: schema_of::<types::ForkRequest>], out 201 [JSON: schema_of::<types::ForkView>],
+        "New sandboxes from a sandbox's current files (frozen while they are copied): same image, limits, network, labels and OpenCode; its /tmp and processes do not carry over";
     POST "/v1/sandboxes/{id}/pause" => sandboxes::pause_route, query None, in [],
         out 200 [JSON: schema_of::<types::Paused>],
         "Pause a sandbox: its processes frozen (no CPU) until it is resumed, or until a request uses it (exec, files, proxy, ports, origins, SSH)";

@@ -47,6 +47,27 @@ async fn used(mgr: &Manager, id: &str) -> Result<Arc<Sandbox>, ApiError> {
     Ok(sb)
 }
 
+/// `POST /v1/sandboxes/{id}/fork`.
+pub(crate) async fn fork_route(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Id>,
+    req: Req,
+) -> Reply {
+    let sb = used(&mgr, &p.id).await?;
+    let body: super::types::ForkRequest = super::read_json(req).await?;
+    let f = mgr.fork(&sb, body.count.unwrap_or(1)).await?;
+    Ok(json(
+        StatusCode::CREATED,
+        &super::types::ForkView {
+            sandboxes: f.sandboxes.iter().map(SandboxView::from).collect(),
+            files: f.files,
+            bytes: f.bytes,
+            copy_ms: f.copy.as_secs_f64() * 1000.0,
+            total_ms: f.total.as_secs_f64() * 1000.0,
+        },
+    ))
+}
+
 /// `POST /v1/sandboxes/{id}/pause`.
 pub(crate) async fn pause_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
     let sb = named(&mgr, &p.id, false)?;

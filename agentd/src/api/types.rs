@@ -691,6 +691,29 @@ pub enum LogStream {
     Both,
 }
 
+/// `POST /v1/sandboxes/{id}/fork`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// How many sandboxes [default: 1; at most 16].
+    pub count: Option<u32>,
+}
+
+/// What a fork made.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct ForkView {
+    /// The new sandboxes (labelled `agentd.fork_of`).
+    pub sandboxes: Vec<SandboxView>,
+    /// Files (and links) copied from the parent's writable layer.
+    pub files: u64,
+    /// Bytes of file content copied.
+    pub bytes: u64,
+    /// How long the parent was frozen while its files were copied, ms.
+    pub copy_ms: f64,
+    /// The whole request, ms.
+    pub total_ms: f64,
+}
+
 /// `POST /v1/sandboxes/{id}/pause` and `/resume`.
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Paused {

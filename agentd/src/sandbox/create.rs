@@ -127,9 +127,9 @@ impl Manager {
         } else {
             req.command.clone().unwrap_or_default()
         };
-        if let Some(layer) = &req.base_layer {
-            // On top of the image's layers (which stay below it, shared).
-            image.lower_dirs.insert(0, layer.clone());
+        // On top of the image's layers (which stay below them, shared), topmost first.
+        for (i, layer) in req.base_layers.iter().enumerate() {
+            image.lower_dirs.insert(i, layer.clone());
         }
         Ok(Plan {
             limits,
@@ -260,6 +260,7 @@ impl Manager {
             }),
             paused_at: None,
             idle_action: req.idle_action.unwrap_or_default(),
+            base_layers: req.base_layers.clone(),
         };
         // The record (state `creating`) is written durably while the shim starts, in
         // parallel (see [`Self::start`]): a crash before the write lands leaves a state dir

@@ -254,13 +254,23 @@ impl Manager {
         self.db.delete(SANDBOXES, &id)?;
         self.map().remove(&id);
         let _ = agentd_runtime::tree::remove_tree(&self.config.state_dir.join("logs").join(&id));
+        if !sb.snapshot().base_layers.is_empty() {
+            // The last fork on a fork layer gone: the layer goes too.
+            self.sweep_forks().await;
+        }
         Ok(())
     }
 
     /// Stops sandboxes idle or past their TTL; runs until the process ends.
     pub async fn reaper(self: Arc<Self>) {
+        let mut rounds = 0u64;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            rounds += 1;
+            if rounds % 60 == 1 {
+                // Fork layers nobody stacks on any more (a crash may have left some).
+                self.sweep_forks().await;
+            }
             let now = now_ms();
             for sb in self.list() {
                 let rec = sb.snapshot();

@@ -3,7 +3,8 @@
 //! status does not resume it, the next exec does (transparently), an explicit resume of a
 //! running sandbox does nothing; `idle_action: pause` pauses an idle sandbox before it stops
 //! it; a paused sandbox stops and deletes cleanly. The freezer's times are printed (the
-//! benchmark's job is the ratio; this test only checks the semantics).
+//! benchmark's job is the ratio; this test only checks the semantics). Forks start from a
+//! sandbox's files and diverge.
 
 use std::time::{Duration, Instant};
 
@@ -124,5 +125,110 @@ fn test_pause_freezes_and_any_use_resumes() {
         v["exit"]["reason"].as_str().unwrap_or("").contains("idle"),
         "{v:#}"
     );
+    d.delete_all_and_check_clean();
+}
+
+/// Forks (`POST /v1/sandboxes/{id}/fork`): each fork starts with the parent's files (200 MB
+/// of them, timed) and its labels, then they diverge; the parent's later writes are its own;
+/// the fork layer goes once the last fork is deleted. Bad counts and stopped parents say why.
+#[test]
+fn test_fork_copies_files_and_diverges() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let gateway = agentd_tests::registry::free_port().to_string();
+    let d = agentd_tests::daemon::Daemon::start(&images, &["--gateway-port", &gateway]);
+    let parent = plain(
+        &d,
+        json!({"limits": {"memory": "256m"}, "labels": {"team": "a"}}),
+    );
+    d.wait_state(&parent, "ready", Duration::from_secs(60));
+    let (code, _, err) = d.exec(
+        &parent,
+        &[
+            "sh",
+            "-c",
+            "echo from-parent > /home/agent/marker && dd if=/dev/urandom of=/home/agent/big bs=1M count=200 status=none",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{parent}/fork"),
+        Some(json!({"count": 0})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let t = Instant::now();
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{parent}/fork"),
+        Some(json!({"count": 2})),
+    );
+    let took = t.elapsed();
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), d.log());
+    let v = r.json();
+    eprintln!(
+        "fork of a sandbox with 200 MB written, 2 forks: {:.0} ms over the API, the parent frozen {:.0} ms while {} files ({} bytes) were copied",
+        took.as_secs_f64() * 1000.0,
+        v["copy_ms"],
+        v["files"],
+        v["bytes"]
+    );
+    assert!(v["bytes"].as_u64().unwrap() >= 200 << 20, "{v:#}");
+    let forks: Vec<String> = v["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(forks.len(), 2);
+    for f in &forks {
+        let s = d.wait_state(f, "ready", Duration::from_secs(60));
+        assert_eq!(s["labels"]["agentd.fork_of"], parent.as_str(), "{s:#}");
+        assert_eq!(s["labels"]["team"], "a", "{s:#}");
+        let (code, out, err) = d.exec(
+            f,
+            &[
+                "sh",
+                "-c",
+                "cat /home/agent/marker; stat -c %s /home/agent/big",
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out, "from-parent\n209715200\n");
+    }
+    // They diverge: each one's writes are its own, and so are the parent's.
+    let (code, _, _) = d.exec(&forks[0], &["sh", "-c", "echo mine > /home/agent/mine"]);
+    assert_eq!(code, 0);
+    let (code, _, _) = d.exec(&parent, &["sh", "-c", "echo later > /home/agent/later"]);
+    assert_eq!(code, 0);
+    let (code, _, _) = d.exec(&forks[1], &["test", "-e", "/home/agent/mine"]);
+    assert_ne!(code, 0, "a fork saw its sibling's file");
+    let (code, _, _) = d.exec(&parent, &["test", "-e", "/home/agent/mine"]);
+    assert_ne!(code, 0, "the parent saw a fork's file");
+    let (code, _, _) = d.exec(&forks[0], &["test", "-e", "/home/agent/later"]);
+    assert_ne!(code, 0, "a fork saw the parent's later file");
+
+    // A stopped parent cannot be forked.
+    let r = d.call("POST", &format!("/v1/sandboxes/{parent}/stop"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{parent}/fork"),
+        Some(json!({})),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    // The layer lives as long as a fork stands on it.
+    let layers = || {
+        std::fs::read_dir(d.state.path().join("forks"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(layers(), 1);
+    let r = d.call("DELETE", &format!("/v1/sandboxes/{}", forks[0]), None);
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(layers(), 1, "the layer went while a fork stood on it");
+    let r = d.call("DELETE", &format!("/v1/sandboxes/{}", forks[1]), None);
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(layers(), 0, "the fork layer outlived its forks");
     d.delete_all_and_check_clean();
 }
