@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::{cargo, output, project_root, run};
+use crate::{cargo, output, run};
 
 /// Measured runs per runtime (the issue asks for at least 20).
 const RUNS: usize = 30;
@@ -36,7 +36,6 @@ struct Runner {
 
 /// Runs the start benchmark and prints the table.
 pub fn start() -> anyhow::Result<()> {
-    let root = project_root();
     run(cargo().args([
         "build",
         "--release",
@@ -46,9 +45,9 @@ pub fn start() -> anyhow::Result<()> {
         "agentd-runtime",
         "--bins",
     ]))?;
-    let release = root.join("target").join("release");
+    let release = crate::target_dir().join("release");
     let agentd = release.join("agentd");
-    let bench = root.join("target").join("bench");
+    let bench = crate::target_dir().join("bench");
     let rootfs = make_rootfs(&bench)?;
     let rootfs_s = rootfs.to_string_lossy().into_owned();
     let limits = ["--memory", "256m", "--cpus", "1", "--pids", "256"];

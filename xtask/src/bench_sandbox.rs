@@ -159,8 +159,8 @@ pub(crate) fn prepare(what: &str, names: &[&str]) -> anyhow::Result<(PathBuf, Pa
         "rootfs-builder",
         "--bins",
     ]))?;
-    let release = root.join("target/release");
-    let bench = root.join("target/bench").join(what);
+    let release = crate::target_dir().join("release");
+    let bench = crate::target_dir().join("bench").join(what);
     let state = bench.join("state");
     let _ = fs::remove_dir_all(&state);
     fs::create_dir_all(&state)?;
@@ -172,7 +172,7 @@ pub(crate) fn prepare(what: &str, names: &[&str]) -> anyhow::Result<(PathBuf, Pa
             .arg("--store")
             .arg(&store_state)
             .args(["--tag", name, "--cache"])
-            .arg(root.join("target/rootfs-builder-cache")))
+            .arg(crate::target_dir().join("rootfs-builder-cache")))
         .with_context(|| format!("cannot build the {name} image"))?;
     }
     Ok((release, bench, store_state.join("images")))
@@ -242,8 +242,9 @@ pub fn sandbox() -> anyhow::Result<()> {
         &bench,
         &images,
         &[
+            // Not 4197-4199: agentd's own defaults for the NAT and the egress proxy.
             "--gateway-port",
-            "4197",
+            "4195",
             // OpenCode sandboxes need an upstream to be configured; (b) never prompts, so
             // nothing needs to listen there.
             "--llm-base-url",

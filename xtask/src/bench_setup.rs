@@ -103,8 +103,9 @@ pub fn setup() -> anyhow::Result<()> {
         &bench,
         &images,
         &[
+            // Not 4197-4199: agentd's own defaults for the NAT and the egress proxy.
             "--gateway-port",
-            "4197",
+            "4195",
             "--llm-base-url",
             "http://127.0.0.1:9/v1",
         ],

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::{cargo, output, project_root, run};
+use crate::{cargo, output, run};
 
 /// Measured runs per unpacker (each takes seconds).
 const RUNS: usize = 5;
@@ -31,7 +31,6 @@ pub fn unpack() -> anyhow::Result<()> {
             bail!("{tool} not found (apt-get install {tool})");
         }
     }
-    let root = project_root();
     run(cargo().args(["build", "--release", "-p", "agentd", "--bin", "agentd"]))?;
     run(cargo().args([
         "build",
@@ -41,9 +40,9 @@ pub fn unpack() -> anyhow::Result<()> {
         "--example",
         "prepare_rootfs",
     ]))?;
-    let release = root.join("target/release");
+    let release = crate::target_dir().join("release");
     let agentd = release.join("agentd");
-    let bench = root.join("target/bench/unpack");
+    let bench = crate::target_dir().join("bench/unpack");
     fs::create_dir_all(&bench)?;
     let layout = debian_layout(&bench)?;
     let busybox = busybox_layout(&bench)?;

@@ -26,7 +26,7 @@ pub fn images(args: &[&str]) -> anyhow::Result<()> {
         "--bin",
         "rootfs-builder",
     ]))?;
-    let builder = root.join("target/release/rootfs-builder");
+    let builder = crate::target_dir().join("release/rootfs-builder");
     for name in RECIPES {
         let recipe = root
             .join("rootfs-builder/recipes")

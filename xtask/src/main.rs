@@ -55,6 +55,15 @@ pub fn project_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where cargo puts its builds: `CARGO_TARGET_DIR` (relative to the project's root when
+/// relative), else `target/` in it.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => project_root().join(d),
+        _ => project_root().join("target"),
+    }
+}
+
 /// The cargo that runs us.
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));

@@ -140,7 +140,8 @@ fn session_of(headers: &HeaderMap, id: &str) -> bool {
     })
 }
 
-fn cookies(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
+/// The cookies a request carries, as (name, value).
+pub(crate) fn cookies(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
     headers
         .get_all(COOKIE)
         .iter()

@@ -17,7 +17,7 @@
 //!   inline script), connections only to agentd, no framing. Styles may be inline (xterm.js
 //!   writes its own `<style>`).
 
-use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, COOKIE, HOST, LOCATION, ORIGIN, SET_COOKIE};
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, LOCATION, ORIGIN, SET_COOKIE};
 use hyper::{HeaderMap, Method, Response, StatusCode};
 
 use super::{Body, Origin, Req};
@@ -265,14 +265,9 @@ async fn login(origin: &Origin, req: Req) -> Response<Body> {
 }
 
 fn session_id(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.split_once('='))
-        .find(|(k, _)| k.trim() == UI_COOKIE)
-        .map(|(_, v)| v.trim().to_string())
+    super::origins::cookies(headers)
+        .find(|(k, _)| *k == UI_COOKIE)
+        .map(|(_, v)| v.to_string())
 }
 
 /// Whether `Origin`, when the browser sent one, is this request's own host.
