@@ -341,10 +341,16 @@ async fn metrics(
     for s in ["creating", "starting", "ready", "exited", "stopped"] {
         by_state.insert(s, 0);
     }
+    let mut paused = 0u64;
     for sb in mgr.list() {
-        *by_state.entry(sb.snapshot().state.as_str()).or_default() += 1;
+        let rec = sb.snapshot();
+        *by_state.entry(rec.state.as_str()).or_default() += 1;
+        paused += u64::from(rec.paused_at.is_some() && rec.state.is_live());
     }
     let mut text = mgr.metrics.render(&by_state);
+    text.push_str(&format!(
+        "# HELP agentd_sandboxes_paused Live sandboxes whose processes are frozen.\n# TYPE agentd_sandboxes_paused gauge\nagentd_sandboxes_paused {paused}\n"
+    ));
     if let Some(tasks) = mgr.tasks.get() {
         text.push_str(&tasks.render_metrics());
     }

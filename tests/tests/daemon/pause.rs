@@ -50,6 +50,8 @@ fn test_pause_freezes_and_any_use_resumes() {
     let view = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
     assert_eq!(view["paused"], true, "{view:#}");
     assert_eq!(view["state"], "ready", "{view:#}");
+    let metrics = d.call("GET", "/metrics", None).text();
+    assert!(metrics.contains("agentd_sandboxes_paused 1"), "{metrics}");
 
     // An exec resumes it on the way; the counter goes on from where it stood.
     let (code, out, err) = d.exec(&id, &["cat", "/home/agent/count"]);
