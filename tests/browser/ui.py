@@ -148,7 +148,7 @@ def main() -> int:
 
         # A terminal in the attempt's sandbox.
         attempt1.get_by_role("link", name="Terminal").click()
-        expect(page.get_by_role("heading", name=re.compile("Sandbox"))).to_be_visible()
+        expect(page.get_by_role("heading", name=re.compile("Sandbox"))).to_be_visible(timeout=15_000)
         page.locator(".xterm").wait_for(timeout=30_000)
         page.wait_for_timeout(1500)
         page.keyboard.type("echo term-$((6*7)) && cat /workspace/approved.txt\n")

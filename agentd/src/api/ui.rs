@@ -11,8 +11,12 @@
 //!   cannot set it, and a cross-origin `fetch` that sets it needs a CORS preflight agentd never
 //!   grants) and, when the browser names one, come from the UI's own origin; a WebSocket
 //!   must come from the UI's own origin (`Origin`: browsers send cookies with WebSockets
-//!   whatever the site). Sandboxes' origins are other hosts: the host-only cookie never
-//!   reaches them, and their pages are refused by those checks.
+//!   whatever the site). When the browser says where a request comes from
+//!   (`Sec-Fetch-Site`), only `same-origin` (and `none`: a URL opened directly) may use the
+//!   session at all, reads included. The session never opens the API's proxy paths
+//!   (`/v1/sandboxes/{id}/opencode`, `/ports`): the UI opens those on the sandbox's origins with
+//!   a ticket. Sandboxes' origins are other hosts: the host-only cookie never reaches them, and
+//!   their pages are refused by those checks.
 //! - Every UI page has a strict Content Security Policy: scripts only from agentd itself (no
 //!   inline script), connections only to agentd, no framing. Styles may be inline (xterm.js
 //!   writes its own `<style>`).
@@ -292,6 +296,23 @@ pub fn allows(req: &Req) -> bool {
     let Some(session) = session_id(headers) else {
         return false;
     };
+    // The UI reaches a sandbox's OpenCode and ports on their own origins (a ticket), never
+    // through the API's proxy paths: the session does not open those.
+    let mut parts = req.uri().path().split('/').skip(4);
+    if req.uri().path().starts_with("/v1/sandboxes/") {
+        match (parts.next(), parts.next()) {
+            (Some("opencode"), _) | (Some("ports"), Some(_)) => return false,
+            _ => {}
+        }
+    }
+    // A browser says where a request comes from: only the UI's own pages (or a URL typed or
+    // opened directly) use the session; another site's or a sandbox origin's page does not,
+    // not even to read.
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        if !matches!(site, "same-origin" | "none") {
+            return false;
+        }
+    }
     if !super::origins::session_valid(&session, UI_SCOPE) {
         return false;
     }
@@ -376,5 +397,87 @@ mod tests {
         h.insert(ORIGIN, "http://3000-abc.localhost:7070".parse().unwrap());
         assert!(!same_origin(&h));
         assert!(is_ui("/") && is_ui("/ui/app.js") && !is_ui("/v1/tasks"));
+    }
+}
+
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+
+    fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> Req {
+        let mut b = hyper::Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(axum::body::Body::empty()).unwrap()
+    }
+
+    /// What the UI's session opens: reads from its own pages, changes with the header and its
+    /// origin, never another site's or a sandbox page's requests, never the proxy paths.
+    #[test]
+    fn test_what_the_session_allows() {
+        let s = super::super::origins::new_session(UI_SCOPE);
+        let cookie = format!("{UI_COOKIE}={s}");
+        let host = ("host", "127.0.0.1:7070");
+        let c = ("cookie", cookie.as_str());
+        assert!(allows(&req("GET", "/v1/tasks", &[host, c])));
+        assert!(!allows(&req(
+            "GET",
+            "/v1/tasks",
+            &[host, ("cookie", "agentd_ui=nope")]
+        )));
+        assert!(allows(&req(
+            "GET",
+            "/v1/tasks",
+            &[host, c, ("sec-fetch-site", "same-origin")]
+        )));
+        assert!(!allows(&req(
+            "GET",
+            "/v1/tasks",
+            &[host, c, ("sec-fetch-site", "same-site")]
+        )));
+        assert!(!allows(&req(
+            "GET",
+            "/v1/tasks",
+            &[host, c, ("sec-fetch-site", "cross-site")]
+        )));
+        assert!(!allows(&req("POST", "/v1/tasks/x/cancel", &[host, c])));
+        assert!(allows(&req(
+            "POST",
+            "/v1/tasks/x/cancel",
+            &[
+                host,
+                c,
+                ("x-agentd-csrf", "1"),
+                ("origin", "http://127.0.0.1:7070")
+            ]
+        )));
+        assert!(!allows(&req(
+            "POST",
+            "/v1/tasks/x/cancel",
+            &[
+                host,
+                c,
+                ("x-agentd-csrf", "1"),
+                ("origin", "http://3000-x.localhost:7070")
+            ]
+        )));
+        assert!(!allows(&req(
+            "GET",
+            "/v1/sandboxes/abc/opencode/session",
+            &[host, c]
+        )));
+        assert!(!allows(&req(
+            "GET",
+            "/v1/sandboxes/abc/ports/3000/",
+            &[host, c]
+        )));
+        // The list of ports is no proxy path.
+        assert!(allows(&req("GET", "/v1/sandboxes/abc/ports", &[host, c])));
+        let ws = [host, c, ("connection", "upgrade"), ("upgrade", "websocket")];
+        assert!(!allows(&req("GET", "/v1/sandboxes/abc/exec/ws", &ws)));
+        let mut own = ws.to_vec();
+        own.push(("origin", "http://127.0.0.1:7070"));
+        assert!(allows(&req("GET", "/v1/sandboxes/abc/exec/ws", &own)));
     }
 }
