@@ -295,7 +295,11 @@ impl Manager {
                         .is_some_and(|ms| now.saturating_sub(rec.created_at) > ms)
                 }) {
                     Some("ttl expired")
-                } else if pausing && rec.paused_at.is_none() && idle_for(1) {
+                } else if pausing
+                    && rec.paused_at.is_none()
+                    && rec.state == SandboxState::Ready
+                    && idle_for(1)
+                {
                     // Idle: paused first, stopped once idle twice as long.
                     let me = self.clone();
                     tokio::spawn(async move {
