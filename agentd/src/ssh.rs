@@ -133,27 +133,19 @@ pub async fn serve(mgr: Arc<Manager>, listener: TcpListener, key: PrivateKey) {
         mgr,
         authorized_keys,
     });
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "SSH: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "SSH: {MAX_CONNECTIONS} connections are open: refused one");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let (gw, config) = (gw.clone(), config.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            connection(gw, config, tcp, peer).await;
-        });
-    }
+    // Bounded as agentd's other listeners are; one address may use them all (a bastion or
+    // NAT in front of many people is one address).
+    crate::net::serve_bounded(
+        listener,
+        "SSH",
+        MAX_CONNECTIONS,
+        MAX_CONNECTIONS,
+        move |tcp, peer| {
+            let _ = tcp.set_nodelay(true);
+            connection(gw.clone(), config.clone(), tcp, peer)
+        },
+    )
+    .await;
 }
 
 /// One client's connection: dropped if it has not authenticated within [`AUTH_TIMEOUT`].
