@@ -30,7 +30,13 @@ impl Manager {
         }
         let took = self.freeze(&rec.id, true).await?;
         sb.record.lock().expect("sandbox record lock").paused_at = Some(now_ms());
-        self.persist_quietly(sb);
+        // Kept before it is said: a frozen sandbox whose record forgot it would never be
+        // resumed by a request after a restart. Undone if it cannot be kept.
+        if let Err(e) = self.persist(sb) {
+            sb.record.lock().expect("sandbox record lock").paused_at = None;
+            let _ = self.freeze(&rec.id, false).await;
+            return Err(e);
+        }
         tracing::info!(sandbox = %rec.id, ms = took.as_secs_f64() * 1000.0, "paused");
         Ok(took)
     }
@@ -48,7 +54,9 @@ impl Manager {
         }
         let took = self.freeze(&rec.id, false).await?;
         sb.record.lock().expect("sandbox record lock").paused_at = None;
-        self.persist_quietly(sb);
+        // A record that still says paused only makes the next request resume a running
+        // sandbox (a no-op for the freezer): the failure is logged by persist.
+        let _ = self.persist(sb);
         tracing::info!(sandbox = %rec.id, ms = took.as_secs_f64() * 1000.0, "resumed");
         Ok(Some(took))
     }
@@ -76,11 +84,5 @@ impl Manager {
         .await
         .map_err(Error::internal)?
         .map_err(|e| Error::internal(agentd_runtime::error_chain(&e)))
-    }
-
-    /// Writes the record; a failure is logged (the freezer's state is the truth, and the
-    /// next start reads it from the record it could write, or finds the sandbox frozen).
-    fn persist_quietly(&self, sb: &Sandbox) {
-        let _ = self.persist(sb);
     }
 }

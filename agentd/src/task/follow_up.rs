@@ -77,7 +77,16 @@ impl TaskManager {
                 a.follow_ups.push(text.clone());
                 a.follow_ups.len() as u64
             };
-            self.persist(task);
+            // Kept before it is acknowledged: a restart sends it rather than losing it.
+            if let Err(e) = self.persist_checked(task) {
+                let mut r = task.record.lock().expect("task record lock");
+                if let Some(a) = r.attempts.iter_mut().find(|a| a.n == n) {
+                    if let Some(i) = a.follow_ups.iter().rposition(|t| *t == text) {
+                        a.follow_ups.remove(i);
+                    }
+                }
+                return Err(e);
+            }
             self.emit(
                 task,
                 "follow_up",
