@@ -80,13 +80,19 @@ function td(cls, text, hl) {
   return c;
 }
 
-function unifiedTable(file) {
+/** An empty diff table named for screen readers. */
+function diffTable(file, how) {
   const t = document.createElement("table");
   t.className = "diff";
   const cap = document.createElement("caption");
   cap.className = "sr-only";
-  cap.textContent = `Changes to ${file.name}, unified`;
+  cap.textContent = `Changes to ${file.name}, ${how}`;
   t.append(cap);
+  return t;
+}
+
+function unifiedTable(file) {
+  const t = diffTable(file, "unified");
   for (const h of file.hunks) {
     const hr = document.createElement("tr");
     hr.className = "hunk";
@@ -108,12 +114,7 @@ function unifiedTable(file) {
 }
 
 function splitTable(file) {
-  const t = document.createElement("table");
-  t.className = "diff";
-  const cap = document.createElement("caption");
-  cap.className = "sr-only";
-  cap.textContent = `Changes to ${file.name}, side by side`;
-  t.append(cap);
+  const t = diffTable(file, "side by side");
   for (const h of file.hunks) {
     const hr = document.createElement("tr");
     hr.className = "hunk";

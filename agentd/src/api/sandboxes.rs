@@ -72,26 +72,25 @@ pub(crate) async fn fork_route(
 pub(crate) async fn pause_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
     let sb = named(&mgr, &p.id, false)?;
     let took = mgr.pause(&sb).await?;
-    Ok(json(
-        StatusCode::OK,
-        &super::types::Paused {
-            sandbox: SandboxView::from(&sb.snapshot()),
-            freezer_ms: took.as_secs_f64() * 1000.0,
-        },
-    ))
+    Ok(paused(&sb, Some(took)))
 }
 
 /// `POST /v1/sandboxes/{id}/resume`.
 pub(crate) async fn resume_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
     let sb = named(&mgr, &p.id, true)?;
     let took = mgr.resume(&sb).await?;
-    Ok(json(
+    Ok(paused(&sb, took))
+}
+
+/// The answer of a pause or resume: the sandbox now and the freezer's time (0: nothing done).
+fn paused(sb: &Sandbox, took: Option<std::time::Duration>) -> Response<Body> {
+    json(
         StatusCode::OK,
         &super::types::Paused {
             sandbox: SandboxView::from(&sb.snapshot()),
             freezer_ms: took.map_or(0.0, |t| t.as_secs_f64() * 1000.0),
         },
-    ))
+    )
 }
 
 /// `GET /v1/sandboxes[?label=key=value]`.
