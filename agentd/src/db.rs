@@ -21,6 +21,9 @@ pub const SANDBOXES: Table = Table(TableDefinition::new("sandboxes"));
 /// Tasks by id ([`crate::task::TaskRecord`]).
 pub const TASKS: Table = Table(TableDefinition::new("tasks"));
 
+/// Warm pools' sizes by image ([`crate::sandbox::pool::PoolSize`]).
+pub const POOLS: Table = Table(TableDefinition::new("pools"));
+
 /// A table of JSON records keyed by id.
 #[derive(Clone, Copy)]
 pub struct Table(TableDefinition<'static, &'static str, &'static [u8]>);
@@ -121,7 +124,7 @@ impl Db {
         })?;
         let tx = db.begin_write().map_err(redb_err)?;
         // Every table; more kinds join this list.
-        for t in [SANDBOXES, TASKS] {
+        for t in [SANDBOXES, TASKS, POOLS] {
             tx.open_table(t.0).map_err(redb_err)?;
         }
         tx.commit().map_err(redb_err)?;
@@ -197,6 +200,11 @@ impl Db {
 
     /// Every record of `table`, in key order.
     pub fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>> {
+        Ok(self.entries(table)?.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// Every key and record of `table`, in key order.
+    pub fn entries<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<(String, T)>> {
         self.with(|db| {
             let tx = db.begin_read().map_err(redb_err)?;
             let t = tx.open_table(table.0).map_err(redb_err)?;
@@ -207,7 +215,7 @@ impl Db {
                     key: k.value().to_string(),
                     source,
                 })?;
-                out.push(value);
+                out.push((k.value().to_string(), value));
             }
             Ok(out)
         })

@@ -139,7 +139,8 @@ async fn chat(
         )));
     };
     let bytes = crate::api::read_body(req, MAX_REQUEST).await?;
-    let (forward, streaming) = with_usage_requested(&bytes)?;
+    let model = sb.snapshot().model;
+    let (forward, streaming) = with_usage_requested(&bytes, model.as_deref())?;
     drop(bytes);
     let mut request = client
         .post(format!("{}/chat/completions", upstream.base_url))
@@ -261,8 +262,9 @@ pub async fn upstream_models(upstream: &crate::daemon::config::LlmUpstream) -> O
 
 /// The request body to forward and whether it asks for a stream. Only the top level is parsed
 /// (each value stays the raw text it was, no tree of the body is built); a streamed request
-/// gets `stream_options.include_usage`, so that the last chunk carries the token counts.
-fn with_usage_requested(body: &[u8]) -> Result<(Vec<u8>, bool), ApiError> {
+/// gets `stream_options.include_usage`, so that the last chunk carries the token counts, and
+/// `model`, when given, replaces the request's (the sandbox's model is agentd's to say).
+fn with_usage_requested(body: &[u8], model: Option<&str>) -> Result<(Vec<u8>, bool), ApiError> {
     use serde_json::value::RawValue;
     let fields: std::collections::BTreeMap<String, &RawValue> = serde_json::from_slice(body)
         .map_err(|e| {
@@ -271,7 +273,7 @@ fn with_usage_requested(body: &[u8]) -> Result<(Vec<u8>, bool), ApiError> {
     let streaming = fields
         .get("stream")
         .is_some_and(|v| v.get().trim() == "true");
-    if !streaming {
+    if !streaming && model.is_none() {
         return Ok((body.to_vec(), false));
     }
     let mut options: serde_json::Map<String, serde_json::Value> = match fields.get("stream_options")
@@ -285,6 +287,7 @@ fn with_usage_requested(body: &[u8]) -> Result<(Vec<u8>, bool), ApiError> {
     };
     options.insert("include_usage".into(), serde_json::Value::Bool(true));
     let options = serde_json::to_string(&options).expect("a map serializes");
+    let model = model.map(|m| serde_json::to_string(m).expect("a string serializes"));
     let mut out = Vec::with_capacity(body.len() + 64);
     out.push(b'{');
     let mut first = true;
@@ -302,13 +305,17 @@ fn with_usage_requested(body: &[u8]) -> Result<(Vec<u8>, bool), ApiError> {
         out.extend_from_slice(v.as_bytes());
     };
     for (k, v) in &fields {
-        if k != "stream_options" {
-            put(&mut out, k, v.get());
+        match (k.as_str(), &model) {
+            ("stream_options", _) => {}
+            ("model", Some(m)) => put(&mut out, k, m),
+            _ => put(&mut out, k, v.get()),
         }
     }
-    put(&mut out, "stream_options", &options);
+    if streaming {
+        put(&mut out, "stream_options", &options);
+    }
     out.push(b'}');
-    Ok((out, true))
+    Ok((out, streaming))
 }
 
 /// One chat request of a sandbox in flight (counted on the sandbox).
@@ -356,6 +363,7 @@ mod tests {
     fn test_usage_requested_without_a_tree_of_the_body() {
         let (out, streaming) = with_usage_requested(
             br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+            None,
         )
         .unwrap();
         assert!(streaming);
@@ -364,6 +372,7 @@ mod tests {
         assert_eq!(v["messages"][0]["content"], "hi");
         let (out, _) = with_usage_requested(
             br#"{"stream":true,"stream_options":{"x":1,"include_usage":false}}"#,
+            None,
         )
         .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -372,9 +381,18 @@ mod tests {
             serde_json::json!({"x": 1, "include_usage": true})
         );
         let body = br#"{"stream":false,"model":"m"}"#;
-        assert_eq!(with_usage_requested(body).unwrap(), (body.to_vec(), false));
-        assert!(with_usage_requested(b"[1]").is_err());
-        assert!(with_usage_requested(br#"{"stream":true,"stream_options":3}"#).is_err());
+        assert_eq!(
+            with_usage_requested(body, None).unwrap(),
+            (body.to_vec(), false)
+        );
+        assert!(with_usage_requested(b"[1]", None).is_err());
+        assert!(with_usage_requested(br#"{"stream":true,"stream_options":3}"#, None).is_err());
+        // A claimed pooled sandbox's model replaces what its OpenCode asks for.
+        let (out, streaming) =
+            with_usage_requested(br#"{"model":"pool-m","messages":[]}"#, Some("mine")).unwrap();
+        assert!(!streaming);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, serde_json::json!({"model": "mine", "messages": []}));
     }
 
     #[test]

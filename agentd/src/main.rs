@@ -25,6 +25,9 @@ enum Command {
     Sandbox(agentd::cli::sandbox::SandboxArgs),
     /// Hand a prompt and a workspace to agents through a running daemon; see their results.
     Task(agentd::cli::task::TaskArgs),
+    /// Warm pools: list them, or keep SIZE sandboxes of IMAGE started ahead
+    /// (`agentd pool opencode 4`).
+    Pool(agentd::cli::pool::PoolArgs),
     /// Print a one-use login link for the web UI (agentd serve --listen serves it).
     Ui(agentd::cli::ui::UiArgs),
     /// Remove what `agentd serve` set up on this host (sandboxes, bridge, firewall chain,
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Command::Sandbox(args) => agentd::cli::sandbox::run(args),
         Command::Task(args) => agentd::cli::task::run(args),
         Command::Ui(args) => agentd::cli::ui::run(args),
+        Command::Pool(args) => agentd::cli::pool::run(args),
         Command::Teardown(args) => agentd::daemon::teardown::run(*args),
         Command::Serve(_) => unreachable!("handled above"),
     };

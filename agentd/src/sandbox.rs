@@ -60,6 +60,7 @@ mod create;
 mod fork;
 pub mod fs;
 mod pause;
+pub mod pool;
 mod reconcile;
 mod supervise;
 
@@ -200,6 +201,14 @@ pub struct SandboxRecord {
     /// What its idle timeout does.
     #[serde(default)]
     pub idle_action: IdleAction,
+    /// The warm pool (its image) it waits in until a create claims it; hidden from the API
+    /// meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// The model the LLM gateway sends its OpenCode's requests to, when it is not the one
+    /// OpenCode was started with (a pooled sandbox claimed for another model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// What a sandbox's idle timeout does.
@@ -307,6 +316,10 @@ pub struct CreateSandbox {
     #[serde(skip)]
     #[schemars(skip)]
     pub cache: Option<std::path::PathBuf>,
+    /// Made for this warm pool (an image), not for a caller. Never on the wire.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub pool: Option<String>,
 }
 
 /// How the setup command went.
@@ -551,6 +564,8 @@ pub struct Manager {
     /// The upstream's model list and when it was read (`None` inside: it gave none).
     /// A std mutex: read and replaced, never held across an await.
     models: Mutex<Option<(Instant, Option<Vec<String>>)>>,
+    /// The warm pools.
+    pub pools: pool::Pools,
     /// HTTP client for the sandboxes' OpenCode servers.
     pub http: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -591,7 +606,7 @@ impl Manager {
         let http =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http();
-        Ok(Arc::new(Manager {
+        let mgr = Arc::new(Manager {
             config,
             db,
             runtime,
@@ -605,7 +620,10 @@ impl Manager {
             http,
             models: Mutex::new(None),
             shutdown: watch::channel(false).0,
-        }))
+            pools: pool::Pools::default(),
+        });
+        mgr.load_pools()?;
+        Ok(mgr)
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Sandbox>>> {
@@ -661,15 +679,18 @@ impl Manager {
         .map_err(Error::internal)?
     }
 
-    /// A sandbox by id or name.
+    /// A sandbox by id or name (not one waiting in a warm pool: nobody's yet).
     pub fn get(&self, key: &str) -> Result<Arc<Sandbox>> {
         let map = self.map();
-        if let Some(sb) = map.get(key) {
-            return Ok(sb.clone());
-        }
-        map.values()
-            .find(|s| s.snapshot().name.as_deref() == Some(key))
-            .cloned()
+        let found = match map.get(key) {
+            Some(sb) => Some(sb.clone()),
+            None => map
+                .values()
+                .find(|s| s.snapshot().name.as_deref() == Some(key))
+                .cloned(),
+        };
+        found
+            .filter(|s| s.snapshot().pool.is_none())
             .ok_or_else(|| Error::NotFound(format!("no sandbox {key:?}")))
     }
 

@@ -2,8 +2,8 @@
 //! gone.
 //!
 //! libcontainer creates the cgroups and writes the limits (its v1 manager on hybrid hosts like
-//! ours, its v2 manager on a pure unified host). This module only reads them back (stats, OOM
-//! kills) and removes leftovers of sandboxes whose shim died. It only ever touches directories
+//! ours, its v2 manager on a pure unified host). This module reads them back (stats, OOM
+//! kills), changes a running sandbox's limits, freezes it, and removes leftovers of sandboxes whose shim died. It only ever touches directories
 //! under our project parent (`<root>/<controller>/<parent>/<id>` on v1, `<root>/<parent>/<id>`
 //! on v2), never a cgroup someone else created.
 
@@ -237,6 +237,63 @@ impl SandboxCgroup {
                 return Err(CgroupError::Freeze(file));
             }
             thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Changes the limits of a running sandbox (a warm pool's sandbox taken by a create with
+    /// limits of its own): memory (no swap, as at create), cpus (`None`: no quota) and pids.
+    /// A memory limit below what the sandbox uses now fails (EBUSY on v1 after reclaim; v2
+    /// would OOM-kill, so it is refused here first), and nothing is changed then.
+    pub fn set_limits(&self, memory_bytes: u64, cpus: Option<f64>, pids: u64) -> Result<()> {
+        let write = |path: PathBuf, value: String| {
+            fs::write(&path, &value).map_err(|source| CgroupError::Io { path, source })
+        };
+        let period = crate::spec::DEFAULT_CPU_PERIOD_US;
+        #[allow(clippy::cast_possible_truncation)] // validated to 0.01..=1024 cores
+        let quota = cpus.map(|c| (c * period as f64).round() as i64);
+        match self.version {
+            CgroupVersion::V1 => {
+                let mem = self.v1("memory");
+                let limit = mem.join("memory.limit_in_bytes");
+                let memsw = mem.join("memory.memsw.limit_in_bytes");
+                // The kernel keeps limit <= memsw at every step: raise memsw first when
+                // growing, the limit first when shrinking.
+                let growing = read_u64(&limit)? <= memory_bytes;
+                let has_memsw = memsw.exists();
+                if growing && has_memsw {
+                    write(memsw.clone(), memory_bytes.to_string())?;
+                }
+                write(limit, memory_bytes.to_string())?;
+                if !growing && has_memsw {
+                    write(memsw, memory_bytes.to_string())?;
+                }
+                let cpu = self.v1("cpu");
+                write(cpu.join("cpu.cfs_period_us"), period.to_string())?;
+                write(
+                    cpu.join("cpu.cfs_quota_us"),
+                    quota.unwrap_or(-1).to_string(),
+                )?;
+                write(self.v1("pids").join("pids.max"), pids.to_string())
+            }
+            CgroupVersion::V2 => {
+                let dir = self.v2();
+                if read_u64(&dir.join("memory.current"))? > memory_bytes {
+                    return Err(CgroupError::Io {
+                        path: dir.join("memory.max"),
+                        source: io::Error::from_raw_os_error(libc::EBUSY),
+                    });
+                }
+                write(dir.join("memory.max"), memory_bytes.to_string())?;
+                let _ = write(dir.join("memory.swap.max"), "0".into());
+                write(
+                    dir.join("cpu.max"),
+                    match quota {
+                        Some(q) => format!("{q} {period}"),
+                        None => format!("max {period}"),
+                    },
+                )?;
+                write(dir.join("pids.max"), pids.to_string())
+            }
         }
     }
 

@@ -289,6 +289,7 @@ impl Daemon {
     /// Deletes every sandbox through the API (each must answer 204) and checks that nothing
     /// of them is left on the host.
     pub fn delete_all_and_check_clean(&self) {
+        self.empty_pools();
         let list = self.call("GET", "/v1/sandboxes", None).json();
         for s in list["sandboxes"].as_array().unwrap() {
             let id = s["id"].as_str().unwrap();
@@ -297,6 +298,31 @@ impl Daemon {
         }
         let left = self.leftovers();
         assert!(left.is_empty(), "leftovers: {left:#?}");
+    }
+
+    /// Sets every warm pool's size to 0 and waits (30 s at most) until their sandboxes are
+    /// gone: pooled sandboxes are not listed, so deleting the listed ones would leave them.
+    pub fn empty_pools(&self) {
+        let pools = |d: &Daemon| {
+            d.call("GET", "/v1/pools", None).json()["pools"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        };
+        for p in pools(self) {
+            if p["size"] != 0 {
+                let body = serde_json::json!({"image": p["image"], "size": 0});
+                let _ = self.call("PUT", "/v1/pools", Some(body));
+            }
+        }
+        let start = Instant::now();
+        while pools(self)
+            .iter()
+            .any(|p| p["ready"] != 0 || p["starting"] != 0)
+            && start.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The daemon's pid, while it runs.
@@ -443,6 +469,7 @@ impl Drop for Daemon {
         // Remove every sandbox through the API (the daemon owns them), then stop it and
         // remove the bridge and cgroup parents the test made.
         if self.child.is_some() {
+            self.empty_pools();
             let list = self.call("GET", "/v1/sandboxes", None).json();
             for s in list["sandboxes"].as_array().cloned().unwrap_or_default() {
                 let id = s["id"].as_str().unwrap_or_default();

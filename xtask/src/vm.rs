@@ -258,14 +258,28 @@ fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
 }
 
 /// Builds the test executables of `tests/` and returns those in [`GUEST_TESTS`].
+///
+/// `--workspace`, as `cargo xtask ci` tests: the same features, so the host's test build is
+/// reused instead of building every dependency a second time (time, and disk: CI once ran out
+/// of it here). cargo's progress and errors go to this command's stderr as they come, so the
+/// end of the log shows what failed.
 fn test_executables() -> anyhow::Result<Vec<(String, PathBuf)>> {
-    let out = output(cargo().args([
-        "test",
-        "-p",
-        "agentd-tests",
-        "--no-run",
-        "--message-format=json",
-    ]))?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--no-run", "--message-format=json"])
+        .stderr(Stdio::inherit());
+    let built = cmd.output().context("cannot start cargo")?;
+    let out = String::from_utf8_lossy(&built.stdout);
+    if !built.status.success() {
+        // With JSON messages the compiler's errors are on stdout: show them rendered.
+        for line in out.lines() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                if let Some(r) = v["message"]["rendered"].as_str() {
+                    eprint!("{r}");
+                }
+            }
+        }
+        bail!("building the tests for the VM failed with {}", built.status);
+    }
     let mut found = Vec::new();
     for line in out.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {

@@ -12,6 +12,7 @@ pub mod files;
 pub mod images;
 pub mod openapi;
 pub mod origins;
+pub mod pools;
 pub mod proxy;
 pub mod routes;
 pub mod sandboxes;

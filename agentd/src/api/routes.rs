@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::openapi::schema_of;
-use super::{images, openapi, sandboxes, tasks, types};
+use super::{images, openapi, pools, sandboxes, tasks, types};
 use crate::sandbox::Manager;
 
 /// A JSON Schema, made when the document is.
@@ -183,6 +183,11 @@ routes! {
     GET "/v1/sandboxes/{id}/attach" => sandboxes::attach, query None, in [],
         out 200 [JSON: schema_of::<types::AttachView>],
         "How opencode attach reaches the sandbox's OpenCode through agentd (its origin and attach password)";
+    GET "/v1/pools" => pools::list, query None, in [], out 200 [JSON: schema_of::<crate::sandbox::pool::PoolList>],
+        "Warm pools: size, ready and starting sandboxes, hits, misses, refills";
+    PUT "/v1/pools" => pools::set, query None, in [JSON: schema_of::<crate::sandbox::pool::SetPool>],
+        out 200 [JSON: schema_of::<crate::sandbox::pool::PoolView>],
+        "Set a warm pool's size (kept across restarts; 0 empties it): sandboxes of the image started ahead, OpenCode ready and paused, taken by creates and task attempts that ask for no env, network, permissions, setup or disk limit of their own";
     GET "/v1/images" => images::list, query None, in [], out 200 [JSON: schema_of::<types::ImageList>],
         "List images";
     POST "/v1/images/pull" => images::pull, query None, in [JSON: schema_of::<types::PullRequest>],
@@ -351,6 +356,7 @@ async fn metrics(
     text.push_str(&format!(
         "# HELP agentd_sandboxes_paused Live sandboxes whose processes are frozen.\n# TYPE agentd_sandboxes_paused gauge\nagentd_sandboxes_paused {paused}\n"
     ));
+    text.push_str(&mgr.render_pool_metrics());
     if let Some(tasks) = mgr.tasks.get() {
         text.push_str(&tasks.render_metrics());
     }

@@ -100,6 +100,8 @@ pub(crate) async fn list(State(mgr): State<Arc<Manager>>, Query(q): Query<ListQu
         .list()
         .iter()
         .map(|s| s.snapshot())
+        // Pooled sandboxes are nobody's until claimed (GET /v1/pools counts them).
+        .filter(|r| r.pool.is_none())
         .filter(|r| match &label {
             None => true,
             Some(l) => {

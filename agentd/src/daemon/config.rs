@@ -38,6 +38,8 @@ pub const DEFAULT_SANDBOX_PIDS: u64 = 2048;
 pub const DEFAULT_SANDBOX_DISK: &str = "10g";
 /// Size of each dependency cache when the config names none.
 pub const DEFAULT_DEPENDENCY_CACHE: &str = "4g";
+/// Largest warm pool of one image.
+pub const MAX_POOL_SIZE: u32 = 256;
 /// Longest `ttl_secs` and `idle_timeout_secs`: a year.
 pub const MAX_SANDBOX_TIMEOUT_SECS: u64 = 366 * 24 * 3600;
 /// Seconds without API traffic after which a sandbox is stopped and removed.
@@ -126,6 +128,12 @@ pub struct ServeArgs {
         value_delimiter = ';'
     )]
     pub egress_presets: Option<Vec<String>>,
+    /// A warm pool: IMAGE=N keeps N sandboxes of IMAGE started ahead (OpenCode ready, then
+    /// paused), which creates and task attempts that ask for nothing the pool cannot give
+    /// take at once (repeatable; in TOML a list of such strings; `PUT /v1/pools/IMAGE`
+    /// changes it live) [default: none].
+    #[arg(long = "warm-pool", env = "AGENTD_WARM_POOLS", value_delimiter = ';')]
+    pub warm_pools: Option<Vec<String>>,
     /// Internal networks the egress proxy may connect to, comma-separated CIDRs (e.g. a
     /// package mirror at 10.1.2.3/32) [default: none: loopback, private, link-local and
     /// metadata addresses are refused].
@@ -252,6 +260,8 @@ pub struct Config {
     pub egress_nat_port: u16,
     /// Named host lists for allow lists.
     pub egress_presets: std::collections::BTreeMap<String, Vec<String>>,
+    /// Warm pools at start: image and size.
+    pub warm_pools: std::collections::BTreeMap<String, u32>,
     /// Internal networks the egress proxy may connect to.
     pub egress_allow_networks: Vec<crate::workspace::Network>,
     /// The CA bundle allowlist sandboxes trust, as given.
@@ -480,6 +490,26 @@ impl Config {
             }
             egress_presets.insert(name.to_string(), hosts);
         }
+        let mut warm_pools = std::collections::BTreeMap::new();
+        for p in args
+            .warm_pools
+            .iter()
+            .flatten()
+            .filter(|p| !p.trim().is_empty())
+        {
+            let (image, n) = p
+                .rsplit_once('=')
+                .with_context(|| format!("warm pool {p:?}: write IMAGE=N, e.g. opencode=4"))?;
+            let n: u32 = n
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| *n <= MAX_POOL_SIZE)
+                .with_context(|| {
+                    format!("warm pool {p:?}: N must be a number from 0 to {MAX_POOL_SIZE}")
+                })?;
+            warm_pools.insert(image.trim().to_string(), n);
+        }
         Ok(Config {
             socket: abs(args.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))),
             listen: args.listen,
@@ -499,6 +529,7 @@ impl Config {
             origin_base,
             egress_nat_port,
             egress_presets,
+            warm_pools,
             egress_allow_networks: networks(
                 "egress_allow_networks",
                 args.egress_allow_networks.as_deref(),

@@ -110,6 +110,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = mgr.tasks.set(tasks.clone());
     tasks.reconcile().await?;
     tokio::spawn(tasks.reaper());
+    tokio::spawn(mgr.clone().pool_keeper());
     tracing::info!(socket = %socket.display(), state_dir = %mgr.config.state_dir.display(), "agentd serving");
     crate::api::serve(mgr.clone(), unix, tcp, shutdown_signal()).await;
     // blocking-ok: the listeners are closed; agentd is stopping.

@@ -40,6 +40,10 @@ pub fn run(args: TeardownArgs) -> anyhow::Result<u8> {
     if sandboxes.is_dir() {
         let runtime = Runtime::new(&sandboxes).with_cgroup_parent(config.cgroup_parent.clone());
         for id in runtime.list().context("cannot list the sandboxes")? {
+            // A paused sandbox (or a warm pool's) is thawed first: frozen processes take no
+            // signal, so the shim's delete would wait for them in vain. A cgroup without a
+            // freezer state (gone, or never frozen) makes this a no-op.
+            let _ = runtime.cgroup(&id).freeze(false);
             // The shim removes everything of a live sandbox; after a dead shim, cleanup does.
             let deleted = runtime.shim_alive(&id) && runtime.client(&id).delete().is_ok();
             if !deleted {

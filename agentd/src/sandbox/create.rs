@@ -67,8 +67,21 @@ impl Manager {
     /// ([`Self::start`]); returns once it runs (OpenCode may still be starting).
     pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> Result<SandboxRecord> {
         let started = Instant::now();
+        if let Some(image) = pool::pool_for(&req) {
+            let (limits, _) = self.validate_create(&req)?;
+            if let Some(rec) = self.claim(&req, &image, &limits).await? {
+                self.metrics.observe_create(started.elapsed());
+                return Ok(rec);
+            }
+        }
         let plan = self.plan(&req).await?;
-        let (sb, secrets) = self.admit(&req, &plan).await?;
+        let (sb, secrets) = match self.admit(&req, &plan).await {
+            // Room a warm pool holds is given back to a create that needs it.
+            Err(Error::Quota(_)) if req.pool.is_none() && self.evict_pooled().await => {
+                self.admit(&req, &plan).await?
+            }
+            other => other?,
+        };
         let id = sb.snapshot().id;
         tracing::debug!(sandbox = %id, ms = started.elapsed().as_secs_f64() * 1e3, "create: image and record ready");
         let spec = self.spec(&req, &plan, &id, secrets.as_ref());
@@ -261,6 +274,8 @@ impl Manager {
             paused_at: None,
             idle_action: req.idle_action.unwrap_or_default(),
             base_layers: req.base_layers.clone(),
+            pool: req.pool.clone(),
+            model: None,
         };
         // The record (state `creating`) is written durably while the shim starts, in
         // parallel (see [`Self::start`]): a crash before the write lands leaves a state dir

@@ -75,7 +75,7 @@ impl Manager {
         self.resume(sb).await.map(drop)
     }
 
-    async fn freeze(&self, id: &str, frozen: bool) -> Result<Duration> {
+    pub(super) async fn freeze(&self, id: &str, frozen: bool) -> Result<Duration> {
         let cgroup = self.runtime.cgroup(id);
         tokio::task::spawn_blocking(move || {
             let t = Instant::now();

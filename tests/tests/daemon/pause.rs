@@ -4,7 +4,8 @@
 //! running sandbox does nothing; `idle_action: pause` pauses an idle sandbox before it stops
 //! it; a paused sandbox stops and deletes cleanly. The freezer's times are printed (the
 //! benchmark's job is the ratio; this test only checks the semantics). Forks start from a
-//! sandbox's files and diverge.
+//! sandbox's files and diverge. Warm pools hand out paused, ready OpenCode sandboxes that
+//! become the claimer's alone.
 
 use std::time::{Duration, Instant};
 
@@ -232,5 +233,227 @@ fn test_fork_copies_files_and_diverges() {
     let r = d.call("DELETE", &format!("/v1/sandboxes/{}", forks[1]), None);
     assert_eq!(r.status, 204, "{}", r.text());
     assert_eq!(layers(), 0, "the fork layer outlived its forks");
+    d.delete_all_and_check_clean();
+}
+
+/// The pool's view of `image`, once `ready` pooled sandboxes of it are ready, none starting,
+/// and `refills` refills done (at most 3 min).
+fn pool_when_ready(
+    d: &agentd_tests::daemon::Daemon,
+    image: &str,
+    ready: u64,
+    refills: u64,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let v = d.call("GET", "/v1/pools", None).json();
+        let p = v["pools"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["image"] == image).cloned())
+            .unwrap_or_default();
+        if p["ready"].as_u64() == Some(ready)
+            && p["starting"].as_u64() == Some(0)
+            && p["refills"].as_u64() >= Some(refills)
+        {
+            return p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "the pool never had {ready} ready: {v:#}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A host cgroup file of sandbox `id` under the daemon's parent, v1 or v2.
+fn cgroup_file(d: &agentd_tests::daemon::Daemon, id: &str, controller: &str, file: &str) -> String {
+    let v1 = format!(
+        "/sys/fs/cgroup/{controller}/{}/{id}/{file}",
+        d.cgroup_parent
+    );
+    let v2 = format!("/sys/fs/cgroup/{}/{id}/{file}", d.cgroup_parent);
+    std::fs::read_to_string(&v1)
+        .or_else(|_| std::fs::read_to_string(&v2))
+        .unwrap_or_else(|e| panic!("{v1}: {e}"))
+        .trim()
+        .to_string()
+}
+
+/// Warm pools: `--warm-pool opencode=1` keeps one OpenCode sandbox ready and paused, hidden
+/// from the sandbox list; a create that asks for nothing the pool cannot give takes it at
+/// once (timed) with its own name, labels, limits (in the cgroup), model (the gateway sends
+/// the sandbox's requests to it) and token count from zero; the pool refills with another
+/// sandbox; a create with its own environment is not served from the pool; hits, misses and
+/// refills show in `/v1/pools` and `/metrics`; size 0 empties the pool and leaves nothing.
+#[test]
+fn test_warm_pool_claims_are_the_claimers_alone() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = agentd_tests::daemon::MockLlm::start("echo pooled > /home/agent/pooled.txt");
+    let gateway = agentd_tests::registry::free_port().to_string();
+    let d = agentd_tests::daemon::Daemon::start(
+        &images,
+        &[
+            "--llm-base-url",
+            &llm.base_url,
+            "--gateway-port",
+            &gateway,
+            "--warm-pool",
+            "opencode=1",
+        ],
+    );
+    let t0 = Instant::now();
+    let p = pool_when_ready(&d, "opencode", 1, 1);
+    eprintln!("[{:?}] pool ready: {p}", t0.elapsed());
+    assert_eq!(p["size"], 1, "{p:#}");
+    assert!(p["last_refill_ms"].as_u64().is_some(), "{p:#}");
+    let listed = d.call("GET", "/v1/sandboxes", None).json();
+    assert_eq!(listed["sandboxes"], json!([]), "a pooled sandbox is listed");
+
+    // Bad pool requests say why.
+    let r = d.call(
+        "PUT",
+        "/v1/pools",
+        Some(json!({"image": "no-such-image", "size": 1})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("unknown image"), "{}", r.text());
+    let r = d.call(
+        "PUT",
+        "/v1/pools",
+        Some(json!({"image": "opencode", "size": 100000})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    let t = Instant::now();
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({
+            "name": "mine", "labels": {"team": "x"}, "model": "mock-large",
+            "limits": {"memory": "1536m", "cpus": 1.5, "pids": 300}
+        })),
+    );
+    let took = t.elapsed();
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), d.log());
+    let v = r.json();
+    eprintln!(
+        "warm pool: claimed create -> OpenCode ready {:.1} ms over the socket",
+        took.as_secs_f64() * 1000.0
+    );
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(v["state"], "ready", "{v:#}");
+    assert_eq!(v["paused"], false, "{v:#}");
+    assert_eq!(v["name"], "mine", "{v:#}");
+    assert_eq!(v["labels"], json!({"team": "x"}), "{v:#}");
+    assert_eq!(v["usage"]["prompt_tokens"], 0, "{v:#}");
+    assert_eq!(v["limits"]["memory_bytes"], 1536u64 << 20, "{v:#}");
+    // The limits are the kernel's, not only the record's.
+    assert_eq!(
+        cgroup_file(&d, &id, "memory", "memory.limit_in_bytes"),
+        (1536u64 << 20).to_string()
+    );
+    assert_eq!(cgroup_file(&d, &id, "pids", "pids.max"), "300");
+    assert_eq!(cgroup_file(&d, &id, "cpu", "cpu.cfs_quota_us"), "150000");
+    let listed = d.call("GET", "/v1/sandboxes", None).json();
+    assert_eq!(
+        listed["sandboxes"].as_array().unwrap().len(),
+        1,
+        "{listed:#}"
+    );
+
+    // Its OpenCode works for the claimer, through the gateway, with the claimer's model.
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/opencode/session"),
+        Some(json!({})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let session = r.json()["id"].as_str().unwrap().to_string();
+    let socket = d.socket.clone();
+    let events = std::thread::spawn({
+        let path = format!("/v1/sandboxes/{id}/opencode/event");
+        move || {
+            agentd_tests::daemon::follow_until(
+                &socket,
+                &path,
+                "session.idle",
+                Duration::from_secs(120),
+            )
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/opencode/session/{session}/prompt_async"),
+        Some(json!({"parts": [{"type": "text", "text": "write the file"}]})),
+    );
+    assert!(
+        r.status == 204 || r.status == 200,
+        "{} {}",
+        r.status,
+        r.text()
+    );
+    let seen = events.join().unwrap();
+    assert!(seen.contains("session.idle"), "{seen}\n{}", d.log());
+    let (code, out, err) = d.exec(&id, &["cat", "/home/agent/pooled.txt"]);
+    assert_eq!((code, out.trim()), (0, "pooled"), "{err}");
+    let models: Vec<String> = llm
+        .requests_seen()
+        .iter()
+        .filter_map(|r| r["model"].as_str().map(str::to_string))
+        .collect();
+    assert!(!models.is_empty());
+    assert!(
+        models.iter().all(|m| m == "mock-large"),
+        "the gateway did not send the claimer's model: {models:?}"
+    );
+    let v = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() >= 42, "{v:#}");
+
+    // Refilled with another sandbox, which is not the claimed one.
+    eprintln!("[{:?}] prompt done", t0.elapsed());
+    let p = pool_when_ready(&d, "opencode", 1, 2);
+    eprintln!("[{:?}] refilled: {p}", t0.elapsed());
+    assert_eq!(
+        (p["hits"].as_u64(), p["refills"].as_u64()),
+        (Some(1), Some(2)),
+        "{p:#}"
+    );
+    // A create with an environment of its own is no claim: it makes its own sandbox.
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"opencode": false, "env": {"A": "1"}, "limits": {"memory": "256m"}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let own = r.json();
+    assert_eq!(own["state"], "ready", "{own:#}");
+    let p = pool_when_ready(&d, "opencode", 1, 2);
+    assert_eq!(p["hits"], 1, "{p:#}");
+    let metrics = d.call("GET", "/metrics", None).text();
+    for line in [
+        "agentd_pool_hits_total{image=\"opencode\"} 1",
+        "agentd_pool_ready{image=\"opencode\"} 1",
+        "agentd_pool_refill_seconds_count{image=\"opencode\"} 2",
+    ] {
+        assert!(metrics.contains(line), "no {line} in\n{metrics}");
+    }
+    // The pooled one waits frozen.
+    assert!(metrics.contains("agentd_sandboxes_paused 1"), "{metrics}");
+
+    // Emptied: the pooled sandbox goes; the claimed one stays the claimer's.
+    let r = d.call(
+        "PUT",
+        "/v1/pools",
+        Some(json!({"image": "opencode", "size": 0})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let p = pool_when_ready(&d, "opencode", 0, 2);
+    eprintln!("[{:?}] emptied", t0.elapsed());
+    assert_eq!(p["size"], 0, "{p:#}");
+    let v = d.call("GET", "/v1/sandboxes/mine", None).json();
+    assert_eq!(v["state"], "ready", "{v:#}");
     d.delete_all_and_check_clean();
 }
