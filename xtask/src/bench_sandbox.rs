@@ -77,6 +77,24 @@ pub(crate) struct Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Warm pools' sandboxes are not listed: the pools are emptied first.
+        let pools = |s: &Path| {
+            call(s, "GET", "/v1/pools", "")
+                .map(|(_, b)| json(&b)["pools"].as_array().cloned().unwrap_or_default())
+                .unwrap_or_default()
+        };
+        for p in pools(&self.socket) {
+            let body = serde_json::json!({"image": p["image"], "size": 0}).to_string();
+            let _ = call(&self.socket, "PUT", "/v1/pools", &body);
+        }
+        let t = Instant::now();
+        while pools(&self.socket)
+            .iter()
+            .any(|p| p["ready"] != 0 || p["starting"] != 0)
+            && t.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         if let Ok((_, body)) = call(&self.socket, "GET", "/v1/sandboxes", "") {
             for s in json(&body)["sandboxes"]
                 .as_array()
