@@ -139,9 +139,14 @@ async fn chat(
         )));
     };
     let bytes = crate::api::read_body(req, MAX_REQUEST).await?;
-    let model = sb.snapshot().model;
-    let (forward, streaming) = with_usage_requested(&bytes, model.as_deref())?;
+    let rec = sb.snapshot();
+    let (forward, streaming) = with_usage_requested(&bytes, rec.model.as_deref())?;
     drop(bytes);
+    if rec.pool.is_some() {
+        // A warm pool's sandbox warming its OpenCode up (nobody's prompt): answered here,
+        // no upstream, no tokens.
+        return Ok(warm_up_answer(streaming));
+    }
     let mut request = client
         .post(format!("{}/chat/completions", upstream.base_url))
         .header("content-type", "application/json")
@@ -227,6 +232,54 @@ async fn chat(
         .header("cache-control", "no-cache")
         .body(crate::api::channel_body(rx))
         .expect("valid response"))
+}
+
+/// The answer to a pooled sandbox's warm-up prompt: one short text, streamed if asked, in
+/// OpenAI's chat-completions shapes.
+fn warm_up_answer(streaming: bool) -> Response<Body> {
+    let usage = serde_json::json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0});
+    let (content_type, body) = if streaming {
+        let chunk = |delta: serde_json::Value,
+                     finish: serde_json::Value,
+                     usage: Option<&serde_json::Value>| {
+            let mut v = serde_json::json!({
+                "id": "agentd-warm-up", "object": "chat.completion.chunk", "created": 0,
+                "model": "agentd-warm-up",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            });
+            if let Some(u) = usage {
+                v["usage"] = u.clone();
+            }
+            format!("data: {v}\n\n")
+        };
+        let body = format!(
+            "{}{}data: [DONE]\n\n",
+            chunk(
+                serde_json::json!({"role": "assistant", "content": "ok"}),
+                serde_json::Value::Null,
+                None
+            ),
+            chunk(
+                serde_json::json!({}),
+                serde_json::json!("stop"),
+                Some(&usage)
+            ),
+        );
+        ("text/event-stream", body)
+    } else {
+        let v = serde_json::json!({
+            "id": "agentd-warm-up", "object": "chat.completion", "created": 0,
+            "model": "agentd-warm-up",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": usage,
+        });
+        ("application/json", v.to_string())
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", content_type)
+        .body(crate::api::full(body))
+        .expect("valid response")
 }
 
 /// The model ids the upstream's `GET <base>/models` lists; `None` when it does not answer

@@ -187,6 +187,13 @@ impl Client {
         .map(drop)
     }
 
+    /// Deletes a session (its messages included).
+    pub async fn delete_session(&self, session: &str) -> Result<(), String> {
+        self.call(hyper::Method::DELETE, &format!("/session/{session}"), None)
+            .await
+            .map(drop)
+    }
+
     /// Stops what the session's agent is doing.
     pub async fn abort(&self, session: &str) -> Result<(), String> {
         self.call(

@@ -31,6 +31,10 @@ use crate::error::Error;
 const READY_LIMIT: Duration = Duration::from_secs(180);
 /// How long a pool waits after a failed refill before it tries again.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How long a pooled sandbox's warm-up prompt may take.
+const WARM_UP_LIMIT: Duration = Duration::from_secs(60);
+/// Where the warm-up session runs (a tmpfs in every sandbox).
+const WARM_UP_DIR: &str = "/tmp";
 /// How often the keeper looks at the pools when nothing wakes it.
 const TICK: Duration = Duration::from_secs(2);
 
@@ -521,10 +525,53 @@ impl Manager {
         if sb.snapshot().pool.is_none() {
             return Ok(());
         }
+        // A claim may take it while it warms up: the warm-up session is then left behind
+        // (deleted by the warm-up's end if it gets there), which costs the claimer nothing.
+        if let Err(e) = self.warm_up(&sb).await {
+            // A cold OpenCode still works: only the claimer's first prompt is slower.
+            tracing::warn!(sandbox = %rec.id, error = %e, "the pooled sandbox's OpenCode warm-up failed");
+        }
+        if sb.snapshot().pool.is_none() {
+            return Ok(());
+        }
         match self.pause_pooled(&sb).await {
             Ok(()) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Runs one prompt through a pooled sandbox's OpenCode (its gateway answers it at once,
+    /// without the upstream: no tokens), so that what OpenCode does on its first prompt
+    /// (loading the provider SDK, the tools, the system prompt) is done before a claim;
+    /// then deletes that session. In a scratch directory: the claimer's directories get
+    /// OpenCode instances of their own, with nothing of this one in them.
+    async fn warm_up(&self, sb: &Arc<Sandbox>) -> std::result::Result<(), String> {
+        let rec = sb.snapshot();
+        let Some(secrets) = rec.opencode else {
+            return Ok(());
+        };
+        let oc = crate::opencode::client::Client::new(
+            &self.http,
+            rec.address,
+            &secrets.password,
+            WARM_UP_DIR,
+        );
+        let t = Instant::now();
+        let session = oc.create_session("agentd warm-up").await?;
+        oc.prompt(&session, "Reply with ok.").await?;
+        let answered = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if oc.last_message(&session).await.is_some() && oc.is_idle(&session).await {
+                    return;
+                }
+            }
+        };
+        let done = tokio::time::timeout(WARM_UP_LIMIT, answered).await;
+        let _ = oc.delete_session(&session).await;
+        done.map_err(|_| format!("no answer within {} s", WARM_UP_LIMIT.as_secs()))?;
+        tracing::debug!(sandbox = %rec.id, ms = t.elapsed().as_secs_f64() * 1e3, "pooled OpenCode warmed up");
+        Ok(())
     }
 
     /// Pauses a pooled sandbox unless a claim took it meanwhile (checked under the freezer
