@@ -287,6 +287,13 @@ pub struct SandboxSpec {
     /// sandbox lives until stopped; work is started in it with exec. `args` must be empty.
     #[serde(default)]
     pub idle: bool,
+    /// Mark every process of the sandbox as mergeable by KSM (`PR_SET_MEMORY_MERGE`, Linux
+    /// 6.4+): identical pages of sandboxes running the same program are then kept once by
+    /// the kernel, once the host turned KSM on (`/sys/kernel/mm/ksm/run`). Off by default:
+    /// page sharing between sandboxes opens timing side channels (a sandbox can learn
+    /// whether another holds a page with given contents).
+    #[serde(default)]
+    pub memory_merge: bool,
 }
 
 /// The argument vector that tells the sandbox's init to run no command (see
@@ -311,6 +318,7 @@ impl SandboxSpec {
             seccomp: SeccompProfile::Default,
             readonly_rootfs: true,
             idle: false,
+            memory_merge: false,
         }
     }
 

@@ -10,11 +10,14 @@
 //!   bare `opencode serve`, memory per sandbox, 50 creates at once.
 //! - `bench pool`: create -> OpenCode ready claimed from a warm pool against a cold create,
 //!   and a one-round task with an instant LLM with and without the pool.
+//! - `bench density`: host memory per idle OpenCode sandbox (running, paused), as it is,
+//!   with a small JavaScriptCore heap, and with KSM page merging.
 //! - `images`: builds the recipes of `rootfs-builder/recipes/` into agentd's image store.
 //!
 //! xtask uses no product crate: it shells out to cargo, qemu and the peers.
 
 mod bench;
+mod bench_density;
 mod bench_pool;
 mod bench_sandbox;
 mod bench_setup;
@@ -32,7 +35,7 @@ use std::process::Command;
 use anyhow::{bail, Context};
 
 const USAGE: &str =
-    "usage: cargo xtask <ci | vm-test | bench start | bench unpack | bench sandbox | bench pool | bench setup | images [--store DIR]>";
+    "usage: cargo xtask <ci | vm-test | bench start | bench unpack | bench sandbox | bench pool | bench density | bench setup | images [--store DIR]>";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -44,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         ["bench", "unpack"] => bench_unpack::unpack(),
         ["bench", "sandbox"] => bench_sandbox::sandbox(),
         ["bench", "pool"] => bench_pool::pool(),
+        ["bench", "density"] => bench_density::density(),
         ["bench", "setup"] => bench_setup::setup(),
         ["images", rest @ ..] => images::images(rest),
         ["bench", ..] => bail!("unknown benchmark; {USAGE}"),

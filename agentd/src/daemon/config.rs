@@ -134,6 +134,13 @@ pub struct ServeArgs {
     /// changes it live) [default: none].
     #[arg(long = "warm-pool", env = "AGENTD_WARM_POOLS", value_delimiter = ';')]
     pub warm_pools: Option<Vec<String>>,
+    /// Let the kernel keep identical memory pages of sandboxes once (KSM; Linux 6.4+, and
+    /// the host must turn it on: echo 1 > /sys/kernel/mm/ksm/run). Many idle OpenCode
+    /// sandboxes then cost much less memory, but sandboxes can then probe each other's
+    /// memory contents through timing: only for sandboxes that trust each other
+    /// [default: false].
+    #[arg(long, env = "AGENTD_MEMORY_MERGE")]
+    pub memory_merge: Option<bool>,
     /// Internal networks the egress proxy may connect to, comma-separated CIDRs (e.g. a
     /// package mirror at 10.1.2.3/32) [default: none: loopback, private, link-local and
     /// metadata addresses are refused].
@@ -262,6 +269,8 @@ pub struct Config {
     pub egress_presets: std::collections::BTreeMap<String, Vec<String>>,
     /// Warm pools at start: image and size.
     pub warm_pools: std::collections::BTreeMap<String, u32>,
+    /// Sandboxes' memory is mergeable by KSM.
+    pub memory_merge: bool,
     /// Internal networks the egress proxy may connect to.
     pub egress_allow_networks: Vec<crate::workspace::Network>,
     /// The CA bundle allowlist sandboxes trust, as given.
@@ -530,6 +539,7 @@ impl Config {
             egress_nat_port,
             egress_presets,
             warm_pools,
+            memory_merge: args.memory_merge.unwrap_or(false),
             egress_allow_networks: networks(
                 "egress_allow_networks",
                 args.egress_allow_networks.as_deref(),

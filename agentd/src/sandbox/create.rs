@@ -348,6 +348,7 @@ impl Manager {
         spec.gid_map = Some(IdMap::unprivileged(self.config.id_base));
         spec.limits = plan.limits.clone();
         spec.readonly_rootfs = false;
+        spec.memory_merge = self.config.memory_merge;
         if (allowlist || open) && self.config.egress_ca_file.is_some() {
             spec.mounts.push(agentd_runtime::BindMount {
                 source: crate::egress::ca_dir(&self.config.state_dir),

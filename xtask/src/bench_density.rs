@@ -1,0 +1,196 @@
+//! `cargo xtask bench density`: how many idle OpenCode sandboxes this host holds. A bounded
+//! ramp (`AGENTD_BENCH_DENSITY`, default 30 sandboxes; it stops early when the host has less
+//! than 3 GiB available) of OpenCode sandboxes, each ready, then left idle: the host memory
+//! each costs (the drop of `MemAvailable`, which counts everything: OpenCode, the shim,
+//! agentd, page cache), running and then paused, and the median create -> ready (what a
+//! setting costs in start time). Three ways, one after the other on one daemon each:
+//! OpenCode as it is; with JavaScriptCore told the machine has 256 MiB
+//! (`BUN_JSC_forceRAMSize`: its heap is sized and collected as on a small machine); and with
+//! agentd's `--memory-merge` (KSM: identical pages of the sandboxes kept once), for which
+//! the bench turns the kernel's KSM on with a faster scan and puts both settings back at
+//! the end.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+
+use crate::bench_sandbox::{call, json, median_ms, prepare, start_daemon};
+
+/// Memory the ramp leaves to the host.
+const RESERVE_KIB: u64 = 3 << 20;
+const KSM: &str = "/sys/kernel/mm/ksm";
+
+fn meminfo_kib(field: &str) -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn ksm_read(file: &str) -> String {
+    fs::read_to_string(Path::new(KSM).join(file))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// One way's numbers.
+struct Way {
+    name: &'static str,
+    sandboxes: usize,
+    running_mib: f64,
+    paused_mib: f64,
+    ready_ms: f64,
+}
+
+fn ramp(
+    socket: &Path,
+    name: &'static str,
+    env: serde_json::Value,
+    ksm: bool,
+    max: usize,
+) -> anyhow::Result<Way> {
+    std::thread::sleep(Duration::from_secs(3));
+    let before = meminfo_kib("MemAvailable:");
+    let mut ids = Vec::new();
+    let mut ready = Vec::new();
+    let body = serde_json::json!({"image": "opencode", "env": env}).to_string();
+    while ids.len() < max && meminfo_kib("MemAvailable:") > RESERVE_KIB {
+        let t = Instant::now();
+        let (st, b) = call(socket, "POST", "/v1/sandboxes", &body)?;
+        if st != 201 {
+            bail!("create failed ({st}): {b}");
+        }
+        let id = json(&b)["id"].as_str().unwrap_or_default().to_string();
+        loop {
+            let v = json(&call(socket, "GET", &format!("/v1/sandboxes/{id}"), "")?.1);
+            match v["state"].as_str().unwrap_or_default() {
+                "ready" => break,
+                "starting" | "creating" => {}
+                s => bail!("sandbox {id} is {s}: {v}"),
+            }
+            if t.elapsed() > Duration::from_secs(180) {
+                bail!("sandbox {id} was not ready in time");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ready.push(t.elapsed());
+        ids.push(id);
+    }
+    // Idle: let OpenCode settle (and KSM scan everything twice).
+    std::thread::sleep(Duration::from_secs(15));
+    if ksm {
+        let start: u64 = ksm_read("full_scans").parse().unwrap_or(0);
+        let t = Instant::now();
+        while ksm_read("full_scans").parse::<u64>().unwrap_or(0) < start + 2
+            && t.elapsed() < Duration::from_secs(600)
+        {
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        println!(
+            "    KSM: pages_shared {} pages_sharing {} after {:.0} s of scanning",
+            ksm_read("pages_shared"),
+            ksm_read("pages_sharing"),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let running = before.saturating_sub(meminfo_kib("MemAvailable:"));
+    for id in &ids {
+        let (st, b) = call(socket, "POST", &format!("/v1/sandboxes/{id}/pause"), "")?;
+        if st != 200 {
+            bail!("pause failed ({st}): {b}");
+        }
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let paused = before.saturating_sub(meminfo_kib("MemAvailable:"));
+    for id in &ids {
+        let _ = call(socket, "DELETE", &format!("/v1/sandboxes/{id}"), "");
+    }
+    let n = ids.len().max(1) as f64;
+    Ok(Way {
+        name,
+        sandboxes: ids.len(),
+        running_mib: running as f64 / 1024.0 / n,
+        paused_mib: paused as f64 / 1024.0 / n,
+        ready_ms: median_ms(&mut ready),
+    })
+}
+
+pub fn density() -> anyhow::Result<()> {
+    let max: usize = std::env::var("AGENTD_BENCH_DENSITY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30)
+        .clamp(1, 200);
+    let (release, bench, images) = prepare("density", &["opencode"])?;
+    let common = [
+        "--gateway-port",
+        "4195",
+        "--llm-base-url",
+        "http://127.0.0.1:9/v1",
+        "--sandbox-memory",
+        "1g",
+        "--max-memory",
+        "1000g",
+    ];
+    let mut ways = Vec::new();
+    {
+        let daemon = start_daemon(&release, &bench, &images, &common)?;
+        // Warm-up: the image's layers unpacked with shifted owners.
+        ramp(&daemon.socket, "warm-up", serde_json::json!({}), false, 1)?;
+        ways.push(ramp(
+            &daemon.socket,
+            "OpenCode as it is",
+            serde_json::json!({}),
+            false,
+            max,
+        )?);
+        ways.push(ramp(
+            &daemon.socket,
+            "BUN_JSC_forceRAMSize=256 MiB",
+            serde_json::json!({"BUN_JSC_forceRAMSize": "268435456"}),
+            false,
+            max,
+        )?);
+    }
+    let (run, pages) = (ksm_read("run"), ksm_read("pages_to_scan"));
+    let ksm_ok = fs::write(Path::new(KSM).join("pages_to_scan"), "20000").is_ok()
+        && fs::write(Path::new(KSM).join("run"), "1").is_ok();
+    if ksm_ok {
+        let mut args = common.to_vec();
+        args.extend(["--memory-merge", "true"]);
+        let daemon = start_daemon(&release, &bench, &images, &args)?;
+        let way = ramp(
+            &daemon.socket,
+            "--memory-merge (KSM)",
+            serde_json::json!({}),
+            true,
+            max,
+        );
+        drop(daemon);
+        ways.push(way?);
+    }
+    let _ = fs::write(Path::new(KSM).join("run"), &run);
+    let _ = fs::write(Path::new(KSM).join("pages_to_scan"), &pages);
+
+    let total_gib = meminfo_kib("MemTotal:") as f64 / 1_048_576.0;
+    println!("\nbench density (release builds, this machine: {total_gib:.1} GiB)");
+    println!("host memory per idle OpenCode sandbox (MemAvailable drop / sandboxes):");
+    for w in &ways {
+        let fits = (total_gib * 1024.0 - 2048.0) / w.running_mib;
+        println!(
+            "  {:<30} {:3} sandboxes: running {:6.1} MiB, paused {:6.1} MiB, create -> ready median {:6.0} ms; {fits:4.0} fit in {total_gib:.0} GiB (2 GiB left to the host; goal: >= 150)",
+            w.name, w.sandboxes, w.running_mib, w.paused_mib, w.ready_ms
+        );
+    }
+    if !ksm_ok {
+        println!("  KSM: cannot turn it on here ({KSM}), so --memory-merge was not measured");
+    }
+    println!("  (KSM put back to run={run} pages_to_scan={pages})");
+    Ok(())
+}
