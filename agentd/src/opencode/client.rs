@@ -32,7 +32,8 @@ pub struct Client {
 }
 
 impl Client {
-    /// The OpenCode listening at `address` with `password`, for `directory`.
+    /// The OpenCode listening at `address` with `password`, for `directory` (empty: the
+    /// directory OpenCode runs in).
     pub fn new(http: &Http, address: Ipv4Addr, password: &str, directory: &str) -> Client {
         Client {
             http: http.clone(),
@@ -44,12 +45,15 @@ impl Client {
 
     fn request(&self, method: hyper::Method, path: &str) -> hyper::http::request::Builder {
         let sep = if path.contains('?') { '&' } else { '?' };
+        // No directory: OpenCode's own (its working directory).
+        let uri = if self.directory.is_empty() {
+            format!("{}{path}", self.base)
+        } else {
+            format!("{}{path}{sep}directory={}", self.base, self.directory)
+        };
         hyper::Request::builder()
             .method(method)
-            .uri(format!(
-                "{}{path}{sep}directory={}",
-                self.base, self.directory
-            ))
+            .uri(uri)
             .header(hyper::header::AUTHORIZATION, &self.auth)
     }
 

@@ -33,8 +33,8 @@ const READY_LIMIT: Duration = Duration::from_secs(180);
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// How long a pooled sandbox's warm-up prompt may take.
 const WARM_UP_LIMIT: Duration = Duration::from_secs(60);
-/// Where the warm-up session runs (a tmpfs in every sandbox).
-const WARM_UP_DIR: &str = "/tmp";
+/// Where the warm-up session runs: OpenCode's own directory.
+const WARM_UP_DIR: &str = "";
 /// How often the keeper looks at the pools when nothing wakes it.
 const TICK: Duration = Duration::from_secs(2);
 
@@ -543,8 +543,10 @@ impl Manager {
     /// Runs one prompt through a pooled sandbox's OpenCode (its gateway answers it at once,
     /// without the upstream: no tokens), so that what OpenCode does on its first prompt
     /// (loading the provider SDK, the tools, the system prompt) is done before a claim;
-    /// then deletes that session. In a scratch directory: the claimer's directories get
-    /// OpenCode instances of their own, with nothing of this one in them.
+    /// then deletes that session. In OpenCode's own directory (the image's working
+    /// directory), where a claimer's sessions go unless they name another: OpenCode sets
+    /// up each directory it is asked about once (its project, plugins, configuration),
+    /// and that is most of a first prompt's time.
     async fn warm_up(&self, sb: &Arc<Sandbox>) -> std::result::Result<(), String> {
         let rec = sb.snapshot();
         let Some(secrets) = rec.opencode else {
