@@ -111,9 +111,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tasks.reconcile().await?;
     tokio::spawn(tasks.reaper());
     tokio::spawn(mgr.clone().pool_keeper());
-    if mgr.config.memory_merge
-        && std::fs::read_to_string("/sys/kernel/mm/ksm/run").map_or(true, |s| s.trim() == "0")
-    {
+    // blocking-ok: one read of a sysfs file at start, before agentd serves anything.
+    let ksm = std::fs::read_to_string("/sys/kernel/mm/ksm/run").unwrap_or_default();
+    if mgr.config.memory_merge && ksm.trim() != "1" {
         tracing::warn!("memory_merge is on but the kernel's KSM is off, so nothing is merged: echo 1 > /sys/kernel/mm/ksm/run");
     }
     tracing::info!(socket = %socket.display(), state_dir = %mgr.config.state_dir.display(), "agentd serving");
