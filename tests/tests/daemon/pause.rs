@@ -457,3 +457,42 @@ fn test_warm_pool_claims_are_the_claimers_alone() {
     assert_eq!(v["state"], "ready", "{v:#}");
     d.delete_all_and_check_clean();
 }
+
+/// `--memory-merge` marks every process of a sandbox mergeable by KSM (the kernel says so in
+/// `/proc/PID/ksm_stat`), and nothing of the host's: not agentd; without it, nothing is.
+#[test]
+fn test_memory_merge_marks_only_the_sandboxes() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    if !std::path::Path::new("/proc/self/ksm_stat").exists() {
+        eprintln!("SKIPPED: this kernel has no /proc/PID/ksm_stat (KSM, Linux 6.8+)");
+        agentd_tests::required_or_skip();
+        return;
+    }
+    for (flag, inside) in [("true", "yes"), ("false", "no")] {
+        let d = small_daemon(&images, &["--memory-merge", flag]);
+        let id = plain(&d, json!({"limits": {"memory": "256m"}}));
+        d.wait_state(&id, "ready", Duration::from_secs(60));
+        // A process exec'd into it later, from inside; every process of its cgroup (its
+        // init: non-dumpable, so read from the host).
+        let (code, out, err) = d.exec(&id, &["grep", "ksm_merge_any", "/proc/self/ksm_stat"]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(
+            out.trim(),
+            format!("ksm_merge_any: {inside}"),
+            "--memory-merge {flag}"
+        );
+        let procs = cgroup_file(&d, &id, "pids", "cgroup.procs");
+        assert!(!procs.is_empty());
+        for pid in procs.lines() {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/ksm_stat")).unwrap();
+            assert!(
+                stat.contains(&format!("ksm_merge_any: {inside}")),
+                "--memory-merge {flag}, pid {pid}: {stat}"
+            );
+        }
+        let host = std::fs::read_to_string(format!("/proc/{}/ksm_stat", d.pid().unwrap())).unwrap();
+        assert!(host.contains("ksm_merge_any: no"), "agentd itself: {host}");
+        d.delete_all_and_check_clean();
+    }
+}
