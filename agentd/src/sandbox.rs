@@ -653,6 +653,10 @@ impl Manager {
                 rec.state.as_str()
             )));
         }
+        // One freezer change at a time: a pause or resume waits for the copy, and a paused
+        // sandbox stays paused after it.
+        let _one = sb.freezer.lock().await;
+        let paused = sb.snapshot().paused_at.is_some();
         let runtime = self.runtime.clone();
         let dest = dest.to_path_buf();
         tokio::task::spawn_blocking(move || {
@@ -661,7 +665,7 @@ impl Manager {
                 .freeze(true)
                 .map_err(|e| Error::internal(agentd_runtime::error_chain(&e)))?;
             let copied = agentd_runtime::tree::copy_layer(&runtime.upper_dir(&rec.id), &dest);
-            let thawed = cgroup.freeze(false);
+            let thawed = if paused { Ok(()) } else { cgroup.freeze(false) };
             let stats = copied.map_err(|e| {
                 if e.raw_os_error() == Some(libc::ENOSPC) {
                     Error::NoSpace(format!(

@@ -277,8 +277,14 @@ impl Manager {
                     && matches!(r.state, SandboxState::Ready | SandboxState::Starting)
                     && wants_opencode.is_none_or(|o| o == r.opencode.is_some())
             })
-            // Ready first, then the oldest.
-            .min_by_key(|(_, r)| (r.state != SandboxState::Ready, r.created_at));
+            // Warmed and paused first, then ready, then the oldest.
+            .min_by_key(|(_, r)| {
+                (
+                    r.paused_at.is_none(),
+                    r.state != SandboxState::Ready,
+                    r.created_at,
+                )
+            });
         let Some((sb, rec)) = pick.cloned() else {
             self.pools.count(image, |p| p.misses += 1);
             return Ok(None);
@@ -564,6 +570,12 @@ impl Manager {
         let answered = async {
             loop {
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                // Claimed meanwhile: the claimer's now, so the warm-up stops at once (its
+                // requests would reach the upstream on the claimer's account).
+                if sb.snapshot().pool.is_none() {
+                    let _ = oc.abort(&session).await;
+                    return;
+                }
                 if oc.last_message(&session).await.is_some() && oc.is_idle(&session).await {
                     return;
                 }
