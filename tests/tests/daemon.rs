@@ -60,21 +60,9 @@ fn ready_opencode(d: &Daemon, body: serde_json::Value) -> serde_json::Value {
     v
 }
 
-/// The whole path of a user: an OpenCode sandbox, a session through the proxy (the agent's
-/// bash tool call comes from the mock LLM through agentd's gateway) followed on its event
-/// stream until idle, the file it wrote read through the files API, the tokens counted;
-/// then the official OpenCode SDK does the same through agentd's TCP listener.
-#[test]
-fn test_an_agent_session_through_the_proxy() {
-    require_sandbox_support!();
-    let Some(images) = store() else { return };
-    let llm = MockLlm::start(&format!("echo agent-was-here > {FILE}"));
-    let (d, _, listen) = opencode_daemon(&images, &llm);
-    let a = ready_opencode(
-        &d,
-        json!({"image": "opencode", "name": "a", "labels": {"t": "1"}}),
-    );
-    let id = a["id"].as_str().unwrap().to_string();
+/// A new session in sandbox `id`'s OpenCode (through agentd's proxy), `text` sent as its
+/// prompt, followed on OpenCode's event stream until `session.idle` (at most 2 min).
+fn prompt_until_idle(d: &Daemon, id: &str, text: &str) {
     let r = d.call(
         "POST",
         &format!("/v1/sandboxes/{id}/opencode/session"),
@@ -91,7 +79,7 @@ fn test_an_agent_session_through_the_proxy() {
     let r = d.call(
         "POST",
         &format!("/v1/sandboxes/{id}/opencode/session/{session}/prompt_async"),
-        Some(json!({"parts": [{"type": "text", "text": "write the file"}]})),
+        Some(json!({"parts": [{"type": "text", "text": text}]})),
     );
     assert!(
         r.status == 204 || r.status == 200,
@@ -105,6 +93,24 @@ fn test_an_agent_session_through_the_proxy() {
         "no session.idle in the event stream:\n{seen}\n{}",
         d.log()
     );
+}
+
+/// The whole path of a user: an OpenCode sandbox, a session through the proxy (the agent's
+/// bash tool call comes from the mock LLM through agentd's gateway) followed on its event
+/// stream until idle, the file it wrote read through the files API, the tokens counted;
+/// then the official OpenCode SDK does the same through agentd's TCP listener.
+#[test]
+fn test_an_agent_session_through_the_proxy() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::start(&format!("echo agent-was-here > {FILE}"));
+    let (d, _, listen) = opencode_daemon(&images, &llm);
+    let a = ready_opencode(
+        &d,
+        json!({"image": "opencode", "name": "a", "labels": {"t": "1"}}),
+    );
+    let id = a["id"].as_str().unwrap().to_string();
+    prompt_until_idle(&d, &id, "write the file");
     assert!(llm.requests.load(std::sync::atomic::Ordering::Relaxed) >= 2);
     let r = d.call(
         "GET",

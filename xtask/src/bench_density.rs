@@ -23,13 +23,7 @@ const RESERVE_KIB: u64 = 3 << 20;
 const KSM: &str = "/sys/kernel/mm/ksm";
 
 fn meminfo_kib(field: &str) -> u64 {
-    fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    crate::bench_sandbox::kib_field("/proc/meminfo", field)
 }
 
 fn ksm_read(file: &str) -> String {

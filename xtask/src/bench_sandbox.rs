@@ -137,6 +137,11 @@ fn rss_kb(pid: u32, field: &str) -> u64 {
     } else {
         format!("/proc/{pid}/status")
     };
+    kib_field(&path, field)
+}
+
+/// The number after `field` in a `/proc` file of `Field: N kB` lines (0 if absent).
+pub(crate) fn kib_field(path: &str, field: &str) -> u64 {
     fs::read_to_string(path)
         .unwrap_or_default()
         .lines()

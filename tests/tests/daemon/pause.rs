@@ -364,39 +364,7 @@ fn test_warm_pool_claims_are_the_claimers_alone() {
     );
 
     // Its OpenCode works for the claimer, through the gateway, with the claimer's model.
-    let r = d.call(
-        "POST",
-        &format!("/v1/sandboxes/{id}/opencode/session"),
-        Some(json!({})),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let session = r.json()["id"].as_str().unwrap().to_string();
-    let socket = d.socket.clone();
-    let events = std::thread::spawn({
-        let path = format!("/v1/sandboxes/{id}/opencode/event");
-        move || {
-            agentd_tests::daemon::follow_until(
-                &socket,
-                &path,
-                "session.idle",
-                Duration::from_secs(120),
-            )
-        }
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    let r = d.call(
-        "POST",
-        &format!("/v1/sandboxes/{id}/opencode/session/{session}/prompt_async"),
-        Some(json!({"parts": [{"type": "text", "text": "write the file"}]})),
-    );
-    assert!(
-        r.status == 204 || r.status == 200,
-        "{} {}",
-        r.status,
-        r.text()
-    );
-    let seen = events.join().unwrap();
-    assert!(seen.contains("session.idle"), "{seen}\n{}", d.log());
+    super::prompt_until_idle(&d, &id, "write the file");
     let (code, out, err) = d.exec(&id, &["cat", "/home/agent/pooled.txt"]);
     assert_eq!((code, out.trim()), (0, "pooled"), "{err}");
     let models: Vec<String> = llm
