@@ -371,7 +371,29 @@ impl Manager {
             return false;
         };
         tracing::info!(sandbox = %sb.snapshot().id, "a pooled sandbox makes room for a create");
-        let _ = self.delete(&sb).await;
+        self.retire_pooled(&sb, "it made room for a create").await
+    }
+
+    /// Deletes a pooled sandbox unless a claim took it: checked under the create lock (which
+    /// claims hold), where it is also marked as stopping (`exit`), which no claim takes; the
+    /// delete itself runs after the lock is released. Whether it was deleted.
+    async fn retire_pooled(&self, sb: &Arc<Sandbox>, reason: &str) -> bool {
+        {
+            let _guard = self.create_lock.lock().await;
+            let mut r = sb.record.lock().expect("sandbox record lock");
+            if r.pool.is_none() {
+                return false;
+            }
+            if r.state.is_live() && r.exit.is_none() {
+                r.exit = Some(super::ExitInfo {
+                    code: None,
+                    oom_killed: false,
+                    reason: reason.to_string(),
+                    log_tail: String::new(),
+                });
+            }
+        }
+        let _ = self.delete(sb).await;
         true
     }
 
@@ -394,7 +416,7 @@ impl Manager {
             for (sb, r) in &pooled {
                 if !r.state.is_live() {
                     let (me, sb) = (self.clone(), sb.clone());
-                    tokio::spawn(async move { me.delete(&sb).await });
+                    tokio::spawn(async move { me.retire_pooled(&sb, "it ended").await });
                 }
             }
             let sizes: Vec<(String, u32)> = self
@@ -421,7 +443,9 @@ impl Manager {
                 let have = u32::try_from(mine.len()).unwrap_or(u32::MAX);
                 for (sb, _) in mine.iter().take(have.saturating_sub(size) as usize) {
                     let (me, sb) = (self.clone(), sb.clone());
-                    tokio::spawn(async move { me.delete(&sb).await });
+                    tokio::spawn(
+                        async move { me.retire_pooled(&sb, "the warm pool shrank").await },
+                    );
                 }
                 if have < size {
                     let start = {
@@ -520,7 +544,8 @@ impl Manager {
                 )));
             }
             Err(_) => {
-                let _ = self.delete(&sb).await;
+                // Unless a claim took it while it started: then it is the claimer's.
+                self.retire_pooled(&sb, "it was not ready in time").await;
                 return Err(Error::Unavailable(format!(
                     "a pooled sandbox of {image} was not ready within {} s",
                     READY_LIMIT.as_secs()
