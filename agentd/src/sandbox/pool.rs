@@ -71,7 +71,8 @@ pub struct PoolView {
     pub size: u32,
     /// Pooled sandboxes ready (OpenCode answered) and paused, waiting for a claim.
     pub ready: u32,
-    /// Pooled sandboxes still starting (a claim takes one if no other is ready).
+    /// Pooled sandboxes not ready: starting or warming up (a claim takes one if no other is
+    /// ready), or being removed.
     pub starting: u32,
     /// Creates served from it since agentd started.
     pub hits: u64,
@@ -164,10 +165,11 @@ impl Manager {
         let mut counts: BTreeMap<String, (u32, u32)> = BTreeMap::new();
         for sb in self.list() {
             let r = sb.snapshot();
-            if let (Some(image), true) = (&r.pool, r.state.is_live() && r.exit.is_none()) {
+            if let (Some(image), true) = (&r.pool, r.state.is_live()) {
                 let c = counts.entry(image.clone()).or_default();
-                // Ready once its refill is done: OpenCode answered and it is paused.
-                if r.state == SandboxState::Ready && r.paused_at.is_some() {
+                // Ready once its refill is done: OpenCode answered and it is paused (and not
+                // being removed).
+                if r.state == SandboxState::Ready && r.paused_at.is_some() && r.exit.is_none() {
                     c.0 += 1;
                 } else {
                     c.1 += 1;

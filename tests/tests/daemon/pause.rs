@@ -464,3 +464,52 @@ fn test_memory_merge_marks_only_the_sandboxes() {
         d.delete_all_and_check_clean();
     }
 }
+
+/// Pools live within the quotas: with room for two sandboxes, a pool of 2 takes both; a
+/// create that needs room (it is no claim: it has an environment of its own) gets it from a
+/// pooled sandbox instead of a 429, and the pool's refill then waits for room and says why.
+#[test]
+fn test_a_create_takes_the_room_of_a_pooled_sandbox() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    // No upstream: a pool's warm-up is answered by agentd's gateway itself.
+    let d = small_daemon(
+        &images,
+        &[
+            "--llm-base-url",
+            "http://127.0.0.1:9/v1",
+            "--sandbox-memory",
+            "1g",
+            "--warm-pool",
+            "opencode=2",
+        ],
+    );
+    let p = pool_when_ready(&d, "opencode", 2, 2);
+    assert_eq!(p["last_error"], serde_json::Value::Null, "{p:#}");
+    let id = plain(
+        &d,
+        json!({"env": {"MINE": "1"}, "limits": {"memory": "256m"}}),
+    );
+    let v = d.wait_state(&id, "ready", Duration::from_secs(60));
+    assert_eq!(v["state"], "ready", "{v:#}");
+    let start = Instant::now();
+    let p = loop {
+        let v = d.call("GET", "/v1/pools", None).json();
+        let p = v["pools"][0].clone();
+        if p["ready"] == 1
+            && p["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("max_sandboxes"))
+        {
+            break p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the pool did not give room and say why: {v:#}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(p["hits"], 0, "{p:#}");
+    d.delete_all_and_check_clean();
+}
