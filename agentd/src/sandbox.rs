@@ -441,6 +441,32 @@ impl Sandbox {
         .is_ok()
     }
 
+    /// Waits until the sandbox is ready (OpenCode answered, its setup done); when it ends
+    /// first, why (its exit reason).
+    pub async fn wait_ready(&self) -> std::result::Result<(), String> {
+        let mut rx = self.state_tx.subscribe();
+        loop {
+            let s = *rx.borrow_and_update();
+            match s {
+                SandboxState::Ready => return Ok(()),
+                s if !s.is_live() => {
+                    let why = self
+                        .snapshot()
+                        .exit
+                        .map(|e| e.reason)
+                        .unwrap_or_else(|| s.as_str().into());
+                    return Err(format!(
+                        "the sandbox ended before OpenCode was ready: {why}"
+                    ));
+                }
+                _ => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err("the sandbox went away".into());
+            }
+        }
+    }
+
     fn new(record: SandboxRecord) -> Arc<Self> {
         let (state_tx, _) = watch::channel(record.state);
         Arc::new(Sandbox {

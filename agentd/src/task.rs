@@ -54,7 +54,6 @@ mod push;
 pub use push::{valid_branch, Pushed};
 mod setup;
 
-use agent::wait_ready;
 use git::validate_diff_exclude;
 pub use git::{commit_message, diff_stats, is_commit_id, mbox};
 pub use model::*;
@@ -948,7 +947,7 @@ impl TaskManager {
 
         // 2. OpenCode ready, then the workspace and its baseline commit.
         let ready_wait = Instant::now();
-        if let Err(why) = wait_ready(&sb).await {
+        if let Err(why) = sb.wait_ready().await {
             return Outcome::Lost(why);
         }
         if a.baseline.is_none() {

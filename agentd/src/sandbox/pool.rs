@@ -520,27 +520,9 @@ impl Manager {
             .get(&rec.id)
             .cloned()
             .ok_or_else(|| Error::internal(format!("pooled sandbox {} vanished", rec.id)))?;
-        let mut state = sb.state_tx.subscribe();
-        let ready = tokio::time::timeout(READY_LIMIT, async {
-            loop {
-                let s = *state.borrow_and_update();
-                if s != SandboxState::Creating && s != SandboxState::Starting {
-                    return s;
-                }
-                if state.changed().await.is_err() {
-                    return SandboxState::Stopped;
-                }
-            }
-        })
-        .await;
-        match ready {
-            Ok(SandboxState::Ready) => {}
-            Ok(_) => {
-                let why = sb
-                    .snapshot()
-                    .exit
-                    .map(|e| e.reason)
-                    .unwrap_or_else(|| "it ended".into());
+        match tokio::time::timeout(READY_LIMIT, sb.wait_ready()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => {
                 return Err(Error::Unavailable(format!(
                     "a pooled sandbox of {image} did not become ready: {why}"
                 )));

@@ -227,28 +227,3 @@ impl TaskManager {
         ))
     }
 }
-
-/// Waits until a sandbox's OpenCode answers.
-pub(super) async fn wait_ready(sb: &Arc<Sandbox>) -> std::result::Result<(), String> {
-    let mut rx = sb.state_tx.subscribe();
-    loop {
-        let s = *rx.borrow_and_update();
-        match s {
-            SandboxState::Ready => return Ok(()),
-            s if !s.is_live() => {
-                let why = sb
-                    .snapshot()
-                    .exit
-                    .map(|e| e.reason)
-                    .unwrap_or_else(|| s.as_str().into());
-                return Err(format!(
-                    "the sandbox ended before OpenCode was ready: {why}"
-                ));
-            }
-            _ => {}
-        }
-        if rx.changed().await.is_err() {
-            return Err("the sandbox went away".into());
-        }
-    }
-}

@@ -177,7 +177,7 @@ impl TaskManager {
         // A cancel or the time limit ends the preparation between its steps (and the
         // setup with its sandbox).
         still_wanted(task)?;
-        wait_ready(&sb).await.map_err(Outcome::Lost)?;
+        sb.wait_ready().await.map_err(Outcome::Lost)?;
 
         let t = Instant::now();
         let (baseline, source) = self
