@@ -62,6 +62,7 @@ pub mod fs;
 mod pause;
 pub mod pool;
 mod reconcile;
+mod snapshot;
 mod supervise;
 
 pub use create::{limits_for, require_llm, validate_create};

@@ -143,10 +143,10 @@ pub fn import(
     Ok(records)
 }
 
-/// Names an imported image: a full reference keeps its registry; a bare `name[:tag]` gets
+/// Names an imported (or locally made) image: a full reference keeps its registry; a bare `name[:tag]` gets
 /// `localhost/` (as podman names local images); a bare tag (`latest`, as skopeo writes in
 /// an OCI layout) is left to the caller's fallback.
-fn normalise_name(name: &str) -> Result<String> {
+pub fn normalise_name(name: &str) -> Result<String> {
     let bad = |source| LayoutError::BadName {
         name: name.to_string(),
         source,

@@ -12,6 +12,7 @@
 //! - [`layout`]: OCI layout and docker-archive import, OCI layout export.
 //! - [`progress`]: progress events for callers to display.
 
+pub mod commit;
 pub mod config;
 pub mod digest;
 pub mod layout;

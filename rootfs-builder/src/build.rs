@@ -684,7 +684,7 @@ fn config_json(
         }
     }
     let img = &img;
-    let created = rfc3339(epoch);
+    let created = agentd_images::commit::rfc3339(epoch);
     let config = serde_json::json!({
         "created": created,
         "architecture": "amd64",
@@ -701,27 +701,6 @@ fn config_json(
         "history": layers.iter().map(|l| serde_json::json!({"created": created, "created_by": format!("rootfs-builder step {}", l.step)})).collect::<Vec<_>>(),
     });
     serde_json::to_vec(&config).expect("configs serialise")
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` for a Unix time (days to civil date, proleptic Gregorian).
-fn rfc3339(secs: u64) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let z = i64::try_from(days).unwrap_or(0) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// Writes the image as an OCI layout directory at `dest` (tagged `tag`), or as a tar of one if
@@ -895,12 +874,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("refusing the path"), "{e}");
-    }
-
-    #[test]
-    fn test_rfc3339() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
     }
 }

@@ -39,6 +39,7 @@ pub use proto::{ExecRequest, ExitStatus, SandboxStatus, StdioConfig};
 pub use rootfs::Rootfs;
 pub use spec::{
     parse_size, BindMount, IdMap, Limits, NetworkMode, SandboxSpec, SeccompProfile, VethConfig,
+    DEFAULT_ID_RANGE,
 };
 
 /// Names of the files in a sandbox's state dir, all owned by its shim.

@@ -68,6 +68,28 @@ pub(crate) async fn fork_route(
     ))
 }
 
+/// `POST /v1/sandboxes/{id}/snapshot`.
+pub(crate) async fn snapshot_route(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Id>,
+    req: Req,
+) -> Reply {
+    let sb = named(&mgr, &p.id, true)?;
+    let body: super::types::SnapshotRequest = super::read_json(req).await?;
+    let s = mgr.snapshot(&sb, &body.name).await?;
+    Ok(json(
+        StatusCode::CREATED,
+        &super::types::SnapshotView {
+            image: (&s.image).into(),
+            layers_added: s.layers,
+            files: s.files,
+            bytes: s.bytes,
+            frozen_ms: s.frozen.as_secs_f64() * 1000.0,
+            total_ms: s.total.as_secs_f64() * 1000.0,
+        },
+    ))
+}
+
 /// `POST /v1/sandboxes/{id}/pause`.
 pub(crate) async fn pause_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
     let sb = named(&mgr, &p.id, false)?;

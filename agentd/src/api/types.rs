@@ -714,6 +714,32 @@ pub struct ForkView {
     pub total_ms: f64,
 }
 
+/// `POST /v1/sandboxes/{id}/snapshot`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The new image's name (`name[:tag]`, stored as `localhost/name[:tag]`, or a full
+    /// reference); an existing image of that name is refused.
+    pub name: String,
+}
+
+/// What a snapshot stored.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct SnapshotView {
+    /// The new image: the sandbox's image with the sandbox's files as layers on top.
+    pub image: ImageView,
+    /// Layers added on top of the sandbox's image.
+    pub layers_added: usize,
+    /// Files (and links) copied from the sandbox's writable layer.
+    pub files: u64,
+    /// Bytes of file content copied.
+    pub bytes: u64,
+    /// How long the sandbox was frozen while its files were copied, ms.
+    pub frozen_ms: f64,
+    /// The whole request, ms.
+    pub total_ms: f64,
+}
+
 /// `POST /v1/sandboxes/{id}/pause` and `/resume`.
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Paused {

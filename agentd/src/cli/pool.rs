@@ -64,7 +64,13 @@ pub fn run(args: PoolArgs) -> anyhow::Result<u8> {
                 p["last_refill_ms"]
                     .as_u64()
                     .map_or("-".into(), |m| m.to_string()),
-                p["last_error"].as_str().unwrap_or("")
+                p["last_error"]
+                    .as_str()
+                    .map(String::from)
+                    .or_else(|| p["last_warm_up_error"]
+                        .as_str()
+                        .map(|e| format!("warm-up: {e} (pooled cold)")))
+                    .unwrap_or_default()
             );
         }
         Ok(0)

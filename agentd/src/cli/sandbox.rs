@@ -161,6 +161,21 @@ enum SandboxCommand {
         /// Destination.
         dst: String,
     },
+    /// Store a sandbox's files as an image (it is frozen while they are copied).
+    Snapshot {
+        /// Id or name.
+        id: String,
+        /// The image's name (`name[:tag]`; stored as `localhost/name[:tag]`).
+        image: String,
+    },
+    /// New sandboxes from a sandbox's current files (same image, limits, network, labels).
+    Fork {
+        /// Id or name.
+        id: String,
+        /// How many (at most 16).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
     /// Pause a sandbox: its processes frozen, no CPU, until resume or the next use of it.
     Pause {
         /// Id or name.
@@ -484,6 +499,61 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
                     v.memory_bytes >> 20,
                     v.cpu_usec as f64 / 1e6,
                     v.pids
+                );
+            }
+            Ok(0)
+        }
+        SandboxCommand::Snapshot { id, image } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "name": image }))?;
+            let v = check(
+                &call(
+                    sock,
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/snapshot", enc(&id)),
+                    Some((body, "application/json")),
+                    None,
+                )
+                .await?,
+            )?;
+            if args.json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!(
+                    "{}  {}  ({} layers added; {} files, {} bytes; frozen {:.0} ms, {:.0} ms in all)",
+                    v["image"]["name"].as_str().unwrap_or_default(),
+                    v["image"]["manifest"].as_str().unwrap_or_default(),
+                    v["layers_added"],
+                    v["files"],
+                    v["bytes"],
+                    v["frozen_ms"].as_f64().unwrap_or(0.0),
+                    v["total_ms"].as_f64().unwrap_or(0.0)
+                );
+            }
+            Ok(0)
+        }
+        SandboxCommand::Fork { id, count } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "count": count }))?;
+            let v = check(
+                &call(
+                    sock,
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/fork", enc(&id)),
+                    Some((body, "application/json")),
+                    None,
+                )
+                .await?,
+            )?;
+            if args.json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                for s in v["sandboxes"].as_array().into_iter().flatten() {
+                    println!("{}", s["id"].as_str().unwrap_or_default());
+                }
+                eprintln!(
+                    "{} files, {} bytes copied; {id} frozen {:.0} ms",
+                    v["files"],
+                    v["bytes"],
+                    v["copy_ms"].as_f64().unwrap_or(0.0)
                 );
             }
             Ok(0)

@@ -25,6 +25,18 @@ pub const MAX_FORKS: u32 = 16;
 /// The layer's dir in its fork dir.
 const LAYER: &str = "layer";
 
+/// A sandbox's writable layer, copied and held (see [`Manager::take_held_layer`]).
+pub(super) struct Taken {
+    /// Keeps the sweeper off the copy until dropped.
+    pub hold: nix::fcntl::Flock<std::fs::File>,
+    /// The copy.
+    pub dir: PathBuf,
+    /// What was copied.
+    pub stats: agentd_runtime::tree::CopyStats,
+    /// How long the sandbox was frozen for it.
+    pub copy: Duration,
+}
+
 /// What a fork made.
 #[derive(Debug)]
 pub struct Forked {
@@ -60,30 +72,12 @@ impl Manager {
                 rec.state.as_str()
             )));
         }
-        // `<forks>/<random>`, held (a shared lock) by this request while the layer is copied
-        // into its `layer` and the forks are made: the sweeper leaves it alone meanwhile.
-        let home = self.forks_dir().join(crate::sandbox::random_hex(8));
-        let dir = home.join(LAYER);
-        let h2 = home.clone();
-        let hold = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&h2)?;
-            let f = std::fs::File::open(&h2)?;
-            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock)
-                .map_err(|(_, e)| std::io::Error::from(e))
-        })
-        .await
-        .map_err(Error::internal)?
-        .map_err(|e| Error::internal(format!("making the fork layer {}: {e}", home.display())))?;
-        let t = Instant::now();
-        let stats = match self.take_layer(sb, &dir).await {
-            Ok(s) => s,
-            Err(e) => {
-                drop(hold);
-                self.sweep_forks().await;
-                return Err(e);
-            }
-        };
-        let copy = t.elapsed();
+        let Taken {
+            hold,
+            dir,
+            stats,
+            copy,
+        } = self.take_held_layer(sb).await?;
         let mut labels = rec.labels.clone();
         labels.insert("agentd.fork_of".into(), rec.id.clone());
         let mut base_layers = vec![dir.clone()];
@@ -135,6 +129,39 @@ impl Manager {
             copy,
             total: started.elapsed(),
         })
+    }
+
+    /// Copies `sb`'s writable layer (see [`Manager::take_layer`]) into a new
+    /// `<forks>/<random>/layer`, held by the caller (a shared lock on `<random>`) until it drops
+    /// [`Taken::hold`]: the sweeper removes it once neither that hold nor a sandbox stacked on
+    /// it remains, also after a crash.
+    pub(super) async fn take_held_layer(&self, sb: &Arc<Sandbox>) -> Result<Taken> {
+        let home = self.forks_dir().join(crate::sandbox::random_hex(8));
+        let dir = home.join(LAYER);
+        let h2 = home.clone();
+        let hold = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&h2)?;
+            let f = std::fs::File::open(&h2)?;
+            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock)
+                .map_err(|(_, e)| std::io::Error::from(e))
+        })
+        .await
+        .map_err(Error::internal)?
+        .map_err(|e| Error::internal(format!("making the layer dir {}: {e}", home.display())))?;
+        let t = Instant::now();
+        match self.take_layer(sb, &dir).await {
+            Ok(stats) => Ok(Taken {
+                hold,
+                dir,
+                stats,
+                copy: t.elapsed(),
+            }),
+            Err(e) => {
+                drop(hold);
+                self.sweep_forks().await;
+                Err(e)
+            }
+        }
     }
 
     /// Removes the fork layers no sandbox (and no fork request) holds any more.

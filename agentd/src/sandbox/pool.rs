@@ -84,6 +84,11 @@ pub struct PoolView {
     pub last_refill_ms: Option<u64>,
     /// Why the last refill failed, if it did.
     pub last_error: Option<String>,
+    /// Refills whose OpenCode warm-up failed since agentd started: those sandboxes are pooled
+    /// cold (they work; their claimer's first prompt is slower).
+    pub warm_up_failures: u64,
+    /// Why the last warm-up failed, if the last one did.
+    pub last_warm_up_error: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -96,6 +101,8 @@ struct PoolState {
     refill_seconds: f64,
     last_refill_ms: Option<u64>,
     last_error: Option<String>,
+    warm_up_failures: u64,
+    last_warm_up_error: Option<String>,
     refilling: bool,
     retry_at: Option<Instant>,
 }
@@ -195,6 +202,8 @@ impl Manager {
                     refills: p.map_or(0, |p| p.refills),
                     last_refill_ms: p.and_then(|p| p.last_refill_ms),
                     last_error: p.and_then(|p| p.last_error.clone()),
+                    warm_up_failures: p.map_or(0, |p| p.warm_up_failures),
+                    last_warm_up_error: p.and_then(|p| p.last_warm_up_error.clone()),
                 }
             })
             .collect()
@@ -542,10 +551,18 @@ impl Manager {
         }
         // A claim may take it while it warms up: the warm-up session is then left behind
         // (deleted by the warm-up's end if it gets there), which costs the claimer nothing.
-        if let Err(e) = self.warm_up(&sb).await {
+        let warmed = self.warm_up(&sb).await;
+        if let Err(e) = &warmed {
             // A cold OpenCode still works: only the claimer's first prompt is slower.
             tracing::warn!(sandbox = %rec.id, error = %e, "the pooled sandbox's OpenCode warm-up failed");
         }
+        self.pools.count(image, |p| match warmed {
+            Ok(()) => p.last_warm_up_error = None,
+            Err(e) => {
+                p.warm_up_failures += 1;
+                p.last_warm_up_error = Some(e);
+            }
+        });
         if sb.snapshot().pool.is_none() {
             return Ok(());
         }

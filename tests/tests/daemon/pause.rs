@@ -236,6 +236,165 @@ fn test_fork_copies_files_and_diverges() {
     d.delete_all_and_check_clean();
 }
 
+/// An exec as root inside; its exit code and stderr.
+fn exec_root(d: &agentd_tests::daemon::Daemon, id: &str, script: &str) -> (i64, String) {
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(json!({"command": ["sh", "-c", script], "uid": 0, "timeout_secs": 60})),
+    );
+    assert_eq!(r.status, 200, "exec: {}", r.text());
+    let (mut code, mut err) = (-1, String::new());
+    for line in r.text().lines().filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        match v["stream"].as_str() {
+            Some("stderr") => err.push_str(v["data"].as_str().unwrap()),
+            Some(_) => {}
+            None => code = v["exit_code"].as_i64().unwrap_or(-1),
+        }
+    }
+    (code, err)
+}
+
+/// Snapshots (`POST /v1/sandboxes/{id}/snapshot`): a fork's files (the fork layer it stands
+/// on and its own writes) become an image; a sandbox of that image sees them as the fork did:
+/// new files with their owners, hard links, symlinks and FIFOs, deleted image files gone, a
+/// directory replaced wholesale (opaque) without the old entries; the base image is unchanged;
+/// the scratch copy is gone afterwards; a taken name, a bad name and a stopped sandbox say why.
+#[test]
+fn test_snapshot_stores_a_sandboxs_files_as_an_image() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let gateway = agentd_tests::registry::free_port().to_string();
+    let d = agentd_tests::daemon::Daemon::start(&images, &["--gateway-port", &gateway]);
+    // The image store is shared by the test run: a failed earlier run may have left the image.
+    d.call("DELETE", "/v1/images/localhost/snap-test:v1", None);
+    let parent = plain(&d, json!({"limits": {"memory": "256m"}}));
+    d.wait_state(&parent, "ready", Duration::from_secs(60));
+    let (code, err) = exec_root(
+        &d,
+        &parent,
+        "mkdir -p /opt/d && echo a > /opt/d/a && echo b > /opt/d/b && echo g > /home/agent/gone && test -e /etc/issue",
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = d.exec(
+        &parent,
+        &["sh", "-c", "echo mine > /home/agent/mine; id -u"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{parent}/fork"),
+        Some(json!({"count": 1})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let fork = r.json()["sandboxes"][0]["id"].as_str().unwrap().to_string();
+    d.wait_state(&fork, "ready", Duration::from_secs(60));
+    let (code, err) = exec_root(
+        &d,
+        &fork,
+        "rm /home/agent/gone /etc/issue && rm -rf /opt/d && mkdir /opt/d && echo c > /opt/d/c \
+         && echo new > /home/agent/new && ln /home/agent/new /home/agent/hard \
+         && ln -s new /home/agent/link && mkfifo /home/agent/fifo \
+         && dd if=/dev/urandom of=/home/agent/big bs=1M count=100 status=none",
+    );
+    assert_eq!(code, 0, "{err}");
+
+    let t = Instant::now();
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{fork}/snapshot"),
+        Some(json!({"name": "snap-test:v1"})),
+    );
+    let took = t.elapsed();
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), d.log());
+    let v = r.json();
+    eprintln!(
+        "snapshot of a fork with 100 MB written: {:.0} ms over the API, frozen {:.0} ms while {} files ({} bytes) were copied; image {} bytes",
+        took.as_secs_f64() * 1000.0,
+        v["frozen_ms"],
+        v["files"],
+        v["bytes"],
+        v["image"]["size"]
+    );
+    assert_eq!(v["image"]["name"], "localhost/snap-test:v1", "{v:#}");
+    assert_eq!(
+        v["layers_added"], 2,
+        "the fork layer and the fork's own: {v:#}"
+    );
+    // The scratch copy is gone; the fork layer stays while the fork stands on it.
+    let layers = std::fs::read_dir(d.state.path().join("forks"))
+        .unwrap()
+        .count();
+    assert_eq!(layers, 1, "the snapshot's copy outlived it");
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{fork}/snapshot"),
+        Some(json!({"name": "snap-test:v1"})),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("exists"), "{}", r.text());
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{fork}/snapshot"),
+        Some(json!({"name": "Not A Name!"})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = d.call("GET", "/v1/images", None).json();
+    assert!(
+        r["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "localhost/snap-test:v1"),
+        "{r:#}"
+    );
+
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "localhost/snap-test:v1", "opencode": false, "limits": {"memory": "256m"}})),
+    );
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), d.log());
+    let child = r.json()["id"].as_str().unwrap().to_string();
+    d.wait_state(&child, "ready", Duration::from_secs(60));
+    let (code, out, err) = d.exec(
+        &child,
+        &[
+            "sh",
+            "-c",
+            "cat /home/agent/mine /home/agent/new; stat -c '%u %h' /home/agent/mine /home/agent/hard; \
+             readlink /home/agent/link; test -p /home/agent/fifo && echo fifo; ls /opt/d; \
+             test -e /home/agent/gone || echo gone-is-gone; test -e /etc/issue || echo issue-is-gone; \
+             stat -c %s /home/agent/big",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let uid = d.exec(&parent, &["id", "-u"]).1.trim().to_string();
+    assert_eq!(
+        out,
+        format!("mine\nnew\n{uid} 1\n0 2\nnew\nfifo\nc\ngone-is-gone\nissue-is-gone\n104857600\n"),
+        "the image's files differ from the fork's"
+    );
+    // The base image is unchanged.
+    let other = plain(&d, json!({"limits": {"memory": "256m"}}));
+    d.wait_state(&other, "ready", Duration::from_secs(60));
+    let (code, _, _) = d.exec(&other, &["test", "-e", "/etc/issue"]);
+    assert_eq!(code, 0, "the base image lost /etc/issue");
+    // A stopped sandbox has no files to take.
+    let r = d.call("POST", &format!("/v1/sandboxes/{fork}/stop"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{fork}/snapshot"),
+        Some(json!({"name": "snap-test:v2"})),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    d.delete_all_and_check_clean();
+    let r = d.call("DELETE", "/v1/images/localhost/snap-test:v1", None);
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+}
+
 /// The pool's view of `image`, once `ready` pooled sandboxes of it are ready, none starting,
 /// and `refills` refills done (at most 3 min).
 fn pool_when_ready(
@@ -308,6 +467,9 @@ fn test_warm_pool_claims_are_the_claimers_alone() {
     eprintln!("[{:?}] pool ready: {p}", t0.elapsed());
     assert_eq!(p["size"], 1, "{p:#}");
     assert!(p["last_refill_ms"].as_u64().is_some(), "{p:#}");
+    // Warmed up (the gateway answered its prompt), not pooled cold.
+    assert_eq!(p["warm_up_failures"], 0, "{p:#}");
+    assert_eq!(p["last_warm_up_error"], serde_json::Value::Null, "{p:#}");
     let listed = d.call("GET", "/v1/sandboxes", None).json();
     assert_eq!(listed["sandboxes"], json!([]), "a pooled sandbox is listed");
 
