@@ -1,9 +1,10 @@
 //! `cargo xtask bench density`: how many idle OpenCode sandboxes this host holds. A bounded
 //! ramp (`AGENTD_BENCH_DENSITY`, default 30 sandboxes; it stops early when the host has less
-//! than 3 GiB available) of OpenCode sandboxes, each ready, then left idle: the host memory
-//! each costs (the drop of `MemAvailable`, which counts everything: OpenCode, the shim,
-//! agentd, page cache), running and then paused, and the median create -> ready (what a
-//! setting costs in start time). Three ways, one after the other on one daemon each:
+//! than 3 GiB available) of OpenCode sandboxes, each paused once ready (an idle OpenCode takes
+//! CPU: 26 running ones kept both cores busy here): the host memory each costs (the drop of
+//! `MemAvailable`, which counts everything: OpenCode, the shim, agentd, page cache), paused
+//! and then all resumed and idle, and the median create -> ready (what a setting costs in
+//! start time). Each way's line is printed as it ends. Three ways, one after the other on one daemon each:
 //! OpenCode as it is; with JavaScriptCore told the machine has 256 MiB
 //! (`BUN_JSC_forceRAMSize`: its heap is sized and collected as on a small machine); and with
 //! agentd's `--memory-merge` (KSM: identical pages of the sandboxes kept once), for which
@@ -42,6 +43,18 @@ struct Way {
     ready_ms: f64,
 }
 
+impl Way {
+    fn line(&self) -> String {
+        let total_gib = meminfo_kib("MemTotal:") as f64 / 1_048_576.0;
+        // Paused: how idle sandboxes wait here (idle CPU, not memory, limits running ones).
+        let fits = (total_gib * 1024.0 - 2048.0) / self.paused_mib;
+        format!(
+            "{:<30} {:3} sandboxes: paused {:6.1} MiB, running {:6.1} MiB, create -> ready median {:6.0} ms; {fits:4.0} paused fit in {total_gib:.0} GiB (2 GiB left to the host; goal: >= 150)",
+            self.name, self.sandboxes, self.paused_mib, self.running_mib, self.ready_ms
+        )
+    }
+}
+
 fn ramp(
     socket: &Path,
     name: &'static str,
@@ -74,10 +87,15 @@ fn ramp(
             std::thread::sleep(Duration::from_millis(20));
         }
         ready.push(t.elapsed());
+        // Paused at once, as an idle sandbox would be (`idle_action: pause`, warm pools): an
+        // idle OpenCode still takes CPU, which would slow every later start.
+        let (st, b) = call(socket, "POST", &format!("/v1/sandboxes/{id}/pause"), "")?;
+        if st != 200 {
+            bail!("pause failed ({st}): {b}");
+        }
         ids.push(id);
     }
-    // Idle: let OpenCode settle (and KSM scan everything twice).
-    std::thread::sleep(Duration::from_secs(15));
+    std::thread::sleep(Duration::from_secs(5));
     if ksm {
         let start: u64 = ksm_read("full_scans").parse().unwrap_or(0);
         let t = Instant::now();
@@ -93,26 +111,30 @@ fn ramp(
             t.elapsed().as_secs_f64()
         );
     }
-    let running = before.saturating_sub(meminfo_kib("MemAvailable:"));
+    let paused = before.saturating_sub(meminfo_kib("MemAvailable:"));
+    // Then all of them running and idle (OpenCode settles in 15 s).
     for id in &ids {
-        let (st, b) = call(socket, "POST", &format!("/v1/sandboxes/{id}/pause"), "")?;
+        let (st, b) = call(socket, "POST", &format!("/v1/sandboxes/{id}/resume"), "")?;
         if st != 200 {
-            bail!("pause failed ({st}): {b}");
+            bail!("resume failed ({st}): {b}");
         }
     }
-    std::thread::sleep(Duration::from_secs(5));
-    let paused = before.saturating_sub(meminfo_kib("MemAvailable:"));
+    std::thread::sleep(Duration::from_secs(15));
+    let running = before.saturating_sub(meminfo_kib("MemAvailable:"));
     for id in &ids {
         let _ = call(socket, "DELETE", &format!("/v1/sandboxes/{id}"), "");
     }
     let n = ids.len().max(1) as f64;
-    Ok(Way {
+    let way = Way {
         name,
         sandboxes: ids.len(),
         running_mib: running as f64 / 1024.0 / n,
         paused_mib: paused as f64 / 1024.0 / n,
         ready_ms: median_ms(&mut ready),
-    })
+    };
+    // As it comes: a long run stopped half-way still says something.
+    println!("  {}", way.line());
+    Ok(way)
 }
 
 pub fn density() -> anyhow::Result<()> {
@@ -176,11 +198,7 @@ pub fn density() -> anyhow::Result<()> {
     println!("\nbench density (release builds, this machine: {total_gib:.1} GiB)");
     println!("host memory per idle OpenCode sandbox (MemAvailable drop / sandboxes):");
     for w in &ways {
-        let fits = (total_gib * 1024.0 - 2048.0) / w.running_mib;
-        println!(
-            "  {:<30} {:3} sandboxes: running {:6.1} MiB, paused {:6.1} MiB, create -> ready median {:6.0} ms; {fits:4.0} fit in {total_gib:.0} GiB (2 GiB left to the host; goal: >= 150)",
-            w.name, w.sandboxes, w.running_mib, w.paused_mib, w.ready_ms
-        );
+        println!("  {}", w.line());
     }
     if !ksm_ok {
         println!("  KSM: cannot turn it on here ({KSM}), so --memory-merge was not measured");
