@@ -84,6 +84,13 @@ pub struct StartedExec {
     stderr: OwnedFd,
 }
 
+impl StartedExec {
+    /// The shim's id of the process (for signals).
+    pub fn exec_id(&self) -> u64 {
+        self.exec_id
+    }
+}
+
 /// The master side of an interactive exec's terminal, for resizing it.
 pub struct Pty {
     master: OwnedFd,

@@ -61,6 +61,7 @@ mod fork;
 pub mod fs;
 mod pause;
 pub mod pool;
+pub mod procs;
 mod reconcile;
 mod snapshot;
 mod supervise;
@@ -593,6 +594,8 @@ pub struct Manager {
     models: Mutex<Option<(Instant, Option<Vec<String>>)>>,
     /// The warm pools.
     pub pools: pool::Pools,
+    /// Detached processes (E2B's commands), by sandbox.
+    pub procs: procs::Procs,
     /// HTTP client for the sandboxes' OpenCode servers.
     pub http: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -648,6 +651,7 @@ impl Manager {
             models: Mutex::new(None),
             shutdown: watch::channel(false).0,
             pools: pool::Pools::default(),
+            procs: procs::Procs::default(),
         });
         mgr.load_pools()?;
         Ok(mgr)
@@ -781,6 +785,27 @@ impl Manager {
         if let Err(e) = self.db.put_lazy(SANDBOXES, &rec.id, rec) {
             tracing::error!(sandbox = %rec.id, error = %agentd_runtime::error_chain(&e), "failed to persist sandbox");
         }
+    }
+
+    /// Makes a live sandbox end `secs` from now (its TTL counted from its creation, as the
+    /// reaper counts it); written durably.
+    pub fn set_timeout(&self, sb: &Sandbox, secs: u64) -> Result<SandboxRecord> {
+        let rec = sb.snapshot();
+        if !rec.state.is_live() {
+            return Err(Error::Conflict(format!(
+                "sandbox {} is {}",
+                rec.id,
+                rec.state.as_str()
+            )));
+        }
+        let lived = now_ms().saturating_sub(rec.created_at) / 1000;
+        let old = rec.ttl_secs;
+        sb.record.lock().expect("sandbox record lock").ttl_secs = Some(lived + secs);
+        if let Err(e) = self.persist(sb) {
+            sb.record.lock().expect("sandbox record lock").ttl_secs = old;
+            return Err(e);
+        }
+        Ok(sb.snapshot())
     }
 
     /// The live sandbox at address `ip`.
@@ -950,6 +975,35 @@ impl Manager {
             self.runtime.sandbox_dir(&rec.id).join(layout::ROOTFS),
             (base + rec.user.0, base + rec.user.1),
         ))
+    }
+
+    /// The root of a live sandbox as its processes see it (`/proc/<init>/root`: its overlay
+    /// with its own mounts on it, `/tmp` included), for [`fs::open_in_root`]; and the host ids
+    /// of its user.
+    pub async fn live_root(&self, sb: &Sandbox) -> Result<(std::fs::File, (u32, u32))> {
+        let (_, owner) = self.rootfs(sb)?;
+        let client = self.runtime.client(&sb.snapshot().id);
+        let root = tokio::task::spawn_blocking(move || {
+            let (pid, _) = client.state().map_err(|e| e.to_string())?;
+            let root = rustix::fs::open(
+                format!("/proc/{pid}/root"),
+                rustix::fs::OFlags::PATH
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| e.to_string())?;
+            // The init is the shim's unreaped child: the same pid now means its root.
+            match client.state() {
+                Ok((p, agentd_runtime::SandboxStatus::Running)) if p == pid => {}
+                _ => return Err("the sandbox stopped".to_string()),
+            }
+            Ok(std::fs::File::from(root))
+        })
+        .await
+        .map_err(Error::internal)?
+        .map_err(Error::Conflict)?;
+        Ok((root, owner))
     }
 
     /// The dir holding a sandbox's log files (the runtime's while live, then agentd's copy).

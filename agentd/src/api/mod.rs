@@ -7,6 +7,9 @@
 //! `{"error":{"code","message"}}` with the status of [`error::ApiError`].
 
 pub mod conn;
+pub mod connect;
+pub mod e2b;
+pub mod envd;
 pub mod error;
 pub mod files;
 pub mod images;
@@ -179,6 +182,12 @@ pub async fn handle(
         }
         Err(req) => req,
     };
+    // E2B's API (its own authentication: X-API-KEY, envd access tokens).
+    if e2b::is_e2b(&path) {
+        let response = e2b::serve(mgr, &origin, req).await;
+        mgr.metrics.count_request("e2b", response.status().as_u16());
+        return response;
+    }
     // The web UI's pages, assets and login.
     if ui::is_ui(&path) {
         let response = ui::serve(&origin, req).await;

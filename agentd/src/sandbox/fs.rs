@@ -164,7 +164,7 @@ pub(crate) fn extract_tar(
 }
 
 /// `mkdir -p` of `path` under `root`, every component resolved in root.
-fn mkdir_in_root(root: &File, path: &Path, owner: (u32, u32)) -> io::Result<()> {
+pub(crate) fn mkdir_in_root(root: &File, path: &Path, owner: (u32, u32)) -> io::Result<()> {
     let mut cur = std::path::PathBuf::from("/");
     for comp in path.components() {
         let std::path::Component::Normal(name) = comp else {
