@@ -65,6 +65,7 @@ pub mod procs;
 mod reconcile;
 mod snapshot;
 mod supervise;
+pub mod watchers;
 
 pub use create::{limits_for, require_llm, validate_create};
 pub use supervise::{how_it_ended, log_tail, setup_failure};
@@ -596,6 +597,8 @@ pub struct Manager {
     pub pools: pool::Pools,
     /// Detached processes (E2B's commands), by sandbox.
     pub procs: procs::Procs,
+    /// Watched directories (E2B's filesystem watchers).
+    pub watchers: watchers::Watchers,
     /// HTTP client for the sandboxes' OpenCode servers.
     pub http: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -652,6 +655,7 @@ impl Manager {
             shutdown: watch::channel(false).0,
             pools: pool::Pools::default(),
             procs: procs::Procs::default(),
+            watchers: watchers::Watchers::default(),
         });
         mgr.load_pools()?;
         Ok(mgr)

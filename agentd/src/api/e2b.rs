@@ -80,11 +80,25 @@ fn header<'a>(req: &'a Req, name: &str) -> Option<&'a str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
+/// The header E2B's clients send a sandbox's traffic access token in.
+pub const TRAFFIC_HEADER: &str = "e2b-traffic-access-token";
+
 /// The envd access token of sandbox `id`: derived from agentd's token, so it needs no storage
-/// and changes with the token.
+/// and changes with the token. It controls the sandbox (commands, files).
 pub fn envd_token(token: &str, id: &str) -> String {
+    derived(b"agentd e2b envd", token, id)
+}
+
+/// The traffic access token of sandbox `id`: opens its ports' origins (`get_host`) and nothing
+/// else, so it can be handed to whoever should see a preview.
+pub fn traffic_token(token: &str, id: &str) -> String {
+    derived(b"agentd e2b traffic", token, id)
+}
+
+fn derived(kind: &[u8], token: &str, id: &str) -> String {
     let mut h = sha2::Sha256::new();
-    h.update(b"agentd e2b envd\0");
+    h.update(kind);
+    h.update(b"\0");
     h.update(token.as_bytes());
     h.update(b"\0");
     h.update(id.as_bytes());
@@ -130,9 +144,16 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
                 "envd needs the sandbox's X-Access-Token (its envdAccessToken) or agentd's token",
             );
         }
-        let sb = match mgr.get(&id) {
+        let sb = match live(mgr, &id) {
             Ok(sb) => sb,
-            Err(e) => return api_error(e.into()),
+            // E2B's proxy answers 502 for a sandbox that is gone: the SDKs read it so.
+            Err(r) if r.status() == StatusCode::NOT_FOUND && mgr.get(&id).is_ok() => {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    format!("sandbox {id} is not running"),
+                )
+            }
+            Err(r) => return r,
         };
         sb.touch();
         if let Err(e) = mgr.wake(&sb).await {
@@ -159,9 +180,9 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
         (Method::POST, ["sandboxes"] | ["v2", "sandboxes"]) => ctx.create(req).await,
         (Method::GET, ["sandboxes"]) => ctx.list(&req, true),
         (Method::GET, ["v2", "sandboxes"]) => ctx.list(&req, false),
-        (Method::GET, ["sandboxes", id]) => match mgr.get(id) {
+        (Method::GET, ["sandboxes", id]) => match live(mgr, id) {
             Ok(sb) => reply(StatusCode::OK, &ctx.detail(&sb.snapshot())),
-            Err(e) => api_error(e.into()),
+            Err(r) => r,
         },
         (Method::DELETE, ["sandboxes", id]) => match mgr.get(id) {
             Ok(sb) => match mgr.delete(&sb).await {
@@ -175,9 +196,10 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
                 Ok(t) => t.unwrap_or(DEFAULT_TIMEOUT),
                 Err(r) => return r,
             };
-            match mgr.get(id).and_then(|sb| mgr.set_timeout(&sb, secs)) {
-                Ok(_) => no_content(),
-                Err(e) => api_error(e.into()),
+            match live(mgr, id).map(|sb| mgr.set_timeout(&sb, secs)) {
+                Ok(Ok(_)) => no_content(),
+                Ok(Err(e)) => api_error(e.into()),
+                Err(r) => r,
             }
         }
         (Method::POST, ["sandboxes", id, "connect" | "resume"] | ["v2", "sandboxes", id, "connect"]) => {
@@ -186,9 +208,9 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
                 Ok(t) => t,
                 Err(r) => return r,
             };
-            let sb = match mgr.get(id) {
+            let sb = match live(mgr, id) {
                 Ok(sb) => sb,
-                Err(e) => return api_error(e.into()),
+                Err(r) => return r,
             };
             let was_paused = sb.snapshot().paused_at.is_some();
             if resume && !was_paused {
@@ -209,7 +231,7 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
             };
             reply(status, &ctx.sandbox(&sb.snapshot()))
         }
-        (Method::POST, ["sandboxes", id, "pause"]) => match mgr.get(id) {
+        (Method::POST, ["sandboxes", id, "pause"]) => match live(mgr, id) {
             Ok(sb) if sb.snapshot().paused_at.is_some() => {
                 error(StatusCode::CONFLICT, format!("sandbox {id} is paused already"))
             }
@@ -217,12 +239,28 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
                 Ok(_) => no_content(),
                 Err(e) => api_error(e.into()),
             },
-            Err(e) => api_error(e.into()),
+            Err(r) => r,
         },
         (m, _) => error(
             StatusCode::NOT_IMPLEMENTED,
             format!("{m} {PREFIX}{path} is not part of agentd's E2B API (see README: Point your E2B code at agentd)"),
         ),
+    }
+}
+
+/// A live sandbox: one that stopped (its timeout passed) is gone for E2B's clients (404), as
+/// in E2B; agentd's own API still shows it until it is deleted.
+fn live(mgr: &Manager, id: &str) -> Result<Arc<Sandbox>, Reply> {
+    match mgr.get(id) {
+        Ok(sb) if sb.snapshot().state.is_live() => Ok(sb),
+        Ok(sb) => Err(error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "sandbox {id} is {} (its timeout passed, or it was stopped)",
+                sb.snapshot().state.as_str()
+            ),
+        )),
+        Err(e) => Err(api_error(e.into())),
     }
 }
 
@@ -289,6 +327,13 @@ impl Ctx<'_> {
         }
     }
 
+    fn traffic(&self, id: &str) -> serde_json::Value {
+        match &self.token {
+            Some(t) => traffic_token(t, id).into(),
+            None => serde_json::Value::Null,
+        }
+    }
+
     /// E2B's `Sandbox`.
     fn sandbox(&self, r: &SandboxRecord) -> serde_json::Value {
         json!({
@@ -297,6 +342,7 @@ impl Ctx<'_> {
             "clientID": "agentd",
             "envdVersion": super::envd::ENVD_VERSION,
             "envdAccessToken": self.access_token(&r.id),
+            "trafficAccessToken": self.traffic(&r.id),
             "domain": self.domain,
         })
     }
@@ -479,6 +525,7 @@ mod tests {
         assert_eq!(a, envd_token("t1", "s1"));
         assert_ne!(a, envd_token("t1", "s2"));
         assert_ne!(a, envd_token("t2", "s1"));
+        assert_ne!(a, traffic_token("t1", "s1"));
         assert!(is_e2b("/e2b/sandboxes") && is_e2b("/e2b") && !is_e2b("/e2bx"));
     }
 }

@@ -610,6 +610,27 @@ struct PathRequest {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct WatchRequest {
+    path: String,
+    recursive: bool,
+    #[serde(alias = "watcher_id")]
+    watcher_id: String,
+}
+
+fn watch_json(e: &crate::sandbox::watchers::WatchEvent) -> serde_json::Value {
+    use crate::sandbox::watchers::WatchKind;
+    let kind = match e.kind {
+        WatchKind::Create => "EVENT_TYPE_CREATE",
+        WatchKind::Write => "EVENT_TYPE_WRITE",
+        WatchKind::Remove => "EVENT_TYPE_REMOVE",
+        WatchKind::Rename => "EVENT_TYPE_RENAME",
+        WatchKind::Chmod => "EVENT_TYPE_CHMOD",
+    };
+    json!({"name": e.name, "type": kind})
+}
+
+#[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct MoveRequest {
     source: String,
@@ -888,24 +909,108 @@ async fn filesystem(
                 Ok((dir, name))
             };
             let ((sd, sn), (dd, dn)) = (parent(&src)?, parent(&dst)?);
-            blocking(move || {
+            let s2 = src.clone();
+            let renamed = blocking(move || {
                 let _as = ActingAs::new(owner);
-                nix::fcntl::renameat(
+                match nix::fcntl::renameat(
                     Some(sd.as_raw_fd()),
                     sn.as_os_str(),
                     Some(dd.as_raw_fd()),
                     dn.as_os_str(),
-                )
-                .map_err(|e| io_connect(&src, e.into()))?;
+                ) {
+                    Ok(()) => Ok(true),
+                    // Another file system (its /tmp and its rootfs): mv copies, below.
+                    Err(nix::errno::Errno::EXDEV) => Ok(false),
+                    Err(e) => Err(io_connect(&s2, e.into())),
+                }
+            })
+            .await?;
+            if !renamed {
+                let args = vec![
+                    "mv".to_string(),
+                    "--".to_string(),
+                    src.to_string_lossy().into_owned(),
+                    dst.to_string_lossy().into_owned(),
+                ];
+                run_as(mgr, sb, user.uid, args).await?;
+            }
+            blocking(move || {
                 let e = entry_info(&root, &dst, &Names::read(&root), base)
                     .map_err(|e| io_connect(&dst, e))?;
                 Ok(connect::unary(&json!({ "entry": e })))
             })
             .await
         }
+        "WatchDir" | "CreateWatcher" => {
+            let ping = keepalive(&req);
+            let r: WatchRequest = connect::read_request(req).await?;
+            let (root, user, _) = user_of(mgr, sb, name).await?;
+            let path = absolute(&user, &r.path)?;
+            if method == "CreateWatcher" {
+                let id = mgr
+                    .watch_dir_polled(sb, root, path, r.recursive)
+                    .map_err(ConnectError::from)?;
+                return Ok(connect::unary(&json!({ "watcherId": id })));
+            }
+            let mut events = mgr
+                .watch_dir(sb, root, path, r.recursive)
+                .map_err(ConnectError::from)?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, super::BoxError>>(16);
+            tokio::spawn(async move {
+                let send = |v: serde_json::Value| {
+                    let tx = tx.clone();
+                    async move {
+                        tx.send(Ok(Frame::data(connect::envelope(&v))))
+                            .await
+                            .is_ok()
+                    }
+                };
+                if !send(json!({"start": {}})).await {
+                    return;
+                }
+                let mut tick = tokio::time::interval(ping.unwrap_or(Duration::from_secs(3600)));
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        ev = events.recv() => {
+                            let Some(ev) = ev else {
+                                let e = ConnectError::new("unavailable", "the watch ended (the sandbox stopped)");
+                                let _ = tx.send(Ok(Frame::data(connect::end_of_stream(Some(&e))))).await;
+                                return;
+                            };
+                            if !send(json!({"filesystem": watch_json(&ev)})).await {
+                                return;
+                            }
+                        }
+                        _ = tick.tick(), if ping.is_some() => {
+                            if !send(json!({"keepalive": {}})).await {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+            Ok(connect::stream_response(crate::http::channel_body(rx)))
+        }
+        "GetWatcherEvents" => {
+            let r: WatchRequest = connect::read_request(req).await?;
+            let events = mgr
+                .watchers
+                .poll(&sb.snapshot().id, &r.watcher_id)
+                .map_err(ConnectError::from)?;
+            let events: Vec<_> = events.iter().map(watch_json).collect();
+            Ok(connect::unary(&json!({ "events": events })))
+        }
+        "RemoveWatcher" => {
+            let r: WatchRequest = connect::read_request(req).await?;
+            mgr.watchers
+                .remove(&sb.snapshot().id, &r.watcher_id)
+                .map_err(ConnectError::from)?;
+            Ok(connect::unary(&json!({})))
+        }
         other => Err(ConnectError::new(
             "unimplemented",
-            format!("filesystem.Filesystem/{other} is not served by agentd yet"),
+            format!("filesystem.Filesystem/{other} is not served by agentd"),
         )),
     }
 }

@@ -205,6 +205,8 @@ enum Credential {
     Cookie,
     /// The sandbox's attach password.
     Attach,
+    /// E2B's traffic access token (a port's origin only).
+    Traffic,
 }
 
 fn credential(
@@ -224,6 +226,15 @@ fn credential(
     }
     if opencode_origin && attach_password_given(headers, sb) {
         return Some(Credential::Attach);
+    }
+    let traffic = headers
+        .get(super::e2b::TRAFFIC_HEADER)
+        .and_then(|v| v.to_str().ok());
+    if let Some(given) = traffic.filter(|_| !opencode_origin) {
+        let want = super::e2b::traffic_token(token, &sb.snapshot().id);
+        if constant_time_eq(given.as_bytes(), want.as_bytes()) {
+            return Some(Credential::Traffic);
+        }
     }
     session_of(headers, &sb.snapshot().id).then_some(Credential::Cookie)
 }

@@ -209,6 +209,7 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(HOST);
     parts.headers.remove(AUTHORIZATION);
+    parts.headers.remove(super::e2b::TRAFFIC_HEADER);
     if up.sandbox_origin {
         super::origins::strip_own_cookie(&mut parts.headers);
     } else {
