@@ -153,7 +153,7 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
                     format!("sandbox {id} is not running"),
                 )
             }
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         sb.touch();
         if let Err(e) = mgr.wake(&sb).await {
@@ -182,7 +182,7 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
         (Method::GET, ["v2", "sandboxes"]) => ctx.list(&req, false),
         (Method::GET, ["sandboxes", id]) => match live(mgr, id) {
             Ok(sb) => reply(StatusCode::OK, &ctx.detail(&sb.snapshot())),
-            Err(r) => r,
+            Err(r) => *r,
         },
         (Method::DELETE, ["sandboxes", id]) => match mgr.get(id) {
             Ok(sb) => match mgr.delete(&sb).await {
@@ -194,23 +194,23 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
         (Method::POST, ["sandboxes", id, "timeout" | "refreshes"]) => {
             let secs = match timeout_of(req).await {
                 Ok(t) => t.unwrap_or(DEFAULT_TIMEOUT),
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             match live(mgr, id).map(|sb| mgr.set_timeout(&sb, secs)) {
                 Ok(Ok(_)) => no_content(),
                 Ok(Err(e)) => api_error(e.into()),
-                Err(r) => r,
+                Err(r) => *r,
             }
         }
         (Method::POST, ["sandboxes", id, "connect" | "resume"] | ["v2", "sandboxes", id, "connect"]) => {
             let resume = parts.last() == Some(&"resume");
             let secs = match timeout_of(req).await {
                 Ok(t) => t,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             let sb = match live(mgr, id) {
                 Ok(sb) => sb,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             let was_paused = sb.snapshot().paused_at.is_some();
             if resume && !was_paused {
@@ -239,7 +239,7 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
                 Ok(_) => no_content(),
                 Err(e) => api_error(e.into()),
             },
-            Err(r) => r,
+            Err(r) => *r,
         },
         (m, _) => error(
             StatusCode::NOT_IMPLEMENTED,
@@ -250,22 +250,22 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
 
 /// A live sandbox: one that stopped (its timeout passed) is gone for E2B's clients (404), as
 /// in E2B; agentd's own API still shows it until it is deleted.
-fn live(mgr: &Manager, id: &str) -> Result<Arc<Sandbox>, Reply> {
+fn live(mgr: &Manager, id: &str) -> Result<Arc<Sandbox>, Box<Reply>> {
     match mgr.get(id) {
         Ok(sb) if sb.snapshot().state.is_live() => Ok(sb),
-        Ok(sb) => Err(error(
+        Ok(sb) => Err(Box::new(error(
             StatusCode::NOT_FOUND,
             format!(
                 "sandbox {id} is {} (its timeout passed, or it was stopped)",
                 sb.snapshot().state.as_str()
             ),
-        )),
-        Err(e) => Err(api_error(e.into())),
+        ))),
+        Err(e) => Err(Box::new(api_error(e.into()))),
     }
 }
 
 /// `{"timeout": seconds}` of a request (absent or empty body: `None`).
-async fn timeout_of(req: Req) -> Result<Option<u64>, Reply> {
+async fn timeout_of(req: Req) -> Result<Option<u64>, Box<Reply>> {
     #[derive(Deserialize)]
     struct T {
         timeout: Option<u64>,
@@ -273,17 +273,21 @@ async fn timeout_of(req: Req) -> Result<Option<u64>, Reply> {
     }
     let body = super::read_body(req, super::MAX_JSON_BODY)
         .await
-        .map_err(api_error)?;
+        .map_err(|e| Box::new(api_error(e)))?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let t: T = serde_json::from_slice(&body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))?;
+    let t: T = serde_json::from_slice(&body).map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid JSON body: {e}"),
+        ))
+    })?;
     match t.timeout.or(t.duration) {
-        Some(s) if s > MAX_TIMEOUT => Err(error(
+        Some(s) if s > MAX_TIMEOUT => Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             format!("timeout is at most {MAX_TIMEOUT} s"),
-        )),
+        ))),
         other => Ok(other),
     }
 }
