@@ -8,6 +8,8 @@ use agentd_tests::daemon::{follow_until, Daemon, MockLlm};
 use agentd_tests::require_sandbox_support;
 use serde_json::json;
 
+#[path = "daemon/e2b.rs"]
+mod e2b;
 #[path = "daemon/egress.rs"]
 mod egress;
 #[path = "daemon/faults.rs"]

@@ -146,8 +146,9 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
         }
         let sb = match live(mgr, &id) {
             Ok(sb) => sb,
-            // E2B's proxy answers 502 for a sandbox that is gone: the SDKs read it so.
-            Err(r) if r.status() == StatusCode::NOT_FOUND && mgr.get(&id).is_ok() => {
+            // E2B's proxy answers 502 for a sandbox that is not running (stopped, deleted,
+            // never there): the SDKs read it so (`is_running` is false).
+            Err(r) if r.status() == StatusCode::NOT_FOUND => {
                 return error(
                     StatusCode::BAD_GATEWAY,
                     format!("sandbox {id} is not running"),

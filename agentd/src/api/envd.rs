@@ -818,6 +818,9 @@ async fn filesystem(
                         let mut entries = Vec::new();
                         let mut todo = vec![(path.clone(), 1u32)];
                         while let Some((dir, d)) = todo.pop() {
+                            if entries.len() >= MAX_ENTRIES {
+                                break;
+                            }
                             let (list, _) = crate::sandbox::fs::list_dir(&root, &dir, MAX_ENTRIES)
                                 .map_err(|e| io_connect(&dir, e))?;
                             for l in list {
@@ -1082,6 +1085,16 @@ async fn files_post(mgr: &Arc<Manager>, sb: &Arc<Sandbox>, req: Req) -> Result<R
     let name = q.get("username").cloned().or_else(|| basic_user(&req));
     let (root, user, owner) = user_of(mgr, sb, name).await.map_err(connect_to_plain)?;
     let root = Arc::new(root);
+    if req
+        .headers()
+        .get(hyper::header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes() != b"identity")
+    {
+        return Err(plain_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "agentd takes uploads uncompressed: write without the SDK's gzip option",
+        ));
+    }
     let ct = req
         .headers()
         .get(hyper::header::CONTENT_TYPE)
