@@ -1106,6 +1106,7 @@ async fn files_post(mgr: &Arc<Manager>, sb: &Arc<Sandbox>, req: Req) -> Result<R
         let root = root.clone();
         async move {
             blocking(move || {
+                // blocking-ok: in `blocking`, a spawn_blocking thread.
                 let f = File::open(&spooled.0).map_err(|e| io_connect(&path, e))?;
                 let _as = ActingAs::new(owner);
                 if let Some(dir) = path.parent() {
