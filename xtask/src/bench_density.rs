@@ -40,7 +40,24 @@ struct Way {
     sandboxes: usize,
     running_mib: f64,
     paused_mib: f64,
+    /// The same from the sandboxes' own cgroups (what they are charged), which the host's
+    /// other work does not move.
+    running_cg_mib: f64,
+    paused_cg_mib: f64,
     ready_ms: f64,
+}
+
+/// The memory the sandboxes' cgroups are charged, summed (KiB).
+fn cgroups_kib(socket: &Path, ids: &[String]) -> anyhow::Result<u64> {
+    let mut sum = 0;
+    for id in ids {
+        let (st, b) = call(socket, "GET", &format!("/v1/sandboxes/{id}/stats"), "")?;
+        if st != 200 {
+            bail!("stats failed ({st}): {b}");
+        }
+        sum += json(&b)["memory_bytes"].as_u64().unwrap_or(0) / 1024;
+    }
+    Ok(sum)
 }
 
 impl Way {
@@ -49,8 +66,8 @@ impl Way {
         // Paused: how idle sandboxes wait here (idle CPU, not memory, limits running ones).
         let fits = (total_gib * 1024.0 - 2048.0) / self.paused_mib;
         format!(
-            "{:<30} {:3} sandboxes: paused {:6.1} MiB, running {:6.1} MiB, create -> ready median {:6.0} ms; {fits:4.0} paused fit in {total_gib:.0} GiB (2 GiB left to the host; goal: >= 150)",
-            self.name, self.sandboxes, self.paused_mib, self.running_mib, self.ready_ms
+            "{:<30} {:3} sandboxes: host paused {:6.1} MiB, running {:6.1} MiB; cgroups paused {:6.1} MiB, running {:6.1} MiB; create -> ready median {:6.0} ms; {fits:4.0} paused fit in {total_gib:.0} GiB (2 GiB left to the host; goal: >= 150)",
+            self.name, self.sandboxes, self.paused_mib, self.running_mib, self.paused_cg_mib, self.running_cg_mib, self.ready_ms
         )
     }
 }
@@ -112,6 +129,7 @@ fn ramp(
         );
     }
     let paused = before.saturating_sub(meminfo_kib("MemAvailable:"));
+    let paused_cg = cgroups_kib(socket, &ids)?;
     // Then all of them running and idle (OpenCode settles in 15 s).
     for id in &ids {
         let (st, b) = call(socket, "POST", &format!("/v1/sandboxes/{id}/resume"), "")?;
@@ -121,6 +139,7 @@ fn ramp(
     }
     std::thread::sleep(Duration::from_secs(15));
     let running = before.saturating_sub(meminfo_kib("MemAvailable:"));
+    let running_cg = cgroups_kib(socket, &ids)?;
     for id in &ids {
         let _ = call(socket, "DELETE", &format!("/v1/sandboxes/{id}"), "");
     }
@@ -130,6 +149,8 @@ fn ramp(
         sandboxes: ids.len(),
         running_mib: running as f64 / 1024.0 / n,
         paused_mib: paused as f64 / 1024.0 / n,
+        running_cg_mib: running_cg as f64 / 1024.0 / n,
+        paused_cg_mib: paused_cg as f64 / 1024.0 / n,
         ready_ms: median_ms(&mut ready),
     };
     // As it comes: a long run stopped half-way still says something.
