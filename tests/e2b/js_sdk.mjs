@@ -106,6 +106,11 @@ for (let i = 0; i < 50; i++) {
 }
 check('getHost (HTTP server inside)', page.body.includes('hello from port 8000'), JSON.stringify(page))
 
+const brief = await Sandbox.create('opencode', { timeoutMs: 3_000 })
+check('Sandbox.create (3 s timeout)', await brief.isRunning())
+await sleep(6_000)
+check('timeout expired', (await brief.isRunning()) === false)
+
 const found = await Sandbox.list({ query: { metadata: { suite } } }).nextItems()
 check('Sandbox.list (metadata)', found.length === 1 && found[0].sandboxId === sbx.sandboxId, JSON.stringify(found))
 const info = await sbx.getInfo()

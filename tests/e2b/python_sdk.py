@@ -166,6 +166,21 @@ def main():
     except urllib.error.HTTPError as e:
         check("get_host without the traffic token is refused", e.code == 401, e.code)
 
+    # envd by host name, where wildcard DNS exists: 49983-{id}.{domain} (the SDK's own host).
+    envd_host = sbx.get_host(49983)
+    req = urllib.request.Request(
+        f"http://{os.environ['AGENTD_HOST_PORT']}/health",
+        headers={"Host": envd_host, "X-Access-Token": sbx._envd_access_token or ""},
+    )
+    status = urllib.request.urlopen(req, timeout=5).status
+    check("envd by host (49983-{id}.{domain}) /health", status == 204, (envd_host, status))
+    req = urllib.request.Request(f"http://{os.environ['AGENTD_HOST_PORT']}/health", headers={"Host": envd_host})
+    try:
+        urllib.request.urlopen(req, timeout=5)
+        check("envd by host without the access token", False, "answered")
+    except urllib.error.HTTPError as e:
+        check("envd by host without the access token is refused", e.code == 401, e.code)
+
     # Listing by metadata, info, timeout, pause and resume (connect), kill.
     other = Sandbox.create(template="opencode", timeout=120, metadata={"suite": suite + "-other"})
     found = [s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={"suite": suite})).next_items()]

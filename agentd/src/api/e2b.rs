@@ -34,6 +34,8 @@ use crate::sandbox::{
 pub const PREFIX: &str = "/e2b";
 /// The port E2B's SDKs name for envd.
 const ENVD_PORT: &str = "49983";
+/// The same, as a number: `49983-{id}.{origin_base}` is the sandbox's envd.
+pub const ENVD_PORT_NUMBER: u16 = 49983;
 /// How long a create waits for its sandbox to be ready.
 const READY_WAIT: Duration = Duration::from_secs(60);
 /// E2B's default sandbox timeout, seconds.
@@ -133,34 +135,7 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
                 );
             }
         }
-        let envd_ok = token.is_none_or(|t| {
-            header(&req, "x-access-token").is_some_and(|g| {
-                crate::sandbox::constant_time_eq(g.as_bytes(), envd_token(t, &id).as_bytes())
-            })
-        });
-        if !api_ok && !envd_ok {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "envd needs the sandbox's X-Access-Token (its envdAccessToken) or agentd's token",
-            );
-        }
-        let sb = match live(mgr, &id) {
-            Ok(sb) => sb,
-            // E2B's proxy answers 502 for a sandbox that is not running (stopped, deleted,
-            // never there): the SDKs read it so (`is_running` is false).
-            Err(r) if r.status() == StatusCode::NOT_FOUND => {
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    format!("sandbox {id} is not running"),
-                )
-            }
-            Err(r) => return *r,
-        };
-        sb.touch();
-        if let Err(e) = mgr.wake(&sb).await {
-            return api_error(e.into());
-        }
-        return super::envd::serve(mgr, sb, &path, req).await;
+        return envd(mgr, origin, &id, &path, req).await;
     }
     if !api_ok {
         return error(
@@ -177,7 +152,55 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
         domain,
         token: envd,
     };
-    match (method, parts.as_slice()) {
+    ctx.route(method, &parts, &path, req).await
+}
+
+/// envd of sandbox `name` (its id, or its name), picked by the `E2b-Sandbox-Id` header or by
+/// the host `49983-{id}.{origin_base}` ([`super::origins`]); `path` is envd's own.
+pub async fn envd(mgr: &Arc<Manager>, origin: &Origin, name: &str, path: &str, req: Req) -> Reply {
+    let token = origin.token.as_deref().map(String::as_str);
+    let api_ok = token.is_none_or(|t| has_api_key(&req, t));
+    // Tokens are derived from the id; a sandbox named by its name has the same one.
+    let id = mgr
+        .get(name)
+        .map_or_else(|_| name.to_string(), |s| s.snapshot().id);
+    let envd_ok = token.is_none_or(|t| {
+        header(&req, "x-access-token").is_some_and(|g| {
+            crate::sandbox::constant_time_eq(g.as_bytes(), envd_token(t, &id).as_bytes())
+        })
+    });
+    if !api_ok && !envd_ok {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "envd needs the sandbox's X-Access-Token (its envdAccessToken) or agentd's token",
+        );
+    }
+    {
+        let sb = match live(mgr, &id) {
+            Ok(sb) => sb,
+            // E2B's proxy answers 502 for a sandbox that is not running (stopped, deleted,
+            // never there): the SDKs read it so (`is_running` is false).
+            Err(r) if r.status() == StatusCode::NOT_FOUND => {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    format!("sandbox {id} is not running"),
+                )
+            }
+            Err(r) => return *r,
+        };
+        sb.touch();
+        if let Err(e) = mgr.wake(&sb).await {
+            return api_error(e.into());
+        }
+        super::envd::serve(mgr, sb, path, req).await
+    }
+}
+
+impl Ctx<'_> {
+    /// The control plane.
+    async fn route(&self, method: Method, parts: &[&str], path: &str, req: Req) -> Reply {
+        let (mgr, ctx) = (self.mgr, self);
+        match (method, parts) {
         (Method::POST, ["sandboxes"] | ["v2", "sandboxes"]) => ctx.create(req).await,
         (Method::GET, ["sandboxes"]) => ctx.list(&req, true),
         (Method::GET, ["v2", "sandboxes"]) => ctx.list(&req, false),
@@ -246,6 +269,7 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Reply {
             StatusCode::NOT_IMPLEMENTED,
             format!("{m} {PREFIX}{path} is not part of agentd's E2B API (see README: Point your E2B code at agentd)"),
         ),
+    }
     }
 }
 

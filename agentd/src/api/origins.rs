@@ -306,6 +306,11 @@ pub async fn serve(mgr: &Arc<Manager>, origin: &Origin, req: Req) -> Result<Resp
     let Some((port, name)) = host.as_deref().and_then(|h| parse_host(h, base)) else {
         return Err(req);
     };
+    // E2B's envd port: agentd's envd for that sandbox (E2B's SDKs with wildcard DNS).
+    if port == Some(super::e2b::ENVD_PORT_NUMBER) {
+        let path = req.uri().path().to_string();
+        return Ok(super::e2b::envd(mgr, origin, &name, &path, req).await);
+    }
     Ok(match serve_sandbox(mgr, origin, req, port, &name).await {
         Ok(r) => r,
         Err(e) => text(e.status(), &e.to_string()),
