@@ -144,6 +144,69 @@ pub fn stream_response(body: Body) -> Response<Body> {
         .expect("a valid response")
 }
 
+/// What a server stream sends.
+pub struct ServerStream {
+    /// The first message.
+    pub first: serde_json::Value,
+    /// The keepalive message, sent every `ping` while nothing else is.
+    pub keepalive: serde_json::Value,
+    /// How often, if the client asked.
+    pub ping: Option<std::time::Duration>,
+    /// The error the stream ends with when its source ends first.
+    pub lost: &'static str,
+}
+
+impl ServerStream {
+    /// A streaming response: the first message, then `message(item)` for each item of `rx`
+    /// (a stream that says an item was the last one ends there, fine), with keepalives. A
+    /// client that goes away ends the stream's task; what feeds `rx` is not its business.
+    pub fn respond<T: Send + 'static>(
+        self,
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+        message: impl Fn(&T) -> (serde_json::Value, bool) + Send + 'static,
+    ) -> Response<Body> {
+        let (tx, body) =
+            tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, super::BoxError>>(16);
+        tokio::spawn(async move {
+            let send = |b: Bytes| {
+                let tx = tx.clone();
+                async move { tx.send(Ok(hyper::body::Frame::data(b))).await.is_ok() }
+            };
+            if !send(envelope(&self.first)).await {
+                return;
+            }
+            let period = self.ping.unwrap_or(std::time::Duration::from_secs(3600));
+            let mut tick = tokio::time::interval(period);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    item = rx.recv() => {
+                        let Some(item) = item else {
+                            let e = ConnectError::new("unavailable", self.lost);
+                            send(end_of_stream(Some(&e))).await;
+                            return;
+                        };
+                        let (m, last) = message(&item);
+                        if !send(envelope(&m)).await {
+                            return;
+                        }
+                        if last {
+                            send(end_of_stream(None)).await;
+                            return;
+                        }
+                    }
+                    _ = tick.tick(), if self.ping.is_some() => {
+                        if !send(envelope(&self.keepalive)).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        stream_response(crate::http::channel_body(body))
+    }
+}
+
 /// Whether a request is a streaming call (enveloped messages).
 pub fn is_streaming(req: &Req) -> bool {
     req.headers()

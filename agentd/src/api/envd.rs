@@ -381,54 +381,25 @@ fn keepalive(req: &Req) -> Option<Duration> {
         .map(|s| Duration::from_secs(s.clamp(1, 3600)))
 }
 
-/// Streams a process's events (after `start`) as a server-streaming response.
+/// Streams a process's events (after `start`) as a server-streaming response; the client
+/// going away leaves the process running.
 fn stream_events(
     pid: u32,
-    mut events: tokio::sync::mpsc::Receiver<ProcEvent>,
+    events: tokio::sync::mpsc::Receiver<ProcEvent>,
     ping: Option<Duration>,
 ) -> Reply {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, super::BoxError>>(16);
-    tokio::spawn(async move {
-        let send = |v: serde_json::Value| {
-            let tx = tx.clone();
-            async move {
-                tx.send(Ok(Frame::data(connect::envelope(&json!({"event": v})))))
-                    .await
-                    .is_ok()
-            }
-        };
-        if !send(json!({"start": {"pid": pid}})).await {
-            return;
-        }
-        let mut tick = tokio::time::interval(ping.unwrap_or(Duration::from_secs(3600)));
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                ev = events.recv() => {
-                    let Some(ev) = ev else {
-                        let e = ConnectError::new("unavailable", "the process was lost");
-                        let _ = tx.send(Ok(Frame::data(connect::end_of_stream(Some(&e))))).await;
-                        return;
-                    };
-                    let end = matches!(ev, ProcEvent::End(_));
-                    if !send(event_json(&ev)).await {
-                        // The client went away; the process runs on.
-                        return;
-                    }
-                    if end {
-                        let _ = tx.send(Ok(Frame::data(connect::end_of_stream(None)))).await;
-                        return;
-                    }
-                }
-                _ = tick.tick(), if ping.is_some() => {
-                    if !send(json!({"keepalive": {}})).await {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    connect::stream_response(crate::http::channel_body(rx))
+    connect::ServerStream {
+        first: json!({"event": {"start": {"pid": pid}}}),
+        keepalive: json!({"event": {"keepalive": {}}}),
+        ping,
+        lost: "the process was lost",
+    }
+    .respond(events, |ev| {
+        (
+            json!({ "event": event_json(ev) }),
+            matches!(ev, ProcEvent::End(_)),
+        )
+    })
 }
 
 async fn process(
@@ -955,45 +926,18 @@ async fn filesystem(
                     .map_err(ConnectError::from)?;
                 return Ok(connect::unary(&json!({ "watcherId": id })));
             }
-            let mut events = mgr
+            let events = mgr
                 .watch_dir(sb, root, path, r.recursive)
                 .map_err(ConnectError::from)?;
-            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, super::BoxError>>(16);
-            tokio::spawn(async move {
-                let send = |v: serde_json::Value| {
-                    let tx = tx.clone();
-                    async move {
-                        tx.send(Ok(Frame::data(connect::envelope(&v))))
-                            .await
-                            .is_ok()
-                    }
-                };
-                if !send(json!({"start": {}})).await {
-                    return;
-                }
-                let mut tick = tokio::time::interval(ping.unwrap_or(Duration::from_secs(3600)));
-                tick.tick().await;
-                loop {
-                    tokio::select! {
-                        ev = events.recv() => {
-                            let Some(ev) = ev else {
-                                let e = ConnectError::new("unavailable", "the watch ended (the sandbox stopped)");
-                                let _ = tx.send(Ok(Frame::data(connect::end_of_stream(Some(&e))))).await;
-                                return;
-                            };
-                            if !send(json!({"filesystem": watch_json(&ev)})).await {
-                                return;
-                            }
-                        }
-                        _ = tick.tick(), if ping.is_some() => {
-                            if !send(json!({"keepalive": {}})).await {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-            Ok(connect::stream_response(crate::http::channel_body(rx)))
+            Ok(connect::ServerStream {
+                first: json!({"start": {}}),
+                keepalive: json!({"keepalive": {}}),
+                ping,
+                lost: "the watch ended (the sandbox stopped)",
+            }
+            .respond(events, |ev| {
+                (json!({ "filesystem": watch_json(ev) }), false)
+            }))
         }
         "GetWatcherEvents" => {
             let r: WatchRequest = connect::read_request(req).await?;

@@ -504,17 +504,8 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             Ok(0)
         }
         SandboxCommand::Snapshot { id, image } => {
-            let body = serde_json::to_vec(&serde_json::json!({ "name": image }))?;
-            let v = check(
-                &call(
-                    sock,
-                    Method::POST,
-                    &format!("/v1/sandboxes/{}/snapshot", enc(&id)),
-                    Some((body, "application/json")),
-                    None,
-                )
-                .await?,
-            )?;
+            let path = format!("/v1/sandboxes/{}/snapshot", enc(&id));
+            let v = post_json(sock, &path, serde_json::json!({ "name": image })).await?;
             if args.json {
                 println!("{}", serde_json::to_string(&v)?);
             } else {
@@ -532,17 +523,8 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
             Ok(0)
         }
         SandboxCommand::Fork { id, count } => {
-            let body = serde_json::to_vec(&serde_json::json!({ "count": count }))?;
-            let v = check(
-                &call(
-                    sock,
-                    Method::POST,
-                    &format!("/v1/sandboxes/{}/fork", enc(&id)),
-                    Some((body, "application/json")),
-                    None,
-                )
-                .await?,
-            )?;
+            let path = format!("/v1/sandboxes/{}/fork", enc(&id));
+            let v = post_json(sock, &path, serde_json::json!({ "count": count })).await?;
             if args.json {
                 println!("{}", serde_json::to_string(&v)?);
             } else {
@@ -788,6 +770,25 @@ pub fn network_policy(
         );
     }
     Ok(Some(crate::egress::NetworkPolicy { mode, allow }))
+}
+
+/// POSTs `body` to `path`; the answer, or the API's error.
+async fn post_json(
+    sock: &PathBuf,
+    path: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let body = serde_json::to_vec(&body)?;
+    check(
+        &call(
+            sock,
+            Method::POST,
+            path,
+            Some((body, "application/json")),
+            None,
+        )
+        .await?,
+    )
 }
 
 /// `agentd sandbox pause|resume ID` (`id` already escaped for a path).
