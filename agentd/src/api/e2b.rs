@@ -340,6 +340,7 @@ struct NewSandbox {
     #[serde(rename = "allow_internet_access")]
     allow_internet_access: Option<bool>,
     auto_pause: Option<bool>,
+    network: Option<serde_json::Value>,
 }
 
 struct Ctx<'a> {
@@ -436,6 +437,20 @@ impl Ctx<'_> {
                 StatusCode::BAD_REQUEST,
                 "autoPause is not supported by agentd (a sandbox's timeout deletes it)",
             );
+        }
+        // Rules agentd would not enforce are refused, not dropped: a sandbox with fewer
+        // restrictions than asked for is worse than none.
+        let rules = ["allowOut", "denyOut", "rules", "egressProxy", "dnsServers"];
+        if let Some(net) = n.network.as_ref().and_then(|v| v.as_object()) {
+            if let Some(k) = rules.iter().find(|k| {
+                net.get(**k)
+                    .is_some_and(|v| !v.is_null() && v != &json!([]) && v != &json!({}))
+            }) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("network.{k} is not supported by agentd's E2B API: use allow_internet_access (true: agentd's open mode; false: none), or agentd's own API for an allowlist"),
+                );
+            }
         }
         let image = match n.template_id.as_str() {
             "" => return error(StatusCode::BAD_REQUEST, "templateID is required"),

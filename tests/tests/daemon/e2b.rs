@@ -84,6 +84,14 @@ fn test_the_official_e2b_python_sdk() {
         .unwrap();
     let said = String::from_utf8_lossy(&r.stdout);
     assert!(said.contains("AuthenticationException"), "{said}");
+    // Network rules agentd would not enforce are refused, not dropped.
+    let r = d.call(
+        "POST",
+        "/e2b/v2/sandboxes",
+        Some(serde_json::json!({"templateID": "opencode", "allow_internet_access": true, "network": {"denyOut": ["192.0.2.1"]}})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("network.denyOut"), "{}", r.text());
     d.delete_all_and_check_clean();
 }
 
