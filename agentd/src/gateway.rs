@@ -20,6 +20,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+pub mod audit;
+
 use crate::api::conn;
 use crate::api::error::ApiError;
 use crate::api::{json, Body, BoxError};
@@ -147,18 +149,70 @@ async fn chat(
         // no upstream, no tokens.
         return Ok(warm_up_answer(streaming));
     }
-    let mut request = client
-        .post(format!("{}/chat/completions", upstream.base_url))
-        .header("content-type", "application/json")
-        .body(forward);
-    if let Some(key) = &upstream.api_key {
-        request = request.bearer_auth(key);
+    if let Some(budget) = rec.budget_tokens {
+        let used = rec.usage.prompt_tokens + rec.usage.completion_tokens;
+        if used >= budget {
+            audit::record(&sb, audit::Entry::refused(&forward, "budget_exhausted"));
+            // 402, not 429: clients retry a 429, and no retry will find budget.
+            return Ok(openai_error(
+                StatusCode::PAYMENT_REQUIRED,
+                "budget_exhausted",
+                &format!("this sandbox's token budget is spent: {used} of {budget} tokens used; ask its owner for a larger budget"),
+            ));
+        }
     }
-    let resp = request
-        .send()
-        .await
-        .map_err(|e| ApiError::BadGateway(format!("the LLM upstream failed: {e}")))?;
+    let started = std::time::Instant::now();
+    let model = serde_json::from_slice::<serde_json::Value>(&forward)
+        .ok()
+        .and_then(|v| v["model"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    let forward = Bytes::from(forward);
+    let mut retries = 0u32;
+    let resp = loop {
+        let mut request = client
+            .post(format!("{}/chat/completions", upstream.base_url))
+            .header("content-type", "application/json")
+            .body(forward.clone());
+        if let Some(key) = &upstream.api_key {
+            request = request.bearer_auth(key);
+        }
+        let sent = request.send().await;
+        let wait = match &sent {
+            Ok(r) if retries < MAX_RETRIES && retryable(r.status().as_u16()) => {
+                Some(retry_after(r.headers()).unwrap_or_else(|| backoff(retries)))
+            }
+            _ => None,
+        };
+        match (sent, wait) {
+            (Ok(_), Some(wait)) => {
+                retries += 1;
+                tracing::debug!(sandbox = %rec.id, retries, wait_ms = wait.as_millis() as u64, "the LLM upstream asked to retry");
+                tokio::time::sleep(wait).await;
+            }
+            (Ok(r), None) => break r,
+            (Err(e), _) => {
+                let mut entry = audit::Entry::refused(&forward, "upstream_unreachable");
+                entry.latency_ms = started.elapsed().as_millis() as u64;
+                entry.retries = retries;
+                audit::record(&sb, entry);
+                return Err(ApiError::BadGateway(format!(
+                    "the LLM upstream failed: {e}"
+                )));
+            }
+        }
+    };
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut entry = audit::Entry {
+        at_ms: crate::sandbox::now_ms(),
+        model,
+        status: status.as_u16(),
+        streaming,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        latency_ms: 0,
+        retries,
+        error: None,
+    };
     let content_type = resp
         .headers()
         .get("content-type")
@@ -174,8 +228,11 @@ async fn chat(
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
                 let (p, c) = usage_of(&v);
                 record(mgr, &sb, p, c);
+                (entry.prompt_tokens, entry.completion_tokens) = (p, c);
             }
         }
+        entry.latency_ms = started.elapsed().as_millis() as u64;
+        audit::record(&sb, entry);
         return Ok(Response::builder()
             .status(status)
             .header("content-type", content_type)
@@ -225,6 +282,9 @@ async fn chat(
         };
         let ((), (prompt, completion)) = tokio::join!(forward, parse);
         record(&mgr, &sb, prompt, completion);
+        (entry.prompt_tokens, entry.completion_tokens) = (prompt, completion);
+        entry.latency_ms = started.elapsed().as_millis() as u64;
+        audit::record(&sb, entry);
     });
     Ok(Response::builder()
         .status(status)
@@ -392,6 +452,42 @@ impl Drop for InFlight {
             .gateway_requests
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// Most retries of one request the upstream answered 429 or 5xx.
+const MAX_RETRIES: u32 = 3;
+/// Longest wait a `Retry-After` may ask for (a longer one is cut to this).
+const MAX_RETRY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Statuses worth another try: the upstream is busy or failed on its side.
+fn retryable(status: u16) -> bool {
+    matches!(status, 429 | 500 | 502 | 503 | 504)
+}
+
+/// The wait a `Retry-After` (seconds, or an HTTP date) asks for, at most [`MAX_RETRY_WAIT`].
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<std::time::Duration> {
+    let v = headers.get("retry-after")?.to_str().ok()?.trim();
+    let wait = match v.parse::<u64>() {
+        Ok(secs) => std::time::Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    };
+    Some(wait.min(MAX_RETRY_WAIT))
+}
+
+/// 0.5 s, 1 s, 2 s, ... without a `Retry-After`.
+fn backoff(retries: u32) -> std::time::Duration {
+    std::time::Duration::from_millis(500u64 << retries.min(5)).min(MAX_RETRY_WAIT)
+}
+
+/// An error in OpenAI's shape, which the agent's SDK reads and shows.
+fn openai_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json(
+        status,
+        &serde_json::json!({"error": {"message": message, "type": code, "code": code, "param": null}}),
+    )
 }
 
 fn record(mgr: &Manager, sb: &Sandbox, prompt: u64, completion: u64) {

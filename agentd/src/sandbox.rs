@@ -212,6 +212,18 @@ pub struct SandboxRecord {
     /// OpenCode was started with (a pooled sandbox claimed for another model).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Its token budget: the gateway refuses its requests once its usage reaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_tokens: Option<u64>,
+}
+
+/// A sandbox's LLM budget.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Prompt + completion tokens, as the upstream reports them; the gateway refuses the
+    /// sandbox's requests once its usage reaches this (429, `budget_exhausted`).
+    pub tokens: Option<u64>,
 }
 
 /// What a sandbox's idle timeout does.
@@ -298,6 +310,9 @@ pub struct CreateSandbox {
     pub command: Option<Vec<String>>,
     /// Model OpenCode uses through the gateway [default: agentd's `llm_model`].
     pub model: Option<String>,
+    /// Its LLM budget [default: none].
+    #[serde(default)]
+    pub budget: Option<Budget>,
     /// OpenCode's permission per tool (`{"bash": "ask"}`): `allow`, `ask` (a person answers
     /// through OpenCode's `/permission` API, or a task's approvals) or `deny` [default: edit,
     /// bash and webfetch allowed; OpenCode's defaults for the rest].
@@ -419,6 +434,8 @@ pub struct Sandbox {
     pub active: AtomicUsize,
     /// Chat requests of this sandbox the LLM gateway is forwarding now.
     pub gateway_requests: AtomicUsize,
+    /// The gateway's audit log of its requests.
+    pub llm_log: crate::gateway::audit::Log,
     /// Changes when the state does; waiters watch it.
     pub state_tx: watch::Sender<SandboxState>,
     /// Set by the first [`Manager::finish`]: its resources are being freed.
@@ -477,6 +494,7 @@ impl Sandbox {
             last_activity: AtomicU64::new(now_ms()),
             active: AtomicUsize::new(0),
             gateway_requests: AtomicUsize::new(0),
+            llm_log: crate::gateway::audit::Log::default(),
             state_tx,
             ending: std::sync::atomic::AtomicBool::new(false),
             egress: crate::egress::EgressLog::default(),

@@ -770,6 +770,11 @@ impl TaskManager {
                 Err(why) => self.finish_attempt(&task, n, TaskState::Failed, Some(why)),
             },
             Ok(Outcome::Failed(why)) => {
+                // A refusal of the gateway's is why, whatever OpenCode made of it.
+                let why = match sb.as_ref().and_then(|s| budget_spent(&s.snapshot())) {
+                    Some(spent) => format!("{spent}; {why}"),
+                    None => why,
+                };
                 let why = match self.collect_diff(&task, n, sb.as_ref()).await {
                     Ok(_) => why,
                     Err(diff) => format!("{why}; and no diff: {diff}"),
@@ -1123,6 +1128,7 @@ impl TaskManager {
             labels,
             opencode: Some(!prepare),
             model: rec.request.model.clone().filter(|_| !prepare),
+            budget: rec.request.budget.clone().filter(|_| !prepare),
             permissions: rec.request.permissions.clone(),
             base_layers: base_layer.into_iter().collect(),
             cache,
@@ -1489,6 +1495,15 @@ fn failure(command: &str, out: &crate::sandbox::ExecOutput, limit: Duration) -> 
     } else {
         format!("`{command}` {how}: {stderr}")
     }
+}
+
+/// `budget_exhausted: ...` when sandbox `rec` has used its token budget.
+fn budget_spent(rec: &crate::sandbox::SandboxRecord) -> Option<String> {
+    let budget = rec.budget_tokens?;
+    let used = rec.usage.prompt_tokens + rec.usage.completion_tokens;
+    (used >= budget).then(|| {
+        format!("budget_exhausted: the attempt's token budget of {budget} is spent ({used} used)")
+    })
 }
 
 fn ms(d: Duration) -> u64 {

@@ -522,6 +522,9 @@ pub enum Turn {
     Text(String),
     /// A `bash` tool call running `command`.
     Bash(String),
+    /// An error status, with a `Retry-After` of so many seconds if given (OpenAI's error
+    /// body).
+    Fail(u16, Option<u64>),
 }
 
 /// Decides the mock's answer from the request (the whole chat-completions JSON).
@@ -660,6 +663,18 @@ fn serve_llm(
             Turn::Text("Mock title".into())
         };
         let mut events = Vec::new();
+        if let Turn::Fail(status, retry_after) = turn {
+            let body = serde_json::json!({"error": {"message": "mock failure", "type": "server_error", "code": null}}).to_string();
+            let retry = retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
+            let mut w = stream.try_clone()?;
+            write!(
+                w,
+                "HTTP/1.1 {status} Mock\r\nContent-Type: application/json\r\n{retry}Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
+            w.flush()?;
+            continue;
+        }
         match turn {
             Turn::Text(text) => {
                 events.push(chunk(
@@ -679,6 +694,7 @@ fn serve_llm(
                 ));
                 events.push(chunk(serde_json::json!({}), Some("tool_calls")));
             }
+            Turn::Fail(..) => unreachable!("answered above"),
         }
         if include_usage {
             events.push(serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": "mock",

@@ -14,6 +14,8 @@ mod e2b;
 mod egress;
 #[path = "daemon/faults.rs"]
 mod faults;
+#[path = "daemon/gateway.rs"]
+mod gateway;
 #[path = "daemon/hardening.rs"]
 mod hardening;
 #[path = "daemon/pause.rs"]

@@ -138,6 +138,9 @@ routes! {
     POST "/v1/sandboxes/{id}/fork" => sandboxes::fork_route, query None,
         in [JSON: schema_of::<types::ForkRequest>], out 201 [JSON: schema_of::<types::ForkView>],
         "New sandboxes from a sandbox's current files (frozen while they are copied): same image, limits, network, labels and OpenCode; its /tmp and processes do not carry over";
+    GET "/v1/sandboxes/{id}/llm" => sandboxes::llm_route, query None, in [],
+        out 200 [JSON: schema_of::<types::LlmLog>],
+        "The LLM gateway's audit log of a sandbox: per request the model, tokens, latency, status and retries (never the prompt), the newest 1,000; its usage and budget";
     POST "/v1/sandboxes/{id}/snapshot" => sandboxes::snapshot_route, query None,
         in [JSON: schema_of::<types::SnapshotRequest>], out 201 [JSON: schema_of::<types::SnapshotView>],
         "Store a sandbox's files as an image (frozen while they are copied; a paused sandbox stays paused): its image with the sandbox's writable layer, and the layers it was stacked on, as new layers; /tmp and processes do not carry over";

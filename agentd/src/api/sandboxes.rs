@@ -68,6 +68,20 @@ pub(crate) async fn fork_route(
     ))
 }
 
+/// `GET /v1/sandboxes/{id}/llm`.
+pub(crate) async fn llm_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
+    let sb = named(&mgr, &p.id, false)?;
+    let rec = sb.snapshot();
+    Ok(json(
+        StatusCode::OK,
+        &super::types::LlmLog {
+            usage: rec.usage,
+            budget_tokens: rec.budget_tokens,
+            requests: sb.llm_log.entries(),
+        },
+    ))
+}
+
 /// `POST /v1/sandboxes/{id}/snapshot`.
 pub(crate) async fn snapshot_route(
     State(mgr): State<Arc<Manager>>,

@@ -68,6 +68,8 @@ pub struct SandboxView {
     pub opencode: bool,
     /// Tokens through the LLM gateway.
     pub usage: Usage,
+    /// Its token budget, if it has one.
+    pub budget_tokens: Option<u64>,
     /// How it ended, once it has.
     pub exit: Option<ExitInfo>,
     /// What it may reach beyond agentd.
@@ -109,6 +111,7 @@ impl From<&SandboxRecord> for SandboxView {
             labels: r.labels.clone(),
             opencode: r.opencode.is_some(),
             usage: r.usage.clone(),
+            budget_tokens: r.budget_tokens,
             exit: r.exit.clone(),
             network: r.network.clone(),
             setup: r.setup.clone(),
@@ -712,6 +715,17 @@ pub struct ForkView {
     pub copy_ms: f64,
     /// The whole request, ms.
     pub total_ms: f64,
+}
+
+/// `GET /v1/sandboxes/{id}/llm`: the gateway's audit log of a sandbox.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct LlmLog {
+    /// Its token usage so far.
+    pub usage: Usage,
+    /// Its token budget, if it has one.
+    pub budget_tokens: Option<u64>,
+    /// Its newest requests (at most 1,000), oldest first; prompts are never kept.
+    pub requests: Vec<crate::gateway::audit::Entry>,
 }
 
 /// `POST /v1/sandboxes/{id}/snapshot`.

@@ -101,6 +101,10 @@ enum TaskCommand {
         /// Model [default: agentd's].
         #[arg(long)]
         model: Option<String>,
+        /// Each attempt's LLM budget in tokens (prompt + completion); past it the attempt
+        /// fails with budget_exhausted [default: none].
+        #[arg(long)]
+        budget_tokens: Option<u64>,
         /// Image [default: opencode].
         #[arg(long)]
         image: Option<String>,
@@ -262,6 +266,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             diff_exclude,
             timeout,
             model,
+            budget_tokens,
             image,
             memory,
             cpus,
@@ -313,6 +318,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                         .then(|| diff_exclude.into_iter().filter(|p| !p.is_empty()).collect()),
                     timeout_secs: timeout,
                     model,
+                    budget: budget_tokens.map(|t| crate::sandbox::Budget { tokens: Some(t) }),
                     image,
                     grace_secs: grace,
                     limits: crate::sandbox::LimitsRequest {

@@ -276,6 +276,7 @@ impl Manager {
             base_layers: req.base_layers.clone(),
             pool: req.pool.clone(),
             model: None,
+            budget_tokens: req.budget.as_ref().and_then(|b| b.tokens),
         };
         // The record (state `creating`) is written durably while the shim starts, in
         // parallel (see [`Self::start`]): a crash before the write lands leaves a state dir

@@ -347,6 +347,7 @@ impl Manager {
             r.usage = super::Usage::default();
             let started_with = &self.config.llm_model;
             r.model = req.model.clone().filter(|m| m != started_with);
+            r.budget_tokens = req.budget.as_ref().and_then(|b| b.tokens);
         }
         if let Err(e) = self.persist(&sb) {
             // Not acknowledged: the record goes back to the pool's (the sandbox stays

@@ -75,6 +75,10 @@ pub struct CreateTask {
     pub image: Option<String>,
     /// Model [default: agentd's `llm_model`].
     pub model: Option<String>,
+    /// Each attempt's LLM budget: once its sandbox's usage reaches it, the gateway refuses
+    /// its requests and the attempt fails with `budget_exhausted` [default: none].
+    #[serde(default)]
+    pub budget: Option<crate::sandbox::Budget>,
     /// OpenCode's permission per tool (`{"bash": "ask"}`): `allow`, `ask` (the attempt waits
     /// for an approval: `GET /v1/tasks/{id}/approvals`) or `deny` [default: edit, bash and
     /// webfetch allowed].
