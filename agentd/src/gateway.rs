@@ -227,7 +227,7 @@ async fn chat(
         if status.is_success() {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
                 let (p, c) = usage_of(&v);
-                record(mgr, &sb, p, c);
+                record(mgr, &sb, &entry.model, p, c);
                 (entry.prompt_tokens, entry.completion_tokens) = (p, c);
             }
         }
@@ -281,7 +281,7 @@ async fn chat(
             usage
         };
         let ((), (prompt, completion)) = tokio::join!(forward, parse);
-        record(&mgr, &sb, prompt, completion);
+        record(&mgr, &sb, &entry.model, prompt, completion);
         (entry.prompt_tokens, entry.completion_tokens) = (prompt, completion);
         entry.latency_ms = started.elapsed().as_millis() as u64;
         audit::record(&sb, entry);
@@ -490,9 +490,9 @@ fn openai_error(status: StatusCode, code: &str, message: &str) -> Response<Body>
     )
 }
 
-fn record(mgr: &Manager, sb: &Sandbox, prompt: u64, completion: u64) {
+fn record(mgr: &Manager, sb: &Sandbox, model: &str, prompt: u64, completion: u64) {
     mgr.add_usage(sb, prompt, completion);
-    mgr.metrics.count_tokens(prompt, completion);
+    mgr.metrics.count_tokens(model, prompt, completion);
 }
 
 /// Prompt and completion tokens from an OpenAI `usage` object.

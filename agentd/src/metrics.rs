@@ -7,6 +7,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the latency histograms' buckets.
+/// Most models counted apart in the token metrics (the rest count as `other`).
+const MAX_MODELS: usize = 64;
+
 const BUCKETS: [f64; 12] = [
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
@@ -54,6 +57,8 @@ struct Inner {
     create: Histogram,
     ready: Histogram,
     gateway_tokens: BTreeMap<&'static str, u64>,
+    /// Tokens by (model, kind); models are bounded by `llm_models`, or else by [`MAX_MODELS`].
+    model_tokens: BTreeMap<(String, &'static str), u64>,
     /// Egress proxy connections by verdict, and their bytes.
     egress: BTreeMap<&'static str, u64>,
     egress_bytes: u64,
@@ -84,10 +89,20 @@ impl Metrics {
     }
 
     /// Tokens forwarded by the LLM gateway.
-    pub fn count_tokens(&self, prompt: u64, completion: u64) {
+    pub fn count_tokens(&self, model: &str, prompt: u64, completion: u64) {
         let mut i = self.inner();
         *i.gateway_tokens.entry("prompt").or_default() += prompt;
         *i.gateway_tokens.entry("completion").or_default() += completion;
+        // A model name is the sandbox's word (agentd checked it at create, but an agent's
+        // own requests name what they like): the label set stays bounded.
+        let known = i.model_tokens.keys().any(|(m, _)| m == model);
+        let model = if known || i.model_tokens.len() < 2 * MAX_MODELS {
+            model.chars().take(128).collect()
+        } else {
+            "other".to_string()
+        };
+        *i.model_tokens.entry((model.clone(), "prompt")).or_default() += prompt;
+        *i.model_tokens.entry((model, "completion")).or_default() += completion;
     }
 
     /// One connection through the egress proxy (`allowed` or refused) and its bytes.
@@ -130,6 +145,14 @@ impl Metrics {
         for (kind, n) in &i.gateway_tokens {
             let _ = writeln!(out, "agentd_llm_tokens_total{{kind=\"{kind}\"}} {n}");
         }
+        out.push_str("# HELP agentd_llm_model_tokens_total Tokens through the LLM gateway by model.\n# TYPE agentd_llm_model_tokens_total counter\n");
+        for ((model, kind), n) in &i.model_tokens {
+            let model = model.replace(['\\', '"', '\n'], "_");
+            let _ = writeln!(
+                out,
+                "agentd_llm_model_tokens_total{{model=\"{model}\",kind=\"{kind}\"}} {n}"
+            );
+        }
         out.push_str("# HELP agentd_egress_connections_total Connections sandboxes asked the egress proxy for, by verdict.\n# TYPE agentd_egress_connections_total counter\n");
         for (verdict, n) in &i.egress {
             let _ = writeln!(
@@ -152,7 +175,11 @@ mod tests {
         let m = Metrics::default();
         m.count_request("/v1/sandboxes", 201);
         m.observe_create(Duration::from_millis(30));
-        m.count_tokens(5, 7);
+        m.count_tokens("m1", 5, 7);
+        m.count_tokens("m\"2", 1, 1);
+        for i in 0..200 {
+            m.count_tokens(&format!("x{i}"), 1, 0);
+        }
         m.count_egress(false, 0);
         m.count_egress(true, 100);
         let mut states = BTreeMap::new();
@@ -164,7 +191,12 @@ mod tests {
         );
         assert!(text.contains("agentd_sandbox_create_seconds_bucket{le=\"0.05\"} 1"));
         assert!(text.contains("agentd_sandbox_create_seconds_bucket{le=\"0.025\"} 0"));
-        assert!(text.contains("agentd_llm_tokens_total{kind=\"completion\"} 7"));
+        assert!(text.contains("agentd_llm_tokens_total{kind=\"completion\"} 8"));
+        assert!(text.contains("agentd_llm_model_tokens_total{model=\"m1\",kind=\"prompt\"} 5"));
+        assert!(text.contains("agentd_llm_model_tokens_total{model=\"m_2\",kind=\"completion\"} 1"));
+        // Model labels stay bounded.
+        assert!(text.matches("agentd_llm_model_tokens_total{").count() <= 2 * MAX_MODELS + 2);
+        assert!(text.contains("model=\"other\""));
         assert!(text.contains("agentd_egress_connections_total{verdict=\"denied\"} 1"));
         assert!(text.contains("agentd_egress_bytes_total 100"));
     }

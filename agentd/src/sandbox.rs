@@ -944,6 +944,13 @@ impl Manager {
     /// with a list; the answer is kept for a minute).
     pub async fn check_model(&self, model: &str) -> Result<()> {
         validate_model(Some(model))?;
+        let allowed = &self.config.llm_models;
+        if !allowed.is_empty() && !allowed.iter().any(|m| m == model) {
+            return Err(Error::Invalid(format!(
+                "model {model:?} is not allowed here (llm_models: {})",
+                allowed.join(", ")
+            )));
+        }
         let Some(upstream) = &self.config.llm else {
             return Ok(());
         };

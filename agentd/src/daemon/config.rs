@@ -94,6 +94,11 @@ pub struct ServeArgs {
     /// Model OpenCode uses by default [default: default].
     #[arg(long, env = "AGENTD_LLM_MODEL")]
     pub llm_model: Option<String>,
+    /// The only models sandboxes and tasks may ask for (comma-separated; in TOML a list); a
+    /// create asking for another is refused with the list [default: any model the upstream
+    /// lists].
+    #[arg(long = "llm-models", env = "AGENTD_LLM_MODELS", value_delimiter = ',')]
+    pub llm_models: Option<Vec<String>>,
     /// Bridge for sandbox networking [default: agentd0].
     #[arg(long, env = "AGENTD_BRIDGE")]
     pub bridge: Option<String>,
@@ -249,6 +254,8 @@ pub struct Config {
     pub llm: Option<LlmUpstream>,
     /// Default model name.
     pub llm_model: String,
+    /// The models allowed (empty: any the upstream lists).
+    pub llm_models: Vec<String>,
     /// Bridge name.
     pub bridge: String,
     /// Network address of the sandbox subnet.
@@ -499,6 +506,20 @@ impl Config {
             }
             egress_presets.insert(name.to_string(), hosts);
         }
+        let llm_model = args.llm_model.unwrap_or_else(|| DEFAULT_LLM_MODEL.into());
+        let llm_models: Vec<String> = args
+            .llm_models
+            .into_iter()
+            .flatten()
+            .map(|m| m.trim().to_string())
+            .filter(|m| !m.is_empty())
+            .collect();
+        if !llm_models.is_empty() && !llm_models.contains(&llm_model) {
+            anyhow::bail!(
+                "llm_model {llm_model:?} is not in llm_models ({}): allow it, or choose one of them",
+                llm_models.join(", ")
+            );
+        }
         let mut warm_pools = std::collections::BTreeMap::new();
         for p in args
             .warm_pools
@@ -528,7 +549,8 @@ impl Config {
                 .ssh_authorized_keys
                 .unwrap_or_else(|| state_dir.join("ssh").join("authorized_keys"))),
             llm,
-            llm_model: args.llm_model.unwrap_or_else(|| DEFAULT_LLM_MODEL.into()),
+            llm_model,
+            llm_models,
             bridge,
             subnet,
             prefix_len,

@@ -2,7 +2,8 @@
 //! upstream that answers 429 (with `Retry-After`) and then 503 is retried until it answers;
 //! a sandbox whose token budget is spent gets a readable refusal and the upstream sees
 //! nothing more; every request is in the sandbox's audit log (model, tokens, retries,
-//! status), never its prompt.
+//! status), never its prompt; a model the admin did not allow is refused at create; tokens
+//! are counted by model in /metrics; a task attempt whose budget is spent fails saying so.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,7 +26,38 @@ fn test_gateway_retries_budgets_and_audit() {
         1 => Turn::Fail(503, None),
         _ => Turn::Text("hello from the upstream".into()),
     });
-    let (d, _, _) = opencode_daemon(&images, &llm);
+    let gateway = agentd_tests::registry::free_port().to_string();
+    let d = agentd_tests::daemon::Daemon::start(
+        &images,
+        &[
+            "--llm-base-url",
+            &llm.base_url,
+            "--gateway-port",
+            &gateway,
+            "--llm-models",
+            "default,mock",
+        ],
+    );
+    // Model policy: a model the upstream offers but the admin did not allow is refused at
+    // create, with the list; so is a task asking for it.
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"model": "mock-large"})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("llm_models: default, mock"),
+        "{}",
+        r.text()
+    );
+    let ws = tempfile::tempdir().unwrap();
+    let r = d.call(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"prompt": "x", "workspace": {"path": ws.path()}, "model": "mock-large"})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
     let v = ready_opencode(&d, json!({"budget": {"tokens": 60}}));
     let id = v["id"].as_str().unwrap().to_string();
     assert_eq!(v["budget_tokens"], 60, "{v:#}");
@@ -72,6 +104,12 @@ fn test_gateway_retries_budgets_and_audit() {
     let after = log["usage"]["prompt_tokens"].as_u64().unwrap()
         + log["usage"]["completion_tokens"].as_u64().unwrap();
     assert_eq!(after, used, "{log:#}");
+    // Tokens by model in /metrics.
+    let metrics = d.call("GET", "/metrics", None).text();
+    assert!(
+        metrics.contains("agentd_llm_model_tokens_total{model=\"default\",kind=\"completion\"}"),
+        "{metrics}"
+    );
     // What the agent was told: the session's last message carries the gateway's words.
     let sessions = d
         .call("GET", &format!("/v1/sandboxes/{id}/opencode/session"), None)
