@@ -536,6 +536,8 @@ impl Ctx<'_> {
             .list()
             .iter()
             .map(|s| s.snapshot())
+            // Not a warm pool's (nobody's until claimed), nor one still being made.
+            .filter(|r| r.pool.is_none())
             .filter(|r| r.state.is_live() && r.state != SandboxState::Creating)
             .filter(|r| states.contains(&Self::state(r)))
             .filter(|r| wanted.iter().all(|(k, v)| r.labels.get(k) == Some(v)))
