@@ -79,6 +79,11 @@ def main():
     sbx.commands.close_stdin(h.pid)
     r = h.wait()
     check("commands.send_stdin + close_stdin", r.stdout == "ping\ndone\n", repr(r.stdout))
+    h = sbx.commands.run("cat; echo end", background=True, stdin=True)
+    sbx.commands.stream_input(h.pid, iter(["a\n", b"b\n", "c\n"]))
+    sbx.commands.close_stdin(h.pid)
+    r = h.wait()
+    check("commands.stream_input (client stream)", r.stdout == "a\nb\nc\nend\n", repr(r.stdout))
 
     # A terminal.
     seen = bytearray()
