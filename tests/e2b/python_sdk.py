@@ -186,6 +186,20 @@ def main():
     except urllib.error.HTTPError as e:
         check("envd by host without the access token is refused", e.code == 401, e.code)
 
+    # fork: agentd's fork (the files of the moment; a sandbox of its own from there).
+    sbx.files.write("/home/agent/before-fork.txt", "parent")
+    forks = sbx.fork(count=1, timeout=60)
+    check("Sandbox.fork", len(forks) == 1 and not isinstance(forks[0], Exception), forks)
+    child = forks[0]
+    check(
+        "Sandbox.fork (the fork sees the parent's files)",
+        child.files.read("/home/agent/before-fork.txt") == "parent" and child.sandbox_id != sbx.sandbox_id,
+        child.sandbox_id,
+    )
+    child.files.write("/home/agent/only-fork.txt", "x")
+    check("Sandbox.fork (they diverge)", not sbx.files.exists("/home/agent/only-fork.txt"))
+    child.kill()
+
     # Listing by metadata, info, timeout, pause and resume (connect), kill.
     other = Sandbox.create(template="opencode", timeout=120, metadata={"suite": suite + "-other"})
     found = [s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={"suite": suite})).next_items()]

@@ -255,6 +255,59 @@ impl Ctx<'_> {
             };
             reply(status, &ctx.sandbox(&sb.snapshot()))
         }
+        (Method::POST, ["sandboxes", id, "fork"]) => {
+            #[derive(Deserialize, Default)]
+            #[serde(default)]
+            struct Fork {
+                count: Option<u32>,
+                timeout: Option<u64>,
+            }
+            let body = match super::read_body(req, super::MAX_JSON_BODY).await {
+                Ok(b) => b,
+                Err(e) => return api_error(e),
+            };
+            let f: Fork = if body.iter().all(u8::is_ascii_whitespace) {
+                Fork::default()
+            } else {
+                match serde_json::from_slice(&body) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        return error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}"))
+                    }
+                }
+            };
+            if f.timeout.is_some_and(|t| t > MAX_TIMEOUT) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("timeout is at most {MAX_TIMEOUT} s"),
+                );
+            }
+            let sb = match live(mgr, id) {
+                Ok(sb) => sb,
+                Err(r) => return *r,
+            };
+            // agentd's fork: the parent frozen while its files are copied, each fork on them.
+            let forked = match mgr.fork(&sb, f.count.unwrap_or(1)).await {
+                Ok(f) => f,
+                Err(e) => return api_error(e.into()),
+            };
+            let mut out = Vec::new();
+            for rec in &forked.sandboxes {
+                let Ok(child) = mgr.get(&rec.id) else {
+                    out.push(json!({"error": {"code": 500, "message": format!("fork {} vanished", rec.id)}}));
+                    continue;
+                };
+                let ready = tokio::time::timeout(READY_WAIT, child.wait_ready()).await;
+                let timed = mgr.set_timeout(&child, f.timeout.unwrap_or(DEFAULT_TIMEOUT));
+                match (ready, timed) {
+                    (Ok(Ok(())), Ok(r)) => out.push(json!({ "sandbox": ctx.sandbox(&r) })),
+                    (Ok(Err(why)), _) => out.push(json!({"error": {"code": 500, "message": format!("fork {} did not start: {why}", rec.id)}})),
+                    (Err(_), _) => out.push(json!({"error": {"code": 504, "message": format!("fork {} was not ready in time", rec.id)}})),
+                    (_, Err(e)) => out.push(json!({"error": {"code": 500, "message": e.to_string()}})),
+                }
+            }
+            reply(StatusCode::CREATED, &serde_json::Value::Array(out))
+        }
         (Method::POST, ["sandboxes", id, "pause"]) => match live(mgr, id) {
             Ok(sb) if sb.snapshot().paused_at.is_some() => {
                 error(StatusCode::CONFLICT, format!("sandbox {id} is paused already"))
