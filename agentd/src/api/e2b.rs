@@ -175,25 +175,23 @@ pub async fn envd(mgr: &Arc<Manager>, origin: &Origin, name: &str, path: &str, r
             "envd needs the sandbox's X-Access-Token (its envdAccessToken) or agentd's token",
         );
     }
-    {
-        let sb = match live(mgr, &id) {
-            Ok(sb) => sb,
-            // E2B's proxy answers 502 for a sandbox that is not running (stopped, deleted,
-            // never there): the SDKs read it so (`is_running` is false).
-            Err(r) if r.status() == StatusCode::NOT_FOUND => {
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    format!("sandbox {id} is not running"),
-                )
-            }
-            Err(r) => return *r,
-        };
-        sb.touch();
-        if let Err(e) = mgr.wake(&sb).await {
-            return api_error(e.into());
+    let sb = match live(mgr, &id) {
+        Ok(sb) => sb,
+        // E2B's proxy answers 502 for a sandbox that is not running (stopped, deleted, never
+        // there): the SDKs read it so (`is_running` is false).
+        Err(r) if r.status() == StatusCode::NOT_FOUND => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("sandbox {id} is not running"),
+            )
         }
-        super::envd::serve(mgr, sb, path, req).await
+        Err(r) => return *r,
+    };
+    sb.touch();
+    if let Err(e) = mgr.wake(&sb).await {
+        return api_error(e.into());
     }
+    super::envd::serve(mgr, sb, path, req).await
 }
 
 impl Ctx<'_> {
@@ -201,128 +199,128 @@ impl Ctx<'_> {
     async fn route(&self, method: Method, parts: &[&str], path: &str, req: Req) -> Reply {
         let (mgr, ctx) = (self.mgr, self);
         match (method, parts) {
-        (Method::POST, ["sandboxes"] | ["v2", "sandboxes"]) => ctx.create(req).await,
-        (Method::GET, ["sandboxes"]) => ctx.list(&req, true),
-        (Method::GET, ["v2", "sandboxes"]) => ctx.list(&req, false),
-        (Method::GET, ["sandboxes", id]) => match live(mgr, id) {
-            Ok(sb) => reply(StatusCode::OK, &ctx.detail(&sb.snapshot())),
-            Err(r) => *r,
-        },
-        (Method::DELETE, ["sandboxes", id]) => match mgr.get(id) {
-            Ok(sb) => match mgr.delete(&sb).await {
-                Ok(()) => no_content(),
+            (Method::POST, ["sandboxes"] | ["v2", "sandboxes"]) => ctx.create(req).await,
+            (Method::GET, ["sandboxes"]) => ctx.list(&req, true),
+            (Method::GET, ["v2", "sandboxes"]) => ctx.list(&req, false),
+            (Method::GET, ["sandboxes", id]) => match live(mgr, id) {
+                Ok(sb) => reply(StatusCode::OK, &ctx.detail(&sb.snapshot())),
+                Err(r) => *r,
+            },
+            (Method::DELETE, ["sandboxes", id]) => match mgr.get(id) {
+                Ok(sb) => match mgr.delete(&sb).await {
+                    Ok(()) => no_content(),
+                    Err(e) => api_error(e.into()),
+                },
                 Err(e) => api_error(e.into()),
             },
-            Err(e) => api_error(e.into()),
-        },
-        (Method::POST, ["sandboxes", id, "timeout" | "refreshes"]) => {
-            let secs = match timeout_of(req).await {
-                Ok(t) => t.unwrap_or(DEFAULT_TIMEOUT),
-                Err(r) => return *r,
-            };
-            match live(mgr, id).map(|sb| mgr.set_timeout(&sb, secs)) {
-                Ok(Ok(_)) => no_content(),
-                Ok(Err(e)) => api_error(e.into()),
-                Err(r) => *r,
+            (Method::POST, ["sandboxes", id, "timeout" | "refreshes"]) => {
+                let secs = match timeout_of(req).await {
+                    Ok(t) => t.unwrap_or(DEFAULT_TIMEOUT),
+                    Err(r) => return *r,
+                };
+                match live(mgr, id).map(|sb| mgr.set_timeout(&sb, secs)) {
+                    Ok(Ok(_)) => no_content(),
+                    Ok(Err(e)) => api_error(e.into()),
+                    Err(r) => *r,
+                }
             }
-        }
-        (Method::POST, ["sandboxes", id, "connect" | "resume"] | ["v2", "sandboxes", id, "connect"]) => {
-            let resume = parts.last() == Some(&"resume");
-            let secs = match timeout_of(req).await {
-                Ok(t) => t,
-                Err(r) => return *r,
-            };
-            let sb = match live(mgr, id) {
-                Ok(sb) => sb,
-                Err(r) => return *r,
-            };
-            let was_paused = sb.snapshot().paused_at.is_some();
-            if resume && !was_paused {
-                return error(StatusCode::CONFLICT, format!("sandbox {id} is not paused"));
-            }
-            if let Err(e) = mgr.wake(&sb).await {
-                return api_error(e.into());
-            }
-            if let Some(secs) = secs {
-                if let Err(e) = mgr.set_timeout(&sb, secs) {
+            (Method::POST, ["sandboxes", id, "connect" | "resume"] | ["v2", "sandboxes", id, "connect"]) => {
+                let resume = parts.last() == Some(&"resume");
+                let secs = match timeout_of(req).await {
+                    Ok(t) => t,
+                    Err(r) => return *r,
+                };
+                let sb = match live(mgr, id) {
+                    Ok(sb) => sb,
+                    Err(r) => return *r,
+                };
+                let was_paused = sb.snapshot().paused_at.is_some();
+                if resume && !was_paused {
+                    return error(StatusCode::CONFLICT, format!("sandbox {id} is not paused"));
+                }
+                if let Err(e) = mgr.wake(&sb).await {
                     return api_error(e.into());
                 }
-            }
-            let status = if was_paused {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            reply(status, &ctx.sandbox(&sb.snapshot()))
-        }
-        (Method::POST, ["sandboxes", id, "fork"]) => {
-            #[derive(Deserialize, Default)]
-            #[serde(default)]
-            struct Fork {
-                count: Option<u32>,
-                timeout: Option<u64>,
-            }
-            let body = match super::read_body(req, super::MAX_JSON_BODY).await {
-                Ok(b) => b,
-                Err(e) => return api_error(e),
-            };
-            let f: Fork = if body.iter().all(u8::is_ascii_whitespace) {
-                Fork::default()
-            } else {
-                match serde_json::from_slice(&body) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        return error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}"))
+                if let Some(secs) = secs {
+                    if let Err(e) = mgr.set_timeout(&sb, secs) {
+                        return api_error(e.into());
                     }
                 }
-            };
-            if f.timeout.is_some_and(|t| t > MAX_TIMEOUT) {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("timeout is at most {MAX_TIMEOUT} s"),
-                );
-            }
-            let sb = match live(mgr, id) {
-                Ok(sb) => sb,
-                Err(r) => return *r,
-            };
-            // agentd's fork: the parent frozen while its files are copied, each fork on them.
-            let forked = match mgr.fork(&sb, f.count.unwrap_or(1)).await {
-                Ok(f) => f,
-                Err(e) => return api_error(e.into()),
-            };
-            let mut out = Vec::new();
-            for rec in &forked.sandboxes {
-                let Ok(child) = mgr.get(&rec.id) else {
-                    out.push(json!({"error": {"code": 500, "message": format!("fork {} vanished", rec.id)}}));
-                    continue;
+                let status = if was_paused {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
                 };
-                let ready = tokio::time::timeout(READY_WAIT, child.wait_ready()).await;
-                let timed = mgr.set_timeout(&child, f.timeout.unwrap_or(DEFAULT_TIMEOUT));
-                match (ready, timed) {
-                    (Ok(Ok(())), Ok(r)) => out.push(json!({ "sandbox": ctx.sandbox(&r) })),
-                    (Ok(Err(why)), _) => out.push(json!({"error": {"code": 500, "message": format!("fork {} did not start: {why}", rec.id)}})),
-                    (Err(_), _) => out.push(json!({"error": {"code": 504, "message": format!("fork {} was not ready in time", rec.id)}})),
-                    (_, Err(e)) => out.push(json!({"error": {"code": 500, "message": e.to_string()}})),
+                reply(status, &ctx.sandbox(&sb.snapshot()))
+            }
+            (Method::POST, ["sandboxes", id, "fork"]) => {
+                #[derive(Deserialize, Default)]
+                #[serde(default)]
+                struct Fork {
+                    count: Option<u32>,
+                    timeout: Option<u64>,
                 }
+                let body = match super::read_body(req, super::MAX_JSON_BODY).await {
+                    Ok(b) => b,
+                    Err(e) => return api_error(e),
+                };
+                let f: Fork = if body.iter().all(u8::is_ascii_whitespace) {
+                    Fork::default()
+                } else {
+                    match serde_json::from_slice(&body) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            return error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}"))
+                        }
+                    }
+                };
+                if f.timeout.is_some_and(|t| t > MAX_TIMEOUT) {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("timeout is at most {MAX_TIMEOUT} s"),
+                    );
+                }
+                let sb = match live(mgr, id) {
+                    Ok(sb) => sb,
+                    Err(r) => return *r,
+                };
+                // agentd's fork: the parent frozen while its files are copied, each fork on them.
+                let forked = match mgr.fork(&sb, f.count.unwrap_or(1)).await {
+                    Ok(f) => f,
+                    Err(e) => return api_error(e.into()),
+                };
+                let mut out = Vec::new();
+                for rec in &forked.sandboxes {
+                    let Ok(child) = mgr.get(&rec.id) else {
+                        out.push(json!({"error": {"code": 500, "message": format!("fork {} vanished", rec.id)}}));
+                        continue;
+                    };
+                    let ready = tokio::time::timeout(READY_WAIT, child.wait_ready()).await;
+                    let timed = mgr.set_timeout(&child, f.timeout.unwrap_or(DEFAULT_TIMEOUT));
+                    match (ready, timed) {
+                        (Ok(Ok(())), Ok(r)) => out.push(json!({ "sandbox": ctx.sandbox(&r) })),
+                        (Ok(Err(why)), _) => out.push(json!({"error": {"code": 500, "message": format!("fork {} did not start: {why}", rec.id)}})),
+                        (Err(_), _) => out.push(json!({"error": {"code": 504, "message": format!("fork {} was not ready in time", rec.id)}})),
+                        (_, Err(e)) => out.push(json!({"error": {"code": 500, "message": e.to_string()}})),
+                    }
+                }
+                reply(StatusCode::CREATED, &serde_json::Value::Array(out))
             }
-            reply(StatusCode::CREATED, &serde_json::Value::Array(out))
-        }
-        (Method::POST, ["sandboxes", id, "pause"]) => match live(mgr, id) {
-            Ok(sb) if sb.snapshot().paused_at.is_some() => {
-                error(StatusCode::CONFLICT, format!("sandbox {id} is paused already"))
-            }
-            Ok(sb) => match mgr.pause(&sb).await {
-                Ok(_) => no_content(),
-                Err(e) => api_error(e.into()),
+            (Method::POST, ["sandboxes", id, "pause"]) => match live(mgr, id) {
+                Ok(sb) if sb.snapshot().paused_at.is_some() => {
+                    error(StatusCode::CONFLICT, format!("sandbox {id} is paused already"))
+                }
+                Ok(sb) => match mgr.pause(&sb).await {
+                    Ok(_) => no_content(),
+                    Err(e) => api_error(e.into()),
+                },
+                Err(r) => *r,
             },
-            Err(r) => *r,
-        },
-        (m, _) => error(
-            StatusCode::NOT_IMPLEMENTED,
-            format!("{m} {PREFIX}{path} is not part of agentd's E2B API (see README: Point your E2B code at agentd)"),
-        ),
-    }
+            (m, _) => error(
+                StatusCode::NOT_IMPLEMENTED,
+                format!("{m} {PREFIX}{path} is not part of agentd's E2B API (see README: Point your E2B code at agentd)"),
+            ),
+        }
     }
 }
 
