@@ -286,15 +286,23 @@ impl Daemon {
         })
     }
 
-    /// Deletes every sandbox through the API (each must answer 204) and checks that nothing
-    /// of them is left on the host.
+    /// Deletes every sandbox through the API (each must answer 204, or 404 when its owner
+    /// removed it meanwhile: a deleted task's sandboxes go on their own) and checks that
+    /// nothing of them is left on the host.
     pub fn delete_all_and_check_clean(&self) {
         self.empty_pools();
         let list = self.call("GET", "/v1/sandboxes", None).json();
         for s in list["sandboxes"].as_array().unwrap() {
             let id = s["id"].as_str().unwrap();
             let r = self.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
-            assert_eq!(r.status, 204, "{id}: {}", r.text());
+            // A sandbox leaves the list only once it is stopped and its resources are gone,
+            // so one removed meanwhile leaves nothing for the check below to miss.
+            assert!(
+                r.status == 204 || r.status == 404,
+                "{id}: {} {}",
+                r.status,
+                r.text()
+            );
         }
         let left = self.leftovers();
         assert!(left.is_empty(), "leftovers: {left:#?}");
