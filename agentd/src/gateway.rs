@@ -142,7 +142,7 @@ async fn chat(
     };
     let bytes = crate::api::read_body(req, MAX_REQUEST).await?;
     let rec = sb.snapshot();
-    let (forward, streaming) = with_usage_requested(&bytes, rec.model.as_deref())?;
+    let (forward, streaming, model) = with_usage_requested(&bytes, rec.model.as_deref())?;
     drop(bytes);
     if rec.pool.is_some() {
         // A warm pool's sandbox warming its OpenCode up (nobody's prompt): answered here,
@@ -152,7 +152,7 @@ async fn chat(
     if let Some(budget) = rec.budget_tokens {
         let used = rec.usage.prompt_tokens + rec.usage.completion_tokens;
         if used >= budget {
-            audit::record(&sb, audit::Entry::refused(&forward, "budget_exhausted"));
+            audit::record(&sb, audit::Entry::refused(&model, "budget_exhausted"));
             // 402, not 429: clients retry a 429, and no retry will find budget.
             return Ok(openai_error(
                 StatusCode::PAYMENT_REQUIRED,
@@ -162,10 +162,6 @@ async fn chat(
         }
     }
     let started = std::time::Instant::now();
-    let model = serde_json::from_slice::<serde_json::Value>(&forward)
-        .ok()
-        .and_then(|v| v["model"].as_str().map(str::to_string))
-        .unwrap_or_default();
     let forward = Bytes::from(forward);
     let mut retries = 0u32;
     let resp = loop {
@@ -191,7 +187,7 @@ async fn chat(
             }
             (Ok(r), None) => break r,
             (Err(e), _) => {
-                let mut entry = audit::Entry::refused(&forward, "upstream_unreachable");
+                let mut entry = audit::Entry::refused(&model, "upstream_unreachable");
                 entry.latency_ms = started.elapsed().as_millis() as u64;
                 entry.retries = retries;
                 audit::record(&sb, entry);
@@ -373,11 +369,15 @@ pub async fn upstream_models(upstream: &crate::daemon::config::LlmUpstream) -> O
     Some(list)
 }
 
-/// The request body to forward and whether it asks for a stream. Only the top level is parsed
-/// (each value stays the raw text it was, no tree of the body is built); a streamed request
-/// gets `stream_options.include_usage`, so that the last chunk carries the token counts, and
+/// The request body to forward, whether it asks for a stream, and the model it goes to (for
+/// the audit log and the metrics). Only the top level is parsed (each value stays the raw text
+/// it was, no tree of the body is built); a streamed request gets
+/// `stream_options.include_usage`, so that the last chunk carries the token counts, and
 /// `model`, when given, replaces the request's (the sandbox's model is agentd's to say).
-fn with_usage_requested(body: &[u8], model: Option<&str>) -> Result<(Vec<u8>, bool), ApiError> {
+fn with_usage_requested(
+    body: &[u8],
+    model: Option<&str>,
+) -> Result<(Vec<u8>, bool, String), ApiError> {
     use serde_json::value::RawValue;
     let fields: std::collections::BTreeMap<String, &RawValue> = serde_json::from_slice(body)
         .map_err(|e| {
@@ -386,8 +386,15 @@ fn with_usage_requested(body: &[u8], model: Option<&str>) -> Result<(Vec<u8>, bo
     let streaming = fields
         .get("stream")
         .is_some_and(|v| v.get().trim() == "true");
+    let sent_to = match model {
+        Some(m) => m.to_string(),
+        None => fields
+            .get("model")
+            .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+            .unwrap_or_default(),
+    };
     if !streaming && model.is_none() {
-        return Ok((body.to_vec(), false));
+        return Ok((body.to_vec(), false, sent_to));
     }
     let mut options: serde_json::Map<String, serde_json::Value> = match fields.get("stream_options")
     {
@@ -428,7 +435,7 @@ fn with_usage_requested(body: &[u8], model: Option<&str>) -> Result<(Vec<u8>, bo
         put(&mut out, "stream_options", &options);
     }
     out.push(b'}');
-    Ok((out, streaming))
+    Ok((out, streaming, sent_to))
 }
 
 /// One chat request of a sandbox in flight (counted on the sandbox).
@@ -510,16 +517,17 @@ mod tests {
 
     #[test]
     fn test_usage_requested_without_a_tree_of_the_body() {
-        let (out, streaming) = with_usage_requested(
+        let (out, streaming, model) = with_usage_requested(
             br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
             None,
         )
         .unwrap();
         assert!(streaming);
+        assert_eq!(model, "m");
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["messages"][0]["content"], "hi");
-        let (out, _) = with_usage_requested(
+        let (out, _, _) = with_usage_requested(
             br#"{"stream":true,"stream_options":{"x":1,"include_usage":false}}"#,
             None,
         )
@@ -532,14 +540,15 @@ mod tests {
         let body = br#"{"stream":false,"model":"m"}"#;
         assert_eq!(
             with_usage_requested(body, None).unwrap(),
-            (body.to_vec(), false)
+            (body.to_vec(), false, "m".to_string())
         );
         assert!(with_usage_requested(b"[1]", None).is_err());
         assert!(with_usage_requested(br#"{"stream":true,"stream_options":3}"#, None).is_err());
         // A claimed pooled sandbox's model replaces what its OpenCode asks for.
-        let (out, streaming) =
+        let (out, streaming, model) =
             with_usage_requested(br#"{"model":"pool-m","messages":[]}"#, Some("mine")).unwrap();
         assert!(!streaming);
+        assert_eq!(model, "mine");
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v, serde_json::json!({"model": "mine", "messages": []}));
     }

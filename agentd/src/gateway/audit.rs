@@ -34,15 +34,12 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// A request agentd answered itself with `error` (never sent upstream, or no answer).
-    pub fn refused(body: &[u8], error: &str) -> Entry {
-        let model = serde_json::from_slice::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v["model"].as_str().map(str::to_string))
-            .unwrap_or_default();
+    /// A request for `model` agentd answered itself with `error` (never sent upstream, or no
+    /// answer).
+    pub fn refused(model: &str, error: &str) -> Entry {
         Entry {
             at_ms: crate::sandbox::now_ms(),
-            model,
+            model: model.to_string(),
             status: if error == "budget_exhausted" {
                 402
             } else {
