@@ -223,15 +223,13 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConnectError> {
 
 /// The request message of a unary or server-streaming call.
 pub async fn read_request<T: DeserializeOwned>(req: Req) -> Result<T, ConnectError> {
-    let streaming = is_streaming(&req);
-    let mut reader = Envelopes::new(req);
-    if !streaming {
-        let body = super::read_body(reader.into_req(), MAX_MESSAGE)
+    if !is_streaming(&req) {
+        let body = super::read_body(req, MAX_MESSAGE)
             .await
             .map_err(ConnectError::from)?;
         return parse(&body);
     }
-    match reader.next().await? {
+    match Envelopes::new(req).next().await? {
         Some(m) => parse(&m),
         None => Err(ConnectError::new(
             "invalid_argument",
@@ -242,8 +240,7 @@ pub async fn read_request<T: DeserializeOwned>(req: Req) -> Result<T, ConnectErr
 
 /// The messages of a client stream, read as they come.
 pub struct Envelopes {
-    body: Option<axum::body::Body>,
-    req: Option<Req>,
+    body: axum::body::Body,
     buf: BytesMut,
     ended: bool,
 }
@@ -252,22 +249,14 @@ impl Envelopes {
     /// Reads `req`'s body.
     pub fn new(req: Req) -> Self {
         Envelopes {
-            body: None,
-            req: Some(req),
+            body: req.into_body(),
             buf: BytesMut::new(),
             ended: false,
         }
     }
 
-    fn into_req(mut self) -> Req {
-        self.req.take().expect("not read yet")
-    }
-
     /// The next message; `None` at the end of the stream.
     pub async fn next(&mut self) -> Result<Option<Bytes>, ConnectError> {
-        if let Some(req) = self.req.take() {
-            self.body = Some(req.into_body());
-        }
         loop {
             if self.buf.len() >= 5 {
                 let flags = self.buf[0];
@@ -298,10 +287,7 @@ impl Envelopes {
             if self.ended {
                 return Ok(None);
             }
-            let Some(body) = self.body.as_mut() else {
-                return Ok(None);
-            };
-            match body.frame().await {
+            match self.body.frame().await {
                 Some(Ok(f)) => {
                     if let Ok(data) = f.into_data() {
                         self.buf.extend_from_slice(&data);

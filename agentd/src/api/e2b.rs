@@ -260,25 +260,12 @@ impl Ctx<'_> {
                     count: Option<u32>,
                     timeout: Option<u64>,
                 }
-                let body = match super::read_body(req, super::MAX_JSON_BODY).await {
-                    Ok(b) => b,
-                    Err(e) => return api_error(e),
+                let f: Fork = match optional_json(req).await {
+                    Ok(f) => f,
+                    Err(r) => return *r,
                 };
-                let f: Fork = if body.iter().all(u8::is_ascii_whitespace) {
-                    Fork::default()
-                } else {
-                    match serde_json::from_slice(&body) {
-                        Ok(f) => f,
-                        Err(e) => {
-                            return error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}"))
-                        }
-                    }
-                };
-                if f.timeout.is_some_and(|t| t > MAX_TIMEOUT) {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        format!("timeout is at most {MAX_TIMEOUT} s"),
-                    );
+                if let Err(r) = checked_timeout(f.timeout) {
+                    return *r;
                 }
                 let sb = match live(mgr, id) {
                     Ok(sb) => sb,
@@ -342,24 +329,36 @@ fn live(mgr: &Manager, id: &str) -> Result<Arc<Sandbox>, Box<Reply>> {
 
 /// `{"timeout": seconds}` of a request (absent or empty body: `None`).
 async fn timeout_of(req: Req) -> Result<Option<u64>, Box<Reply>> {
-    #[derive(Deserialize)]
+    #[derive(Deserialize, Default)]
     struct T {
         timeout: Option<u64>,
         duration: Option<u64>,
     }
+    let t: T = optional_json(req).await?;
+    checked_timeout(t.timeout.or(t.duration))
+}
+
+/// A JSON body that may be absent (empty: `T::default()`), at most [`super::MAX_JSON_BODY`].
+async fn optional_json<T: serde::de::DeserializeOwned + Default>(
+    req: Req,
+) -> Result<T, Box<Reply>> {
     let body = super::read_body(req, super::MAX_JSON_BODY)
         .await
         .map_err(|e| Box::new(api_error(e)))?;
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
+        return Ok(T::default());
     }
-    let t: T = serde_json::from_slice(&body).map_err(|e| {
+    serde_json::from_slice(&body).map_err(|e| {
         Box::new(error(
             StatusCode::BAD_REQUEST,
             format!("invalid JSON body: {e}"),
         ))
-    })?;
-    match t.timeout.or(t.duration) {
+    })
+}
+
+/// A sandbox timeout a request asks for, refused beyond [`MAX_TIMEOUT`].
+fn checked_timeout(t: Option<u64>) -> Result<Option<u64>, Box<Reply>> {
+    match t {
         Some(s) if s > MAX_TIMEOUT => Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             format!("timeout is at most {MAX_TIMEOUT} s"),
@@ -508,13 +507,10 @@ impl Ctx<'_> {
             "base" => crate::sandbox::DEFAULT_IMAGE.to_string(),
             t => t.to_string(),
         };
-        let timeout = n.timeout.unwrap_or(DEFAULT_TIMEOUT);
-        if timeout > MAX_TIMEOUT {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("timeout is at most {MAX_TIMEOUT} s"),
-            );
-        }
+        let timeout = match checked_timeout(n.timeout) {
+            Ok(t) => t.unwrap_or(DEFAULT_TIMEOUT),
+            Err(r) => return *r,
+        };
         let mode = if n.allow_internet_access == Some(true) {
             crate::egress::EgressMode::Open
         } else {

@@ -328,12 +328,27 @@ fn input_bytes(i: Option<Input>) -> Result<Bytes, ConnectError> {
     }
 }
 
-fn selector(s: Option<Selector>) -> Result<(Option<u32>, Option<String>), ConnectError> {
+/// The running process of sandbox `id` that a request's selector names (a pid or a tag).
+fn selected(
+    mgr: &Manager,
+    id: &str,
+    s: Option<Selector>,
+) -> Result<Arc<crate::sandbox::procs::Proc>, ConnectError> {
     let s = s.ok_or_else(|| bad("process (a pid or a tag) is required"))?;
     if s.pid.is_none() && s.tag.is_none() {
         return Err(bad("process needs a pid or a tag"));
     }
-    Ok((s.pid, s.tag))
+    mgr.procs
+        .find(id, s.pid, s.tag.as_deref())
+        .map_err(ConnectError::from)
+}
+
+/// A terminal size from a request (1 to 1,000 each way).
+fn pty_size(s: &PtySize) -> (u16, u16) {
+    (
+        u16::try_from(s.cols.clamp(1, 1000)).unwrap_or(80),
+        u16::try_from(s.rows.clamp(1, 1000)).unwrap_or(24),
+    )
 }
 
 /// A process event as envd's `ProcessEvent` JSON.
@@ -423,12 +438,7 @@ async fn process(
                 Some(c) if !c.is_empty() => absolute(&user, c)?,
                 _ => PathBuf::from(&user.home),
             };
-            let pty = r.pty.and_then(|p| p.size).map(|s| {
-                (
-                    u16::try_from(s.cols.clamp(1, 1000)).unwrap_or(80),
-                    u16::try_from(s.rows.clamp(1, 1000)).unwrap_or(24),
-                )
-            });
+            let pty = r.pty.and_then(|p| p.size).map(|s| pty_size(&s));
             let mut envs = p.envs;
             // As envd does: HOME and USER of the user it runs as.
             envs.entry("HOME".into()).or_insert(user.home.clone());
@@ -448,11 +458,7 @@ async fn process(
         "Connect" => {
             let ping = keepalive(&req);
             let r: Selected = connect::read_request(req).await?;
-            let (pid, tag) = selector(r.process)?;
-            let proc = mgr
-                .procs
-                .find(&id, pid, tag.as_deref())
-                .map_err(ConnectError::from)?;
+            let proc = selected(mgr, &id, r.process)?;
             let events = proc.follow().ok_or_else(|| {
                 ConnectError::new("resource_exhausted", "the process has too many followers")
             })?;
@@ -484,12 +490,8 @@ async fn process(
         }
         "SendInput" => {
             let r: SendInput = connect::read_request(req).await?;
-            let (pid, tag) = selector(r.process)?;
             let data = input_bytes(r.input)?;
-            let proc = mgr
-                .procs
-                .find(&id, pid, tag.as_deref())
-                .map_err(ConnectError::from)?;
+            let proc = selected(mgr, &id, r.process)?;
             proc.input(data).await.map_err(ConnectError::from)?;
             Ok(connect::unary(&json!({})))
         }
@@ -499,11 +501,7 @@ async fn process(
                 .next_as()
                 .await?
                 .ok_or_else(|| bad("the stream carried no start message"))?;
-            let (pid, tag) = selector(first.start.and_then(|s| s.process))?;
-            let proc = mgr
-                .procs
-                .find(&id, pid, tag.as_deref())
-                .map_err(ConnectError::from)?;
+            let proc = selected(mgr, &id, first.start.and_then(|s| s.process))?;
             while let Some(m) = msgs.next_as::<StreamInput>().await? {
                 if let Some(d) = m.data {
                     proc.input(input_bytes(d.input)?)
@@ -517,7 +515,6 @@ async fn process(
         }
         "SendSignal" => {
             let r: SendSignal = connect::read_request(req).await?;
-            let (pid, tag) = selector(r.process)?;
             let signal = match &r.signal {
                 serde_json::Value::String(s) if s == "SIGNAL_SIGKILL" => libc::SIGKILL,
                 serde_json::Value::String(s) if s == "SIGNAL_SIGTERM" => libc::SIGTERM,
@@ -529,10 +526,7 @@ async fn process(
                     )))
                 }
             };
-            let proc = mgr
-                .procs
-                .find(&id, pid, tag.as_deref())
-                .map_err(ConnectError::from)?;
+            let proc = selected(mgr, &id, r.process)?;
             mgr.signal_proc(&id, &proc, signal)
                 .await
                 .map_err(ConnectError::from)?;
@@ -540,27 +534,16 @@ async fn process(
         }
         "CloseStdin" => {
             let r: Selected = connect::read_request(req).await?;
-            let (pid, tag) = selector(r.process)?;
-            let proc = mgr
-                .procs
-                .find(&id, pid, tag.as_deref())
-                .map_err(ConnectError::from)?;
+            let proc = selected(mgr, &id, r.process)?;
             proc.close_stdin().await;
             Ok(connect::unary(&json!({})))
         }
         "Update" => {
             let r: Update = connect::read_request(req).await?;
-            let (pid, tag) = selector(r.process)?;
-            let proc = mgr
-                .procs
-                .find(&id, pid, tag.as_deref())
-                .map_err(ConnectError::from)?;
+            let proc = selected(mgr, &id, r.process)?;
             if let Some(size) = r.pty.and_then(|p| p.size) {
-                proc.resize(
-                    u16::try_from(size.cols.clamp(1, 1000)).unwrap_or(80),
-                    u16::try_from(size.rows.clamp(1, 1000)).unwrap_or(24),
-                )
-                .map_err(ConnectError::from)?;
+                let (cols, rows) = pty_size(&size);
+                proc.resize(cols, rows).map_err(ConnectError::from)?;
             }
             Ok(connect::unary(&json!({})))
         }
@@ -980,19 +963,18 @@ async fn files_get(mgr: &Arc<Manager>, sb: &Arc<Sandbox>, req: Req) -> Result<Re
     let (root, user, _) = user_of(mgr, sb, name).await.map_err(connect_to_plain)?;
     let path =
         absolute(&user, q.get("path").map_or("", String::as_str)).map_err(connect_to_plain)?;
-    let p2 = path.clone();
-    let file = blocking(move || {
-        let f = crate::sandbox::fs::open_in_root(&root, &p2, libc::O_RDONLY | libc::O_NONBLOCK, 0)
-            .map_err(|e| io_connect(&p2, e))?;
-        let m = f.metadata().map_err(|e| io_connect(&p2, e))?;
+    let (f, len) = blocking(move || {
+        let f =
+            crate::sandbox::fs::open_in_root(&root, &path, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+                .map_err(|e| io_connect(&path, e))?;
+        let m = f.metadata().map_err(|e| io_connect(&path, e))?;
         if !m.is_file() {
-            return Err(bad(format!("{} is not a file", p2.display())));
+            return Err(bad(format!("{} is not a file", path.display())));
         }
         Ok((f, m.len()))
     })
     .await
     .map_err(connect_to_plain)?;
-    let (f, len) = file;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, super::BoxError>>(4);
     tokio::task::spawn_blocking(move || {
         let mut f = f.take(len);
@@ -1015,7 +997,6 @@ async fn files_get(mgr: &Arc<Manager>, sb: &Arc<Sandbox>, req: Req) -> Result<Re
             }
         }
     });
-    let _ = path;
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
