@@ -1,12 +1,17 @@
-//! The LLM gateway: an OpenAI-compatible endpoint on the bridge address that sandboxes'
-//! OpenCode servers use as their provider. It forwards chat-completions requests (streaming
-//! or not) to the upstream configured in agentd, with the upstream's API key, which therefore
-//! never enters a sandbox, and counts prompt and completion tokens per sandbox.
+//! The LLM gateway: the provider endpoint on the bridge address that sandboxes' OpenCode
+//! servers use. Each upstream of agentd's ([`upstream`]) is served at `/{name}/v1/...` (the
+//! first also at `/v1/...`) in its own protocol: OpenAI chat completions, OpenAI Responses or
+//! Anthropic Messages, streamed or not. The gateway forwards a request with the upstream's key
+//! in the header that upstream expects (the key never enters a sandbox), retries 429 and 5xx
+//! within a bound, refuses what a sandbox's budget or the model allowlist does not allow (in
+//! the provider's own error shape, which the agent's SDK shows), and counts input and output
+//! tokens per sandbox from each protocol's usage fields.
 //!
-//! A request is accepted only with the per-sandbox gateway token *and* from that sandbox's
-//! address (a sandbox cannot spend another's budget by stealing its token). For streamed
-//! requests the gateway asks the upstream for usage in the last chunk
-//! (`stream_options.include_usage`) and reads it from the `data:` lines as they pass.
+//! A request is accepted only with the per-sandbox gateway token (a bearer token, or
+//! Anthropic's `x-api-key`) *and* from that sandbox's address (a sandbox cannot spend another's
+//! budget by stealing its token). For streamed chat completions the gateway asks the upstream
+//! for usage in the last chunk (`stream_options.include_usage`); every stream's usage is read
+//! from its events as they pass.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -21,6 +26,9 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 pub mod audit;
+pub mod upstream;
+
+use upstream::{Api, Kind, LlmUpstream};
 
 use crate::api::conn;
 use crate::api::error::ApiError;
@@ -73,13 +81,11 @@ pub async fn serve(mgr: Arc<Manager>, listener: TcpListener) {
                 let mgr = mgr.clone();
                 let client = client.clone();
                 async move {
-                    let r = handle(&mgr, &client, peer, req).await;
+                    let (upstream, api) = route(&mgr, req.uri().path());
+                    let shape = upstream.as_ref().map_or(Kind::OpenaiCompatible, |u| u.kind);
+                    let r = handle(&mgr, &client, peer, req, upstream, api).await;
                     Ok::<_, std::convert::Infallible>(r.unwrap_or_else(|e| {
-                        // OpenAI's error shape, which OpenCode's provider understands.
-                        json(
-                            e.status(),
-                            &serde_json::json!({"error": {"message": e.to_string(), "type": e.code()}}),
-                        )
+                        error_response(shape, e.status(), e.code(), &e.to_string())
                     }))
                 }
             });
@@ -90,20 +96,45 @@ pub async fn serve(mgr: Arc<Manager>, listener: TcpListener) {
     }
 }
 
+/// What a path asks for: `/{upstream}/v1/REST` or `/v1/REST` (the first upstream), and REST
+/// as an API (`None`: `/models` or nothing the gateway serves).
+fn route(mgr: &Manager, path: &str) -> (Option<LlmUpstream>, Option<Api>) {
+    let path = path.trim_end_matches('/');
+    let (upstream, rest) = match path.strip_prefix("/v1") {
+        Some(rest) => (mgr.config.llm.first(), rest),
+        None => {
+            let mut parts = path.trim_start_matches('/').splitn(2, '/');
+            let name = parts.next().unwrap_or_default();
+            let rest = parts.next().unwrap_or_default();
+            let u = mgr.config.llm.iter().find(|u| u.name == name);
+            match rest.strip_prefix("v1") {
+                Some(rest) if u.is_some() => (u, rest),
+                _ => (None, ""),
+            }
+        }
+    };
+    (upstream.cloned(), Api::from_path(rest))
+}
+
 async fn handle(
     mgr: &Arc<Manager>,
     client: &reqwest::Client,
     peer: SocketAddr,
     req: Request<Incoming>,
+    upstream: Option<LlmUpstream>,
+    api: Option<Api>,
 ) -> Result<Response<Body>, ApiError> {
     let IpAddr::V4(from) = peer.ip() else {
         return Err(ApiError::Unauthorized("IPv4 sandboxes only".into()));
     };
-    let token = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v: &hyper::header::HeaderValue| v.to_str().ok())
+    };
+    let token = header(hyper::header::AUTHORIZATION.as_str())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| header("x-api-key"))
         .unwrap_or("")
         .to_string();
     let sb = mgr
@@ -111,30 +142,73 @@ async fn handle(
         .ok_or_else(|| ApiError::Unauthorized("unknown gateway token for this address".into()))?;
     sb.touch();
     let path = req.uri().path().trim_end_matches('/').to_string();
-    match (req.method(), path.as_str()) {
-        (&Method::GET, "/v1/models") => Ok(json(
-            StatusCode::OK,
-            &serde_json::json!({"object": "list", "data": [{"id": mgr.config.llm_model, "object": "model", "owned_by": "agentd"}]}),
-        )),
-        (&Method::POST, "/v1/chat/completions") => chat(mgr, client, sb, req).await,
+    let serves = "POST /{upstream}/v1/chat/completions, /responses or /messages (as the upstream's kind speaks) and GET /{upstream}/v1/models";
+    let Some(upstream) = upstream else {
+        return Err(ApiError::NotFound(format!(
+            "the gateway serves {serves}; {path} names no upstream of agentd's ({})",
+            mgr.config
+                .llm
+                .iter()
+                .map(|u| u.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    match (req.method(), api) {
+        (&Method::GET, None) if path.ends_with("/v1/models") => {
+            Ok(models_list(mgr, &upstream, &sb))
+        }
+        (&Method::POST, Some(api)) if upstream.kind.serves(api) => {
+            forward(mgr, client, sb, req, upstream, api).await
+        }
         _ => Err(ApiError::NotFound(format!(
-            "the gateway serves POST /v1/chat/completions and GET /v1/models, not {} {path}",
-            req.method()
+            "the gateway serves {serves}, not {} {path} (upstream {:?} is {})",
+            req.method(),
+            upstream.name,
+            upstream.kind.as_str()
         ))),
     }
 }
 
-async fn chat(
+/// `GET /v1/models`: the models a sandbox may ask this upstream for (its allowlist, or the
+/// sandbox's own model), in a list both OpenAI's and Anthropic's clients read.
+fn models_list(mgr: &Manager, upstream: &LlmUpstream, sb: &Sandbox) -> Response<Body> {
+    let rec = sb.snapshot();
+    let mine = rec.model.as_deref().unwrap_or(&mgr.config.llm_model);
+    let mut ids: Vec<&str> = upstream.models.iter().map(String::as_str).collect();
+    if let Some((u, m)) = upstream::resolve(&mgr.config.llm, mine) {
+        if u.name == upstream.name && !ids.contains(&m) {
+            ids.push(m);
+        }
+    }
+    let data: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "type": "model", "display_name": id, "owned_by": "agentd"}))
+        .collect();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({"object": "list", "data": data, "has_more": false}),
+    )
+}
+
+async fn forward(
     mgr: &Arc<Manager>,
     client: &reqwest::Client,
     sb: Arc<Sandbox>,
     req: Request<Incoming>,
+    upstream: LlmUpstream,
+    api: Api,
 ) -> Result<Response<Body>, ApiError> {
-    let Some(upstream) = mgr.config.llm.clone() else {
-        return Err(ApiError::Unavailable(
-            "agentd has no LLM upstream configured: set llm_base_url (and llm_api_key_file)".into(),
-        ));
-    };
+    let shape = upstream.kind;
+    // Anthropic's SDK says which API version it speaks (and which betas it uses): the
+    // upstream must hear the same.
+    let anthropic_headers: Vec<(&'static str, String)> = ["anthropic-version", "anthropic-beta"]
+        .into_iter()
+        .filter_map(|h| {
+            let v = req.headers().get(h)?.to_str().ok()?;
+            (v.len() <= 1024).then(|| (h, v.to_string()))
+        })
+        .collect();
     let Some(_in_flight) = InFlight::take(&sb) else {
         return Err(ApiError::Quota(format!(
             "this sandbox already has {MAX_REQUESTS_PER_SANDBOX} requests in flight to the LLM gateway"
@@ -142,19 +216,40 @@ async fn chat(
     };
     let bytes = crate::api::read_body(req, MAX_REQUEST).await?;
     let rec = sb.snapshot();
-    let (forward, streaming, model) = with_usage_requested(&bytes, rec.model.as_deref())?;
+    // A claimed pooled sandbox's model replaces what its OpenCode (started for the pool's
+    // default model, on the same upstream) asks for.
+    let set_model = rec
+        .model
+        .as_deref()
+        .and_then(|m| upstream::resolve(&mgr.config.llm, m))
+        .map(|(_, m)| m);
+    let (forward, streaming, model) = with_usage_requested(&bytes, set_model, api)?;
     drop(bytes);
     if rec.pool.is_some() {
         // A warm pool's sandbox warming its OpenCode up (nobody's prompt): answered here,
         // no upstream, no tokens.
-        return Ok(warm_up_answer(streaming));
+        return Ok(warm_up_answer(api, streaming));
+    }
+    if !upstream.models.is_empty() && !upstream.models.contains(&model) {
+        audit::record(&sb, audit::Entry::refused(&model, "model_not_allowed"));
+        return Ok(error_response(
+            shape,
+            StatusCode::FORBIDDEN,
+            "model_not_allowed",
+            &format!(
+                "model {model:?} is not allowed on upstream {:?} (allowed: {})",
+                upstream.name,
+                upstream.models.join(", ")
+            ),
+        ));
     }
     if let Some(budget) = rec.budget_tokens {
         let used = rec.usage.prompt_tokens + rec.usage.completion_tokens;
         if used >= budget {
             audit::record(&sb, audit::Entry::refused(&model, "budget_exhausted"));
             // 402, not 429: clients retry a 429, and no retry will find budget.
-            return Ok(openai_error(
+            return Ok(error_response(
+                shape,
                 StatusCode::PAYMENT_REQUIRED,
                 "budget_exhausted",
                 &format!("this sandbox's token budget is spent: {used} of {budget} tokens used; ask its owner for a larger budget"),
@@ -166,11 +261,26 @@ async fn chat(
     let mut retries = 0u32;
     let resp = loop {
         let mut request = client
-            .post(format!("{}/chat/completions", upstream.base_url))
+            .post(format!("{}{}", upstream.base_url, api.path()))
             .header("content-type", "application/json")
             .body(forward.clone());
-        if let Some(key) = &upstream.api_key {
-            request = request.bearer_auth(key);
+        match (upstream.kind, &upstream.api_key) {
+            (Kind::Anthropic, key) => {
+                if let Some(key) = key {
+                    request = request.header("x-api-key", key);
+                }
+                if !anthropic_headers
+                    .iter()
+                    .any(|(h, _)| *h == "anthropic-version")
+                {
+                    request = request.header("anthropic-version", upstream::ANTHROPIC_VERSION);
+                }
+                for (h, v) in &anthropic_headers {
+                    request = request.header(*h, v);
+                }
+            }
+            (_, Some(key)) => request = request.bearer_auth(key),
+            (_, None) => {}
         }
         let sent = request.send().await;
         let wait = match &sent {
@@ -222,7 +332,9 @@ async fn chat(
             .map_err(|e| ApiError::BadGateway(format!("the LLM upstream failed: {e}")))?;
         if status.is_success() {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-                let (p, c) = usage_of(&v);
+                let mut usage = (0, 0);
+                observe_usage(api, &v, &mut usage);
+                let (p, c) = usage;
                 record(mgr, &sb, &entry.model, p, c);
                 (entry.prompt_tokens, entry.completion_tokens) = (p, c);
             }
@@ -268,10 +380,7 @@ async fn chat(
             let mut usage = (0, 0);
             while let Some(Ok(event)) = events.next().await {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&event.data) {
-                    let (p, c) = usage_of(&v);
-                    if p + c > 0 {
-                        usage = (p, c);
-                    }
+                    observe_usage(api, &v, &mut usage);
                 }
             }
             usage
@@ -291,51 +400,159 @@ async fn chat(
 }
 
 /// The answer to a pooled sandbox's warm-up prompt: one short text, streamed if asked, in
-/// OpenAI's chat-completions shapes.
-fn warm_up_answer(streaming: bool) -> Response<Body> {
-    let usage = serde_json::json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0});
-    let (content_type, body) = if streaming {
-        let chunk = |delta: serde_json::Value,
-                     finish: serde_json::Value,
-                     usage: Option<&serde_json::Value>| {
-            let mut v = serde_json::json!({
-                "id": "agentd-warm-up", "object": "chat.completion.chunk", "created": 0,
+/// the shapes of `api`.
+fn warm_up_answer(api: Api, streaming: bool) -> Response<Body> {
+    let (content_type, body) = match (api, streaming) {
+        (_, true) => (
+            "text/event-stream",
+            sse(&warm_up_events(api))
+        ),
+        (Api::Chat, false) => (
+            "application/json",
+            serde_json::json!({
+                "id": "agentd-warm-up", "object": "chat.completion", "created": 0,
                 "model": "agentd-warm-up",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            });
-            if let Some(u) = usage {
-                v["usage"] = u.clone();
-            }
-            format!("data: {v}\n\n")
-        };
-        let body = format!(
-            "{}{}data: [DONE]\n\n",
-            chunk(
-                serde_json::json!({"role": "assistant", "content": "ok"}),
-                serde_json::Value::Null,
-                None
-            ),
-            chunk(
-                serde_json::json!({}),
-                serde_json::json!("stop"),
-                Some(&usage)
-            ),
-        );
-        ("text/event-stream", body)
-    } else {
-        let v = serde_json::json!({
-            "id": "agentd-warm-up", "object": "chat.completion", "created": 0,
-            "model": "agentd-warm-up",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-            "usage": usage,
-        });
-        ("application/json", v.to_string())
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            })
+            .to_string(),
+        ),
+        (Api::Responses, false) => ("application/json", responses_done("ok").to_string()),
+        (Api::Messages, false) => (
+            "application/json",
+            serde_json::json!({
+                "id": "msg_agentd_warm_up", "type": "message", "role": "assistant",
+                "model": "agentd-warm-up", "content": [{"type": "text", "text": "ok"}],
+                "stop_reason": "end_turn", "stop_sequence": null,
+                "usage": {"input_tokens": 0, "output_tokens": 0},
+            })
+            .to_string(),
+        ),
     };
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", content_type)
         .body(crate::api::full(body))
         .expect("valid response")
+}
+
+/// A finished Responses API response with one text.
+fn responses_done(text: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": "resp_agentd_warm_up", "object": "response", "created_at": 0,
+        "status": "completed", "model": "agentd-warm-up",
+        "output": [{"type": "message", "id": "msg_agentd_warm_up", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+        "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+            "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}},
+    })
+}
+
+/// The streamed warm-up answer's events (name, data) in `api`'s protocol.
+fn warm_up_events(api: Api) -> Vec<(Option<&'static str>, serde_json::Value)> {
+    match api {
+        Api::Chat => {
+            let chunk = |delta: serde_json::Value, finish: serde_json::Value| {
+                serde_json::json!({
+                    "id": "agentd-warm-up", "object": "chat.completion.chunk", "created": 0,
+                    "model": "agentd-warm-up",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                })
+            };
+            let mut last = chunk(serde_json::json!({}), serde_json::json!("stop"));
+            last["usage"] =
+                serde_json::json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0});
+            vec![
+                (
+                    None,
+                    chunk(
+                        serde_json::json!({"role": "assistant", "content": "ok"}),
+                        serde_json::Value::Null,
+                    ),
+                ),
+                (None, last),
+            ]
+        }
+        Api::Responses => {
+            let done = responses_done("ok");
+            let mut created = done.clone();
+            created["status"] = "in_progress".into();
+            created["output"] = serde_json::json!([]);
+            let item = done["output"][0].clone();
+            vec![
+                (
+                    Some("response.created"),
+                    serde_json::json!({"type": "response.created", "response": created}),
+                ),
+                (
+                    Some("response.output_item.added"),
+                    serde_json::json!({"type": "response.output_item.added", "output_index": 0,
+                    "item": {"type": "message", "id": "msg_agentd_warm_up", "role": "assistant", "status": "in_progress", "content": []}}),
+                ),
+                (
+                    Some("response.output_text.delta"),
+                    serde_json::json!({"type": "response.output_text.delta", "item_id": "msg_agentd_warm_up",
+                    "output_index": 0, "content_index": 0, "delta": "ok"}),
+                ),
+                (
+                    Some("response.output_item.done"),
+                    serde_json::json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+                ),
+                (
+                    Some("response.completed"),
+                    serde_json::json!({"type": "response.completed", "response": done}),
+                ),
+            ]
+        }
+        Api::Messages => vec![
+            (
+                Some("message_start"),
+                serde_json::json!({"type": "message_start", "message": {
+                "id": "msg_agentd_warm_up", "type": "message", "role": "assistant", "model": "agentd-warm-up",
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": 0, "output_tokens": 0}}}),
+            ),
+            (
+                Some("content_block_start"),
+                serde_json::json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "text", "text": ""}}),
+            ),
+            (
+                Some("content_block_delta"),
+                serde_json::json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": "ok"}}),
+            ),
+            (
+                Some("content_block_stop"),
+                serde_json::json!({"type": "content_block_stop", "index": 0}),
+            ),
+            (
+                Some("message_delta"),
+                serde_json::json!({"type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 0}}),
+            ),
+            (
+                Some("message_stop"),
+                serde_json::json!({"type": "message_stop"}),
+            ),
+        ],
+    }
+}
+
+/// Server-sent events: `event:` when named, `data:` with the JSON; chat completions end with
+/// `[DONE]`.
+fn sse(events: &[(Option<&str>, serde_json::Value)]) -> String {
+    let mut out = String::new();
+    for (name, data) in events {
+        if let Some(n) = name {
+            out.push_str(&format!("event: {n}\n"));
+        }
+        out.push_str(&format!("data: {data}\n\n"));
+    }
+    if events.iter().all(|(n, _)| n.is_none()) {
+        out.push_str("data: [DONE]\n\n");
+    }
+    out
 }
 
 /// The model ids the upstream's `GET <base>/models` lists; `None` when it does not answer
@@ -347,8 +564,15 @@ pub async fn upstream_models(upstream: &crate::daemon::config::LlmUpstream) -> O
         .build()
         .ok()?;
     let mut request = client.get(format!("{}/models", upstream.base_url));
-    if let Some(key) = &upstream.api_key {
-        request = request.bearer_auth(key);
+    match (upstream.kind, &upstream.api_key) {
+        (Kind::Anthropic, key) => {
+            request = request.header("anthropic-version", upstream::ANTHROPIC_VERSION);
+            if let Some(key) = key {
+                request = request.header("x-api-key", key);
+            }
+        }
+        (_, Some(key)) => request = request.bearer_auth(key),
+        (_, None) => {}
     }
     let resp = request.send().await.ok()?;
     if !resp.status().is_success() {
@@ -370,13 +594,15 @@ pub async fn upstream_models(upstream: &crate::daemon::config::LlmUpstream) -> O
 }
 
 /// The request body to forward, whether it asks for a stream, and the model it goes to (for
-/// the audit log and the metrics). Only the top level is parsed (each value stays the raw text
-/// it was, no tree of the body is built); a streamed request gets
-/// `stream_options.include_usage`, so that the last chunk carries the token counts, and
-/// `model`, when given, replaces the request's (the sandbox's model is agentd's to say).
+/// the allowlist, the audit log and the metrics). Only the top level is parsed (each value
+/// stays the raw text it was, no tree of the body is built); a streamed chat-completions
+/// request gets `stream_options.include_usage`, so that the last chunk carries the token
+/// counts (the other APIs always report usage), and `model`, when given, replaces the
+/// request's (the sandbox's model is agentd's to say).
 fn with_usage_requested(
     body: &[u8],
     model: Option<&str>,
+    api: Api,
 ) -> Result<(Vec<u8>, bool, String), ApiError> {
     use serde_json::value::RawValue;
     let fields: std::collections::BTreeMap<String, &RawValue> = serde_json::from_slice(body)
@@ -393,8 +619,9 @@ fn with_usage_requested(
             .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
             .unwrap_or_default(),
     };
-    if !streaming && model.is_none() {
-        return Ok((body.to_vec(), false, sent_to));
+    let ask_usage = streaming && api == Api::Chat;
+    if !ask_usage && model.is_none() {
+        return Ok((body.to_vec(), streaming, sent_to));
     }
     let mut options: serde_json::Map<String, serde_json::Value> = match fields.get("stream_options")
     {
@@ -426,12 +653,12 @@ fn with_usage_requested(
     };
     for (k, v) in &fields {
         match (k.as_str(), &model) {
-            ("stream_options", _) => {}
+            ("stream_options", _) if ask_usage => {}
             ("model", Some(m)) => put(&mut out, k, m),
             _ => put(&mut out, k, v.get()),
         }
     }
-    if streaming {
+    if ask_usage {
         put(&mut out, "stream_options", &options);
     }
     out.push(b'}');
@@ -489,12 +716,18 @@ fn backoff(retries: u32) -> std::time::Duration {
     std::time::Duration::from_millis(500u64 << retries.min(5)).min(MAX_RETRY_WAIT)
 }
 
-/// An error in OpenAI's shape, which the agent's SDK reads and shows.
-fn openai_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json(
-        status,
-        &serde_json::json!({"error": {"message": message, "type": code, "code": code, "param": null}}),
-    )
+/// An error in the shape of the upstream's protocol (OpenAI's or Anthropic's), which the
+/// agent's SDK reads and shows.
+fn error_response(shape: Kind, status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = match shape {
+        Kind::Anthropic => {
+            serde_json::json!({"type": "error", "error": {"type": code, "message": message}})
+        }
+        Kind::Openai | Kind::OpenaiCompatible => {
+            serde_json::json!({"error": {"message": message, "type": code, "code": code, "param": null}})
+        }
+    };
+    json(status, &body)
 }
 
 fn record(mgr: &Manager, sb: &Sandbox, model: &str, prompt: u64, completion: u64) {
@@ -502,13 +735,56 @@ fn record(mgr: &Manager, sb: &Sandbox, model: &str, prompt: u64, completion: u64
     mgr.metrics.count_tokens(model, prompt, completion);
 }
 
-/// Prompt and completion tokens from an OpenAI `usage` object.
-fn usage_of(v: &serde_json::Value) -> (u64, u64) {
-    let u = &v["usage"];
-    (
-        u["prompt_tokens"].as_u64().unwrap_or(0),
-        u["completion_tokens"].as_u64().unwrap_or(0),
-    )
+/// Updates `usage` (input, output tokens) from one answer or stream event of `api`:
+/// - chat completions: `usage.prompt_tokens` / `completion_tokens` (the last chunk's);
+/// - Responses: `usage.input_tokens` / `output_tokens`, in a stream on the finishing event's
+///   `response` (`response.completed`, `.incomplete`, `.failed`);
+/// - Messages: `input_tokens` plus the cache tokens (`cache_creation_input_tokens`,
+///   `cache_read_input_tokens`: Anthropic counts them apart from `input_tokens`) and
+///   `output_tokens`; in a stream `message_start` carries the input, each `message_delta` the
+///   output so far (and the input again, in newer versions).
+///
+/// OpenAI's input counts already include its cached tokens.
+fn observe_usage(api: Api, v: &serde_json::Value, usage: &mut (u64, u64)) {
+    let n = |u: &serde_json::Value, k: &str| u[k].as_u64();
+    match api {
+        Api::Chat => {
+            let u = &v["usage"];
+            let (p, c) = (n(u, "prompt_tokens"), n(u, "completion_tokens"));
+            if p.unwrap_or(0) + c.unwrap_or(0) > 0 {
+                *usage = (p.unwrap_or(0), c.unwrap_or(0));
+            }
+        }
+        Api::Responses => {
+            let u = if v["response"].is_object() {
+                &v["response"]["usage"]
+            } else {
+                &v["usage"]
+            };
+            let (p, c) = (n(u, "input_tokens"), n(u, "output_tokens"));
+            if p.unwrap_or(0) + c.unwrap_or(0) > 0 {
+                *usage = (p.unwrap_or(0), c.unwrap_or(0));
+            }
+        }
+        Api::Messages => {
+            let u = if v["type"] == "message_start" {
+                &v["message"]["usage"]
+            } else {
+                &v["usage"]
+            };
+            let input = [
+                "input_tokens",
+                "cache_creation_input_tokens",
+                "cache_read_input_tokens",
+            ];
+            if input.iter().any(|k| n(u, k).is_some()) {
+                usage.0 = input.iter().filter_map(|k| n(u, k)).sum();
+            }
+            if let Some(c) = n(u, "output_tokens") {
+                usage.1 = c;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -520,6 +796,7 @@ mod tests {
         let (out, streaming, model) = with_usage_requested(
             br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
             None,
+            Api::Chat,
         )
         .unwrap();
         assert!(streaming);
@@ -530,6 +807,7 @@ mod tests {
         let (out, _, _) = with_usage_requested(
             br#"{"stream":true,"stream_options":{"x":1,"include_usage":false}}"#,
             None,
+            Api::Chat,
         )
         .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -539,14 +817,21 @@ mod tests {
         );
         let body = br#"{"stream":false,"model":"m"}"#;
         assert_eq!(
-            with_usage_requested(body, None).unwrap(),
+            with_usage_requested(body, None, Api::Chat).unwrap(),
             (body.to_vec(), false, "m".to_string())
         );
-        assert!(with_usage_requested(b"[1]", None).is_err());
-        assert!(with_usage_requested(br#"{"stream":true,"stream_options":3}"#, None).is_err());
+        assert!(with_usage_requested(b"[1]", None, Api::Chat).is_err());
+        assert!(
+            with_usage_requested(br#"{"stream":true,"stream_options":3}"#, None, Api::Chat)
+                .is_err()
+        );
         // A claimed pooled sandbox's model replaces what its OpenCode asks for.
-        let (out, streaming, model) =
-            with_usage_requested(br#"{"model":"pool-m","messages":[]}"#, Some("mine")).unwrap();
+        let (out, streaming, model) = with_usage_requested(
+            br#"{"model":"pool-m","messages":[]}"#,
+            Some("mine"),
+            Api::Chat,
+        )
+        .unwrap();
         assert!(!streaming);
         assert_eq!(model, "mine");
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -554,9 +839,81 @@ mod tests {
     }
 
     #[test]
-    fn test_usage_of() {
-        let v = serde_json::json!({"usage": {"prompt_tokens": 12, "completion_tokens": 3}});
-        assert_eq!(usage_of(&v), (12, 3));
-        assert_eq!(usage_of(&serde_json::json!({"choices": []})), (0, 0));
+    fn test_other_apis_are_forwarded_as_they_are() {
+        // No stream_options for the Responses and Messages APIs (they report usage anyway,
+        // and an unknown field is an error there).
+        let body = br#"{"model":"m","stream":true,"input":[]}"#;
+        for api in [Api::Responses, Api::Messages] {
+            assert_eq!(
+                with_usage_requested(body, None, api).unwrap(),
+                (body.to_vec(), true, "m".to_string())
+            );
+        }
+        let (out, _, model) = with_usage_requested(body, Some("mine"), Api::Messages).unwrap();
+        assert_eq!(model, "mine");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"model": "mine", "stream": true, "input": []})
+        );
+    }
+
+    #[test]
+    fn test_usage_from_each_protocol() {
+        let mut u = (0, 0);
+        let chat = serde_json::json!({"usage": {"prompt_tokens": 12, "completion_tokens": 3}});
+        observe_usage(Api::Chat, &chat, &mut u);
+        observe_usage(Api::Chat, &serde_json::json!({"choices": []}), &mut u);
+        assert_eq!(u, (12, 3));
+        let mut u = (0, 0);
+        for e in [
+            serde_json::json!({"type": "response.created", "response": {"usage": null}}),
+            serde_json::json!({"type": "response.output_text.delta", "delta": "x"}),
+            serde_json::json!({"type": "response.completed", "response": {"usage": {"input_tokens": 30, "output_tokens": 5}}}),
+        ] {
+            observe_usage(Api::Responses, &e, &mut u);
+        }
+        assert_eq!(u, (30, 5));
+        let mut u = (0, 0);
+        observe_usage(
+            Api::Responses,
+            &serde_json::json!({"usage": {"input_tokens": 2, "output_tokens": 1}}),
+            &mut u,
+        );
+        assert_eq!(u, (2, 1));
+        let mut u = (0, 0);
+        for e in [
+            serde_json::json!({"type": "message_start", "message": {"usage": {"input_tokens": 20, "cache_creation_input_tokens": 2, "cache_read_input_tokens": 3, "output_tokens": 1}}}),
+            serde_json::json!({"type": "content_block_delta", "delta": {"type": "text_delta", "text": "x"}}),
+            serde_json::json!({"type": "message_delta", "usage": {"output_tokens": 6}}),
+            serde_json::json!({"type": "message_stop"}),
+        ] {
+            observe_usage(Api::Messages, &e, &mut u);
+        }
+        assert_eq!(u, (25, 6));
+        let mut u = (0, 0);
+        observe_usage(
+            Api::Messages,
+            &serde_json::json!({"type": "message", "usage": {"input_tokens": 4, "output_tokens": 2}}),
+            &mut u,
+        );
+        assert_eq!(u, (4, 2));
+    }
+
+    #[test]
+    fn test_warm_up_answers_are_each_protocols() {
+        let chat = sse(&warm_up_events(Api::Chat));
+        assert!(chat.ends_with("data: [DONE]\n\n"), "{chat}");
+        let messages = sse(&warm_up_events(Api::Messages));
+        assert!(
+            messages.starts_with("event: message_start\ndata: {"),
+            "{messages}"
+        );
+        assert!(!messages.contains("[DONE]"));
+        let responses = sse(&warm_up_events(Api::Responses));
+        assert!(
+            responses.contains("event: response.completed\n"),
+            "{responses}"
+        );
     }
 }

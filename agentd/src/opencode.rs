@@ -3,9 +3,10 @@
 //! agentd runs `opencode serve` as the sandbox's command, as the image's user, with:
 //! - a random `OPENCODE_SERVER_PASSWORD` (HTTP Basic auth; agentd's proxy adds it, clients
 //!   never see it);
-//! - its config inline (`OPENCODE_CONFIG_CONTENT`): one provider, `agentd`, that points at
-//!   agentd's LLM gateway on the bridge with a per-sandbox gateway token (not the upstream key),
-//!   tools allowed without prompts, sharing off;
+//! - its config inline (`OPENCODE_CONFIG_CONTENT`): one provider per LLM upstream of agentd's
+//!   (same name, the AI SDK package of its protocol), each pointing at agentd's LLM gateway on
+//!   the bridge with a per-sandbox gateway token (not the upstream's key), tools allowed without
+//!   prompts, sharing off;
 //! - model catalogue and auto-update fetches off, LSP downloads off; its XDG dirs are the
 //!   image's (each sandbox has its own overlay upper dir, so they are per sandbox), TMPDIR is the
 //!   sandbox's private /tmp (exec allowed: OpenCode unpacks a native library there).
@@ -82,10 +83,37 @@ pub fn env(
     password: &str,
     gateway: (Ipv4Addr, u16),
     gateway_token: &str,
+    upstreams: &[crate::gateway::upstream::LlmUpstream],
     model: &str,
     permissions: &std::collections::BTreeMap<String, Permission>,
 ) -> Vec<String> {
     let (addr, port) = gateway;
+    // `provider/model` as OpenCode names it: the upstream is the provider.
+    let chosen = crate::gateway::upstream::resolve(upstreams, model);
+    let full = match chosen {
+        Some((u, m)) => format!("{}/{m}", u.name),
+        None => format!("{}/{model}", crate::gateway::upstream::DEFAULT_NAME),
+    };
+    let mut providers = serde_json::Map::new();
+    for u in upstreams {
+        let mut models = serde_json::Map::new();
+        let mine = chosen.filter(|(c, _)| c.name == u.name).map(|(_, m)| m);
+        for m in u.models.iter().map(String::as_str).chain(mine) {
+            models.insert(m.to_string(), serde_json::json!({ "name": m }));
+        }
+        providers.insert(
+            u.name.clone(),
+            serde_json::json!({
+                "npm": u.kind.npm(),
+                "name": format!("{} (agentd gateway)", u.name),
+                "options": {
+                    "baseURL": format!("http://{addr}:{port}/{}/v1", u.name),
+                    "apiKey": gateway_token,
+                },
+                "models": models,
+            }),
+        );
+    }
     // agentd's defaults (nobody to ask), then the request's.
     let mut permission =
         serde_json::json!({ "edit": "allow", "bash": "allow", "webfetch": "allow" });
@@ -94,20 +122,10 @@ pub fn env(
     }
     let config = serde_json::json!({
         "$schema": "https://opencode.ai/config.json",
-        "provider": {
-            "agentd": {
-                "npm": "@ai-sdk/openai-compatible",
-                "name": "agentd gateway",
-                "options": {
-                    "baseURL": format!("http://{addr}:{port}/v1"),
-                    "apiKey": gateway_token,
-                },
-                "models": { model: { "name": model } },
-            }
-        },
-        "model": format!("agentd/{model}"),
-        "small_model": format!("agentd/{model}"),
-        "enabled_providers": ["agentd"],
+        "provider": providers,
+        "model": full,
+        "small_model": full,
+        "enabled_providers": upstreams.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
         "permission": permission,
         "share": "disabled",
         "autoupdate": false,
@@ -146,13 +164,27 @@ mod tests {
         ]
         .into_iter()
         .collect();
+        use crate::gateway::upstream::{Kind, LlmUpstream};
+        let up = |name: &str, kind, models: &[&str]| LlmUpstream {
+            name: name.into(),
+            kind,
+            base_url: "http://upstream/v1".into(),
+            api_key: Some("upstream-key".into()),
+            models: models.iter().map(|m| m.to_string()).collect(),
+        };
+        let ups = [
+            up("agentd", Kind::OpenaiCompatible, &[]),
+            up("claude", Kind::Anthropic, &["c1", "c2"]),
+        ];
         let env = env(
             "pw",
             (Ipv4Addr::new(10, 209, 0, 1), 4199),
             "gw-token",
+            &ups,
             "m1",
             &asks,
         );
+        assert!(!env.iter().any(|e| e.contains("upstream-key")));
         let content = env
             .iter()
             .find_map(|e| e.strip_prefix("OPENCODE_CONFIG_CONTENT="))
@@ -160,9 +192,36 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(content).unwrap();
         assert_eq!(
             v["provider"]["agentd"]["options"]["baseURL"],
-            "http://10.209.0.1:4199/v1"
+            "http://10.209.0.1:4199/agentd/v1"
+        );
+        assert_eq!(v["provider"]["claude"]["npm"], "@ai-sdk/anthropic");
+        assert_eq!(
+            v["provider"]["claude"]["models"],
+            serde_json::json!({"c1": {"name": "c1"}, "c2": {"name": "c2"}})
+        );
+        assert_eq!(
+            v["provider"]["agentd"]["models"],
+            serde_json::json!({"m1": {"name": "m1"}})
         );
         assert_eq!(v["model"], "agentd/m1");
+        assert_eq!(
+            v["enabled_providers"],
+            serde_json::json!(["agentd", "claude"])
+        );
+        let env2 = super::env(
+            "pw",
+            (Ipv4Addr::LOCALHOST, 1),
+            "t",
+            &ups,
+            "claude/c2",
+            &asks,
+        );
+        let content = env2
+            .iter()
+            .find_map(|e| e.strip_prefix("OPENCODE_CONFIG_CONTENT="))
+            .unwrap();
+        let v2: serde_json::Value = serde_json::from_str(content).unwrap();
+        assert_eq!(v2["model"], "claude/c2");
         assert_eq!(
             v["permission"],
             serde_json::json!({"edit": "allow", "bash": "ask", "webfetch": "allow", "read": "deny"})

@@ -608,9 +608,9 @@ pub struct Manager {
     pub tasks: std::sync::OnceLock<Arc<crate::task::TaskManager>>,
     /// Becomes true when agentd is stopping: open streams end with a line that says so.
     pub shutdown: watch::Sender<bool>,
-    /// The upstream's model list and when it was read (`None` inside: it gave none).
-    /// A std mutex: read and replaced, never held across an await.
-    models: Mutex<Option<(Instant, Option<Vec<String>>)>>,
+    /// Each upstream's model list and when it was read (`None` inside: it gave none), by
+    /// upstream name. A std mutex: read and replaced, never held across an await.
+    models: Mutex<HashMap<String, (Instant, Option<Vec<String>>)>>,
     /// The warm pools.
     pub pools: pool::Pools,
     /// Detached processes (E2B's commands), by sandbox.
@@ -669,7 +669,7 @@ impl Manager {
             build_lock: tokio::sync::Mutex::new(()),
             tasks: std::sync::OnceLock::new(),
             http,
-            models: Mutex::new(None),
+            models: Mutex::new(HashMap::new()),
             shutdown: watch::channel(false).0,
             pools: pool::Pools::default(),
             procs: procs::Procs::default(),
@@ -940,43 +940,51 @@ impl Manager {
         require_llm(&self.config)
     }
 
-    /// Refuses a model the upstream does not list in its `/models` (when it answers that
-    /// with a list; the answer is kept for a minute).
+    /// Refuses a model its upstream's allowlist does not name, or (without an allowlist) its
+    /// upstream does not list in its `/models` (when it answers that with a list; the answer
+    /// is kept for a minute).
     pub async fn check_model(&self, model: &str) -> Result<()> {
         validate_model(Some(model))?;
-        let allowed = &self.config.llm_models;
-        if !allowed.is_empty() && !allowed.iter().any(|m| m == model) {
-            return Err(Error::Invalid(format!(
-                "model {model:?} is not allowed here (llm_models: {})",
-                allowed.join(", ")
-            )));
-        }
-        let Some(upstream) = &self.config.llm else {
+        let Some((upstream, name)) = crate::gateway::upstream::resolve(&self.config.llm, model)
+        else {
             return Ok(());
         };
+        if !upstream.models.is_empty() {
+            if upstream.models.iter().any(|m| m == name) {
+                return Ok(());
+            }
+            return Err(Error::Invalid(format!(
+                "model {model:?} is not allowed here (llm_models: {})",
+                crate::gateway::upstream::allowed_names(&self.config.llm).join(", ")
+            )));
+        }
         let cached = self
             .models
             .lock()
             .expect("models lock")
-            .as_ref()
+            .get(&upstream.name)
             .filter(|(at, _)| at.elapsed() < MODELS_CACHE)
             .map(|(_, list)| list.clone());
         let list = match cached {
             Some(l) => l,
             None => {
                 let l = crate::gateway::upstream_models(upstream).await;
-                *self.models.lock().expect("models lock") = Some((Instant::now(), l.clone()));
+                self.models
+                    .lock()
+                    .expect("models lock")
+                    .insert(upstream.name.clone(), (Instant::now(), l.clone()));
                 l
             }
         };
         match list {
-            Some(models) if !models.is_empty() && !models.iter().any(|m| m == model) => {
+            Some(models) if !models.is_empty() && !models.iter().any(|m| m == name) => {
                 let mut shown: Vec<&str> = models.iter().map(String::as_str).take(20).collect();
                 if models.len() > 20 {
                     shown.push("...");
                 }
                 Err(Error::Invalid(format!(
-                    "model {model:?} is not one the LLM upstream offers (its /models lists: {})",
+                    "model {model:?} is not one the LLM upstream {:?} offers (its /models lists: {})",
+                    upstream.name,
                     shown.join(", ")
                 )))
             }

@@ -99,6 +99,18 @@ pub struct ServeArgs {
     /// lists].
     #[arg(long = "llm-models", env = "AGENTD_LLM_MODELS", value_delimiter = ',')]
     pub llm_models: Option<Vec<String>>,
+    /// An LLM upstream besides (or instead of) llm_base_url's:
+    /// `name=N,kind=K,base_url=URL[,api_key_file=PATH][,models=A|B]`, where kind is
+    /// openai-compatible (chat completions), openai (OpenAI's Responses API) or anthropic
+    /// (Anthropic's Messages API); sandboxes name its models `N/MODEL` (repeatable, `;`
+    /// between them in the variable; in TOML one `[[llm_upstreams]]` table each)
+    /// [default: none].
+    #[arg(
+        long = "llm-upstream",
+        env = "AGENTD_LLM_UPSTREAMS",
+        value_delimiter = ';'
+    )]
+    pub llm_upstreams: Option<Vec<crate::gateway::upstream::UpstreamArg>>,
     /// Bridge for sandbox networking [default: agentd0].
     #[arg(long, env = "AGENTD_BRIDGE")]
     pub bridge: Option<String>,
@@ -224,14 +236,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// The upstream LLM provider.
-#[derive(Debug, Clone)]
-pub struct LlmUpstream {
-    /// Base URL, without a trailing slash (requests go to `<base>/chat/completions`).
-    pub base_url: String,
-    /// API key sent as a bearer token, if any.
-    pub api_key: Option<String>,
-}
+pub use crate::gateway::upstream::LlmUpstream;
 
 /// Validated daemon configuration.
 #[derive(Debug, Clone)]
@@ -250,12 +255,10 @@ pub struct Config {
     pub ssh_listen: Option<SocketAddr>,
     /// The keys SSH accepts.
     pub ssh_authorized_keys: PathBuf,
-    /// LLM upstream, if configured.
-    pub llm: Option<LlmUpstream>,
+    /// LLM upstreams; the first is the one a model without `UPSTREAM/` goes to.
+    pub llm: Vec<LlmUpstream>,
     /// Default model name.
     pub llm_model: String,
-    /// The models allowed (empty: any the upstream lists).
-    pub llm_models: Vec<String>,
     /// Bridge name.
     pub bridge: String,
     /// Network address of the sandbox subnet.
@@ -355,29 +358,13 @@ impl Config {
         let token_file = args
             .token_file
             .unwrap_or_else(|| state_dir.join("api-token"));
-        let llm_base_url = args.llm_base_url;
-        let llm_key_file = args.llm_api_key_file;
-        let llm = match llm_base_url {
-            None => {
-                if llm_key_file.is_some() {
-                    bail!("llm_api_key_file is set but llm_base_url is not: set both");
-                }
-                None
-            }
-            Some(url) => {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    bail!("llm_base_url must start with http:// or https://, got {url:?}");
-                }
-                let api_key = match llm_key_file {
-                    None => None,
-                    Some(p) => Some(read_secret(&p).context("llm_api_key_file")?),
-                };
-                Some(LlmUpstream {
-                    base_url: url.trim_end_matches('/').to_string(),
-                    api_key,
-                })
-            }
-        };
+        let llm = crate::gateway::upstream::from_config(
+            args.llm_base_url,
+            args.llm_api_key_file,
+            args.llm_models.unwrap_or_default(),
+            args.llm_upstreams.unwrap_or_default(),
+            read_secret,
+        )?;
         let subnet_text = args.subnet.unwrap_or_else(|| DEFAULT_SUBNET.into());
         let (subnet, prefix_len) = parse_cidr(&subnet_text)?;
         let bridge = args.bridge.unwrap_or_else(|| DEFAULT_BRIDGE.into());
@@ -506,19 +493,30 @@ impl Config {
             }
             egress_presets.insert(name.to_string(), hosts);
         }
-        let llm_model = args.llm_model.unwrap_or_else(|| DEFAULT_LLM_MODEL.into());
-        let llm_models: Vec<String> = args
-            .llm_models
-            .into_iter()
-            .flatten()
-            .map(|m| m.trim().to_string())
-            .filter(|m| !m.is_empty())
-            .collect();
-        if !llm_models.is_empty() && !llm_models.contains(&llm_model) {
-            anyhow::bail!(
-                "llm_model {llm_model:?} is not in llm_models ({}): allow it, or choose one of them",
-                llm_models.join(", ")
-            );
+        // The default model: the first upstream's first allowed one when llm_base_url's
+        // upstream (whose models have always defaulted to "default") is not there.
+        let llm_model = args.llm_model.unwrap_or_else(|| match llm.first() {
+            Some(u) if u.name != crate::gateway::upstream::DEFAULT_NAME => {
+                format!(
+                    "{}/{}",
+                    u.name,
+                    u.models.first().map_or(DEFAULT_LLM_MODEL, String::as_str)
+                )
+            }
+            _ => DEFAULT_LLM_MODEL.into(),
+        });
+        if let Some((u, m)) = crate::gateway::upstream::resolve(&llm, &llm_model) {
+            if !u.models.is_empty() && !u.models.iter().any(|x| x == m) {
+                let what = if u.name == crate::gateway::upstream::DEFAULT_NAME {
+                    "llm_models".to_string()
+                } else {
+                    format!("the models of LLM upstream {:?}", u.name)
+                };
+                anyhow::bail!(
+                    "llm_model {llm_model:?} is not in {what} ({}): allow it, or choose one of them",
+                    u.models.join(", ")
+                );
+            }
         }
         let mut warm_pools = std::collections::BTreeMap::new();
         for p in args
@@ -550,7 +548,6 @@ impl Config {
                 .unwrap_or_else(|| state_dir.join("ssh").join("authorized_keys"))),
             llm,
             llm_model,
-            llm_models,
             bridge,
             subnet,
             prefix_len,
@@ -672,7 +669,7 @@ mod tests {
         assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(c.bridge_addr(), Ipv4Addr::new(10, 209, 0, 1));
         assert_eq!(c.prefix_len, 16);
-        assert!(c.llm.is_none());
+        assert!(c.llm.is_empty());
     }
 
     #[test]

@@ -56,8 +56,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             Some((l, token))
         }
     };
-    if config.llm.is_none() {
-        tracing::warn!("no LLM upstream (--llm-base-url): OpenCode sandboxes and tasks will be refused until one is set");
+    if config.llm.is_empty() {
+        tracing::warn!("no LLM upstream (--llm-base-url or --llm-upstream): OpenCode sandboxes and tasks will be refused until one is set");
     }
     let ssh = match config.ssh_listen {
         None => None,

@@ -304,6 +304,7 @@ impl Manager {
                 &s.password,
                 (self.net.bridge_addr, self.config.gateway_port),
                 &s.gateway_token,
+                &self.config.llm,
                 req.model.as_deref().unwrap_or(&self.config.llm_model),
                 &req.permissions,
             ) {
@@ -590,9 +591,9 @@ pub fn limits_for(config: &Config, req: &LimitsRequest) -> Result<Limits> {
 /// Refuses what needs an LLM when agentd has no upstream: an OpenCode server without one
 /// would only fail at its first prompt, long after the request.
 pub fn require_llm(config: &Config) -> Result<()> {
-    if config.llm.is_none() {
+    if config.llm.is_empty() {
         return Err(Error::Invalid(
-            "agentd has no LLM upstream, so OpenCode would have nobody to ask: start agentd with --llm-base-url URL (or AGENTD_LLM_BASE_URL, or llm_base_url in agentd.toml), or create the sandbox with \"opencode\": false".into(),
+            "agentd has no LLM upstream, so OpenCode would have nobody to ask: start agentd with --llm-base-url URL (or AGENTD_LLM_BASE_URL, or llm_base_url in agentd.toml, or llm_upstreams), or create the sandbox with \"opencode\": false".into(),
         ));
     }
     Ok(())

@@ -263,6 +263,15 @@ impl Manager {
         }
         if let Some(model) = &req.model {
             self.check_model(model).await?;
+            // A pooled OpenCode speaks its default model's upstream's protocol: the gateway
+            // can give a claim another model there, not another upstream.
+            let upstream = |m: &str| {
+                crate::gateway::upstream::resolve(&self.config.llm, m).map(|(u, _)| u.name.clone())
+            };
+            if upstream(model) != upstream(&self.config.llm_model) {
+                self.pools.count(image, |p| p.misses += 1);
+                return Ok(None);
+            }
         }
         let guard = self.create_lock.lock().await;
         let live: Vec<(Arc<Sandbox>, SandboxRecord)> = self
