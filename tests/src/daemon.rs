@@ -538,9 +538,15 @@ pub enum Turn {
 /// Decides the mock's answer from the request (the whole chat-completions JSON).
 pub type Script = Arc<dyn Fn(&serde_json::Value) -> Turn + Send + Sync>;
 
-/// A mock OpenAI chat-completions upstream on 127.0.0.1 with a scripted conversation:
-/// requests without tools (titles) get a short text; every other request gets what the
-/// script says: a streamed `bash` tool call or a final text.
+/// A mock LLM upstream on 127.0.0.1 with a scripted conversation, speaking each provider
+/// protocol OpenCode uses, streamed as the real ones stream: OpenAI chat completions
+/// (`/v1/chat/completions`), OpenAI Responses (`/v1/responses`) and Anthropic Messages
+/// (`/v1/messages`). Requests without tools (titles) get a short text; every other request
+/// gets what the script says: a `bash` tool call, a final text or an error.
+///
+/// Usage reported: chat completions 42 prompt + 7 completion tokens (when asked with
+/// `stream_options.include_usage`); Responses 30 input + 5 output; Messages 20 input + 2
+/// cache-creation + 3 cache-read, 6 output.
 pub struct MockLlm {
     /// Base URL (`http://127.0.0.1:N/v1`).
     pub base_url: String,
@@ -548,21 +554,46 @@ pub struct MockLlm {
     pub requests: Arc<AtomicU64>,
     /// Every request body, in arrival order.
     pub log: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    /// Every request's path and the credential headers it came with, in arrival order.
+    pub seen: Arc<std::sync::Mutex<Vec<Seen>>>,
 }
 
-/// Whether the request's last message is a tool result (the tool call was made).
+/// A request's path and credential headers, as the mock upstream saw them.
+#[derive(Debug, Clone, Default)]
+pub struct Seen {
+    /// Method and path, e.g. `POST /v1/messages`.
+    pub request: String,
+    /// `Authorization`.
+    pub authorization: Option<String>,
+    /// `x-api-key`.
+    pub x_api_key: Option<String>,
+    /// `anthropic-version`.
+    pub anthropic_version: Option<String>,
+}
+
+/// Whether the request's last message is a tool result (the tool call was made), in any of
+/// the three protocols.
 pub fn last_is_tool(req: &serde_json::Value) -> bool {
+    if let Some(input) = req["input"].as_array() {
+        return input
+            .last()
+            .is_some_and(|i| i["type"] == "function_call_output");
+    }
     req["messages"]
         .as_array()
         .and_then(|m| m.last())
-        .is_some_and(|m| m["role"] == "tool")
+        .is_some_and(|m| {
+            m["role"] == "tool"
+                || m["content"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|p| p["type"] == "tool_result"))
+        })
 }
 
 /// The text of the request's last user message.
 pub fn last_user_text(req: &serde_json::Value) -> String {
-    req["messages"]
-        .as_array()
-        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+    let list = req["messages"].as_array().or(req["input"].as_array());
+    list.and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
         .map(|m| match &m["content"] {
             serde_json::Value::String(s) => s.clone(),
             other => other.to_string(),
@@ -592,13 +623,15 @@ impl MockLlm {
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(AtomicU64::new(0));
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let script: Script = Arc::new(script);
-        let (count, log2) = (requests.clone(), log.clone());
+        let (count, log2, seen2) = (requests.clone(), log.clone(), seen.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (count, log, script) = (count.clone(), log2.clone(), script.clone());
+                let (count, log, seen, script) =
+                    (count.clone(), log2.clone(), seen2.clone(), script.clone());
                 std::thread::spawn(move || {
-                    let _ = serve_llm(stream, &script, &count, &log);
+                    let _ = serve_llm(stream, &script, &count, &log, &seen);
                 });
             }
         });
@@ -606,12 +639,18 @@ impl MockLlm {
             base_url: format!("http://127.0.0.1:{port}/v1"),
             requests,
             log,
+            seen,
         }
     }
 
     /// Every request body so far.
     pub fn requests_seen(&self) -> Vec<serde_json::Value> {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Every request's path and credentials so far.
+    pub fn headers_seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
     }
 }
 
@@ -623,6 +662,7 @@ fn serve_llm(
     script: &Script,
     count: &AtomicU64,
     log: &std::sync::Mutex<Vec<serde_json::Value>>,
+    seen: &std::sync::Mutex<Vec<Seen>>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     loop {
@@ -631,23 +671,41 @@ fn serve_llm(
             return Ok(());
         }
         let mut len = 0usize;
+        let mut s = Seen {
+            request: line
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" "),
+            ..Seen::default()
+        };
         loop {
             let mut h = String::new();
             reader.read_line(&mut h)?;
             if h == "\r\n" || h.is_empty() {
                 break;
             }
-            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                len = v.trim().parse().unwrap_or(0);
+            let Some((name, value)) = h.split_once(':') else {
+                continue;
+            };
+            let value = Some(value.trim().to_string());
+            match name.trim().to_ascii_lowercase().as_str() {
+                "content-length" => len = value.as_deref().unwrap_or("0").parse().unwrap_or(0),
+                "authorization" => s.authorization = value,
+                "x-api-key" => s.x_api_key = value,
+                "anthropic-version" => s.anthropic_version = value,
+                _ => {}
             }
         }
         let mut body = vec![0u8; len];
         reader.read_exact(&mut body)?;
+        let path = s.request.split(' ').nth(1).unwrap_or_default().to_string();
+        seen.lock().unwrap().push(s);
+        let mut w = stream.try_clone()?;
         if line.starts_with("GET ") && line.contains("/models") {
             let list = serde_json::json!({"object": "list", "data": MOCK_MODELS.iter()
-                .map(|m| serde_json::json!({"id": m, "object": "model", "owned_by": "mock"})).collect::<Vec<_>>()})
+                .map(|m| serde_json::json!({"id": m, "object": "model", "type": "model", "owned_by": "mock"})).collect::<Vec<_>>()})
             .to_string();
-            let mut w = stream.try_clone()?;
             write!(
                 w,
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{list}",
@@ -659,22 +717,26 @@ fn serve_llm(
         count.fetch_add(1, Ordering::Relaxed);
         let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         log.lock().unwrap().push(req.clone());
-        let include_usage = req["stream_options"]["include_usage"] == true;
         let has_tools = req["tools"].as_array().is_some_and(|t| !t.is_empty());
-        let chunk = |delta: serde_json::Value, finish: Option<&str>| {
-            serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": "mock",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-        };
         let turn = if has_tools {
             script(&req)
         } else {
             Turn::Text("Mock title".into())
         };
-        let mut events = Vec::new();
+        let protocol = if path.ends_with("/messages") {
+            Protocol::Messages
+        } else if path.ends_with("/responses") {
+            Protocol::Responses
+        } else {
+            Protocol::Chat
+        };
         if let Turn::Fail(status, retry_after) = turn {
-            let body = serde_json::json!({"error": {"message": "mock failure", "type": "server_error", "code": null}}).to_string();
+            let body = match protocol {
+                Protocol::Messages => serde_json::json!({"type": "error", "error": {"type": "overloaded_error", "message": "mock failure"}}),
+                _ => serde_json::json!({"error": {"message": "mock failure", "type": "server_error", "code": null}}),
+            }
+            .to_string();
             let retry = retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
-            let mut w = stream.try_clone()?;
             write!(
                 w,
                 "HTTP/1.1 {status} Mock\r\nContent-Type: application/json\r\n{retry}Content-Length: {}\r\n\r\n{body}",
@@ -683,37 +745,12 @@ fn serve_llm(
             w.flush()?;
             continue;
         }
-        match turn {
-            Turn::Text(text) => {
-                events.push(chunk(
-                    serde_json::json!({"role": "assistant", "content": text}),
-                    None,
-                ));
-                events.push(chunk(serde_json::json!({}), Some("stop")));
-            }
-            Turn::Bash(command) => {
-                let args = serde_json::json!({"command": command, "description": "Write the file"})
-                    .to_string();
-                events.push(chunk(serde_json::json!({"role": "assistant", "content": null, "tool_calls": [
-                    {"index": 0, "id": "call_mock_1", "type": "function", "function": {"name": "bash", "arguments": ""}}]}), None));
-                events.push(chunk(
-                    serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": args}}]}),
-                    None,
-                ));
-                events.push(chunk(serde_json::json!({}), Some("tool_calls")));
-            }
-            Turn::Fail(..) => unreachable!("answered above"),
-        }
-        if include_usage {
-            events.push(serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": "mock",
-                "choices": [], "usage": {"prompt_tokens": 42, "completion_tokens": 7, "total_tokens": 49}}));
-        }
-        let mut out = String::new();
-        for e in events {
-            out.push_str(&format!("data: {e}\n\n"));
-        }
-        out.push_str("data: [DONE]\n\n");
-        let mut w = stream.try_clone()?;
+        let include_usage = req["stream_options"]["include_usage"] == true;
+        let out = match protocol {
+            Protocol::Chat => chat_events(&turn, include_usage),
+            Protocol::Responses => responses_events(&turn),
+            Protocol::Messages => messages_events(&turn),
+        };
         write!(
             w,
             "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {}\r\n\r\n{out}",
@@ -721,6 +758,171 @@ fn serve_llm(
         )?;
         w.flush()?;
     }
+}
+
+#[derive(Clone, Copy)]
+enum Protocol {
+    Chat,
+    Responses,
+    Messages,
+}
+
+/// The `bash` tool call's arguments.
+fn bash_args(command: &str) -> String {
+    serde_json::json!({"command": command, "description": "Write the file"}).to_string()
+}
+
+/// An OpenAI chat-completions stream.
+fn chat_events(turn: &Turn, include_usage: bool) -> String {
+    let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+        serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": "mock",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let mut events = Vec::new();
+    match turn {
+        Turn::Text(text) => {
+            events.push(chunk(
+                serde_json::json!({"role": "assistant", "content": text}),
+                None,
+            ));
+            events.push(chunk(serde_json::json!({}), Some("stop")));
+        }
+        Turn::Bash(command) => {
+            events.push(chunk(serde_json::json!({"role": "assistant", "content": null, "tool_calls": [
+                {"index": 0, "id": "call_mock_1", "type": "function", "function": {"name": "bash", "arguments": ""}}]}), None));
+            events.push(chunk(
+                serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": bash_args(command)}}]}),
+                None,
+            ));
+            events.push(chunk(serde_json::json!({}), Some("tool_calls")));
+        }
+        Turn::Fail(..) => unreachable!("answered before"),
+    }
+    if include_usage {
+        events.push(serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": "mock",
+            "choices": [], "usage": {"prompt_tokens": 42, "completion_tokens": 7, "total_tokens": 49}}));
+    }
+    let mut out = String::new();
+    for e in events {
+        out.push_str(&format!("data: {e}\n\n"));
+    }
+    out.push_str("data: [DONE]\n\n");
+    out
+}
+
+/// Named server-sent events.
+fn named_events(events: &[(&str, serde_json::Value)]) -> String {
+    let mut out = String::new();
+    for (name, data) in events {
+        out.push_str(&format!("event: {name}\ndata: {data}\n\n"));
+    }
+    out
+}
+
+/// An OpenAI Responses stream.
+fn responses_events(turn: &Turn) -> String {
+    let item = match turn {
+        Turn::Text(text) => {
+            serde_json::json!({"type": "message", "id": "msg_mock_1", "role": "assistant",
+            "status": "completed", "content": [{"type": "output_text", "text": text, "annotations": []}]})
+        }
+        Turn::Bash(command) => {
+            serde_json::json!({"type": "function_call", "id": "fc_mock_1", "call_id": "call_mock_1",
+            "name": "bash", "arguments": bash_args(command), "status": "completed"})
+        }
+        Turn::Fail(..) => unreachable!("answered before"),
+    };
+    let response = |status: &str, output: serde_json::Value, usage: serde_json::Value| {
+        serde_json::json!({"id": "resp_mock_1", "object": "response", "created_at": 1, "model": "mock",
+            "status": status, "output": output, "usage": usage, "incomplete_details": null})
+    };
+    let mut added = item.clone();
+    added["status"] = "in_progress".into();
+    let delta = match turn {
+        Turn::Text(text) => {
+            added["content"] = serde_json::json!([]);
+            (
+                "response.output_text.delta",
+                serde_json::json!({"type": "response.output_text.delta",
+                "item_id": "msg_mock_1", "output_index": 0, "content_index": 0, "delta": text}),
+            )
+        }
+        _ => {
+            added["arguments"] = "".into();
+            (
+                "response.function_call_arguments.delta",
+                serde_json::json!({"type": "response.function_call_arguments.delta",
+                "item_id": "fc_mock_1", "output_index": 0, "delta": item["arguments"]}),
+            )
+        }
+    };
+    named_events(&[
+        (
+            "response.created",
+            serde_json::json!({"type": "response.created",
+            "response": response("in_progress", serde_json::json!([]), serde_json::Value::Null)}),
+        ),
+        (
+            "response.output_item.added",
+            serde_json::json!({"type": "response.output_item.added", "output_index": 0, "item": added}),
+        ),
+        delta,
+        (
+            "response.output_item.done",
+            serde_json::json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+        ),
+        (
+            "response.completed",
+            serde_json::json!({"type": "response.completed",
+            "response": response("completed", serde_json::json!([item]), serde_json::json!({
+                "input_tokens": 30, "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 35}))}),
+        ),
+    ])
+}
+
+/// An Anthropic Messages stream.
+fn messages_events(turn: &Turn) -> String {
+    let (block, delta, stop) = match turn {
+        Turn::Text(text) => (
+            serde_json::json!({"type": "text", "text": ""}),
+            serde_json::json!({"type": "text_delta", "text": text}),
+            "end_turn",
+        ),
+        Turn::Bash(command) => (
+            serde_json::json!({"type": "tool_use", "id": "toolu_mock_1", "name": "bash", "input": {}}),
+            serde_json::json!({"type": "input_json_delta", "partial_json": bash_args(command)}),
+            "tool_use",
+        ),
+        Turn::Fail(..) => unreachable!("answered before"),
+    };
+    named_events(&[
+        (
+            "message_start",
+            serde_json::json!({"type": "message_start", "message": {"id": "msg_mock_1", "type": "message",
+            "role": "assistant", "model": "mock", "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 20, "cache_creation_input_tokens": 2, "cache_read_input_tokens": 3, "output_tokens": 1}}}),
+        ),
+        (
+            "content_block_start",
+            serde_json::json!({"type": "content_block_start", "index": 0, "content_block": block}),
+        ),
+        ("ping", serde_json::json!({"type": "ping"})),
+        (
+            "content_block_delta",
+            serde_json::json!({"type": "content_block_delta", "index": 0, "delta": delta}),
+        ),
+        (
+            "content_block_stop",
+            serde_json::json!({"type": "content_block_stop", "index": 0}),
+        ),
+        (
+            "message_delta",
+            serde_json::json!({"type": "message_delta",
+            "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": 6}}),
+        ),
+        ("message_stop", serde_json::json!({"type": "message_stop"})),
+    ])
 }
 
 /// Reads an SSE stream from the daemon until a line contains `needle` or `timeout` passes.

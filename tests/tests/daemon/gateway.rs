@@ -174,3 +174,263 @@ fn test_a_task_attempt_stops_when_its_budget_is_spent() {
     );
     d.delete_all_and_check_clean();
 }
+
+/// Runs `agentd task run` with `args` on a new workspace; the task's view (its id from the
+/// CLI's stderr) and the CLI's output.
+fn task_run(d: &agentd_tests::daemon::Daemon, args: &[&str]) -> (serde_json::Value, String) {
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(ws.path().join("README.md"), "hello\n").unwrap();
+    let out = std::process::Command::new(agentd_tests::bin("agentd"))
+        .args(["task", "run", "--workspace"])
+        .arg(ws.path())
+        .args(args)
+        .env("AGENTD_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    let said = format!("{}\n{}", agentd_tests::describe(&out), d.log());
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let id = stderr
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .trim_end_matches(':')
+        .to_string();
+    let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
+    (v, said)
+}
+
+/// Several upstreams of other protocols at once, configured in the config file: an Anthropic
+/// Messages upstream and an OpenAI Responses upstream, each with its own key and allowlist,
+/// next to the OpenAI-compatible one. The real OpenCode in a task's sandbox talks to each
+/// through the gateway in that protocol (a streamed tool call, its result, a final answer);
+/// each upstream hears its own key in its own header and nothing else; no key is in the
+/// sandbox; usage is counted from each protocol's fields (Anthropic's cache tokens too); the
+/// Anthropic upstream's 429 is retried after its Retry-After; a model outside an upstream's
+/// allowlist is refused at create with the list; a spent budget stops an attempt on the
+/// Anthropic upstream, and the agent is told in Anthropic's error shape.
+#[test]
+fn test_anthropic_and_openai_responses_upstreams() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let agent_calls = Arc::new(AtomicU64::new(0));
+    let c2 = agent_calls.clone();
+    let claude = MockLlm::scripted(move |req| {
+        if agentd_tests::daemon::last_is_tool(req) {
+            return Turn::Text("claude is done".into());
+        }
+        match c2.fetch_add(1, Ordering::SeqCst) {
+            0 => Turn::Fail(429, Some(1)),
+            _ => Turn::Bash("echo by claude > by-claude.txt".into()),
+        }
+    });
+    let gpt = MockLlm::start("echo by gpt > by-gpt.txt");
+    let chat = MockLlm::start("echo by chat > by-chat.txt");
+    let keys = tempfile::tempdir().unwrap();
+    let key = |name: &str, value: &str| {
+        let p = keys.path().join(name);
+        std::fs::write(&p, format!("{value}\n")).unwrap();
+        p.display().to_string()
+    };
+    let config = keys.path().join("agentd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"llm_base_url = "{chat}"
+llm_api_key_file = "{chat_key}"
+
+[[llm_upstreams]]
+name = "claude"
+kind = "anthropic"
+base_url = "{claude}"
+api_key_file = "{claude_key}"
+models = ["claude-mock"]
+
+[[llm_upstreams]]
+name = "gpt"
+kind = "openai"
+base_url = "{gpt}"
+api_key_file = "{gpt_key}"
+models = ["gpt-mock"]
+"#,
+            chat = chat.base_url,
+            chat_key = key("chat.key", "chat-secret-key-0"),
+            claude = claude.base_url,
+            claude_key = key("claude.key", "claude-secret-key-1"),
+            gpt = gpt.base_url,
+            gpt_key = key("gpt.key", "gpt-secret-key-2"),
+        ),
+    )
+    .unwrap();
+    let gateway = agentd_tests::registry::free_port().to_string();
+    let d = agentd_tests::daemon::Daemon::start(
+        &images,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--gateway-port",
+            &gateway,
+        ],
+    );
+
+    // Model policy: outside an upstream's allowlist, refused at create with the list.
+    let ws = tempfile::tempdir().unwrap();
+    let r = d.call(
+        "POST",
+        "/v1/tasks",
+        Some(
+            json!({"prompt": "x", "workspace": {"path": ws.path()}, "model": "claude/claude-huge"}),
+        ),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("claude/claude-mock, gpt/gpt-mock"),
+        "{}",
+        r.text()
+    );
+
+    let mut sandboxes = Vec::new();
+    for (model, file, mock_usage) in [
+        ("claude/claude-mock", "by-claude.txt", (25, 6)),
+        ("gpt/gpt-mock", "by-gpt.txt", (30, 5)),
+        ("mock", "by-chat.txt", (42, 7)),
+    ] {
+        let (v, said) = task_run(&d, &["--model", model, "write the file"]);
+        let a = &v["attempts"][0];
+        assert_eq!(v["state"], "succeeded", "{model}: {v:#}\n{said}");
+        let patch = d
+            .call(
+                "GET",
+                &format!("/v1/tasks/{}/attempts/1/diff", v["id"].as_str().unwrap()),
+                None,
+            )
+            .text();
+        assert!(patch.contains(&format!("+++ b/{file}")), "{model}: {patch}");
+        let sandbox = a["sandbox"].as_str().unwrap().to_string();
+        let log = d
+            .call("GET", &format!("/v1/sandboxes/{sandbox}/llm"), None)
+            .json();
+        let answered: Vec<_> = log["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["status"] == 200)
+            .collect();
+        assert!(answered.len() >= 2, "{model}: {log:#}");
+        for r in &answered {
+            assert_eq!(
+                (r["prompt_tokens"].as_u64(), r["completion_tokens"].as_u64()),
+                (Some(mock_usage.0), Some(mock_usage.1)),
+                "{model}: usage counted from the protocol's own fields: {log:#}"
+            );
+        }
+        assert_eq!(
+            a["usage"]["prompt_tokens"].as_u64(),
+            Some(mock_usage.0 * answered.len() as u64),
+            "{model}: {v:#}\n{log:#}"
+        );
+        sandboxes.push((model, sandbox, log));
+    }
+    // The 429 was retried after its Retry-After, inside the gateway.
+    let claude_log = &sandboxes[0].2;
+    let retried: Vec<_> = claude_log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["retries"] == 1)
+        .collect();
+    assert_eq!(retried.len(), 1, "{claude_log:#}");
+    assert_eq!(retried[0]["status"], 200, "{claude_log:#}");
+    assert!(
+        retried[0]["latency_ms"].as_u64().unwrap() >= 1000,
+        "{claude_log:#}"
+    );
+
+    // Each upstream heard its own key in its own header, and only its protocol's path.
+    for s in claude.headers_seen() {
+        assert_eq!(s.request, "POST /v1/messages", "{s:?}");
+        assert_eq!(s.x_api_key.as_deref(), Some("claude-secret-key-1"), "{s:?}");
+        assert!(s.anthropic_version.is_some(), "{s:?}");
+        assert_eq!(s.authorization, None, "{s:?}");
+    }
+    for s in gpt.headers_seen() {
+        assert_eq!(s.request, "POST /v1/responses", "{s:?}");
+        assert_eq!(
+            s.authorization.as_deref(),
+            Some("Bearer gpt-secret-key-2"),
+            "{s:?}"
+        );
+        assert_eq!(s.x_api_key, None, "{s:?}");
+    }
+    for s in chat.headers_seen() {
+        // Without an allowlist, agentd asks this upstream which models it has.
+        assert!(
+            ["POST /v1/chat/completions", "GET /v1/models"].contains(&s.request.as_str()),
+            "{s:?}"
+        );
+        assert_eq!(
+            s.authorization.as_deref(),
+            Some("Bearer chat-secret-key-0"),
+            "{s:?}"
+        );
+    }
+    assert!(!claude.headers_seen().is_empty() && !gpt.headers_seen().is_empty());
+
+    // No key in the sandbox: not in any of its processes' environments, nor in its files
+    // where OpenCode keeps its state.
+    let (_, sandbox, _) = &sandboxes[0];
+    let (code, out, err) = d.exec(
+        sandbox,
+        &[
+            "sh",
+            "-c",
+            "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'; grep -rl secret-key /home /tmp /etc 2>/dev/null; true",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("OPENCODE_CONFIG_CONTENT"), "{out}");
+    assert!(!out.contains("secret-key"), "{out}");
+
+    // A spent budget on the Anthropic upstream: the first request spends it, the next is
+    // refused, and the attempt fails saying so.
+    let (v, said) = task_run(
+        &d,
+        &[
+            "--model",
+            "claude/claude-mock",
+            "--budget-tokens",
+            "1",
+            "write it",
+        ],
+    );
+    let a = &v["attempts"][0];
+    assert_eq!(a["state"], "failed", "{v:#}\n{said}");
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("budget_exhausted"),
+        "{v:#}"
+    );
+    let sandbox = a["sandbox"].as_str().unwrap();
+    let log = d
+        .call("GET", &format!("/v1/sandboxes/{sandbox}/llm"), None)
+        .json();
+    assert!(
+        log["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["status"] == 402 && r["error"] == "budget_exhausted"),
+        "{log:#}"
+    );
+    // The agent read the refusal: OpenCode's error (after agentd's reason) carries the
+    // gateway's words, which Anthropic's SDK took from Anthropic's error shape.
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("token budget is spent"),
+        "{v:#}"
+    );
+    d.delete_all_and_check_clean();
+}
