@@ -55,6 +55,9 @@ pub const DEFAULT_IMAGE: &str = "opencode";
 /// How long the upstream's model list is trusted before it is read again.
 const MODELS_CACHE: Duration = Duration::from_secs(60);
 
+/// An upstream's `/models` answer (`None`: it gave no list) and when it was read.
+type ModelList = (Instant, Option<Vec<String>>);
+
 /// What the manager's operations return.
 mod create;
 mod fork;
@@ -610,7 +613,7 @@ pub struct Manager {
     pub shutdown: watch::Sender<bool>,
     /// Each upstream's model list and when it was read (`None` inside: it gave none), by
     /// upstream name. A std mutex: read and replaced, never held across an await.
-    models: Mutex<HashMap<String, (Instant, Option<Vec<String>>)>>,
+    models: Mutex<HashMap<String, ModelList>>,
     /// The warm pools.
     pub pools: pool::Pools,
     /// Detached processes (E2B's commands), by sandbox.

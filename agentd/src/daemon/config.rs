@@ -672,6 +672,59 @@ mod tests {
         assert!(c.llm.is_empty());
     }
 
+    /// README's gateway config, as written there (its key files made here): the upstreams
+    /// load in order, the default model resolves to the Anthropic one, and a flag's upstream
+    /// comes through the merge of flags over the file.
+    #[test]
+    fn test_readmes_llm_upstreams_config_loads() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("# /etc/agentd/agentd.toml")
+            .expect("README has the gateway's config example");
+        let text = &readme[start..start + readme[start..].find("```").unwrap()];
+        let dir = tempfile::tempdir().unwrap();
+        for k in ["anthropic.key", "local.key"] {
+            std::fs::write(dir.path().join(k), "k\n").unwrap();
+        }
+        let text = text.replace("/etc/agentd/", &format!("{}/", dir.path().display()));
+        let f = dir.path().join("agentd.toml");
+        std::fs::write(&f, text).unwrap();
+        let c = Config::load(ServeArgs {
+            config: Some(f),
+            llm_upstreams: Some(vec![format!(
+                "name=gpt,kind=openai,base_url=http://x/v1,api_key_file={}/local.key",
+                dir.path().display()
+            )
+            .parse()
+            .unwrap()]),
+            ..Default::default()
+        })
+        .unwrap();
+        let names: Vec<_> = c
+            .llm
+            .iter()
+            .map(|u| (u.name.as_str(), u.kind.as_str()))
+            .collect();
+        // Flags win over the file for the same key: the flag's list replaces the file's.
+        assert_eq!(names, [("gpt", "openai")]);
+        let c = Config::load(ServeArgs {
+            config: Some(dir.path().join("agentd.toml")),
+            ..Default::default()
+        })
+        .unwrap();
+        let names: Vec<_> = c
+            .llm
+            .iter()
+            .map(|u| (u.name.as_str(), u.kind.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [("claude", "anthropic"), ("local", "openai-compatible")]
+        );
+        assert_eq!(c.llm_model, "claude/claude-sonnet-4-5");
+        assert_eq!(c.llm[0].api_key.as_deref(), Some("k"));
+    }
+
     #[test]
     fn test_file_and_flag_precedence_and_unknown_keys() {
         let dir = tempfile::tempdir().unwrap();

@@ -207,7 +207,10 @@ fn task_run(d: &agentd_tests::daemon::Daemon, args: &[&str]) -> (serde_json::Val
 /// sandbox; usage is counted from each protocol's fields (Anthropic's cache tokens too); the
 /// Anthropic upstream's 429 is retried after its Retry-After; a model outside an upstream's
 /// allowlist is refused at create with the list; a spent budget stops an attempt on the
-/// Anthropic upstream, and the agent is told in Anthropic's error shape.
+/// Anthropic upstream, and the agent is told in Anthropic's error shape. The default model is
+/// the Anthropic upstream's, so a warm pool's OpenCode warms up on the gateway's own answer in
+/// Anthropic's protocol, and a claim for another model there is served; a claim for another
+/// upstream's model is no claim (a cold create).
 #[test]
 fn test_anthropic_and_openai_responses_upstreams() {
     require_sandbox_support!();
@@ -237,6 +240,8 @@ fn test_anthropic_and_openai_responses_upstreams() {
         format!(
             r#"llm_base_url = "{chat}"
 llm_api_key_file = "{chat_key}"
+llm_model = "claude/claude-mock"
+warm_pools = ["opencode=1"]
 
 [[llm_upstreams]]
 name = "claude"
@@ -389,6 +394,36 @@ models = ["gpt-mock"]
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("OPENCODE_CONFIG_CONTENT"), "{out}");
     assert!(!out.contains("secret-key"), "{out}");
+
+    // The warm pool: warmed up in Anthropic's protocol without a failure; a create for the
+    // Anthropic upstream claims it, one for another upstream does not.
+    let p = super::pause::pool_when_ready(&d, "opencode", 1, 1);
+    assert_eq!(p["warm_up_failures"], 0, "{p:#}");
+    let hits = p["hits"].as_u64().unwrap();
+    let v = super::ready_opencode(&d, json!({"model": "claude/claude-mock"}));
+    let claimed = v["id"].as_str().unwrap().to_string();
+    let p = super::pause::pool_when_ready(&d, "opencode", 1, 2);
+    assert_eq!(p["hits"].as_u64(), Some(hits + 1), "{p:#}");
+    let seen = claude.requests.load(Ordering::SeqCst);
+    super::prompt_until_idle(&d, &claimed, "write it in the claimed sandbox");
+    assert!(claude.requests.load(Ordering::SeqCst) > seen);
+    let log = d
+        .call("GET", &format!("/v1/sandboxes/{claimed}/llm"), None)
+        .json();
+    assert!(
+        log["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["status"] == 200 && r["prompt_tokens"] == 25),
+        "{log:#}"
+    );
+    let v = super::ready_opencode(&d, json!({"model": "gpt/gpt-mock"}));
+    let p = d.call("GET", "/v1/pools", None).json();
+    assert_eq!(p["pools"][0]["hits"].as_u64(), Some(hits + 1), "{p:#}");
+    let gpt_seen = gpt.requests.load(Ordering::SeqCst);
+    super::prompt_until_idle(&d, v["id"].as_str().unwrap(), "write it with gpt");
+    assert!(gpt.requests.load(Ordering::SeqCst) > gpt_seen);
 
     // A spent budget on the Anthropic upstream: the first request spends it, the next is
     // refused, and the attempt fails saying so.

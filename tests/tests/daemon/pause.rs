@@ -397,7 +397,7 @@ fn test_snapshot_stores_a_sandboxs_files_as_an_image() {
 
 /// The pool's view of `image`, once `ready` pooled sandboxes of it are ready, none starting,
 /// and `refills` refills done (at most 3 min).
-fn pool_when_ready(
+pub(crate) fn pool_when_ready(
     d: &agentd_tests::daemon::Daemon,
     image: &str,
     ready: u64,
