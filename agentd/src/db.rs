@@ -24,6 +24,9 @@ pub const TASKS: Table = Table(TableDefinition::new("tasks"));
 /// Warm pools' sizes by image ([`crate::sandbox::pool::PoolSize`]).
 pub const POOLS: Table = Table(TableDefinition::new("pools"));
 
+/// The LLM gateway's usage by UTC day ([`crate::gateway::spend::DayUsage`]).
+pub const LLM_DAYS: Table = Table(TableDefinition::new("llm_days"));
+
 /// A table of JSON records keyed by id.
 #[derive(Clone, Copy)]
 pub struct Table(TableDefinition<'static, &'static str, &'static [u8]>);
@@ -147,6 +150,17 @@ impl Db {
                 t.insert(key, bytes.as_slice()).map_err(redb_err)?;
             }
             tx.commit().map_err(redb_err)
+        })
+    }
+
+    /// Makes every earlier write durable (those of [`Db::put_lazy`] too): an empty durable
+    /// transaction, which redb commits with everything before it.
+    pub fn sync(&self) -> Result<()> {
+        self.with(|db| {
+            db.begin_write()
+                .map_err(redb_err)?
+                .commit()
+                .map_err(redb_err)
         })
     }
 

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 pub mod audit;
+pub mod spend;
 pub mod upstream;
 
 use upstream::{Api, Kind, LlmUpstream};
@@ -224,37 +225,27 @@ async fn forward(
         .and_then(|m| upstream::resolve(&mgr.config.llm, m))
         .map(|(_, m)| m);
     let (forward, streaming, model) = with_usage_requested(&bytes, set_model, api)?;
+    let prompt = if mgr.config.llm_log_prompts {
+        audit::last_message(&bytes)
+    } else {
+        None
+    };
     drop(bytes);
     if rec.pool.is_some() {
         // A warm pool's sandbox warming its OpenCode up (nobody's prompt): answered here,
         // no upstream, no tokens.
         return Ok(warm_up_answer(api, streaming));
     }
-    if !upstream.models.is_empty() && !upstream.models.contains(&model) {
-        audit::record(&sb, audit::Entry::refused(&model, "model_not_allowed"));
-        return Ok(error_response(
-            shape,
-            StatusCode::FORBIDDEN,
-            "model_not_allowed",
-            &format!(
-                "model {model:?} is not allowed on upstream {:?} (allowed: {})",
-                upstream.name,
-                upstream.models.join(", ")
-            ),
-        ));
-    }
-    if let Some(budget) = rec.budget_tokens {
-        let used = rec.usage.prompt_tokens + rec.usage.completion_tokens;
-        if used >= budget {
-            audit::record(&sb, audit::Entry::refused(&model, "budget_exhausted"));
-            // 402, not 429: clients retry a 429, and no retry will find budget.
-            return Ok(error_response(
-                shape,
-                StatusCode::PAYMENT_REQUIRED,
-                "budget_exhausted",
-                &format!("this sandbox's token budget is spent: {used} of {budget} tokens used; ask its owner for a larger budget"),
-            ));
-        }
+    let price = mgr
+        .config
+        .llm_prices
+        .get(&(upstream.name.clone(), model.clone()))
+        .copied();
+    if let Some((status, code, message)) = refusal(mgr, &rec, &upstream, &model, price) {
+        let mut entry = audit::Entry::refused(&model, code, status.as_u16());
+        entry.prompt = prompt;
+        audit::record(&sb, entry);
+        return Ok(error_response(shape, status, code, &message));
     }
     let started = std::time::Instant::now();
     let forward = Bytes::from(forward);
@@ -297,7 +288,8 @@ async fn forward(
             }
             (Ok(r), None) => break r,
             (Err(e), _) => {
-                let mut entry = audit::Entry::refused(&model, "upstream_unreachable");
+                let mut entry = audit::Entry::refused(&model, "upstream_unreachable", 502);
+                entry.prompt = prompt;
                 entry.latency_ms = started.elapsed().as_millis() as u64;
                 entry.retries = retries;
                 audit::record(&sb, entry);
@@ -318,6 +310,7 @@ async fn forward(
         latency_ms: 0,
         retries,
         error: None,
+        prompt,
     };
     let content_type = resp
         .headers()
@@ -335,7 +328,7 @@ async fn forward(
                 let mut usage = (0, 0);
                 observe_usage(api, &v, &mut usage);
                 let (p, c) = usage;
-                record(mgr, &sb, &entry.model, p, c);
+                record(mgr, &sb, &upstream, &entry.model, p, c);
                 (entry.prompt_tokens, entry.completion_tokens) = (p, c);
             }
         }
@@ -386,7 +379,7 @@ async fn forward(
             usage
         };
         let ((), (prompt, completion)) = tokio::join!(forward, parse);
-        record(&mgr, &sb, &entry.model, prompt, completion);
+        record(&mgr, &sb, &upstream, &entry.model, prompt, completion);
         (entry.prompt_tokens, entry.completion_tokens) = (prompt, completion);
         entry.latency_ms = started.elapsed().as_millis() as u64;
         audit::record(&sb, entry);
@@ -730,8 +723,81 @@ fn error_response(shape: Kind, status: StatusCode, code: &str, message: &str) ->
     json(status, &body)
 }
 
-fn record(mgr: &Manager, sb: &Sandbox, model: &str, prompt: u64, completion: u64) {
-    mgr.add_usage(sb, prompt, completion);
+/// Why agentd refuses to forward a request for `model` on `upstream` (its status, code and
+/// words), if it does: a model outside the upstream's allowlist, a sandbox's spent token or
+/// cost budget, an unpriced model where a cost budget applies, the daemon's spent daily
+/// budget. 402 for what is spent, not 429: clients retry a 429, and no retry finds budget.
+fn refusal(
+    mgr: &Manager,
+    rec: &crate::sandbox::SandboxRecord,
+    upstream: &LlmUpstream,
+    model: &str,
+    price: Option<spend::Price>,
+) -> Option<(StatusCode, &'static str, String)> {
+    let config = &mgr.config;
+    let currency = &config.llm_currency;
+    if !upstream.models.is_empty() && !upstream.models.iter().any(|m| m == model) {
+        return Some((
+            StatusCode::FORBIDDEN,
+            "model_not_allowed",
+            format!(
+                "model {model:?} is not allowed on upstream {:?} (allowed: {})",
+                upstream.name,
+                upstream.models.join(", ")
+            ),
+        ));
+    }
+    let spent = |what: String| Some((StatusCode::PAYMENT_REQUIRED, "budget_exhausted", what));
+    if let Some(budget) = rec.budget_tokens {
+        let used = rec.usage.tokens();
+        if used >= budget {
+            return spent(format!("this sandbox's token budget is spent: {used} of {budget} tokens used; ask its owner for a larger budget"));
+        }
+    }
+    if let Some(budget) = rec.budget_cost {
+        let used = rec.usage.cost;
+        if used >= budget {
+            return spent(format!("this sandbox's cost budget is spent: {used:.4} of {budget} {currency} used; ask its owner for a larger budget"));
+        }
+    }
+    if price.is_none() && (rec.budget_cost.is_some() || config.llm_daily_cost.is_some()) {
+        return Some((
+            StatusCode::FORBIDDEN,
+            "no_price",
+            format!("model {model:?} of upstream {:?} has no price (llm_prices), so agentd cannot count what it costs against a cost budget; use a priced model or ask the admin to price this one", upstream.name),
+        ));
+    }
+    let today = mgr.daily.today();
+    if let Some(budget) = config.llm_daily_tokens {
+        if today.tokens >= budget {
+            return spent(format!("agentd's daily token budget is spent: {} of {budget} tokens used on {} (UTC); it starts again at midnight UTC", today.tokens, today.day));
+        }
+    }
+    if let Some(budget) = config.llm_daily_cost {
+        if today.cost >= budget {
+            return spent(format!("agentd's daily cost budget is spent: {:.4} of {budget} {currency} used on {} (UTC); it starts again at midnight UTC", today.cost, today.day));
+        }
+    }
+    None
+}
+
+/// Counts an answered request: the sandbox's usage (by model, with its cost), today's, and
+/// the metrics.
+fn record(
+    mgr: &Manager,
+    sb: &Sandbox,
+    upstream: &LlmUpstream,
+    model: &str,
+    prompt: u64,
+    completion: u64,
+) {
+    let cost = mgr
+        .config
+        .llm_prices
+        .get(&(upstream.name.clone(), model.to_string()))
+        .map_or(0.0, |p| p.cost(prompt, completion));
+    let named = upstream::display_name(&mgr.config.llm, upstream, model);
+    mgr.add_usage(sb, &named, prompt, completion, cost);
     mgr.metrics.count_tokens(model, prompt, completion);
 }
 

@@ -113,14 +113,78 @@ impl SandboxState {
 }
 
 /// Token usage through the LLM gateway.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Usage {
     /// Requests forwarded.
     pub requests: u64,
-    /// Prompt tokens the upstream reported.
+    /// Prompt (input) tokens the upstream reported, Anthropic's cache tokens included.
     pub prompt_tokens: u64,
-    /// Completion tokens the upstream reported.
+    /// Completion (output) tokens the upstream reported.
     pub completion_tokens: u64,
+    /// Their cost in agentd's `llm_currency`, for models with a price (`llm_prices`).
+    #[serde(default)]
+    pub cost: f64,
+    /// The same by model, as sandboxes name it (`UPSTREAM/MODEL`, or a plain model of the
+    /// first upstream); at most [`MAX_USAGE_MODELS`], the rest as `other`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_model: BTreeMap<String, ModelUsage>,
+}
+
+/// Most models a usage counts apart (the rest are `other`): a sandbox names its models.
+pub const MAX_USAGE_MODELS: usize = 16;
+
+/// One model's part of a [`Usage`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+pub struct ModelUsage {
+    /// Requests forwarded.
+    pub requests: u64,
+    /// Prompt (input) tokens.
+    pub prompt_tokens: u64,
+    /// Completion (output) tokens.
+    pub completion_tokens: u64,
+    /// Their cost.
+    #[serde(default)]
+    pub cost: f64,
+}
+
+impl Usage {
+    /// Input plus output tokens.
+    pub fn tokens(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+
+    /// Counts one request to `model`.
+    pub fn count(&mut self, model: &str, prompt: u64, completion: u64, cost: f64) {
+        self.requests += 1;
+        self.prompt_tokens += prompt;
+        self.completion_tokens += completion;
+        self.cost += cost;
+        let key = if self.by_model.contains_key(model) || self.by_model.len() < MAX_USAGE_MODELS {
+            model.chars().take(200).collect()
+        } else {
+            "other".to_string()
+        };
+        let m = self.by_model.entry(key).or_default();
+        m.requests += 1;
+        m.prompt_tokens += prompt;
+        m.completion_tokens += completion;
+        m.cost += cost;
+    }
+
+    /// Adds `other` (another attempt's) to this.
+    pub fn add(&mut self, other: &Usage) {
+        self.requests += other.requests;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.cost += other.cost;
+        for (model, u) in &other.by_model {
+            let m = self.by_model.entry(model.clone()).or_default();
+            m.requests += u.requests;
+            m.prompt_tokens += u.prompt_tokens;
+            m.completion_tokens += u.completion_tokens;
+            m.cost += u.cost;
+        }
+    }
 }
 
 /// How a sandbox ended.
@@ -218,6 +282,9 @@ pub struct SandboxRecord {
     /// Its token budget: the gateway refuses its requests once its usage reaches it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_tokens: Option<u64>,
+    /// Its cost budget, in agentd's `llm_currency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_cost: Option<f64>,
 }
 
 /// A sandbox's LLM budget.
@@ -225,8 +292,26 @@ pub struct SandboxRecord {
 #[serde(deny_unknown_fields)]
 pub struct Budget {
     /// Prompt + completion tokens, as the upstream reports them; the gateway refuses the
-    /// sandbox's requests once its usage reaches this (429, `budget_exhausted`).
+    /// sandbox's requests once its usage reaches this (402, `budget_exhausted`).
     pub tokens: Option<u64>,
+    /// Cost in agentd's `llm_currency`, from its `llm_prices`; the gateway refuses the
+    /// sandbox's requests once their cost reaches this (402, `budget_exhausted`), and requests
+    /// for a model without a price (403, `no_price`).
+    pub cost: Option<f64>,
+}
+
+impl Budget {
+    /// Checks the numbers.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(c) = self.cost {
+            if !c.is_finite() || c <= 0.0 {
+                return Err(Error::Invalid(format!(
+                    "budget.cost must be a positive number, got {c}"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a sandbox's idle timeout does.
@@ -616,6 +701,8 @@ pub struct Manager {
     models: Mutex<HashMap<String, ModelList>>,
     /// The warm pools.
     pub pools: pool::Pools,
+    /// The gateway's count of today, for the daily budget.
+    pub daily: crate::gateway::spend::Daily,
     /// Detached processes (E2B's commands), by sandbox.
     pub procs: procs::Procs,
     /// Watched directories (E2B's filesystem watchers).
@@ -660,7 +747,9 @@ impl Manager {
         let http =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http();
+        let daily = crate::gateway::spend::Daily::load(&db);
         let mgr = Arc::new(Manager {
+            daily,
             config,
             db,
             runtime,
@@ -794,15 +883,14 @@ impl Manager {
 
     /// Updates the usage counters (written lazily: the next durable write of any record makes
     /// them durable too).
-    pub fn add_usage(&self, sb: &Sandbox, prompt: u64, completion: u64) {
+    pub fn add_usage(&self, sb: &Sandbox, model: &str, prompt: u64, completion: u64, cost: f64) {
         let rec = {
             let mut r = sb.record.lock().expect("sandbox record lock");
-            r.usage.requests += 1;
-            r.usage.prompt_tokens += prompt;
-            r.usage.completion_tokens += completion;
+            r.usage.count(model, prompt, completion, cost);
             r.clone()
         };
         self.persist_lazy(&rec);
+        self.daily.add(&self.db, prompt + completion, cost);
     }
 
     /// Writes `rec` without waiting for the disk (see `Db::put_lazy`); a failure is logged.
@@ -941,6 +1029,44 @@ impl Manager {
     /// Refuses OpenCode when agentd has no LLM upstream ([`require_llm`]).
     pub fn require_llm(&self) -> Result<()> {
         require_llm(&self.config)
+    }
+
+    /// Refuses a budget that cannot work: a cost that is no positive number, or a cost budget
+    /// for a model without a price (agentd could not count what it spends).
+    pub fn check_budget(&self, budget: Option<&Budget>, model: Option<&str>) -> Result<()> {
+        let Some(b) = budget else { return Ok(()) };
+        b.validate()?;
+        if b.cost.is_none() {
+            return Ok(());
+        }
+        let model = model.unwrap_or(&self.config.llm_model);
+        let Some((u, m)) = crate::gateway::upstream::resolve(&self.config.llm, model) else {
+            return Ok(());
+        };
+        if !self
+            .config
+            .llm_prices
+            .contains_key(&(u.name.clone(), m.to_string()))
+        {
+            let priced: Vec<String> = self
+                .config
+                .llm_prices
+                .keys()
+                .filter_map(|(un, mn)| {
+                    let up = self.config.llm.iter().find(|x| &x.name == un)?;
+                    Some(crate::gateway::upstream::display_name(
+                        &self.config.llm,
+                        up,
+                        mn,
+                    ))
+                })
+                .collect();
+            return Err(Error::Invalid(format!(
+                "budget.cost needs a price for model {model:?}, and llm_prices has none (priced: {})",
+                if priced.is_empty() { "none".to_string() } else { priced.join(", ") }
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses a model its upstream's allowlist does not name, or (without an allowlist) its

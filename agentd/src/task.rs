@@ -407,7 +407,7 @@ impl TaskManager {
     /// Validates a task, prepares its workspace, stores it and starts it.
     /// `tcp`: the request came over TCP (a git URL may then reach public addresses only,
     /// unless `git_allow_networks` says otherwise).
-    pub async fn create(self: &Arc<Self>, req: CreateTask, tcp: bool) -> Result<TaskRecord> {
+    pub async fn create(self: &Arc<Self>, mut req: CreateTask, tcp: bool) -> Result<TaskRecord> {
         if req.prompt.trim().is_empty() {
             return Err(Error::Invalid("prompt must not be empty".into()));
         }
@@ -505,6 +505,19 @@ impl TaskManager {
         if let Some(model) = &req.model {
             self.mgr.check_model(model).await?;
         }
+        // The config's default budget for a task that gives none.
+        if req.budget.is_none() {
+            req.budget = self
+                .mgr
+                .config
+                .task_budget_tokens
+                .map(|t| crate::sandbox::Budget {
+                    tokens: Some(t),
+                    cost: None,
+                });
+        }
+        self.mgr
+            .check_budget(req.budget.as_ref(), req.model.as_deref())?;
         req.workspace
             .validate()
             .map_err(|e| Error::Invalid(e.to_string()))?;
@@ -1497,12 +1510,17 @@ fn failure(command: &str, out: &crate::sandbox::ExecOutput, limit: Duration) -> 
     }
 }
 
-/// `budget_exhausted: ...` when sandbox `rec` has used its token budget.
+/// `budget_exhausted: ...` when sandbox `rec` has used its token or cost budget.
 fn budget_spent(rec: &crate::sandbox::SandboxRecord) -> Option<String> {
-    let budget = rec.budget_tokens?;
-    let used = rec.usage.prompt_tokens + rec.usage.completion_tokens;
-    (used >= budget).then(|| {
-        format!("budget_exhausted: the attempt's token budget of {budget} is spent ({used} used)")
+    let used = rec.usage.tokens();
+    if let Some(budget) = rec.budget_tokens.filter(|b| used >= *b) {
+        return Some(format!(
+            "budget_exhausted: the attempt's token budget of {budget} is spent ({used} used)"
+        ));
+    }
+    let cost = rec.usage.cost;
+    rec.budget_cost.filter(|b| cost >= *b).map(|budget| {
+        format!("budget_exhausted: the attempt's cost budget of {budget} is spent ({cost:.4} used)")
     })
 }
 

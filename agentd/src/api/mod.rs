@@ -13,6 +13,7 @@ pub mod envd;
 pub mod error;
 pub mod files;
 pub mod images;
+pub mod llm;
 pub mod openapi;
 pub mod origins;
 pub mod pools;

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::openapi::schema_of;
-use super::{images, openapi, pools, sandboxes, tasks, types};
+use super::{images, llm, openapi, pools, sandboxes, tasks, types};
 use crate::sandbox::Manager;
 
 /// A JSON Schema, made when the document is.
@@ -189,6 +189,8 @@ routes! {
     GET "/v1/sandboxes/{id}/attach" => sandboxes::attach, query None, in [],
         out 200 [JSON: schema_of::<types::AttachView>],
         "How opencode attach reaches the sandbox's OpenCode through agentd (its origin and attach password)";
+    GET "/v1/llm" => llm::status, query None, in [], out 200 [JSON: schema_of::<types::LlmStatus>],
+        "The LLM gateway: its upstreams (never their keys), the default model, prices, budgets, and what all sandboxes spent today (UTC)";
     GET "/v1/pools" => pools::list, query None, in [], out 200 [JSON: schema_of::<crate::sandbox::pool::PoolList>],
         "Warm pools: size, ready and starting sandboxes, hits, misses, refills";
     PUT "/v1/pools" => pools::set, query None, in [JSON: schema_of::<crate::sandbox::pool::SetPool>],

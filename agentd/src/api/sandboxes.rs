@@ -77,6 +77,8 @@ pub(crate) async fn llm_route(State(mgr): State<Arc<Manager>>, Params(p): Params
         &super::types::LlmLog {
             usage: rec.usage,
             budget_tokens: rec.budget_tokens,
+            budget_cost: rec.budget_cost,
+            currency: mgr.config.llm_currency.clone(),
             requests: sb.llm_log.entries(),
         },
     ))

@@ -70,6 +70,9 @@ pub struct SandboxView {
     pub usage: Usage,
     /// Its token budget, if it has one.
     pub budget_tokens: Option<u64>,
+    /// Its cost budget (in agentd's `llm_currency`), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_cost: Option<f64>,
     /// How it ended, once it has.
     pub exit: Option<ExitInfo>,
     /// What it may reach beyond agentd.
@@ -112,6 +115,7 @@ impl From<&SandboxRecord> for SandboxView {
             opencode: r.opencode.is_some(),
             usage: r.usage.clone(),
             budget_tokens: r.budget_tokens,
+            budget_cost: r.budget_cost,
             exit: r.exit.clone(),
             network: r.network.clone(),
             setup: r.setup.clone(),
@@ -305,15 +309,6 @@ pub struct WorkspaceView {
     pub excluded: u64,
 }
 
-/// Tokens a task used.
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
-pub struct TokenCount {
-    /// Prompt tokens.
-    pub prompt_tokens: u64,
-    /// Completion tokens.
-    pub completion_tokens: u64,
-}
-
 /// One agent's try at a task.
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct AttemptView {
@@ -475,8 +470,8 @@ pub struct TaskView {
     pub rounds: u64,
     /// Tool calls of all attempts.
     pub tool_calls: u64,
-    /// Tokens of all attempts.
-    pub usage: TokenCount,
+    /// Tokens (and cost) of all attempts, also by model.
+    pub usage: Usage,
     /// The setup run once for every agent (a task with a setup), and the layer the
     /// attempts start from (left out of lists).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -489,11 +484,9 @@ pub struct TaskView {
 impl TaskView {
     /// The view of `t`, with its attempts or without.
     pub fn of(t: &TaskRecord, with_attempts: bool) -> TaskView {
-        let (prompt_tokens, completion_tokens) = t.attempts.iter().fold((0, 0), |acc, a| {
-            (
-                acc.0 + a.usage.prompt_tokens,
-                acc.1 + a.usage.completion_tokens,
-            )
+        let usage = t.attempts.iter().fold(Usage::default(), |mut acc, a| {
+            acc.add(&a.usage);
+            acc
         });
         TaskView {
             id: t.id.clone(),
@@ -529,10 +522,7 @@ impl TaskView {
             finished_at: t.finished_at,
             rounds: t.attempts.iter().map(|a| u64::from(a.round)).sum(),
             tool_calls: t.attempts.iter().map(|a| a.tool_calls).sum(),
-            usage: TokenCount {
-                prompt_tokens,
-                completion_tokens,
-            },
+            usage,
             prepared: t.prepared.clone().filter(|_| with_attempts),
             attempts: with_attempts.then(|| t.attempts.iter().map(AttemptView::from).collect()),
         }
@@ -717,6 +707,53 @@ pub struct ForkView {
     pub total_ms: f64,
 }
 
+/// `GET /v1/llm`: the LLM gateway's setup and today's spend.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct LlmStatus {
+    /// The upstreams, the first being the one a plain model name goes to.
+    pub upstreams: Vec<UpstreamView>,
+    /// The model of a sandbox or task that names none.
+    pub default_model: String,
+    /// The currency of prices and costs.
+    pub currency: String,
+    /// Prices per million tokens, by model as sandboxes name it.
+    pub prices: BTreeMap<String, PriceView>,
+    /// What all sandboxes spent today (UTC).
+    pub today: crate::gateway::spend::DayUsage,
+    /// The daily token budget of all sandboxes together, if any.
+    pub daily_tokens: Option<u64>,
+    /// The daily cost budget of all sandboxes together, if any.
+    pub daily_cost: Option<f64>,
+    /// A task attempt's token budget when the task gives none, if any.
+    pub task_budget_tokens: Option<u64>,
+    /// The audit logs keep prompts.
+    pub log_prompts: bool,
+}
+
+/// One LLM upstream (its key is never shown).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct UpstreamView {
+    /// Its name: the OpenCode provider and the `UPSTREAM/` of model names.
+    pub name: String,
+    /// `openai-compatible`, `openai` or `anthropic`.
+    pub kind: String,
+    /// Where the gateway sends its requests.
+    pub base_url: String,
+    /// agentd has a key for it.
+    pub has_key: bool,
+    /// Its allowlist (empty: what its `/models` lists).
+    pub models: Vec<String>,
+}
+
+/// A price per million tokens.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct PriceView {
+    /// Per million input tokens.
+    pub input: f64,
+    /// Per million output tokens.
+    pub output: f64,
+}
+
 /// `GET /v1/sandboxes/{id}/llm`: the gateway's audit log of a sandbox.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct LlmLog {
@@ -724,7 +761,12 @@ pub struct LlmLog {
     pub usage: Usage,
     /// Its token budget, if it has one.
     pub budget_tokens: Option<u64>,
-    /// Its newest requests (at most 1,000), oldest first; prompts are never kept.
+    /// Its cost budget, if it has one.
+    pub budget_cost: Option<f64>,
+    /// The currency of costs.
+    pub currency: String,
+    /// Its newest requests (at most 1,000), oldest first; prompts are kept only when agentd
+    /// runs with `llm_log_prompts`.
     pub requests: Vec<crate::gateway::audit::Entry>,
 }
 

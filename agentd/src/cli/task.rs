@@ -105,6 +105,10 @@ enum TaskCommand {
         /// fails with budget_exhausted [default: none].
         #[arg(long)]
         budget_tokens: Option<u64>,
+        /// Each attempt's LLM budget in agentd's llm_currency (priced models only); past it
+        /// the attempt fails with budget_exhausted [default: none].
+        #[arg(long)]
+        budget_cost: Option<f64>,
         /// Image [default: opencode].
         #[arg(long)]
         image: Option<String>,
@@ -267,6 +271,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             timeout,
             model,
             budget_tokens,
+            budget_cost,
             image,
             memory,
             cpus,
@@ -318,7 +323,12 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                         .then(|| diff_exclude.into_iter().filter(|p| !p.is_empty()).collect()),
                     timeout_secs: timeout,
                     model,
-                    budget: budget_tokens.map(|t| crate::sandbox::Budget { tokens: Some(t) }),
+                    budget: (budget_tokens.is_some() || budget_cost.is_some()).then_some(
+                        crate::sandbox::Budget {
+                            tokens: budget_tokens,
+                            cost: budget_cost,
+                        },
+                    ),
                     image,
                     grace_secs: grace,
                     limits: crate::sandbox::LimitsRequest {

@@ -111,6 +111,29 @@ pub struct ServeArgs {
         value_delimiter = ';'
     )]
     pub llm_upstreams: Option<Vec<crate::gateway::upstream::UpstreamArg>>,
+    /// A model's price: `MODEL=INPUT,OUTPUT` per million tokens in llm_currency, MODEL as
+    /// sandboxes name it (`claude/claude-sonnet-4-5=3,15`); needed for cost budgets
+    /// (repeatable, `;` between them in the variable; in TOML a list) [default: none].
+    #[arg(long = "llm-price", env = "AGENTD_LLM_PRICES", value_delimiter = ';')]
+    pub llm_prices: Option<Vec<String>>,
+    /// The currency of llm_prices and of cost budgets [default: USD].
+    #[arg(long, env = "AGENTD_LLM_CURRENCY")]
+    pub llm_currency: Option<String>,
+    /// Most tokens (input + output) all sandboxes together may spend per UTC day; past it
+    /// the gateway refuses every request until midnight UTC [default: no limit].
+    #[arg(long, env = "AGENTD_LLM_DAILY_TOKENS")]
+    pub llm_daily_tokens: Option<u64>,
+    /// Most cost (in llm_currency, from llm_prices) all sandboxes together may spend per UTC
+    /// day; requests for unpriced models are then refused [default: no limit].
+    #[arg(long, env = "AGENTD_LLM_DAILY_COST")]
+    pub llm_daily_cost: Option<f64>,
+    /// Keep each request's last message (its prompt, 4 KiB at most) in the gateway's audit
+    /// log; off, the log never holds what agents said [default: false].
+    #[arg(long, env = "AGENTD_LLM_LOG_PROMPTS")]
+    pub llm_log_prompts: Option<bool>,
+    /// Each task attempt's token budget when the task gives none [default: none].
+    #[arg(long, env = "AGENTD_TASK_BUDGET_TOKENS")]
+    pub task_budget_tokens: Option<u64>,
     /// Bridge for sandbox networking [default: agentd0].
     #[arg(long, env = "AGENTD_BRIDGE")]
     pub bridge: Option<String>,
@@ -259,6 +282,18 @@ pub struct Config {
     pub llm: Vec<LlmUpstream>,
     /// Default model name.
     pub llm_model: String,
+    /// Prices by (upstream, model).
+    pub llm_prices: std::collections::BTreeMap<(String, String), crate::gateway::spend::Price>,
+    /// The currency of prices and cost budgets.
+    pub llm_currency: String,
+    /// The daemon's daily token budget.
+    pub llm_daily_tokens: Option<u64>,
+    /// The daemon's daily cost budget.
+    pub llm_daily_cost: Option<f64>,
+    /// The audit log keeps prompts.
+    pub llm_log_prompts: bool,
+    /// A task attempt's default token budget.
+    pub task_budget_tokens: Option<u64>,
     /// Bridge name.
     pub bridge: String,
     /// Network address of the sandbox subnet.
@@ -546,6 +581,26 @@ impl Config {
             ssh_authorized_keys: abs(args
                 .ssh_authorized_keys
                 .unwrap_or_else(|| state_dir.join("ssh").join("authorized_keys"))),
+            llm_prices: crate::gateway::spend::parse_prices(
+                &args.llm_prices.unwrap_or_default(),
+                &llm,
+            )?,
+            llm_currency: {
+                let c = args.llm_currency.unwrap_or_else(|| "USD".into());
+                if c.is_empty() || c.len() > 8 || !c.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    bail!("llm_currency must be a short code such as USD or EUR, got {c:?}");
+                }
+                c
+            },
+            llm_daily_tokens: args.llm_daily_tokens,
+            llm_daily_cost: match args.llm_daily_cost {
+                Some(c) if !c.is_finite() || c <= 0.0 => {
+                    bail!("llm_daily_cost must be a positive number, got {c}")
+                }
+                c => c,
+            },
+            llm_log_prompts: args.llm_log_prompts.unwrap_or(false),
+            task_budget_tokens: args.task_budget_tokens,
             llm,
             llm_model,
             bridge,

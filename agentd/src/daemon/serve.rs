@@ -123,6 +123,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Open streams end with a line saying why; a moment for those lines to go out.
     let _ = mgr.shutdown.send(true);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // What was written lazily (usage counters, today's LLM spend) is kept by a stop too.
+    // blocking-ok: one commit; agentd is stopping.
+    if let Err(e) = mgr.db.sync() {
+        tracing::error!(error = %agentd_runtime::error_chain(&e), "failed to make the last usage counts durable");
+    }
     tracing::info!("agentd stopped");
     Ok(())
 }

@@ -306,6 +306,15 @@ pub fn resolve<'a>(
     upstreams.first().map(|u| (u, model))
 }
 
+/// `model` of `upstream` as a sandbox names it: plainly on the first upstream, else
+/// `UPSTREAM/MODEL`.
+pub fn display_name(upstreams: &[LlmUpstream], upstream: &LlmUpstream, model: &str) -> String {
+    match upstreams.first() {
+        Some(first) if first.name == upstream.name => model.to_string(),
+        _ => format!("{}/{model}", upstream.name),
+    }
+}
+
 /// Every allowed model as a sandbox would name it (the first upstream's plainly, the others'
 /// as `UPSTREAM/MODEL`); empty when some upstream allows any model.
 pub fn allowed_names(upstreams: &[LlmUpstream]) -> Vec<String> {

@@ -111,6 +111,7 @@ impl Manager {
         if let Some(model) = &req.model {
             self.check_model(model).await?;
         }
+        self.check_budget(req.budget.as_ref(), req.model.as_deref())?;
         let image = self.resolve_image(&image_name).await?;
         let opencode = req.opencode.unwrap_or_else(|| {
             image
@@ -277,6 +278,7 @@ impl Manager {
             pool: req.pool.clone(),
             model: None,
             budget_tokens: req.budget.as_ref().and_then(|b| b.tokens),
+            budget_cost: req.budget.as_ref().and_then(|b| b.cost),
         };
         // The record (state `creating`) is written durably while the shim starts, in
         // parallel (see [`Self::start`]): a crash before the write lands leaves a state dir

@@ -261,6 +261,7 @@ impl Manager {
         if self.pools.size(image) == 0 && !self.has_pooled(image) {
             return Ok(None);
         }
+        self.check_budget(req.budget.as_ref(), req.model.as_deref())?;
         if let Some(model) = &req.model {
             self.check_model(model).await?;
             // A pooled OpenCode speaks its default model's upstream's protocol: the gateway
@@ -357,6 +358,7 @@ impl Manager {
             let started_with = &self.config.llm_model;
             r.model = req.model.clone().filter(|m| m != started_with);
             r.budget_tokens = req.budget.as_ref().and_then(|b| b.tokens);
+            r.budget_cost = req.budget.as_ref().and_then(|b| b.cost);
         }
         if let Err(e) = self.persist(&sb) {
             // Not acknowledged: the record goes back to the pool's (the sandbox stays

@@ -469,3 +469,112 @@ models = ["gpt-mock"]
     );
     d.delete_all_and_check_clean();
 }
+
+/// The sandbox's audit log.
+fn llm_log(d: &agentd_tests::daemon::Daemon, id: &str) -> serde_json::Value {
+    d.call("GET", &format!("/v1/sandboxes/{id}/llm"), None)
+        .json()
+}
+
+/// Prices and cost budgets, the daemon's daily budget (kept across a restart), usage by
+/// model, `GET /v1/llm`, and the prompt log the admin turned on: a sandbox's cost budget
+/// (from the configured price of its model) stops it once spent; a cost budget for a model
+/// without a price is refused at create; once all sandboxes together spent the day's tokens,
+/// every sandbox is refused, in OpenAI's shape, until the day ends.
+#[test]
+fn test_costs_daily_budget_and_prompt_log() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let llm = MockLlm::start("echo hi > hi.txt");
+    let gateway = agentd_tests::registry::free_port().to_string();
+    let mut d = agentd_tests::daemon::Daemon::start(
+        &images,
+        &[
+            "--llm-base-url",
+            &llm.base_url,
+            "--gateway-port",
+            &gateway,
+            "--llm-price",
+            "mock=1000,2000",
+            "--llm-currency",
+            "EUR",
+            "--llm-daily-tokens",
+            "400",
+            "--llm-log-prompts",
+            "true",
+        ],
+    );
+    let v = d.call("GET", "/v1/llm", None).json();
+    assert_eq!(v["upstreams"][0]["name"], "agentd", "{v:#}");
+    assert_eq!(v["upstreams"][0]["kind"], "openai-compatible", "{v:#}");
+    assert_eq!(v["upstreams"][0]["has_key"], false, "{v:#}");
+    assert_eq!(v["prices"]["mock"]["input"], 1000.0, "{v:#}");
+    assert_eq!(v["currency"], "EUR", "{v:#}");
+    assert_eq!(v["daily_tokens"], 400, "{v:#}");
+    assert_eq!(v["today"]["tokens"], 0, "{v:#}");
+
+    // A cost budget needs a price for the model.
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"model": "default", "budget": {"cost": 1}})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("priced: mock"), "{}", r.text());
+
+    // 42 + 7 tokens a request at 1000 and 2000 EUR per million: 0.056 EUR; a budget of 0.05
+    // lets the first through and refuses what follows.
+    let v = ready_opencode(&d, json!({"model": "mock", "budget": {"cost": 0.05}}));
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(v["budget_cost"], 0.05, "{v:#}");
+    prompt_until_idle(&d, &id, "say hi: logged-words");
+    let log = llm_log(&d, &id);
+    let entries = log["requests"].as_array().unwrap();
+    let answered = entries.iter().filter(|r| r["status"] == 200).count() as f64;
+    assert!(answered >= 1.0, "{log:#}");
+    let cost = log["usage"]["cost"].as_f64().unwrap();
+    assert!(
+        (cost - 0.056 * answered).abs() < 1e-9,
+        "cost {cost} for {answered} requests: {log:#}"
+    );
+    assert_eq!(log["currency"], "EUR");
+    assert_eq!(
+        log["usage"]["by_model"]["mock"]["requests"].as_f64(),
+        Some(answered),
+        "{log:#}"
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|r| r["status"] == 402 && r["error"] == "budget_exhausted"),
+        "{log:#}"
+    );
+    // The admin asked for prompts: the agent's request carries the words.
+    assert!(log.to_string().contains("logged-words"), "{log:#}");
+
+    // The day's budget: sandboxes together; the one that crosses it is the last answered.
+    let mut spent = false;
+    for i in 0..6 {
+        let v = ready_opencode(&d, json!({"model": "mock"}));
+        let id = v["id"].as_str().unwrap().to_string();
+        prompt_until_idle(&d, &id, &format!("round {i}"));
+        let log = llm_log(&d, &id);
+        if log["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["status"] == 402 && r["error"] == "budget_exhausted")
+        {
+            spent = true;
+            break;
+        }
+    }
+    assert!(spent, "the daily budget never stopped a sandbox");
+    let today = d.call("GET", "/v1/llm", None).json()["today"].clone();
+    assert!(today["tokens"].as_u64().unwrap() >= 400, "{today:#}");
+    // Counted in the database: a restart knows what today cost.
+    d.restart(libc::SIGTERM);
+    let after = d.call("GET", "/v1/llm", None).json()["today"].clone();
+    assert_eq!(after, today);
+    d.delete_all_and_check_clean();
+}
