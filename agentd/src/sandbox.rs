@@ -298,6 +298,11 @@ pub struct Budget {
     /// sandbox's requests once their cost reaches this (402, `budget_exhausted`), and requests
     /// for a model without a price (403, `no_price`).
     pub cost: Option<f64>,
+    /// On a task: when an attempt's budget is spent, ask a person for more (an approval with
+    /// the permission `budget`: `once` gives one more budget, `always` lifts it, `reject`
+    /// fails the attempt) instead of failing it at once [default: false].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ask: Option<bool>,
 }
 
 impl Budget {
@@ -898,6 +903,21 @@ impl Manager {
         if let Err(e) = self.db.put_lazy(SANDBOXES, &rec.id, rec) {
             tracing::error!(sandbox = %rec.id, error = %agentd_runtime::error_chain(&e), "failed to persist sandbox");
         }
+    }
+
+    /// Changes a sandbox's budget (a person gave more): written durably.
+    pub fn set_budget(&self, sb: &Sandbox, tokens: Option<u64>, cost: Option<f64>) -> Result<()> {
+        let previous = sb.snapshot();
+        {
+            let mut r = sb.record.lock().expect("sandbox record lock");
+            r.budget_tokens = tokens;
+            r.budget_cost = cost;
+        }
+        if let Err(e) = self.persist(sb) {
+            *sb.record.lock().expect("sandbox record lock") = previous;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Makes a live sandbox end `secs` from now (its TTL counted from its creation, as the

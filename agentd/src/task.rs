@@ -43,6 +43,7 @@ use crate::workspace::{WorkspaceInfo, WorkspaceSpec};
 mod agent;
 pub mod approvals;
 mod attempt;
+mod budget;
 pub mod environment;
 mod events;
 pub mod follow_up;
@@ -514,6 +515,7 @@ impl TaskManager {
                 .map(|t| crate::sandbox::Budget {
                     tokens: Some(t),
                     cost: None,
+                    ask: None,
                 });
         }
         self.mgr
@@ -1021,7 +1023,8 @@ impl TaskManager {
             let round = a.round;
             if a.state != TaskState::Checking {
                 self.set_attempt_state(task, n, TaskState::Running, None);
-                if let Err(o) = self.agent_round(task, n, &sb, &session, &rec, None).await {
+                let r = self.agent_round(task, n, &sb, &session, &rec, None).await;
+                if let Err(o) = self.with_more_budget(task, n, &sb, &session, &rec, r).await {
                     return o;
                 }
             }
@@ -1029,10 +1032,10 @@ impl TaskManager {
             // turn before the check.
             while let Some((text, count)) = self.follow_ups(task, n) {
                 self.set_attempt_state(task, n, TaskState::Running, Some("a follow-up"));
-                if let Err(o) = self
+                let r = self
                     .agent_round(task, n, &sb, &session, &rec, Some((&text, count)))
-                    .await
-                {
+                    .await;
+                if let Err(o) = self.with_more_budget(task, n, &sb, &session, &rec, r).await {
                     return o;
                 }
             }
@@ -1096,6 +1099,26 @@ impl TaskManager {
         }
     }
 
+    /// A round's result, and while it is a failure of a spent budget a person gave more
+    /// for, the rounds that tell the agent to go on.
+    async fn with_more_budget(
+        &self,
+        task: &Arc<Task>,
+        n: u32,
+        sb: &Arc<Sandbox>,
+        session: &str,
+        rec: &TaskRecord,
+        mut r: std::result::Result<(), Outcome>,
+    ) -> std::result::Result<(), Outcome> {
+        while matches!(r, Err(Outcome::Failed(_))) && self.more_budget(task, n, sb).await {
+            self.set_attempt_state(task, n, TaskState::Running, Some("more budget"));
+            r = self
+                .agent_round(task, n, sb, session, rec, Some((budget::GO_ON, 0)))
+                .await;
+        }
+        r
+    }
+
     /// Creates the sandbox of attempt `n` (on the prepared layer, if the task has one), or
     /// with `n` 0 the preparation's (no OpenCode), waiting (queued) while agentd is at a
     /// quota.
@@ -1141,7 +1164,13 @@ impl TaskManager {
             labels,
             opencode: Some(!prepare),
             model: rec.request.model.clone().filter(|_| !prepare),
-            budget: rec.request.budget.clone().filter(|_| !prepare),
+            // The sandbox's part: what it may spend (asking for more is the task's).
+            budget: rec
+                .request
+                .budget
+                .clone()
+                .filter(|_| !prepare)
+                .map(|b| crate::sandbox::Budget { ask: None, ..b }),
             permissions: rec.request.permissions.clone(),
             base_layers: base_layer.into_iter().collect(),
             cache,

@@ -102,7 +102,8 @@ enum TaskCommand {
         #[arg(long)]
         model: Option<String>,
         /// Each attempt's LLM budget in tokens (prompt + completion); past it the attempt
-        /// fails with budget_exhausted [default: none].
+        /// fails with budget_exhausted, or, run at a terminal, you are asked for more (once:
+        /// one more budget, always: no limit, reject: it fails) [default: none].
         #[arg(long)]
         budget_tokens: Option<u64>,
         /// Each attempt's LLM budget in agentd's llm_currency (priced models only); past it
@@ -327,6 +328,9 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                         crate::sandbox::Budget {
                             tokens: budget_tokens,
                             cost: budget_cost,
+                            // A person at the terminal is asked for more when it is spent.
+                            ask: (!detach && !args.json && std::io::stdin().is_terminal())
+                                .then_some(true),
                         },
                     ),
                     image,

@@ -528,6 +528,11 @@ pub fn validate_create(config: &Config, req: &CreateSandbox) -> Result<(Limits, 
         ));
     }
     validate_model(req.model.as_deref())?;
+    if req.budget.as_ref().is_some_and(|b| b.ask.is_some()) {
+        return Err(Error::Invalid(
+            "budget.ask is a task's (a person answers for its attempts); a sandbox's budget has tokens and cost".into(),
+        ));
+    }
     if let Some(cmd) = &req.command {
         if cmd.is_empty() || cmd[0].is_empty() {
             return Err(Error::Invalid("command must not be empty".into()));

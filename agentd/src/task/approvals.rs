@@ -15,7 +15,8 @@ use super::Result;
 use super::{Task, TaskManager};
 use crate::error::Error;
 
-/// One permission request waiting for a person.
+/// One permission request waiting for a person (an agent's tool call, or `budget`: an
+/// attempt's spent budget).
 #[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Approval {
     /// The attempt whose agent asks.
@@ -74,12 +75,14 @@ fn capped(v: &serde_json::Value) -> serde_json::Value {
 impl TaskManager {
     /// The permission requests of `task`'s running attempts.
     pub async fn approvals(&self, task: &Arc<Task>) -> Result<Vec<Approval>> {
-        Ok(self
+        let mut list: Vec<Approval> = self
             .pending(task)
             .await
             .into_iter()
             .map(|(a, _)| a)
-            .collect())
+            .collect();
+        list.extend(self.budget_approvals(task));
+        Ok(list)
     }
 
     async fn pending(&self, task: &Arc<Task>) -> Vec<(Approval, crate::opencode::client::Client)> {
@@ -142,6 +145,17 @@ impl TaskManager {
             return Err(Error::Invalid("message is longer than 4 KiB".into()));
         }
         let id = task.snapshot().id;
+        if let Some(approval) = self.answer_budget(task, request, answer.reply) {
+            self.emit(
+                task,
+                "approval",
+                serde_json::json!({
+                    "attempt": approval.attempt, "request": request, "state": "replied",
+                    "reply": answer.reply.as_str(),
+                }),
+            );
+            return Ok(approval);
+        }
         let Some((approval, client)) = self
             .pending(task)
             .await

@@ -245,6 +245,24 @@ pub struct Attempt {
     /// /v1/tasks/{id}/attempts/{n}/messages`).
     #[serde(default)]
     pub follow_ups: Vec<String>,
+    /// Its spent budget waiting for a person (a `budget` approval), and the answer once given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_ask: Option<BudgetAsk>,
+    /// How many times a person was asked for more budget.
+    #[serde(default)]
+    pub budget_asks: u32,
+}
+
+/// An attempt's spent budget, asked about (`GET /v1/tasks/{id}/approvals` lists it as the
+/// permission `budget`).
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct BudgetAsk {
+    /// The request's id (`budget-N-K`: attempt N, its K-th ask).
+    pub id: String,
+    /// What is spent, in words.
+    pub spent: String,
+    /// The answer, once given.
+    pub answer: Option<crate::task::approvals::Reply>,
 }
 
 impl Attempt {
@@ -273,6 +291,8 @@ impl Attempt {
             waited_ms: 0,
             limit_from: None,
             follow_ups: Vec::new(),
+            budget_ask: None,
+            budget_asks: 0,
         }
     }
 

@@ -578,3 +578,150 @@ fn test_costs_daily_budget_and_prompt_log() {
     assert_eq!(after, today);
     d.delete_all_and_check_clean();
 }
+
+/// Polls `GET /v1/tasks/{id}/approvals` until request `request` waits (at most 2 min); the
+/// task's view then.
+fn wait_approval(d: &agentd_tests::daemon::Daemon, id: &str, request: &str) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let v = d
+            .call("GET", &format!("/v1/tasks/{id}/approvals"), None)
+            .json();
+        if let Some(a) = v["approvals"]
+            .as_array()
+            .and_then(|l| l.iter().find(|a| a["id"] == request))
+        {
+            return a.clone();
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "no approval {request}: {v:#}\n{:#}\n{}",
+            d.call("GET", &format!("/v1/tasks/{id}"), None).json(),
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// A task whose budget says `ask`: when an attempt's budget is spent, the attempt waits for a
+/// person (a `budget` approval) instead of failing; `once` gives one more budget and the agent
+/// goes on, `always` lifts it and the attempt succeeds; `reject` fails an attempt with
+/// `budget_exhausted`.
+#[test]
+fn test_a_person_gives_more_budget() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    // Each tool-offering request costs 49 tokens: a bash call, then a final answer once the
+    // tool's result is in.
+    let llm = MockLlm::start("echo more >> more.txt");
+    let (d, _, _) = opencode_daemon(&images, &llm);
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(ws.path().join("README.md"), "hello\n").unwrap();
+    let r = d.call(
+        "POST",
+        "/v1/tasks",
+        Some(
+            json!({"prompt": "write more.txt", "workspace": {"path": ws.path()},
+            "budget": {"tokens": 1, "ask": true}}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let a = wait_approval(&d, &id, "budget-1-1");
+    assert_eq!(a["permission"], "budget", "{a:#}");
+    assert!(
+        a["patterns"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("budget_exhausted: the attempt's token budget of 1 is spent"),
+        "{a:#}"
+    );
+    let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
+    assert_eq!(v["attempts"][0]["state"], "waiting", "{v:#}");
+    let r = d.call(
+        "POST",
+        &format!("/v1/tasks/{id}/approvals/budget-1-1"),
+        Some(json!({"reply": "once"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // One more budget of 1 token is spent by the next request again: asked again.
+    wait_approval(&d, &id, "budget-1-2");
+    let r = d.call(
+        "POST",
+        &format!("/v1/tasks/{id}/approvals/budget-1-2"),
+        Some(json!({"reply": "always"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let start = std::time::Instant::now();
+    let v = loop {
+        let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
+        if v["state"] == "succeeded" || v["state"] == "failed" {
+            break v;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "{v:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
+    let a = &v["attempts"][0];
+    assert!(a["usage"]["prompt_tokens"].as_u64().unwrap() > 42, "{v:#}");
+    let patch = d
+        .call("GET", &format!("/v1/tasks/{id}/attempts/1/diff"), None)
+        .text();
+    assert!(patch.contains("+more"), "{patch}");
+    // The agent was told to go on.
+    assert!(
+        llm.requests_seen().iter().any(|r| {
+            agentd_tests::daemon::last_user_text(r).contains("raised your LLM budget")
+        }),
+        "the agent was not told"
+    );
+
+    // Rejected: the attempt fails with the reason.
+    let r = d.call(
+        "POST",
+        "/v1/tasks",
+        Some(
+            json!({"prompt": "write more.txt", "workspace": {"path": ws.path()},
+            "budget": {"tokens": 1, "ask": true}}),
+        ),
+    );
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    wait_approval(&d, &id, "budget-1-1");
+    let r = d.call(
+        "POST",
+        &format!("/v1/tasks/{id}/approvals/budget-1-1"),
+        Some(json!({"reply": "reject"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let start = std::time::Instant::now();
+    let v = loop {
+        let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
+        if v["state"] == "succeeded" || v["state"] == "failed" {
+            break v;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "{v:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(v["attempts"][0]["state"], "failed", "{v:#}");
+    assert!(
+        v["attempts"][0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("budget_exhausted"),
+        "{v:#}"
+    );
+    // A sandbox's budget has no one to ask.
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"budget": {"tokens": 5, "ask": true}})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    d.delete_all_and_check_clean();
+}
