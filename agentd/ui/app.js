@@ -452,13 +452,16 @@ async function taskView(id) {
         toast(`Answered: ${reply}.`);
         await loadApprovals();
       });
-      return h("div", { class: "card approval", role: "group", "aria-label": `Attempt ${a.attempt} asks to use ${a.permission}` },
-        h("p", {}, `Attempt ${a.attempt} asks to use `, h("strong", {}, a.permission), ":"),
+      // A spent budget asks for more, not for a tool.
+      const budget = a.permission === "budget";
+      const label = budget ? `Attempt ${a.attempt} spent its budget` : `Attempt ${a.attempt} asks to use ${a.permission}`;
+      return h("div", { class: "card approval", role: "group", "aria-label": label },
+        budget ? h("p", {}, label, ":") : h("p", {}, `Attempt ${a.attempt} asks to use `, h("strong", {}, a.permission), ":"),
         h("pre", {}, (a.patterns || []).join("\n")),
         h("div", { class: "row" },
-          h("button", { type: "button", onclick: () => answer("once") }, "Allow once"),
-          h("button", { type: "button", class: "quiet", onclick: () => answer("always") }, "Allow always"),
-          h("button", { type: "button", class: "danger", onclick: () => answer("reject") }, "Reject")));
+          h("button", { type: "button", onclick: () => answer("once") }, budget ? "Give one more budget" : "Allow once"),
+          h("button", { type: "button", class: "quiet", onclick: () => answer("always") }, budget ? "No limit" : "Allow always"),
+          h("button", { type: "button", class: "danger", onclick: () => answer("reject") }, budget ? "Stop the attempt" : "Reject")));
     }));
   }
 
