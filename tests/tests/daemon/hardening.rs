@@ -875,7 +875,7 @@ fn test_gateway_bodies_do_not_balloon_agentd() {
 pid=$(for p in /proc/[0-9]*; do case "$(tr '\0' ' ' < $p/cmdline 2>/dev/null)" in opencode*) echo ${p#/proc/}; break;; esac; done)
 cfg=$(tr '\0' '\n' < /proc/$pid/environ | sed -n 's/^OPENCODE_CONFIG_CONTENT=//p')
 key=$(printf %s "$cfg" | sed 's/.*"apiKey":"\([^"]*\)".*/\1/')
-addr=$(printf %s "$cfg" | sed 's|.*"baseURL":"http://\([^"/]*\)/v1".*|\1|')
+addr=$(printf %s "$cfg" | sed 's|.*"baseURL":"http://\([^"/]*\)/[^"]*".*|\1|')
 send() {
   pre='{"model":"mock","messages":[{"role":"user","content":"'; post='"}]}'
   exec 3<>/dev/tcp/${addr%:*}/${addr#*:}
