@@ -241,7 +241,12 @@ async fn forward(
         .llm_prices
         .get(&(upstream.name.clone(), model.clone()))
         .copied();
-    if let Some((status, code, message)) = refusal(mgr, &rec, &upstream, &model, price) {
+    // A task attempt's sandbox also spends from the task's total budget.
+    let task = rec
+        .labels
+        .get(crate::task::TASK_LABEL)
+        .and_then(|t| mgr.tasks.get()?.spend(t, &rec.id));
+    if let Some((status, code, message)) = refusal(mgr, &rec, task, &upstream, &model, price) {
         let mut entry = audit::Entry::refused(&model, code, status.as_u16());
         entry.prompt = prompt;
         audit::record(&sb, entry);
@@ -730,6 +735,7 @@ fn error_response(shape: Kind, status: StatusCode, code: &str, message: &str) ->
 fn refusal(
     mgr: &Manager,
     rec: &crate::sandbox::SandboxRecord,
+    task: Option<crate::task::TaskSpend>,
     upstream: &LlmUpstream,
     model: &str,
     price: Option<spend::Price>,
@@ -760,7 +766,14 @@ fn refusal(
             return spent(format!("this sandbox's cost budget is spent: {used:.4} of {budget} {currency} used; ask its owner for a larger budget"));
         }
     }
-    if price.is_none() && (rec.budget_cost.is_some() || config.llm_daily_cost.is_some()) {
+    if let Some(words) = task.as_ref().and_then(|t| t.spent()) {
+        let words = words.trim_start_matches("budget_exhausted: ");
+        return spent(format!("{words}; ask the task's owner for a larger budget"));
+    }
+    let task_cost = task.as_ref().is_some_and(|t| t.total_cost.is_some());
+    if price.is_none()
+        && (rec.budget_cost.is_some() || task_cost || config.llm_daily_cost.is_some())
+    {
         return Some((
             StatusCode::FORBIDDEN,
             "no_price",

@@ -303,19 +303,33 @@ pub struct Budget {
     /// fails the attempt) instead of failing it at once [default: false].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ask: Option<bool>,
+    /// On a task: tokens all its attempts together may spend (each attempt's sandbox is
+    /// refused once they have) [default: none].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_tokens: Option<u64>,
+    /// On a task: cost all its attempts together may spend [default: none].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_cost: Option<f64>,
 }
 
 impl Budget {
     /// Checks the numbers.
     pub fn validate(&self) -> Result<()> {
-        if let Some(c) = self.cost {
-            if !c.is_finite() || c <= 0.0 {
-                return Err(Error::Invalid(format!(
-                    "budget.cost must be a positive number, got {c}"
-                )));
+        for (what, c) in [("cost", self.cost), ("total_cost", self.total_cost)] {
+            if let Some(c) = c {
+                if !c.is_finite() || c <= 0.0 {
+                    return Err(Error::Invalid(format!(
+                        "budget.{what} must be a positive number, got {c}"
+                    )));
+                }
             }
         }
         Ok(())
+    }
+
+    /// Whether it bounds a cost (a price is then needed).
+    pub fn has_cost(&self) -> bool {
+        self.cost.is_some() || self.total_cost.is_some()
     }
 }
 
@@ -1056,7 +1070,7 @@ impl Manager {
     pub fn check_budget(&self, budget: Option<&Budget>, model: Option<&str>) -> Result<()> {
         let Some(b) = budget else { return Ok(()) };
         b.validate()?;
-        if b.cost.is_none() {
+        if !b.has_cost() {
             return Ok(());
         }
         let model = model.unwrap_or(&self.config.llm_model);

@@ -514,8 +514,7 @@ impl TaskManager {
                 .task_budget_tokens
                 .map(|t| crate::sandbox::Budget {
                     tokens: Some(t),
-                    cost: None,
-                    ask: None,
+                    ..Default::default()
                 });
         }
         self.mgr
@@ -590,6 +589,8 @@ impl TaskManager {
             stop: None,
             sandboxes_removed: false,
             deleting: false,
+            budget_grants: 0,
+            budget_unlimited: false,
         };
         let task = Task::new(record, 0);
         self.map().insert(id.clone(), task.clone());
@@ -786,7 +787,11 @@ impl TaskManager {
             },
             Ok(Outcome::Failed(why)) => {
                 // A refusal of the gateway's is why, whatever OpenCode made of it.
-                let why = match sb.as_ref().and_then(|s| budget_spent(&s.snapshot())) {
+                let spent = sb.as_ref().and_then(|s| {
+                    budget_spent(&s.snapshot())
+                        .or_else(|| self.spend(&rec.id, &s.snapshot().id)?.spent())
+                });
+                let why = match spent {
                     Some(spent) => format!("{spent}; {why}"),
                     None => why,
                 };
@@ -1164,13 +1169,15 @@ impl TaskManager {
             labels,
             opencode: Some(!prepare),
             model: rec.request.model.clone().filter(|_| !prepare),
-            // The sandbox's part: what it may spend (asking for more is the task's).
-            budget: rec
-                .request
-                .budget
-                .clone()
-                .filter(|_| !prepare)
-                .map(|b| crate::sandbox::Budget { ask: None, ..b }),
+            // The sandbox's part: what it may spend alone (asking for more and the total of
+            // all attempts are the task's).
+            budget: rec.request.budget.clone().filter(|_| !prepare).map(|b| {
+                crate::sandbox::Budget {
+                    tokens: b.tokens,
+                    cost: b.cost,
+                    ..Default::default()
+                }
+            }),
             permissions: rec.request.permissions.clone(),
             base_layers: base_layer.into_iter().collect(),
             cache,
@@ -1539,6 +1546,75 @@ fn failure(command: &str, out: &crate::sandbox::ExecOutput, limit: Duration) -> 
     }
 }
 
+/// What a task's attempts spent together, and its total budget (for the gateway, which
+/// refuses an attempt's sandbox once it is spent).
+#[derive(Debug, Clone)]
+pub struct TaskSpend {
+    /// Tokens of all attempts.
+    pub tokens: u64,
+    /// Their cost.
+    pub cost: f64,
+    /// The total token budget (with what a person gave).
+    pub total_tokens: Option<u64>,
+    /// The total cost budget (with what a person gave).
+    pub total_cost: Option<f64>,
+}
+
+impl TaskSpend {
+    /// `budget_exhausted: ...` when it is spent.
+    pub fn spent(&self) -> Option<String> {
+        if let Some(b) = self.total_tokens.filter(|b| self.tokens >= *b) {
+            return Some(format!(
+                "budget_exhausted: the task's token budget of {b} is spent ({} used by its attempts together)",
+                self.tokens
+            ));
+        }
+        self.total_cost.filter(|b| self.cost >= *b).map(|b| {
+            format!(
+                "budget_exhausted: the task's cost budget of {b} is spent ({:.4} used by its attempts together)",
+                self.cost
+            )
+        })
+    }
+}
+
+impl TaskManager {
+    /// What the attempts of task `id` spent together, when it has a total budget and
+    /// `sandbox` is one of its attempts' (a sandbox carrying the task's label is not enough).
+    pub fn spend(&self, id: &str, sandbox: &str) -> Option<TaskSpend> {
+        let rec = self.get(id).ok()?.snapshot();
+        let b = rec.request.budget.as_ref()?;
+        if rec.budget_unlimited || (b.total_tokens.is_none() && b.total_cost.is_none()) {
+            return None;
+        }
+        if !rec
+            .attempts
+            .iter()
+            .any(|a| a.sandbox.as_deref() == Some(sandbox))
+        {
+            return None;
+        }
+        let (mut tokens, mut cost) = (0, 0.0);
+        for a in &rec.attempts {
+            let live = a
+                .sandbox
+                .as_ref()
+                .and_then(|s| self.mgr.get(s).ok())
+                .map(|s| s.snapshot().usage);
+            let u = live.as_ref().unwrap_or(&a.usage);
+            tokens += u.tokens();
+            cost += u.cost;
+        }
+        let times = 1 + u64::from(rec.budget_grants);
+        Some(TaskSpend {
+            tokens,
+            cost,
+            total_tokens: b.total_tokens.map(|t| t.saturating_mul(times)),
+            total_cost: b.total_cost.map(|c| c * times as f64),
+        })
+    }
+}
+
 /// `budget_exhausted: ...` when sandbox `rec` has used its token or cost budget.
 fn budget_spent(rec: &crate::sandbox::SandboxRecord) -> Option<String> {
     let used = rec.usage.tokens();
@@ -1602,6 +1678,8 @@ mod tests {
             stop: None,
             sandboxes_removed: false,
             deleting: false,
+            budget_grants: 0,
+            budget_unlimited: false,
         };
         assert_eq!(r.derived_state(), TaskState::Queued);
         r.attempts[0].state = TaskState::Starting;
@@ -1646,6 +1724,8 @@ mod tests {
             stop: None,
             sandboxes_removed: false,
             deleting: false,
+            budget_grants: 0,
+            budget_unlimited: false,
         };
         let mut a = Attempt::new(1);
         assert_eq!(r.deadline_ms(&a, 2_000), 11_000);

@@ -110,6 +110,10 @@ enum TaskCommand {
         /// the attempt fails with budget_exhausted [default: none].
         #[arg(long)]
         budget_cost: Option<f64>,
+        /// All attempts' LLM budget in tokens together (each attempt is refused once they
+        /// spent it) [default: none].
+        #[arg(long)]
+        total_budget_tokens: Option<u64>,
         /// Image [default: opencode].
         #[arg(long)]
         image: Option<String>,
@@ -273,6 +277,7 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
             model,
             budget_tokens,
             budget_cost,
+            total_budget_tokens,
             image,
             memory,
             cpus,
@@ -324,15 +329,18 @@ async fn run_async(args: TaskArgs) -> anyhow::Result<u8> {
                         .then(|| diff_exclude.into_iter().filter(|p| !p.is_empty()).collect()),
                     timeout_secs: timeout,
                     model,
-                    budget: (budget_tokens.is_some() || budget_cost.is_some()).then_some(
-                        crate::sandbox::Budget {
-                            tokens: budget_tokens,
-                            cost: budget_cost,
-                            // A person at the terminal is asked for more when it is spent.
-                            ask: (!detach && !args.json && std::io::stdin().is_terminal())
-                                .then_some(true),
-                        },
-                    ),
+                    budget: (budget_tokens.is_some()
+                        || budget_cost.is_some()
+                        || total_budget_tokens.is_some())
+                    .then_some(crate::sandbox::Budget {
+                        tokens: budget_tokens,
+                        cost: budget_cost,
+                        total_tokens: total_budget_tokens,
+                        total_cost: None,
+                        // A person at the terminal is asked for more when it is spent.
+                        ask: (!detach && !args.json && std::io::stdin().is_terminal())
+                            .then_some(true),
+                    }),
                     image,
                     grace_secs: grace,
                     limits: crate::sandbox::LimitsRequest {

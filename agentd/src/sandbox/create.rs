@@ -528,9 +528,13 @@ pub fn validate_create(config: &Config, req: &CreateSandbox) -> Result<(Limits, 
         ));
     }
     validate_model(req.model.as_deref())?;
-    if req.budget.as_ref().is_some_and(|b| b.ask.is_some()) {
+    if req
+        .budget
+        .as_ref()
+        .is_some_and(|b| b.ask.is_some() || b.total_tokens.is_some() || b.total_cost.is_some())
+    {
         return Err(Error::Invalid(
-            "budget.ask is a task's (a person answers for its attempts); a sandbox's budget has tokens and cost".into(),
+            "budget.ask, total_tokens and total_cost are a task's (its attempts together, a person answering for them); a sandbox's budget has tokens and cost".into(),
         ));
     }
     if let Some(cmd) = &req.command {

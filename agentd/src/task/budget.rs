@@ -3,7 +3,9 @@
 //! for an answer to an approval with the permission `budget`, listed and answered as the
 //! agents' permission requests are (`GET /v1/tasks/{id}/approvals`, `agentd task run` at a
 //! terminal): `once` gives the sandbox one more budget, `always` lifts it, `reject` fails the
-//! attempt with `budget_exhausted`. With more budget, the agent is told to go on.
+//! attempt with `budget_exhausted`. The same for the task's total budget (all attempts
+//! together): `once` gives the task its total once more. With more budget, the agent is told
+//! to go on.
 
 use std::sync::Arc;
 
@@ -25,7 +27,11 @@ impl TaskManager {
         let Some(budget) = rec.request.budget.clone().filter(|b| b.ask == Some(true)) else {
             return false;
         };
-        let Some(spent) = budget_spent(&sb.snapshot()) else {
+        let mine = budget_spent(&sb.snapshot());
+        let total = self
+            .spend(&rec.id, &sb.snapshot().id)
+            .and_then(|s| s.spent());
+        let Some(spent) = mine.clone().or(total.clone()) else {
             return false;
         };
         let k = self.attempt_snapshot(task, n).budget_asks + 1;
@@ -68,6 +74,20 @@ impl TaskManager {
         self.set_waiting(task, n, false, None);
         if reply == Reply::Reject {
             return false;
+        }
+        if total.is_some() {
+            // The task's total: once more of it, or none.
+            {
+                let mut r = task.record.lock().expect("task record lock");
+                match reply {
+                    Reply::Once => r.budget_grants += 1,
+                    _ => r.budget_unlimited = true,
+                }
+            }
+            self.persist(task);
+        }
+        if mine.is_none() {
+            return true;
         }
         let s = sb.snapshot();
         let (tokens, cost) = match reply {

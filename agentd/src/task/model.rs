@@ -406,6 +406,12 @@ pub struct TaskRecord {
     /// A DELETE was accepted: the task is being removed (resumed after a restart).
     #[serde(default)]
     pub deleting: bool,
+    /// Times a person gave the task's total budget once more.
+    #[serde(default)]
+    pub budget_grants: u32,
+    /// A person lifted the task's total budget.
+    #[serde(default)]
+    pub budget_unlimited: bool,
 }
 
 impl TaskRecord {

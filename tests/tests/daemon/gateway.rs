@@ -716,12 +716,52 @@ fn test_a_person_gives_more_budget() {
             .starts_with("budget_exhausted"),
         "{v:#}"
     );
-    // A sandbox's budget has no one to ask.
+    // A sandbox's budget has no one to ask, and no task's total.
+    for budget in [
+        json!({"tokens": 5, "ask": true}),
+        json!({"total_tokens": 5}),
+    ] {
+        let r = d.call("POST", "/v1/sandboxes", Some(json!({ "budget": budget })));
+        assert_eq!(r.status, 400, "{}", r.text());
+    }
+
+    // A task's total budget: two agents spend from 60 tokens together (49 a request); once
+    // spent, both are refused and fail saying so.
     let r = d.call(
         "POST",
-        "/v1/sandboxes",
-        Some(json!({"budget": {"tokens": 5, "ask": true}})),
+        "/v1/tasks",
+        Some(
+            json!({"prompt": "write more.txt", "workspace": {"path": ws.path()}, "agents": 2,
+            "budget": {"total_tokens": 60}}),
+        ),
     );
-    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let start = std::time::Instant::now();
+    let v = loop {
+        let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
+        if v["state"] == "succeeded" || v["state"] == "failed" {
+            break v;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(180),
+            "{v:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    for a in v["attempts"].as_array().unwrap() {
+        assert_eq!(a["state"], "failed", "{v:#}");
+        assert!(
+            a["error"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("budget_exhausted: the task's token budget of 60 is spent"),
+            "{v:#}"
+        );
+    }
+    let used = v["usage"]["prompt_tokens"].as_u64().unwrap()
+        + v["usage"]["completion_tokens"].as_u64().unwrap();
+    // At most each agent's first requests in flight together cross it.
+    assert!((60..=4 * 49).contains(&used), "{used}: {v:#}");
     d.delete_all_and_check_clean();
 }
