@@ -811,7 +811,7 @@ fn record(
         .map_or(0.0, |p| p.cost(prompt, completion));
     let named = upstream::display_name(&mgr.config.llm, upstream, model);
     mgr.add_usage(sb, &named, prompt, completion, cost);
-    mgr.metrics.count_tokens(model, prompt, completion);
+    mgr.metrics.count_tokens(&named, prompt, completion);
 }
 
 /// Updates `usage` (input, output tokens) from one answer or stream event of `api`:
