@@ -9,7 +9,7 @@
 //! (`BUN_JSC_forceRAMSize`: its heap is sized and collected as on a small machine); and with
 //! agentd's `--memory-merge` (KSM: identical pages of the sandboxes kept once), for which
 //! the bench turns the kernel's KSM on with a faster scan and puts both settings back at
-//! the end.
+//! the end; and both, KSM with the small heap.
 
 use std::fs;
 use std::path::Path;
@@ -206,6 +206,17 @@ pub fn density() -> anyhow::Result<()> {
             &daemon.socket,
             "--memory-merge (KSM)",
             serde_json::json!({}),
+            true,
+            max,
+        );
+        drop(daemon);
+        ways.push(way?);
+        // Both: a smaller heap, and what is left merged.
+        let daemon = start_daemon(&release, &bench, &images, &args)?;
+        let way = ramp(
+            &daemon.socket,
+            "KSM + forceRAMSize=256 MiB",
+            serde_json::json!({"BUN_JSC_forceRAMSize": "268435456"}),
             true,
             max,
         );
