@@ -105,8 +105,8 @@ impl Daily {
         Daily(Mutex::new(usage))
     }
 
-    /// Today's count (a new day starts at zero).
-    pub fn today(&self) -> DayUsage {
+    /// The count, started again at zero when the day changed.
+    fn current(&self) -> std::sync::MutexGuard<'_, DayUsage> {
         let mut u = self.0.lock().expect("daily lock");
         let day = today();
         if u.day != day {
@@ -115,20 +115,18 @@ impl Daily {
                 ..DayUsage::default()
             };
         }
-        u.clone()
+        u
+    }
+
+    /// Today's count.
+    pub fn today(&self) -> DayUsage {
+        self.current().clone()
     }
 
     /// Counts one answered request.
     pub fn add(&self, db: &Db, tokens: u64, cost: f64) {
         let now = {
-            let mut u = self.0.lock().expect("daily lock");
-            let day = today();
-            if u.day != day {
-                *u = DayUsage {
-                    day,
-                    ..DayUsage::default()
-                };
-            }
+            let mut u = self.current();
             u.requests += 1;
             u.tokens += tokens;
             u.cost += cost;

@@ -145,31 +145,29 @@ impl TaskManager {
             return Err(Error::Invalid("message is longer than 4 KiB".into()));
         }
         let id = task.snapshot().id;
-        if let Some(approval) = self.answer_budget(task, request, answer.reply) {
-            self.emit(
-                task,
-                "approval",
-                serde_json::json!({
-                    "attempt": approval.attempt, "request": request, "state": "replied",
-                    "reply": answer.reply.as_str(),
-                }),
-            );
-            return Ok(approval);
-        }
-        let Some((approval, client)) = self
-            .pending(task)
-            .await
-            .into_iter()
-            .find(|(a, _)| a.id == request)
-        else {
-            return Err(Error::NotFound(format!(
-                "task {id} has no request {request:?} waiting (GET /v1/tasks/{id}/approvals lists them)"
-            )));
+        // A spent budget's request is agentd's own; the others are OpenCode's.
+        let approval = match self.answer_budget(task, request, answer.reply) {
+            Some(approval) => approval,
+            None => {
+                let Some((approval, client)) = self
+                    .pending(task)
+                    .await
+                    .into_iter()
+                    .find(|(a, _)| a.id == request)
+                else {
+                    return Err(Error::NotFound(format!(
+                        "task {id} has no request {request:?} waiting (GET /v1/tasks/{id}/approvals lists them)"
+                    )));
+                };
+                client
+                    .reply_permission(request, answer.reply.as_str(), answer.message.as_deref())
+                    .await
+                    .map_err(|e| {
+                        Error::Conflict(format!("OpenCode did not take the answer: {e}"))
+                    })?;
+                approval
+            }
         };
-        client
-            .reply_permission(request, answer.reply.as_str(), answer.message.as_deref())
-            .await
-            .map_err(|e| Error::Conflict(format!("OpenCode did not take the answer: {e}")))?;
         self.emit(
             task,
             "approval",

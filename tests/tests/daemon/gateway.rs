@@ -603,6 +603,23 @@ fn wait_approval(d: &agentd_tests::daemon::Daemon, id: &str, request: &str) -> s
     }
 }
 
+/// Task `id`'s view once it succeeded or failed (at most 3 min).
+fn finished(d: &agentd_tests::daemon::Daemon, id: &str) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
+        if v["state"] == "succeeded" || v["state"] == "failed" {
+            return v;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(180),
+            "{v:#}\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// A task whose budget says `ask`: when an attempt's budget is spent, the attempt waits for a
 /// person (a `budget` approval) instead of failing; `once` gives one more budget and the agent
 /// goes on, `always` lifts it and the attempt succeeds; `reject` fails an attempt with
@@ -652,18 +669,7 @@ fn test_a_person_gives_more_budget() {
         Some(json!({"reply": "always"})),
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    let start = std::time::Instant::now();
-    let v = loop {
-        let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
-        if v["state"] == "succeeded" || v["state"] == "failed" {
-            break v;
-        }
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(120),
-            "{v:#}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let v = finished(&d, &id);
     assert_eq!(v["state"], "succeeded", "{v:#}\n{}", d.log());
     let a = &v["attempts"][0];
     assert!(a["usage"]["prompt_tokens"].as_u64().unwrap() > 42, "{v:#}");
@@ -696,18 +702,7 @@ fn test_a_person_gives_more_budget() {
         Some(json!({"reply": "reject"})),
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    let start = std::time::Instant::now();
-    let v = loop {
-        let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
-        if v["state"] == "succeeded" || v["state"] == "failed" {
-            break v;
-        }
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(120),
-            "{v:#}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let v = finished(&d, &id);
     assert_eq!(v["attempts"][0]["state"], "failed", "{v:#}");
     assert!(
         v["attempts"][0]["error"]
@@ -737,18 +732,7 @@ fn test_a_person_gives_more_budget() {
     );
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
-    let start = std::time::Instant::now();
-    let v = loop {
-        let v = d.call("GET", &format!("/v1/tasks/{id}"), None).json();
-        if v["state"] == "succeeded" || v["state"] == "failed" {
-            break v;
-        }
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(180),
-            "{v:#}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let v = finished(&d, &id);
     for a in v["attempts"].as_array().unwrap() {
         assert_eq!(a["state"], "failed", "{v:#}");
         assert!(
