@@ -82,7 +82,7 @@ pub async fn serve(mgr: Arc<Manager>, listener: TcpListener) {
                 let mgr = mgr.clone();
                 let client = client.clone();
                 async move {
-                    let (upstream, api) = route(&mgr, req.uri().path());
+                    let (upstream, api) = route(&mgr.config.llm, req.uri().path());
                     let shape = upstream.as_ref().map_or(Kind::OpenaiCompatible, |u| u.kind);
                     let r = handle(&mgr, &client, peer, req, upstream, api).await;
                     Ok::<_, std::convert::Infallible>(r.unwrap_or_else(|e| {
@@ -99,22 +99,24 @@ pub async fn serve(mgr: Arc<Manager>, listener: TcpListener) {
 
 /// What a path asks for: `/{upstream}/v1/REST` or `/v1/REST` (the first upstream), and REST
 /// as an API (`None`: `/models` or nothing the gateway serves).
-fn route(mgr: &Manager, path: &str) -> (Option<LlmUpstream>, Option<Api>) {
+fn route(upstreams: &[LlmUpstream], path: &str) -> (Option<LlmUpstream>, Option<Api>) {
     let path = path.trim_end_matches('/');
-    let (upstream, rest) = match path.strip_prefix("/v1") {
-        Some(rest) => (mgr.config.llm.first(), rest),
-        None => {
-            let mut parts = path.trim_start_matches('/').splitn(2, '/');
-            let name = parts.next().unwrap_or_default();
-            let rest = parts.next().unwrap_or_default();
-            let u = mgr.config.llm.iter().find(|u| u.name == name);
-            match rest.strip_prefix("v1") {
-                Some(rest) if u.is_some() => (u, rest),
-                _ => (None, ""),
-            }
+    let (first, tail) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path.trim_start_matches('/'), ""));
+    // `/v1/REST`, or `/NAME/v1/REST`: whole segments (an upstream may be named `v1x`).
+    let (upstream, rest) = if first == "v1" {
+        (upstreams.first(), format!("/{tail}"))
+    } else {
+        let u = upstreams.iter().find(|u| u.name == first);
+        match tail.split_once('/') {
+            Some(("v1", rest)) if u.is_some() => (u, format!("/{rest}")),
+            _ if u.is_some() && tail == "v1" => (u, String::new()),
+            _ => (None, String::new()),
         }
     };
-    (upstream.cloned(), Api::from_path(rest))
+    (upstream.cloned(), Api::from_path(&rest))
 }
 
 async fn handle(
@@ -915,6 +917,42 @@ mod tests {
         assert_eq!(model, "mine");
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v, serde_json::json!({"model": "mine", "messages": []}));
+    }
+
+    #[test]
+    fn test_routes_name_whole_segments() {
+        let up = |name: &str, kind| LlmUpstream {
+            name: name.into(),
+            kind,
+            base_url: "http://x/v1".into(),
+            api_key: None,
+            models: vec![],
+        };
+        let ups = [
+            up("agentd", Kind::OpenaiCompatible),
+            up("v1x", Kind::Anthropic),
+        ];
+        let names = |path: &str| {
+            let (u, api) = route(&ups, path);
+            (u.map(|u| u.name), api)
+        };
+        assert_eq!(
+            names("/v1/chat/completions"),
+            (Some("agentd".into()), Some(Api::Chat))
+        );
+        assert_eq!(
+            names("/v1x/v1/messages"),
+            (Some("v1x".into()), Some(Api::Messages))
+        );
+        assert_eq!(
+            names("/agentd/v1/responses/"),
+            (Some("agentd".into()), Some(Api::Responses))
+        );
+        assert_eq!(names("/agentd/v1/models"), (Some("agentd".into()), None));
+        assert_eq!(names("/v1x/v2/messages"), (None, None));
+        assert_eq!(names("/nobody/v1/messages"), (None, None));
+        assert_eq!(names("/v1abc"), (None, None));
+        assert_eq!(names("/"), (None, None));
     }
 
     #[test]
