@@ -4,6 +4,7 @@
 
 mod apply;
 pub mod image;
+pub mod llm;
 pub mod pool;
 pub mod run;
 pub mod sandbox;

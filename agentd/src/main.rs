@@ -28,6 +28,8 @@ enum Command {
     /// Warm pools: list them, or keep SIZE sandboxes of IMAGE started ahead
     /// (`agentd pool opencode 4`).
     Pool(agentd::cli::pool::PoolArgs),
+    /// The LLM gateway: upstreams (never their keys), prices, budgets, today's spend.
+    Llm(agentd::cli::llm::LlmArgs),
     /// Print a one-use login link for the web UI (agentd serve --listen serves it).
     Ui(agentd::cli::ui::UiArgs),
     /// Remove what `agentd serve` set up on this host (sandboxes, bridge, firewall chain,
@@ -84,6 +86,7 @@ fn main() -> ExitCode {
         Command::Task(args) => agentd::cli::task::run(args),
         Command::Ui(args) => agentd::cli::ui::run(args),
         Command::Pool(args) => agentd::cli::pool::run(args),
+        Command::Llm(args) => agentd::cli::llm::run(args),
         Command::Teardown(args) => agentd::daemon::teardown::run(*args),
         Command::Serve(_) => unreachable!("handled above"),
     };

@@ -512,6 +512,16 @@ fn test_costs_daily_budget_and_prompt_log() {
     assert_eq!(v["currency"], "EUR", "{v:#}");
     assert_eq!(v["daily_tokens"], 400, "{v:#}");
     assert_eq!(v["today"]["tokens"], 0, "{v:#}");
+    let out = std::process::Command::new(agentd_tests::bin("agentd"))
+        .arg("llm")
+        .env("AGENTD_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", agentd_tests::describe(&out));
+    assert!(text.contains("openai-compatible"), "{text}");
+    assert!(text.contains("mock: 1000.0 / 2000.0"), "{text}");
+    assert!(text.contains("0 tokens (of 400)"), "{text}");
 
     // A cost budget needs a price for the model.
     let r = d.call(
