@@ -27,6 +27,10 @@ pub const POOLS: Table = Table(TableDefinition::new("pools"));
 /// The LLM gateway's usage by UTC day ([`crate::gateway::spend::DayUsage`]).
 pub const LLM_DAYS: Table = Table(TableDefinition::new("llm_days"));
 
+/// Every table: `open` makes them, so that reading one never meets a missing table (which
+/// redb reports as an error, and an error reopens the database).
+const TABLES: [Table; 4] = [SANDBOXES, TASKS, POOLS, LLM_DAYS];
+
 /// A table of JSON records keyed by id.
 #[derive(Clone, Copy)]
 pub struct Table(TableDefinition<'static, &'static str, &'static [u8]>);
@@ -127,7 +131,7 @@ impl Db {
         })?;
         let tx = db.begin_write().map_err(redb_err)?;
         // Every table; more kinds join this list.
-        for t in [SANDBOXES, TASKS, POOLS] {
+        for t in TABLES {
             tx.open_table(t.0).map_err(redb_err)?;
         }
         tx.commit().map_err(redb_err)?;
@@ -239,6 +243,17 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_a_new_database_has_every_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("state.redb")).unwrap();
+        for t in TABLES {
+            assert!(db.get::<serde_json::Value>(t, "none").unwrap().is_none());
+        }
+        // Read at every start, before any request was counted.
+        assert_eq!(crate::gateway::spend::Daily::load(&db).today().tokens, 0);
+    }
 
     #[test]
     fn test_put_get_list_delete_survive_reopen() {

@@ -372,10 +372,25 @@ impl Daemon {
         }
     }
 
-    /// A request to the API.
+    /// A request to the API. A daemon that answers nothing fails the test with its log (it
+    /// may have exited).
     pub fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Reply {
         let b = body.map(|v| v.to_string().into_bytes());
-        request(&self.socket, method, path, b.as_deref(), "application/json")
+        let socket = self.socket.clone();
+        let (m, p) = (method.to_string(), path.to_string());
+        match std::panic::catch_unwind(move || {
+            request(&socket, &m, &p, b.as_deref(), "application/json")
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                let why = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                panic!("{method} {path}: {why}\nagentd's log:\n{}", self.log())
+            }
+        }
     }
 
     /// Polls a sandbox until its state is `state` (or it ended), returning its JSON.
