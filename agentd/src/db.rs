@@ -100,24 +100,28 @@ impl Db {
 
     fn reopen(&self) {
         let mut db = self.db.write().expect("db lock");
-        // The old handle must be closed before the file can be opened again.
-        let placeholder = match Database::builder()
-            .create_with_backend(redb::backends::InMemoryBackend::new())
-        {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot reopen the state database; exiting for a restart");
-                std::process::exit(75);
-            }
-        };
-        drop(std::mem::replace(&mut *db, placeholder));
-        match Database::create(&self.path) {
-            Ok(d) => {
+        // A panic of the storage's code here (seen once on a full disk, its message lost with
+        // the log on that disk) would poison the lock, and every later request would fail
+        // while agentd lives on: exit for a restart instead, as when the reopen fails.
+        let reopened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // The old handle must be closed before the file can be opened again.
+            let placeholder = Database::builder()
+                .create_with_backend(redb::backends::InMemoryBackend::new())
+                .map_err(|e| e.to_string())?;
+            drop(std::mem::replace(&mut *db, placeholder));
+            Database::create(&self.path).map_err(|e| e.to_string())
+        }));
+        match reopened {
+            Ok(Ok(d)) => {
                 *db = d;
                 tracing::warn!(path = %self.path.display(), "reopened the state database after an I/O error");
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::error!(error = %e, path = %self.path.display(), "cannot reopen the state database; exiting for a restart");
+                std::process::exit(75);
+            }
+            Err(_) => {
+                tracing::error!(path = %self.path.display(), "reopening the state database panicked; exiting for a restart");
                 std::process::exit(75);
             }
         }
