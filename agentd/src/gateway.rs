@@ -178,12 +178,7 @@ async fn handle(
 fn models_list(mgr: &Manager, upstream: &LlmUpstream, sb: &Sandbox) -> Response<Body> {
     let rec = sb.snapshot();
     let mine = rec.model.as_deref().unwrap_or(&mgr.config.llm_model);
-    let mut ids: Vec<&str> = upstream.models.iter().map(String::as_str).collect();
-    if let Some((u, m)) = upstream::resolve(&mgr.config.llm, mine) {
-        if u.name == upstream.name && !ids.contains(&m) {
-            ids.push(m);
-        }
-    }
+    let ids = upstream::models_for(&mgr.config.llm, upstream, mine);
     let data: Vec<serde_json::Value> = ids
         .iter()
         .map(|id| serde_json::json!({"id": id, "object": "model", "type": "model", "display_name": id, "owned_by": "agentd"}))
@@ -258,29 +253,13 @@ async fn forward(
     let forward = Bytes::from(forward);
     let mut retries = 0u32;
     let resp = loop {
-        let mut request = client
+        let request = client
             .post(format!("{}{}", upstream.base_url, api.path()))
             .header("content-type", "application/json")
             .body(forward.clone());
-        match (upstream.kind, &upstream.api_key) {
-            (Kind::Anthropic, key) => {
-                if let Some(key) = key {
-                    request = request.header("x-api-key", key);
-                }
-                if !anthropic_headers
-                    .iter()
-                    .any(|(h, _)| *h == "anthropic-version")
-                {
-                    request = request.header("anthropic-version", upstream::ANTHROPIC_VERSION);
-                }
-                for (h, v) in &anthropic_headers {
-                    request = request.header(*h, v);
-                }
-            }
-            (_, Some(key)) => request = request.bearer_auth(key),
-            (_, None) => {}
-        }
-        let sent = request.send().await;
+        let sent = authorized(request, &upstream, &anthropic_headers)
+            .send()
+            .await;
         let wait = match &sent {
             Ok(r) if retries < MAX_RETRIES && retryable(r.status().as_u16()) => {
                 Some(retry_after(r.headers()).unwrap_or_else(|| backoff(retries)))
@@ -335,7 +314,7 @@ async fn forward(
                 let mut usage = (0, 0);
                 observe_usage(api, &v, &mut usage);
                 let (p, c) = usage;
-                record(mgr, &sb, &upstream, &entry.model, p, c);
+                record(mgr, &sb, &upstream, &entry.model, price, p, c);
                 (entry.prompt_tokens, entry.completion_tokens) = (p, c);
             }
         }
@@ -386,7 +365,15 @@ async fn forward(
             usage
         };
         let ((), (prompt, completion)) = tokio::join!(forward, parse);
-        record(&mgr, &sb, &upstream, &entry.model, prompt, completion);
+        record(
+            &mgr,
+            &sb,
+            &upstream,
+            &entry.model,
+            price,
+            prompt,
+            completion,
+        );
         (entry.prompt_tokens, entry.completion_tokens) = (prompt, completion);
         entry.latency_ms = started.elapsed().as_millis() as u64;
         audit::record(&sb, entry);
@@ -563,18 +550,8 @@ pub async fn upstream_models(upstream: &crate::daemon::config::LlmUpstream) -> O
         .timeout(std::time::Duration::from_secs(5))
         .build()
         .ok()?;
-    let mut request = client.get(format!("{}/models", upstream.base_url));
-    match (upstream.kind, &upstream.api_key) {
-        (Kind::Anthropic, key) => {
-            request = request.header("anthropic-version", upstream::ANTHROPIC_VERSION);
-            if let Some(key) = key {
-                request = request.header("x-api-key", key);
-            }
-        }
-        (_, Some(key)) => request = request.bearer_auth(key),
-        (_, None) => {}
-    }
-    let resp = request.send().await.ok()?;
+    let request = client.get(format!("{}/models", upstream.base_url));
+    let resp = authorized(request, upstream, &[]).send().await.ok()?;
     if !resp.status().is_success() {
         tracing::debug!(
             status = resp.status().as_u16(),
@@ -591,6 +568,32 @@ pub async fn upstream_models(upstream: &crate::daemon::config::LlmUpstream) -> O
         .filter_map(|m| m["id"].as_str().map(str::to_string))
         .collect();
     Some(list)
+}
+
+/// `request` with `upstream`'s key in the header its kind expects (a bearer token, or
+/// Anthropic's `x-api-key`), and for Anthropic the headers the client sent of `anthropic`
+/// (`anthropic-version`, `anthropic-beta`), with agentd's API version when it sent none.
+fn authorized(
+    mut request: reqwest::RequestBuilder,
+    upstream: &LlmUpstream,
+    anthropic: &[(&'static str, String)],
+) -> reqwest::RequestBuilder {
+    match (upstream.kind, &upstream.api_key) {
+        (Kind::Anthropic, key) => {
+            if let Some(key) = key {
+                request = request.header("x-api-key", key);
+            }
+            if !anthropic.iter().any(|(h, _)| *h == "anthropic-version") {
+                request = request.header("anthropic-version", upstream::ANTHROPIC_VERSION);
+            }
+            for (h, v) in anthropic {
+                request = request.header(*h, v);
+            }
+            request
+        }
+        (_, Some(key)) => request.bearer_auth(key),
+        (_, None) => request,
+    }
 }
 
 /// The request body to forward, whether it asks for a stream, and the model it goes to (for
@@ -798,19 +801,17 @@ fn refusal(
 
 /// Counts an answered request: the sandbox's usage (by model, with its cost), today's, and
 /// the metrics.
+/// `price` is the model's, looked up once per request by the caller.
 fn record(
     mgr: &Manager,
     sb: &Sandbox,
     upstream: &LlmUpstream,
     model: &str,
+    price: Option<spend::Price>,
     prompt: u64,
     completion: u64,
 ) {
-    let cost = mgr
-        .config
-        .llm_prices
-        .get(&(upstream.name.clone(), model.to_string()))
-        .map_or(0.0, |p| p.cost(prompt, completion));
+    let cost = price.map_or(0.0, |p| p.cost(prompt, completion));
     let named = upstream::display_name(&mgr.config.llm, upstream, model);
     mgr.add_usage(sb, &named, prompt, completion, cost);
     mgr.metrics.count_tokens(&named, prompt, completion);

@@ -97,8 +97,7 @@ pub fn env(
     let mut providers = serde_json::Map::new();
     for u in upstreams {
         let mut models = serde_json::Map::new();
-        let mine = chosen.filter(|(c, _)| c.name == u.name).map(|(_, m)| m);
-        for m in u.models.iter().map(String::as_str).chain(mine) {
+        for m in crate::gateway::upstream::models_for(upstreams, u, model) {
             models.insert(m.to_string(), serde_json::json!({ "name": m }));
         }
         providers.insert(

@@ -155,35 +155,50 @@ impl Usage {
 
     /// Counts one request to `model`.
     pub fn count(&mut self, model: &str, prompt: u64, completion: u64, cost: f64) {
-        self.requests += 1;
-        self.prompt_tokens += prompt;
-        self.completion_tokens += completion;
-        self.cost += cost;
-        let key = if self.by_model.contains_key(model) || self.by_model.len() < MAX_USAGE_MODELS {
-            model.chars().take(200).collect()
-        } else {
-            "other".to_string()
+        let one = ModelUsage {
+            requests: 1,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cost,
         };
-        let m = self.by_model.entry(key).or_default();
-        m.requests += 1;
-        m.prompt_tokens += prompt;
-        m.completion_tokens += completion;
-        m.cost += cost;
+        self.add_totals(&one);
+        self.add_model(model, &one);
     }
 
     /// Adds `other` (another attempt's) to this.
     pub fn add(&mut self, other: &Usage) {
-        self.requests += other.requests;
-        self.prompt_tokens += other.prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
-        self.cost += other.cost;
+        self.add_totals(&ModelUsage {
+            requests: other.requests,
+            prompt_tokens: other.prompt_tokens,
+            completion_tokens: other.completion_tokens,
+            cost: other.cost,
+        });
         for (model, u) in &other.by_model {
-            let m = self.by_model.entry(model.clone()).or_default();
-            m.requests += u.requests;
-            m.prompt_tokens += u.prompt_tokens;
-            m.completion_tokens += u.completion_tokens;
-            m.cost += u.cost;
+            self.add_model(model, u);
         }
+    }
+
+    fn add_totals(&mut self, u: &ModelUsage) {
+        self.requests += u.requests;
+        self.prompt_tokens += u.prompt_tokens;
+        self.completion_tokens += u.completion_tokens;
+        self.cost += u.cost;
+    }
+
+    /// Adds `u` to `model`'s part (its name cut to 200 characters; past
+    /// [`MAX_USAGE_MODELS`] models, to `other`).
+    fn add_model(&mut self, model: &str, u: &ModelUsage) {
+        let model: String = model.chars().take(200).collect();
+        let key = if self.by_model.contains_key(&model) || self.by_model.len() < MAX_USAGE_MODELS {
+            model
+        } else {
+            "other".to_string()
+        };
+        let m = self.by_model.entry(key).or_default();
+        m.requests += u.requests;
+        m.prompt_tokens += u.prompt_tokens;
+        m.completion_tokens += u.completion_tokens;
+        m.cost += u.cost;
     }
 }
 
@@ -1082,19 +1097,10 @@ impl Manager {
             .llm_prices
             .contains_key(&(u.name.clone(), m.to_string()))
         {
-            let priced: Vec<String> = self
-                .config
-                .llm_prices
-                .keys()
-                .filter_map(|(un, mn)| {
-                    let up = self.config.llm.iter().find(|x| &x.name == un)?;
-                    Some(crate::gateway::upstream::display_name(
-                        &self.config.llm,
-                        up,
-                        mn,
-                    ))
-                })
-                .collect();
+            let priced: Vec<String> =
+                crate::gateway::spend::by_name(&self.config.llm_prices, &self.config.llm)
+                    .map(|(name, _)| name)
+                    .collect();
             return Err(Error::Invalid(format!(
                 "budget.cost needs a price for model {model:?}, and llm_prices has none (priced: {})",
                 if priced.is_empty() { "none".to_string() } else { priced.join(", ") }
@@ -1226,4 +1232,30 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_usage_by_model_is_bounded_and_adds_up() {
+        let mut u = Usage::default();
+        for i in 0..20 {
+            u.count(&format!("m{i}"), 10, 1, 0.5);
+        }
+        u.count("m0", 10, 1, 0.5);
+        u.count(&"x".repeat(300), 1, 1, 0.0);
+        assert_eq!(u.by_model.len(), MAX_USAGE_MODELS + 1);
+        assert_eq!(u.by_model["m0"].requests, 2);
+        assert_eq!(u.by_model["other"].requests, 5);
+        assert_eq!((u.requests, u.tokens()), (22, 233));
+        let mut total = Usage::default();
+        total.add(&u);
+        total.add(&u);
+        assert_eq!((total.requests, total.tokens()), (44, 466));
+        assert_eq!(total.by_model["m0"].requests, 4);
+        assert_eq!(total.by_model.values().map(|m| m.requests).sum::<u64>(), 44);
+        assert!((total.cost - 21.0).abs() < 1e-9);
+    }
 }

@@ -1581,36 +1581,49 @@ impl TaskSpend {
 impl TaskManager {
     /// What the attempts of task `id` spent together, when it has a total budget and
     /// `sandbox` is one of its attempts' (a sandbox carrying the task's label is not enough).
+    ///
+    /// Called for every gateway request of a task's sandbox: it reads the few fields it needs
+    /// under the locks instead of copying the task's and the sandboxes' whole records.
     pub fn spend(&self, id: &str, sandbox: &str) -> Option<TaskSpend> {
-        let rec = self.get(id).ok()?.snapshot();
-        let b = rec.request.budget.as_ref()?;
-        if rec.budget_unlimited || (b.total_tokens.is_none() && b.total_cost.is_none()) {
-            return None;
-        }
-        if !rec
-            .attempts
-            .iter()
-            .any(|a| a.sandbox.as_deref() == Some(sandbox))
-        {
-            return None;
-        }
+        let task = self.get(id).ok()?;
+        // Each attempt's sandbox (while it has one) and the usage its record last took.
+        let (attempts, total_tokens, total_cost, grants) = {
+            let r = task.record.lock().expect("task record lock");
+            let b = r.request.budget.as_ref()?;
+            if r.budget_unlimited || (b.total_tokens.is_none() && b.total_cost.is_none()) {
+                return None;
+            }
+            if !r
+                .attempts
+                .iter()
+                .any(|a| a.sandbox.as_deref() == Some(sandbox))
+            {
+                return None;
+            }
+            let attempts: Vec<(Option<String>, u64, f64)> = r
+                .attempts
+                .iter()
+                .map(|a| (a.sandbox.clone(), a.usage.tokens(), a.usage.cost))
+                .collect();
+            (attempts, b.total_tokens, b.total_cost, r.budget_grants)
+        };
         let (mut tokens, mut cost) = (0, 0.0);
-        for a in &rec.attempts {
-            let live = a
-                .sandbox
-                .as_ref()
-                .and_then(|s| self.mgr.get(s).ok())
-                .map(|s| s.snapshot().usage);
-            let u = live.as_ref().unwrap_or(&a.usage);
-            tokens += u.tokens();
-            cost += u.cost;
+        for (sb, recorded_tokens, recorded_cost) in attempts {
+            // A live sandbox's counters are newer than what its attempt recorded.
+            let live = sb.and_then(|s| self.mgr.get(&s).ok()).map(|s| {
+                let r = s.record.lock().expect("sandbox record lock");
+                (r.usage.tokens(), r.usage.cost)
+            });
+            let (t, c) = live.unwrap_or((recorded_tokens, recorded_cost));
+            tokens += t;
+            cost += c;
         }
-        let times = 1 + u64::from(rec.budget_grants);
+        let times = 1 + u64::from(grants);
         Some(TaskSpend {
             tokens,
             cost,
-            total_tokens: b.total_tokens.map(|t| t.saturating_mul(times)),
-            total_cost: b.total_cost.map(|c| c * times as f64),
+            total_tokens: total_tokens.map(|t| t.saturating_mul(times)),
+            total_cost: total_cost.map(|c| c * times as f64),
         })
     }
 }

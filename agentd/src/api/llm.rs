@@ -14,18 +14,15 @@ use crate::sandbox::Manager;
 /// `GET /v1/llm`.
 pub(crate) async fn status(State(mgr): State<Arc<Manager>>) -> Result<Response<Body>, ApiError> {
     let c = &mgr.config;
-    let prices = c
-        .llm_prices
-        .iter()
-        .filter_map(|((u, m), p)| {
-            let up = c.llm.iter().find(|x| &x.name == u)?;
-            Some((
-                crate::gateway::upstream::display_name(&c.llm, up, m),
+    let prices = crate::gateway::spend::by_name(&c.llm_prices, &c.llm)
+        .map(|(name, p)| {
+            (
+                name,
                 PriceView {
                     input: p.input,
                     output: p.output,
                 },
-            ))
+            )
         })
         .collect();
     Ok(json(

@@ -60,6 +60,18 @@ pub fn parse_prices(
     Ok(out)
 }
 
+/// The prices by model as sandboxes name it (`UPSTREAM/MODEL`, or plainly on the first
+/// upstream).
+pub fn by_name<'a>(
+    prices: &'a BTreeMap<(String, String), Price>,
+    upstreams: &'a [LlmUpstream],
+) -> impl Iterator<Item = (String, Price)> + 'a {
+    prices.iter().filter_map(|((u, m), p)| {
+        let up = upstreams.iter().find(|x| &x.name == u)?;
+        Some((super::upstream::display_name(upstreams, up, m), *p))
+    })
+}
+
 /// Today's (UTC) date, `YYYY-MM-DD`.
 pub fn today() -> String {
     let secs = std::time::SystemTime::now()
@@ -88,20 +100,16 @@ impl Daily {
     /// Today's count as the database has it (zero for a new day).
     pub fn load(db: &Db) -> Daily {
         let day = today();
-        let usage = match db.get::<DayUsage>(LLM_DAYS, &day) {
-            Ok(Some(u)) => u,
-            Ok(None) => DayUsage {
+        let usage = db
+            .get::<DayUsage>(LLM_DAYS, &day)
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %agentd_runtime::error_chain(&e), "failed to read today's LLM usage: counting from zero");
+                None
+            })
+            .unwrap_or(DayUsage {
                 day,
                 ..DayUsage::default()
-            },
-            Err(e) => {
-                tracing::error!(error = %agentd_runtime::error_chain(&e), "failed to read today's LLM usage: counting from zero");
-                DayUsage {
-                    day,
-                    ..DayUsage::default()
-                }
-            }
-        };
+            });
         Daily(Mutex::new(usage))
     }
 

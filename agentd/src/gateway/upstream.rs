@@ -315,6 +315,22 @@ pub fn display_name(upstreams: &[LlmUpstream], upstream: &LlmUpstream, model: &s
     }
 }
 
+/// The models a sandbox whose model is `model` may name on `upstream`: its allowlist, and
+/// the sandbox's own model when that is on `upstream` (an upstream without an allowlist).
+pub fn models_for<'a>(
+    upstreams: &'a [LlmUpstream],
+    upstream: &'a LlmUpstream,
+    model: &'a str,
+) -> Vec<&'a str> {
+    let mut ids: Vec<&str> = upstream.models.iter().map(String::as_str).collect();
+    if let Some((u, m)) = resolve(upstreams, model) {
+        if u.name == upstream.name && !ids.contains(&m) {
+            ids.push(m);
+        }
+    }
+    ids
+}
+
 /// Every allowed model as a sandbox would name it (the first upstream's plainly, the others'
 /// as `UPSTREAM/MODEL`); empty when some upstream allows any model.
 pub fn allowed_names(upstreams: &[LlmUpstream]) -> Vec<String> {
