@@ -222,6 +222,9 @@ async fn forward(
         .and_then(|m| upstream::resolve(&mgr.config.llm, m))
         .map(|(_, m)| m);
     let (forward, streaming, model) = with_usage_requested(&bytes, set_model, api)?;
+    // The model is the sandbox's to write (up to the body's size): checked and priced whole,
+    // but kept in the audit log, 1,000 entries a sandbox, as its first 200 characters.
+    let label: String = model.chars().take(200).collect();
     let prompt = if mgr.config.llm_log_prompts {
         audit::last_message(&bytes)
     } else {
@@ -244,7 +247,7 @@ async fn forward(
         .get(crate::task::TASK_LABEL)
         .and_then(|t| mgr.tasks.get()?.spend(t, &rec.id));
     if let Some((status, code, message)) = refusal(mgr, &rec, task, &upstream, &model, price) {
-        let mut entry = audit::Entry::refused(&model, code, status.as_u16());
+        let mut entry = audit::Entry::refused(&label, code, status.as_u16());
         entry.prompt = prompt;
         audit::record(&sb, entry);
         return Ok(error_response(shape, status, code, &message));
@@ -274,7 +277,7 @@ async fn forward(
             }
             (Ok(r), None) => break r,
             (Err(e), _) => {
-                let mut entry = audit::Entry::refused(&model, "upstream_unreachable", 502);
+                let mut entry = audit::Entry::refused(&label, "upstream_unreachable", 502);
                 entry.prompt = prompt;
                 entry.latency_ms = started.elapsed().as_millis() as u64;
                 entry.retries = retries;
@@ -288,7 +291,7 @@ async fn forward(
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut entry = audit::Entry {
         at_ms: crate::sandbox::now_ms(),
-        model,
+        model: label,
         status: status.as_u16(),
         streaming,
         prompt_tokens: 0,
