@@ -65,6 +65,53 @@ pub fn detect() -> CgroupVersion {
     }
 }
 
+/// Starts, on a thread of its own, the kernel's wait that the sandbox's first cgroup move would
+/// otherwise pay on its critical path, and returns at once.
+///
+/// On cgroup v1 every write to `cgroup.procs` or `tasks` takes the threadgroup rwsem for
+/// writing, and after a quiet spell that first waits an RCU grace period (`rcu_sync_enter`:
+/// 7.8 ms median here, 6-16 ms); the lock then stays on its slow path until a grace period after
+/// the last move, so moves close together wait once. libcontainer's first move (the
+/// intermediate process into the sandbox's cgroups) comes 6-8 ms after `agentd run` or a
+/// create begins (the shim's start, libcontainer's mount lookups), so a move made now has
+/// served most of the wait by then.
+///
+/// The thread moves itself (`tasks`: one thread, not its process) into the sandboxes' parent
+/// cgroup of one v1 hierarchy, created as libcontainer creates it, under the project parent
+/// we own, and exits there; nothing else of the caller moves and no cgroup of someone else is
+/// written. Skipped on a v2 host (a parent with controllers enabled holds no tasks; not
+/// measured there), for a parent that is not a plain relative path, and when the write fails
+/// (not root): then the sandbox's own move waits, as before.
+pub fn prime_attach(parent: &str) {
+    if detect() != CgroupVersion::V1
+        || !Path::new(parent)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return;
+    }
+    let Some(dir) = ["pids", "freezer", "devices"]
+        .iter()
+        .map(|c| Path::new(CGROUP_ROOT).join(c))
+        .find(|root| root.join("tasks").exists())
+        .map(|root| root.join(parent))
+    else {
+        return;
+    };
+    let spawned = thread::Builder::new()
+        .name("cgroup-prime".into())
+        .spawn(move || {
+            let moved = fs::create_dir_all(&dir)
+                .and_then(|()| fs::write(dir.join("tasks"), nix::unistd::gettid().to_string()));
+            if let Err(e) = moved {
+                tracing::debug!(dir = %dir.display(), "cgroup move ahead failed: {e}");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::debug!("cannot start the cgroup move ahead: {e}");
+    }
+}
+
 /// The v1 controllers a sandbox's limits and stats use.
 const V1_CONTROLLERS: [&str; 8] = [
     "memory", "cpu", "cpuacct", "pids", "cpuset", "devices", "freezer", "blkio",

@@ -327,6 +327,7 @@ impl Runtime {
     ) -> Result<(Child, BufReader<File>)> {
         validate_id(id)?;
         spec.validate()?;
+        crate::cgroups::prime_attach(&self.cgroup_parent);
         let (rootfs, layers) = match rootfs {
             Rootfs::Dir(rootfs) => {
                 check_rootfs(&rootfs)?;

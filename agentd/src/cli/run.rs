@@ -163,6 +163,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     if !nix::unistd::geteuid().is_root() && !args.print_oci_spec {
         bail!("agentd run needs root to create namespaces and cgroups (the sandbox itself runs unprivileged): run it with sudo");
     }
+    if !args.print_oci_spec {
+        // As early as can be: the kernel's wait runs while the rest is prepared (the runtime
+        // starts one again when the sandbox is spawned, which then costs nothing).
+        agentd_runtime::cgroups::prime_attach(&args.cgroup_parent);
+    }
     let source = match (&args.rootfs, &args.image) {
         (Some(rootfs), _) => {
             if !rootfs.is_dir() {
