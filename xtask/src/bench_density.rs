@@ -4,12 +4,14 @@
 //! CPU: 26 running ones kept both cores busy here): the host memory each costs (the drop of
 //! `MemAvailable`, which counts everything: OpenCode, the shim, agentd, page cache), paused
 //! and then all resumed and idle, and the median create -> ready (what a setting costs in
-//! start time). Each way's line is printed as it ends. Three ways, one after the other on one daemon each:
-//! OpenCode as it is; with JavaScriptCore told the machine has 256 MiB
-//! (`BUN_JSC_forceRAMSize`: its heap is sized and collected as on a small machine); and with
-//! agentd's `--memory-merge` (KSM: identical pages of the sandboxes kept once), for which
-//! the bench turns the kernel's KSM on with a faster scan and puts both settings back at
-//! the end; and both, KSM with the small heap.
+//! start time). Each way's line is printed as it ends. The ways, one after the other on one
+//! daemon each: OpenCode as it is; with JavaScriptCore told the machine has 256 MiB
+//! (`BUN_JSC_forceRAMSize`: its heap is sized and collected as on a small machine); with
+//! JavaScriptCore's JIT off (`BUN_JSC_useJIT=0`: the interpreter only, no JIT code or
+//! compiler state); with agentd's `--memory-merge` (KSM: identical pages of the sandboxes kept
+//! once), for which the bench turns the kernel's KSM on with a faster scan and puts both
+//! settings back at the end; and KSM with each of the two settings.
+//! `AGENTD_BENCH_WAYS=jit,ksm` runs only the ways whose names hold one of the words.
 
 use std::fs;
 use std::path::Path;
@@ -175,51 +177,56 @@ pub fn density() -> anyhow::Result<()> {
         "--max-memory",
         "1000g",
     ];
-    let mut ways = Vec::new();
-    {
-        let daemon = start_daemon(&release, &bench, &images, &common)?;
-        // Warm-up: the image's layers unpacked with shifted owners.
-        ramp(&daemon.socket, "warm-up", serde_json::json!({}), false, 1)?;
-        ways.push(ramp(
-            &daemon.socket,
-            "OpenCode as it is",
-            serde_json::json!({}),
-            false,
-            max,
-        )?);
-        ways.push(ramp(
-            &daemon.socket,
-            "BUN_JSC_forceRAMSize=256 MiB",
-            serde_json::json!({"BUN_JSC_forceRAMSize": "268435456"}),
-            false,
-            max,
-        )?);
-    }
+    let small_heap = ("BUN_JSC_forceRAMSize", "268435456");
+    let no_jit = ("BUN_JSC_useJIT", "0");
+    // (name, env of the sandboxes, KSM on)
+    let all: [(&str, &[(&str, &str)], bool); 6] = [
+        ("OpenCode as it is", &[], false),
+        ("BUN_JSC_forceRAMSize=256 MiB", &[small_heap], false),
+        ("JIT off (BUN_JSC_useJIT=0)", &[no_jit], false),
+        ("--memory-merge (KSM)", &[], true),
+        ("KSM + forceRAMSize=256 MiB", &[small_heap], true),
+        ("KSM + JIT off", &[no_jit], true),
+    ];
+    // AGENTD_BENCH_WAYS=jit,ksm: only the ways whose names contain one of these words.
+    let filter: Vec<String> = std::env::var("AGENTD_BENCH_WAYS")
+        .unwrap_or_default()
+        .split(',')
+        .map(|w| w.trim().to_lowercase())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let chosen: Vec<_> = all
+        .iter()
+        .filter(|(name, _, _)| {
+            filter.is_empty() || filter.iter().any(|w| name.to_lowercase().contains(w))
+        })
+        .collect();
     let (run, pages) = (ksm_read("run"), ksm_read("pages_to_scan"));
-    let ksm_ok = fs::write(Path::new(KSM).join("pages_to_scan"), "20000").is_ok()
-        && fs::write(Path::new(KSM).join("run"), "1").is_ok();
-    if ksm_ok {
+    let mut ksm_ok = true;
+    let mut ways = Vec::new();
+    let mut warmed = false;
+    for (name, env, ksm) in chosen {
         let mut args = common.to_vec();
-        args.extend(["--memory-merge", "true"]);
+        if *ksm {
+            ksm_ok = fs::write(Path::new(KSM).join("pages_to_scan"), "20000").is_ok()
+                && fs::write(Path::new(KSM).join("run"), "1").is_ok();
+            if !ksm_ok {
+                continue;
+            }
+            args.extend(["--memory-merge", "true"]);
+        }
+        // One daemon per way: nothing of one way's sandboxes is left for the next.
         let daemon = start_daemon(&release, &bench, &images, &args)?;
-        let way = ramp(
-            &daemon.socket,
-            "--memory-merge (KSM)",
-            serde_json::json!({}),
-            true,
-            max,
-        );
-        drop(daemon);
-        ways.push(way?);
-        // Both: a smaller heap, and what is left merged.
-        let daemon = start_daemon(&release, &bench, &images, &args)?;
-        let way = ramp(
-            &daemon.socket,
-            "KSM + forceRAMSize=256 MiB",
-            serde_json::json!({"BUN_JSC_forceRAMSize": "268435456"}),
-            true,
-            max,
-        );
+        if !warmed {
+            // Warm-up: the image's layers unpacked with shifted owners.
+            ramp(&daemon.socket, "warm-up", serde_json::json!({}), false, 1)?;
+            warmed = true;
+        }
+        let env: serde_json::Map<String, serde_json::Value> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+            .collect();
+        let way = ramp(&daemon.socket, name, env.into(), *ksm, max);
         drop(daemon);
         ways.push(way?);
     }

@@ -181,6 +181,12 @@ pub struct ServeArgs {
     /// [default: false].
     #[arg(long, env = "AGENTD_MEMORY_MERGE")]
     pub memory_merge: Option<bool>,
+    /// Let OpenCode's JavaScript engine compile to machine code (its JIT). `false` runs it
+    /// interpreted: an idle OpenCode then holds about 60 MiB less (188 against 247 MiB per
+    /// paused sandbox in `cargo xtask bench density` here) and starts about 0.5 s slower.
+    /// A sandbox's `env` can still say `BUN_JSC_useJIT=1` [default: true].
+    #[arg(long, env = "AGENTD_OPENCODE_JIT")]
+    pub opencode_jit: Option<bool>,
     /// Internal networks the egress proxy may connect to, comma-separated CIDRs (e.g. a
     /// package mirror at 10.1.2.3/32) [default: none: loopback, private, link-local and
     /// metadata addresses are refused].
@@ -316,6 +322,8 @@ pub struct Config {
     pub warm_pools: std::collections::BTreeMap<String, u32>,
     /// Sandboxes' memory is mergeable by KSM.
     pub memory_merge: bool,
+    /// OpenCode's JavaScript engine may JIT-compile (else `BUN_JSC_useJIT=0`).
+    pub opencode_jit: bool,
     /// Internal networks the egress proxy may connect to.
     pub egress_allow_networks: Vec<crate::workspace::Network>,
     /// The CA bundle allowlist sandboxes trust, as given.
@@ -614,6 +622,7 @@ impl Config {
             egress_presets,
             warm_pools,
             memory_merge: args.memory_merge.unwrap_or(false),
+            opencode_jit: args.opencode_jit.unwrap_or(true),
             egress_allow_networks: networks(
                 "egress_allow_networks",
                 args.egress_allow_networks.as_deref(),

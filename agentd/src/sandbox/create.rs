@@ -312,6 +312,9 @@ impl Manager {
             ) {
                 set(kv);
             }
+            if !self.config.opencode_jit {
+                set("BUN_JSC_useJIT=0".into());
+            }
         }
         if plan.agent.is_some() {
             for kv in crate::agent_layer::env(&plan.defaults.env) {

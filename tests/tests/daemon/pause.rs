@@ -627,6 +627,57 @@ fn test_memory_merge_marks_only_the_sandboxes() {
     }
 }
 
+/// `--opencode-jit false` runs OpenCode interpreted (`BUN_JSC_useJIT=0` in its environment,
+/// read from the host) and it still comes up ready; a sandbox's own `env` can turn the JIT back
+/// on. (What it saves is measured by `cargo xtask bench density`.)
+#[test]
+fn test_opencode_without_jit() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let d = small_daemon(
+        &images,
+        &[
+            "--opencode-jit",
+            "false",
+            "--llm-base-url",
+            "http://127.0.0.1:9/v1",
+        ],
+    );
+    let mut ids = Vec::new();
+    for env in [json!({}), json!({"BUN_JSC_useJIT": "1"})] {
+        let r = d.call(
+            "POST",
+            "/v1/sandboxes",
+            Some(json!({"image": "opencode", "env": env, "limits": {"memory": "1g"}})),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        ids.push(r.json()["id"].as_str().unwrap().to_string());
+    }
+    for (id, want) in ids.iter().zip(["BUN_JSC_useJIT=0", "BUN_JSC_useJIT=1"]) {
+        let v = d.wait_state(id, "ready", Duration::from_secs(120));
+        assert_eq!(v["state"], "ready", "{v:#}");
+        let procs = cgroup_file(&d, id, "pids", "cgroup.procs");
+        let opencode: Vec<String> = procs
+            .lines()
+            .filter_map(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                cmd.starts_with(b"opencode")
+                    .then(|| std::fs::read(format!("/proc/{pid}/environ")).ok())
+                    .flatten()
+            })
+            .map(|env| {
+                env.split(|b| *b == 0)
+                    .filter(|kv| kv.starts_with(b"BUN_JSC_useJIT="))
+                    .map(|kv| String::from_utf8_lossy(kv).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        assert_eq!(opencode, [want], "{id}: OpenCode's environment");
+    }
+    d.delete_all_and_check_clean();
+}
+
 /// Pools live within the quotas: with room for two sandboxes, a pool of 2 takes both; a
 /// create that needs room (it is no claim: it has an environment of its own) gets it from a
 /// pooled sandbox instead of a 429, and the pool's refill then waits for room and says why.
