@@ -21,6 +21,12 @@ use anyhow::bail;
 
 use crate::bench_sandbox::{call, json, median_ms, prepare, start_daemon};
 
+/// One way of running the sandboxes: its name, the sandboxes' env, KSM on.
+type Setting = (&'static str, &'static [(&'static str, &'static str)], bool);
+
+const SMALL_HEAP: (&str, &str) = ("BUN_JSC_forceRAMSize", "268435456");
+const NO_JIT: (&str, &str) = ("BUN_JSC_useJIT", "0");
+
 /// Memory the ramp leaves to the host.
 const RESERVE_KIB: u64 = 3 << 20;
 const KSM: &str = "/sys/kernel/mm/ksm";
@@ -177,16 +183,13 @@ pub fn density() -> anyhow::Result<()> {
         "--max-memory",
         "1000g",
     ];
-    let small_heap = ("BUN_JSC_forceRAMSize", "268435456");
-    let no_jit = ("BUN_JSC_useJIT", "0");
-    // (name, env of the sandboxes, KSM on)
-    let all: [(&str, &[(&str, &str)], bool); 6] = [
+    let all: [Setting; 6] = [
         ("OpenCode as it is", &[], false),
-        ("BUN_JSC_forceRAMSize=256 MiB", &[small_heap], false),
-        ("JIT off (BUN_JSC_useJIT=0)", &[no_jit], false),
+        ("BUN_JSC_forceRAMSize=256 MiB", &[SMALL_HEAP], false),
+        ("JIT off (BUN_JSC_useJIT=0)", &[NO_JIT], false),
         ("--memory-merge (KSM)", &[], true),
-        ("KSM + forceRAMSize=256 MiB", &[small_heap], true),
-        ("KSM + JIT off", &[no_jit], true),
+        ("KSM + forceRAMSize=256 MiB", &[SMALL_HEAP], true),
+        ("KSM + JIT off", &[NO_JIT], true),
     ];
     // AGENTD_BENCH_WAYS=jit,ksm: only the ways whose names contain one of these words.
     let filter: Vec<String> = std::env::var("AGENTD_BENCH_WAYS")
