@@ -82,7 +82,14 @@ pub fn detect() -> CgroupVersion {
 /// written. Skipped on a v2 host (a parent with controllers enabled holds no tasks; not
 /// measured there), for a parent that is not a plain relative path, and when the write fails
 /// (not root): then the sandbox's own move waits, as before.
+///
+/// One such thread at a time: while one waits, the kernel's wait has begun and another would
+/// add a thread and nothing else, so a flood of creates starts no more than one. The writer
+/// holds the cgroup mutex through the grace period (so cgroup mkdir and rmdir on the host wait
+/// meanwhile), as libcontainer's own move does: this moves that hold earlier, it adds none.
 pub fn prime_attach(parent: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static PRIMING: AtomicBool = AtomicBool::new(false);
     if detect() != CgroupVersion::V1
         || !Path::new(parent)
             .components()
@@ -98,16 +105,21 @@ pub fn prime_attach(parent: &str) {
     else {
         return;
     };
+    if PRIMING.swap(true, Ordering::AcqRel) {
+        return;
+    }
     let spawned = thread::Builder::new()
         .name("cgroup-prime".into())
         .spawn(move || {
             let moved = fs::create_dir_all(&dir)
                 .and_then(|()| fs::write(dir.join("tasks"), nix::unistd::gettid().to_string()));
+            PRIMING.store(false, Ordering::Release);
             if let Err(e) = moved {
                 tracing::debug!(dir = %dir.display(), "cgroup move ahead failed: {e}");
             }
         });
     if let Err(e) = spawned {
+        PRIMING.store(false, Ordering::Release);
         tracing::debug!("cannot start the cgroup move ahead: {e}");
     }
 }

@@ -164,8 +164,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         bail!("agentd run needs root to create namespaces and cgroups (the sandbox itself runs unprivileged): run it with sudo");
     }
     if !args.print_oci_spec {
-        // As early as can be: the kernel's wait runs while the rest is prepared (the runtime
-        // starts one again when the sandbox is spawned, which then costs nothing).
+        // As early as can be: the kernel's wait runs while the rest is prepared (the runtime's
+        // spawn asks again, which does nothing while this one waits).
         agentd_runtime::cgroups::prime_attach(&args.cgroup_parent);
     }
     let source = match (&args.rootfs, &args.image) {

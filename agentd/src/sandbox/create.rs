@@ -75,6 +75,9 @@ impl Manager {
             }
         }
         let plan = self.plan(&req).await?;
+        // A valid cold create moves its sandbox into cgroups in a few ms: the kernel's wait for
+        // that starts now, while the record is written (the runtime's spawn starts it too).
+        agentd_runtime::cgroups::prime_attach(&self.config.cgroup_parent);
         let (sb, secrets) = match self.admit(&req, &plan).await {
             // Room a warm pool holds is given back to a create that needs it.
             Err(Error::Quota(_)) if req.pool.is_none() && self.evict_pooled().await => {
