@@ -183,8 +183,10 @@ pub struct ServeArgs {
     pub memory_merge: Option<bool>,
     /// Let OpenCode's JavaScript engine compile to machine code (its JIT). `false` runs it
     /// interpreted: an idle OpenCode then holds about 60 MiB less (188 against 247 MiB per
-    /// paused sandbox in `cargo xtask bench density` here) and starts about 0.5 s slower.
-    /// A sandbox's `env` can still say `BUN_JSC_useJIT=1` [default: true].
+    /// paused sandbox in `cargo xtask bench density` here), but it starts about 0.5 s slower
+    /// and its work is much slower (a one-round task's round 8.1 s against 1.3 s in `cargo
+    /// xtask bench pool`): for many sandboxes that mostly wait. A sandbox's `env` can still
+    /// say `BUN_JSC_useJIT=1` [default: true].
     #[arg(long, env = "AGENTD_OPENCODE_JIT")]
     pub opencode_jit: Option<bool>,
     /// Internal networks the egress proxy may connect to, comma-separated CIDRs (e.g. a
