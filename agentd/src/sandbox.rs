@@ -562,6 +562,9 @@ pub struct Sandbox {
     pub state_tx: watch::Sender<SandboxState>,
     /// Set by the first [`Manager::finish`]: its resources are being freed.
     ending: std::sync::atomic::AtomicBool,
+    /// Set when its warm pool let it go on purpose (the pool shrank, a create needed its
+    /// room): its refill then neither counts as one nor as a failure.
+    pub(crate) retired: std::sync::atomic::AtomicBool,
     /// Its connections through the egress proxy (in memory: a restart starts it again).
     pub egress: crate::egress::EgressLog,
     /// Held while it is paused or resumed: one freezer change at a time.
@@ -619,6 +622,7 @@ impl Sandbox {
             llm_log: crate::gateway::audit::Log::default(),
             state_tx,
             ending: std::sync::atomic::AtomicBool::new(false),
+            retired: std::sync::atomic::AtomicBool::new(false),
             egress: crate::egress::EgressLog::default(),
             freezer: tokio::sync::Mutex::new(()),
         })

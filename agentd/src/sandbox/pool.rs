@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -407,6 +408,10 @@ impl Manager {
             if r.pool.is_none() {
                 return false;
             }
+            // Ended by us, not by itself (a pooled sandbox that died is no retirement).
+            if r.state.is_live() {
+                sb.retired.store(true, Ordering::SeqCst);
+            }
             if r.state.is_live() && r.exit.is_none() {
                 r.exit = Some(super::ExitInfo {
                     code: None,
@@ -503,7 +508,9 @@ impl Manager {
         self.pools.count(&image, |p| {
             p.refilling = false;
             match &outcome {
-                Ok(()) => {
+                // Let go of on purpose while it started: no refill, no failure.
+                Ok(false) => {}
+                Ok(true) => {
                     p.refills += 1;
                     p.refill_seconds += took.as_secs_f64();
                     p.last_refill_ms = Some(u64::try_from(took.as_millis()).unwrap_or(u64::MAX));
@@ -518,16 +525,18 @@ impl Manager {
             }
         });
         match outcome {
-            Ok(()) => {
+            Ok(true) => {
                 tracing::info!(image, ms = took.as_secs_f64() * 1e3, "warm pool refilled")
             }
+            Ok(false) => tracing::debug!(image, "a starting pooled sandbox was let go"),
             // A pool at a quota waits for room quietly; anything else is worth a warning.
             Err(Error::Quota(m)) => tracing::debug!(image, reason = %m, "warm pool waits for room"),
             Err(e) => tracing::warn!(image, error = %e, "warm pool refill failed"),
         }
     }
 
-    async fn refill_one(self: &Arc<Self>, image: &str) -> Result<()> {
+    /// Ok(false): the pool let the new sandbox go on purpose before it was ready.
+    async fn refill_one(self: &Arc<Self>, image: &str) -> Result<bool> {
         let req = CreateSandbox {
             image: Some(image.to_string()),
             // Never idle while it waits; the claim sets the claimer's timeouts.
@@ -543,6 +552,7 @@ impl Manager {
             .ok_or_else(|| Error::internal(format!("pooled sandbox {} vanished", rec.id)))?;
         match tokio::time::timeout(READY_LIMIT, sb.wait_ready()).await {
             Ok(Ok(())) => {}
+            Ok(Err(_)) if sb.retired.load(Ordering::SeqCst) => return Ok(false),
             Ok(Err(why)) => {
                 return Err(Error::Unavailable(format!(
                     "a pooled sandbox of {image} did not become ready: {why}"
@@ -559,7 +569,7 @@ impl Manager {
         }
         // Claimed while it started: it is the claimer's now, not to be paused.
         if sb.snapshot().pool.is_none() {
-            return Ok(());
+            return Ok(true);
         }
         // A claim may take it while it warms up: the warm-up session is then left behind
         // (deleted by the warm-up's end if it gets there), which costs the claimer nothing.
@@ -576,12 +586,9 @@ impl Manager {
             }
         });
         if sb.snapshot().pool.is_none() {
-            return Ok(());
+            return Ok(true);
         }
-        match self.pause_pooled(&sb).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.pause_pooled(&sb).await.map(|()| true)
     }
 
     /// Runs one prompt through a pooled sandbox's OpenCode (its gateway answers it at once,
