@@ -88,13 +88,14 @@ pub fn detect() -> CgroupVersion {
 /// holds the cgroup mutex through the grace period (so cgroup mkdir and rmdir on the host wait
 /// meanwhile), as libcontainer's own move does: this moves that hold earlier, it adds none.
 pub fn prime_attach(parent: &str) {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
     use std::sync::atomic::{AtomicBool, Ordering};
     static PRIMING: AtomicBool = AtomicBool::new(false);
-    if detect() != CgroupVersion::V1
-        || !Path::new(parent)
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)))
-    {
+    // Only below a parent of ours: an empty one would be the hierarchy's root cgroup.
+    let plain = Path::new(parent)
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if detect() != CgroupVersion::V1 || parent.is_empty() || !plain {
         return;
     }
     let Some(dir) = ["pids", "freezer", "devices"]
@@ -108,6 +109,10 @@ pub fn prime_attach(parent: &str) {
     if PRIMING.swap(true, Ordering::AcqRel) {
         return;
     }
+    // The thread starts with every signal blocked, so that none meant for the process (the
+    // Ctrl-C that `agentd run` forwards to its shim) is taken by it.
+    let mut old = SigSet::empty();
+    let blocked = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old));
     let spawned = thread::Builder::new()
         .name("cgroup-prime".into())
         .spawn(move || {
@@ -118,6 +123,9 @@ pub fn prime_attach(parent: &str) {
                 tracing::debug!(dir = %dir.display(), "cgroup move ahead failed: {e}");
             }
         });
+    if blocked.is_ok() {
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    }
     if let Err(e) = spawned {
         PRIMING.store(false, Ordering::Release);
         tracing::debug!("cannot start the cgroup move ahead: {e}");
