@@ -678,6 +678,59 @@ fn test_opencode_without_jit() {
     d.delete_all_and_check_clean();
 }
 
+/// A pool set to 0 while its refill is starting lets that sandbox go, and that is no failed
+/// refill: no `last_error`, no refill failure counted (it was one, with a 30 s retry delay).
+#[test]
+fn test_a_pool_shrunk_while_it_refills_counts_no_failure() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let d = small_daemon(
+        &images,
+        &[
+            "--llm-base-url",
+            "http://127.0.0.1:9/v1",
+            "--sandbox-memory",
+            "1g",
+        ],
+    );
+    let set = |size: u32| {
+        let r = d.call(
+            "PUT",
+            "/v1/pools",
+            Some(json!({"image": "opencode", "size": size})),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    let pool = || {
+        d.call("GET", "/v1/pools", None).json()["pools"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["image"] == "opencode").cloned())
+            .unwrap_or_default()
+    };
+    set(1);
+    // Its OpenCode takes about 3 s to start: caught while it does.
+    let t = Instant::now();
+    while pool()["starting"].as_u64() != Some(1) {
+        assert!(t.elapsed() < Duration::from_secs(60), "{:#}", pool());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    set(0);
+    let t = Instant::now();
+    while pool()["starting"].as_u64() != Some(0) {
+        assert!(t.elapsed() < Duration::from_secs(60), "{:#}", pool());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The refill's end is counted right after the sandbox ends.
+    std::thread::sleep(Duration::from_secs(2));
+    let p = pool();
+    assert_eq!(p["last_error"], serde_json::Value::Null, "{p:#}");
+    assert_eq!(p["refills"], 0, "{p:#}");
+    let metrics = d.call("GET", "/metrics", None).text();
+    let line = "agentd_pool_refill_failures_total{image=\"opencode\"} 0";
+    assert!(metrics.contains(line), "no {line} in\n{metrics}");
+    d.delete_all_and_check_clean();
+}
+
 /// Pools live within the quotas: with room for two sandboxes, a pool of 2 takes both; a
 /// create that needs room (it is no claim: it has an environment of its own) gets it from a
 /// pooled sandbox instead of a 429, and the pool's refill then waits for room and says why.
