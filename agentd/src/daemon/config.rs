@@ -182,7 +182,7 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENTD_MEMORY_MERGE")]
     pub memory_merge: Option<bool>,
     /// Let OpenCode's JavaScript engine compile to machine code (its JIT). `false` runs it
-    /// interpreted: an idle OpenCode then holds about 60 MiB less (188 against 247 MiB per
+    /// interpreted: an idle OpenCode then holds about 50 MiB less (191 against 242 MiB per
     /// paused sandbox in `cargo xtask bench density` here), but it starts about 0.5 s slower
     /// and its work is much slower (a one-round task's round 8.1 s against 1.3 s in `cargo
     /// xtask bench pool`): for many sandboxes that mostly wait. A sandbox's `env` can still
