@@ -77,9 +77,11 @@ pub fn detect() -> CgroupVersion {
 /// served most of the wait by then.
 ///
 /// The thread moves itself (`tasks`: one thread, not its process) into the sandboxes' parent
-/// cgroup of one v1 hierarchy, created as libcontainer creates it, under the project parent
-/// we own, and exits there; nothing else of the caller moves and no cgroup of someone else is
-/// written. Skipped on a v2 host (a parent with controllers enabled holds no tasks; not
+/// cgroup of one v1 hierarchy, under the project parent we own, and exits there; nothing else
+/// of the caller moves and no cgroup of someone else is written. It creates nothing: where the
+/// parent does not exist yet (the first sandbox under it), the move fails and the sandbox's
+/// own move waits, so a run that fails before its sandbox exists leaves no cgroup behind.
+/// Skipped on a v2 host (a parent with controllers enabled holds no tasks; not
 /// measured there), for a parent that is not a plain relative path, and when the write fails
 /// (not root): then the sandbox's own move waits, as before.
 ///
@@ -116,8 +118,7 @@ pub fn prime_attach(parent: &str) {
     let spawned = thread::Builder::new()
         .name("cgroup-prime".into())
         .spawn(move || {
-            let moved = fs::create_dir_all(&dir)
-                .and_then(|()| fs::write(dir.join("tasks"), nix::unistd::gettid().to_string()));
+            let moved = fs::write(dir.join("tasks"), nix::unistd::gettid().to_string());
             PRIMING.store(false, Ordering::Release);
             if let Err(e) = moved {
                 tracing::debug!(dir = %dir.display(), "cgroup move ahead failed: {e}");
