@@ -12,6 +12,24 @@ use crate::sandbox::Manager;
 /// How long the runtime waits for blocking work when agentd stops.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The daemon's log: stderr, where a line that cannot be written (a full disk under a log
+/// file) is dropped. An error here would make tracing-subscriber report it with `eprintln!`,
+/// which panics when stderr fails: the thread that logged (a request, a lock holder) would
+/// die with it.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 /// Loads the config, installs the log subscriber and runs the daemon.
 pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
     let config = Config::load(args)?;
@@ -19,7 +37,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| LossyStderr);
     let _ = match config.log_format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
