@@ -397,6 +397,14 @@ fn test_snapshot_stores_a_sandboxs_files_as_an_image() {
 
 /// The pool's view of `image`, once `ready` pooled sandboxes of it are ready, none starting,
 /// and `refills` refills done (at most 3 min).
+/// `image`'s pool as `GET /v1/pools` lists it (null when it is not listed).
+fn pool_view(d: &agentd_tests::daemon::Daemon, image: &str) -> serde_json::Value {
+    d.call("GET", "/v1/pools", None).json()["pools"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["image"] == image).cloned())
+        .unwrap_or_default()
+}
+
 pub(crate) fn pool_when_ready(
     d: &agentd_tests::daemon::Daemon,
     image: &str,
@@ -405,11 +413,7 @@ pub(crate) fn pool_when_ready(
 ) -> serde_json::Value {
     let start = Instant::now();
     loop {
-        let v = d.call("GET", "/v1/pools", None).json();
-        let p = v["pools"]
-            .as_array()
-            .and_then(|a| a.iter().find(|p| p["image"] == image).cloned())
-            .unwrap_or_default();
+        let p = pool_view(d, image);
         if p["ready"].as_u64() == Some(ready)
             && p["starting"].as_u64() == Some(0)
             && p["refills"].as_u64() >= Some(refills)
@@ -418,7 +422,7 @@ pub(crate) fn pool_when_ready(
         }
         assert!(
             start.elapsed() < Duration::from_secs(180),
-            "the pool never had {ready} ready: {v:#}\n{}",
+            "the pool never had {ready} ready: {p:#}\n{}",
             d.log()
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -701,12 +705,7 @@ fn test_a_pool_shrunk_while_it_refills_counts_no_failure() {
         );
         assert_eq!(r.status, 200, "{}", r.text());
     };
-    let pool = || {
-        d.call("GET", "/v1/pools", None).json()["pools"]
-            .as_array()
-            .and_then(|a| a.iter().find(|p| p["image"] == "opencode").cloned())
-            .unwrap_or_default()
-    };
+    let pool = || pool_view(&d, "opencode");
     set(1);
     // Its OpenCode takes about 3 s to start: caught while it does.
     let t = Instant::now();
