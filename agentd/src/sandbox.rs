@@ -279,6 +279,11 @@ pub struct SandboxRecord {
     /// Unix time (ms) since when it is paused (its processes frozen), while it is.
     #[serde(default)]
     pub paused_at: Option<u64>,
+    /// Its OpenCode is hibernated: stopped (its memory freed) while the sandbox is paused; the
+    /// next request starts it again. Set before the OpenCode is stopped, so that a crash
+    /// meanwhile leaves a record whose next use wakes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hibernated: bool,
     /// The layers stacked on its image's, topmost first (agentd's own dirs; a fork of it
     /// stacks on them too).
     #[serde(default)]
@@ -360,6 +365,11 @@ pub enum IdleAction {
     /// Pause it (its processes frozen, resumed by the next request to it); stop it once it has
     /// been idle twice as long.
     Pause,
+    /// Hibernate it: its OpenCode stopped (its memory freed, its sessions kept on the
+    /// sandbox's disk) and the rest paused; the next request starts OpenCode again (seconds,
+    /// not milliseconds). Paused instead while OpenCode works on a session, and for a sandbox
+    /// without OpenCode. Stopped once idle twice as long.
+    Hibernate,
 }
 
 /// A size given as bytes or as text like `2g`.

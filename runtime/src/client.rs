@@ -729,6 +729,31 @@ impl ShimClient {
         }
     }
 
+    /// Asks the init to hibernate the command (see [`Request::Hibernate`]); returns at once,
+    /// [`ShimClient::asleep`] says when it is done.
+    pub fn hibernate(&self) -> Result<()> {
+        match self.call(&Request::Hibernate, &[])? {
+            Response::Ok => Ok(()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Asks the init to start the hibernated command again.
+    pub fn wake(&self) -> Result<()> {
+        match self.call(&Request::Wake, &[])? {
+            Response::Ok => Ok(()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Whether the command is hibernated (stopped, reaped, not started again).
+    pub fn asleep(&self) -> Result<bool> {
+        match self.call(&Request::Asleep, &[])? {
+            Response::Asleep(a) => Ok(a),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
     /// Starts a process in the running sandbox with the given stdio; returns its exec id.
     pub fn exec(
         &self,

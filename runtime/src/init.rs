@@ -9,6 +9,12 @@
 //!   the pid namespace, forward SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to the command, and
 //!   exit with its status (128+N when a signal killed it). A plain command as PID 1 would ignore
 //!   SIGTERM and leave zombies behind (MACHINE.md);
+//! - hibernate the command on request: [`hibernate_signal`] makes PID 1 stop it (SIGTERM, and
+//!   SIGKILL if it comes again while the command still runs) and, once it is reaped, stay with
+//!   the rest of the sandbox instead of exiting; [`wake_signal`] starts it again with the same
+//!   arguments and environment. PID 1 takes both only from outside the sandbox (a `kill` from
+//!   the host's pid namespace: `si_code` SI_USER and no sender pid in ours), and says that the
+//!   command sleeps by its own name ([`asleep`]), which no process in the sandbox can change;
 //! - for a process exec'd into a running sandbox, exec the command directly.
 //!
 //! This code runs in a process that libcontainer forked from the single-threaded shim, so
@@ -36,6 +42,36 @@ const FORWARDED: [Signal; 6] = [
     Signal::SIGUSR1,
     Signal::SIGUSR2,
 ];
+
+/// The signal that hibernates the command (see the module's doc).
+pub fn hibernate_signal() -> i32 {
+    libc::SIGRTMIN() + 1
+}
+
+/// The signal that starts a hibernated command again.
+pub fn wake_signal() -> i32 {
+    libc::SIGRTMIN() + 2
+}
+
+/// PID 1's name (its `comm`) while the command runs, and once a hibernation reaped it. Only the
+/// process itself can change its own name.
+const AWAKE_NAME: &[u8] = b"agentd-init\0";
+const ASLEEP_NAME: &[u8] = b"agentd-asleep\0";
+
+/// Whether the init with host pid `init_pid` has hibernated its command (reaped it, not started
+/// it again).
+pub fn asleep(init_pid: i32) -> std::io::Result<bool> {
+    let comm = std::fs::read(format!("/proc/{init_pid}/comm"))?;
+    Ok(comm.strip_suffix(b"\n").unwrap_or(&comm) == &ASLEEP_NAME[..ASLEEP_NAME.len() - 1])
+}
+
+fn set_name(name: &[u8]) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from the pointer;
+    // both names are static, NUL-terminated and shorter.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+    }
+}
 
 /// Exit status used when the command could not be found (as shells do).
 pub const EXIT_NOT_FOUND: i32 = 127;
@@ -177,15 +213,6 @@ fn unblock_all_signals() {
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
 }
 
-fn forwarded_and_chld() -> SigSet {
-    let mut set = SigSet::empty();
-    for s in FORWARDED {
-        set.add(s);
-    }
-    set.add(Signal::SIGCHLD);
-    set
-}
-
 /// Converts a wait status into a shell-style exit code.
 pub fn exit_code(status: WaitStatus) -> Option<i32> {
     match status {
@@ -195,17 +222,134 @@ pub fn exit_code(status: WaitStatus) -> Option<i32> {
     }
 }
 
-/// PID 1's loop: reap everything, forward signals to `child`, exit with `child`'s status.
-fn run_init(child: Pid, set: &SigSet) -> ! {
+/// The signals PID 1 waits for (blocked, then taken with `sigwaitinfo`).
+struct Signals(libc::sigset_t);
+
+impl Signals {
+    /// The forwarded ones, SIGCHLD, and hibernate and wake.
+    fn init() -> Signals {
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: sigemptyset initialises the set it is given; sigaddset only sets a bit in it
+        // (every number here is a valid signal, so neither can fail).
+        let set = unsafe {
+            libc::sigemptyset(set.as_mut_ptr());
+            let mut set = set.assume_init();
+            for s in FORWARDED {
+                libc::sigaddset(&mut set, s as i32);
+            }
+            libc::sigaddset(&mut set, libc::SIGCHLD);
+            libc::sigaddset(&mut set, hibernate_signal());
+            libc::sigaddset(&mut set, wake_signal());
+            set
+        };
+        Signals(set)
+    }
+
+    /// Blocks them, so that none is lost between a fork and the wait.
+    fn block(&self) -> Result<(), Errno> {
+        // SAFETY: the set is initialised and the old mask is not asked for.
+        Errno::result(unsafe {
+            libc::sigprocmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut())
+        })
+        .map(drop)
+    }
+
+    /// The next one: its number, and whether a process outside the sandbox sent it with
+    /// `kill` (the only senders trusted with hibernate and wake).
+    fn wait(&self) -> Result<(i32, bool), Errno> {
+        let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::zeroed();
+        // SAFETY: sigwaitinfo writes one siginfo_t into the buffer it is given.
+        let signo = Errno::result(unsafe { libc::sigwaitinfo(&self.0, info.as_mut_ptr()) })?;
+        // SAFETY: sigwaitinfo succeeded, so it filled the siginfo_t (zeroed before anyway).
+        let info = unsafe { info.assume_init() };
+        // SAFETY: si_pid reads the union's sender pid, which SI_USER signals carry. A sender in
+        // an ancestor pid namespace shows as 0; rt_sigqueueinfo may not forge SI_USER (the
+        // kernel refuses si_code >= 0 for another process).
+        let outside = info.si_code == libc::SI_USER && unsafe { info.si_pid() } == 0;
+        Ok((signo, outside))
+    }
+}
+
+/// Forks and execs the command; its pid, or `None` (said on stderr) when fork fails.
+fn spawn(args: &[CString]) -> Option<Pid> {
+    // SAFETY: PID 1 was created by libcontainer's clone from the single-threaded shim and
+    // never starts a thread, so no lock (malloc, env, stdio) can be held by another thread
+    // across the fork.
+    match unsafe { fork() } {
+        Err(e) => {
+            eprintln!("agentd: cannot start the command: {e}");
+            None
+        }
+        Ok(ForkResult::Child) => {
+            unblock_all_signals();
+            exec_or_exit(args)
+        }
+        Ok(ForkResult::Parent { child }) => Some(child),
+    }
+}
+
+/// Signals that end a sandbox whose command sleeps.
+fn ends(sig: i32) -> bool {
+    [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT].contains(&sig)
+}
+
+/// PID 1's loop: reap everything, forward signals to the command, exit with its status; or,
+/// hibernated, keep the sandbox until the command is woken (see the module's doc).
+fn run_init(args: &[CString], mut child: Option<Pid>, set: &Signals) -> ! {
+    set_name(AWAKE_NAME);
+    // A hibernate asked while the command still runs (it was sent SIGTERM, then SIGKILL).
+    let mut stopping = false;
+    // A wake asked meanwhile: the command starts again as soon as it is reaped.
+    let mut wake_after = false;
     loop {
-        let sig = match set.wait() {
+        let (sig, outside) = match set.wait() {
             Ok(s) => s,
             Err(Errno::EINTR) => continue,
             Err(_) => process::exit(EXIT_CANNOT_EXEC),
         };
-        if sig != Signal::SIGCHLD {
-            // The child may already be gone; then there is nothing to forward to.
-            let _ = kill(child, sig);
+        if sig == hibernate_signal() {
+            if let (true, Some(c)) = (outside, child) {
+                let how = if stopping {
+                    Signal::SIGKILL
+                } else {
+                    Signal::SIGTERM
+                };
+                stopping = true;
+                wake_after = false;
+                let _ = kill(c, how);
+            }
+            continue;
+        }
+        if sig == wake_signal() {
+            if outside {
+                match child {
+                    None => {
+                        child = spawn(args);
+                        if child.is_some() {
+                            set_name(AWAKE_NAME);
+                        }
+                    }
+                    Some(_) => wake_after = stopping,
+                }
+            }
+            continue;
+        }
+        if sig != libc::SIGCHLD {
+            match child {
+                Some(c) => {
+                    if ends(sig) {
+                        // A stop wins over a hibernation under way.
+                        stopping = false;
+                        wake_after = false;
+                    }
+                    if let Ok(s) = Signal::try_from(sig) {
+                        // The child may already be gone; then there is nothing to forward to.
+                        let _ = kill(c, s);
+                    }
+                }
+                None if ends(sig) => process::exit(128 + sig),
+                None => {}
+            }
             continue;
         }
         // Reap every exited process: orphans re-parented to us and, eventually, the command.
@@ -213,11 +357,19 @@ fn run_init(child: Pid, set: &SigSet) -> ! {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                 Ok(status) => {
-                    if status.pid() == Some(child) {
+                    if child.is_some() && status.pid() == child {
                         if let Some(code) = exit_code(status) {
-                            // Leaving PID 1 makes the kernel kill whatever is left in the
-                            // namespace, so nothing outlives the command.
-                            process::exit(code);
+                            if !stopping {
+                                // Leaving PID 1 makes the kernel kill whatever is left in the
+                                // namespace, so nothing outlives the command.
+                                process::exit(code);
+                            }
+                            stopping = false;
+                            child = if wake_after { spawn(args) } else { None };
+                            wake_after = false;
+                            if child.is_none() {
+                                set_name(ASLEEP_NAME);
+                            }
                         }
                     }
                 }
@@ -230,11 +382,11 @@ fn run_init(child: Pid, set: &SigSet) -> ! {
 
 /// PID 1 of an idle sandbox: reap everything until SIGTERM or SIGINT, then exit 0 (leaving PID
 /// 1 makes the kernel kill the rest of the namespace).
-fn run_idle(set: &SigSet) -> ! {
+fn run_idle(set: &Signals) -> ! {
     loop {
         match set.wait() {
-            Ok(Signal::SIGTERM | Signal::SIGINT) => process::exit(0),
-            Ok(Signal::SIGCHLD) => loop {
+            Ok((libc::SIGTERM | libc::SIGINT, _)) => process::exit(0),
+            Ok((libc::SIGCHLD, _)) => loop {
                 match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                     Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                     Ok(_) | Err(Errno::EINTR) => continue,
@@ -276,10 +428,10 @@ impl Executor for SandboxExecutor {
                 exec_or_exit(&args)
             }
             ExecutorRole::Init => {
-                let set = forwarded_and_chld();
+                let set = Signals::init();
                 // Block the signals before forking so none is lost between fork and sigwait;
                 // the child unblocks everything before exec.
-                nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&set), None)
+                set.block()
                     .map_err(|e| ExecutorError::Other(format!("failed to block signals: {e}")))?;
                 // PID 1 runs the shim's code and never execs, so it still holds every fd the shim
                 // had (its socket, the event pipe). Close them, and make PID 1 non-dumpable, so
@@ -303,18 +455,9 @@ impl Executor for SandboxExecutor {
                 {
                     run_idle(&set)
                 }
-                // SAFETY: this process was created by libcontainer's clone from the
-                // single-threaded shim and has started no threads, so no lock (malloc, env,
-                // stdio) can be held by another thread across the fork.
-                match unsafe { fork() } {
-                    Err(e) => Err(ExecutorError::Other(format!(
-                        "failed to fork the command: {e}"
-                    ))),
-                    Ok(ForkResult::Child) => {
-                        unblock_all_signals();
-                        exec_or_exit(&args)
-                    }
-                    Ok(ForkResult::Parent { child }) => run_init(child, &set),
+                match spawn(&args) {
+                    None => Err(ExecutorError::Other("failed to fork the command".into())),
+                    Some(child) => run_init(&args, Some(child), &set),
                 }
             }
         }

@@ -73,6 +73,13 @@ pub enum Request {
         /// Signal number.
         signal: i32,
     },
+    /// Hibernate the command: the init stops it (SIGTERM; SIGKILL when asked again while it
+    /// still runs) and keeps the sandbox, its other processes and its namespaces.
+    Hibernate,
+    /// Start the hibernated command again (the same arguments and environment).
+    Wake,
+    /// Whether the command is hibernated (stopped and reaped); the reply is `Asleep`.
+    Asleep,
     /// Start a process in the running sandbox. Three fds (stdin, stdout, stderr) are attached.
     Exec(ExecRequest),
     /// Wait until an exec'd process exits.
@@ -136,6 +143,8 @@ pub enum Response {
     },
     /// Reply to `Stats`.
     Stats(Stats),
+    /// Reply to `Asleep`.
+    Asleep(bool),
     /// The request was carried out.
     Ok,
     /// The request failed.

@@ -558,6 +558,35 @@ impl Shim {
                 };
                 reply(stream, &resp);
             }
+            Request::Hibernate | Request::Wake => {
+                let signal = if matches!(request, Request::Hibernate) {
+                    crate::init::hibernate_signal()
+                } else {
+                    crate::init::wake_signal()
+                };
+                let resp = match self.exit {
+                    Some(_) => Response::Error("the sandbox is not running".into()),
+                    // SAFETY: kill takes a pid and a signal number and touches no memory. The
+                    // init is our unreaped child (`exit` is unset), so its pid names it.
+                    None if unsafe { libc::kill(self.init_pid.as_raw(), signal) } == 0 => {
+                        Response::Ok
+                    }
+                    None => {
+                        Response::Error(format!("kill failed: {}", std::io::Error::last_os_error()))
+                    }
+                };
+                reply(stream, &resp);
+            }
+            Request::Asleep => {
+                let resp = match self.exit {
+                    Some(_) => Response::Error("the sandbox is not running".into()),
+                    None => match crate::init::asleep(self.init_pid.as_raw()) {
+                        Ok(a) => Response::Asleep(a),
+                        Err(e) => Response::Error(format!("cannot read the init's name: {e}")),
+                    },
+                };
+                reply(stream, &resp);
+            }
             Request::Exec(req) => {
                 let resp = match (self.exit, fds) {
                     (Some(_), _) => Response::Error("the sandbox is not running".into()),

@@ -147,9 +147,12 @@ routes! {
     POST "/v1/sandboxes/{id}/pause" => sandboxes::pause_route, query None, in [],
         out 200 [JSON: schema_of::<types::Paused>],
         "Pause a sandbox: its processes frozen (no CPU) until it is resumed, or until a request uses it (exec, files, proxy, ports, origins, SSH)";
+    POST "/v1/sandboxes/{id}/hibernate" => sandboxes::hibernate_route, query None, in [],
+        out 200 [JSON: schema_of::<types::Hibernated>],
+        "Hibernate an OpenCode sandbox: its OpenCode stopped (its memory freed; its sessions stay on the sandbox's disk) and the rest paused; resumed, or the next request that uses it, starts OpenCode again (seconds). 409 while OpenCode works on a session";
     POST "/v1/sandboxes/{id}/resume" => sandboxes::resume_route, query None, in [],
         out 200 [JSON: schema_of::<types::Paused>],
-        "Resume a paused sandbox (nothing to do when it is not paused)";
+        "Resume a paused sandbox (nothing to do when it is not paused); a hibernated one's OpenCode is started and answers before this does";
     GET "/v1/sandboxes/{id}/dir" => sandboxes::dir_route, query Some(schema_of::<types::FilesQuery>), in [],
         out 200 [JSON: schema_of::<types::DirList>],
         "List a directory: names, kinds, sizes, modes, times (links not followed; 10,000 entries at most)";
@@ -354,15 +357,16 @@ async fn metrics(
     for s in ["creating", "starting", "ready", "exited", "stopped"] {
         by_state.insert(s, 0);
     }
-    let mut paused = 0u64;
+    let (mut paused, mut hibernated) = (0u64, 0u64);
     for sb in mgr.list() {
         let rec = sb.snapshot();
         *by_state.entry(rec.state.as_str()).or_default() += 1;
         paused += u64::from(rec.paused_at.is_some() && rec.state.is_live());
+        hibernated += u64::from(rec.hibernated && rec.state.is_live());
     }
     let mut text = mgr.metrics.render(&by_state);
     text.push_str(&format!(
-        "# HELP agentd_sandboxes_paused Live sandboxes whose processes are frozen.\n# TYPE agentd_sandboxes_paused gauge\nagentd_sandboxes_paused {paused}\n"
+        "# HELP agentd_sandboxes_paused Live sandboxes whose processes are frozen.\n# TYPE agentd_sandboxes_paused gauge\nagentd_sandboxes_paused {paused}\n# HELP agentd_sandboxes_hibernated Live sandboxes whose OpenCode is hibernated (stopped until the next request).\n# TYPE agentd_sandboxes_hibernated gauge\nagentd_sandboxes_hibernated {hibernated}\n"
     ));
     text.push_str(&mgr.render_pool_metrics());
     if let Some(tasks) = mgr.tasks.get() {

@@ -110,23 +110,50 @@ pub(crate) async fn snapshot_route(
 pub(crate) async fn pause_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
     let sb = named(&mgr, &p.id, false)?;
     let took = mgr.pause(&sb).await?;
-    Ok(paused(&sb, Some(took)))
+    Ok(paused(&sb, Some(took), None))
+}
+
+/// `POST /v1/sandboxes/{id}/hibernate`.
+pub(crate) async fn hibernate_route(
+    State(mgr): State<Arc<Manager>>,
+    Params(p): Params<Id>,
+) -> Reply {
+    let sb = named(&mgr, &p.id, false)?;
+    let h = mgr.hibernate(&sb).await?;
+    Ok(json(
+        StatusCode::OK,
+        &super::types::Hibernated {
+            sandbox: SandboxView::from(&sb.snapshot()),
+            stop_ms: h.stop.as_secs_f64() * 1000.0,
+            freezer_ms: h.freezer.as_secs_f64() * 1000.0,
+        },
+    ))
 }
 
 /// `POST /v1/sandboxes/{id}/resume`.
 pub(crate) async fn resume_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
     let sb = named(&mgr, &p.id, true)?;
-    let took = mgr.resume(&sb).await?;
-    Ok(paused(&sb, took))
+    let r = mgr.resume(&sb).await?;
+    Ok(paused(
+        &sb,
+        r.map(|r| r.freezer),
+        r.and_then(|r| r.opencode),
+    ))
 }
 
-/// The answer of a pause or resume: the sandbox now and the freezer's time (0: nothing done).
-fn paused(sb: &Sandbox, took: Option<std::time::Duration>) -> Response<Body> {
+/// The answer of a pause or resume: the sandbox now, the freezer's time (0: nothing done) and
+/// a woken OpenCode's.
+fn paused(
+    sb: &Sandbox,
+    took: Option<std::time::Duration>,
+    opencode: Option<std::time::Duration>,
+) -> Response<Body> {
     json(
         StatusCode::OK,
         &super::types::Paused {
             sandbox: SandboxView::from(&sb.snapshot()),
             freezer_ms: took.map_or(0.0, |t| t.as_secs_f64() * 1000.0),
+            opencode_ms: opencode.map(|t| t.as_secs_f64() * 1000.0),
         },
     )
 }

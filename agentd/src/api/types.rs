@@ -87,6 +87,10 @@ pub struct SandboxView {
     /// Unix time (ms) since when it is paused.
     #[serde(default)]
     pub paused_at: Option<u64>,
+    /// Its OpenCode is hibernated (`POST .../hibernate`): stopped, its memory free, started
+    /// again by the next request that uses the sandbox.
+    #[serde(default)]
+    pub hibernated: bool,
     /// What its idle timeout does.
     #[serde(default)]
     pub idle_action: crate::sandbox::IdleAction,
@@ -121,6 +125,7 @@ impl From<&SandboxRecord> for SandboxView {
             setup: r.setup.clone(),
             paused: r.paused_at.is_some(),
             paused_at: r.paused_at,
+            hibernated: r.hibernated,
             idle_action: r.idle_action,
         }
     }
@@ -802,6 +807,20 @@ pub struct Paused {
     /// The sandbox now.
     pub sandbox: SandboxView,
     /// How long the freezer took, ms (0: nothing to do).
+    pub freezer_ms: f64,
+    /// A resume of a hibernated sandbox: how long its OpenCode took to start and answer, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opencode_ms: Option<f64>,
+}
+
+/// `POST /v1/sandboxes/{id}/hibernate`.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Hibernated {
+    /// The sandbox now.
+    pub sandbox: SandboxView,
+    /// How long its OpenCode took to exit and be reaped, ms (0: it slept already).
+    pub stop_ms: f64,
+    /// How long the freezer took, ms.
     pub freezer_ms: f64,
 }
 

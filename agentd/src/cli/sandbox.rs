@@ -181,7 +181,13 @@ enum SandboxCommand {
         /// Id or name.
         id: String,
     },
-    /// Resume a paused sandbox.
+    /// Hibernate an OpenCode sandbox: OpenCode stopped (its memory freed, its sessions kept),
+    /// the rest paused; the next use of it starts OpenCode again (seconds).
+    Hibernate {
+        /// Id or name.
+        id: String,
+    },
+    /// Resume a paused or hibernated sandbox.
     Resume {
         /// Id or name.
         id: String,
@@ -542,6 +548,7 @@ async fn run_async(args: SandboxArgs) -> anyhow::Result<u8> {
         }
         SandboxCommand::Pause { id } => pause_or_resume(sock, &enc(&id), "pause").await,
         SandboxCommand::Resume { id } => pause_or_resume(sock, &enc(&id), "resume").await,
+        SandboxCommand::Hibernate { id } => hibernate(sock, &enc(&id)).await,
         SandboxCommand::Stop { id } => {
             check(
                 &call(
@@ -791,6 +798,26 @@ async fn post_json(
     )
 }
 
+/// `agentd sandbox hibernate ID` (`id` already escaped for a path).
+async fn hibernate(sock: &PathBuf, id: &str) -> anyhow::Result<u8> {
+    let v = check(
+        &call(
+            sock,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/hibernate"),
+            None,
+            None,
+        )
+        .await?,
+    )?;
+    println!(
+        "{id}: hibernated (OpenCode stopped in {:.0} ms, the freezer took {:.1} ms)",
+        v["stop_ms"].as_f64().unwrap_or(0.0),
+        v["freezer_ms"].as_f64().unwrap_or(0.0)
+    );
+    Ok(0)
+}
+
 /// `agentd sandbox pause|resume ID` (`id` already escaped for a path).
 async fn pause_or_resume(sock: &PathBuf, id: &str, what: &str) -> anyhow::Result<u8> {
     let v = check(
@@ -804,13 +831,17 @@ async fn pause_or_resume(sock: &PathBuf, id: &str, what: &str) -> anyhow::Result
         .await?,
     )?;
     println!(
-        "{id}: {} (the freezer took {:.1} ms)",
+        "{id}: {} (the freezer took {:.1} ms{})",
         if v["sandbox"]["paused"] == true {
             "paused"
         } else {
             "running"
         },
-        v["freezer_ms"].as_f64().unwrap_or(0.0)
+        v["freezer_ms"].as_f64().unwrap_or(0.0),
+        match v["opencode_ms"].as_f64() {
+            Some(ms) => format!(", OpenCode woke in {ms:.0} ms"),
+            None => String::new(),
+        }
     );
     Ok(0)
 }

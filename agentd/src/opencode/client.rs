@@ -128,6 +128,21 @@ impl Client {
         }
     }
 
+    /// The sessions (of this directory) that are busy or retrying.
+    pub async fn busy_sessions(&self) -> Result<Vec<String>, String> {
+        let v = self
+            .call(hyper::Method::GET, "/session/status", None)
+            .await?;
+        let map = v
+            .as_object()
+            .ok_or("OpenCode's session status is not an object")?;
+        Ok(map
+            .iter()
+            .filter(|(_, s)| matches!(s["type"].as_str(), Some("busy" | "retry")))
+            .map(|(id, _)| id.clone())
+            .collect())
+    }
+
     /// The text of the session's last assistant message with any text.
     pub async fn last_message(&self, session: &str) -> Option<String> {
         let v = self

@@ -276,6 +276,7 @@ impl Manager {
                 result: None,
             }),
             paused_at: None,
+            hibernated: false,
             idle_action: req.idle_action.unwrap_or_default(),
             base_layers: req.base_layers.clone(),
             pool: req.pool.clone(),

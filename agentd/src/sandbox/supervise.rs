@@ -99,6 +99,29 @@ impl Manager {
     /// Waits for OpenCode's health check; whether it answered (else the sandbox is stopped).
     async fn wait_opencode(self: Arc<Self>, sb: Arc<Sandbox>) -> bool {
         let rec = sb.snapshot();
+        if self
+            .opencode_answers(&sb, crate::opencode::READY_TIMEOUT)
+            .await
+        {
+            let started = rec.created_at;
+            self.metrics
+                .observe_ready(Duration::from_millis(now_ms().saturating_sub(started)));
+            tracing::info!(sandbox = %rec.id, "opencode ready");
+            return true;
+        }
+        if !sb.snapshot().state.is_live() {
+            return false;
+        }
+        tracing::warn!(sandbox = %rec.id, "opencode did not become ready in time");
+        self.stop(&sb, "opencode did not answer its health check in time")
+            .await;
+        false
+    }
+
+    /// Whether the sandbox's OpenCode answers its health check within `limit` (asked every
+    /// 50 ms); `false` at once when the sandbox ends. `true` for a sandbox without OpenCode.
+    pub(super) async fn opencode_answers(&self, sb: &Sandbox, limit: Duration) -> bool {
+        let rec = sb.snapshot();
         let Some(secrets) = rec.opencode.clone() else {
             return true;
         };
@@ -113,7 +136,7 @@ impl Manager {
             Err(_) => return false,
         };
         let auth = crate::opencode::basic_auth(&secrets.password);
-        let deadline = Instant::now() + crate::opencode::READY_TIMEOUT;
+        let deadline = Instant::now() + limit;
         let mut state_rx = sb.state_tx.subscribe();
         while Instant::now() < deadline {
             if !sb.snapshot().state.is_live() {
@@ -128,20 +151,13 @@ impl Manager {
                 Ok(Ok(resp)) if resp.status().is_success()
             );
             if ok {
-                let started = rec.created_at;
-                self.metrics
-                    .observe_ready(Duration::from_millis(now_ms().saturating_sub(started)));
-                tracing::info!(sandbox = %rec.id, "opencode ready");
                 return true;
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 _ = state_rx.changed() => {}
             }
         }
-        tracing::warn!(sandbox = %rec.id, "opencode did not become ready in time");
-        self.stop(&sb, "opencode did not answer its health check in time")
-            .await;
         false
     }
 
@@ -152,8 +168,8 @@ impl Manager {
             return;
         }
         tracing::info!(sandbox = %rec.id, reason, "stopping sandbox");
-        // A frozen process takes no signal: thawed first.
-        if let Err(e) = self.resume(sb).await {
+        // A frozen process takes no signal: thawed first (a hibernated OpenCode stays asleep).
+        if let Err(e) = self.thaw(sb, false).await {
             tracing::warn!(sandbox = %rec.id, error = %e, "could not thaw a paused sandbox before stopping it");
         }
         sb.record.lock().expect("sandbox record lock").exit = Some(ExitInfo {
@@ -289,7 +305,7 @@ impl Manager {
                             .checked_mul(1000 * times)
                             .is_some_and(|ms| idle_ms > ms)
                 };
-                let pausing = rec.idle_action == crate::sandbox::IdleAction::Pause;
+                let pausing = rec.idle_action != crate::sandbox::IdleAction::Stop;
                 let reason = if rec.ttl_secs.is_some_and(|t| {
                     t.checked_mul(1000)
                         .is_some_and(|ms| now.saturating_sub(rec.created_at) > ms)
@@ -300,9 +316,21 @@ impl Manager {
                     && rec.state == SandboxState::Ready
                     && idle_for(1)
                 {
-                    // Idle: paused first, stopped once idle twice as long.
+                    // Idle: paused (or hibernated) first, stopped once idle twice as long.
                     let me = self.clone();
+                    let hibernate = rec.idle_action == crate::sandbox::IdleAction::Hibernate
+                        && rec.opencode.is_some();
                     tokio::spawn(async move {
+                        if hibernate {
+                            match me.hibernate(&sb).await {
+                                Ok(_) => return,
+                                // OpenCode works on something: paused, its work kept.
+                                Err(Error::Conflict(why)) => {
+                                    tracing::info!(why, "idle hibernate refused: pausing")
+                                }
+                                Err(e) => tracing::warn!(error = %e, "idle hibernate failed"),
+                            }
+                        }
                         if let Err(e) = me.pause(&sb).await {
                             tracing::warn!(error = %e, "idle pause failed");
                         }

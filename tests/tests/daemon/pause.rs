@@ -5,7 +5,8 @@
 //! it; a paused sandbox stops and deletes cleanly. The freezer's times are printed (the
 //! benchmark's job is the ratio; this test only checks the semantics). Forks start from a
 //! sandbox's files and diverge. Warm pools hand out paused, ready OpenCode sandboxes that
-//! become the claimer's alone.
+//! become the claimer's alone. Hibernation stops a sandbox's OpenCode and starts it again on
+//! the next use.
 
 use std::time::{Duration, Instant};
 
@@ -776,5 +777,193 @@ fn test_a_create_takes_the_room_of_a_pooled_sandbox() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(p["hits"], 0, "{p:#}");
+    d.delete_all_and_check_clean();
+}
+
+/// The host pids of the OpenCode processes in sandbox `id`.
+fn opencode_pids(d: &agentd_tests::daemon::Daemon, id: &str) -> Vec<String> {
+    cgroup_file(d, id, "pids", "cgroup.procs")
+        .lines()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"opencode"))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Bytes of memory the sandbox's cgroup is charged, v1 or v2.
+fn memory_used(d: &agentd_tests::daemon::Daemon, id: &str) -> u64 {
+    let v1 = format!(
+        "/sys/fs/cgroup/memory/{}/{id}/memory.usage_in_bytes",
+        d.cgroup_parent
+    );
+    let v2 = format!("/sys/fs/cgroup/{}/{id}/memory.current", d.cgroup_parent);
+    std::fs::read_to_string(&v1)
+        .or_else(|_| std::fs::read_to_string(&v2))
+        .unwrap_or_else(|e| panic!("{v1}: {e}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Hibernation (`POST .../hibernate`): the sandbox's OpenCode is stopped (its process gone,
+/// the cgroup's memory falls by more than 100 MiB) and the rest paused; the next request
+/// through the proxy starts OpenCode again, which still has the session made before; a file
+/// and a background process of the sandbox carry over; `resume` wakes it too and says how
+/// long OpenCode took; a process inside the sandbox cannot wake it (the signal is taken only
+/// from the host); a hibernated sandbox stops and leaves nothing; a sandbox without OpenCode
+/// cannot be hibernated; `idle_action: hibernate` hibernates an idle sandbox.
+#[test]
+fn test_hibernate_frees_opencode_and_any_use_wakes_it() {
+    require_sandbox_support!();
+    let Some(images) = store() else { return };
+    let d = small_daemon(&images, &["--llm-base-url", "http://127.0.0.1:9/v1"]);
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "limits": {"memory": "1g"}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let v = d.wait_state(&id, "ready", Duration::from_secs(120));
+    assert_eq!(v["state"], "ready", "{v:#}\n{}", d.log());
+    let r = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/opencode/session"),
+        Some(json!({"title": "kept across hibernation"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let session = r.json()["id"].as_str().unwrap().to_string();
+    let (code, _, err) = d.exec(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "echo kept > /home/agent/file; (sleep 100000) </dev/null >/dev/null 2>&1 &",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let before = opencode_pids(&d, &id);
+    assert_eq!(before.len(), 1, "{before:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    let used_awake = memory_used(&d, &id);
+
+    let r = d.call("POST", &format!("/v1/sandboxes/{id}/hibernate"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["sandbox"]["hibernated"], true, "{v:#}");
+    assert_eq!(v["sandbox"]["paused"], true, "{v:#}");
+    assert!(opencode_pids(&d, &id).is_empty(), "OpenCode still runs");
+    let used_asleep = memory_used(&d, &id);
+    eprintln!(
+        "hibernate: OpenCode stopped in {} ms; the cgroup's memory {} MiB awake, {} MiB hibernated",
+        v["stop_ms"],
+        used_awake >> 20,
+        used_asleep >> 20
+    );
+    assert!(
+        used_asleep + (100 << 20) < used_awake,
+        "memory did not fall: {used_awake} -> {used_asleep}"
+    );
+    let metrics = d.call("GET", "/metrics", None).text();
+    assert!(
+        metrics.contains("agentd_sandboxes_hibernated 1"),
+        "{metrics}"
+    );
+    // Hibernating again does nothing.
+    let r = d.call("POST", &format!("/v1/sandboxes/{id}/hibernate"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["stop_ms"], 0.0);
+
+    // The next request through the proxy wakes it: the session is still there.
+    let t = Instant::now();
+    let r = d.call("GET", &format!("/v1/sandboxes/{id}/opencode/session"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    eprintln!("woken by a proxied request in {:?}", t.elapsed());
+    assert!(r.text().contains(&session), "{}", r.text());
+    let view = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
+    assert_eq!(view["hibernated"], false, "{view:#}");
+    assert_eq!(view["paused"], false, "{view:#}");
+    let after = opencode_pids(&d, &id);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(after, before, "the same OpenCode process");
+    let (code, out, err) = d.exec(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "cat /home/agent/file; grep -qx sleep /proc/[0-9]*/comm && echo sleeping",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "kept\nsleeping\n");
+
+    // From inside (root in the sandbox), the hibernate signal (SIGRTMIN+1, 35) is ignored:
+    // OpenCode stays up.
+    let (code, out) = exec_root(&d, &id, "kill -35 1 && kill -35 1 && echo sent >&2");
+    assert_eq!((code, out.as_str()), (0, "sent\n"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        opencode_pids(&d, &id),
+        after,
+        "a sandbox process hibernated OpenCode"
+    );
+
+    // Resume wakes it too and says how long OpenCode took.
+    let r = d.call("POST", &format!("/v1/sandboxes/{id}/hibernate"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = d.call("POST", &format!("/v1/sandboxes/{id}/resume"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert!(v["opencode_ms"].as_f64().unwrap() > 0.0, "{v:#}");
+    assert_eq!(v["sandbox"]["hibernated"], false, "{v:#}");
+    eprintln!(
+        "resume of a hibernated sandbox: OpenCode answered after {} ms",
+        v["opencode_ms"]
+    );
+
+    // Hibernated, then stopped: at once, with nothing left (checked at the end).
+    let r = d.call("POST", &format!("/v1/sandboxes/{id}/hibernate"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let t = Instant::now();
+    let r = d.call("POST", &format!("/v1/sandboxes/{id}/stop"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(10), "stopped slowly");
+
+    // Only OpenCode sandboxes hibernate.
+    let plain_id = plain(&d, json!({"limits": {"memory": "256m"}}));
+    d.wait_state(&plain_id, "ready", Duration::from_secs(60));
+    let r = d.call("POST", &format!("/v1/sandboxes/{plain_id}/hibernate"), None);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("pause it instead"), "{}", r.text());
+
+    // Idle: hibernated, then stopped at twice the timeout.
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "limits": {"memory": "1g"},
+                    "idle_timeout_secs": 4, "idle_action": "hibernate"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let idle = r.json()["id"].as_str().unwrap().to_string();
+    d.wait_state(&idle, "ready", Duration::from_secs(120));
+    let t = Instant::now();
+    loop {
+        let v = d.call("GET", &format!("/v1/sandboxes/{idle}"), None).json();
+        if v["hibernated"] == true {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "never hibernated when idle: {v:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(opencode_pids(&d, &idle).is_empty(), "OpenCode still runs");
+    let v = d.wait_state(&idle, "stopped", Duration::from_secs(30));
+    assert!(
+        v["exit"]["reason"].as_str().unwrap_or("").contains("idle"),
+        "{v:#}"
+    );
     d.delete_all_and_check_clean();
 }
