@@ -10,7 +10,10 @@
 //! JavaScriptCore's JIT off (`BUN_JSC_useJIT=0`: the interpreter only, no JIT code or
 //! compiler state); with agentd's `--memory-merge` (KSM: identical pages of the sandboxes kept
 //! once), for which the bench turns the kernel's KSM on with a faster scan and puts both
-//! settings back at the end; and KSM with each of the two settings.
+//! settings back at the end; KSM with each of the two settings; and hibernated (`POST
+//! .../hibernate` instead of pause: OpenCode stopped until the next use), whose sandboxes are
+//! not all resumed at once (they would not fit): the first 10 are woken one by one instead,
+//! and the time until their OpenCode answers is what hibernation costs.
 //! `AGENTD_BENCH_WAYS=jit,ksm` runs only the ways whose names hold one of the words.
 
 use std::fs;
@@ -21,8 +24,17 @@ use anyhow::bail;
 
 use crate::bench_sandbox::{call, json, median_ms, prepare, start_daemon};
 
-/// One way of running the sandboxes: its name, the sandboxes' env, KSM on.
-type Setting = (&'static str, &'static [(&'static str, &'static str)], bool);
+/// One way of running the sandboxes: its name, the sandboxes' env, KSM on, hibernated (else
+/// paused).
+type Setting = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    bool,
+    bool,
+);
+
+/// How many hibernated sandboxes are woken (one by one) to time it.
+const WOKEN: usize = 10;
 
 const SMALL_HEAP: (&str, &str) = ("BUN_JSC_forceRAMSize", "268435456");
 const NO_JIT: (&str, &str) = ("BUN_JSC_useJIT", "0");
@@ -46,13 +58,16 @@ fn ksm_read(file: &str) -> String {
 struct Way {
     name: &'static str,
     sandboxes: usize,
-    running_mib: f64,
+    /// All resumed and idle (not for hibernated ones).
+    running_mib: Option<f64>,
     paused_mib: f64,
     /// The same from the sandboxes' own cgroups (what they are charged), which the host's
     /// other work does not move.
-    running_cg_mib: f64,
+    running_cg_mib: Option<f64>,
     paused_cg_mib: f64,
     ready_ms: f64,
+    /// Hibernated: a resume's time until OpenCode answered, median and max over [`WOKEN`].
+    wake_ms: Option<(f64, f64)>,
 }
 
 /// The memory the sandboxes' cgroups are charged, summed (KiB).
@@ -73,9 +88,16 @@ impl Way {
         let total_gib = meminfo_kib("MemTotal:") as f64 / 1_048_576.0;
         // Paused: how idle sandboxes wait here (idle CPU, not memory, limits running ones).
         let fits = (total_gib * 1024.0 - 2048.0) / self.paused_mib;
+        let mib = |v: Option<f64>| v.map_or("     -".to_string(), |v| format!("{v:6.1}"));
+        let wake = match self.wake_ms {
+            Some((p50, max)) => format!(
+                "; resume -> OpenCode answering median {p50:.0} ms, max {max:.0} ms"
+            ),
+            None => String::new(),
+        };
         format!(
-            "{:<30} {:3} sandboxes: host paused {:6.1} MiB, running {:6.1} MiB; cgroups paused {:6.1} MiB, running {:6.1} MiB; create -> ready median {:6.0} ms; {fits:4.0} paused fit in {total_gib:.0} GiB (2 GiB left to the host; goal: >= 150)",
-            self.name, self.sandboxes, self.paused_mib, self.running_mib, self.paused_cg_mib, self.running_cg_mib, self.ready_ms
+            "{:<30} {:3} sandboxes: host paused {:6.1} MiB, running {} MiB; cgroups paused {:6.1} MiB, running {} MiB; create -> ready median {:6.0} ms; {fits:4.0} paused fit in {total_gib:.0} GiB (2 GiB left to the host; goal: >= 150){wake}",
+            self.name, self.sandboxes, self.paused_mib, mib(self.running_mib), self.paused_cg_mib, mib(self.running_cg_mib), self.ready_ms
         )
     }
 }
@@ -85,6 +107,7 @@ fn ramp(
     name: &'static str,
     env: serde_json::Value,
     ksm: bool,
+    hibernate: bool,
     max: usize,
 ) -> anyhow::Result<Way> {
     std::thread::sleep(Duration::from_secs(3));
@@ -112,11 +135,12 @@ fn ramp(
             std::thread::sleep(Duration::from_millis(20));
         }
         ready.push(t.elapsed());
-        // Paused at once, as an idle sandbox would be (`idle_action: pause`, warm pools): an
-        // idle OpenCode still takes CPU, which would slow every later start.
-        let (st, b) = call(socket, "POST", &format!("/v1/sandboxes/{id}/pause"), "")?;
+        // Paused (or hibernated) at once, as an idle sandbox would be (`idle_action`, warm
+        // pools): an idle OpenCode still takes CPU, which would slow every later start.
+        let how = if hibernate { "hibernate" } else { "pause" };
+        let (st, b) = call(socket, "POST", &format!("/v1/sandboxes/{id}/{how}"), "")?;
         if st != 200 {
-            bail!("pause failed ({st}): {b}");
+            bail!("{how} failed ({st}): {b}");
         }
         ids.push(id);
     }
@@ -138,16 +162,36 @@ fn ramp(
     }
     let paused = before.saturating_sub(meminfo_kib("MemAvailable:"));
     let paused_cg = cgroups_kib(socket, &ids)?;
-    // Then all of them running and idle (OpenCode settles in 15 s).
-    for id in &ids {
-        let (st, b) = call(socket, "POST", &format!("/v1/sandboxes/{id}/resume"), "")?;
-        if st != 200 {
-            bail!("resume failed ({st}): {b}");
+    let (mut running, mut running_cg, mut wake_ms) = (None, None, None);
+    if hibernate {
+        // A few woken one by one, each paused again: what a request to one costs.
+        let mut woke = Vec::new();
+        for id in ids.iter().take(WOKEN) {
+            let (st, b) = call(socket, "POST", &format!("/v1/sandboxes/{id}/resume"), "")?;
+            if st != 200 {
+                bail!("resume failed ({st}): {b}");
+            }
+            let ms = json(&b)["opencode_ms"].as_f64().unwrap_or(f64::NAN);
+            woke.push(Duration::from_secs_f64(ms / 1000.0));
+            let (st, b) = call(socket, "POST", &format!("/v1/sandboxes/{id}/pause"), "")?;
+            if st != 200 {
+                bail!("pause failed ({st}): {b}");
+            }
         }
+        let max = woke.iter().max().copied().unwrap_or_default();
+        wake_ms = Some((median_ms(&mut woke), max.as_secs_f64() * 1000.0));
+    } else {
+        // Then all of them running and idle (OpenCode settles in 15 s).
+        for id in &ids {
+            let (st, b) = call(socket, "POST", &format!("/v1/sandboxes/{id}/resume"), "")?;
+            if st != 200 {
+                bail!("resume failed ({st}): {b}");
+            }
+        }
+        std::thread::sleep(Duration::from_secs(15));
+        running = Some(before.saturating_sub(meminfo_kib("MemAvailable:")));
+        running_cg = Some(cgroups_kib(socket, &ids)?);
     }
-    std::thread::sleep(Duration::from_secs(15));
-    let running = before.saturating_sub(meminfo_kib("MemAvailable:"));
-    let running_cg = cgroups_kib(socket, &ids)?;
     for id in &ids {
         let _ = call(socket, "DELETE", &format!("/v1/sandboxes/{id}"), "");
     }
@@ -155,11 +199,12 @@ fn ramp(
     let way = Way {
         name,
         sandboxes: ids.len(),
-        running_mib: running as f64 / 1024.0 / n,
+        running_mib: running.map(|r| r as f64 / 1024.0 / n),
         paused_mib: paused as f64 / 1024.0 / n,
-        running_cg_mib: running_cg as f64 / 1024.0 / n,
+        running_cg_mib: running_cg.map(|r| r as f64 / 1024.0 / n),
         paused_cg_mib: paused_cg as f64 / 1024.0 / n,
         ready_ms: median_ms(&mut ready),
+        wake_ms,
     };
     // As it comes: a long run stopped half-way still says something.
     println!("  {}", way.line());
@@ -171,7 +216,7 @@ pub fn density() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30)
-        .clamp(1, 200);
+        .clamp(1, 250);
     let (release, bench, images) = prepare("density", &["opencode"])?;
     let common = [
         "--gateway-port",
@@ -182,14 +227,17 @@ pub fn density() -> anyhow::Result<()> {
         "1g",
         "--max-memory",
         "1000g",
+        "--max-sandboxes",
+        "250",
     ];
-    let all: [Setting; 6] = [
-        ("OpenCode as it is", &[], false),
-        ("BUN_JSC_forceRAMSize=256 MiB", &[SMALL_HEAP], false),
-        ("JIT off (BUN_JSC_useJIT=0)", &[NO_JIT], false),
-        ("--memory-merge (KSM)", &[], true),
-        ("KSM + forceRAMSize=256 MiB", &[SMALL_HEAP], true),
-        ("KSM + JIT off", &[NO_JIT], true),
+    let all: [Setting; 7] = [
+        ("OpenCode as it is", &[], false, false),
+        ("BUN_JSC_forceRAMSize=256 MiB", &[SMALL_HEAP], false, false),
+        ("JIT off (BUN_JSC_useJIT=0)", &[NO_JIT], false, false),
+        ("--memory-merge (KSM)", &[], true, false),
+        ("KSM + forceRAMSize=256 MiB", &[SMALL_HEAP], true, false),
+        ("KSM + JIT off", &[NO_JIT], true, false),
+        ("hibernated", &[], false, true),
     ];
     // AGENTD_BENCH_WAYS=jit,ksm: only the ways whose names contain one of these words.
     let filter: Vec<String> = std::env::var("AGENTD_BENCH_WAYS")
@@ -200,7 +248,7 @@ pub fn density() -> anyhow::Result<()> {
         .collect();
     let chosen: Vec<_> = all
         .iter()
-        .filter(|(name, _, _)| {
+        .filter(|(name, _, _, _)| {
             filter.is_empty() || filter.iter().any(|w| name.to_lowercase().contains(w))
         })
         .collect();
@@ -208,7 +256,7 @@ pub fn density() -> anyhow::Result<()> {
     let mut ksm_ok = true;
     let mut ways = Vec::new();
     let mut warmed = false;
-    for (name, env, ksm) in chosen {
+    for (name, env, ksm, hibernate) in chosen {
         let mut args = common.to_vec();
         if *ksm {
             ksm_ok = fs::write(Path::new(KSM).join("pages_to_scan"), "20000").is_ok()
@@ -222,14 +270,14 @@ pub fn density() -> anyhow::Result<()> {
         let daemon = start_daemon(&release, &bench, &images, &args)?;
         if !warmed {
             // Warm-up: the image's layers unpacked with shifted owners.
-            ramp(&daemon.socket, "warm-up", serde_json::json!({}), false, 1)?;
+            ramp(&daemon.socket, "warm-up", serde_json::json!({}), false, false, 1)?;
             warmed = true;
         }
         let env: serde_json::Map<String, serde_json::Value> = env
             .iter()
             .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
             .collect();
-        let way = ramp(&daemon.socket, name, env.into(), *ksm, max);
+        let way = ramp(&daemon.socket, name, env.into(), *ksm, *hibernate, max);
         drop(daemon);
         ways.push(way?);
     }
