@@ -297,3 +297,90 @@ fn test_sandboxes_get_distinct_host_id_ranges() {
     }
     scope.assert_clean();
 }
+
+/// Waits until the shim says the command sleeps (or not), at most 10 s.
+fn until_asleep(client: &agentd_runtime::ShimClient, want: bool) -> Duration {
+    let t = std::time::Instant::now();
+    while client.asleep().unwrap() != want {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "asleep never became {want}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.elapsed()
+}
+
+/// Hibernation at the runtime's level: PID 1 stops the command on `hibernate` and keeps the
+/// sandbox (an exec still runs in it, the command's files stay), starts it again with the same
+/// arguments on `wake`; a command that ignores SIGTERM is killed when asked again; SIGTERM to
+/// a sandbox whose command sleeps ends it (143); nothing is left.
+#[test]
+fn test_hibernate_and_wake_the_command() {
+    require_sandbox_support!();
+    let scope = Scope::new("hibernate");
+    let rootfs = busybox_rootfs();
+    let runtime = scope.runtime();
+    let spec = SandboxSpec::new(vec![
+        "sh".into(),
+        "-c".into(),
+        "echo started >> /tmp/starts; trap '' TERM; while :; do sleep 1; done".into(),
+    ]);
+    let client = runtime.create("hib1", &rootfs.path, &spec, None).unwrap();
+    let starts = |client: &agentd_runtime::ShimClient| {
+        let (status, out, err) = client
+            .exec_output(ExecRequest {
+                args: vec!["cat".into(), "/tmp/starts".into()],
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(status.code, 0, "{}", String::from_utf8_lossy(&err));
+        String::from_utf8_lossy(&out).lines().count()
+    };
+    let t = std::time::Instant::now();
+    while starts(&client) != 1 {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!client.asleep().unwrap());
+
+    // It ignores SIGTERM: still awake half a second after the first ask, asleep after the
+    // second (SIGKILL).
+    client.hibernate().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !client.asleep().unwrap(),
+        "a command that ignores SIGTERM was stopped"
+    );
+    client.hibernate().unwrap();
+    until_asleep(&client, true);
+    // The sandbox is still there: an exec runs, the command's file stays.
+    assert_eq!(starts(&client), 1);
+    assert!(matches!(client.state().unwrap().1, SandboxStatus::Running));
+
+    // Woken: the same command again.
+    client.wake().unwrap();
+    until_asleep(&client, false);
+    let t = std::time::Instant::now();
+    while starts(&client) != 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the command did not start again"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A second wake while it runs does nothing.
+    client.wake().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(starts(&client), 2);
+
+    // Asleep, SIGTERM ends the sandbox.
+    client.hibernate().unwrap();
+    client.hibernate().unwrap();
+    until_asleep(&client, true);
+    client.kill(15).unwrap();
+    let exit = client.wait().unwrap();
+    assert_eq!(exit.code, 143);
+    client.delete().unwrap();
+    scope.assert_clean();
+}

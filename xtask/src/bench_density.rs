@@ -90,9 +90,9 @@ impl Way {
         let fits = (total_gib * 1024.0 - 2048.0) / self.paused_mib;
         let mib = |v: Option<f64>| v.map_or("     -".to_string(), |v| format!("{v:6.1}"));
         let wake = match self.wake_ms {
-            Some((p50, max)) => format!(
-                "; resume -> OpenCode answering median {p50:.0} ms, max {max:.0} ms"
-            ),
+            Some((p50, max)) => {
+                format!("; resume -> OpenCode answering median {p50:.0} ms, max {max:.0} ms")
+            }
             None => String::new(),
         };
         format!(
@@ -216,7 +216,7 @@ pub fn density() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30)
-        .clamp(1, 250);
+        .clamp(1, 200);
     let (release, bench, images) = prepare("density", &["opencode"])?;
     let common = [
         "--gateway-port",
@@ -227,8 +227,6 @@ pub fn density() -> anyhow::Result<()> {
         "1g",
         "--max-memory",
         "1000g",
-        "--max-sandboxes",
-        "250",
     ];
     let all: [Setting; 7] = [
         ("OpenCode as it is", &[], false, false),
@@ -270,7 +268,14 @@ pub fn density() -> anyhow::Result<()> {
         let daemon = start_daemon(&release, &bench, &images, &args)?;
         if !warmed {
             // Warm-up: the image's layers unpacked with shifted owners.
-            ramp(&daemon.socket, "warm-up", serde_json::json!({}), false, false, 1)?;
+            ramp(
+                &daemon.socket,
+                "warm-up",
+                serde_json::json!({}),
+                false,
+                false,
+                1,
+            )?;
             warmed = true;
         }
         let env: serde_json::Map<String, serde_json::Value> = env

@@ -99,26 +99,30 @@ impl Manager {
                 freezer: Duration::ZERO,
             });
         }
-        // Paused: thawed, so that OpenCode can be asked and can exit.
-        if rec.paused_at.is_some() {
-            self.freeze(&rec.id, false).await?;
-        }
-        if let Some(why) = self.opencode_busy(sb, &secrets.password).await {
-            if rec.paused_at.is_some() {
-                let _ = self.freeze(&rec.id, true).await;
-            }
-            return Err(Error::Conflict(format!(
-                "sandbox {}: {why}; hibernating would lose that work (wait for it, abort the session, or pause the sandbox instead)",
-                rec.id
-            )));
-        }
-        // Kept before it is done (see `hibernated`).
+        // Said first: a request that comes from now on waits for this lock in `wake` (and then
+        // wakes OpenCode) instead of reaching an OpenCode that is about to stop.
         {
             let mut r = sb.record.lock().expect("sandbox record lock");
             r.hibernated = true;
             r.paused_at.get_or_insert_with(now_ms);
         }
-        if let Err(e) = self.persist(sb) {
+        // Paused: thawed, so that OpenCode can be asked and can exit.
+        let thawed = match rec.paused_at {
+            Some(_) => self.freeze(&rec.id, false).await.map(drop),
+            None => Ok(()),
+        };
+        let refused = match thawed {
+            Err(e) => Some(e),
+            Ok(()) => match self.opencode_busy(sb, &secrets.password).await {
+                Some(why) => Some(Error::Conflict(format!(
+                    "sandbox {}: {why}; hibernating would lose that work (wait for it, abort the session, or pause the sandbox instead)",
+                    rec.id
+                ))),
+                // Kept before it is done (see `hibernated`).
+                None => self.persist(sb).err(),
+            },
+        };
+        if let Some(e) = refused {
             {
                 let mut r = sb.record.lock().expect("sandbox record lock");
                 r.hibernated = false;
@@ -155,10 +159,17 @@ impl Manager {
     }
 
     /// Why the sandbox's OpenCode is not idle, if it is not: a request of its at the LLM
-    /// gateway, or a session that is busy (or one it did not answer about).
+    /// gateway, an open request to the sandbox, or a session that is busy (or OpenCode did not
+    /// answer about its sessions).
     async fn opencode_busy(&self, sb: &Sandbox, password: &str) -> Option<String> {
         if sb.gateway_requests.load(Ordering::SeqCst) > 0 {
             return Some("its OpenCode has a request at the LLM gateway".into());
+        }
+        let open = sb.active.load(Ordering::Relaxed);
+        if open > 0 {
+            return Some(format!(
+                "{open} request(s) to it are open (the proxy, exec, files or SSH; an open event stream counts)"
+            ));
         }
         let address = sb.snapshot().address;
         for dir in OPENCODE_DIRS {
