@@ -87,8 +87,8 @@ pub struct SandboxView {
     /// Unix time (ms) since when it is paused.
     #[serde(default)]
     pub paused_at: Option<u64>,
-    /// Its OpenCode is hibernated (`POST .../hibernate`): stopped, its memory free, started
-    /// again by the next request that uses the sandbox.
+    /// Its OpenCode is hibernated (`POST .../hibernate`), or being hibernated: stopped, its
+    /// memory free, started again by the next request that uses the sandbox.
     #[serde(default)]
     pub hibernated: bool,
     /// What its idle timeout does.
