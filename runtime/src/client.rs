@@ -351,6 +351,7 @@ impl Runtime {
         )))?;
         // Choosing a free host id range and claiming it (by writing sandbox.json, which records
         // it) happen under one lock, so that concurrent creates never share a range.
+        let t = std::time::Instant::now();
         let lock = self.lock_state_root()?;
         let mut spec = spec.clone();
         if spec.uid_map.is_none() || spec.gid_map.is_none() {
@@ -381,6 +382,11 @@ impl Runtime {
             .map_err(io::Error::other)
             .and_then(|json| write_private(&config_path, &json));
         drop(lock);
+        tracing::debug!(
+            id,
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "spawn: id range and config written"
+        );
         if let Err(e) = write {
             let _ = crate::tree::remove_tree(&dir);
             return Err(io_err("cannot write sandbox.json")(e));
@@ -427,6 +433,11 @@ impl Runtime {
             }
         };
         drop(write_end);
+        tracing::debug!(
+            id,
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "spawn: shim started"
+        );
         Ok((child, BufReader::new(File::from(read_end))))
     }
 

@@ -142,6 +142,7 @@ struct Shim {
 /// Runs the shim for the sandbox whose `sandbox.json` is at `config_path`, reporting progress as
 /// [`ShimEvent`] lines on `events`. Returns the process exit code for the shim.
 pub fn main(config_path: &Path, mut events: File) -> i32 {
+    tracing::debug!("shim running");
     // Given relative to the shim's working dir (its argv, which the sandbox can read as
     // /proc/1/cmdline, names no host path); absolute from here on.
     let config_path =
