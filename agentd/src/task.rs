@@ -844,10 +844,11 @@ impl TaskManager {
             }
         }
         // A finished attempt's sandbox is kept for its grace period (a person may look, or
-        // send a follow-up): paused meanwhile, so it takes no CPU. Any use resumes it.
+        // send a follow-up): hibernated meanwhile (its OpenCode stopped, its memory free; paused
+        // if OpenCode still works), so it takes no CPU and little memory. Any use wakes it.
         if let Some(sb) = sb.filter(|s| s.snapshot().state == SandboxState::Ready) {
             if self.attempt_snapshot(&task, n).state.is_terminal() {
-                if let Err(e) = self.mgr.pause(&sb).await {
+                if let Err(e) = self.mgr.hibernate_or_pause(&sb).await {
                     tracing::debug!(task = %rec.id, attempt = n, error = %e, "could not pause a finished attempt's sandbox");
                 }
             }

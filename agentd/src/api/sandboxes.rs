@@ -233,7 +233,8 @@ pub(crate) async fn set_egress(
 
 /// `DELETE /v1/sandboxes/{id}`.
 pub(crate) async fn delete(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
-    let sb = used(&mgr, &p.id).await?;
+    // Not woken: the stop thaws it (and leaves a hibernated OpenCode asleep).
+    let sb = named(&mgr, &p.id, true)?;
     mgr.delete(&sb).await?;
     Ok(Response::builder()
         .status(StatusCode::NO_CONTENT)
@@ -243,7 +244,8 @@ pub(crate) async fn delete(State(mgr): State<Arc<Manager>>, Params(p): Params<Id
 
 /// `POST /v1/sandboxes/{id}/stop`.
 pub(crate) async fn stop(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
-    let sb = used(&mgr, &p.id).await?;
+    // Not woken: the stop thaws it (and leaves a hibernated OpenCode asleep).
+    let sb = named(&mgr, &p.id, true)?;
     mgr.stop(&sb, "stopped by request").await;
     Ok(json(StatusCode::OK, &SandboxView::from(&sb.snapshot())))
 }

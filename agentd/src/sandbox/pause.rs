@@ -158,6 +158,21 @@ impl Manager {
         }
     }
 
+    /// Hibernates `sb` when it runs OpenCode and OpenCode is idle, else pauses it (its work
+    /// kept, frozen); whether it was hibernated.
+    pub async fn hibernate_or_pause(&self, sb: &Arc<Sandbox>) -> Result<bool> {
+        if sb.snapshot().opencode.is_some() {
+            match self.hibernate(sb).await {
+                Ok(_) => return Ok(true),
+                Err(Error::Conflict(why)) => {
+                    tracing::info!(why, "not hibernated: pausing instead")
+                }
+                Err(e) => tracing::warn!(error = %e, "hibernate failed: pausing instead"),
+            }
+        }
+        self.pause(sb).await.map(|_| false)
+    }
+
     /// Why the sandbox's OpenCode is not idle, if it is not: a request of its at the LLM
     /// gateway, an open request to the sandbox, or a session that is busy (or OpenCode did not
     /// answer about its sessions).
@@ -237,6 +252,12 @@ impl Manager {
             {
                 sb.record.lock().expect("sandbox record lock").hibernated = false;
                 return Ok(t.elapsed());
+            }
+            Ok(()) if !sb.snapshot().state.is_live() => {
+                // Stopped meanwhile (a delete, its task's end): nothing to wake any more.
+                return Err(Error::Conflict(format!(
+                    "sandbox {id} ended while its OpenCode was woken"
+                )));
             }
             Ok(()) => "its OpenCode did not answer its health check after it was woken".into(),
         };

@@ -318,20 +318,14 @@ impl Manager {
                 {
                     // Idle: paused (or hibernated) first, stopped once idle twice as long.
                     let me = self.clone();
-                    let hibernate = rec.idle_action == crate::sandbox::IdleAction::Hibernate
-                        && rec.opencode.is_some();
+                    let hibernate = rec.idle_action == crate::sandbox::IdleAction::Hibernate;
                     tokio::spawn(async move {
-                        if hibernate {
-                            match me.hibernate(&sb).await {
-                                Ok(_) => return,
-                                // OpenCode works on something: paused, its work kept.
-                                Err(Error::Conflict(why)) => {
-                                    tracing::info!(why, "idle hibernate refused: pausing")
-                                }
-                                Err(e) => tracing::warn!(error = %e, "idle hibernate failed"),
-                            }
-                        }
-                        if let Err(e) = me.pause(&sb).await {
+                        let done = if hibernate {
+                            me.hibernate_or_pause(&sb).await.map(drop)
+                        } else {
+                            me.pause(&sb).await.map(drop)
+                        };
+                        if let Err(e) = done {
                             tracing::warn!(error = %e, "idle pause failed");
                         }
                     });

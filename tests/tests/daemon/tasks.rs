@@ -2276,12 +2276,17 @@ fn test_task_follow_ups() {
             .text()
     };
     assert!(!diff(&d).contains("followed.txt"));
-    // The finished attempt's sandbox is kept, paused (the follow-up below resumes it).
+    // The finished attempt's sandbox is kept, hibernated (or paused, if its OpenCode was still
+    // busy): the follow-up below wakes it.
     let sandbox = v["attempts"][0]["sandbox"].as_str().unwrap().to_string();
     let sv = d
         .call("GET", &format!("/v1/sandboxes/{sandbox}"), None)
         .json();
     assert_eq!(sv["paused"], true, "{sv:#}");
+    eprintln!(
+        "the finished attempt's sandbox: hibernated {}",
+        sv["hibernated"]
+    );
 
     // Bad follow-ups.
     let say = |n: &str, text: &str| {
