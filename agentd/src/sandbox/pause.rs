@@ -46,18 +46,25 @@ pub struct Resumed {
     pub opencode: Option<Duration>,
 }
 
+/// The record of `sb` if it is ready (not being stopped), else the conflict saying it cannot
+/// be `what` (paused, hibernated).
+fn ready_for(sb: &Sandbox, what: &str) -> Result<super::SandboxRecord> {
+    let rec = sb.snapshot();
+    if rec.state != SandboxState::Ready || rec.exit.is_some() {
+        return Err(Error::Conflict(format!(
+            "sandbox {} is {}: only a ready sandbox can be {what}",
+            rec.id,
+            rec.state.as_str()
+        )));
+    }
+    Ok(rec)
+}
+
 impl Manager {
     /// Freezes sandbox `sb`; how long the freezer took (zero when it was paused already).
     pub async fn pause(&self, sb: &Arc<Sandbox>) -> Result<Duration> {
         let _one = sb.freezer.lock().await;
-        let rec = sb.snapshot();
-        if rec.state != SandboxState::Ready || rec.exit.is_some() {
-            return Err(Error::Conflict(format!(
-                "sandbox {} is {}: only a ready sandbox can be paused",
-                rec.id,
-                rec.state.as_str()
-            )));
-        }
+        let rec = ready_for(sb, "paused")?;
         if rec.paused_at.is_some() {
             return Ok(Duration::ZERO);
         }
@@ -79,14 +86,7 @@ impl Manager {
     /// a request of its is at the LLM gateway (that work would be lost).
     pub async fn hibernate(&self, sb: &Arc<Sandbox>) -> Result<Hibernation> {
         let _one = sb.freezer.lock().await;
-        let rec = sb.snapshot();
-        if rec.state != SandboxState::Ready || rec.exit.is_some() {
-            return Err(Error::Conflict(format!(
-                "sandbox {} is {}: only a ready sandbox can be hibernated",
-                rec.id,
-                rec.state.as_str()
-            )));
-        }
+        let rec = ready_for(sb, "hibernated")?;
         let Some(secrets) = rec.opencode.clone() else {
             return Err(Error::Conflict(format!(
                 "sandbox {} runs no OpenCode: only an OpenCode sandbox can be hibernated (pause it instead)",

@@ -432,16 +432,25 @@ pub(crate) fn pool_when_ready(
 
 /// A host cgroup file of sandbox `id` under the daemon's parent, v1 or v2.
 fn cgroup_file(d: &agentd_tests::daemon::Daemon, id: &str, controller: &str, file: &str) -> String {
-    let v1 = format!(
-        "/sys/fs/cgroup/{controller}/{}/{id}/{file}",
-        d.cgroup_parent
-    );
-    let v2 = format!("/sys/fs/cgroup/{}/{id}/{file}", d.cgroup_parent);
-    std::fs::read_to_string(&v1)
-        .or_else(|_| std::fs::read_to_string(&v2))
-        .unwrap_or_else(|e| panic!("{v1}: {e}"))
-        .trim()
-        .to_string()
+    cgroup_files(d, id, controller, file, file)
+        .unwrap_or_else(|e| panic!("{controller}/{file} of {id}: {e}"))
+}
+
+/// As [`cgroup_file`] where v1 and v2 name the file differently; an error when neither is
+/// there (the cgroup is gone).
+fn cgroup_files(
+    d: &agentd_tests::daemon::Daemon,
+    id: &str,
+    controller: &str,
+    v1_file: &str,
+    v2_file: &str,
+) -> std::io::Result<String> {
+    let parent = &d.cgroup_parent;
+    std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/{controller}/{parent}/{id}/{v1_file}"
+    ))
+    .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/{parent}/{id}/{v2_file}")))
+    .map(|s| s.trim().to_string())
 }
 
 /// Warm pools: `--warm-pool opencode=1` keeps one OpenCode sandbox ready and paused, hidden
@@ -793,25 +802,14 @@ fn opencode_pids(d: &agentd_tests::daemon::Daemon, id: &str) -> Vec<String> {
 
 /// Whether sandbox `id`'s cgroup is gone or holds no OpenCode.
 fn opencode_pids_gone(d: &agentd_tests::daemon::Daemon, id: &str) -> bool {
-    let v1 = format!("/sys/fs/cgroup/pids/{}/{id}/cgroup.procs", d.cgroup_parent);
-    let v2 = format!("/sys/fs/cgroup/{}/{id}/cgroup.procs", d.cgroup_parent);
-    if !std::path::Path::new(&v1).exists() && !std::path::Path::new(&v2).exists() {
-        return true;
-    }
-    opencode_pids(d, id).is_empty()
+    cgroup_files(d, id, "pids", "cgroup.procs", "cgroup.procs").is_err()
+        || opencode_pids(d, id).is_empty()
 }
 
 /// Bytes of memory the sandbox's cgroup is charged, v1 or v2.
 fn memory_used(d: &agentd_tests::daemon::Daemon, id: &str) -> u64 {
-    let v1 = format!(
-        "/sys/fs/cgroup/memory/{}/{id}/memory.usage_in_bytes",
-        d.cgroup_parent
-    );
-    let v2 = format!("/sys/fs/cgroup/{}/{id}/memory.current", d.cgroup_parent);
-    std::fs::read_to_string(&v1)
-        .or_else(|_| std::fs::read_to_string(&v2))
-        .unwrap_or_else(|e| panic!("{v1}: {e}"))
-        .trim()
+    cgroup_files(d, id, "memory", "memory.usage_in_bytes", "memory.current")
+        .unwrap_or_else(|e| panic!("memory of {id}: {e}"))
         .parse()
         .unwrap()
 }
