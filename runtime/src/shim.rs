@@ -772,6 +772,10 @@ impl Shim {
                 problems.push(format!("unmount: {e}"));
             }
         }
+        // The layers' shared locks go now, before the answer, not when this process exits a
+        // moment later: whoever asked may remove a layer nobody else holds (a fork layer whose
+        // last fork this was) right after it.
+        self._overlay = None;
         if let Err(e) = crate::tree::remove_tree(&self.dir) {
             tracing::error!(error = %e, dir = %self.dir.display(), "failed to remove the state dir");
             problems.push(format!("state dir {}: {e}", self.dir.display()));
