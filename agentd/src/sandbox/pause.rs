@@ -309,17 +309,9 @@ impl Manager {
         Ok(Some(Resumed { freezer, opencode }))
     }
 
-    /// Resumes `sb` if it is paused: a request is about to use it.
+    /// Resumes `sb` if it is paused: a request is about to use it. (One that is not paused
+    /// returns at once: `thaw` looks before it takes the freezer lock.)
     pub async fn wake(&self, sb: &Arc<Sandbox>) -> Result<()> {
-        if sb
-            .record
-            .lock()
-            .expect("sandbox record lock")
-            .paused_at
-            .is_none()
-        {
-            return Ok(());
-        }
         self.resume(sb).await.map(drop)
     }
 
