@@ -360,11 +360,12 @@ fn unusable(gw: &Gateway, key: &str) -> Result<Arc<Sandbox>, String> {
     }
 }
 
-/// The sandbox a channel is about to use, resumed if it was paused; else what to say.
-async fn enter(gw: &Gateway, key: &str) -> Result<Arc<Sandbox>, String> {
+/// The sandbox a channel is about to use, resumed if it was paused (`opencode`: the channel
+/// goes to OpenCode, which is woken if it was hibernated); else what to say.
+async fn enter(gw: &Gateway, key: &str, opencode: bool) -> Result<Arc<Sandbox>, String> {
     let sb = unusable(gw, key)?;
     gw.mgr
-        .wake(&sb)
+        .wake(&sb, opencode)
         .await
         .map_err(|e| format!("agentd: cannot resume sandbox {key}: {e}"))?;
     Ok(sb)
@@ -387,7 +388,7 @@ async fn forward(
     port: u32,
     reply: ChannelOpenHandle,
 ) {
-    let sb = match enter(&gw, &key).await {
+    let sb = match enter(&gw, &key, port == u32::from(crate::opencode::PORT)).await {
         Ok(sb) => sb,
         Err(why) => {
             tracing::debug!(sandbox = key, why, "SSH: forward refused");
@@ -484,7 +485,10 @@ async fn session_channel(gw: Arc<Gateway>, key: String, mut ch: Channel<Msg>, ha
                 return run(&gw, &key, ch, Some(command), pty, env).await;
             }
             ChannelMsg::RequestSubsystem { want_reply, name } if name == "sftp" => {
-                match enter(&gw, &key).await.and_then(|sb| sftp_session(&gw, sb)) {
+                match enter(&gw, &key, false)
+                    .await
+                    .and_then(|sb| sftp_session(&gw, sb))
+                {
                     Ok(session) => {
                         if want_reply {
                             reply(true).await;
@@ -571,7 +575,7 @@ async fn run(
     pty: Option<(u16, u16)>,
     env: Vec<String>,
 ) {
-    let sb = match enter(gw, key).await {
+    let sb = match enter(gw, key, false).await {
         Ok(sb) => sb,
         Err(why) => return refuse(ch, &why).await,
     };

@@ -188,7 +188,8 @@ pub async fn envd(mgr: &Arc<Manager>, origin: &Origin, name: &str, path: &str, r
         Err(r) => return *r,
     };
     sb.touch();
-    if let Err(e) = mgr.wake(&sb).await {
+    // envd's commands and files do not need a hibernated OpenCode.
+    if let Err(e) = mgr.wake(&sb, false).await {
         return api_error(e.into());
     }
     super::envd::serve(mgr, sb, path, req).await
@@ -238,7 +239,7 @@ impl Ctx<'_> {
                 if resume && !was_paused {
                     return error(StatusCode::CONFLICT, format!("sandbox {id} is not paused"));
                 }
-                if let Err(e) = mgr.wake(&sb).await {
+                if let Err(e) = mgr.wake(&sb, true).await {
                     return api_error(e.into());
                 }
                 if let Some(secs) = secs {

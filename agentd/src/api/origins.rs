@@ -422,7 +422,8 @@ async fn serve_sandbox(
         }
     }
     sb.touch();
-    mgr.wake(&sb).await?;
+    mgr.wake(&sb, port.is_none_or(|p| p == crate::opencode::PORT))
+        .await?;
     let path_and_query = req
         .uri()
         .path_and_query()

@@ -40,10 +40,11 @@ fn named(mgr: &Manager, id: &str, touch: bool) -> Result<Arc<Sandbox>, ApiError>
     Ok(sb)
 }
 
-/// The sandbox a request is about to use: touched, and resumed if it was paused.
-async fn used(mgr: &Manager, id: &str) -> Result<Arc<Sandbox>, ApiError> {
+/// The sandbox a request is about to use: touched, and resumed if it was paused; `opencode`:
+/// the request goes to OpenCode, which is woken if it was hibernated.
+async fn used(mgr: &Manager, id: &str, opencode: bool) -> Result<Arc<Sandbox>, ApiError> {
     let sb = named(mgr, id, true)?;
-    mgr.wake(&sb).await?;
+    mgr.wake(&sb, opencode).await?;
     Ok(sb)
 }
 
@@ -53,7 +54,7 @@ pub(crate) async fn fork_route(
     Params(p): Params<Id>,
     req: Req,
 ) -> Reply {
-    let sb = used(&mgr, &p.id).await?;
+    let sb = used(&mgr, &p.id, false).await?;
     let body: super::types::ForkRequest = super::read_json(req).await?;
     let f = mgr.fork(&sb, body.count.unwrap_or(1)).await?;
     Ok(json(
@@ -214,7 +215,7 @@ pub(crate) async fn set_egress(
     Params(p): Params<Id>,
     req: Req,
 ) -> Reply {
-    let sb = used(&mgr, &p.id).await?;
+    let sb = used(&mgr, &p.id, false).await?;
     let body: EgressRequest = read_json(req).await?;
     let mgr2 = mgr.clone();
     let sb2 = sb.clone();
@@ -256,7 +257,7 @@ pub(crate) async fn exec_route(
     Params(p): Params<Id>,
     req: Req,
 ) -> Reply {
-    let sb = used(&mgr, &p.id).await?;
+    let sb = used(&mgr, &p.id, false).await?;
     exec(&mgr, sb, req).await
 }
 
@@ -266,7 +267,7 @@ pub(crate) async fn exec_ws(
     Params(p): Params<Id>,
     req: Req,
 ) -> Reply {
-    let sb = used(&mgr, &p.id).await?;
+    let sb = used(&mgr, &p.id, false).await?;
     require_live(&sb)?;
     super::terminal::upgrade(mgr, sb, req).await
 }
@@ -277,7 +278,7 @@ pub(crate) async fn port(
     Params(p): Params<super::routes::IdPort>,
     req: Req,
 ) -> Reply {
-    let sb = used(&mgr, &p.id).await?;
+    let sb = used(&mgr, &p.id, p.port == crate::opencode::PORT).await?;
     let path = super::proxy::below(req.uri().path(), 5, req.uri().query());
     super::proxy::port(&mgr, sb, req, p.port, path, false).await
 }
@@ -377,7 +378,7 @@ pub(crate) async fn logs_route(
     Params(p): Params<Id>,
     Query(q): Query<LogsQuery>,
 ) -> Reply {
-    let sb = used(&mgr, &p.id).await?;
+    let sb = used(&mgr, &p.id, false).await?;
     logs(&mgr, sb, q.follow, q.stream).await
 }
 
@@ -394,7 +395,7 @@ pub(crate) async fn dir_route(
     Params(p): Params<Id>,
     Query(q): Query<FilesQuery>,
 ) -> Reply {
-    let sb = used(&mgr, &p.id).await?;
+    let sb = used(&mgr, &p.id, false).await?;
     if !q.path.starts_with('/') {
         return Err(ApiError::BadRequest("path must be absolute".into()));
     }
@@ -419,7 +420,7 @@ pub(crate) async fn dir_route(
 
 /// `GET /v1/sandboxes/{id}/ports`.
 pub(crate) async fn ports_route(State(mgr): State<Arc<Manager>>, Params(p): Params<Id>) -> Reply {
-    let sb = used(&mgr, &p.id).await?;
+    let sb = used(&mgr, &p.id, false).await?;
     if !sb.snapshot().state.is_live() {
         return Err(ApiError::Conflict(format!(
             "sandbox {} is {}",
@@ -441,7 +442,7 @@ pub(crate) async fn files(
     Query(q): Query<FilesQuery>,
     req: Req,
 ) -> Reply {
-    let sb = used(&mgr, &p.id).await?;
+    let sb = used(&mgr, &p.id, false).await?;
     super::files::handle(&mgr, sb, q.path, req).await
 }
 
@@ -451,7 +452,7 @@ pub(crate) async fn opencode(
     Params(p): Params<Id>,
     req: Req,
 ) -> Reply {
-    let sb = used(&mgr, &p.id).await?;
+    let sb = used(&mgr, &p.id, true).await?;
     super::proxy::opencode(&mgr, sb, req).await
 }
 

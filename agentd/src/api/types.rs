@@ -88,7 +88,8 @@ pub struct SandboxView {
     #[serde(default)]
     pub paused_at: Option<u64>,
     /// Its OpenCode is hibernated (`POST .../hibernate`), or being hibernated: stopped, its
-    /// memory free, started again by the next request that uses the sandbox.
+    /// memory free, started again by the next request to OpenCode (an exec, files, another
+    /// port or SSH only resume the sandbox: `paused` false, OpenCode still asleep).
     #[serde(default)]
     pub hibernated: bool,
     /// What its idle timeout does.
@@ -125,7 +126,8 @@ impl From<&SandboxRecord> for SandboxView {
             setup: r.setup.clone(),
             paused: r.paused_at.is_some(),
             paused_at: r.paused_at,
-            hibernated: r.hibernated,
+            // A stopped sandbox's OpenCode sleeps no more: nothing of it is left.
+            hibernated: r.hibernated && r.state.is_live(),
             idle_action: r.idle_action,
         }
     }

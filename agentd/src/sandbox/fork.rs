@@ -63,7 +63,8 @@ impl Manager {
         if count == 0 || count > MAX_FORKS {
             return Err(Error::Invalid(format!("count must be 1 to {MAX_FORKS}")));
         }
-        self.wake(sb).await?;
+        // The forks start their own OpenCode: the parent's may sleep on.
+        self.wake(sb, false).await?;
         let rec = sb.snapshot();
         if rec.state != SandboxState::Ready {
             return Err(Error::Conflict(format!(

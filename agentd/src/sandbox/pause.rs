@@ -10,7 +10,11 @@
 //!
 //! Any request that uses a paused sandbox (the API's exec, files, proxy and ports, its
 //! origins, SSH, a task's follow-up) resumes it first ([`Manager::wake`]); reading its status
-//! or stats does not. A stop thaws it first (a frozen process cannot take a signal) and leaves
+//! or stats does not. Only a request to OpenCode itself (its proxy, its port, a task's
+//! follow-up, `resume`) wakes a hibernated OpenCode: an exec, files, another port or SSH
+//! thaw the sandbox and leave OpenCode asleep (they do not need it, and are spared its
+//! start); the sandbox then runs with `hibernated` still set, and its next idle spell only
+//! freezes it again. A stop thaws it first (a frozen process cannot take a signal) and leaves
 //! a hibernated OpenCode asleep.
 
 use std::sync::atomic::Ordering;
@@ -65,6 +69,11 @@ impl Manager {
     pub async fn pause(&self, sb: &Arc<Sandbox>) -> Result<Duration> {
         let _one = sb.freezer.lock().await;
         let rec = ready_for(sb, "paused")?;
+        self.pause_locked(sb, &rec).await
+    }
+
+    /// [`Manager::pause`], for a caller that holds the freezer lock and read `rec` under it.
+    async fn pause_locked(&self, sb: &Sandbox, rec: &super::SandboxRecord) -> Result<Duration> {
         if rec.paused_at.is_some() {
             return Ok(Duration::ZERO);
         }
@@ -93,10 +102,13 @@ impl Manager {
                 rec.id
             )));
         };
-        if rec.hibernated && rec.paused_at.is_some() {
+        if rec.hibernated {
+            // OpenCode sleeps already; the rest is frozen unless it is paused still (an exec,
+            // files or SSH thawed it without waking OpenCode).
+            let freezer = self.pause_locked(sb, &rec).await?;
             return Ok(Hibernation {
                 stop: Duration::ZERO,
-                freezer: Duration::ZERO,
+                freezer,
             });
         }
         // Said first: a request that comes from now on waits for this lock in `wake` (and then
@@ -273,28 +285,27 @@ impl Manager {
         self.thaw(sb, true).await
     }
 
-    /// Thaws sandbox `sb`; with `wake`, starts a hibernated OpenCode again (else it stays
-    /// asleep: a stop does not need it).
+    /// Thaws sandbox `sb`; with `wake`, starts a hibernated OpenCode again, thawed or not
+    /// (else it stays asleep: a stop, an exec or files do not need it). `None` when there was
+    /// nothing to do.
     pub(super) async fn thaw(&self, sb: &Arc<Sandbox>, wake: bool) -> Result<Option<Resumed>> {
-        if sb
-            .record
-            .lock()
-            .expect("sandbox record lock")
-            .paused_at
-            .is_none()
-        {
+        let to_do = |r: &super::SandboxRecord| r.paused_at.is_some() || (wake && r.hibernated);
+        if !to_do(&sb.record.lock().expect("sandbox record lock")) {
             return Ok(None);
         }
         let _one = sb.freezer.lock().await;
         let rec = sb.snapshot();
-        if rec.paused_at.is_none() {
+        if !to_do(&rec) {
             return Ok(None);
         }
         if !rec.state.is_live() {
             sb.record.lock().expect("sandbox record lock").paused_at = None;
             return Ok(None);
         }
-        let freezer = self.freeze(&rec.id, false).await?;
+        let freezer = match rec.paused_at {
+            Some(_) => self.freeze(&rec.id, false).await?,
+            None => Duration::ZERO,
+        };
         sb.record.lock().expect("sandbox record lock").paused_at = None;
         let opencode = if rec.hibernated && wake {
             Some(self.start_opencode(sb).await?)
@@ -309,10 +320,12 @@ impl Manager {
         Ok(Some(Resumed { freezer, opencode }))
     }
 
-    /// Resumes `sb` if it is paused: a request is about to use it. (One that is not paused
-    /// returns at once: `thaw` looks before it takes the freezer lock.)
-    pub async fn wake(&self, sb: &Arc<Sandbox>) -> Result<()> {
-        self.resume(sb).await.map(drop)
+    /// Resumes `sb` if it is paused: a request is about to use it. `opencode`: the request
+    /// goes to OpenCode, so a hibernated OpenCode is started again and answers first; else it
+    /// stays asleep. (A sandbox with nothing to do returns at once: `thaw` looks before it
+    /// takes the freezer lock.)
+    pub async fn wake(&self, sb: &Arc<Sandbox>, opencode: bool) -> Result<()> {
+        self.thaw(sb, opencode).await.map(drop)
     }
 
     pub(super) async fn freeze(&self, id: &str, frozen: bool) -> Result<Duration> {

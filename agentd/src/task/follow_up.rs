@@ -116,7 +116,7 @@ impl TaskManager {
         }
         // A finished attempt's sandbox is paused: resumed for the agent.
         if let Some(sb) = a.sandbox.as_deref().and_then(|s| self.mgr.get(s).ok()) {
-            self.mgr.wake(&sb).await?;
+            self.mgr.wake(&sb, true).await?;
         }
         let now = now_ms();
         // Readers of its events follow it again, to its next task.finished.

@@ -883,6 +883,24 @@ fn test_hibernate_frees_opencode_and_any_use_wakes_it() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["stop_ms"], 0.0);
 
+    // An exec thaws the sandbox but leaves OpenCode asleep: it does not need it.
+    let t = Instant::now();
+    let (code, out, err) = d.exec(&id, &["cat", "/home/agent/file"]);
+    assert_eq!((code, out.as_str()), (0, "kept\n"), "{err}");
+    eprintln!(
+        "an exec in a hibernated sandbox answered in {:?}",
+        t.elapsed()
+    );
+    let view = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
+    assert_eq!(view["paused"], false, "{view:#}");
+    assert_eq!(view["hibernated"], true, "{view:#}");
+    assert!(opencode_pids(&d, &id).is_empty(), "an exec woke OpenCode");
+    // Hibernating it again only freezes it.
+    let r = d.call("POST", &format!("/v1/sandboxes/{id}/hibernate"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["stop_ms"], 0.0);
+    assert_eq!(r.json()["sandbox"]["paused"], true, "{}", r.text());
+
     // The next request through the proxy wakes it: the session is still there.
     let t = Instant::now();
     let r = d.call("GET", &format!("/v1/sandboxes/{id}/opencode/session"), None);
@@ -943,6 +961,8 @@ fn test_hibernate_frees_opencode_and_any_use_wakes_it() {
         opencode_pids_gone(&d, &id),
         "OpenCode was woken to be stopped"
     );
+    let view = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
+    assert_eq!(view["hibernated"], false, "a stopped sandbox: {view:#}");
 
     // Only OpenCode sandboxes hibernate.
     let plain_id = plain(&d, json!({"limits": {"memory": "256m"}}));
