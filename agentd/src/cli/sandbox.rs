@@ -182,7 +182,8 @@ enum SandboxCommand {
         id: String,
     },
     /// Hibernate an OpenCode sandbox: OpenCode stopped (its memory freed, its sessions kept),
-    /// the rest paused; the next use of it starts OpenCode again (seconds).
+    /// the rest paused; the next request to OpenCode starts it again (seconds), while an
+    /// exec, files or SSH only resume the sandbox.
     Hibernate {
         /// Id or name.
         id: String,
@@ -338,11 +339,17 @@ fn print_table(items: &[SandboxView]) {
         "ID", "IMAGE", "STATE", "ADDRESS", "TOKENS"
     );
     for s in items {
+        // A live sandbox's state says also whether it is paused or its OpenCode sleeps.
+        let state = match (s.hibernated, s.paused) {
+            (true, _) => "hibernated",
+            (false, true) => "paused",
+            (false, false) => s.state.as_str(),
+        };
         println!(
             "{:<14} {:<16} {:<10} {:<16} {:<12} {}",
             s.id,
             s.image,
-            s.state.as_str(),
+            state,
             s.address,
             s.usage.prompt_tokens + s.usage.completion_tokens,
             s.name.as_deref().unwrap_or("-"),

@@ -878,6 +878,20 @@ fn test_hibernate_frees_opencode_and_any_use_wakes_it() {
         metrics.contains("agentd_sandboxes_hibernated 1"),
         "{metrics}"
     );
+    // The CLI's list says so too.
+    let out = std::process::Command::new(agentd_tests::bin("agentd"))
+        .args(["sandbox", "ls"])
+        .env("AGENTD_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains(" hibernated ")),
+        "{}",
+        agentd_tests::describe(&out)
+    );
     // Hibernating again does nothing.
     let r = d.call("POST", &format!("/v1/sandboxes/{id}/hibernate"), None);
     assert_eq!(r.status, 200, "{}", r.text());
