@@ -39,6 +39,11 @@ function badge(state) {
   return h("span", { class: `state ${state}` }, state || "?");
 }
 
+// A live sandbox's state, saying also whether it is paused or its OpenCode sleeps.
+function sandboxState(s) {
+  return s.hibernated ? "hibernated" : s.paused ? "paused" : s.state;
+}
+
 function when(ms) {
   return ms ? new Date(ms).toLocaleString() : "";
 }
@@ -572,7 +577,7 @@ async function sandboxesView() {
     const list = (v.sandboxes || []).slice().sort((a, b) => b.created_at - a.created_at);
     tbody.replaceChildren(...list.map((s) => h("tr", {},
       h("td", {}, h("a", { href: `#/sandboxes/${s.id}` }, s.id)), h("td", {}, s.name || ""), h("td", {}, s.image),
-      h("td", {}, badge(s.state)), h("td", {}, when(s.created_at)))));
+      h("td", {}, badge(sandboxState(s))), h("td", {}, when(s.created_at)))));
     if (list.length === 0) tbody.append(h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No sandboxes.")));
   }
   await load();
@@ -648,7 +653,7 @@ async function sandboxView(id, terminalNow = false) {
   const gen = routeGen;
   const s = await api("GET", `/v1/sandboxes/${id}`);
   if (gen !== routeGen) return;
-  const title = h("h1", {}, `Sandbox ${s.name || s.id} `, badge(s.state));
+  const title = h("h1", {}, `Sandbox ${s.name || s.id} `, badge(sandboxState(s)));
   const details = h("p", { class: "muted" }, `${s.id} · image ${s.image} · created ${when(s.created_at)} · memory limit ${Math.round((s.limits && s.limits.memory_bytes || 0) / 1048576)} MiB`);
   const actions = h("div", { class: "row" },
     s.opencode ? h("button", { type: "button", class: "quiet", onclick: () => openOrigin(s.id) }, "Open OpenCode") : null,
