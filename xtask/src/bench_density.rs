@@ -12,8 +12,9 @@
 //! once), for which the bench turns the kernel's KSM on with a faster scan and puts both
 //! settings back at the end; KSM with each of the two settings; and hibernated (`POST
 //! .../hibernate` instead of pause: OpenCode stopped until the next use), whose sandboxes are
-//! not all resumed at once (they would not fit): the first 10 are woken one by one instead,
-//! and the time until their OpenCode answers is what hibernation costs.
+//! not all resumed at once (they would not fit): the first 10 get an exec of `true` (which
+//! thaws a sandbox and leaves its OpenCode asleep) and are then woken one by one, and the
+//! time until their OpenCode answers is what hibernation costs a request to OpenCode.
 //! `AGENTD_BENCH_WAYS=jit,ksm` runs only the ways whose names hold one of the words.
 
 use std::fs;
@@ -68,6 +69,8 @@ struct Way {
     ready_ms: f64,
     /// Hibernated: a resume's time until OpenCode answered, median and max over [`WOKEN`].
     wake_ms: Option<(f64, f64)>,
+    /// Hibernated: an exec of `true` (which leaves OpenCode asleep), median over [`WOKEN`].
+    exec_ms: Option<f64>,
 }
 
 /// The memory the sandboxes' cgroups are charged, summed (KiB).
@@ -89,11 +92,12 @@ impl Way {
         // Paused: how idle sandboxes wait here (idle CPU, not memory, limits running ones).
         let fits = (total_gib * 1024.0 - 2048.0) / self.paused_mib;
         let mib = |v: Option<f64>| v.map_or("     -".to_string(), |v| format!("{v:6.1}"));
-        let wake = match self.wake_ms {
-            Some((p50, max)) => {
-                format!("; resume -> OpenCode answering median {p50:.0} ms, max {max:.0} ms")
-            }
-            None => String::new(),
+        let wake = match (self.wake_ms, self.exec_ms) {
+            (Some((p50, max)), exec) => format!(
+                "; resume -> OpenCode answering median {p50:.0} ms, max {max:.0} ms; exec of `true` (OpenCode left asleep) median {:.1} ms",
+                exec.unwrap_or(f64::NAN)
+            ),
+            _ => String::new(),
         };
         format!(
             "{:<30} {:3} sandboxes: host paused {:6.1} MiB, running {} MiB; cgroups paused {:6.1} MiB, running {} MiB; create -> ready median {:6.0} ms; {fits:4.0} paused fit in {total_gib:.0} GiB (2 GiB left to the host; goal: >= 150){wake}",
@@ -162,11 +166,23 @@ fn ramp(
     }
     let paused = before.saturating_sub(meminfo_kib("MemAvailable:"));
     let paused_cg = cgroups_kib(socket, &ids)?;
-    let (mut running, mut running_cg, mut wake_ms) = (None, None, None);
+    let (mut running, mut running_cg, mut wake_ms, mut exec_ms) = (None, None, None, None);
     if hibernate {
-        // A few woken one by one, each paused again: what a request to one costs.
-        let mut woke = Vec::new();
+        // A few used one by one, each paused again: what an exec costs (it thaws the sandbox
+        // and leaves OpenCode asleep), then what a request to OpenCode costs.
+        let (mut woke, mut execs) = (Vec::new(), Vec::new());
         for id in ids.iter().take(WOKEN) {
+            let t = Instant::now();
+            let (st, b) = call(
+                socket,
+                "POST",
+                &format!("/v1/sandboxes/{id}/exec"),
+                r#"{"command":["true"]}"#,
+            )?;
+            execs.push(t.elapsed());
+            if st != 200 || !b.contains("\"exit_code\":0") {
+                bail!("exec failed ({st}): {b}");
+            }
             let (st, b) = call(socket, "POST", &format!("/v1/sandboxes/{id}/resume"), "")?;
             if st != 200 {
                 bail!("resume failed ({st}): {b}");
@@ -180,6 +196,7 @@ fn ramp(
         }
         let max = woke.iter().max().copied().unwrap_or_default();
         wake_ms = Some((median_ms(&mut woke), max.as_secs_f64() * 1000.0));
+        exec_ms = Some(median_ms(&mut execs));
     } else {
         // Then all of them running and idle (OpenCode settles in 15 s).
         for id in &ids {
@@ -205,6 +222,7 @@ fn ramp(
         paused_cg_mib: paused_cg as f64 / 1024.0 / n,
         ready_ms: median_ms(&mut ready),
         wake_ms,
+        exec_ms,
     };
     // As it comes: a long run stopped half-way still says something.
     println!("  {}", way.line());
