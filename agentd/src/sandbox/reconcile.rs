@@ -32,7 +32,12 @@ impl Manager {
                 Some((_, SandboxStatus::Running)) => {
                     tracing::info!(sandbox = %rec.id, "reattached");
                     live_ids.push(rec.id.clone());
-                    if rec.opencode.is_some() {
+                    let resting = rec.paused_at.is_some() || rec.hibernated;
+                    if rec.opencode.is_some() && rec.state == SandboxState::Ready && resting {
+                        // Paused or hibernated (a warm pool's, a finished task's): its OpenCode
+                        // cannot answer now. It stays ready; the use that resumes it wakes a
+                        // hibernated OpenCode and waits for its answer.
+                    } else if rec.opencode.is_some() {
                         // Check OpenCode again in the background.
                         self.set_state(&sb, SandboxState::Starting, |_| {});
                     } else if rec.setup.as_ref().is_some_and(|s| s.result.is_none()) {

@@ -465,7 +465,7 @@ fn test_warm_pool_claims_are_the_claimers_alone() {
     let Some(images) = store() else { return };
     let llm = agentd_tests::daemon::MockLlm::start("echo pooled > /home/agent/pooled.txt");
     let gateway = agentd_tests::registry::free_port().to_string();
-    let d = agentd_tests::daemon::Daemon::start(
+    let mut d = agentd_tests::daemon::Daemon::start(
         &images,
         &[
             "--llm-base-url",
@@ -486,6 +486,17 @@ fn test_warm_pool_claims_are_the_claimers_alone() {
     assert_eq!(p["last_warm_up_error"], serde_json::Value::Null, "{p:#}");
     let listed = d.call("GET", "/v1/sandboxes", None).json();
     assert_eq!(listed["sandboxes"], json!([]), "a pooled sandbox is listed");
+
+    // agentd killed (-9) and started again keeps the pooled sandbox ready (paused): its
+    // OpenCode is not checked again (it cannot answer, frozen) nor replaced.
+    d.restart(libc::SIGKILL);
+    let p = pool_view(&d, "opencode");
+    assert_eq!(
+        (p["ready"].as_u64(), p["starting"].as_u64()),
+        (Some(1), Some(0)),
+        "after a restart: {p:#}\n{}",
+        d.log()
+    );
 
     // Bad pool requests say why.
     let r = d.call(
@@ -556,13 +567,14 @@ fn test_warm_pool_claims_are_the_claimers_alone() {
     let v = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
     assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() >= 42, "{v:#}");
 
-    // Refilled with another sandbox, which is not the claimed one.
+    // Refilled with another sandbox, which is not the claimed one (counted since the
+    // restart).
     eprintln!("[{:?}] prompt done", t0.elapsed());
-    let p = pool_when_ready(&d, "opencode", 1, 2);
+    let p = pool_when_ready(&d, "opencode", 1, 1);
     eprintln!("[{:?}] refilled: {p}", t0.elapsed());
     assert_eq!(
         (p["hits"].as_u64(), p["refills"].as_u64()),
-        (Some(1), Some(2)),
+        (Some(1), Some(1)),
         "{p:#}"
     );
     // A create with an environment of its own is no claim: it makes its own sandbox.
@@ -574,13 +586,13 @@ fn test_warm_pool_claims_are_the_claimers_alone() {
     assert_eq!(r.status, 201, "{}", r.text());
     let own = r.json();
     assert_eq!(own["state"], "ready", "{own:#}");
-    let p = pool_when_ready(&d, "opencode", 1, 2);
+    let p = pool_when_ready(&d, "opencode", 1, 1);
     assert_eq!(p["hits"], 1, "{p:#}");
     let metrics = d.call("GET", "/metrics", None).text();
     for line in [
         "agentd_pool_hits_total{image=\"opencode\"} 1",
         "agentd_pool_ready{image=\"opencode\"} 1",
-        "agentd_pool_refill_seconds_count{image=\"opencode\"} 2",
+        "agentd_pool_refill_seconds_count{image=\"opencode\"} 1",
     ] {
         assert!(metrics.contains(line), "no {line} in\n{metrics}");
     }
@@ -594,7 +606,7 @@ fn test_warm_pool_claims_are_the_claimers_alone() {
         Some(json!({"image": "opencode", "size": 0})),
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    let p = pool_when_ready(&d, "opencode", 0, 2);
+    let p = pool_when_ready(&d, "opencode", 0, 1);
     eprintln!("[{:?}] emptied", t0.elapsed());
     assert_eq!(p["size"], 0, "{p:#}");
     let v = d.call("GET", "/v1/sandboxes/mine", None).json();
@@ -825,7 +837,7 @@ fn memory_used(d: &agentd_tests::daemon::Daemon, id: &str) -> u64 {
 fn test_hibernate_frees_opencode_and_any_use_wakes_it() {
     require_sandbox_support!();
     let Some(images) = store() else { return };
-    let d = small_daemon(&images, &["--llm-base-url", "http://127.0.0.1:9/v1"]);
+    let mut d = small_daemon(&images, &["--llm-base-url", "http://127.0.0.1:9/v1"]);
     let r = d.call(
         "POST",
         "/v1/sandboxes",
@@ -914,6 +926,16 @@ fn test_hibernate_frees_opencode_and_any_use_wakes_it() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["stop_ms"], 0.0);
     assert_eq!(r.json()["sandbox"]["paused"], true, "{}", r.text());
+
+    // agentd killed (-9) and started again finds it as it was: hibernated and paused.
+    d.restart(libc::SIGKILL);
+    let view = d.call("GET", &format!("/v1/sandboxes/{id}"), None).json();
+    assert_eq!(
+        (&view["state"], &view["paused"], &view["hibernated"]),
+        (&json!("ready"), &json!(true), &json!(true)),
+        "after a restart: {view:#}"
+    );
+    assert!(opencode_pids(&d, &id).is_empty(), "a restart woke OpenCode");
 
     // The next request through the proxy wakes it: the session is still there.
     let t = Instant::now();
