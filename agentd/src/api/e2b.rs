@@ -239,7 +239,9 @@ impl Ctx<'_> {
                 if resume && !was_paused {
                     return error(StatusCode::CONFLICT, format!("sandbox {id} is not paused"));
                 }
-                if let Err(e) = mgr.wake(&sb, true).await {
+                // E2B's clients use envd, not OpenCode: a hibernated one sleeps on until a
+                // request goes to it.
+                if let Err(e) = mgr.wake(&sb, false).await {
                     return api_error(e.into());
                 }
                 if let Some(secs) = secs {
