@@ -802,7 +802,7 @@ fn test_a_create_takes_the_room_of_a_pooled_sandbox() {
 }
 
 /// The host pids of the OpenCode processes in sandbox `id`.
-fn opencode_pids(d: &agentd_tests::daemon::Daemon, id: &str) -> Vec<String> {
+pub(crate) fn opencode_pids(d: &agentd_tests::daemon::Daemon, id: &str) -> Vec<String> {
     cgroup_file(d, id, "pids", "cgroup.procs")
         .lines()
         .filter(|pid| {

@@ -104,6 +104,9 @@ fn ssh_daemon(images: &Path) -> (Daemon, Client) {
     let d = small_daemon(
         images,
         &[
+            // For the OpenCode sandbox (never prompted: nothing needs to listen there).
+            "--llm-base-url",
+            "http://127.0.0.1:9/v1",
             "--ssh-listen",
             &listen,
             "--ssh-authorized-keys",
@@ -309,6 +312,63 @@ fn test_openssh_clients_through_the_gateway() {
             .contains("SSH: refused a forward beyond the sandbox's own ports"),
         "{}",
         d.log()
+    );
+
+    // A hibernated OpenCode sandbox: a command over SSH resumes it and leaves OpenCode
+    // asleep; a forward to OpenCode's port wakes it.
+    let r = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"image": "opencode", "limits": {"memory": "1g"}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let oc = r.json()["id"].as_str().unwrap().to_string();
+    d.wait_state(&oc, "ready", Duration::from_secs(120));
+    let r = d.call("POST", &format!("/v1/sandboxes/{oc}/hibernate"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out = c.ssh("good", &oc, &["echo awake"], b"");
+    assert_eq!(
+        (out.status.code(), text(&out.stdout).as_str()),
+        (Some(0), "awake\n"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        super::pause::opencode_pids(&d, &oc).is_empty(),
+        "an SSH command woke OpenCode"
+    );
+    let oc_port = agentd_tests::registry::free_port();
+    let mut fwd = Command::new("ssh")
+        .args(c.opts("good"))
+        .args([
+            "-p",
+            &c.port.to_string(),
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+        ])
+        .args(["-L", &format!("{oc_port}:localhost:4096")])
+        .arg(format!("{oc}@127.0.0.1"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        // OpenCode answers (401 without its password): it was woken for the forward.
+        match get(oc_port) {
+            Some(b) if b.starts_with("HTTP/1.1") => break b,
+            _ if Instant::now() > deadline => panic!("OpenCode never answered through ssh -L"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+    assert_eq!(
+        super::pause::opencode_pids(&d, &oc).len(),
+        1,
+        "not woken by a forward to its port: {answer}"
     );
 
     // A stopped sandbox says so.
