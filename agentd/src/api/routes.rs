@@ -366,7 +366,7 @@ async fn metrics(
     }
     let mut text = mgr.metrics.render(&by_state);
     text.push_str(&format!(
-        "# HELP agentd_sandboxes_paused Live sandboxes whose processes are frozen.\n# TYPE agentd_sandboxes_paused gauge\nagentd_sandboxes_paused {paused}\n# HELP agentd_sandboxes_hibernated Live sandboxes whose OpenCode is hibernated (stopped until the next request).\n# TYPE agentd_sandboxes_hibernated gauge\nagentd_sandboxes_hibernated {hibernated}\n"
+        "# HELP agentd_sandboxes_paused Live sandboxes whose processes are frozen.\n# TYPE agentd_sandboxes_paused gauge\nagentd_sandboxes_paused {paused}\n# HELP agentd_sandboxes_hibernated Live sandboxes whose OpenCode is hibernated (stopped until the next request to it).\n# TYPE agentd_sandboxes_hibernated gauge\nagentd_sandboxes_hibernated {hibernated}\n"
     ));
     text.push_str(&mgr.render_pool_metrics());
     if let Some(tasks) = mgr.tasks.get() {
