@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use agentd_tests::daemon::Daemon;
@@ -51,6 +51,28 @@ impl Client {
         .iter()
         .map(|s| s.to_string())
         .collect()
+    }
+
+    /// `ssh -N` to `sandbox` with key `good` holding the `-L` forwards `forwards` open until
+    /// it is killed; its stderr goes to `stderr`.
+    fn forward(&self, sandbox: &str, forwards: &[String], stderr: Stdio) -> Child {
+        let mut cmd = Command::new("ssh");
+        cmd.args(self.opts("good")).args([
+            "-p",
+            &self.port.to_string(),
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+        ]);
+        for f in forwards {
+            cmd.args(["-L", f]);
+        }
+        cmd.arg(format!("{sandbox}@127.0.0.1"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap()
     }
 
     fn ssh(&self, key: &str, user: &str, args: &[&str], stdin: &[u8]) -> Output {
@@ -261,23 +283,14 @@ fn test_openssh_clients_through_the_gateway() {
     super::terminal::start_web_app_on(&d, &id, 8099, "127.0.0.1");
     let local_port = agentd_tests::registry::free_port();
     let other_port = agentd_tests::registry::free_port();
-    let mut fwd = Command::new("ssh")
-        .args(c.opts("good"))
-        .args([
-            "-p",
-            &c.port.to_string(),
-            "-N",
-            "-o",
-            "ExitOnForwardFailure=yes",
-        ])
-        .args(["-L", &format!("{local_port}:localhost:8099")])
-        .args(["-L", &format!("{other_port}:192.0.2.2:22")])
-        .arg(format!("{id}@127.0.0.1"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut fwd = c.forward(
+        &id,
+        &[
+            format!("{local_port}:localhost:8099"),
+            format!("{other_port}:192.0.2.2:22"),
+        ],
+        Stdio::piped(),
+    );
     let get = |port: u16| -> Option<String> {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -287,14 +300,18 @@ fn test_openssh_clients_through_the_gateway() {
         let _ = s.read_to_string(&mut body);
         Some(body)
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let body = loop {
-        match get(local_port) {
-            Some(b) if !b.is_empty() => break b,
-            _ if Instant::now() > deadline => panic!("ssh -L never answered"),
-            _ => std::thread::sleep(Duration::from_millis(200)),
+    // The first answer through a forward that `accept`s, within `limit`.
+    let answer = |port: u16, limit: Duration, accept: fn(&str) -> bool| -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            match get(port) {
+                Some(b) if accept(&b) => break b,
+                _ if Instant::now() > deadline => panic!("ssh -L to port {port} never answered"),
+                _ => std::thread::sleep(Duration::from_millis(200)),
+            }
         }
     };
+    let body = answer(local_port, Duration::from_secs(20), |b| !b.is_empty());
     assert!(
         body.contains("hello from port 8099 path=/through-ssh"),
         "{body}"
@@ -338,37 +355,17 @@ fn test_openssh_clients_through_the_gateway() {
         "an SSH command woke OpenCode"
     );
     let oc_port = agentd_tests::registry::free_port();
-    let mut fwd = Command::new("ssh")
-        .args(c.opts("good"))
-        .args([
-            "-p",
-            &c.port.to_string(),
-            "-N",
-            "-o",
-            "ExitOnForwardFailure=yes",
-        ])
-        .args(["-L", &format!("{oc_port}:localhost:4096")])
-        .arg(format!("{oc}@127.0.0.1"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let answer = loop {
-        // OpenCode answers (401 without its password): it was woken for the forward.
-        match get(oc_port) {
-            Some(b) if b.starts_with("HTTP/1.1") => break b,
-            _ if Instant::now() > deadline => panic!("OpenCode never answered through ssh -L"),
-            _ => std::thread::sleep(Duration::from_millis(200)),
-        }
-    };
+    let mut fwd = c.forward(&oc, &[format!("{oc_port}:localhost:4096")], Stdio::null());
+    // OpenCode answers (401 without its password): it was woken for the forward.
+    let woke = answer(oc_port, Duration::from_secs(60), |b| {
+        b.starts_with("HTTP/1.1")
+    });
     let _ = fwd.kill();
     let _ = fwd.wait();
     assert_eq!(
         super::pause::opencode_pids(&d, &oc).len(),
         1,
-        "not woken by a forward to its port: {answer}"
+        "not woken by a forward to its port: {woke}"
     );
 
     // A stopped sandbox says so.
