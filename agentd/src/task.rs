@@ -845,7 +845,8 @@ impl TaskManager {
         }
         // A finished attempt's sandbox is kept for its grace period (a person may look, or
         // send a follow-up): hibernated meanwhile (its OpenCode stopped, its memory free; paused
-        // if OpenCode still works), so it takes no CPU and little memory. Any use wakes it.
+        // if OpenCode still works), so it takes no CPU and little memory. A follow-up wakes its
+        // OpenCode; any other use only resumes it.
         if let Some(sb) = sb.filter(|s| s.snapshot().state == SandboxState::Ready) {
             if self.attempt_snapshot(&task, n).state.is_terminal() {
                 if let Err(e) = self.mgr.hibernate_or_pause(&sb).await {

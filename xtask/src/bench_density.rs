@@ -67,10 +67,18 @@ struct Way {
     running_cg_mib: Option<f64>,
     paused_cg_mib: f64,
     ready_ms: f64,
-    /// Hibernated: a resume's time until OpenCode answered, median and max over [`WOKEN`].
-    wake_ms: Option<(f64, f64)>,
-    /// Hibernated: an exec of `true` (which leaves OpenCode asleep), median over [`WOKEN`].
-    exec_ms: Option<f64>,
+    /// Hibernated: what using [`WOKEN`] of them took.
+    woken: Option<Woken>,
+}
+
+/// What using hibernated sandboxes took, ms.
+#[derive(Clone, Copy)]
+struct Woken {
+    /// An exec of `true` (which leaves OpenCode asleep), median.
+    exec: f64,
+    /// A resume until OpenCode answered, median and max.
+    wake: f64,
+    wake_max: f64,
 }
 
 /// The memory the sandboxes' cgroups are charged, summed (KiB).
@@ -92,12 +100,12 @@ impl Way {
         // Paused: how idle sandboxes wait here (idle CPU, not memory, limits running ones).
         let fits = (total_gib * 1024.0 - 2048.0) / self.paused_mib;
         let mib = |v: Option<f64>| v.map_or("     -".to_string(), |v| format!("{v:6.1}"));
-        let wake = match (self.wake_ms, self.exec_ms) {
-            (Some((p50, max)), exec) => format!(
-                "; resume -> OpenCode answering median {p50:.0} ms, max {max:.0} ms; exec of `true` (OpenCode left asleep) median {:.1} ms",
-                exec.unwrap_or(f64::NAN)
+        let wake = match self.woken {
+            Some(w) => format!(
+                "; resume -> OpenCode answering median {:.0} ms, max {:.0} ms; exec of `true` (OpenCode left asleep) median {:.1} ms",
+                w.wake, w.wake_max, w.exec
             ),
-            _ => String::new(),
+            None => String::new(),
         };
         format!(
             "{:<30} {:3} sandboxes: host paused {:6.1} MiB, running {} MiB; cgroups paused {:6.1} MiB, running {} MiB; create -> ready median {:6.0} ms; {fits:4.0} paused fit in {total_gib:.0} GiB (2 GiB left to the host; goal: >= 150){wake}",
@@ -166,7 +174,7 @@ fn ramp(
     }
     let paused = before.saturating_sub(meminfo_kib("MemAvailable:"));
     let paused_cg = cgroups_kib(socket, &ids)?;
-    let (mut running, mut running_cg, mut wake_ms, mut exec_ms) = (None, None, None, None);
+    let (mut running, mut running_cg, mut woken) = (None, None, None);
     if hibernate {
         // A few used one by one, each paused again: what an exec costs (it thaws the sandbox
         // and leaves OpenCode asleep), then what a request to OpenCode costs.
@@ -195,8 +203,11 @@ fn ramp(
             }
         }
         let max = woke.iter().max().copied().unwrap_or_default();
-        wake_ms = Some((median_ms(&mut woke), max.as_secs_f64() * 1000.0));
-        exec_ms = Some(median_ms(&mut execs));
+        woken = Some(Woken {
+            exec: median_ms(&mut execs),
+            wake: median_ms(&mut woke),
+            wake_max: max.as_secs_f64() * 1000.0,
+        });
     } else {
         // Then all of them running and idle (OpenCode settles in 15 s).
         for id in &ids {
@@ -221,8 +232,7 @@ fn ramp(
         running_cg_mib: running_cg.map(|r| r as f64 / 1024.0 / n),
         paused_cg_mib: paused_cg as f64 / 1024.0 / n,
         ready_ms: median_ms(&mut ready),
-        wake_ms,
-        exec_ms,
+        woken,
     };
     // As it comes: a long run stopped half-way still says something.
     println!("  {}", way.line());
